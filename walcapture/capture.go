@@ -1,0 +1,342 @@
+package walcapture
+
+import (
+	"errors"
+	"fmt"
+	"io"
+	"slices"
+)
+
+// ErrDiverged means the log no longer holds a transaction this Capturer
+// already emitted: SQLite discarded it (a writer died between writing its
+// commit frame and publishing it) or the file was changed behind SQLite's
+// back. Whatever was built on the emitted history must start again from a
+// snapshot.
+var ErrDiverged = errors.New("WAL no longer holds a transaction that was already captured")
+
+// Page locates the final image of one page of a transaction in the log.
+type Page struct {
+	Pgno   uint32
+	Offset int64 // file offset of the page data, just after its frame header
+}
+
+// Txn is one transaction SQLite committed to the log.
+type Txn struct {
+	Header Header // the log generation it belongs to
+	Offset int64  // file offset of its first frame
+	Size   int64  // bytes taken by its frames
+	Commit uint32 // database size in pages after the commit
+	Pages  []Page // final image of every page it changed, ascending, none beyond Commit
+}
+
+// End is the file offset just past the transaction's commit frame.
+func (t Txn) End() int64 { return t.Offset + t.Size }
+
+// Pos is a capture position: the log generation (by its salts) and the file
+// offset just past the last captured commit frame. Offset 0 means nothing of
+// that generation has been captured.
+type Pos struct {
+	Salt1, Salt2 uint32
+	Offset       int64
+}
+
+// ScanResult says what one Scan found.
+type ScanResult struct {
+	Txns          int  // transactions emitted
+	NewGeneration bool // the log was restarted (new salts) since the previous scan
+}
+
+// partialMin is the size of an unfinished transaction worth remembering
+// between scans, so a long transaction is not re-read from its start each time
+// more of it arrives.
+const partialMin = 1 << 20
+
+// Capturer follows one WAL file. It is not safe for concurrent use; callers
+// serialize Scan with whatever may change the file in ways SQLite does not
+// (and with the operations that would destroy frames, which they hold until
+// Scan has captured them).
+type Capturer struct {
+	// SpillDir, if set, is where large snapshots keep their LTX page index
+	// while being written, so memory does not grow with database size.
+	SpillDir string
+
+	hdr    Header
+	hasHdr bool
+	next   int64  // offset of the first frame not yet captured
+	s1, s2 uint32 // checksum chain at next
+
+	// Identity of the last emitted transaction's first frame, to notice when
+	// SQLite discards it (see ErrDiverged).
+	lastOff   int64
+	lastFirst []byte
+
+	partial *partialTxn
+	fr      frameReader
+}
+
+type partialTxn struct {
+	hdr    Header
+	start  int64 // offset of the transaction's first frame
+	off    int64 // offset of the next frame to validate
+	s1, s2 uint32
+	pages  map[uint32]int64
+	first  []byte
+}
+
+// Pos returns the current capture position.
+func (c *Capturer) Pos() Pos {
+	if !c.hasHdr {
+		return Pos{}
+	}
+	off := c.next
+	if off == HeaderSize {
+		off = 0
+	}
+	return Pos{Salt1: c.hdr.Salt1, Salt2: c.hdr.Salt2, Offset: off}
+}
+
+// Header returns the header of the generation being followed, if any.
+func (c *Capturer) Header() (Header, bool) { return c.hdr, c.hasHdr }
+
+func (c *Capturer) startGeneration(h Header) {
+	c.hdr, c.hasHdr = h, true
+	c.next = HeaderSize
+	c.s1, c.s2 = h.Cksum1, h.Cksum2
+	c.lastOff, c.lastFirst = 0, nil
+	c.partial = nil
+}
+
+// Resume positions the Capturer at pos in the log r, proving that r still
+// holds the captured history up to pos. If r holds a later generation, capture
+// starts at that generation's first frame (SQLite only restarts a log once
+// every frame of the previous one was checkpointed, and callers capture before
+// letting that happen). If r holds the same generation but its frames do not
+// validate up to a commit ending exactly at pos, Resume returns ErrDiverged.
+func (c *Capturer) Resume(r io.ReaderAt, pos Pos) error {
+	*c = Capturer{SpillDir: c.SpillDir, fr: c.fr}
+	h, err := readHeader(r)
+	if errors.Is(err, ErrNoHeader) {
+		return nil
+	} else if err != nil {
+		return err
+	}
+	c.startGeneration(h)
+	if h.Salt1 != pos.Salt1 || h.Salt2 != pos.Salt2 || pos.Offset <= HeaderSize {
+		return nil
+	}
+	c.fr.reset(r, h)
+	off, s1, s2 := int64(HeaderSize), h.Cksum1, h.Cksum2
+	txnStart := off
+	var first []byte
+	for off < pos.Offset {
+		frame, err := c.fr.frame(off)
+		if err != nil {
+			if errors.Is(err, io.ErrUnexpectedEOF) {
+				break
+			}
+			return err
+		}
+		fh, n1, n2, ok := validFrame(h, frame, s1, s2)
+		if !ok {
+			break
+		}
+		if off == txnStart {
+			first = append(first[:0], frame[:FrameHeaderSize]...)
+		}
+		off, s1, s2 = off+h.FrameSize(), n1, n2
+		if fh.Commit != 0 && off <= pos.Offset {
+			c.next, c.s1, c.s2 = off, s1, s2
+			c.lastOff, c.lastFirst = txnStart, slices.Clone(first)
+			txnStart = off
+		}
+	}
+	if c.next != pos.Offset {
+		return fmt.Errorf("%w: log holds valid commits up to offset %d, capture was at %d", ErrDiverged, c.next, pos.Offset)
+	}
+	return nil
+}
+
+// SkipTo positions the Capturer at the end of the valid log in r without
+// emitting anything (used after a snapshot that already holds those commits).
+func (c *Capturer) SkipTo(r io.ReaderAt) error {
+	*c = Capturer{SpillDir: c.SpillDir, fr: c.fr}
+	_, err := c.Scan(r, func(Txn) error { return nil })
+	return err
+}
+
+func readHeader(r io.ReaderAt) (Header, error) {
+	var b [HeaderSize]byte
+	n, err := r.ReadAt(b[:], 0)
+	if n < HeaderSize {
+		if err == nil || errors.Is(err, io.EOF) {
+			return Header{}, fmt.Errorf("%w: file is %d bytes", ErrNoHeader, n)
+		}
+		return Header{}, fmt.Errorf("read WAL header: %w", err)
+	}
+	return ParseHeader(b[:])
+}
+
+// Scan reads the log from the capture position and calls emit for each
+// transaction committed since, in commit order, then advances past it. It
+// stops at the first frame that does not validate: the end of the log, a torn
+// or still-being-written frame, or a leftover of an older generation. If emit
+// returns an error, Scan stops without advancing past that transaction.
+func (c *Capturer) Scan(r io.ReaderAt, emit func(Txn) error) (ScanResult, error) {
+	var res ScanResult
+	h, err := readHeader(r)
+	if errors.Is(err, ErrNoHeader) {
+		return res, nil // an empty or not-yet-written log holds no commits
+	} else if err != nil {
+		return res, err
+	}
+	if !c.hasHdr || !c.hdr.SameGeneration(h) {
+		if c.hasHdr {
+			// Frames of the old generation that the new one has not yet
+			// overwritten can still be captured with the old header.
+			n, err := c.scanFrames(r, emit)
+			res.Txns += n
+			if err != nil {
+				return res, err
+			}
+			res.NewGeneration = true
+		}
+		c.startGeneration(h)
+	} else if c.lastFirst != nil {
+		var b [FrameHeaderSize]byte
+		if n, err := r.ReadAt(b[:], c.lastOff); n < len(b) || string(b[:]) != string(c.lastFirst) {
+			if n < len(b) && err != nil && !errors.Is(err, io.EOF) {
+				return res, fmt.Errorf("read WAL: %w", err)
+			}
+			return res, fmt.Errorf("%w: frame at offset %d changed", ErrDiverged, c.lastOff)
+		}
+	}
+	n, err := c.scanFrames(r, emit)
+	res.Txns += n
+	return res, err
+}
+
+func (c *Capturer) scanFrames(r io.ReaderAt, emit func(Txn) error) (int, error) {
+	h := c.hdr
+	c.fr.reset(r, h)
+	off, s1, s2 := c.next, c.s1, c.s2
+	txnStart := off
+	pages := make(map[uint32]int64)
+	var first []byte
+	resumed := false
+	if p := c.partial; p != nil && p.start == c.next && p.hdr == h {
+		off, s1, s2, pages, first, resumed = p.off, p.s1, p.s2, p.pages, p.first, true
+	}
+	c.partial = nil
+
+	// restart re-validates the current transaction from its first frame. A
+	// chain validated from a remembered midpoint is not proof: SQLite may
+	// have rewritten earlier frames of the same transaction since (spilled
+	// pages rewritten in place, a rolled-back savepoint), and only a chain
+	// that validates from the last commit is what its recovery would accept.
+	restart := func() {
+		resumed = false
+		c.fr.n = 0 // re-read: the buffered bytes may be the ones since rewritten
+		off, s1, s2 = c.next, c.s1, c.s2
+		txnStart = off
+		clear(pages)
+		first = first[:0]
+	}
+
+	emitted := 0
+	for {
+		frame, err := c.fr.frame(off)
+		if errors.Is(err, io.ErrUnexpectedEOF) {
+			break
+		} else if err != nil {
+			return emitted, err
+		}
+		fh, n1, n2, ok := validFrame(h, frame, s1, s2)
+		if !ok {
+			if resumed {
+				restart()
+				continue
+			}
+			break
+		}
+		if off == txnStart {
+			first = append(first[:0], frame[:FrameHeaderSize]...)
+		}
+		pages[fh.Pgno] = off + FrameHeaderSize
+		off, s1, s2 = off+h.FrameSize(), n1, n2
+		if fh.Commit == 0 {
+			continue
+		}
+		if resumed {
+			restart()
+			continue
+		}
+		t := Txn{Header: h, Offset: txnStart, Size: off - txnStart, Commit: fh.Commit, Pages: sortedPages(pages, fh.Commit, h.PageSize)}
+		if err := emit(t); err != nil {
+			return emitted, err
+		}
+		emitted++
+		c.next, c.s1, c.s2 = off, s1, s2
+		c.lastOff, c.lastFirst = txnStart, append(c.lastFirst[:0], first...)
+		txnStart = off
+		clear(pages)
+	}
+	if off-txnStart >= partialMin {
+		c.partial = &partialTxn{hdr: h, start: txnStart, off: off, s1: s1, s2: s2, pages: pages, first: first}
+	}
+	return emitted, nil
+}
+
+func sortedPages(m map[uint32]int64, commit, pageSize uint32) []Page {
+	lock := LockPgno(pageSize)
+	out := make([]Page, 0, len(m))
+	for pgno, off := range m {
+		if pgno <= commit && pgno != lock {
+			out = append(out, Page{Pgno: pgno, Offset: off})
+		}
+	}
+	slices.SortFunc(out, func(a, b Page) int { return int(a.Pgno) - int(b.Pgno) })
+	return out
+}
+
+// LockPgno is the page that holds SQLite's lock bytes (at offset 1 GiB); it is
+// never written and LTX files leave it out.
+func LockPgno(pageSize uint32) uint32 { return uint32(0x40000000/int64(pageSize)) + 1 }
+
+// frameReader reads consecutive frames in large chunks, so scanning a log
+// costs a few reads rather than two per frame.
+type frameReader struct {
+	r      io.ReaderAt
+	h      Header
+	buf    []byte
+	bufOff int64
+	n      int
+}
+
+const frameChunk = 256 << 10
+
+func (fr *frameReader) reset(r io.ReaderAt, h Header) {
+	fr.r, fr.h, fr.n = r, h, 0
+}
+
+// frame returns the frame at off, or io.ErrUnexpectedEOF if the file ends
+// before the whole frame.
+func (fr *frameReader) frame(off int64) ([]byte, error) {
+	fs := fr.h.FrameSize()
+	if off >= fr.bufOff && off+fs <= fr.bufOff+int64(fr.n) {
+		return fr.buf[off-fr.bufOff : off-fr.bufOff+fs], nil
+	}
+	size := max(fs, frameChunk/fs*fs)
+	if int64(cap(fr.buf)) < size {
+		fr.buf = make([]byte, size)
+	}
+	fr.buf = fr.buf[:size]
+	n, err := fr.r.ReadAt(fr.buf, off)
+	fr.bufOff, fr.n = off, n
+	if int64(n) < fs {
+		if err == nil || errors.Is(err, io.EOF) {
+			return nil, io.ErrUnexpectedEOF
+		}
+		return nil, fmt.Errorf("read WAL at %d: %w", off, err)
+	}
+	return fr.buf[:fs], nil
+}

@@ -1,0 +1,410 @@
+package walcapture
+
+import (
+	"bytes"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"strings"
+	"testing"
+
+	"github.com/superfly/ltx"
+)
+
+// replay applies captured LTX files to base and checks the result is the
+// database SQLite itself recovers from (db, wal).
+func replay(t *testing.T, base []byte, files [][]byte, pageSize uint32) []byte {
+	t.Helper()
+	got := base
+	for _, f := range files {
+		got = applyLTX(t, got, f)
+	}
+	return got
+}
+
+func mustEqualDB(t *testing.T, got, want []byte) {
+	t.Helper()
+	if !bytes.Equal(got, want) {
+		t.Fatalf("replayed database differs from SQLite's: %d bytes vs %d bytes", len(got), len(want))
+	}
+}
+
+func TestCaptureCommitsInOrderAcrossPageSizes(t *testing.T) {
+	for _, ps := range []int{512, 1024, 4096, 8192, 16384, 32768, 65536} {
+		t.Run(fmt.Sprint(ps), func(t *testing.T) {
+			l := openLive(t, ps)
+			l.exec("CREATE TABLE t(id INTEGER PRIMARY KEY, v TEXT)")
+			l.checkpoint("TRUNCATE")
+			base, _ := l.files()
+			for i := 0; i < 50; i++ {
+				l.exec("INSERT INTO t(v) VALUES(?)", strings.Repeat("x", i*37))
+			}
+			db, wal := l.files()
+			if !bytes.Equal(db, base) {
+				t.Fatal("database file changed without a checkpoint")
+			}
+			sums := sumsOf(t, base, uint32(ps))
+			var c Capturer
+			files, _ := captureAll(t, &c, wal, sums, 2)
+			if len(files) != 50 {
+				t.Fatalf("captured %d transactions, want 50", len(files))
+			}
+			for i, f := range files {
+				hdr, _, err := ltx.DecodeHeader(bytes.NewReader(f))
+				if err != nil {
+					t.Fatal(err)
+				}
+				if hdr.MinTXID != ltx.TXID(i+2) || hdr.MaxTXID != hdr.MinTXID {
+					t.Fatalf("file %d has TXIDs %s-%s", i, hdr.MinTXID, hdr.MaxTXID)
+				}
+			}
+			mustEqualDB(t, replay(t, base, files, uint32(ps)), recovered(t, db, wal))
+
+			// A second scan of the same bytes emits nothing: each commit once.
+			again, _ := captureAll(t, &c, wal, sums, 100)
+			if len(again) != 0 {
+				t.Fatalf("rescan emitted %d transactions", len(again))
+			}
+		})
+	}
+}
+
+func TestCaptureIgnoresTornAndCorruptFrames(t *testing.T) {
+	l := openLive(t, 4096)
+	l.exec("CREATE TABLE t(id INTEGER PRIMARY KEY, v BLOB)")
+	l.checkpoint("TRUNCATE")
+	base, _ := l.files()
+	for i := 0; i < 10; i++ {
+		l.exec("INSERT INTO t(v) VALUES(randomblob(3000))")
+	}
+	_, wal := l.files()
+	hdr, err := ParseHeader(wal)
+	if err != nil {
+		t.Fatal(err)
+	}
+	nFrames := (int64(len(wal)) - HeaderSize) / hdr.FrameSize()
+
+	// Cut the log in the middle of its last frame: the last transaction
+	// was not completely written and must not be captured.
+	t.Run("torn", func(t *testing.T) {
+		torn := wal[:len(wal)-100]
+		files, _ := captureAll(t, &Capturer{}, torn, sumsOf(t, base, 4096), 2)
+		if len(files) != 9 {
+			t.Fatalf("captured %d transactions from a torn log, want 9", len(files))
+		}
+		mustEqualDB(t, replay(t, base, files, 4096), recovered(t, base, torn))
+	})
+
+	// Flip one byte of a page in the middle of the log: that frame breaks
+	// the checksum chain and nothing from its transaction on is committed.
+	t.Run("bad checksum", func(t *testing.T) {
+		bad := bytes.Clone(wal)
+		mid := nFrames / 2
+		bad[hdr.FrameOffset(mid)+FrameHeaderSize+77] ^= 0xff
+		files, _ := captureAll(t, &Capturer{}, bad, sumsOf(t, base, 4096), 2)
+		if len(files) == 0 || len(files) >= 10 {
+			t.Fatalf("captured %d transactions across a corrupt frame", len(files))
+		}
+		mustEqualDB(t, replay(t, base, files, 4096), recovered(t, base, bad))
+	})
+
+	// Frames carrying other salts belong to an older generation.
+	t.Run("wrong salt", func(t *testing.T) {
+		bad := bytes.Clone(wal)
+		off := hdr.FrameOffset(3)
+		binary.BigEndian.PutUint32(bad[off+8:], hdr.Salt1+1)
+		files, _ := captureAll(t, &Capturer{}, bad, sumsOf(t, base, 4096), 2)
+		if len(files) >= 10 {
+			t.Fatalf("captured %d transactions across a frame with foreign salts", len(files))
+		}
+		mustEqualDB(t, replay(t, base, files, 4096), recovered(t, base, bad))
+	})
+
+	t.Run("bad header", func(t *testing.T) {
+		bad := bytes.Clone(wal)
+		bad[10] ^= 1
+		files, _ := captureAll(t, &Capturer{}, bad, sumsOf(t, base, 4096), 2)
+		if len(files) != 0 {
+			t.Fatalf("captured %d transactions from a log with a corrupt header", len(files))
+		}
+	})
+}
+
+func TestCaptureNeverEmitsUncommittedFrames(t *testing.T) {
+	l := openLive(t, 4096, "PRAGMA cache_size=5")
+	l.exec("CREATE TABLE t(id INTEGER PRIMARY KEY, v BLOB)")
+	l.checkpoint("TRUNCATE")
+	base, _ := l.files()
+
+	// A transaction bigger than the page cache spills uncommitted frames
+	// into the log; rolled back, they stay in the file.
+	tx, err := l.db.Begin()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i := 0; i < 200; i++ {
+		if _, err := tx.Exec("INSERT INTO t(v) VALUES(randomblob(1000))"); err != nil {
+			t.Fatal(err)
+		}
+	}
+	_, spilled := l.files()
+	if len(spilled) <= HeaderSize {
+		t.Fatal("expected the transaction to spill frames into the log")
+	}
+	files, _ := captureAll(t, &Capturer{}, spilled, sumsOf(t, base, 4096), 2)
+	if len(files) != 0 {
+		t.Fatalf("captured %d transactions before any commit", len(files))
+	}
+	if err := tx.Rollback(); err != nil {
+		t.Fatal(err)
+	}
+
+	l.exec("INSERT INTO t(v) VALUES('after rollback')")
+	db, wal := l.files()
+	files, _ = captureAll(t, &Capturer{}, wal, sumsOf(t, base, 4096), 2)
+	if len(files) != 1 {
+		t.Fatalf("captured %d transactions, want 1", len(files))
+	}
+	mustEqualDB(t, replay(t, base, files, 4096), recovered(t, db, wal))
+}
+
+// A transaction larger than the page cache spills pages to the log before it
+// commits and, when it changes a spilled page again, rewrites that frame in
+// place and recomputes the checksums of the frames after it at commit.
+func TestCaptureLargeTransactionWithRewrittenFrames(t *testing.T) {
+	l := openLive(t, 1024, "PRAGMA cache_size=10")
+	l.exec("CREATE TABLE t(id INTEGER PRIMARY KEY, v BLOB)")
+	l.exec("CREATE INDEX t_v ON t(v)")
+	l.checkpoint("TRUNCATE")
+	base, _ := l.files()
+
+	var c Capturer
+	sums := sumsOf(t, base, 1024)
+	var all [][]byte
+	tx, err := l.db.Begin()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i := 0; i < 3000; i++ {
+		if _, err := tx.Exec("INSERT INTO t(v) VALUES(randomblob(200))"); err != nil {
+			t.Fatal(err)
+		}
+		if i%500 == 0 {
+			// Scanning mid-transaction must not emit anything, and must
+			// not confuse the scan that finally sees the commit.
+			_, mid := l.files()
+			files, _ := captureAll(t, &c, mid, sums, 2)
+			all = append(all, files...)
+		}
+	}
+	if _, err := tx.Exec("UPDATE t SET v = randomblob(210) WHERE id % 7 = 0"); err != nil {
+		t.Fatal(err)
+	}
+	if err := tx.Commit(); err != nil {
+		t.Fatal(err)
+	}
+	if len(all) != 0 {
+		t.Fatalf("emitted %d transactions before the commit", len(all))
+	}
+	db, wal := l.files()
+	files, _ := captureAll(t, &c, wal, sums, 2)
+	if len(files) != 1 {
+		t.Fatalf("captured %d transactions, want 1", len(files))
+	}
+	mustEqualDB(t, replay(t, base, files, 1024), recovered(t, db, wal))
+}
+
+func TestCaptureShrinkingDatabaseAndVacuum(t *testing.T) {
+	l := openLive(t, 4096)
+	l.exec("CREATE TABLE t(id INTEGER PRIMARY KEY, v BLOB)")
+	l.exec(insertN(300, "randomblob(3000)"))
+	l.checkpoint("TRUNCATE")
+	base, _ := l.files()
+	l.exec("DELETE FROM t WHERE id > 10")
+	l.exec("VACUUM")
+	l.exec("INSERT INTO t(v) VALUES('x')")
+	db, wal := l.files()
+	files, _ := captureAll(t, &Capturer{}, wal, sumsOf(t, base, 4096), 2)
+	if len(files) != 3 {
+		t.Fatalf("captured %d transactions, want 3", len(files))
+	}
+	want := recovered(t, db, wal)
+	if len(want) >= len(base) {
+		t.Fatalf("expected the database to shrink: %d -> %d bytes", len(base), len(want))
+	}
+	mustEqualDB(t, replay(t, base, files, 4096), want)
+}
+
+// After a checkpoint has copied every frame into the database, SQLite's next
+// writer restarts the log from offset 0 with new salts.
+func TestCaptureFollowsLogRestarts(t *testing.T) {
+	l := openLive(t, 4096)
+	l.exec("CREATE TABLE t(id INTEGER PRIMARY KEY, v TEXT)")
+	l.checkpoint("TRUNCATE")
+	base, _ := l.files()
+	sums := sumsOf(t, base, 4096)
+	var c Capturer
+	var all [][]byte
+
+	for gen := 0; gen < 4; gen++ {
+		for i := 0; i < 20; i++ {
+			l.exec("INSERT INTO t(v) VALUES(?)", fmt.Sprint(gen, i))
+		}
+		_, wal := l.files()
+		files, res := captureAll(t, &c, wal, sums, ltx.TXID(len(all)+2))
+		if len(files) != 20 {
+			t.Fatalf("generation %d: captured %d transactions, want 20", gen, len(files))
+		}
+		if res.NewGeneration != (gen > 0) {
+			t.Fatalf("generation %d: NewGeneration=%v", gen, res.NewGeneration)
+		}
+		all = append(all, files...)
+		l.checkpoint("PASSIVE") // every frame copied; the next write restarts the log
+	}
+	db, wal := l.files()
+	mustEqualDB(t, replay(t, base, all, 4096), recovered(t, db, wal))
+}
+
+func TestCaptureResume(t *testing.T) {
+	l := openLive(t, 4096)
+	l.exec("CREATE TABLE t(id INTEGER PRIMARY KEY, v TEXT)")
+	l.checkpoint("TRUNCATE")
+	base, _ := l.files()
+	sums := sumsOf(t, base, 4096)
+	var c Capturer
+	for i := 0; i < 5; i++ {
+		l.exec("INSERT INTO t(v) VALUES('a')")
+	}
+	_, wal := l.files()
+	first, _ := captureAll(t, &c, wal, sums, 2)
+	pos := c.Pos()
+
+	for i := 0; i < 5; i++ {
+		l.exec("INSERT INTO t(v) VALUES('b')")
+	}
+	db, wal := l.files()
+	var resumed Capturer
+	if err := resumed.Resume(bytes.NewReader(wal), pos); err != nil {
+		t.Fatal(err)
+	}
+	rest, _ := captureAll(t, &resumed, wal, sums, 7)
+	if len(rest) != 5 {
+		t.Fatalf("resumed capture emitted %d transactions, want 5", len(rest))
+	}
+	mustEqualDB(t, replay(t, base, append(first, rest...), 4096), recovered(t, db, wal))
+
+	// A position the log does not hold is refused.
+	bad := pos
+	bad.Offset += 4096 + FrameHeaderSize
+	if err := (&Capturer{}).Resume(bytes.NewReader(wal[:pos.Offset]), bad); !errors.Is(err, ErrDiverged) {
+		t.Fatalf("Resume past the end of the log: %v, want ErrDiverged", err)
+	}
+}
+
+// If SQLite discards a transaction after its frames validated (the writer
+// died before publishing it), the next writer overwrites them; the Capturer
+// must say so instead of silently continuing on a different history.
+func TestCaptureDetectsDiscardedTransaction(t *testing.T) {
+	l := openLive(t, 4096)
+	l.exec("CREATE TABLE t(id INTEGER PRIMARY KEY, v TEXT)")
+	l.checkpoint("TRUNCATE")
+	base, _ := l.files()
+	for i := 0; i < 3; i++ {
+		l.exec("INSERT INTO t(v) VALUES('a')")
+	}
+	_, wal := l.files()
+	var c Capturer
+	captureAll(t, &c, wal, sumsOf(t, base, 4096), 2)
+
+	hdr, _ := ParseHeader(wal)
+	bad := bytes.Clone(wal)
+	last := hdr.FrameOffset((int64(len(wal))-HeaderSize)/hdr.FrameSize() - 1)
+	bad[last+FrameHeaderSize+5] ^= 0x55 // a different frame in the same place
+	binary.BigEndian.PutUint32(bad[last+16:], 12345)
+	_, err := c.Scan(bytes.NewReader(bad), func(Txn) error { return nil })
+	if !errors.Is(err, ErrDiverged) {
+		t.Fatalf("scan after the captured commit was replaced: %v, want ErrDiverged", err)
+	}
+}
+
+func TestSnapshot(t *testing.T) {
+	l := openLive(t, 4096)
+	l.exec("CREATE TABLE t(id INTEGER PRIMARY KEY, v BLOB)")
+	l.exec(insertN(2000, "randomblob(500)"))
+	l.checkpoint("TRUNCATE")
+	l.exec("UPDATE t SET v = randomblob(600) WHERE id < 200")
+	l.exec(insertN(100, "randomblob(500)"))
+
+	t.Run("quiet", func(t *testing.T) {
+		db, wal := l.files()
+		var c Capturer
+		var a, b seekBuf
+		sums := &MemSums{}
+		res, err := c.Snapshot(bytes.NewReader(db), bytes.NewReader(wal), int64(len(db)), &a, &b, 9, nowish, sums.Set)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if res.Merged {
+			t.Fatal("merged without concurrent commits")
+		}
+		want := recovered(t, db, wal)
+		mustEqualDB(t, applyLTX(t, nil, a.Bytes()), want)
+		if sums.Total() != dbChecksum(t, want, 4096) || res.Total != sums.Total() {
+			t.Fatal("page sums disagree with the snapshot")
+		}
+		// Capture continues after the snapshot's position.
+		l.exec("INSERT INTO t(v) VALUES('next')")
+		db2, wal2 := l.files()
+		sums.Truncate(res.Commit)
+		files, _ := captureAll(t, &c, wal2, sums, 10)
+		if len(files) != 1 {
+			t.Fatalf("captured %d transactions after the snapshot, want 1", len(files))
+		}
+		mustEqualDB(t, applyLTX(t, want, files[0]), recovered(t, db2, wal2))
+	})
+
+	// A checkpoint that copies newer commits into the database file while
+	// the snapshot reads it must not leave a mix of two states.
+	t.Run("concurrent checkpoint", func(t *testing.T) {
+		db0, wal0 := l.files()
+		l.exec("UPDATE t SET v = randomblob(700) WHERE id BETWEEN 1000 AND 1100")
+		l.exec(insertN(50, "randomblob(500)"))
+		l.checkpoint("PASSIVE")
+		db1, wal1 := l.files()
+
+		// The reader sees the old files for the first few reads of the
+		// database, then the checkpointed database and the longer log.
+		dbR := &switchingReader{old: db0, new: db1, switchAfter: 5}
+		walR := &followReader{sw: dbR, old: wal0, new: wal1}
+		var c Capturer
+		var a, b seekBuf
+		sums := &MemSums{}
+		res, err := c.Snapshot(dbR, walR, int64(len(db0)), &a, &b, 20, nowish, sums.Set)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if !res.Merged {
+			t.Fatal("expected a merge after commits landed during the read")
+		}
+		want := recovered(t, db1, wal1)
+		mustEqualDB(t, applyLTX(t, nil, b.Bytes()), want)
+		sums.Truncate(res.Commit)
+		if sums.Total() != dbChecksum(t, want, 4096) {
+			t.Fatal("page sums disagree with the merged snapshot")
+		}
+	})
+}
+
+func TestEmptyDatabaseSnapshot(t *testing.T) {
+	var c Capturer
+	var a, b seekBuf
+	_, err := c.Snapshot(bytes.NewReader(nil), bytes.NewReader(nil), 0, &a, &b, 2, nowish, (&MemSums{}).Set)
+	if !errors.Is(err, ErrEmptyDatabase) {
+		t.Fatalf("snapshot of nothing: %v", err)
+	}
+}
+
+// insertN inserts n rows with value expression v into t.
+func insertN(n int, v string) string {
+	return fmt.Sprintf("WITH RECURSIVE s(i) AS (SELECT 1 UNION ALL SELECT i+1 FROM s WHERE i < %d) INSERT INTO t(v) SELECT %s FROM s", n, v)
+}

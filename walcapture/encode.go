@@ -1,0 +1,145 @@
+package walcapture
+
+import (
+	"fmt"
+	"io"
+	"time"
+
+	"github.com/superfly/ltx"
+)
+
+// PageSums is the per-page LTX checksum of a database as of the last captured
+// transaction. The pre-apply checksum of the next transaction is its Total;
+// the post-apply checksum needs the old sum of every page the transaction
+// replaces or truncates away.
+type PageSums interface {
+	Len() uint32                  // database size in pages
+	Get(pgno uint32) ltx.Checksum // 0 beyond Len and for the lock page
+	Total() ltx.Checksum          // ltx.ChecksumFlag | XOR of every page's sum
+}
+
+// PageSum is the new checksum of one page.
+type PageSum struct {
+	Pgno uint32
+	Sum  ltx.Checksum
+}
+
+// Update is how one transaction changes a PageSums: pages beyond Commit are
+// dropped, Pages get new sums, and Total is the result.
+type Update struct {
+	Commit uint32
+	Pages  []PageSum
+	Total  ltx.Checksum
+}
+
+func rawSum(c ltx.Checksum) ltx.Checksum { return c &^ ltx.ChecksumFlag }
+
+// EncodeTxn writes t as one LTX file with TXID id, reading page images from
+// the log wal, and returns how it changes sums. sums is not modified: the
+// caller applies the Update once the LTX file is safely stored.
+func EncodeTxn(w io.Writer, wal io.ReaderAt, t Txn, sums PageSums, id ltx.TXID, ts time.Time) (Update, error) {
+	if id <= 1 {
+		return Update{}, fmt.Errorf("transaction id %d: TXID 1 is reserved for snapshots", id)
+	}
+	pre := sums.Total()
+	enc, err := ltx.NewEncoder(w)
+	if err != nil {
+		return Update{}, err
+	}
+	hdr := ltx.Header{
+		Version:          ltx.Version,
+		PageSize:         t.Header.PageSize,
+		Commit:           t.Commit,
+		MinTXID:          id,
+		MaxTXID:          id,
+		Timestamp:        ts.UnixMilli(),
+		PreApplyChecksum: pre,
+		WALOffset:        t.Offset,
+		WALSize:          t.Size,
+		WALSalt1:         t.Header.Salt1,
+		WALSalt2:         t.Header.Salt2,
+	}
+	if err := enc.EncodeHeader(hdr); err != nil {
+		return Update{}, fmt.Errorf("encode LTX header: %w", err)
+	}
+	u := Update{Commit: t.Commit, Pages: make([]PageSum, 0, len(t.Pages))}
+	raw := rawSum(pre)
+	buf := make([]byte, t.Header.PageSize)
+	h := ltx.NewHasher()
+	for _, p := range t.Pages {
+		if err := readFull(wal, buf, p.Offset); err != nil {
+			return Update{}, fmt.Errorf("read page %d from WAL: %w", p.Pgno, err)
+		}
+		sum := ltx.ChecksumPageWithHasher(h, p.Pgno, buf)
+		raw ^= rawSum(sums.Get(p.Pgno) ^ sum)
+		u.Pages = append(u.Pages, PageSum{Pgno: p.Pgno, Sum: sum})
+		if err := enc.EncodePage(ltx.PageHeader{Pgno: p.Pgno}, buf); err != nil {
+			return Update{}, fmt.Errorf("encode page %d: %w", p.Pgno, err)
+		}
+	}
+	for pgno := t.Commit + 1; pgno <= sums.Len(); pgno++ {
+		raw ^= rawSum(sums.Get(pgno))
+	}
+	u.Total = ltx.ChecksumFlag | raw
+	enc.SetPostApplyChecksum(u.Total)
+	if err := enc.Close(); err != nil {
+		return Update{}, fmt.Errorf("finish LTX file: %w", err)
+	}
+	return u, nil
+}
+
+func readFull(r io.ReaderAt, b []byte, off int64) error {
+	n, err := r.ReadAt(b, off)
+	if n == len(b) {
+		return nil
+	}
+	if err == nil || err == io.EOF {
+		err = io.ErrUnexpectedEOF
+	}
+	return err
+}
+
+// MemSums is a PageSums held in memory, for tests and small tools.
+type MemSums struct {
+	sums  []ltx.Checksum
+	total ltx.Checksum
+}
+
+func (m *MemSums) Len() uint32 { return uint32(len(m.sums)) }
+
+func (m *MemSums) Get(pgno uint32) ltx.Checksum {
+	if pgno == 0 || pgno > uint32(len(m.sums)) {
+		return 0
+	}
+	return m.sums[pgno-1]
+}
+
+func (m *MemSums) Total() ltx.Checksum { return ltx.ChecksumFlag | m.total }
+
+// Set replaces the sum of one page, growing the database if needed.
+func (m *MemSums) Set(pgno uint32, sum ltx.Checksum) {
+	for uint32(len(m.sums)) < pgno {
+		m.sums = append(m.sums, 0)
+	}
+	m.total ^= rawSum(m.sums[pgno-1] ^ sum)
+	m.sums[pgno-1] = sum
+}
+
+// Truncate drops the pages beyond n.
+func (m *MemSums) Truncate(n uint32) {
+	for uint32(len(m.sums)) > n {
+		m.total ^= rawSum(m.sums[len(m.sums)-1])
+		m.sums = m.sums[:len(m.sums)-1]
+	}
+	for uint32(len(m.sums)) < n {
+		m.sums = append(m.sums, 0)
+	}
+}
+
+// Apply applies a transaction's Update.
+func (m *MemSums) Apply(u Update) {
+	m.Truncate(u.Commit)
+	for _, p := range u.Pages {
+		m.Set(p.Pgno, p.Sum)
+	}
+}
