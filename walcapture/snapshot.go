@@ -223,3 +223,35 @@ func (c *Capturer) encodeSnapshot(w io.Writer, hdr ltx.Header, page func(pgno ui
 	}
 	return total, nil
 }
+
+// DatabaseChecksum computes the LTX checksum of the database as SQLite would
+// read it now — the database file overlaid with every commit in its log —
+// along with its size in pages and the log position that state corresponds
+// to. It reads the whole database; the caller keeps the files still.
+func DatabaseChecksum(db, wal io.ReaderAt, dbSize int64) (Pos, uint32, ltx.Checksum, error) {
+	var c Capturer
+	pages, commit, pageSize, err := c.scanFromStart(db, wal, dbSize)
+	if err != nil {
+		return Pos{}, 0, 0, err
+	}
+	lock := LockPgno(pageSize)
+	buf := make([]byte, pageSize)
+	h := ltx.NewHasher()
+	var raw ltx.Checksum
+	for pgno := uint32(1); pgno <= commit; pgno++ {
+		if pgno == lock {
+			continue
+		}
+		var err error
+		if off, ok := pages[pgno]; ok {
+			err = readFull(wal, buf, off)
+		} else {
+			err = readFull(db, buf, int64(pgno-1)*int64(pageSize))
+		}
+		if err != nil {
+			return Pos{}, 0, 0, fmt.Errorf("read page %d: %w", pgno, err)
+		}
+		raw ^= rawSum(ltx.ChecksumPageWithHasher(h, pgno, buf))
+	}
+	return c.Pos(), commit, ltx.ChecksumFlag | raw, nil
+}

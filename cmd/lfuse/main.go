@@ -1,0 +1,96 @@
+// Command lfuse makes a SQLite application's databases durable without
+// changing the application: "lfuse mount" puts a FUSE mount where the
+// application keeps its databases and captures every committed transaction.
+package main
+
+import (
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"os"
+	"runtime/debug"
+)
+
+// Set by the release build.
+var (
+	version = ""
+	commit  = ""
+	date    = ""
+)
+
+const usage = `lfuse keeps every committed SQLite transaction of an application, without changing it.
+
+Usage:
+  lfuse mount [flags] MOUNTPOINT   serve the data directory at MOUNTPOINT and capture its databases
+  lfuse version                    print the version
+
+Run 'lfuse COMMAND -h' for a command's flags.
+`
+
+// errUsage marks an error whose message is already printed with usage.
+var errUsage = errors.New("usage")
+
+func main() {
+	os.Exit(run(os.Args[1:], os.Stdout, os.Stderr))
+}
+
+func run(args []string, stdout, stderr io.Writer) int {
+	if len(args) == 0 {
+		fmt.Fprint(stderr, usage)
+		return 2
+	}
+	var err error
+	switch args[0] {
+	case "mount":
+		err = runMount(args[1:], stderr)
+	case "version", "-version", "--version":
+		fmt.Fprintln(stdout, versionString())
+		return 0
+	case "help", "-h", "-help", "--help":
+		fmt.Fprint(stdout, usage)
+		return 0
+	default:
+		fmt.Fprintf(stderr, "lfuse: unknown command %q\n\n%s", args[0], usage)
+		return 2
+	}
+	switch {
+	case err == nil:
+		return 0
+	case errors.Is(err, flag.ErrHelp):
+		return 0
+	case errors.Is(err, errUsage):
+		return 2
+	default:
+		fmt.Fprintf(stderr, "lfuse: %v\n", err)
+		return 1
+	}
+}
+
+func versionString() string {
+	v, c, d := version, commit, date
+	if bi, ok := debug.ReadBuildInfo(); ok {
+		if v == "" {
+			v = bi.Main.Version
+		}
+		for _, s := range bi.Settings {
+			switch {
+			case s.Key == "vcs.revision" && c == "":
+				c = s.Value
+			case s.Key == "vcs.time" && d == "":
+				d = s.Value
+			}
+		}
+	}
+	if v == "" || v == "(devel)" {
+		v = "dev"
+	}
+	s := "lfuse " + v
+	if c != "" {
+		s += " commit " + c
+	}
+	if d != "" {
+		s += " built " + d
+	}
+	return s
+}

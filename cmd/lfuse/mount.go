@@ -1,0 +1,226 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/http"
+	"os"
+	"os/signal"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/lfuse/lfuse/fs"
+	"github.com/lfuse/lfuse/replicate"
+)
+
+// defaultStateName is lfuse's state directory inside the data directory when
+// none is configured; the mount hides it from the application.
+const defaultStateName = ".lfuse"
+
+func runMount(args []string, stderr io.Writer) error {
+	fl := flag.NewFlagSet("mount", flag.ContinueOnError)
+	fl.SetOutput(stderr)
+	configPath := fl.String("config", "", "configuration file (TOML; see litefs.toml.example)")
+	dataDir := fl.String("data", "", "backing directory that holds the databases (data-dir)")
+	stateDir := fl.String("state", "", "lfuse's own state (state-dir; default DATA/.lfuse, hidden from the mount)")
+	passthrough := fl.String("passthrough", "", "kernel passthrough: auto, on or off (passthrough; default auto)")
+	metricsAddr := fl.String("metrics-addr", "", "serve Prometheus metrics on this address, e.g. 127.0.0.1:9090 (metrics.addr)")
+	logLevel := fl.String("log-level", "", "debug, info, warn or error (log.level; default info)")
+	logFormat := fl.String("log-format", "", "text or json (log.format; default text)")
+	debugFUSE := fl.Bool("debug-fuse", false, "log every FUSE request (very verbose)")
+	fl.Usage = func() {
+		fmt.Fprintf(stderr, "Usage: lfuse mount [flags] [MOUNTPOINT]\n\nServes the data directory at MOUNTPOINT and captures every committed transaction\nof the SQLite databases in it. MOUNTPOINT may come from the config (mount-dir).\n\nFlags:\n")
+		fl.PrintDefaults()
+	}
+	if err := fl.Parse(args); err != nil {
+		return err
+	}
+
+	cfg := defaultConfig()
+	if *configPath != "" {
+		var err error
+		if cfg, err = loadConfig(*configPath); err != nil {
+			return err
+		}
+	}
+	switch fl.NArg() {
+	case 0:
+	case 1:
+		cfg.MountDir = fl.Arg(0)
+	default:
+		fl.Usage()
+		return fmt.Errorf("%w: one mount point expected, got %q", errUsage, fl.Args())
+	}
+	set := map[string]bool{}
+	fl.Visit(func(f *flag.Flag) { set[f.Name] = true })
+	override := func(name string, dst *string, v string) {
+		if set[name] {
+			*dst = v
+		}
+	}
+	override("data", &cfg.DataDir, *dataDir)
+	override("state", &cfg.StateDir, *stateDir)
+	override("passthrough", &cfg.Passthrough, *passthrough)
+	override("metrics-addr", &cfg.Metrics.Addr, *metricsAddr)
+	override("log-level", &cfg.Log.Level, *logLevel)
+	override("log-format", &cfg.Log.Format, *logFormat)
+	if cfg.MountDir == "" {
+		return errors.New("no mount point: give MOUNTPOINT or mount-dir in the config")
+	}
+	if cfg.DataDir == "" {
+		return errors.New("no data directory: give -data DIR or data-dir in the config")
+	}
+	if err := cfg.validate(); err != nil {
+		return err
+	}
+	logger := newLogger(cfg.Log)
+	return mount(cfg, logger, *debugFUSE)
+}
+
+func mount(cfg Config, logger *slog.Logger, debugFUSE bool) error {
+	dataDir, err := filepath.Abs(cfg.DataDir)
+	if err != nil {
+		return err
+	}
+	mountDir, err := filepath.Abs(cfg.MountDir)
+	if err != nil {
+		return err
+	}
+	if cleared, err := fs.ClearDeadMount(mountDir); err != nil {
+		return err
+	} else if cleared {
+		logger.Warn("detached the dead mount of an lfuse that was killed", "mount", mountDir)
+	}
+	if err := fs.CheckDirs(dataDir, mountDir); err != nil {
+		return err
+	}
+	stateDir, hide, err := resolveStateDir(cfg.StateDir, dataDir, mountDir)
+	if err != nil {
+		return err
+	}
+	if err := os.MkdirAll(stateDir, 0o700); err != nil {
+		return fmt.Errorf("state directory %s: %w", stateDir, err)
+	}
+	unlock, err := lockState(stateDir)
+	if err != nil {
+		return err
+	}
+	defer unlock()
+
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
+	defer stop()
+
+	mgr := replicate.NewManager(dataDir, stateDir, logger)
+	if err := mgr.Open(ctx); err != nil {
+		return fmt.Errorf("state directory %s: %w", stateDir, err)
+	}
+
+	m, err := fs.New(fs.Options{
+		DataDir:     dataDir,
+		MountDir:    mountDir,
+		Hide:        hide,
+		Passthrough: cfg.Passthrough,
+		Observer:    mgr,
+		Logger:      logger,
+		Debug:       debugFUSE,
+	})
+	if err != nil {
+		mgr.Close()
+		return err
+	}
+
+	var srv *http.Server
+	if cfg.Metrics.Addr != "" {
+		ln, err := net.Listen("tcp", cfg.Metrics.Addr)
+		if err != nil {
+			m.Unmount()
+			m.Wait()
+			mgr.Close()
+			return fmt.Errorf("metrics address %s: %w", cfg.Metrics.Addr, err)
+		}
+		srv = &http.Server{Handler: metricsHandler(m, mgr), ReadHeaderTimeout: 10 * time.Second}
+		go srv.Serve(ln)
+		logger.Info("serving metrics", "addr", ln.Addr().String())
+	}
+
+	mode := "cached"
+	if m.Passthrough() {
+		mode = "passthrough"
+	}
+	logger.Info("mount ready", "mount", mountDir, "data", dataDir, "state", stateDir, "mode", mode)
+
+	unmounted := make(chan struct{})
+	go func() { m.Wait(); close(unmounted) }()
+	select {
+	case <-unmounted:
+		logger.Info("unmounted from outside; stopping")
+	case <-ctx.Done():
+		stop() // a second signal now ends lfuse at once
+		logger.Info("stopping: unmounting")
+		if err := m.Unmount(); err != nil {
+			logger.Error("unmount failed", "err", err)
+		}
+		<-unmounted
+	}
+	if srv != nil {
+		srv.Close()
+	}
+	if err := mgr.Close(); err != nil {
+		return fmt.Errorf("final capture: %w", err)
+	}
+	logger.Info("stopped")
+	return nil
+}
+
+// resolveStateDir picks lfuse's state directory and, if it lives directly in
+// the data directory, the name the mount must hide. It must not be visible
+// or writable through the mount any other way.
+func resolveStateDir(stateDir, dataDir, mountDir string) (dir, hide string, err error) {
+	if stateDir == "" {
+		return filepath.Join(dataDir, defaultStateName), defaultStateName, nil
+	}
+	dir, err = filepath.Abs(stateDir)
+	if err != nil {
+		return "", "", err
+	}
+	rel, err := filepath.Rel(dataDir, dir)
+	if err == nil && rel != ".." && !strings.HasPrefix(rel, "../") {
+		if rel == "." || strings.Contains(rel, "/") {
+			return "", "", fmt.Errorf("state directory %s is inside the data directory %s: put it outside, or directly in it (e.g. %s)", dir, dataDir, filepath.Join(dataDir, defaultStateName))
+		}
+		return dir, rel, nil
+	}
+	if rel, err := filepath.Rel(mountDir, dir); err == nil && rel != ".." && !strings.HasPrefix(rel, "../") {
+		return "", "", fmt.Errorf("state directory %s is inside the mount point %s: put it outside", dir, mountDir)
+	}
+	return dir, "", nil
+}
+
+// lockState makes sure one lfuse at a time uses a state directory.
+func lockState(dir string) (func(), error) {
+	path := filepath.Join(dir, "lock")
+	f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE, 0o600)
+	if err != nil {
+		return nil, fmt.Errorf("state directory %s: %w", dir, err)
+	}
+	if err := syscall.Flock(int(f.Fd()), syscall.LOCK_EX|syscall.LOCK_NB); err != nil {
+		b, _ := os.ReadFile(path)
+		f.Close()
+		pid := strings.TrimSpace(string(b))
+		if pid == "" {
+			pid = "unknown"
+		}
+		return nil, fmt.Errorf("another lfuse (pid %s) is using the state directory %s: stop it first", pid, dir)
+	}
+	f.Truncate(0)
+	f.WriteString(strconv.Itoa(os.Getpid()) + "\n")
+	return func() { f.Close() }, nil
+}

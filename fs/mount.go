@@ -1,0 +1,395 @@
+// Package fs is lfuse's FUSE filesystem: a passthrough over a backing
+// directory that behaves like that directory (same bytes, same errno) and
+// reports to an Observer the events that matter for capturing SQLite
+// databases: files opened, files written, and — before they happen — the
+// truncations, unlinks and renames that could destroy WAL frames.
+//
+// Where the kernel supports it (Linux 6.9+, CAP_SYS_ADMIN), every regular
+// file is opened in kernel passthrough mode: reads, writes and mmap go
+// straight to the backing file without a round trip to this process, and
+// writes are noticed through inotify on the backing directory instead.
+// Otherwise files are served through this process and the kernel page cache
+// (the "cached" mode). POSIX and BSD locks stay in the kernel in both modes,
+// which gives every process using the mount the same lock table.
+package fs
+
+import (
+	"errors"
+	"fmt"
+	"log"
+	"log/slog"
+	"os"
+	"path"
+	"path/filepath"
+	"strings"
+	"sync"
+	"syscall"
+	"time"
+
+	gofs "github.com/hanwen/go-fuse/v2/fs"
+	"github.com/hanwen/go-fuse/v2/fuse"
+)
+
+// Observer receives the events of the files under the mount. Paths are
+// relative to the mount root. The Before methods are called before the
+// operation runs and block it until they return; the function they return
+// (if not nil) is called once the operation is done, with whether it
+// succeeded.
+type Observer interface {
+	Opened(rel string, created bool)
+	Modified(rel string) // "" means: anything may have changed
+	BeforeTruncate(rel string) func(ok bool)
+	BeforeUnlink(rel string) func(ok bool)
+	BeforeRename(oldRel, newRel string) func(ok bool)
+}
+
+// Passthrough modes.
+const (
+	PassthroughAuto = "auto" // use kernel passthrough if the kernel offers it
+	PassthroughOn   = "on"   // require it
+	PassthroughOff  = "off"  // serve file data through lfuse and the page cache
+)
+
+// Options configure a Mount.
+type Options struct {
+	DataDir  string // the backing directory
+	MountDir string // where the mount appears
+	// Hide is a name in the root of DataDir that the mount does not show
+	// (lfuse's state directory when it lives there).
+	Hide        string
+	Passthrough string // PassthroughAuto (default), PassthroughOn or PassthroughOff
+	Observer    Observer
+	Logger      *slog.Logger
+	// AttrTimeout is how long the kernel may cache names and attributes.
+	// Only changes made outside the mount can make them stale.
+	AttrTimeout time.Duration
+	Debug       bool
+}
+
+// Mount is a mounted lfuse filesystem.
+type Mount struct {
+	opts        Options
+	server      *fuse.Server
+	obs         Observer
+	hide        string
+	passthrough bool
+	watch       *watcher
+	counts      *counters
+	logger      *slog.Logger
+	unmountOnce sync.Once
+}
+
+// New checks the directories, mounts the filesystem and starts serving it.
+func New(opts Options) (*Mount, error) {
+	if opts.Logger == nil {
+		opts.Logger = slog.Default()
+	}
+	if opts.Passthrough == "" {
+		opts.Passthrough = PassthroughAuto
+	}
+	if opts.AttrTimeout == 0 {
+		opts.AttrTimeout = time.Second
+	}
+	switch opts.Passthrough {
+	case PassthroughAuto, PassthroughOn, PassthroughOff:
+	default:
+		return nil, fmt.Errorf("passthrough must be %q, %q or %q, not %q", PassthroughAuto, PassthroughOn, PassthroughOff, opts.Passthrough)
+	}
+	var err error
+	if opts.DataDir, err = filepath.Abs(opts.DataDir); err != nil {
+		return nil, err
+	}
+	if opts.MountDir, err = filepath.Abs(opts.MountDir); err != nil {
+		return nil, err
+	}
+	if err := CheckDirs(opts.DataDir, opts.MountDir); err != nil {
+		return nil, err
+	}
+	if err := checkFuseDevice(); err != nil {
+		return nil, err
+	}
+
+	m := &Mount{opts: opts, obs: opts.Observer, hide: opts.Hide, logger: opts.Logger, counts: &counters{}}
+	if m.obs != nil {
+		w, err := newWatcher(opts.DataDir, m.obs, opts.Logger)
+		if err != nil {
+			return nil, err
+		}
+		m.watch = w
+	}
+
+	var st syscall.Stat_t
+	if err := syscall.Stat(opts.DataDir, &st); err != nil {
+		return nil, err
+	}
+	root := &gofs.LoopbackRoot{Path: opts.DataDir, Dev: uint64(st.Dev)}
+	root.NewNode = func(r *gofs.LoopbackRoot, _ *gofs.Inode, _ string, _ *syscall.Stat_t) gofs.InodeEmbedder {
+		return &node{LoopbackNode: gofs.LoopbackNode{RootData: r}, m: m}
+	}
+	rootNode := root.NewNode(root, nil, "", &st)
+	root.RootNode = rootNode
+
+	timeout := opts.AttrTimeout
+	mo := fuse.MountOptions{
+		FsName:       opts.DataDir,
+		Name:         "lfuse",
+		AllowOther:   os.Geteuid() == 0,
+		Options:      []string{"default_permissions"},
+		DirectMount:  true,
+		MaxReadAhead: 512 << 10,
+		MaxWrite:     1 << 20,
+		Debug:        opts.Debug,
+		Logger:       log.New(slogWriter{opts.Logger}, "", 0),
+	}
+	raw := gofs.NewNodeFS(rootNode, &gofs.Options{
+		EntryTimeout:    &timeout,
+		AttrTimeout:     &timeout,
+		NegativeTimeout: &timeout,
+		MountOptions:    mo,
+		Logger:          mo.Logger,
+	})
+	server, err := fuse.NewServer(&counting{RawFileSystem: raw, c: m.counts}, opts.MountDir, &mo)
+	if err != nil {
+		if m.watch != nil {
+			m.watch.close()
+		}
+		return nil, mountError(opts.MountDir, err)
+	}
+	m.server = server
+	go server.Serve()
+	if err := server.WaitMount(); err != nil {
+		m.closeWatch()
+		return nil, mountError(opts.MountDir, err)
+	}
+
+	reason := m.probePassthrough()
+	switch {
+	case m.passthrough:
+		opts.Logger.Info("kernel passthrough on: file data bypasses lfuse")
+	case opts.Passthrough == PassthroughOn:
+		_ = m.Unmount()
+		return nil, fmt.Errorf("kernel passthrough was required but is unavailable: %s", reason)
+	default:
+		opts.Logger.Info("kernel passthrough off: file data goes through lfuse and the page cache", "reason", reason)
+	}
+	return m, nil
+}
+
+// probePassthrough asks the kernel to register a backing file, the step
+// every passthrough open needs, so the mode is known (and logged) before the
+// first open instead of failing silently on it.
+func (m *Mount) probePassthrough() string {
+	if m.opts.Passthrough == PassthroughOff {
+		return "turned off"
+	}
+	if m.server.KernelSettings().Flags64()&fuse.CAP_PASSTHROUGH == 0 {
+		return "the kernel does not offer FUSE passthrough (needs Linux 6.9 or later)"
+	}
+	f, err := os.Open(m.opts.DataDir)
+	if err != nil {
+		return err.Error()
+	}
+	defer f.Close()
+	probe, err := os.CreateTemp(m.opts.DataDir, ".lfuse-probe-*")
+	if err != nil {
+		return fmt.Sprintf("cannot create a probe file: %v", err)
+	}
+	defer func() { probe.Close(); os.Remove(probe.Name()) }()
+	id, errno := m.server.RegisterBackingFd(&fuse.BackingMap{Fd: int32(probe.Fd())})
+	if errno != 0 {
+		if errno == syscall.EPERM {
+			return "registering a backing file needs CAP_SYS_ADMIN"
+		}
+		return fmt.Sprintf("the kernel refused a backing file from %s: %v (is it on overlayfs or FUSE?)", m.opts.DataDir, errno)
+	}
+	m.server.UnregisterBackingFd(id)
+	m.passthrough = true
+	return ""
+}
+
+// Passthrough reports whether files are opened in kernel passthrough mode.
+func (m *Mount) Passthrough() bool { return m.passthrough }
+
+// Wait blocks until the filesystem is unmounted, by Unmount or from outside
+// (fusermount3 -u, umount).
+func (m *Mount) Wait() {
+	m.server.Wait()
+	m.closeWatch()
+}
+
+func (m *Mount) closeWatch() {
+	if m.watch != nil {
+		m.watch.close()
+	}
+}
+
+// Unmount unmounts the filesystem. If files are still open it detaches the
+// mount instead, which completes when the last one is closed; Wait returns
+// then.
+func (m *Mount) Unmount() error {
+	var err error
+	m.unmountOnce.Do(func() {
+		if err = m.server.Unmount(); err == nil {
+			return
+		}
+		m.logger.Warn("mount is busy: detaching it; lfuse exits when the last open file is closed", "err", err)
+		err = syscall.Unmount(m.opts.MountDir, syscall.MNT_DETACH)
+	})
+	return err
+}
+
+// Requests returns how many requests of each kind lfuse has served.
+func (m *Mount) Requests() map[string]uint64 { return m.counts.snapshot() }
+
+// fileHandle picks, for a newly opened file, kernel passthrough or the
+// cached path through this process.
+func (m *Mount) fileHandle(fh gofs.FileHandle, flags uint32) (gofs.FileHandle, uint32) {
+	lf, ok := fh.(*gofs.LoopbackFile)
+	if !ok || m.passthrough {
+		return fh, flags
+	}
+	// Nothing changes the backing files but this mount, so the page
+	// cache stays valid across opens.
+	return cachedFile{lf}, flags | fuse.FOPEN_KEEP_CACHE
+}
+
+// opened reports an open to the Observer, first watching the directory of a
+// WAL so that no write to it can go unnoticed.
+func (m *Mount) opened(rel string, created bool) {
+	if m.obs == nil {
+		return
+	}
+	if strings.HasSuffix(rel, "-wal") {
+		m.watch.watchDir(path.Dir(rel))
+	}
+	m.obs.Opened(rel, created)
+}
+
+// CheckDirs refuses directory layouts that cannot work: a missing or
+// non-directory backing directory or mount point, a mount point that is
+// already a mount, and a backing directory inside the mount point or the
+// other way round (the mount would then contain itself and hang).
+func CheckDirs(dataDir, mountDir string) error {
+	st, err := os.Stat(dataDir)
+	if errors.Is(err, os.ErrNotExist) {
+		return fmt.Errorf("data directory %s does not exist: create it or point -data at the directory holding your databases", dataDir)
+	} else if err != nil {
+		return fmt.Errorf("data directory %s: %w", dataDir, err)
+	} else if !st.IsDir() {
+		return fmt.Errorf("data directory %s is not a directory", dataDir)
+	}
+	mst, err := os.Stat(mountDir)
+	if errors.Is(err, syscall.ENOTCONN) {
+		return fmt.Errorf("mount point %s is a dead FUSE mount (its process was killed): run 'fusermount3 -uz %s' and start again", mountDir, mountDir)
+	} else if errors.Is(err, os.ErrNotExist) {
+		return fmt.Errorf("mount point %s does not exist: create it with 'mkdir -p %s'", mountDir, mountDir)
+	} else if err != nil {
+		return fmt.Errorf("mount point %s: %w", mountDir, err)
+	} else if !mst.IsDir() {
+		return fmt.Errorf("mount point %s is not a directory", mountDir)
+	}
+	realData, err := filepath.EvalSymlinks(dataDir)
+	if err != nil {
+		return err
+	}
+	realMount, err := filepath.EvalSymlinks(mountDir)
+	if err != nil {
+		return err
+	}
+	if within(realData, realMount) {
+		return fmt.Errorf("data directory %s is the mount point or inside it: the backing files must live outside %s", dataDir, mountDir)
+	}
+	if within(realMount, realData) {
+		return fmt.Errorf("mount point %s is inside the data directory %s: the mount would contain itself; mount somewhere else", mountDir, dataDir)
+	}
+	if fstype, ok := mountedAt(realMount); ok {
+		return fmt.Errorf("mount point %s is already a mount (%s): unmount it first", mountDir, fstype)
+	}
+	return nil
+}
+
+// ClearDeadMount detaches a mount left at dir by an lfuse process that died
+// (its FUSE connection answers ENOTCONN), so a new lfuse can take its place.
+// It reports whether it did; a live mount, or one of another kind, is left
+// alone.
+func ClearDeadMount(dir string) (bool, error) {
+	real, err := filepath.EvalSymlinks(dir)
+	if err != nil {
+		real = dir
+	}
+	if fstype, ok := mountedAt(real); !ok || fstype != "fuse.lfuse" {
+		return false, nil
+	}
+	if _, err := os.ReadDir(real); !errors.Is(err, syscall.ENOTCONN) {
+		return false, nil
+	}
+	if err := syscall.Unmount(real, syscall.MNT_DETACH); err != nil {
+		return false, fmt.Errorf("mount point %s is a dead lfuse mount and cannot be detached: %w", dir, err)
+	}
+	return true, nil
+}
+
+// within reports whether p is dir or below it.
+func within(p, dir string) bool {
+	rel, err := filepath.Rel(dir, p)
+	return err == nil && rel != ".." && !strings.HasPrefix(rel, "../")
+}
+
+// mountedAt reports whether dir is a mount point, and its filesystem type.
+func mountedAt(dir string) (string, bool) {
+	b, err := os.ReadFile("/proc/self/mountinfo")
+	if err != nil {
+		return "", false
+	}
+	for _, line := range strings.Split(string(b), "\n") {
+		fields := strings.Fields(line)
+		if len(fields) < 10 {
+			continue
+		}
+		if unescapeMount(fields[4]) != dir {
+			continue
+		}
+		for i, f := range fields {
+			if f == "-" && i+1 < len(fields) {
+				return fields[i+1], true
+			}
+		}
+		return "unknown", true
+	}
+	return "", false
+}
+
+func unescapeMount(s string) string {
+	r := strings.NewReplacer(`\040`, " ", `\011`, "\t", `\012`, "\n", `\134`, `\`)
+	return r.Replace(s)
+}
+
+func checkFuseDevice() error {
+	f, err := os.OpenFile("/dev/fuse", os.O_RDWR, 0)
+	if errors.Is(err, os.ErrNotExist) {
+		return errors.New("/dev/fuse does not exist: this machine or container has no FUSE device (in Docker: --device /dev/fuse --cap-add SYS_ADMIN)")
+	} else if errors.Is(err, os.ErrPermission) {
+		return errors.New("cannot open /dev/fuse: permission denied (run lfuse as root, or give it access to /dev/fuse)")
+	} else if err != nil {
+		return fmt.Errorf("cannot open /dev/fuse: %w", err)
+	}
+	return f.Close()
+}
+
+func mountError(dir string, err error) error {
+	if errors.Is(err, syscall.EPERM) || strings.Contains(err.Error(), "permission denied") || strings.Contains(err.Error(), "Operation not permitted") {
+		return fmt.Errorf("cannot mount %s: permission denied (lfuse needs root or CAP_SYS_ADMIN, or fusermount3 from the fuse3 package): %v", dir, err)
+	}
+	if strings.Contains(err.Error(), "fusermount") && strings.Contains(err.Error(), "not found") {
+		return fmt.Errorf("cannot mount %s: the mount syscall failed and fusermount3 is not installed (install the fuse3 package): %v", dir, err)
+	}
+	return fmt.Errorf("cannot mount %s: %w", dir, err)
+}
+
+// slogWriter sends go-fuse's log lines to slog.
+type slogWriter struct{ l *slog.Logger }
+
+func (w slogWriter) Write(p []byte) (int, error) {
+	w.l.Warn(strings.TrimRight(string(p), "\n"), "component", "fuse")
+	return len(p), nil
+}

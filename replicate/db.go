@@ -1,0 +1,355 @@
+package replicate
+
+import (
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"time"
+
+	"github.com/lfuse/lfuse/walcapture"
+	"github.com/superfly/ltx"
+)
+
+type dbStatus int
+
+const (
+	statusTracking     dbStatus = iota // every commit is being captured
+	statusNeedSnapshot                 // continuity is lost; the next capture is a full snapshot
+	statusRollback                     // the database uses a rollback journal: not captured
+	statusGone                         // the database file was deleted or replaced
+)
+
+func (s dbStatus) String() string {
+	return [...]string{"tracking", "needs snapshot", "rollback journal", "gone"}[s]
+}
+
+// DB captures one SQLite database: it turns what SQLite commits to the
+// database's WAL into records in the local Log.
+//
+// Capture runs when the WAL changes (asynchronously, off the application's
+// path) and, synchronously, before any operation that could destroy frames
+// not yet captured: those operations call Hold and wait for it.
+type DB struct {
+	rel    string // path relative to the mount root
+	path   string // the database file in the backing directory
+	dir    string // this database's state directory
+	logger *slog.Logger
+
+	mu       sync.Mutex
+	log      *Log
+	sums     *Sums
+	cap      walcapture.Capturer
+	status   dbStatus
+	reason   string
+	noWAL    *fileID // the database file when its WAL was removed
+	failing  bool    // an error was logged and recovery not yet
+	backoff  time.Duration
+	retryAt  time.Time
+	retrying bool
+
+	kickMu  sync.Mutex
+	running bool
+	dirty   bool
+	wg      sync.WaitGroup
+
+	captured      atomic.Int64 // transactions captured since start
+	capturedBytes atomic.Int64
+	snapshots     atomic.Int64
+}
+
+// Stats is a point-in-time view of a DB for logs and metrics.
+type Stats struct {
+	Path      string
+	Status    string
+	Reason    string
+	TXID      ltx.TXID
+	Captured  int64
+	Bytes     int64
+	Snapshots int64
+}
+
+func (d *DB) Stats() Stats {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	st := Stats{Path: d.rel, Status: d.status.String(), Reason: d.reason,
+		Captured: d.captured.Load(), Bytes: d.capturedBytes.Load(), Snapshots: d.snapshots.Load()}
+	if d.log != nil {
+		if last, ok := d.log.Last(); ok {
+			st.TXID = last.TXID()
+		}
+	}
+	return st
+}
+
+// kick schedules an asynchronous capture pass, coalescing bursts.
+func (d *DB) kick() {
+	d.kickMu.Lock()
+	defer d.kickMu.Unlock()
+	if d.running {
+		d.dirty = true
+		return
+	}
+	d.running = true
+	d.wg.Add(1)
+	go d.loop()
+}
+
+func (d *DB) loop() {
+	defer d.wg.Done()
+	for {
+		d.mu.Lock()
+		d.syncLocked()
+		d.mu.Unlock()
+
+		d.kickMu.Lock()
+		if !d.dirty {
+			d.running = false
+			d.kickMu.Unlock()
+			return
+		}
+		d.dirty = false
+		d.kickMu.Unlock()
+	}
+}
+
+// Sync captures everything committed so far.
+func (d *DB) Sync() {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	d.syncLocked()
+}
+
+// Hold captures everything committed so far and keeps capture stopped until
+// release is called: the caller runs an operation that could destroy WAL
+// frames in between. A capture that fails does not block the operation: the
+// database is marked as needing a snapshot instead.
+func (d *DB) Hold() (release func()) {
+	d.mu.Lock()
+	if d.status == statusTracking {
+		if err := d.captureLocked(); err != nil {
+			d.needSnapshot(fmt.Sprintf("capture failed before frames could be overwritten: %v", err))
+		}
+	}
+	return d.mu.Unlock
+}
+
+func (d *DB) syncLocked() {
+	switch d.status {
+	case statusGone, statusRollback:
+		return
+	case statusNeedSnapshot:
+		if time.Now().Before(d.retryAt) {
+			return
+		}
+		if err := d.snapshotLocked(); err != nil {
+			d.fail(err)
+		}
+		return
+	}
+	if err := d.captureLocked(); err != nil {
+		if errors.Is(err, walcapture.ErrDiverged) {
+			d.needSnapshot(err.Error())
+			if err := d.snapshotLocked(); err != nil {
+				d.fail(err)
+			}
+			return
+		}
+		d.fail(err)
+		return
+	}
+	d.recovered()
+}
+
+// captureLocked appends every newly committed transaction to the log.
+func (d *DB) captureLocked() error {
+	wal, err := os.Open(d.path + "-wal")
+	if errors.Is(err, os.ErrNotExist) {
+		return nil
+	} else if err != nil {
+		return err
+	}
+	defer wal.Close()
+	res, err := d.cap.Scan(wal, func(t walcapture.Txn) error {
+		return d.appendTxn(wal, t)
+	})
+	if res.NewGeneration {
+		d.logger.Debug("WAL restarted with new salts")
+	}
+	return err
+}
+
+func (d *DB) appendTxn(wal io.ReaderAt, t walcapture.Txn) error {
+	var u walcapture.Update
+	last, _ := d.log.Last()
+	rec, err := d.log.Append(func(w io.Writer) error {
+		var err error
+		u, err = walcapture.EncodeTxn(w, wal, t, d.sums, last.TXID()+1, time.Now())
+		return err
+	})
+	if err != nil {
+		return err
+	}
+	if err := d.sums.Apply(u, rec.TXID()); err != nil {
+		return err
+	}
+	d.captured.Add(1)
+	d.capturedBytes.Add(t.Size)
+	return nil
+}
+
+// needSnapshot records that continuity is lost and why.
+func (d *DB) needSnapshot(reason string) {
+	if d.status == statusGone {
+		return
+	}
+	if d.status != statusNeedSnapshot {
+		d.logger.Warn("database needs a new snapshot", "reason", reason)
+	}
+	d.status, d.reason = statusNeedSnapshot, reason
+	d.retryAt = time.Time{}
+}
+
+// fail logs the first error of an outage and schedules a retry.
+func (d *DB) fail(err error) {
+	if !d.failing {
+		d.logger.Error("capture failed; will retry", "err", err)
+		d.failing = true
+	}
+	d.backoff = min(max(2*d.backoff, time.Second), time.Minute)
+	d.retryAt = time.Now().Add(d.backoff)
+	if !d.retrying {
+		d.retrying = true
+		time.AfterFunc(d.backoff, func() {
+			d.mu.Lock()
+			d.retrying = false
+			d.mu.Unlock()
+			d.kick()
+		})
+	}
+}
+
+func (d *DB) recovered() {
+	if d.failing {
+		d.logger.Info("capture recovered")
+		d.failing = false
+	}
+	d.backoff = 0
+}
+
+// snapshotLocked writes the whole database to the log as a new snapshot.
+func (d *DB) snapshotLocked() error {
+	start := time.Now()
+	db, err := os.Open(d.path)
+	if errors.Is(err, os.ErrNotExist) {
+		d.gone("database file no longer exists")
+		return nil
+	} else if err != nil {
+		return err
+	}
+	defer db.Close()
+	st, err := db.Stat()
+	if err != nil {
+		return err
+	}
+	var wal io.ReaderAt = emptyReader{}
+	if f, err := os.Open(d.path + "-wal"); err == nil {
+		defer f.Close()
+		wal = f
+	} else if !errors.Is(err, os.ErrNotExist) {
+		return err
+	}
+
+	tmp1, err := os.CreateTemp(d.dir, "snapshot-*.tmp")
+	if err != nil {
+		return fmt.Errorf("create snapshot file: %w", err)
+	}
+	defer func() { tmp1.Close(); os.Remove(tmp1.Name()) }()
+	tmp2, err := os.CreateTemp(d.dir, "snapshot-*.tmp")
+	if err != nil {
+		return fmt.Errorf("create snapshot file: %w", err)
+	}
+	defer func() { tmp2.Close(); os.Remove(tmp2.Name()) }()
+
+	if err := d.sums.Reset(); err != nil {
+		return err
+	}
+	last, _ := d.log.Last()
+	txid := last.TXID() + 1
+	d.cap.SpillDir = d.dir
+	res, err := d.cap.Snapshot(db, wal, st.Size(), tmp1, tmp2, txid, time.Now(), d.sums.Set)
+	if errors.Is(err, walcapture.ErrEmptyDatabase) {
+		return nil // nothing to capture until something is committed
+	} else if err != nil {
+		return fmt.Errorf("snapshot: %w", err)
+	}
+	if err := d.sums.Finish(res.Commit, res.Total, txid); err != nil {
+		return err
+	}
+	out := tmp1
+	if res.Merged {
+		out = tmp2
+	}
+	if err := out.Sync(); err != nil {
+		return err
+	}
+	size, _ := out.Seek(0, io.SeekEnd)
+	if _, err := d.log.AddSnapshot(out.Name()); err != nil {
+		return fmt.Errorf("store snapshot: %w", err)
+	}
+	d.snapshots.Add(1)
+	d.logger.Info("snapshot taken", "txid", txid.String(), "pages", res.Commit, "page_size", res.PageSize,
+		"bytes", size, "seconds", time.Since(start).Seconds(), "reason", d.reason)
+	d.status, d.reason = statusTracking, ""
+	d.recovered()
+	return nil
+}
+
+func (d *DB) gone(why string) {
+	if d.status != statusGone {
+		d.logger.Info("stopped capturing database", "reason", why)
+	}
+	d.status, d.reason = statusGone, why
+}
+
+type emptyReader struct{}
+
+func (emptyReader) ReadAt([]byte, int64) (int, error) { return 0, io.EOF }
+
+// fileID identifies a version of a file: any write changes its ctime, and
+// replacing it changes its inode.
+type fileID struct {
+	Ino   uint64 `json:"ino"`
+	Size  int64  `json:"size"`
+	Mtime int64  `json:"mtime_ns"`
+	Ctime int64  `json:"ctime_ns"`
+}
+
+func statID(path string) (*fileID, error) {
+	var st syscall.Stat_t
+	if err := syscall.Stat(path, &st); err != nil {
+		return nil, &os.PathError{Op: "stat", Path: path, Err: err}
+	}
+	return &fileID{Ino: st.Ino, Size: st.Size, Mtime: st.Mtim.Nano(), Ctime: st.Ctim.Nano()}, nil
+}
+
+// stateFile is what a DB keeps in its state directory besides the log.
+type stateFile struct {
+	Path  string      `json:"path"`
+	Clean *cleanState `json:"clean,omitempty"`
+}
+
+// cleanState is written at a clean shutdown, after the last capture: if the
+// files are exactly as they were, the next start needs no verification.
+type cleanState struct {
+	TXID ltx.TXID `json:"txid"`
+	DB   fileID   `json:"db"`
+	WAL  *fileID  `json:"wal,omitempty"`
+}
+
+func (d *DB) statePath() string { return filepath.Join(d.dir, "state.json") }

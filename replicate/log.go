@@ -1,0 +1,474 @@
+package replicate
+
+import (
+	"bufio"
+	"bytes"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"path/filepath"
+	"slices"
+	"strings"
+
+	"github.com/superfly/ltx"
+)
+
+// Log is the durable local record of one database's captured history: a
+// snapshot LTX file followed by segments of transaction LTX files, with
+// consecutive TXIDs. It is what replicas are fed from, and what proves on the
+// next start where capture stood.
+//
+// Layout, in the log directory:
+//
+//	<txid %016x>.snapshot.ltx   TXIDs 1..txid, every page of the database
+//	<txid %016x>.seg            records with TXIDs txid, txid+1, ...
+//
+// A segment is a sequence of records, each an 8-byte big-endian length and
+// then one complete LTX file. A record is appended with a zero length, which
+// is filled in only once the whole file is written, so a torn tail is
+// recognised on open and cut off.
+type Log struct {
+	dir string
+
+	snapshot ltx.TXID // TXID of the newest snapshot, 0 if none
+	last     Record   // the newest record (snapshot or transaction)
+
+	seg     *os.File // segment being appended to, nil until the first append after a snapshot
+	segFrom ltx.TXID
+	segSize int64
+}
+
+// Record describes one LTX file in the log.
+type Record struct {
+	Header  ltx.Header
+	Trailer ltx.Trailer
+}
+
+// TXID is the record's last transaction.
+func (r Record) TXID() ltx.TXID { return r.Header.MaxTXID }
+
+// maxSegment is the size at which appends move to a new segment file.
+const maxSegment = 64 << 20
+
+const snapshotSuffix = ".snapshot.ltx"
+
+var errNoSnapshot = errors.New("the local log holds no snapshot")
+
+// OpenLog opens (creating it if needed) the log in dir, cuts any torn record
+// off the end, and finds the newest record.
+func OpenLog(dir string) (*Log, error) {
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return nil, err
+	}
+	l := &Log{dir: dir}
+	snaps, segs, err := l.files()
+	if err != nil {
+		return nil, err
+	}
+	if len(snaps) == 0 {
+		return l, nil
+	}
+	l.snapshot = snaps[len(snaps)-1]
+	rec, err := readRecordFile(l.snapshotPath(l.snapshot))
+	if err != nil {
+		return nil, fmt.Errorf("snapshot %s: %w", l.snapshot, err)
+	}
+	l.last = rec
+	for _, from := range segs {
+		if from <= l.snapshot {
+			continue
+		}
+		if from != l.last.TXID()+1 {
+			return nil, fmt.Errorf("segment %s does not follow TXID %s", from, l.last.TXID())
+		}
+		last, size, err := scanSegment(l.segmentPath(from), true)
+		if err != nil {
+			return nil, err
+		}
+		if size == 0 {
+			_ = os.Remove(l.segmentPath(from))
+			break
+		}
+		l.last = last
+		l.segFrom, l.segSize = from, size
+	}
+	return l, nil
+}
+
+// files lists the snapshot TXIDs and segment first-TXIDs, ascending.
+func (l *Log) files() (snaps, segs []ltx.TXID, err error) {
+	ents, err := os.ReadDir(l.dir)
+	if err != nil {
+		return nil, nil, err
+	}
+	for _, e := range ents {
+		name := e.Name()
+		switch {
+		case strings.HasSuffix(name, snapshotSuffix):
+			if id, err := ltx.ParseTXID(strings.TrimSuffix(name, snapshotSuffix)); err == nil {
+				snaps = append(snaps, id)
+			}
+		case strings.HasSuffix(name, ".seg"):
+			if id, err := ltx.ParseTXID(strings.TrimSuffix(name, ".seg")); err == nil {
+				segs = append(segs, id)
+			}
+		}
+	}
+	slices.Sort(snaps)
+	slices.Sort(segs)
+	return snaps, segs, nil
+}
+
+func (l *Log) snapshotPath(id ltx.TXID) string {
+	return filepath.Join(l.dir, id.String()+snapshotSuffix)
+}
+
+func (l *Log) segmentPath(from ltx.TXID) string {
+	return filepath.Join(l.dir, from.String()+".seg")
+}
+
+// Last returns the newest record and whether there is one.
+func (l *Log) Last() (Record, bool) { return l.last, l.snapshot != 0 }
+
+// SnapshotTXID is the TXID of the newest snapshot, 0 if none.
+func (l *Log) SnapshotTXID() ltx.TXID { return l.snapshot }
+
+// Append writes one transaction record with the next TXID. write encodes the
+// LTX file; if it fails, nothing is kept.
+func (l *Log) Append(write func(w io.Writer) error) (Record, error) {
+	if l.snapshot == 0 {
+		return Record{}, errNoSnapshot
+	}
+	if l.seg == nil || l.segSize >= maxSegment {
+		if err := l.openSegment(); err != nil {
+			return Record{}, err
+		}
+	}
+	start := l.segSize
+	var lenBuf [8]byte
+	if _, err := l.seg.WriteAt(lenBuf[:], start); err != nil {
+		return Record{}, l.cut(start, fmt.Errorf("write to local log: %w", err))
+	}
+	cw := &countingWriter{w: io.NewOffsetWriter(l.seg, start+8)}
+	bw := bufio.NewWriterSize(cw, 64<<10)
+	hw := &headTrailWriter{w: bw}
+	if err := write(hw); err != nil {
+		return Record{}, l.cut(start, err)
+	}
+	if err := bw.Flush(); err != nil {
+		return Record{}, l.cut(start, fmt.Errorf("write to local log: %w", err))
+	}
+	binary.BigEndian.PutUint64(lenBuf[:], uint64(cw.n))
+	if _, err := l.seg.WriteAt(lenBuf[:], start); err != nil {
+		return Record{}, l.cut(start, fmt.Errorf("write to local log: %w", err))
+	}
+	rec, err := hw.record()
+	if err != nil {
+		return Record{}, l.cut(start, err)
+	}
+	if rec.Header.MinTXID != l.last.TXID()+1 {
+		return Record{}, l.cut(start, fmt.Errorf("record TXID %s does not follow %s", rec.Header.MinTXID, l.last.TXID()))
+	}
+	l.segSize = start + 8 + cw.n
+	l.last = rec
+	return rec, nil
+}
+
+// cut removes a partly written record.
+func (l *Log) cut(at int64, err error) error {
+	if terr := l.seg.Truncate(at); terr != nil {
+		// The zero length already marks the record as torn; a later open
+		// cuts it.
+		return errors.Join(err, terr)
+	}
+	return err
+}
+
+func (l *Log) openSegment() error {
+	if l.seg != nil {
+		if err := l.seg.Close(); err != nil {
+			return err
+		}
+		l.seg = nil
+	}
+	from := l.last.TXID() + 1
+	f, err := os.OpenFile(l.segmentPath(from), os.O_RDWR|os.O_CREATE, 0o600)
+	if err != nil {
+		return fmt.Errorf("create local log segment: %w", err)
+	}
+	st, err := f.Stat()
+	if err != nil {
+		f.Close()
+		return err
+	}
+	l.seg, l.segFrom, l.segSize = f, from, st.Size()
+	return syncDir(l.dir)
+}
+
+// AddSnapshot moves a finished snapshot LTX file at tmpPath into the log. It
+// becomes the start of the log: older snapshots and segments are removed.
+func (l *Log) AddSnapshot(tmpPath string) (Record, error) {
+	rec, err := readRecordFile(tmpPath)
+	if err != nil {
+		return Record{}, err
+	}
+	if !rec.Header.IsSnapshot() || rec.TXID() <= l.last.TXID() {
+		return Record{}, fmt.Errorf("snapshot TXID %s does not follow %s", rec.TXID(), l.last.TXID())
+	}
+	if err := fsyncPath(tmpPath); err != nil {
+		return Record{}, err
+	}
+	if err := os.Rename(tmpPath, l.snapshotPath(rec.TXID())); err != nil {
+		return Record{}, err
+	}
+	if err := syncDir(l.dir); err != nil {
+		return Record{}, err
+	}
+	if l.seg != nil {
+		l.seg.Close()
+		l.seg = nil
+	}
+	l.snapshot, l.last, l.segFrom, l.segSize = rec.TXID(), rec, 0, 0
+	l.prune()
+	return rec, nil
+}
+
+// prune removes files older than the newest snapshot.
+func (l *Log) prune() {
+	snaps, segs, err := l.files()
+	if err != nil {
+		return
+	}
+	for _, id := range snaps {
+		if id < l.snapshot {
+			_ = os.Remove(l.snapshotPath(id))
+		}
+	}
+	for _, from := range segs {
+		if from <= l.snapshot {
+			_ = os.Remove(l.segmentPath(from))
+		}
+	}
+}
+
+// Sync makes every appended record durable.
+func (l *Log) Sync() error {
+	if l.seg == nil {
+		return nil
+	}
+	return l.seg.Sync()
+}
+
+// Close closes the segment being appended to.
+func (l *Log) Close() error {
+	if l.seg == nil {
+		return nil
+	}
+	err := l.seg.Close()
+	l.seg = nil
+	return err
+}
+
+// Each calls fn with every record after TXID after, in order: the newest
+// snapshot first if after is before it. r reads that record's LTX file.
+func (l *Log) Each(after ltx.TXID, fn func(rec Record, r io.Reader) error) error {
+	if l.snapshot == 0 {
+		return errNoSnapshot
+	}
+	if after < l.snapshot {
+		f, err := os.Open(l.snapshotPath(l.snapshot))
+		if err != nil {
+			return err
+		}
+		rec, err := readRecord(f)
+		if err == nil {
+			_, err = f.Seek(0, io.SeekStart)
+		}
+		if err == nil {
+			err = fn(rec, f)
+		}
+		f.Close()
+		if err != nil {
+			return err
+		}
+	}
+	_, segs, err := l.files()
+	if err != nil {
+		return err
+	}
+	for _, from := range segs {
+		if from <= l.snapshot {
+			continue
+		}
+		if err := eachRecord(l.segmentPath(from), func(rec Record, r io.Reader) error {
+			if rec.TXID() <= after {
+				return nil
+			}
+			return fn(rec, r)
+		}); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// scanSegment walks a segment's records, optionally cutting a torn tail, and
+// returns the last complete record and the segment's valid size. Records are
+// framed by their lengths; the last one is also decoded whole, since a crash
+// can leave it with a length but without all of its bytes on disk.
+func scanSegment(path string, repair bool) (Record, int64, error) {
+	f, err := os.OpenFile(path, os.O_RDWR, 0)
+	if err != nil {
+		return Record{}, 0, err
+	}
+	defer f.Close()
+	st, err := f.Stat()
+	if err != nil {
+		return Record{}, 0, err
+	}
+	type span struct{ off, n int64 }
+	var spans []span
+	br := bufio.NewReaderSize(io.NewSectionReader(f, 0, st.Size()), 64<<10)
+	for off := int64(0); off+8 <= st.Size(); {
+		var lb [8]byte
+		if _, err := io.ReadFull(br, lb[:]); err != nil {
+			return Record{}, 0, err
+		}
+		n := int64(binary.BigEndian.Uint64(lb[:]))
+		if n == 0 || off+8+n > st.Size() {
+			break
+		}
+		spans = append(spans, span{off, n})
+		if _, err := br.Discard(int(n)); err != nil {
+			return Record{}, 0, err
+		}
+		off += 8 + n
+	}
+	var last Record
+	valid := int64(0)
+	for i := len(spans) - 1; i >= 0; i-- {
+		rec, err := readRecord(io.NewSectionReader(f, spans[i].off+8, spans[i].n))
+		if err == nil {
+			last, valid = rec, spans[i].off+8+spans[i].n
+			break
+		}
+	}
+	if valid < st.Size() && repair {
+		if err := f.Truncate(valid); err != nil {
+			return Record{}, 0, err
+		}
+	}
+	return last, valid, nil
+}
+
+func eachRecord(path string, fn func(rec Record, r io.Reader) error) error {
+	f, err := os.Open(path)
+	if err != nil {
+		return err
+	}
+	defer f.Close()
+	br := bufio.NewReaderSize(f, 256<<10)
+	for {
+		var lb [8]byte
+		if _, err := io.ReadFull(br, lb[:]); errors.Is(err, io.EOF) {
+			return nil
+		} else if err != nil {
+			return fmt.Errorf("%s: %w", path, err)
+		}
+		n := int64(binary.BigEndian.Uint64(lb[:]))
+		if n == 0 {
+			return nil
+		}
+		body := make([]byte, 0, min(n, 1<<20))
+		buf := bytes.NewBuffer(body)
+		if _, err := io.CopyN(buf, br, n); err != nil {
+			return fmt.Errorf("%s: truncated record: %w", path, err)
+		}
+		rec, err := readRecord(bytes.NewReader(buf.Bytes()))
+		if err != nil {
+			return fmt.Errorf("%s: %w", path, err)
+		}
+		if err := fn(rec, bytes.NewReader(buf.Bytes())); err != nil {
+			return err
+		}
+	}
+}
+
+func readRecordFile(path string) (Record, error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return Record{}, err
+	}
+	defer f.Close()
+	return readRecord(f)
+}
+
+// readRecord decodes a whole LTX file, verifying its checksums.
+func readRecord(r io.Reader) (Record, error) {
+	dec := ltx.NewDecoder(bufio.NewReaderSize(r, 64<<10))
+	if err := dec.Verify(); err != nil {
+		return Record{}, fmt.Errorf("invalid LTX file: %w", err)
+	}
+	return Record{Header: dec.Header(), Trailer: dec.Trailer()}, nil
+}
+
+type countingWriter struct {
+	w io.Writer
+	n int64
+}
+
+func (c *countingWriter) Write(p []byte) (int, error) {
+	n, err := c.w.Write(p)
+	c.n += int64(n)
+	return n, err
+}
+
+// headTrailWriter keeps the first and last bytes written through it, which
+// are an LTX file's header and trailer, so an appended record can be
+// described without reading it back.
+type headTrailWriter struct {
+	w     io.Writer
+	head  []byte
+	trail [ltx.TrailerSize]byte
+	n     int64
+}
+
+func (h *headTrailWriter) Write(p []byte) (int, error) {
+	if len(h.head) < ltx.HeaderSize {
+		h.head = append(h.head, p[:min(len(p), ltx.HeaderSize-len(h.head))]...)
+	}
+	if len(p) >= ltx.TrailerSize {
+		copy(h.trail[:], p[len(p)-ltx.TrailerSize:])
+	} else {
+		copy(h.trail[:], h.trail[len(p):])
+		copy(h.trail[ltx.TrailerSize-len(p):], p)
+	}
+	h.n += int64(len(p))
+	return h.w.Write(p)
+}
+
+func (h *headTrailWriter) record() (Record, error) {
+	var rec Record
+	if err := rec.Header.UnmarshalBinary(h.head); err != nil {
+		return rec, fmt.Errorf("encoded LTX header: %w", err)
+	}
+	if err := rec.Trailer.UnmarshalBinary(h.trail[:]); err != nil {
+		return rec, fmt.Errorf("encoded LTX trailer: %w", err)
+	}
+	return rec, nil
+}
+
+func fsyncPath(path string) error {
+	f, err := os.Open(path)
+	if err != nil {
+		return err
+	}
+	defer f.Close()
+	return f.Sync()
+}
+
+func syncDir(dir string) error {
+	return fsyncPath(dir)
+}

@@ -1,0 +1,393 @@
+// Package replicate holds the policy side of lfuse: which databases are
+// captured, the durable local log each one's transactions go to, snapshots
+// when continuity is lost, and the proof of continuity on start.
+package replicate
+
+import (
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"slices"
+	"strings"
+	"sync"
+
+	"github.com/lfuse/lfuse/walcapture"
+)
+
+// Manager discovers the SQLite databases under a backing directory as the
+// application uses them and captures each one. Its methods Opened, Modified
+// and Before* are the events the FUSE layer reports; they must return quickly
+// for files that are not databases.
+type Manager struct {
+	dataDir  string
+	stateDir string
+	logger   *slog.Logger
+
+	mu      sync.RWMutex
+	dbs     map[string]*DB // by path relative to the mount root
+	noted   map[string]bool
+	closed  bool
+	closeWG sync.WaitGroup
+}
+
+// NewManager returns a Manager for the databases under dataDir, keeping its
+// state under stateDir.
+func NewManager(dataDir, stateDir string, logger *slog.Logger) *Manager {
+	if logger == nil {
+		logger = slog.Default()
+	}
+	return &Manager{
+		dataDir:  dataDir,
+		stateDir: stateDir,
+		logger:   logger,
+		dbs:      make(map[string]*DB),
+		noted:    make(map[string]bool),
+	}
+}
+
+// Open loads every database lfuse captured before and proves that each one
+// continues its local log, capturing what its WAL still holds. It must run
+// before the mount serves the application.
+func (m *Manager) Open(ctx context.Context) error {
+	dbsDir := filepath.Join(m.stateDir, "dbs")
+	ents, err := os.ReadDir(dbsDir)
+	if errors.Is(err, os.ErrNotExist) {
+		return nil
+	} else if err != nil {
+		return fmt.Errorf("read state directory: %w", err)
+	}
+	for _, e := range ents {
+		if err := ctx.Err(); err != nil {
+			return err
+		}
+		if !e.IsDir() {
+			continue
+		}
+		b, err := os.ReadFile(filepath.Join(dbsDir, e.Name(), "state.json"))
+		if err != nil {
+			continue
+		}
+		var st stateFile
+		if err := json.Unmarshal(b, &st); err != nil || st.Path == "" || !filepath.IsLocal(st.Path) {
+			m.logger.Warn("ignoring unreadable database state", "dir", filepath.Join(dbsDir, e.Name()))
+			continue
+		}
+		d := m.newDB(st.Path)
+		if err := d.openState(); err != nil {
+			return fmt.Errorf("open state of %s: %w", st.Path, err)
+		}
+		d.mu.Lock()
+		err = d.recoverLocked()
+		if err == nil && d.status == statusNeedSnapshot {
+			if serr := d.snapshotLocked(); serr != nil {
+				d.fail(serr)
+			}
+		}
+		d.mu.Unlock()
+		if err != nil {
+			return fmt.Errorf("recover %s: %w", st.Path, err)
+		}
+		m.mu.Lock()
+		m.dbs[st.Path] = d
+		m.mu.Unlock()
+	}
+	return nil
+}
+
+func (m *Manager) newDB(rel string) *DB {
+	return &DB{
+		rel:    rel,
+		path:   filepath.Join(m.dataDir, rel),
+		dir:    filepath.Join(m.stateDir, "dbs", stateName(rel)),
+		logger: m.logger.With("db", rel),
+	}
+}
+
+// stateName maps a database path to one directory name.
+func stateName(rel string) string {
+	name := strings.NewReplacer("%", "%25", "/", "%2F").Replace(rel)
+	if len(name) > 200 {
+		sum := sha256.Sum256([]byte(rel))
+		name = name[:100] + "~" + hex.EncodeToString(sum[:8])
+	}
+	return name
+}
+
+// Close stops capture after a final pass over every database and records
+// where each stands, so the next start can resume without re-reading them.
+func (m *Manager) Close() error {
+	m.mu.Lock()
+	m.closed = true
+	dbs := make([]*DB, 0, len(m.dbs))
+	for _, d := range m.dbs {
+		dbs = append(dbs, d)
+	}
+	m.mu.Unlock()
+	var errs []error
+	for _, d := range dbs {
+		d.wg.Wait()
+		d.mu.Lock()
+		if err := d.closeLocked(); err != nil {
+			errs = append(errs, fmt.Errorf("%s: %w", d.rel, err))
+		}
+		d.mu.Unlock()
+	}
+	return errors.Join(errs...)
+}
+
+// DBs returns the databases being captured, sorted by path.
+func (m *Manager) DBs() []*DB {
+	m.mu.RLock()
+	defer m.mu.RUnlock()
+	out := make([]*DB, 0, len(m.dbs))
+	for _, d := range m.dbs {
+		out = append(out, d)
+	}
+	slices.SortFunc(out, func(a, b *DB) int { return strings.Compare(a.rel, b.rel) })
+	return out
+}
+
+// DB returns the database at rel, if it is being captured.
+func (m *Manager) DB(rel string) *DB {
+	m.mu.RLock()
+	defer m.mu.RUnlock()
+	return m.dbs[rel]
+}
+
+// SyncAll runs a capture pass over every database and waits for it.
+func (m *Manager) SyncAll() {
+	for _, d := range m.DBs() {
+		d.Sync()
+	}
+}
+
+// Opened is called when a file was opened or created through the mount,
+// before the open returns to the application.
+func (m *Manager) Opened(rel string, created bool) {
+	switch {
+	case strings.HasSuffix(rel, "-wal"):
+		m.walOpened(strings.TrimSuffix(rel, "-wal"))
+	case strings.HasSuffix(rel, "-journal") && !created:
+		// A journal that already existed is a persistent one.
+		m.noteRollback(strings.TrimSuffix(rel, "-journal"))
+	}
+}
+
+func (m *Manager) walOpened(rel string) {
+	m.mu.RLock()
+	d, closed := m.dbs[rel], m.closed
+	m.mu.RUnlock()
+	if closed {
+		return
+	}
+	if d != nil {
+		d.mu.Lock()
+		if d.status == statusGone {
+			d.status = statusTracking
+			d.needSnapshot("database file was created again")
+		} else {
+			d.walReappeared()
+		}
+		d.mu.Unlock()
+		d.kick()
+		return
+	}
+	if !isSQLite(filepath.Join(m.dataDir, rel)) {
+		return
+	}
+	m.mu.Lock()
+	if d = m.dbs[rel]; d != nil || m.closed {
+		m.mu.Unlock()
+		return
+	}
+	d = m.newDB(rel)
+	if err := d.openState(); err != nil {
+		m.mu.Unlock()
+		m.logger.Error("cannot capture database: state directory unusable", "db", rel, "err", err)
+		return
+	}
+	if err := d.writeState(stateFile{Path: rel}); err != nil {
+		m.logger.Error("cannot capture database: state directory unusable", "db", rel, "err", err)
+	}
+	m.dbs[rel] = d
+	m.mu.Unlock()
+	d.logger.Info("discovered database")
+	d.mu.Lock()
+	d.status, d.reason = statusNeedSnapshot, "new database"
+	d.mu.Unlock()
+	d.kick()
+}
+
+// walReappeared checks, when a database's WAL is opened again after being
+// removed, that nothing wrote the database file in between (a rollback
+// journal mode, or a process outside the mount).
+func (d *DB) walReappeared() {
+	if d.noWAL == nil {
+		return
+	}
+	now, err := statID(d.path)
+	was := d.noWAL
+	d.noWAL = nil
+	if d.status == statusRollback || err != nil || *now != *was {
+		d.status = statusTracking
+		d.needSnapshot("database file changed while it had no WAL")
+	}
+}
+
+// noteRollback logs once that a database uses a rollback journal and so is
+// not captured.
+func (m *Manager) noteRollback(rel string) {
+	path := filepath.Join(m.dataDir, rel)
+	if isWALMode(path) {
+		return
+	}
+	if d := m.DB(rel); d != nil {
+		d.mu.Lock()
+		if d.status != statusRollback && d.status != statusGone {
+			d.logger.Warn("database switched to a rollback journal: not replicated until it returns to WAL mode")
+			d.status, d.reason = statusRollback, "rollback journal"
+		}
+		d.mu.Unlock()
+		return
+	}
+	m.mu.Lock()
+	first := !m.noted[rel]
+	m.noted[rel] = true
+	m.mu.Unlock()
+	if first && isSQLite(path) {
+		m.logger.Warn("database uses a rollback journal: not replicated (switch it to WAL mode with PRAGMA journal_mode=WAL)", "db", rel)
+	}
+}
+
+// Modified is called when files under the mount were written.
+func (m *Manager) Modified(rel string) {
+	if !strings.HasSuffix(rel, "-wal") {
+		return
+	}
+	if d := m.DB(strings.TrimSuffix(rel, "-wal")); d != nil {
+		d.kick()
+	}
+}
+
+// dbFor returns the captured database a file belongs to, and whether the
+// file is its WAL.
+func (m *Manager) dbFor(rel string) (*DB, bool) {
+	if strings.HasSuffix(rel, "-wal") {
+		return m.DB(strings.TrimSuffix(rel, "-wal")), true
+	}
+	return m.DB(rel), false
+}
+
+// BeforeTruncate is called before a file is truncated (or opened with
+// O_TRUNC). For a database it captures first: SQLite truncates the database
+// file at the end of every checkpoint that copied the whole WAL, which is
+// the step that lets the next writer restart the WAL over frames.
+func (m *Manager) BeforeTruncate(rel string) func(ok bool) {
+	d, _ := m.dbFor(rel)
+	if d == nil {
+		m.journalEnded(rel)
+		return nil
+	}
+	release := d.Hold()
+	return func(bool) { release() }
+}
+
+// BeforeUnlink is called before a file is removed.
+func (m *Manager) BeforeUnlink(rel string) func(ok bool) {
+	d, isWAL := m.dbFor(rel)
+	if d == nil {
+		m.journalEnded(rel)
+		return nil
+	}
+	release := d.Hold()
+	return func(ok bool) {
+		if ok {
+			if isWAL {
+				d.noWAL, _ = statID(d.path)
+			} else {
+				d.gone("database file was deleted")
+			}
+		}
+		release()
+	}
+}
+
+// BeforeRename is called before a file is renamed (over newRel, if it
+// exists).
+func (m *Manager) BeforeRename(oldRel, newRel string) func(ok bool) {
+	src, srcWAL := m.dbFor(oldRel)
+	dst, dstWAL := m.dbFor(newRel)
+	if src == nil && dst == nil {
+		m.journalEnded(oldRel)
+		return nil
+	}
+	// Hold both in path order, so two renames cannot deadlock.
+	var releases []func()
+	for _, d := range sortedDBs(src, dst) {
+		releases = append(releases, d.Hold())
+	}
+	return func(ok bool) {
+		if ok {
+			if src != nil && !srcWAL {
+				src.gone("database file was renamed to " + newRel)
+			} else if src != nil {
+				src.noWAL, _ = statID(src.path)
+			}
+			if dst != nil && !dstWAL && dst != src {
+				dst.needSnapshot("database file was replaced by a rename")
+			}
+		}
+		for i := len(releases) - 1; i >= 0; i-- {
+			releases[i]()
+		}
+	}
+}
+
+func sortedDBs(a, b *DB) []*DB {
+	switch {
+	case a == nil && b == nil:
+		return nil
+	case a == nil || a == b:
+		return []*DB{b}
+	case b == nil:
+		return []*DB{a}
+	case a.rel < b.rel:
+		return []*DB{a, b}
+	}
+	return []*DB{b, a}
+}
+
+// journalEnded notices the end of a rollback-journal transaction (its
+// journal deleted or truncated) on a database not in WAL mode.
+func (m *Manager) journalEnded(rel string) {
+	if strings.HasSuffix(rel, "-journal") {
+		m.noteRollback(strings.TrimSuffix(rel, "-journal"))
+	}
+}
+
+func isSQLite(path string) bool {
+	b := readHead(path)
+	return walcapture.IsDBHeader(b)
+}
+
+func isWALMode(path string) bool {
+	return walcapture.DBHeaderWAL(readHead(path))
+}
+
+func readHead(path string) []byte {
+	f, err := os.Open(path)
+	if err != nil {
+		return nil
+	}
+	defer f.Close()
+	b := make([]byte, 100)
+	n, _ := io.ReadFull(f, b)
+	return b[:n]
+}
