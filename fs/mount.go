@@ -21,6 +21,7 @@ import (
 	"os"
 	"path"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"sync"
 	"syscall"
@@ -323,10 +324,37 @@ func ClearDeadMount(dir string) (bool, error) {
 	if _, err := os.ReadDir(real); !errors.Is(err, syscall.ENOTCONN) {
 		return false, nil
 	}
+	// A process that still has a file open there holds its locks on the
+	// dead mount's files; a new mount's files would not share them, and two
+	// writers could then corrupt a database.
+	if pids := holders(real); len(pids) > 0 {
+		return false, fmt.Errorf("mount point %s is the dead mount of a killed lfuse and processes %v still have files open in it: stop them first (their locks would not be shared with a new mount)", dir, pids)
+	}
 	if err := syscall.Unmount(real, syscall.MNT_DETACH); err != nil {
 		return false, fmt.Errorf("mount point %s is a dead lfuse mount and cannot be detached: %w", dir, err)
 	}
 	return true, nil
+}
+
+// holders returns the processes with a file open under dir.
+func holders(dir string) []int {
+	procs, _ := os.ReadDir("/proc")
+	var pids []int
+	for _, p := range procs {
+		pid, err := strconv.Atoi(p.Name())
+		if err != nil || pid == os.Getpid() {
+			continue
+		}
+		fds, _ := os.ReadDir(filepath.Join("/proc", p.Name(), "fd"))
+		for _, fd := range fds {
+			target, err := os.Readlink(filepath.Join("/proc", p.Name(), "fd", fd.Name()))
+			if err == nil && within(strings.TrimSuffix(target, " (deleted)"), dir) {
+				pids = append(pids, pid)
+				break
+			}
+		}
+	}
+	return pids
 }
 
 // within reports whether p is dir or below it.

@@ -110,6 +110,12 @@ func (m *Manager) newDB(rel string) *DB {
 	}
 }
 
+// LogDir is where the local log of the database at rel (relative to the
+// mount root) lives under stateDir.
+func LogDir(stateDir, rel string) string {
+	return filepath.Join(stateDir, "dbs", stateName(rel), "log")
+}
+
 // stateName maps a database path to one directory name.
 func stateName(rel string) string {
 	name := strings.NewReplacer("%", "%25", "/", "%2F").Replace(rel)
