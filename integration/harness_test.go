@@ -378,6 +378,18 @@ func checkpointTruncate(t testing.TB, path string) {
 	}
 }
 
+// exitCode returns a finished worker's exit code.
+func (w *workerProc) exitCode() int {
+	var ee *exec.ExitError
+	if errors.As(w.err, &ee) {
+		return ee.ExitCode()
+	}
+	if w.err != nil {
+		return -1
+	}
+	return 0
+}
+
 // worker processes: the test binary re-executed, so several real processes
 // use one database through the mount.
 
@@ -385,18 +397,18 @@ const workerEnv = "LFUSE_TEST_WORKER"
 
 type workerProc struct {
 	cmd  *exec.Cmd
-	out  bytes.Buffer
+	out  *lineLog
 	done chan struct{}
 	err  error
 }
 
 func startWorker(t testing.TB, mode string, env ...string) *workerProc {
 	t.Helper()
-	w := &workerProc{done: make(chan struct{})}
+	w := &workerProc{done: make(chan struct{}), out: newLineLog()}
 	w.cmd = exec.Command(os.Args[0], "-test.run=^$")
 	w.cmd.Env = append(os.Environ(), append([]string{workerEnv + "=" + mode}, env...)...)
-	w.cmd.Stdout = &w.out
-	w.cmd.Stderr = &w.out
+	w.cmd.Stdout = w.out
+	w.cmd.Stderr = w.out
 	if err := w.cmd.Start(); err != nil {
 		t.Fatal(err)
 	}
@@ -428,11 +440,11 @@ func (w *workerProc) wait(t testing.TB, timeout time.Duration) error {
 // process using the database.
 func startCLI(t testing.TB, path, script string) *workerProc {
 	t.Helper()
-	w := &workerProc{done: make(chan struct{})}
+	w := &workerProc{done: make(chan struct{}), out: newLineLog()}
 	w.cmd = exec.CommandContext(context.Background(), "sqlite3", "-bail", path)
 	w.cmd.Stdin = strings.NewReader(".timeout 20000\n" + script)
-	w.cmd.Stdout = &w.out
-	w.cmd.Stderr = &w.out
+	w.cmd.Stdout = w.out
+	w.cmd.Stderr = w.out
 	if err := w.cmd.Start(); err != nil {
 		t.Fatal(err)
 	}

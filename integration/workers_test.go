@@ -50,6 +50,9 @@ func runWorker(mode string) int {
 			if err := transfer(db, rng, name, i); err != nil {
 				return fail(fmt.Errorf("transfer %d: %w", i, err))
 			}
+			if i%500 == 499 {
+				fmt.Printf("committed %d\n", i+1)
+			}
 			if ckpt > 0 && i%ckpt == ckpt-1 {
 				mode := checkpointModes[(i/ckpt)%len(checkpointModes)]
 				if _, err := db.Exec("PRAGMA wal_checkpoint(" + mode + ")"); err != nil {
