@@ -32,6 +32,9 @@ INSERT INTO accounts SELECT i, 1000 FROM s;
 `
 
 func runWorker(mode string) int {
+	if mode == "lock-holder" {
+		return runLockHolder()
+	}
 	n, _ := strconv.Atoi(os.Getenv("N"))
 	seed, _ := strconv.ParseInt(os.Getenv("SEED"), 10, 64)
 	rng := rand.New(rand.NewSource(seed))
