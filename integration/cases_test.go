@@ -256,4 +256,3 @@ func lastTXID(t *testing.T, e *env, rel string) ltx.TXID {
 	}
 	return rec.TXID()
 }
-

@@ -131,7 +131,7 @@ func (d *DB) Sync() {
 // database is marked as needing a snapshot instead.
 func (d *DB) Hold() (release func()) {
 	d.mu.Lock()
-	if d.status == statusTracking {
+	if d.status == statusTracking && d.log != nil {
 		if err := d.captureLocked(); err != nil {
 			d.needSnapshot(fmt.Sprintf("capture failed before frames could be overwritten: %v", err))
 		}
@@ -140,13 +140,22 @@ func (d *DB) Hold() (release func()) {
 }
 
 func (d *DB) syncLocked() {
+	if d.failing && time.Now().Before(d.retryAt) {
+		return // the retry timer comes back; WAL frames wait in the WAL
+	}
+	if d.log == nil {
+		if d.status == statusGone {
+			return
+		}
+		if err := d.openState(); err != nil {
+			d.fail(fmt.Errorf("state directory: %w", err))
+			return
+		}
+	}
 	switch d.status {
 	case statusGone, statusRollback:
 		return
 	case statusNeedSnapshot:
-		if time.Now().Before(d.retryAt) {
-			return
-		}
 		if err := d.snapshotLocked(); err != nil {
 			d.fail(err)
 		}
@@ -212,7 +221,6 @@ func (d *DB) needSnapshot(reason string) {
 		d.logger.Warn("database needs a new snapshot", "reason", reason)
 	}
 	d.status, d.reason = statusNeedSnapshot, reason
-	d.retryAt = time.Time{}
 }
 
 // fail logs the first error of an outage and schedules a retry.
@@ -220,8 +228,10 @@ func (d *DB) fail(err error) {
 	if !d.failing {
 		d.logger.Error("capture failed; will retry", "err", err)
 		d.failing = true
+	} else {
+		d.logger.Debug("capture still failing", "err", err)
 	}
-	d.backoff = min(max(2*d.backoff, time.Second), time.Minute)
+	d.backoff = min(max(2*d.backoff, time.Second), 30*time.Second)
 	d.retryAt = time.Now().Add(d.backoff)
 	if !d.retrying {
 		d.retrying = true

@@ -80,20 +80,21 @@ func (m *Manager) Open(ctx context.Context) error {
 			continue
 		}
 		d := m.newDB(st.Path)
-		if err := d.openState(); err != nil {
-			return fmt.Errorf("open state of %s: %w", st.Path, err)
-		}
 		d.mu.Lock()
-		err = d.recoverLocked()
-		if err == nil && d.status == statusNeedSnapshot {
-			if serr := d.snapshotLocked(); serr != nil {
-				d.fail(serr)
+		if err := d.openState(); err != nil {
+			// Capture catches up with a snapshot once the state
+			// directory works again; the application is not held up.
+			d.status, d.reason = statusNeedSnapshot, "state directory unusable"
+			d.fail(fmt.Errorf("open state: %w", err))
+		} else if err := d.recoverLocked(); err != nil {
+			d.needSnapshot(fmt.Sprintf("recovery failed: %v", err))
+			d.fail(err)
+		} else if d.status == statusNeedSnapshot {
+			if err := d.snapshotLocked(); err != nil {
+				d.fail(err)
 			}
 		}
 		d.mu.Unlock()
-		if err != nil {
-			return fmt.Errorf("recover %s: %w", st.Path, err)
-		}
 		m.mu.Lock()
 		m.dbs[st.Path] = d
 		m.mu.Unlock()
@@ -214,14 +215,6 @@ func (m *Manager) walOpened(rel string) {
 		return
 	}
 	d = m.newDB(rel)
-	if err := d.openState(); err != nil {
-		m.mu.Unlock()
-		m.logger.Error("cannot capture database: state directory unusable", "db", rel, "err", err)
-		return
-	}
-	if err := d.writeState(stateFile{Path: rel}); err != nil {
-		m.logger.Error("cannot capture database: state directory unusable", "db", rel, "err", err)
-	}
 	m.dbs[rel] = d
 	m.mu.Unlock()
 	d.logger.Info("discovered database")

@@ -21,6 +21,11 @@ func (d *DB) openState() error {
 	if err := os.MkdirAll(d.dir, 0o700); err != nil {
 		return err
 	}
+	if _, err := os.Stat(d.statePath()); errors.Is(err, os.ErrNotExist) {
+		if err := d.writeState(stateFile{Path: d.rel}); err != nil {
+			return err
+		}
+	}
 	logDir := filepath.Join(d.dir, "log")
 	l, err := OpenLog(logDir)
 	if err != nil {
@@ -35,12 +40,15 @@ func (d *DB) openState() error {
 	}
 	d.log = l
 	s, err := OpenSums(filepath.Join(d.dir, "sums"))
-	if err != nil {
+	if errors.Is(err, errNotSums) {
 		d.logger.Warn("page checksum table is unreadable; rebuilding it", "err", err)
 		os.Remove(filepath.Join(d.dir, "sums"))
-		if s, err = OpenSums(filepath.Join(d.dir, "sums")); err != nil {
-			return err
-		}
+		s, err = OpenSums(filepath.Join(d.dir, "sums"))
+	}
+	if err != nil {
+		l.Close()
+		d.log = nil
+		return err
 	}
 	d.sums = s
 	return nil

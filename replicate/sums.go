@@ -28,10 +28,12 @@ type Sums struct {
 	txid  ltx.TXID
 }
 
+var errNotSums = errors.New("not a page checksum table")
+
 const (
-	sumsHeader = 64
-	sumsMagic  = "LFUSESUMS1\x00\x00"
-	sumsGrow   = 1 << 20 // entries added per growth step, in bytes
+	sumsHeader  = 64
+	sumsMagic   = "LFUSESUMS1\x00\x00"
+	sumsMinGrow = 64 << 10 // the table grows at least this much, at most doubling
 )
 
 // OpenSums opens or creates the table at path.
@@ -47,7 +49,7 @@ func OpenSums(path string) (*Sums, error) {
 		return nil, err
 	}
 	if st.Size() < sumsHeader {
-		if err := s.remap(sumsHeader + sumsGrow); err != nil {
+		if err := s.remap(sumsHeader + sumsMinGrow); err != nil {
 			f.Close()
 			return nil, err
 		}
@@ -60,7 +62,7 @@ func OpenSums(path string) (*Sums, error) {
 	}
 	if string(s.m[:len(sumsMagic)]) != sumsMagic {
 		s.Close()
-		return nil, fmt.Errorf("%s: not a page checksum table", path)
+		return nil, fmt.Errorf("%s: %w", path, errNotSums)
 	}
 	s.txid = ltx.TXID(binary.BigEndian.Uint64(s.m[16:]))
 	s.n = binary.BigEndian.Uint32(s.m[24:])
@@ -79,7 +81,10 @@ func (s *Sums) remap(size int64) error {
 		}
 		s.m = nil
 	}
-	if err := s.f.Truncate(size); err != nil {
+	// Allocate the blocks now: a store into a mapped page that the
+	// filesystem cannot back (a full disk) would kill the process with
+	// SIGBUS instead of returning an error.
+	if err := unix.Fallocate(int(s.f.Fd()), 0, 0, size); err != nil {
 		return fmt.Errorf("grow page checksum table: %w", err)
 	}
 	m, err := unix.Mmap(int(s.f.Fd()), 0, int(size), unix.PROT_READ|unix.PROT_WRITE, unix.MAP_SHARED)
@@ -111,7 +116,10 @@ func (s *Sums) put(pgno uint32, sum ltx.Checksum) {
 // resize sets the page count, zeroing pages dropped or added.
 func (s *Sums) resize(n uint32) error {
 	if need := sumsHeader + int64(n)*8; need > int64(len(s.m)) {
-		if err := s.remap((need/sumsGrow + 1) * sumsGrow); err != nil {
+		size := max(need, 2*int64(len(s.m)))
+		size = min(size, need+64<<20)
+		size = (size + sumsMinGrow - 1) / sumsMinGrow * sumsMinGrow
+		if err := s.remap(size); err != nil {
 			return err
 		}
 	}
