@@ -64,7 +64,12 @@ type Options struct {
 	// AttrTimeout is how long the kernel may cache names and attributes.
 	// Only changes made outside the mount can make them stale.
 	AttrTimeout time.Duration
-	Debug       bool
+	// XAttrs serves extended attributes. Off, the kernel stops asking for
+	// them — including the security.capability lookup it makes before
+	// every write, two round trips per SQLite transaction — and xattr
+	// calls fail with EOPNOTSUPP.
+	XAttrs bool
+	Debug  bool
 }
 
 // Mount is a mounted lfuse filesystem.
@@ -132,15 +137,16 @@ func New(opts Options) (*Mount, error) {
 
 	timeout := opts.AttrTimeout
 	mo := fuse.MountOptions{
-		FsName:       opts.DataDir,
-		Name:         "lfuse",
-		AllowOther:   os.Geteuid() == 0,
-		Options:      []string{"default_permissions"},
-		DirectMount:  true,
-		MaxReadAhead: 512 << 10,
-		MaxWrite:     1 << 20,
-		Debug:        opts.Debug,
-		Logger:       log.New(slogWriter{opts.Logger}, "", 0),
+		FsName:        opts.DataDir,
+		Name:          "lfuse",
+		AllowOther:    os.Geteuid() == 0,
+		Options:       []string{"default_permissions"},
+		DirectMount:   true,
+		MaxReadAhead:  512 << 10,
+		MaxWrite:      1 << 20,
+		DisableXAttrs: !opts.XAttrs,
+		Debug:         opts.Debug,
+		Logger:        log.New(slogWriter{opts.Logger}, "", 0),
 	}
 	raw := gofs.NewNodeFS(rootNode, &gofs.Options{
 		EntryTimeout:    &timeout,

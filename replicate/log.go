@@ -38,6 +38,7 @@ type Log struct {
 	seg     *os.File // segment being appended to, nil until the first append after a snapshot
 	segFrom ltx.TXID
 	segSize int64
+	bw      *bufio.Writer // reused for every record
 }
 
 // Record describes one LTX file in the log.
@@ -152,7 +153,11 @@ func (l *Log) Append(write func(w io.Writer) error) (Record, error) {
 		return Record{}, l.cut(start, fmt.Errorf("write to local log: %w", err))
 	}
 	cw := &countingWriter{w: io.NewOffsetWriter(l.seg, start+8)}
-	bw := bufio.NewWriterSize(cw, 64<<10)
+	if l.bw == nil {
+		l.bw = bufio.NewWriterSize(cw, 64<<10)
+	}
+	bw := l.bw
+	bw.Reset(cw)
 	hw := &headTrailWriter{w: bw}
 	if err := write(hw); err != nil {
 		return Record{}, l.cut(start, err)

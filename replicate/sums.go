@@ -113,8 +113,9 @@ func (s *Sums) put(pgno uint32, sum ltx.Checksum) {
 	binary.BigEndian.PutUint64(s.m[sumsHeader+int64(pgno-1)*8:], uint64(sum))
 }
 
-// resize sets the page count, zeroing pages dropped or added.
-func (s *Sums) resize(n uint32) error {
+// Reserve makes room for n pages, so that recording a transaction of that
+// size cannot fail for lack of space.
+func (s *Sums) Reserve(n uint32) error {
 	if need := sumsHeader + int64(n)*8; need > int64(len(s.m)) {
 		size := max(need, 2*int64(len(s.m)))
 		size = min(size, need+64<<20)
@@ -122,6 +123,14 @@ func (s *Sums) resize(n uint32) error {
 		if err := s.remap(size); err != nil {
 			return err
 		}
+	}
+	return nil
+}
+
+// resize sets the page count, zeroing pages dropped or added.
+func (s *Sums) resize(n uint32) error {
+	if err := s.Reserve(n); err != nil {
+		return err
 	}
 	for p := n + 1; p <= s.n; p++ {
 		s.total ^= s.Get(p) &^ ltx.ChecksumFlag

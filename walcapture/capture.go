@@ -83,6 +83,17 @@ type partialTxn struct {
 	first  []byte
 }
 
+// Mark returns the Capturer's state, to Rewind to if what Scan emitted
+// since could not be stored.
+func (c *Capturer) Mark() Capturer {
+	m := *c
+	m.partial = nil
+	return m
+}
+
+// Rewind returns to a state from Mark.
+func (c *Capturer) Rewind(m Capturer) { *c = m }
+
 // Pos returns the current capture position.
 func (c *Capturer) Pos() Pos {
 	if !c.hasHdr {
@@ -276,7 +287,7 @@ func (c *Capturer) scanFrames(r io.ReaderAt, emit func(Txn) error) (int, error) 
 		}
 		emitted++
 		c.next, c.s1, c.s2 = off, s1, s2
-		c.lastOff, c.lastFirst = txnStart, append(c.lastFirst[:0], first...)
+		c.lastOff, c.lastFirst = txnStart, slices.Clone(first)
 		txnStart = off
 		clear(pages)
 	}

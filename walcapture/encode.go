@@ -34,12 +34,13 @@ type Update struct {
 
 func rawSum(c ltx.Checksum) ltx.Checksum { return c &^ ltx.ChecksumFlag }
 
-// EncodeTxn writes t as one LTX file with TXID id, reading page images from
-// the log wal, and returns how it changes sums. sums is not modified: the
-// caller applies the Update once the LTX file is safely stored.
-func EncodeTxn(w io.Writer, wal io.ReaderAt, t Txn, sums PageSums, id ltx.TXID, ts time.Time) (Update, error) {
-	if id <= 1 {
-		return Update{}, fmt.Errorf("transaction id %d: TXID 1 is reserved for snapshots", id)
+// EncodeTxn writes t as one LTX file with TXIDs minID..maxID (one per
+// commit t holds, see Merge), reading page images from the log wal, and
+// returns how it changes sums. sums is not modified: the caller applies the
+// Update once the LTX file is safely stored.
+func EncodeTxn(w io.Writer, wal io.ReaderAt, t Txn, sums PageSums, minID, maxID ltx.TXID, ts time.Time) (Update, error) {
+	if minID <= 1 || maxID < minID {
+		return Update{}, fmt.Errorf("transaction ids %d-%d: TXID 1 is reserved for snapshots", minID, maxID)
 	}
 	pre := sums.Total()
 	enc, err := ltx.NewEncoder(w)
@@ -50,8 +51,8 @@ func EncodeTxn(w io.Writer, wal io.ReaderAt, t Txn, sums PageSums, id ltx.TXID, 
 		Version:          ltx.Version,
 		PageSize:         t.Header.PageSize,
 		Commit:           t.Commit,
-		MinTXID:          id,
-		MaxTXID:          id,
+		MinTXID:          minID,
+		MaxTXID:          maxID,
 		Timestamp:        ts.UnixMilli(),
 		PreApplyChecksum: pre,
 		WALOffset:        t.Offset,
@@ -86,6 +87,35 @@ func EncodeTxn(w io.Writer, wal io.ReaderAt, t Txn, sums PageSums, id ltx.TXID, 
 		return Update{}, fmt.Errorf("finish LTX file: %w", err)
 	}
 	return u, nil
+}
+
+// Merge combines consecutive transactions of one log generation into one:
+// the final image of every page any of them changed, and the last one's
+// commit size. Committing them one after the other and committing the merge
+// leave the database the same.
+func Merge(txns []Txn) Txn {
+	if len(txns) == 1 {
+		return txns[0]
+	}
+	first, last := txns[0], txns[len(txns)-1]
+	pages := make(map[uint32]int64)
+	for _, t := range txns {
+		for pgno := range pages {
+			if pgno > t.Commit {
+				delete(pages, pgno)
+			}
+		}
+		for _, p := range t.Pages {
+			pages[p.Pgno] = p.Offset
+		}
+	}
+	return Txn{
+		Header: first.Header,
+		Offset: first.Offset,
+		Size:   last.End() - first.Offset,
+		Commit: last.Commit,
+		Pages:  sortedPages(pages, last.Commit, first.Header.PageSize),
+	}
 }
 
 func readFull(r io.ReaderAt, b []byte, off int64) error {

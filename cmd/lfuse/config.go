@@ -20,6 +20,7 @@ type Config struct {
 	DataDir     string        `toml:"data-dir"`
 	StateDir    string        `toml:"state-dir"`
 	Passthrough string        `toml:"passthrough"`
+	XAttrs      bool          `toml:"xattrs"`
 	Log         LogConfig     `toml:"log"`
 	Metrics     MetricsConfig `toml:"metrics"`
 }

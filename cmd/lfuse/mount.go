@@ -32,6 +32,7 @@ func runMount(args []string, stderr io.Writer) error {
 	dataDir := fl.String("data", "", "backing directory that holds the databases (data-dir)")
 	stateDir := fl.String("state", "", "lfuse's own state (state-dir; default DATA/.lfuse, hidden from the mount)")
 	passthrough := fl.String("passthrough", "", "kernel passthrough: auto, on or off (passthrough; default auto)")
+	xattrs := fl.Bool("xattrs", false, "serve extended attributes (xattrs; costs two round trips per write transaction)")
 	metricsAddr := fl.String("metrics-addr", "", "serve Prometheus metrics on this address, e.g. 127.0.0.1:9090 (metrics.addr)")
 	logLevel := fl.String("log-level", "", "debug, info, warn or error (log.level; default info)")
 	logFormat := fl.String("log-format", "", "text or json (log.format; default text)")
@@ -70,6 +71,9 @@ func runMount(args []string, stderr io.Writer) error {
 	override("state", &cfg.StateDir, *stateDir)
 	override("passthrough", &cfg.Passthrough, *passthrough)
 	override("metrics-addr", &cfg.Metrics.Addr, *metricsAddr)
+	if set["xattrs"] {
+		cfg.XAttrs = *xattrs
+	}
 	override("log-level", &cfg.Log.Level, *logLevel)
 	override("log-format", &cfg.Log.Format, *logFormat)
 	if cfg.MountDir == "" {
@@ -128,6 +132,7 @@ func mount(cfg Config, logger *slog.Logger, debugFUSE bool) error {
 		MountDir:    mountDir,
 		Hide:        hide,
 		Passthrough: cfg.Passthrough,
+		XAttrs:      cfg.XAttrs,
 		Observer:    mgr,
 		Logger:      logger,
 		Debug:       debugFUSE,
