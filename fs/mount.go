@@ -4,13 +4,15 @@
 // databases: files opened, files written, and — before they happen — the
 // truncations, unlinks and renames that could destroy WAL frames.
 //
-// Where the kernel supports it (Linux 6.9+, CAP_SYS_ADMIN), every regular
-// file is opened in kernel passthrough mode: reads, writes and mmap go
-// straight to the backing file without a round trip to this process, and
-// writes are noticed through inotify on the backing directory instead.
-// Otherwise files are served through this process and the kernel page cache
-// (the "cached" mode). POSIX and BSD locks stay in the kernel in both modes,
-// which gives every process using the mount the same lock table.
+// Where the kernel supports it (Linux 6.9+, CAP_SYS_ADMIN), SQLite's WAL and
+// shared-memory files are opened in kernel passthrough mode: reads, writes
+// and mmap go straight to the backing file without a round trip to this
+// process, and WAL writes are noticed through inotify on the backing
+// directory instead. Other files, database files among them, are served
+// through this process and the kernel page cache (the "cached" mode, which is
+// also the fallback for everything). POSIX and BSD locks stay in the kernel
+// in both modes, which gives every process using the mount the same lock
+// table.
 package fs
 
 import (
@@ -172,7 +174,7 @@ func New(opts Options) (*Mount, error) {
 	reason := m.probePassthrough()
 	switch {
 	case m.passthrough:
-		opts.Logger.Info("kernel passthrough on: file data bypasses lfuse")
+		opts.Logger.Info("kernel passthrough on for WAL, shared-memory and journal files; other files through the page cache")
 	case opts.Passthrough == PassthroughOn:
 		_ = m.Unmount()
 		return nil, fmt.Errorf("kernel passthrough was required but is unavailable: %s", reason)
@@ -250,14 +252,35 @@ func (m *Mount) Requests() map[string]uint64 { return m.counts.snapshot() }
 
 // fileHandle picks, for a newly opened file, kernel passthrough or the
 // cached path through this process.
-func (m *Mount) fileHandle(fh gofs.FileHandle, flags uint32) (gofs.FileHandle, uint32) {
+//
+// Only SQLite's WAL, shared-memory and journal files use passthrough. The
+// database file itself goes through the page cache: with passthrough, every
+// read marks the inode's atime stale and SQLite's fstat at the start of each
+// read transaction then costs a round trip (point reads measured 0.3x
+// native), while cached reads never reach lfuse. The choice depends on the
+// name only, so every open of an inode agrees (the kernel refuses a cached
+// open of an inode open in passthrough mode).
+func (m *Mount) fileHandle(n *node, rel string, fh gofs.FileHandle, flags uint32) (gofs.FileHandle, uint32) {
 	lf, ok := fh.(*gofs.LoopbackFile)
-	if !ok || m.passthrough {
+	if !ok {
 		return fh, flags
 	}
-	// Nothing changes the backing files but this mount, so the page
-	// cache stays valid across opens.
-	return cachedFile{lf}, flags | fuse.FOPEN_KEEP_CACHE
+	if m.passthrough && sidecar(rel) {
+		n.passthroughSeen.Store(true)
+		return &file{LoopbackFile: lf, passthrough: true}, flags
+	}
+	if !n.passthroughSeen.Load() {
+		// Nothing changes the backing file but this mount, so the page
+		// cache stays valid across opens.
+		flags |= fuse.FOPEN_KEEP_CACHE
+	}
+	return &file{LoopbackFile: lf}, flags
+}
+
+// sidecar reports whether a file is one of SQLite's WAL, shared-memory or
+// rollback journal files.
+func sidecar(rel string) bool {
+	return strings.HasSuffix(rel, "-wal") || strings.HasSuffix(rel, "-shm") || strings.HasSuffix(rel, "-journal")
 }
 
 // opened reports an open to the Observer, first watching the directory of a

@@ -3,7 +3,10 @@ package fs
 import (
 	"context"
 	"path"
+	"sync/atomic"
 	"syscall"
+
+	"golang.org/x/sys/unix"
 
 	gofs "github.com/hanwen/go-fuse/v2/fs"
 	"github.com/hanwen/go-fuse/v2/fuse"
@@ -16,6 +19,11 @@ import (
 type node struct {
 	gofs.LoopbackNode
 	m *Mount
+
+	// passthroughSeen is set once the file was opened in passthrough mode:
+	// its writes then bypassed the kernel's page cache for this inode, so
+	// that cache must not be kept across a later cached open.
+	passthroughSeen atomic.Bool
 }
 
 var (
@@ -71,7 +79,7 @@ func (n *node) Open(ctx context.Context, flags uint32) (gofs.FileHandle, uint32,
 	if errno != 0 {
 		return nil, 0, errno
 	}
-	fh, fl = n.m.fileHandle(fh, fl)
+	fh, fl = n.m.fileHandle(n, rel, fh, fl)
 	n.m.opened(rel, false)
 	return fh, fl, 0
 }
@@ -92,7 +100,7 @@ func (n *node) Create(ctx context.Context, name string, flags, mode uint32, out 
 	if errno != 0 {
 		return nil, nil, 0, errno
 	}
-	fh, fl = n.m.fileHandle(fh, fl)
+	fh, fl = n.m.fileHandle(in.Operations().(*node), rel, fh, fl)
 	n.m.opened(rel, true)
 	return in, fh, fl, 0
 }
@@ -177,14 +185,40 @@ func (n *node) Link(ctx context.Context, target gofs.InodeEmbedder, name string,
 	return n.LoopbackNode.Link(ctx, target, name, out)
 }
 
-// cachedFile is an open file served through the daemon and the kernel's
-// page cache, for when kernel passthrough is unavailable or turned off.
-type cachedFile struct {
+// file is an open file. In passthrough mode the kernel reads and writes the
+// backing file directly; otherwise data goes through lfuse and the kernel's
+// page cache.
+type file struct {
 	*gofs.LoopbackFile
+	passthrough bool
 }
 
-// PassthroughFd declines kernel passthrough for this file.
-func (cachedFile) PassthroughFd() (int, bool) { return 0, false }
+// PassthroughFd hands the backing file to the kernel, or declines to.
+func (f *file) PassthroughFd() (int, bool) {
+	if !f.passthrough {
+		return 0, false
+	}
+	return f.LoopbackFile.PassthroughFd()
+}
+
+// Fsync honours fdatasync, which SQLite uses on Linux; a full fsync also
+// commits the metadata every write changed, which costs a journal commit.
+func (f *file) Fsync(ctx context.Context, flags uint32) syscall.Errno {
+	fd, ok := f.LoopbackFile.PassthroughFd()
+	if !ok {
+		return syscall.EBADF
+	}
+	var err error
+	if flags&fsyncDataOnly != 0 {
+		err = unix.Fdatasync(fd)
+	} else {
+		err = unix.Fsync(fd)
+	}
+	return gofs.ToErrno(err)
+}
+
+// fsyncDataOnly is FUSE_FSYNC_FDATASYNC.
+const fsyncDataOnly = 1
 
 // hidingDir is the root directory's listing without lfuse's state directory.
 type hidingDir struct {

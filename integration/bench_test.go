@@ -250,7 +250,7 @@ func BenchmarkColdScan(b *testing.B) {
 			defer tg.stop()
 			path := filepath.Join(tg.dir, "scan.db")
 			db := benchOpen(b, path)
-			defer db.Close()
+			defer func() { db.Close() }()
 			var n int
 			db.QueryRow("SELECT count(*) FROM t").Scan(&n)
 			const rowSize = 1000

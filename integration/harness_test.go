@@ -35,7 +35,12 @@ func TestMain(m *testing.M) {
 		os.Exit(1)
 	}
 	lfuseBin = filepath.Join(dir, "lfuse")
-	build := exec.Command("go", "build", "-o", lfuseBin, "../cmd/lfuse")
+	args := []string{"build", "-o", lfuseBin}
+	if os.Getenv("LFUSE_RACE") == "1" {
+		// The daemon under test runs with the race detector.
+		args = append(args, "-race")
+	}
+	build := exec.Command("go", append(args, "../cmd/lfuse")...)
 	build.Stdout, build.Stderr = os.Stderr, os.Stderr
 	if err := build.Run(); err != nil {
 		fmt.Fprintln(os.Stderr, "build lfuse:", err)

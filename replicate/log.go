@@ -63,6 +63,16 @@ func OpenLog(dir string) (*Log, error) {
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return nil, err
 	}
+	return openLog(dir, true)
+}
+
+// ReadLog opens the log in dir for reading only, as it is now (lfuse may be
+// appending to it): an unfinished record at the end is left alone.
+func ReadLog(dir string) (*Log, error) {
+	return openLog(dir, false)
+}
+
+func openLog(dir string, repair bool) (*Log, error) {
 	l := &Log{dir: dir}
 	snaps, segs, err := l.files()
 	if err != nil {
@@ -84,12 +94,14 @@ func OpenLog(dir string) (*Log, error) {
 		if from != l.last.TXID()+1 {
 			return nil, fmt.Errorf("segment %s does not follow TXID %s", from, l.last.TXID())
 		}
-		last, size, err := scanSegment(l.segmentPath(from), true)
+		last, size, err := scanSegment(l.segmentPath(from), repair)
 		if err != nil {
 			return nil, err
 		}
 		if size == 0 {
-			_ = os.Remove(l.segmentPath(from))
+			if repair {
+				_ = os.Remove(l.segmentPath(from))
+			}
 			break
 		}
 		l.last = last
@@ -324,7 +336,11 @@ func (l *Log) Each(after ltx.TXID, fn func(rec Record, r io.Reader) error) error
 // framed by their lengths; the last one is also decoded whole, since a crash
 // can leave it with a length but without all of its bytes on disk.
 func scanSegment(path string, repair bool) (Record, int64, error) {
-	f, err := os.OpenFile(path, os.O_RDWR, 0)
+	flag := os.O_RDONLY
+	if repair {
+		flag = os.O_RDWR
+	}
+	f, err := os.OpenFile(path, flag, 0)
 	if err != nil {
 		return Record{}, 0, err
 	}

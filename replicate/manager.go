@@ -56,29 +56,15 @@ func NewManager(dataDir, stateDir string, logger *slog.Logger) *Manager {
 // continues its local log, capturing what its WAL still holds. It must run
 // before the mount serves the application.
 func (m *Manager) Open(ctx context.Context) error {
-	dbsDir := filepath.Join(m.stateDir, "dbs")
-	ents, err := os.ReadDir(dbsDir)
-	if errors.Is(err, os.ErrNotExist) {
-		return nil
-	} else if err != nil {
-		return fmt.Errorf("read state directory: %w", err)
+	rels, err := Databases(m.stateDir)
+	if err != nil {
+		return err
 	}
-	for _, e := range ents {
+	for _, rel := range rels {
 		if err := ctx.Err(); err != nil {
 			return err
 		}
-		if !e.IsDir() {
-			continue
-		}
-		b, err := os.ReadFile(filepath.Join(dbsDir, e.Name(), "state.json"))
-		if err != nil {
-			continue
-		}
-		var st stateFile
-		if err := json.Unmarshal(b, &st); err != nil || st.Path == "" || !filepath.IsLocal(st.Path) {
-			m.logger.Warn("ignoring unreadable database state", "dir", filepath.Join(dbsDir, e.Name()))
-			continue
-		}
+		st := stateFile{Path: rel}
 		d := m.newDB(st.Path)
 		d.mu.Lock()
 		if err := d.openState(); err != nil {
@@ -109,6 +95,36 @@ func (m *Manager) newDB(rel string) *DB {
 		dir:    filepath.Join(m.stateDir, "dbs", stateName(rel)),
 		logger: m.logger.With("db", rel),
 	}
+}
+
+// Databases lists the databases that have state under stateDir, by their
+// path relative to the mount root.
+func Databases(stateDir string) ([]string, error) {
+	dbsDir := filepath.Join(stateDir, "dbs")
+	ents, err := os.ReadDir(dbsDir)
+	if errors.Is(err, os.ErrNotExist) {
+		return nil, nil
+	} else if err != nil {
+		return nil, fmt.Errorf("read state directory: %w", err)
+	}
+	var rels []string
+	for _, e := range ents {
+		if !e.IsDir() {
+			continue
+		}
+		b, err := os.ReadFile(filepath.Join(dbsDir, e.Name(), "state.json"))
+		if err != nil {
+			continue
+		}
+		var st stateFile
+		if err := json.Unmarshal(b, &st); err != nil || st.Path == "" || !filepath.IsLocal(st.Path) {
+			slog.Warn("ignoring unreadable database state", "dir", filepath.Join(dbsDir, e.Name()))
+			continue
+		}
+		rels = append(rels, st.Path)
+	}
+	slices.Sort(rels)
+	return rels, nil
 }
 
 // LogDir is where the local log of the database at rel (relative to the

@@ -23,6 +23,7 @@ const usage = `lfuse keeps every committed SQLite transaction of an application,
 
 Usage:
   lfuse mount [flags] MOUNTPOINT   serve the data directory at MOUNTPOINT and capture its databases
+  lfuse log [flags] [DATABASE...]  list the transactions captured so far
   lfuse version                    print the version
 
 Run 'lfuse COMMAND -h' for a command's flags.
@@ -44,6 +45,8 @@ func run(args []string, stdout, stderr io.Writer) int {
 	switch args[0] {
 	case "mount":
 		err = runMount(args[1:], stderr)
+	case "log":
+		err = runLog(args[1:], stdout, stderr)
 	case "version", "-version", "--version":
 		fmt.Fprintln(stdout, versionString())
 		return 0

@@ -1,0 +1,43 @@
+# lfuse — see README.md. The two commands a newcomer needs:
+#   make demo   build lfuse and watch it capture a SQLite database on a demo directory
+#   make test   install what the tests need and run them all
+
+GO ?= go
+BIN := bin/lfuse
+
+.PHONY: build demo test deps unit integration fuzz bench clean
+
+build:
+	$(GO) build -o $(BIN) ./cmd/lfuse
+
+demo: deps build
+	./scripts/demo.sh
+
+# Packages the tests use: fuse3 (fusermount3), the sqlite3 shell.
+deps:
+	./scripts/deps.sh
+
+test: deps
+	$(GO) vet ./...
+	$(MAKE) unit integration fuzz
+
+# Packages with goroutines run under the race detector.
+unit:
+	$(GO) test -race -count=1 ./walcapture/... ./replicate/... ./fs/... ./cmd/...
+
+# Real mounts: needs root and /dev/fuse (skipped otherwise, unless
+# LFUSE_REQUIRE_FUSE=1). The lfuse binary under test is built with -race.
+integration:
+	LFUSE_RACE=1 $(GO) test -count=1 -timeout 30m ./integration/...
+
+fuzz:
+	$(GO) test -run '^$$' -fuzz FuzzScan -fuzztime 15s ./walcapture
+
+# Native directory vs the mount in each mode, three runs each; the medians go
+# into docs/BENCHMARKS.md.
+bench: deps
+	$(GO) test ./integration -run '^$$' -bench . -benchtime 2s -count 3 -timeout 120m | tee bench.out
+	./scripts/bench-table.sh bench.out docs/BENCHMARKS.md
+
+clean:
+	rm -rf bin bench.out

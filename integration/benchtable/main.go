@@ -1,0 +1,119 @@
+// Command benchtable turns the output of the integration benchmarks (run
+// with -count 3 or more) into the Markdown table of docs/BENCHMARKS.md:
+// the median rate of each workload natively and through the mount in each
+// mode, the ratio to native, and the FUSE requests lfuse served per
+// operation.
+package main
+
+import (
+	"bufio"
+	"fmt"
+	"io"
+	"os"
+	"regexp"
+	"slices"
+	"sort"
+	"strconv"
+	"strings"
+)
+
+var lineRe = regexp.MustCompile(`^Benchmark(\S+?)/(native|passthrough|cached)(-\d+)?\s+\d+\s+\S+ ns/op\s+(.*)$`)
+
+type key struct{ workload, setup string }
+
+func main() {
+	rates := map[key][]float64{}
+	units := map[string]string{}
+	reqs := map[key]map[string][]float64{}
+	var order []string
+	sc := bufio.NewScanner(os.Stdin)
+	for sc.Scan() {
+		m := lineRe.FindStringSubmatch(strings.Join(strings.Fields(sc.Text()), " "))
+		if m == nil {
+			continue
+		}
+		k := key{m[1], m[2]}
+		if !slices.Contains(order, k.workload) {
+			order = append(order, k.workload)
+		}
+		f := strings.Fields(m[4])
+		for i := 0; i+1 < len(f); i += 2 {
+			v, err := strconv.ParseFloat(f[i], 64)
+			if err != nil {
+				continue
+			}
+			unit := f[i+1]
+			switch {
+			case strings.HasSuffix(unit, "/s"):
+				rates[k] = append(rates[k], v)
+				units[k.workload] = unit
+			case strings.HasPrefix(unit, "req"):
+				if reqs[k] == nil {
+					reqs[k] = map[string][]float64{}
+				}
+				reqs[k][unit] = append(reqs[k][unit], v)
+			}
+		}
+	}
+	write(os.Stdout, order, rates, units, reqs)
+}
+
+func median(v []float64) float64 {
+	if len(v) == 0 {
+		return 0
+	}
+	s := slices.Clone(v)
+	sort.Float64s(s)
+	if len(s)%2 == 1 {
+		return s[len(s)/2]
+	}
+	return (s[len(s)/2-1] + s[len(s)/2]) / 2
+}
+
+func write(w io.Writer, order []string, rates map[key][]float64, units map[string]string, reqs map[key]map[string][]float64) {
+	fmt.Fprintln(w, "| workload | unit | native | passthrough | ratio | cached | ratio | runs |")
+	fmt.Fprintln(w, "|---|---|---:|---:|---:|---:|---:|---:|")
+	for _, wl := range order {
+		n := median(rates[key{wl, "native"}])
+		p := median(rates[key{wl, "passthrough"}])
+		c := median(rates[key{wl, "cached"}])
+		fmt.Fprintf(w, "| %s | %s | %.0f | %.0f | %s | %.0f | %s | %d |\n", wl, units[wl], n, p, ratio(p, n), c, ratio(c, n), len(rates[key{wl, "native"}]))
+	}
+	fmt.Fprintln(w)
+	fmt.Fprintln(w, "FUSE requests lfuse served per operation (median; kinds under 0.001 per operation left out):")
+	fmt.Fprintln(w)
+	fmt.Fprintln(w, "| workload | passthrough | cached |")
+	fmt.Fprintln(w, "|---|---|---|")
+	for _, wl := range order {
+		fmt.Fprintf(w, "| %s | %s | %s |\n", wl, reqSummary(reqs[key{wl, "passthrough"}]), reqSummary(reqs[key{wl, "cached"}]))
+	}
+}
+
+func ratio(a, b float64) string {
+	if b == 0 {
+		return "-"
+	}
+	return fmt.Sprintf("%.2f", a/b)
+}
+
+func reqSummary(m map[string][]float64) string {
+	if m == nil {
+		return "-"
+	}
+	var total string
+	var parts []string
+	for unit, v := range m {
+		med := median(v)
+		name := strings.TrimPrefix(unit, "req-")
+		name = name[:strings.Index(name, "/")]
+		if strings.HasPrefix(unit, "req/") {
+			total = fmt.Sprintf("%.3f total", med)
+			continue
+		}
+		if med >= 0.001 {
+			parts = append(parts, fmt.Sprintf("%s %.3f", name, med))
+		}
+	}
+	sort.Strings(parts)
+	return strings.Join(append([]string{total}, parts...), ", ")
+}

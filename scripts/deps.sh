@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Installs what lfuse's tests and demo need, if it is missing: fusermount3
+# (fuse3) and the sqlite3 shell. Go and a C compiler (for go-sqlite3) are
+# expected on the machine already.
+set -euo pipefail
+
+missing=()
+command -v fusermount3 >/dev/null || missing+=(fuse3)
+command -v sqlite3 >/dev/null || missing+=(sqlite3)
+command -v setpriv >/dev/null || missing+=(util-linux)
+[ ${#missing[@]} -eq 0 ] && exit 0
+
+if [ "$(id -u)" -ne 0 ] || ! command -v apt-get >/dev/null; then
+	echo "deps: please install: ${missing[*]}" >&2
+	exit 1
+fi
+echo "deps: installing ${missing[*]}" >&2
+export DEBIAN_FRONTEND=noninteractive
+apt-get update -qq >/dev/null
+apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
