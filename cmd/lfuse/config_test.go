@@ -1,0 +1,131 @@
+package main
+
+import (
+	"bytes"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+)
+
+func TestLoadConfig(t *testing.T) {
+	dir := t.TempDir()
+	cases := []struct {
+		name, text string
+		want       func(c Config) bool
+		err        string
+	}{
+		{name: "defaults", text: ``, want: func(c Config) bool {
+			return c.Passthrough == "auto" && c.Log.Level == "info" && c.Log.Format == "text" && !c.XAttrs
+		}},
+		{name: "every key", text: `
+mount-dir = "/data"
+data-dir = "backing"
+state-dir = "/var/lib/lfuse"
+passthrough = "off"
+xattrs = true
+[log]
+level = "debug"
+format = "json"
+[metrics]
+addr = "127.0.0.1:9090"
+`, want: func(c Config) bool {
+			return c.MountDir == "/data" && c.DataDir == filepath.Join(dir, "backing") && c.StateDir == "/var/lib/lfuse" &&
+				c.Passthrough == "off" && c.XAttrs && c.Log.Level == "debug" && c.Log.Format == "json" && c.Metrics.Addr == "127.0.0.1:9090"
+		}},
+		{name: "unknown key", text: "mount-dir = \"/data\"\nmount_dir = \"/x\"\n", err: `line 2: unknown key "mount_dir"`},
+		{name: "unknown key in a table", text: "[log]\nlevel = \"info\"\nverbose = true\n", err: `line 3: unknown key "log.verbose"`},
+		{name: "unknown table", text: "[replica]\nurl = \"s3://x\"\n", err: `unknown key "replica`},
+		{name: "key in the wrong table", text: "[log]\npassthrough = \"on\"\n", err: `line 2: unknown key "log.passthrough"`},
+		{name: "wrong type", text: "xattrs = \"yes\"\n", err: "xattrs"},
+		{name: "syntax error", text: "mount-dir = /data\n", err: "line 1"},
+	}
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			path := filepath.Join(dir, "lfuse.toml")
+			os.WriteFile(path, []byte(c.text), 0o644)
+			cfg, err := loadConfig(path)
+			if c.err != "" {
+				if err == nil || !strings.Contains(err.Error(), c.err) || !strings.Contains(err.Error(), path) {
+					t.Fatalf("error %v, want one naming the file and %q", err, c.err)
+				}
+				if strings.Contains(err.Error(), "\n") {
+					t.Fatalf("error is not one line: %q", err)
+				}
+				return
+			}
+			if err != nil {
+				t.Fatal(err)
+			}
+			if !c.want(cfg) {
+				t.Fatalf("config %+v", cfg)
+			}
+		})
+	}
+	if _, err := loadConfig(filepath.Join(dir, "missing.toml")); err == nil || !strings.Contains(err.Error(), "does not exist") {
+		t.Fatalf("missing file: %v", err)
+	}
+}
+
+func TestValidate(t *testing.T) {
+	for _, c := range []struct {
+		mod func(*Config)
+		err string
+	}{
+		{func(c *Config) { c.Passthrough = "sometimes" }, `passthrough = "sometimes"`},
+		{func(c *Config) { c.Log.Level = "loud" }, `log level "loud"`},
+		{func(c *Config) { c.Log.Format = "xml" }, `log format "xml"`},
+	} {
+		cfg := defaultConfig()
+		c.mod(&cfg)
+		if err := cfg.validate(); err == nil || !strings.Contains(err.Error(), c.err) {
+			t.Errorf("validate: %v, want %q", err, c.err)
+		}
+	}
+	if err := defaultConfig().validate(); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func TestCommandLine(t *testing.T) {
+	var out, errOut bytes.Buffer
+	if code := run([]string{"frobnicate"}, &out, &errOut); code != 2 || !strings.Contains(errOut.String(), `unknown command "frobnicate"`) {
+		t.Fatalf("unknown command: %d %q", code, errOut.String())
+	}
+	out.Reset()
+	if code := run([]string{"version"}, &out, &errOut); code != 0 || !strings.HasPrefix(out.String(), "lfuse ") {
+		t.Fatalf("version: %d %q", code, out.String())
+	}
+	errOut.Reset()
+	if code := run([]string{"mount"}, &out, &errOut); code != 1 || !strings.Contains(errOut.String(), "no mount point") {
+		t.Fatalf("mount without a mount point: %d %q", code, errOut.String())
+	}
+	errOut.Reset()
+	if code := run([]string{"mount", "-data", "/x", "a", "b"}, &out, &errOut); code != 2 {
+		t.Fatalf("two mount points: %d %q", code, errOut.String())
+	}
+}
+
+func TestResolveStateDir(t *testing.T) {
+	for _, c := range []struct {
+		state, dir, hide, err string
+	}{
+		{"", "/d/.lfuse", ".lfuse", ""},
+		{"/d/state", "/d/state", "state", ""},
+		{"/d/a/b", "", "", "inside the data directory"},
+		{"/d", "", "", "inside the data directory"},
+		{"/m/s", "", "", "inside the mount point"},
+		{"/var/lib/lfuse", "/var/lib/lfuse", "", ""},
+	} {
+		dir, hide, err := resolveStateDir(c.state, "/d", "/m")
+		if c.err != "" {
+			if err == nil || !strings.Contains(err.Error(), c.err) {
+				t.Errorf("%q: %v, want %q", c.state, err, c.err)
+			}
+			continue
+		}
+		if err != nil || dir != c.dir || hide != c.hide {
+			t.Errorf("%q: %q %q %v", c.state, dir, hide, err)
+		}
+	}
+}
