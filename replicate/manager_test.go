@@ -49,7 +49,7 @@ func checkpoint(t *testing.T, m *Manager, db *sql.DB, mode string) {
 	t.Helper()
 	release := m.BeforeTruncate("app.db")
 	var a, b, c int
-	err := db.QueryRow("PRAGMA wal_checkpoint(" + mode + ")").Scan(&a, &b, &c)
+	err := db.QueryRow("PRAGMA wal_checkpoint("+mode+")").Scan(&a, &b, &c)
 	if release != nil {
 		release(err == nil)
 	}
