@@ -56,6 +56,7 @@ type DB struct {
 	kickMu  sync.Mutex
 	running bool
 	dirty   bool
+	closed  bool // no more asynchronous passes: the Manager is closing
 	wg      sync.WaitGroup
 
 	captured      atomic.Int64 // transactions captured since start
@@ -91,6 +92,9 @@ func (d *DB) Stats() Stats {
 func (d *DB) kick() {
 	d.kickMu.Lock()
 	defer d.kickMu.Unlock()
+	if d.closed {
+		return
+	}
 	if d.running {
 		d.dirty = true
 		return

@@ -155,6 +155,9 @@ func (m *Manager) Close() error {
 	m.mu.Unlock()
 	var errs []error
 	for _, d := range dbs {
+		d.kickMu.Lock()
+		d.closed = true
+		d.kickMu.Unlock()
 		d.wg.Wait()
 		d.mu.Lock()
 		if err := d.closeLocked(); err != nil {
@@ -281,8 +284,15 @@ func (m *Manager) noteRollback(rel string) {
 	}
 }
 
-// Modified is called when files under the mount were written.
+// Modified is called when files under the mount were written; "" means
+// that writes may have gone unreported (the kernel's event queue overflowed).
 func (m *Manager) Modified(rel string) {
+	if rel == "" {
+		for _, d := range m.DBs() {
+			d.kick()
+		}
+		return
+	}
 	if !strings.HasSuffix(rel, "-wal") {
 		return
 	}
