@@ -6,9 +6,9 @@ out=$1 doc=$2
 	cat <<HEAD
 # Benchmarks
 
-\`make bench\` runs every workload three times on a native directory and through
-the mount in each mode, against the same files, and this table holds the
-medians. Generated $(date -u +%Y-%m-%d) on $(nproc) CPUs, $(uname -r), $(go version | cut -d' ' -f3).
+\`make bench\` runs every workload in several rounds on a native directory and
+through the mount in each mode, against the same files (the three setups of a
+workload back to back in each round), and this table holds the medians. Generated $(date -u +%Y-%m-%d) on $(nproc) CPUs, $(uname -r), $(go version | cut -d' ' -f3).
 
 - **passthrough**: the default where the kernel offers it: SQLite's WAL and
   shared-memory files in kernel passthrough, the database file through the page cache.

@@ -43,9 +43,12 @@ func defaultConfig() Config {
 }
 
 // loadConfig reads a configuration file strictly: an unknown key is an error
-// that names it, with its line.
+// that names it, with its line. An empty path gives the defaults.
 func loadConfig(path string) (Config, error) {
 	cfg := defaultConfig()
+	if path == "" {
+		return cfg, nil
+	}
 	data, err := os.ReadFile(path)
 	if err != nil {
 		if errors.Is(err, os.ErrNotExist) {

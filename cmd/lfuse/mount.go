@@ -45,12 +45,9 @@ func runMount(args []string, stderr io.Writer) error {
 		return err
 	}
 
-	cfg := defaultConfig()
-	if *configPath != "" {
-		var err error
-		if cfg, err = loadConfig(*configPath); err != nil {
-			return err
-		}
+	cfg, err := loadConfig(*configPath)
+	if err != nil {
+		return err
 	}
 	switch fl.NArg() {
 	case 0:

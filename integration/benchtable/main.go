@@ -1,8 +1,13 @@
-// Command benchtable turns the output of the integration benchmarks (run
-// with -count 3 or more) into the Markdown table of docs/BENCHMARKS.md:
-// the median rate of each workload natively and through the mount in each
-// mode, the ratio to native, and the FUSE requests lfuse served per
-// operation.
+// Command benchtable turns the output of the integration benchmarks (several
+// rounds of "go test -bench -count 1", one after the other) into the
+// Markdown table of docs/BENCHMARKS.md: the median rate of each workload
+// natively and through the mount in each mode, the ratio to native, and the
+// FUSE requests lfuse served per operation.
+//
+// Ratios are paired: each round's mount rate is divided by the same round's
+// native rate, and the table gives the median of those ratios with their
+// range. On a noisy machine the rates drift between rounds far more than
+// between the setups of one round, so pairing is what makes ratios fair.
 package main
 
 import (
@@ -71,13 +76,13 @@ func median(v []float64) float64 {
 }
 
 func write(w io.Writer, order []string, rates map[key][]float64, units map[string]string, reqs map[key]map[string][]float64) {
-	fmt.Fprintln(w, "| workload | unit | native | passthrough | ratio | cached | ratio | runs |")
+	fmt.Fprintln(w, "| workload | unit | native | passthrough | ratio (range) | cached | ratio (range) | rounds |")
 	fmt.Fprintln(w, "|---|---|---:|---:|---:|---:|---:|---:|")
 	for _, wl := range order {
-		n := median(rates[key{wl, "native"}])
-		p := median(rates[key{wl, "passthrough"}])
-		c := median(rates[key{wl, "cached"}])
-		fmt.Fprintf(w, "| %s | %s | %.0f | %.0f | %s | %.0f | %s | %d |\n", wl, units[wl], n, p, ratio(p, n), c, ratio(c, n), len(rates[key{wl, "native"}]))
+		native := rates[key{wl, "native"}]
+		p, c := rates[key{wl, "passthrough"}], rates[key{wl, "cached"}]
+		fmt.Fprintf(w, "| %s | %s | %.0f | %.0f | %s | %.0f | %s | %d |\n", wl, units[wl],
+			median(native), median(p), pairedRatio(p, native), median(c), pairedRatio(c, native), len(native))
 	}
 	fmt.Fprintln(w)
 	fmt.Fprintln(w, "FUSE requests lfuse served per operation (median; kinds under 0.001 per operation left out):")
@@ -89,11 +94,18 @@ func write(w io.Writer, order []string, rates map[key][]float64, units map[strin
 	}
 }
 
-func ratio(a, b float64) string {
-	if b == 0 {
+// pairedRatio is the median of a[i]/b[i] over the rounds, with the range.
+func pairedRatio(a, b []float64) string {
+	var r []float64
+	for i := range min(len(a), len(b)) {
+		if b[i] > 0 {
+			r = append(r, a[i]/b[i])
+		}
+	}
+	if len(r) == 0 {
 		return "-"
 	}
-	return fmt.Sprintf("%.2f", a/b)
+	return fmt.Sprintf("%.2f (%.2f–%.2f)", median(r), slices.Min(r), slices.Max(r))
 }
 
 func reqSummary(m map[string][]float64) string {
