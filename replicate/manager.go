@@ -64,8 +64,7 @@ func (m *Manager) Open(ctx context.Context) error {
 		if err := ctx.Err(); err != nil {
 			return err
 		}
-		st := stateFile{Path: rel}
-		d := m.newDB(st.Path)
+		d := m.newDB(rel)
 		d.mu.Lock()
 		if err := d.openState(); err != nil {
 			// Capture catches up with a snapshot once the state
@@ -82,7 +81,7 @@ func (m *Manager) Open(ctx context.Context) error {
 		}
 		d.mu.Unlock()
 		m.mu.Lock()
-		m.dbs[st.Path] = d
+		m.dbs[rel] = d
 		m.mu.Unlock()
 	}
 	return nil

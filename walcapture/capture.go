@@ -106,9 +106,6 @@ func (c *Capturer) Pos() Pos {
 	return Pos{Salt1: c.hdr.Salt1, Salt2: c.hdr.Salt2, Offset: off}
 }
 
-// Header returns the header of the generation being followed, if any.
-func (c *Capturer) Header() (Header, bool) { return c.hdr, c.hasHdr }
-
 func (c *Capturer) startGeneration(h Header) {
 	c.hdr, c.hasHdr = h, true
 	c.next = HeaderSize
@@ -165,14 +162,6 @@ func (c *Capturer) Resume(r io.ReaderAt, pos Pos) error {
 		return fmt.Errorf("%w: log holds valid commits up to offset %d, capture was at %d", ErrDiverged, c.next, pos.Offset)
 	}
 	return nil
-}
-
-// SkipTo positions the Capturer at the end of the valid log in r without
-// emitting anything (used after a snapshot that already holds those commits).
-func (c *Capturer) SkipTo(r io.ReaderAt) error {
-	*c = Capturer{SpillDir: c.SpillDir, fr: c.fr}
-	_, err := c.Scan(r, func(Txn) error { return nil })
-	return err
 }
 
 func readHeader(r io.ReaderAt) (Header, error) {
