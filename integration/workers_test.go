@@ -7,6 +7,7 @@ import (
 	"os"
 	"strconv"
 	"strings"
+	"time"
 
 	_ "github.com/mattn/go-sqlite3"
 )
@@ -34,6 +35,9 @@ INSERT INTO accounts SELECT i, 1000 FROM s;
 func runWorker(mode string) int {
 	if mode == "lock-holder" {
 		return runLockHolder()
+	}
+	if mode == "seq-writer" {
+		return runSeqWriter()
 	}
 	n, _ := strconv.Atoi(os.Getenv("N"))
 	seed, _ := strconv.ParseInt(os.Getenv("SEED"), 10, 64)
@@ -150,4 +154,41 @@ func cliTransfers(name string, n int, seed int64) string {
 		}
 	}
 	return b.String()
+}
+
+// seqRow is the payload of row k of the seq workload: the state after its
+// k-th commit is exactly rows 1..k, so any restored copy says which commit
+// it is.
+func seqRow(k int) []byte {
+	rng := rand.New(rand.NewSource(int64(k)))
+	b := make([]byte, 20+rng.Intn(3000))
+	rng.Read(b)
+	return b
+}
+
+// runSeqWriter commits rows FROM..TO of the seq workload, one per
+// transaction, PAUSE apart, and prints "k <unix ns before its commit>" after
+// each commit.
+func runSeqWriter() int {
+	from, _ := strconv.Atoi(os.Getenv("FROM"))
+	to, _ := strconv.Atoi(os.Getenv("TO"))
+	pause, _ := time.ParseDuration(os.Getenv("PAUSE"))
+	db, err := sql.Open("sqlite3", os.Getenv("DB")+"?_busy_timeout=20000&_journal_mode=WAL&_txlock=immediate")
+	if err != nil {
+		return fail(err)
+	}
+	defer db.Close()
+	db.SetMaxOpenConns(1)
+	if _, err := db.Exec("CREATE TABLE IF NOT EXISTS seq(k INTEGER PRIMARY KEY, v BLOB)"); err != nil {
+		return fail(err)
+	}
+	for k := from; k <= to; k++ {
+		before := time.Now()
+		if _, err := db.Exec("INSERT INTO seq(k, v) VALUES(?, ?)", k, seqRow(k)); err != nil {
+			return fail(fmt.Errorf("row %d: %w", k, err))
+		}
+		fmt.Printf("%d %d\n", k, before.UnixNano())
+		time.Sleep(pause)
+	}
+	return 0
 }

@@ -59,6 +59,11 @@ type DB struct {
 	closed  bool // no more asynchronous passes: the Manager is closing
 	wg      sync.WaitGroup
 
+	// minTXID is the lowest TXID the next snapshot may take: above what a
+	// replica holds of a history this database no longer continues.
+	minTXID  ltx.TXID
+	replicas []*Replica
+
 	captured      atomic.Int64 // transactions captured since start
 	capturedBytes atomic.Int64
 	snapshots     atomic.Int64
@@ -134,11 +139,15 @@ func (d *DB) Sync() {
 // frames in between. A capture that fails does not block the operation: the
 // database is marked as needing a snapshot instead.
 func (d *DB) Hold() (release func()) {
+	start := time.Now()
 	d.mu.Lock()
 	if d.status == statusTracking && d.log != nil {
 		if err := d.captureLocked(); err != nil {
 			d.needSnapshot(fmt.Sprintf("capture failed before frames could be overwritten: %v", err))
 		}
+	}
+	if waited := time.Since(start); waited > 100*time.Millisecond {
+		d.logger.Warn("held an operation on the database while capturing", "seconds", waited.Seconds())
 	}
 	return d.mu.Unlock
 }
@@ -340,7 +349,7 @@ func (d *DB) snapshotLocked() error {
 		return err
 	}
 	last, _ := d.log.Last()
-	txid := last.TXID() + 1
+	txid := max(last.TXID()+1, d.minTXID)
 	d.cap.SpillDir = d.dir
 	res, err := d.cap.Snapshot(db, wal, st.Size(), tmp1, tmp2, txid, time.Now(), d.sums.Set)
 	if errors.Is(err, walcapture.ErrEmptyDatabase) {
@@ -413,3 +422,55 @@ type cleanState struct {
 }
 
 func (d *DB) statePath() string { return filepath.Join(d.dir, "state.json") }
+
+func (d *DB) logDir() string { return filepath.Join(d.dir, "log") }
+
+// Replicas are the replicas this database is shipped to.
+func (d *DB) Replicas() []*Replica { return d.replicas }
+
+// prepareUpload returns the newest TXID in the local log after making it,
+// and the WAL that also holds it, durable: a replica must never hold a
+// commit that this machine could lose in a power cut. ok is false while the
+// log holds nothing.
+func (d *DB) prepareUpload() (txid ltx.TXID, ok bool, err error) {
+	d.mu.Lock()
+	if d.log == nil {
+		d.mu.Unlock()
+		return 0, false, nil
+	}
+	last, ok := d.log.Last()
+	d.mu.Unlock()
+	if !ok {
+		return 0, false, nil
+	}
+	// Fsync through fresh descriptors, outside the lock: capture and the
+	// application's checkpoints are not held up by a slow disk.
+	_, segs, err := (&Log{dir: d.logDir()}).files()
+	if err != nil {
+		return 0, false, err
+	}
+	if len(segs) > 0 {
+		if err := fsyncPath((&Log{dir: d.logDir()}).segmentPath(segs[len(segs)-1])); err != nil && !errors.Is(err, os.ErrNotExist) {
+			return 0, false, fmt.Errorf("sync local log: %w", err)
+		}
+	}
+	if err := fsyncPath(d.path + "-wal"); err != nil && !errors.Is(err, os.ErrNotExist) {
+		return 0, false, fmt.Errorf("sync WAL: %w", err)
+	}
+	return last.TXID(), true, nil
+}
+
+// resnapshotAbove starts a new history for this database, from a snapshot
+// whose TXID is above txid, because a replica holds txid from a history the
+// database does not continue.
+func (d *DB) resnapshotAbove(txid ltx.TXID, reason string) {
+	d.mu.Lock()
+	if d.minTXID <= txid {
+		d.minTXID = txid + 1
+		if d.status == statusTracking {
+			d.needSnapshot(reason)
+		}
+	}
+	d.mu.Unlock()
+	d.kick()
+}

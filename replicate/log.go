@@ -205,6 +205,10 @@ func (l *Log) cut(at int64, err error) error {
 
 func (l *Log) openSegment() error {
 	if l.seg != nil {
+		// Replicas fsync only the newest segment before shipping from it.
+		if err := l.seg.Sync(); err != nil {
+			return err
+		}
 		if err := l.seg.Close(); err != nil {
 			return err
 		}

@@ -17,6 +17,7 @@ import (
 	"slices"
 	"strings"
 	"sync"
+	"time"
 
 	"github.com/lfuse/lfuse/walcapture"
 )
@@ -29,6 +30,13 @@ type Manager struct {
 	dataDir  string
 	stateDir string
 	logger   *slog.Logger
+
+	// Replicas returns where the database at rel (relative to the mount
+	// root) is shipped. Set it before Open; nil means nowhere.
+	Replicas func(rel string) []ReplicaSpec
+	// ShutdownTimeout bounds how long Close waits for replicas to receive
+	// every captured transaction. Default 30 s.
+	ShutdownTimeout time.Duration
 
 	mu      sync.RWMutex
 	dbs     map[string]*DB // by path relative to the mount root
@@ -83,17 +91,30 @@ func (m *Manager) Open(ctx context.Context) error {
 		m.mu.Lock()
 		m.dbs[rel] = d
 		m.mu.Unlock()
+		d.startReplicas()
 	}
 	return nil
 }
 
 func (m *Manager) newDB(rel string) *DB {
-	return &DB{
+	d := &DB{
 		rel:    rel,
 		path:   filepath.Join(m.dataDir, rel),
 		dir:    filepath.Join(m.stateDir, "dbs", stateName(rel)),
 		logger: m.logger.With("db", rel),
 	}
+	if m.Replicas != nil {
+		for _, spec := range m.Replicas(rel) {
+			d.replicas = append(d.replicas, newReplica(d, spec.Client, spec.Options, d.logger))
+		}
+	}
+	return d
+}
+
+// ReplicaSpec is one replica of a database.
+type ReplicaSpec struct {
+	Client  ReplicaClient
+	Options ReplicaOptions
 }
 
 // Databases lists the databases that have state under stateDir, by their
@@ -142,9 +163,14 @@ func stateName(rel string) string {
 	return name
 }
 
-// Close stops capture after a final pass over every database and records
-// where each stands, so the next start can resume without re-reading them.
-func (m *Manager) Close() error {
+// Close stops capture after a final pass over every database, ships what
+// was captured to every replica (for at most ShutdownTimeout, or until ctx
+// ends), and records where each database stands, so the next start can
+// resume without re-reading them.
+func (m *Manager) Close() error { return m.CloseContext(context.Background()) }
+
+// CloseContext is Close with a context that cuts the wait for replicas short.
+func (m *Manager) CloseContext(ctx context.Context) error {
 	m.mu.Lock()
 	m.closed = true
 	dbs := make([]*DB, 0, len(m.dbs))
@@ -152,12 +178,15 @@ func (m *Manager) Close() error {
 		dbs = append(dbs, d)
 	}
 	m.mu.Unlock()
-	var errs []error
 	for _, d := range dbs {
 		d.kickMu.Lock()
 		d.closed = true
 		d.kickMu.Unlock()
 		d.wg.Wait()
+		d.Sync()
+	}
+	errs := m.flush(ctx, dbs)
+	for _, d := range dbs {
 		d.mu.Lock()
 		if err := d.closeLocked(); err != nil {
 			errs = append(errs, fmt.Errorf("%s: %w", d.rel, err))
@@ -165,6 +194,49 @@ func (m *Manager) Close() error {
 		d.mu.Unlock()
 	}
 	return errors.Join(errs...)
+}
+
+// flush stops every replica's loop and ships what is left, all replicas at
+// once.
+func (m *Manager) flush(ctx context.Context, dbs []*DB) []error {
+	timeout := m.ShutdownTimeout
+	if timeout <= 0 {
+		timeout = 30 * time.Second
+	}
+	ctx, cancel := context.WithTimeout(ctx, timeout)
+	defer cancel()
+	var (
+		wg   sync.WaitGroup
+		mu   sync.Mutex
+		errs []error
+		n    int
+	)
+	start := time.Now()
+	for _, d := range dbs {
+		for _, r := range d.replicas {
+			n++
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				r.Stop()
+				before := r.Pos()
+				if err := r.Flush(ctx); err != nil {
+					mu.Lock()
+					errs = append(errs, fmt.Errorf("%s: %w", d.rel, err))
+					mu.Unlock()
+					return
+				}
+				if after := r.Pos(); after > before {
+					r.logger.Info("flushed to replica", "txid", after.String(), "transactions", uint64(after-before))
+				}
+			}()
+		}
+	}
+	wg.Wait()
+	if n > 0 && len(errs) == 0 {
+		m.logger.Info("every captured transaction is in every replica", "replicas", n, "seconds", time.Since(start).Seconds())
+	}
+	return errs
 }
 
 // DBs returns the databases being captured, sorted by path.
@@ -240,6 +312,13 @@ func (m *Manager) walOpened(rel string) {
 	d.status, d.reason = statusNeedSnapshot, "new database"
 	d.mu.Unlock()
 	d.kick()
+	d.startReplicas()
+}
+
+func (d *DB) startReplicas() {
+	for _, r := range d.replicas {
+		r.start()
+	}
 }
 
 // walReappeared checks, when a database's WAL is opened again after being

@@ -9,8 +9,10 @@ import (
 	"path/filepath"
 	"regexp"
 	"strings"
+	"time"
 
 	"github.com/BurntSushi/toml"
+	"github.com/lfuse/lfuse/replicate"
 )
 
 // Config is lfuse's configuration file (see litefs.toml.example for every
@@ -23,6 +25,65 @@ type Config struct {
 	XAttrs      bool          `toml:"xattrs"`
 	Log         LogConfig     `toml:"log"`
 	Metrics     MetricsConfig `toml:"metrics"`
+
+	// Replicas apply to every database in the mount, each under its own
+	// path relative to the mount.
+	Replicas []ReplicaConfig `toml:"replicas"`
+	// Databases give one database its own replicas instead.
+	Databases []DatabaseConfig `toml:"databases"`
+	// RestoreIfMissing restores, before mounting, every database a replica
+	// holds that the data directory lacks.
+	RestoreIfMissing bool `toml:"restore-if-missing"`
+	// ShutdownTimeout bounds the wait for replicas when lfuse stops.
+	ShutdownTimeout Duration `toml:"shutdown-timeout"`
+}
+
+// ReplicaConfig is one replica: where, and its policy.
+type ReplicaConfig struct {
+	URL              string     `toml:"url"`
+	SyncInterval     Duration   `toml:"sync-interval"`
+	SnapshotInterval Duration   `toml:"snapshot-interval"`
+	Retention        Duration   `toml:"retention"`
+	CompactIntervals []Duration `toml:"compact-intervals"`
+}
+
+// DatabaseConfig names one database (relative to the mount) and its replicas.
+type DatabaseConfig struct {
+	Path     string          `toml:"path"`
+	Replicas []ReplicaConfig `toml:"replicas"`
+}
+
+// Duration is a time.Duration written as "1s", "5m", "24h" in the file.
+type Duration struct{ time.Duration }
+
+func (d *Duration) UnmarshalText(b []byte) error {
+	v, err := time.ParseDuration(string(b))
+	if err != nil {
+		return fmt.Errorf("bad duration %q: write it like \"1s\", \"5m\" or \"24h\"", b)
+	}
+	if v < 0 {
+		return fmt.Errorf("bad duration %q: must not be negative", b)
+	}
+	d.Duration = v
+	return nil
+}
+
+func (d Duration) MarshalText() ([]byte, error) { return []byte(d.String()), nil }
+
+// options turns a replica's settings into the replicator's, defaults filled.
+func (r ReplicaConfig) options() replicate.ReplicaOptions {
+	o := replicate.ReplicaOptions{
+		SyncInterval:     r.SyncInterval.Duration,
+		SnapshotInterval: r.SnapshotInterval.Duration,
+		Retention:        r.Retention.Duration,
+	}
+	if r.CompactIntervals != nil {
+		o.CompactIntervals = []time.Duration{}
+		for _, d := range r.CompactIntervals {
+			o.CompactIntervals = append(o.CompactIntervals, d.Duration)
+		}
+	}
+	return o.WithDefaults()
 }
 
 type LogConfig struct {
@@ -110,6 +171,26 @@ func (c Config) validate() error {
 	default:
 		return fmt.Errorf("passthrough = %q: must be \"auto\", \"on\" or \"off\"", c.Passthrough)
 	}
+	for _, r := range c.Replicas {
+		if err := r.validate(""); err != nil {
+			return err
+		}
+	}
+	seen := map[string]bool{}
+	for _, d := range c.Databases {
+		if d.Path == "" || !filepath.IsLocal(d.Path) {
+			return fmt.Errorf("databases: path %q must be a path relative to the mount, like \"app.db\" or \"sub/app.db\"", d.Path)
+		}
+		if seen[filepath.Clean(d.Path)] {
+			return fmt.Errorf("databases: %q is listed twice", d.Path)
+		}
+		seen[filepath.Clean(d.Path)] = true
+		for _, r := range d.Replicas {
+			if err := r.validate(d.Path); err != nil {
+				return err
+			}
+		}
+	}
 	if _, err := parseLevel(c.Log.Level); err != nil {
 		return err
 	}
@@ -136,4 +217,21 @@ func newLogger(c LogConfig) *slog.Logger {
 		return slog.New(slog.NewJSONHandler(os.Stderr, opts))
 	}
 	return slog.New(slog.NewTextHandler(os.Stderr, opts))
+}
+
+func (r ReplicaConfig) validate(db string) error {
+	where := "replica"
+	if db != "" {
+		where = fmt.Sprintf("replica of %s", db)
+	}
+	if r.URL == "" {
+		return fmt.Errorf("%s: url is required", where)
+	}
+	if _, err := parseReplicaURL(r.URL); err != nil {
+		return fmt.Errorf("%s: %w", where, err)
+	}
+	if len(r.CompactIntervals) > 8 {
+		return fmt.Errorf("%s %s: at most 8 compaction levels", where, r.URL)
+	}
+	return nil
 }

@@ -23,6 +23,9 @@ const usage = `lfuse keeps every committed SQLite transaction of an application,
 
 Usage:
   lfuse mount [flags] MOUNTPOINT   serve the data directory at MOUNTPOINT and capture its databases
+  lfuse restore [flags] ...        restore databases from a replica (before mounting)
+  lfuse ltx REPLICA_URL            list the LTX files of one database's replica
+  lfuse databases [flags]          list the databases the replicas hold
   lfuse log [flags] [DATABASE...]  list the transactions captured so far
   lfuse version                    print the version
 
@@ -45,6 +48,12 @@ func run(args []string, stdout, stderr io.Writer) int {
 	switch args[0] {
 	case "mount":
 		err = runMount(args[1:], stderr)
+	case "restore":
+		err = runRestore(args[1:], stdout, stderr)
+	case "ltx":
+		err = runLTX(args[1:], stdout, stderr)
+	case "databases":
+		err = runDatabases(args[1:], stdout, stderr)
 	case "log":
 		err = runLog(args[1:], stdout, stderr)
 	case "version", "-version", "--version":

@@ -37,6 +37,10 @@ func runMount(args []string, stderr io.Writer) error {
 	logLevel := fl.String("log-level", "", "debug, info, warn or error (log.level; default info)")
 	logFormat := fl.String("log-format", "", "text or json (log.format; default text)")
 	debugFUSE := fl.Bool("debug-fuse", false, "log every FUSE request (very verbose)")
+	var replicas multiFlag
+	fl.Var(&replicas, "replica", "replicate every database to this URL (file:///path or a path; repeatable; adds to the config's replicas)")
+	restoreIfMissing := fl.Bool("restore-if-missing", false, "before mounting, restore every database a replica holds that the data directory lacks (restore-if-missing)")
+	shutdownTimeout := fl.Duration("shutdown-timeout", 0, "how long to keep trying to ship captured transactions when stopping (shutdown-timeout; default 30s)")
 	fl.Usage = func() {
 		fmt.Fprintf(stderr, "Usage: lfuse mount [flags] [MOUNTPOINT]\n\nServes the data directory at MOUNTPOINT and captures every committed transaction\nof the SQLite databases in it. MOUNTPOINT may come from the config (mount-dir).\n\nFlags:\n")
 		fl.PrintDefaults()
@@ -72,6 +76,15 @@ func runMount(args []string, stderr io.Writer) error {
 		cfg.XAttrs = *xattrs
 	}
 	override("log-level", &cfg.Log.Level, *logLevel)
+	for _, r := range replicas {
+		cfg.Replicas = append(cfg.Replicas, ReplicaConfig{URL: r})
+	}
+	if set["restore-if-missing"] {
+		cfg.RestoreIfMissing = *restoreIfMissing
+	}
+	if set["shutdown-timeout"] {
+		cfg.ShutdownTimeout.Duration = *shutdownTimeout
+	}
 	override("log-format", &cfg.Log.Format, *logFormat)
 	if cfg.MountDir == "" {
 		return errors.New("no mount point: give MOUNTPOINT or mount-dir in the config")
@@ -119,7 +132,19 @@ func mount(cfg Config, logger *slog.Logger, debugFUSE bool) error {
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
 	defer stop()
 
+	if cfg.RestoreIfMissing && (len(cfg.Replicas) > 0 || len(cfg.Databases) > 0) {
+		n, err := restoreAll(ctx, logger, io.Discard, cfg, replicate.Target{}, restoreFlags{ifReplicaExists: true, ifDBNotExists: true, parallelism: 8})
+		if err != nil {
+			return fmt.Errorf("restore before mount: %w", err)
+		}
+		if n > 0 {
+			logger.Info("restored databases before mounting", "databases", n)
+		}
+	}
+
 	mgr := replicate.NewManager(dataDir, stateDir, logger)
+	mgr.Replicas = replicaSpecs(cfg)
+	mgr.ShutdownTimeout = cfg.ShutdownTimeout.Duration
 	if err := mgr.Open(ctx); err != nil {
 		return fmt.Errorf("state directory %s: %w", stateDir, err)
 	}
@@ -157,7 +182,11 @@ func mount(cfg Config, logger *slog.Logger, debugFUSE bool) error {
 	if m.Passthrough() {
 		mode = "passthrough"
 	}
-	logger.Info("mount ready", "mount", mountDir, "data", dataDir, "state", stateDir, "mode", mode)
+	var urls []string
+	for _, r := range cfg.Replicas {
+		urls = append(urls, r.URL)
+	}
+	logger.Info("mount ready", "mount", mountDir, "data", dataDir, "state", stateDir, "mode", mode, "replicas", strings.Join(urls, ","))
 
 	unmounted := make(chan struct{})
 	go func() { m.Wait(); close(unmounted) }()
@@ -175,8 +204,11 @@ func mount(cfg Config, logger *slog.Logger, debugFUSE bool) error {
 	if srv != nil {
 		srv.Close()
 	}
-	if err := mgr.Close(); err != nil {
-		return fmt.Errorf("final capture: %w", err)
+	// A second signal cuts the wait for replicas short.
+	closeCtx, cancel := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
+	defer cancel()
+	if err := mgr.CloseContext(closeCtx); err != nil {
+		return fmt.Errorf("stopping: %w", err)
 	}
 	logger.Info("stopped")
 	return nil

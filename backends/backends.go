@@ -1,0 +1,23 @@
+// Package backends holds what every storage client shares: the metadata
+// recorded beside each replica file and the error for a missing one. The
+// clients themselves live in subpackages (file, ...) and know nothing of
+// SQLite: they store LTX files by level and TXID range.
+package backends
+
+import (
+	"errors"
+	"time"
+
+	"github.com/superfly/ltx"
+)
+
+// FileMeta is recorded beside each replica file. Replica files carry no
+// database checksums in their headers (Litestream's restore rejects them), so
+// the checksum of the database after applying the file lives here.
+type FileMeta struct {
+	Timestamp         time.Time
+	PostApplyChecksum ltx.Checksum
+}
+
+// ErrNotFound is returned for a file that does not exist.
+var ErrNotFound = errors.New("not found")

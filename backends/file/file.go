@@ -1,0 +1,215 @@
+// Package file stores replica files in a local directory (another disk, an
+// NFS mount), laid out as Litestream v0.5 reads them:
+//
+//	ROOT/ltx/<level>/<min %016x>-<max %016x>.ltx
+//
+// Each file's mtime is its LTX header timestamp, which is where Litestream's
+// file replica takes a file's time from. The metadata lfuse records beside a
+// file goes into "<name>.meta", a name Litestream's listing skips.
+package file
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"io/fs"
+	"os"
+	"path/filepath"
+	"slices"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/lfuse/lfuse/backends"
+	"github.com/superfly/ltx"
+)
+
+// Client is a replica in a directory.
+type Client struct {
+	root string
+}
+
+// New returns a client for the replica rooted at dir (an absolute path).
+func New(dir string) *Client { return &Client{root: filepath.Clean(dir)} }
+
+func (c *Client) Type() string   { return "file" }
+func (c *Client) String() string { return "file://" + c.root }
+
+// Root is the directory the client stores into.
+func (c *Client) Root() string { return c.root }
+
+func (c *Client) levelDir(level int) string {
+	return filepath.Join(c.root, "ltx", strconv.Itoa(level))
+}
+
+func (c *Client) path(level int, min, max ltx.TXID) string {
+	return filepath.Join(c.levelDir(level), ltx.FormatFilename(min, max))
+}
+
+const metaSuffix = ".meta"
+
+// LTXFiles lists one level. A level that does not exist yet is empty.
+func (c *Client) LTXFiles(ctx context.Context, level int) ([]ltx.FileInfo, error) {
+	ents, err := os.ReadDir(c.levelDir(level))
+	if errors.Is(err, fs.ErrNotExist) {
+		return nil, nil
+	} else if err != nil {
+		return nil, err
+	}
+	var infos []ltx.FileInfo
+	for _, e := range ents {
+		if !e.Type().IsRegular() {
+			continue // not ours; a symlink could point anywhere
+		}
+		min, max, err := ltx.ParseFilename(e.Name())
+		if err != nil {
+			continue
+		}
+		fi, err := e.Info()
+		if errors.Is(err, fs.ErrNotExist) {
+			continue // deleted while listing
+		} else if err != nil {
+			return nil, err
+		}
+		infos = append(infos, ltx.FileInfo{Level: level, MinTXID: min, MaxTXID: max, Size: fi.Size(), CreatedAt: fi.ModTime().UTC()})
+	}
+	slices.SortFunc(infos, func(a, b ltx.FileInfo) int { return int64Cmp(int64(a.MinTXID), int64(b.MinTXID)) })
+	return infos, nil
+}
+
+func int64Cmp(a, b int64) int {
+	switch {
+	case a < b:
+		return -1
+	case a > b:
+		return 1
+	}
+	return 0
+}
+
+func (c *Client) OpenLTXFile(ctx context.Context, level int, min, max ltx.TXID) (io.ReadCloser, error) {
+	f, err := os.Open(c.path(level, min, max))
+	if errors.Is(err, fs.ErrNotExist) {
+		return nil, fmt.Errorf("%s: %w", c.rel(level, min, max), backends.ErrNotFound)
+	}
+	return f, err
+}
+
+func (c *Client) rel(level int, min, max ltx.TXID) string {
+	return fmt.Sprintf("ltx/%d/%s", level, ltx.FormatFilename(min, max))
+}
+
+type metaFile struct {
+	Timestamp         string `json:"timestamp"`
+	PostApplyChecksum string `json:"post_apply_checksum"`
+}
+
+// WriteLTXFile writes the metadata, then the file, each to a temporary name
+// that is fsynced and renamed, so a crash leaves either no file or a whole
+// one with its metadata.
+func (c *Client) WriteLTXFile(ctx context.Context, level int, min, max ltx.TXID, r io.Reader, size int64, meta backends.FileMeta) error {
+	dir := c.levelDir(level)
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		return err
+	}
+	path := c.path(level, min, max)
+	mb, _ := json.Marshal(metaFile{Timestamp: ltx.FormatTimestamp(meta.Timestamp), PostApplyChecksum: meta.PostApplyChecksum.String()})
+	if err := writeAtomic(path+metaSuffix, strings.NewReader(string(mb)), -1, time.Time{}); err != nil {
+		return err
+	}
+	if err := writeAtomic(path, r, size, meta.Timestamp); err != nil {
+		return err
+	}
+	return syncDir(dir)
+}
+
+// FileMeta reads the metadata written beside a file.
+func (c *Client) FileMeta(ctx context.Context, level int, min, max ltx.TXID) (backends.FileMeta, error) {
+	b, err := os.ReadFile(c.path(level, min, max) + metaSuffix)
+	if errors.Is(err, fs.ErrNotExist) {
+		return backends.FileMeta{}, fmt.Errorf("%s%s: %w", c.rel(level, min, max), metaSuffix, backends.ErrNotFound)
+	} else if err != nil {
+		return backends.FileMeta{}, err
+	}
+	var m metaFile
+	if err := json.Unmarshal(b, &m); err != nil {
+		return backends.FileMeta{}, fmt.Errorf("%s%s: %w", c.rel(level, min, max), metaSuffix, err)
+	}
+	var meta backends.FileMeta
+	if meta.Timestamp, err = ltx.ParseTimestamp(m.Timestamp); err != nil {
+		return meta, fmt.Errorf("%s%s: timestamp: %w", c.rel(level, min, max), metaSuffix, err)
+	}
+	if meta.PostApplyChecksum, err = ltx.ParseChecksum(m.PostApplyChecksum); err != nil {
+		return meta, fmt.Errorf("%s%s: checksum: %w", c.rel(level, min, max), metaSuffix, err)
+	}
+	return meta, nil
+}
+
+// DeleteLTXFiles removes files and their metadata.
+func (c *Client) DeleteLTXFiles(ctx context.Context, files []ltx.FileInfo) error {
+	dirs := map[string]bool{}
+	for _, f := range files {
+		if err := ctx.Err(); err != nil {
+			return err
+		}
+		path := c.path(f.Level, f.MinTXID, f.MaxTXID)
+		for _, p := range []string{path, path + metaSuffix} {
+			if err := os.Remove(p); err != nil && !errors.Is(err, fs.ErrNotExist) {
+				return err
+			}
+		}
+		dirs[filepath.Dir(path)] = true
+	}
+	for dir := range dirs {
+		if err := syncDir(dir); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// writeAtomic writes r to a temporary file beside path, checks that it got
+// size bytes (unless size < 0), fsyncs it, sets its mtime (unless zero) and
+// renames it into place.
+func writeAtomic(path string, r io.Reader, size int64, mtime time.Time) (err error) {
+	f, err := os.CreateTemp(filepath.Dir(path), ".tmp-*")
+	if err != nil {
+		return err
+	}
+	defer func() {
+		if err != nil {
+			f.Close()
+			os.Remove(f.Name())
+		}
+	}()
+	n, err := io.Copy(f, r)
+	if err != nil {
+		return err
+	}
+	if size >= 0 && n != size {
+		return fmt.Errorf("%s: wrote %d bytes, expected %d", filepath.Base(path), n, size)
+	}
+	if err := f.Sync(); err != nil {
+		return err
+	}
+	if err := f.Close(); err != nil {
+		return err
+	}
+	if !mtime.IsZero() {
+		if err := os.Chtimes(f.Name(), mtime, mtime); err != nil {
+			return err
+		}
+	}
+	return os.Rename(f.Name(), path)
+}
+
+func syncDir(dir string) error {
+	d, err := os.Open(dir)
+	if err != nil {
+		return err
+	}
+	defer d.Close()
+	return d.Sync()
+}

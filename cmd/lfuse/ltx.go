@@ -1,0 +1,113 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"text/tabwriter"
+	"time"
+
+	"github.com/lfuse/lfuse/replicate"
+)
+
+// runLTX lists the files of one database's replica.
+func runLTX(args []string, stdout, stderr io.Writer) error {
+	fl := flag.NewFlagSet("ltx", flag.ContinueOnError)
+	fl.SetOutput(stderr)
+	fl.Usage = func() {
+		fmt.Fprintf(stderr, "Usage: lfuse ltx REPLICA_URL\n\nLists the LTX files of one database's replica: level, TXID range, size and\ncommit time. The newest TXID of each file is a point restore -txid accepts.\n")
+	}
+	if err := fl.Parse(args); err != nil {
+		return err
+	}
+	if fl.NArg() != 1 {
+		fl.Usage()
+		return fmt.Errorf("%w: one REPLICA_URL expected", errUsage)
+	}
+	u, err := parseReplicaURL(fl.Arg(0))
+	if err != nil {
+		return err
+	}
+	client := u.client("")
+	ctx := context.Background()
+	tw := tabwriter.NewWriter(stdout, 0, 8, 2, ' ', 0)
+	fmt.Fprintln(tw, "LEVEL\tMIN_TXID\tMAX_TXID\tSIZE\tCOMMITTED")
+	n := 0
+	for level := 0; level <= replicate.SnapshotLevel; level++ {
+		files, err := client.LTXFiles(ctx, level)
+		if err != nil {
+			return fmt.Errorf("%s: list level %d: %w", client, level, err)
+		}
+		for _, f := range files {
+			fmt.Fprintf(tw, "%d\t%s\t%s\t%d\t%s\n", level, f.MinTXID, f.MaxTXID, f.Size, f.CreatedAt.Format(time.RFC3339Nano))
+			n++
+		}
+	}
+	if n == 0 {
+		return fmt.Errorf("%s holds no LTX files", client)
+	}
+	return tw.Flush()
+}
+
+// runDatabases lists the databases of the configured replicas, or of one
+// replica, with the newest TXID each holds.
+func runDatabases(args []string, stdout, stderr io.Writer) error {
+	fl := flag.NewFlagSet("databases", flag.ContinueOnError)
+	fl.SetOutput(stderr)
+	configPath := fl.String("config", "", "configuration file: list the databases of its replicas")
+	var replicas multiFlag
+	fl.Var(&replicas, "replica", "replica URL (repeatable)")
+	fl.Usage = func() {
+		fmt.Fprintf(stderr, "Usage: lfuse databases [-config FILE] [-replica URL ...]\n\nLists the databases the replicas hold and the newest TXID of each.\n\nFlags:\n")
+		fl.PrintDefaults()
+	}
+	if err := fl.Parse(args); err != nil {
+		return err
+	}
+	cfg, err := loadConfig(*configPath)
+	if err != nil {
+		return err
+	}
+	for _, r := range replicas {
+		cfg.Replicas = append(cfg.Replicas, ReplicaConfig{URL: r})
+	}
+	if len(cfg.Replicas) == 0 && len(cfg.Databases) == 0 {
+		fl.Usage()
+		return fmt.Errorf("%w: give -config FILE or -replica URL", errUsage)
+	}
+	if err := cfg.validate(); err != nil {
+		return err
+	}
+	ctx := context.Background()
+	tw := tabwriter.NewWriter(stdout, 0, 8, 2, ' ', 0)
+	fmt.Fprintln(tw, "DATABASE\tREPLICA\tTXID\tCOMMITTED")
+	show := func(rel string, client replicate.ReplicaClient) {
+		plan, err := replicate.PlanRestore(ctx, client, replicate.Target{})
+		switch {
+		case errors.Is(err, replicate.ErrNoBackup):
+			fmt.Fprintf(tw, "%s\t%s\t-\tno backup\n", rel, client)
+		case err != nil:
+			fmt.Fprintf(tw, "%s\t%s\t-\terror: %v\n", rel, client, err)
+		default:
+			fmt.Fprintf(tw, "%s\t%s\t%s\t%s\n", rel, client, plan.TXID, plan.Timestamp.Format(time.RFC3339))
+		}
+	}
+	for _, d := range cfg.Databases {
+		for _, t := range replicaTargets(cfg, d.Path) {
+			show(d.Path, t.client)
+		}
+	}
+	for _, r := range cfg.Replicas {
+		u, _ := parseReplicaURL(r.URL)
+		rels, err := u.databases(ctx)
+		if err != nil {
+			return err
+		}
+		for _, rel := range rels {
+			show(rel, u.client(rel))
+		}
+	}
+	return tw.Flush()
+}

@@ -1,0 +1,281 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"log/slog"
+	"os"
+	"os/signal"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/superfly/ltx"
+	"golang.org/x/sys/unix"
+
+	"github.com/lfuse/lfuse/replicate"
+)
+
+type restoreFlags struct {
+	output          string
+	txid            string
+	timestamp       string
+	ifReplicaExists bool
+	ifDBNotExists   bool
+	parallelism     int
+	force           bool
+}
+
+func runRestore(args []string, stdout, stderr io.Writer) error {
+	fl := flag.NewFlagSet("restore", flag.ContinueOnError)
+	fl.SetOutput(stderr)
+	var f restoreFlags
+	configPath := fl.String("config", "", "restore every database of the configured replicas into data-dir")
+	dataDir := fl.String("data", "", "restore every database of -replica into this directory")
+	var replicas multiFlag
+	fl.Var(&replicas, "replica", "replica URL to restore every database from, with -data (repeatable: the first that has a database wins)")
+	fl.StringVar(&f.output, "o", "", "output file, to restore the single database whose replica is REPLICA_URL")
+	fl.StringVar(&f.txid, "txid", "", "restore exactly this TXID (hex, as lfuse ltx prints it)")
+	fl.StringVar(&f.timestamp, "timestamp", "", "restore the newest state committed at or before this time (RFC 3339)")
+	fl.BoolVar(&f.ifReplicaExists, "if-replica-exists", false, "exit 0 with a message when the replica holds no backup")
+	fl.BoolVar(&f.ifDBNotExists, "if-db-not-exists", false, "skip (exit 0) a database that already exists")
+	fl.IntVar(&f.parallelism, "parallelism", 8, "concurrent downloads")
+	fl.BoolVar(&f.force, "force", false, "overwrite a database that exists")
+	logLevel := fl.String("log-level", "info", "debug, info, warn or error")
+	fl.Usage = func() {
+		fmt.Fprintf(stderr, `Usage:
+  lfuse restore [flags] -o OUTPUT REPLICA_URL    restore one database
+  lfuse restore [flags] -config FILE             restore every database of the configured replicas into data-dir
+  lfuse restore [flags] -data DIR -replica URL   restore every database of the replica into DIR
+
+REPLICA_URL is file:///path or a plain path: the replica of one database
+(for a mount replicating to file:///backups, app.db is at file:///backups/app.db).
+
+Flags:
+`)
+		fl.PrintDefaults()
+	}
+	if err := fl.Parse(args); err != nil {
+		return err
+	}
+	level, err := parseLevel(*logLevel)
+	if err != nil {
+		return err
+	}
+	logger := slog.New(slog.NewTextHandler(stderr, &slog.HandlerOptions{Level: level}))
+	target, err := f.target()
+	if err != nil {
+		return err
+	}
+	if f.parallelism < 1 {
+		return fmt.Errorf("-parallelism %d: must be at least 1", f.parallelism)
+	}
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
+	defer stop()
+
+	if f.output != "" {
+		if fl.NArg() != 1 || *configPath != "" || *dataDir != "" || len(replicas) > 0 {
+			fl.Usage()
+			return fmt.Errorf("%w: -o OUTPUT takes exactly one REPLICA_URL and no -config, -data or -replica", errUsage)
+		}
+		u, err := parseReplicaURL(fl.Arg(0))
+		if err != nil {
+			return err
+		}
+		out, err := filepath.Abs(f.output)
+		if err != nil {
+			return err
+		}
+		_, err = restoreOne(ctx, logger, stderr, []replicate.ReplicaClient{u.client("")}, out, target, f)
+		return err
+	}
+	if fl.NArg() != 0 {
+		fl.Usage()
+		return fmt.Errorf("%w: give -o OUTPUT with a REPLICA_URL, or -config / -data with -replica", errUsage)
+	}
+	cfg, err := loadConfig(*configPath)
+	if err != nil {
+		return err
+	}
+	if *dataDir != "" {
+		cfg.DataDir = *dataDir
+	}
+	if len(replicas) > 0 {
+		cfg.Replicas = nil
+		for _, r := range replicas {
+			cfg.Replicas = append(cfg.Replicas, ReplicaConfig{URL: r})
+		}
+	}
+	if cfg.DataDir == "" {
+		fl.Usage()
+		return fmt.Errorf("%w: no data directory: give -data DIR or data-dir in the config", errUsage)
+	}
+	if len(cfg.Replicas) == 0 && len(cfg.Databases) == 0 {
+		return errors.New("no replica: give -replica URL or replicas in the config")
+	}
+	if err := cfg.validate(); err != nil {
+		return err
+	}
+	_, err = restoreAll(ctx, logger, stderr, cfg, target, f)
+	return err
+}
+
+func (f restoreFlags) target() (replicate.Target, error) {
+	var t replicate.Target
+	if f.txid != "" && f.timestamp != "" {
+		return t, errors.New("give -txid or -timestamp, not both")
+	}
+	if f.txid != "" {
+		id, err := ltx.ParseTXID(f.txid)
+		if err != nil || id == 0 {
+			return t, fmt.Errorf("-txid %q: expected a TXID in hex, like 000000000000002a or 2a", f.txid)
+		}
+		t.TXID = id
+	}
+	if f.timestamp != "" {
+		ts, err := time.Parse(time.RFC3339Nano, f.timestamp)
+		if err != nil {
+			return t, fmt.Errorf("-timestamp %q: expected RFC 3339, like 2026-01-02T15:04:05Z", f.timestamp)
+		}
+		t.Time = ts
+	}
+	return t, nil
+}
+
+// restoreAll restores every database the configured replicas hold into the
+// data directory. It returns how many it restored.
+func restoreAll(ctx context.Context, logger *slog.Logger, stderr io.Writer, cfg Config, target replicate.Target, f restoreFlags) (int, error) {
+	dataDir, err := filepath.Abs(cfg.DataDir)
+	if err != nil {
+		return 0, err
+	}
+	if err := os.MkdirAll(dataDir, 0o755); err != nil {
+		return 0, fmt.Errorf("data directory: %w", err)
+	}
+	// The databases: those listed in the config, and those found under
+	// each global replica.
+	var rels []string
+	seen := map[string]bool{}
+	for _, d := range cfg.Databases {
+		rels, seen[filepath.ToSlash(filepath.Clean(d.Path))] = append(rels, filepath.ToSlash(filepath.Clean(d.Path))), true
+	}
+	for _, r := range cfg.Replicas {
+		u, _ := parseReplicaURL(r.URL)
+		found, err := u.databases(ctx)
+		if err != nil {
+			logger.Warn("cannot list the databases of a replica", "replica", u.String(), "err", err)
+			continue
+		}
+		for _, rel := range found {
+			if !seen[rel] {
+				rels, seen[rel] = append(rels, rel), true
+			}
+		}
+	}
+	if len(rels) == 0 {
+		if f.ifReplicaExists {
+			fmt.Fprintln(stderr, "lfuse: no database in the replicas; nothing to restore")
+			return 0, nil
+		}
+		return 0, errors.New("the replicas hold no database (use -if-replica-exists to make this not an error)")
+	}
+	n := 0
+	for _, rel := range rels {
+		var clients []replicate.ReplicaClient
+		for _, t := range replicaTargets(cfg, rel) {
+			clients = append(clients, t.client)
+		}
+		out := filepath.Join(dataDir, filepath.FromSlash(rel))
+		if err := os.MkdirAll(filepath.Dir(out), 0o755); err != nil {
+			return n, err
+		}
+		ok, err := restoreOne(ctx, logger.With("db", rel), stderr, clients, out, target, f)
+		if err != nil {
+			return n, fmt.Errorf("%s: %w", rel, err)
+		}
+		if ok {
+			n++
+		}
+	}
+	return n, nil
+}
+
+// restoreOne restores one database from the first of clients that holds a
+// backup of it. It reports whether it wrote output.
+func restoreOne(ctx context.Context, logger *slog.Logger, stderr io.Writer, clients []replicate.ReplicaClient, output string, target replicate.Target, f restoreFlags) (bool, error) {
+	if _, err := os.Stat(output); err == nil {
+		switch {
+		case f.ifDBNotExists:
+			logger.Info("database exists; not restoring", "path", output)
+			return false, nil
+		case !f.force:
+			return false, fmt.Errorf("%s exists: use -force to overwrite it, or -if-db-not-exists to keep it", output)
+		}
+	} else if !errors.Is(err, os.ErrNotExist) {
+		return false, err
+	}
+	var errs []error
+	for _, client := range clients {
+		plan, err := replicate.PlanRestore(ctx, client, target)
+		if errors.Is(err, replicate.ErrNoBackup) {
+			errs = append(errs, fmt.Errorf("%s: %w", client, err))
+			continue
+		} else if err != nil {
+			return false, fmt.Errorf("%s: %w", client, err)
+		}
+		logger.Info("restore plan", "replica", client.String(), "target", target.String(), "txid", plan.TXID.String(),
+			"committed", plan.Timestamp.Format(time.RFC3339Nano), "files", len(plan.Files), "bytes", plan.Bytes,
+			"list_seconds", plan.ListTime.Seconds())
+		opts := replicate.RestoreOptions{Parallelism: f.parallelism, Logger: logger}
+		if isTerminal(stderr) {
+			opts.Progress = progressBar(stderr)
+		}
+		start := time.Now()
+		st, err := replicate.Restore(ctx, client, plan, output, opts)
+		if opts.Progress != nil {
+			fmt.Fprintln(stderr)
+		}
+		if err != nil {
+			return false, err
+		}
+		logger.Info("restored", "path", output, "txid", plan.TXID.String(), "db_bytes", st.DBBytes, "files", st.Files,
+			"downloaded_bytes", st.Bytes, "seconds", time.Since(start).Seconds(), "download_wait_seconds", st.Download.Seconds(),
+			"apply_seconds", st.Apply.Seconds(), "verify_seconds", st.Verify.Seconds(), "sync_seconds", st.Sync.Seconds())
+		return true, nil
+	}
+	if f.ifReplicaExists {
+		fmt.Fprintf(stderr, "lfuse: no backup of %s in the replica; nothing to restore\n", filepath.Base(output))
+		return false, nil
+	}
+	return false, fmt.Errorf("%w (use -if-replica-exists to make this not an error)", errors.Join(errs...))
+}
+
+func isTerminal(w io.Writer) bool {
+	f, ok := w.(*os.File)
+	if !ok {
+		return false
+	}
+	_, err := unix.IoctlGetTermios(int(f.Fd()), unix.TCGETS)
+	return err == nil
+}
+
+func progressBar(w io.Writer) func(done, total int64) {
+	return func(done, total int64) {
+		if total <= 0 {
+			return
+		}
+		const width = 40
+		n := int(done * width / total)
+		fmt.Fprintf(w, "\r[%-*s] %3d%% %d/%d MB", width, strings.Repeat("#", n), done*100/total, done>>20, total>>20)
+	}
+}
+
+// multiFlag collects a repeatable string flag.
+type multiFlag []string
+
+func (m *multiFlag) String() string     { return fmt.Sprint(*m) }
+func (m *multiFlag) Set(v string) error { *m = append(*m, v); return nil }

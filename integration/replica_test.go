@@ -1,0 +1,214 @@
+package integration
+
+import (
+	"bytes"
+	"context"
+	"fmt"
+	"math/rand"
+	"os"
+	"path/filepath"
+	"slices"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/lfuse/lfuse/backends/file"
+	"github.com/lfuse/lfuse/replicate"
+	"github.com/superfly/ltx"
+)
+
+// replicaConfig writes a config that ships every database to a file replica
+// on short intervals, so compactions and snapshots happen within a test.
+func (e *env) replicaConfig(extra string) (cfgPath, repl string) {
+	repl = filepath.Join(e.root, "replica")
+	cfgPath = filepath.Join(e.root, "lfuse.toml")
+	cfg := fmt.Sprintf(`
+[[replicas]]
+url = "file://%s"
+sync-interval = "100ms"
+snapshot-interval = "3s"
+compact-intervals = ["1s", "2s"]
+%s
+`, repl, extra)
+	if err := os.WriteFile(cfgPath, []byte(cfg), 0o644); err != nil {
+		e.t.Fatal(err)
+	}
+	return cfgPath, repl
+}
+
+// seqLog parses a seq-writer's output: the time before each row's commit.
+func seqLog(t *testing.T, out string) map[int]time.Time {
+	t.Helper()
+	before := map[int]time.Time{}
+	for _, line := range strings.Split(strings.TrimSpace(out), "\n") {
+		var k int
+		var ns int64
+		if _, err := fmt.Sscanf(line, "%d %d", &k, &ns); err != nil {
+			t.Fatalf("seq-writer output %q: %v", line, err)
+		}
+		before[k] = time.Unix(0, ns)
+	}
+	return before
+}
+
+// seqRows checks that a restored database holds exactly rows 1..k of the
+// seq workload, and returns k.
+func seqRows(t *testing.T, path string) int {
+	t.Helper()
+	integrityCheck(t, path)
+	db := openDB(t, path, "mode=ro")
+	defer db.Close()
+	rows, err := db.Query("SELECT k, v FROM seq ORDER BY k")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer rows.Close()
+	n := 0
+	for rows.Next() {
+		var k int
+		var v []byte
+		if err := rows.Scan(&k, &v); err != nil {
+			t.Fatal(err)
+		}
+		n++
+		if k != n || !bytes.Equal(v, seqRow(k)) {
+			t.Fatalf("%s: row %d is not the row %d the workload wrote", path, n, k)
+		}
+	}
+	return n
+}
+
+// The whole path on a real mount: several processes write, lfuse ships to a
+// file replica with compactions and snapshots, stops cleanly after flushing;
+// lfuse restore then gives the live database byte for byte, and exactly the
+// state of the time for every TXID and timestamp tried.
+func TestReplicateAndRestore(t *testing.T) {
+	e := newEnv(t)
+	cfgPath, repl := e.replicaConfig("")
+	lf := e.mount("-config", cfgPath)
+	dbPath := e.path("app.db")
+	sqliteCLI(t, dbPath, "PRAGMA journal_mode=WAL;\n"+bankSchema+"CREATE TABLE seq(k INTEGER PRIMARY KEY, v BLOB);\n")
+
+	// Several processes at once.
+	var workers []*workerProc
+	for i := 0; i < 2; i++ {
+		workers = append(workers, startWorker(t, "bank-writer", "DB="+dbPath, "N=300", fmt.Sprintf("SEED=%d", i+1), fmt.Sprintf("NAME=go%d", i), "CKPT=100"))
+	}
+	workers = append(workers, startCLI(t, dbPath, cliTransfers("cli", 300, 7)))
+	workers = append(workers, startWorker(t, "bank-reader", "DB="+dbPath, "N=500", "SEED=9"))
+	for i, w := range workers {
+		if err := w.wait(t, 5*time.Minute); err != nil {
+			t.Fatalf("worker %d: %v\n%s", i, err, w.out.String())
+		}
+	}
+	// Then one writer, one row per commit, over several sync intervals,
+	// compactions and snapshots.
+	const rows = 400
+	w := startWorker(t, "seq-writer", "DB="+dbPath, "FROM=1", fmt.Sprint("TO=", rows), "PAUSE=15ms")
+	if err := w.wait(t, 5*time.Minute); err != nil {
+		t.Fatalf("seq-writer: %v\n%s", err, w.out.String())
+	}
+	before := seqLog(t, w.out.String())
+	checkpointTruncate(t, dbPath)
+	lf.stop()
+	if lf.log.count("every captured transaction is in every replica") != 1 {
+		t.Fatalf("no flush reported at stop:\n%s", lf.log)
+	}
+
+	// Latest: byte for byte the live database.
+	out := filepath.Join(e.root, "restored.db")
+	if code, log := runLfuse(t, "restore", "-o", out, "file://"+repl+"/app.db"); code != 0 {
+		t.Fatalf("restore exited %d:\n%s", code, log)
+	}
+	live, _ := os.ReadFile(filepath.Join(e.data, "app.db"))
+	got, _ := os.ReadFile(out)
+	if !bytes.Equal(got, live) {
+		t.Fatalf("restored %d bytes differ from the live %d bytes at %s", len(got), len(live), firstDiff(got, live))
+	}
+	if k := seqRows(t, out); k != rows {
+		t.Fatalf("latest restore holds %d seq rows, want %d", k, rows)
+	}
+
+	// What the replica holds: every level used, and a latest restore that
+	// reads few files however many L0 files there are.
+	ctx := context.Background()
+	client := file.New(filepath.Join(repl, "app.db"))
+	var all []ltx.FileInfo
+	for _, level := range []int{0, 1, 2, replicate.SnapshotLevel} {
+		files, err := client.LTXFiles(ctx, level)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if len(files) == 0 || (level == replicate.SnapshotLevel && len(files) < 2) {
+			t.Fatalf("level %d holds %d files", level, len(files))
+		}
+		all = append(all, files...)
+	}
+	plan, err := replicate.PlanRestore(ctx, client, replicate.Target{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	l0, _ := client.LTXFiles(ctx, 0)
+	if len(plan.Files) > 15 || len(plan.Files) > len(l0)/3 {
+		t.Fatalf("a latest restore reads %d files (%d L0 files in the replica)", len(plan.Files), len(l0))
+	}
+	latest := plan.TXID
+	offset := latest - rows // TXID of seq row k is offset+k: one TXID per commit
+
+	// Point in time by TXID: file ends of every level, seq phase only.
+	var points []ltx.TXID
+	seen := map[ltx.TXID]bool{}
+	for _, f := range all {
+		if f.MaxTXID > offset && !seen[f.MaxTXID] {
+			points, seen[f.MaxTXID] = append(points, f.MaxTXID), true
+		}
+	}
+	slices.Sort(points)
+	rng := rand.New(rand.NewSource(1))
+	rng.Shuffle(len(points), func(i, j int) { points[i], points[j] = points[j], points[i] })
+	var snapshots []ltx.TXID
+	for _, f := range all {
+		if f.Level == replicate.SnapshotLevel && f.MaxTXID > offset {
+			snapshots = append(snapshots, f.MaxTXID, f.MaxTXID+1)
+		}
+	}
+	tried := append(snapshots, points[:min(20, len(points))]...)
+	for _, txid := range tried {
+		if !seen[txid] {
+			continue // right after a snapshot: only if a file ends there
+		}
+		os.Remove(out)
+		if code, log := runLfuse(t, "restore", "-o", out, "-txid", txid.String(), "file://"+repl+"/app.db"); code != 0 {
+			t.Fatalf("restore -txid %s exited %d:\n%s", txid, code, log)
+		}
+		if k := seqRows(t, out); k != int(txid-offset) {
+			t.Fatalf("restore -txid %s holds rows 1..%d, want 1..%d", txid, k, txid-offset)
+		}
+	}
+
+	// Point in time by timestamp: the newest restorable state committed
+	// at or before it.
+	first, last := before[1], before[rows]
+	for i := 0; i < 10; i++ {
+		ts := first.Add(200*time.Millisecond + time.Duration(rng.Int63n(int64(last.Sub(first)))))
+		os.Remove(out)
+		code, log := runLfuse(t, "restore", "-o", out, "-timestamp", ts.UTC().Format(time.RFC3339Nano), "file://"+repl+"/app.db")
+		if code != 0 {
+			t.Fatalf("restore -timestamp %s exited %d:\n%s", ts, code, log)
+		}
+		k := seqRows(t, out)
+		if k < 1 || before[k].After(ts.Add(time.Millisecond)) {
+			t.Fatalf("restore -timestamp %s holds rows 1..%d, committed after it (%s)", ts.Format(time.RFC3339Nano), k, before[k].Format(time.RFC3339Nano))
+		}
+		// The next restorable point was committed after ts.
+		for _, f := range l0 {
+			if f.MaxTXID > offset+ltx.TXID(k) {
+				if !f.CreatedAt.After(ts) {
+					t.Fatalf("restore -timestamp %s stopped at row %d, but %s (committed %s) was restorable", ts.Format(time.RFC3339Nano), k, f.MaxTXID, f.CreatedAt.Format(time.RFC3339Nano))
+				}
+				break
+			}
+		}
+	}
+	t.Logf("%d L0, latest plan %d files, %d TXIDs and 10 timestamps restored", len(l0), len(plan.Files), len(tried))
+}

@@ -1,0 +1,171 @@
+package replicate
+
+import (
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"os"
+
+	"github.com/superfly/ltx"
+)
+
+// Ref locates one record of a local log: an LTX file at Off..Off+Size of the
+// file at Path. Readers open it with a section reader, without copying.
+type Ref struct {
+	Record
+	Path      string
+	Off, Size int64
+}
+
+// LogReader finds records in a local log that another goroutine may be
+// appending to. It reads only records up to a TXID the writer reported as
+// stored, so it never sees a partial one, and it remembers where it stopped
+// so that following the log costs nothing per record already read.
+type LogReader struct {
+	dir string
+	// Where the last call stopped: the next record in segment seg starts
+	// at off and has TXID next.
+	seg  string
+	off  int64
+	next ltx.TXID
+}
+
+// NewLogReader reads the log in dir.
+func NewLogReader(dir string) *LogReader { return &LogReader{dir: dir} }
+
+// errLogMoved means the records asked for are no longer in the log (a newer
+// snapshot replaced them): start again from the snapshot.
+var errLogMoved = errors.New("the local log no longer holds those records")
+
+// Snapshot returns the log's newest snapshot.
+func (lr *LogReader) Snapshot() (Ref, error) {
+	l := &Log{dir: lr.dir}
+	snaps, _, err := l.files()
+	if err != nil {
+		return Ref{}, err
+	}
+	if len(snaps) == 0 {
+		return Ref{}, errNoSnapshot
+	}
+	path := l.snapshotPath(snaps[len(snaps)-1])
+	f, err := os.Open(path)
+	if err != nil {
+		return Ref{}, err
+	}
+	defer f.Close()
+	st, err := f.Stat()
+	if err != nil {
+		return Ref{}, err
+	}
+	rec, err := peekRecord(f, 0, st.Size())
+	if err != nil {
+		return Ref{}, fmt.Errorf("%s: %w", path, err)
+	}
+	return Ref{Record: rec, Path: path, Size: st.Size()}, nil
+}
+
+// Refs returns the transaction records with TXIDs after..upTo, which must
+// all have been stored. If the newest snapshot is past after, it returns
+// errLogMoved: the caller starts from Snapshot instead.
+func (lr *LogReader) Refs(after, upTo ltx.TXID) ([]Ref, error) {
+	if upTo <= after {
+		return nil, nil
+	}
+	l := &Log{dir: lr.dir}
+	snaps, segs, err := l.files()
+	if err != nil {
+		return nil, err
+	}
+	if len(snaps) == 0 || snaps[len(snaps)-1] > after {
+		return nil, errLogMoved
+	}
+	// The segment holding TXID after+1 is the last one starting at or
+	// before it.
+	i := len(segs) - 1
+	for i >= 0 && segs[i] > after+1 {
+		i--
+	}
+	if i < 0 || segs[i] <= snaps[len(snaps)-1] {
+		return nil, errLogMoved
+	}
+	var refs []Ref
+	for ; i < len(segs) && segs[i] <= upTo; i++ {
+		path := l.segmentPath(segs[i])
+		off, next := int64(0), segs[i]
+		if lr.seg == path && lr.next <= after+1 && lr.next >= next {
+			off, next = lr.off, lr.next
+		}
+		more, end, endTXID, err := readRefs(path, off, next, after, upTo)
+		if errors.Is(err, os.ErrNotExist) {
+			return nil, errLogMoved
+		} else if err != nil {
+			return nil, err
+		}
+		refs = append(refs, more...)
+		lr.seg, lr.off, lr.next = path, end, endTXID
+		if len(refs) > 0 && refs[len(refs)-1].TXID() >= upTo {
+			break
+		}
+	}
+	if len(refs) == 0 || refs[0].Header.MinTXID != after+1 || refs[len(refs)-1].TXID() != upTo {
+		return nil, fmt.Errorf("local log: records %s..%s not found where expected", after+1, upTo)
+	}
+	return refs, nil
+}
+
+// readRefs walks a segment from off (where the record with TXID next
+// starts), returning the records within after+1..upTo and where it stopped.
+func readRefs(path string, off int64, next, after, upTo ltx.TXID) (refs []Ref, end int64, endTXID ltx.TXID, err error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return nil, 0, 0, err
+	}
+	defer f.Close()
+	for next <= upTo {
+		var lb [8]byte
+		if _, err := f.ReadAt(lb[:], off); err != nil {
+			return nil, 0, 0, fmt.Errorf("%s at %d: %w", path, off, err)
+		}
+		n := int64(binary.BigEndian.Uint64(lb[:]))
+		if n == 0 {
+			return nil, 0, 0, fmt.Errorf("%s at %d: record TXID %s not stored yet", path, off, next)
+		}
+		rec, err := peekRecord(f, off+8, n)
+		if err != nil {
+			return nil, 0, 0, fmt.Errorf("%s at %d: %w", path, off, err)
+		}
+		if rec.Header.MinTXID != next {
+			return nil, 0, 0, fmt.Errorf("%s at %d: record TXID %s, expected %s", path, off, rec.Header.MinTXID, next)
+		}
+		if rec.TXID() > after {
+			refs = append(refs, Ref{Record: rec, Path: path, Off: off + 8, Size: n})
+		}
+		off += 8 + n
+		next = rec.TXID() + 1
+	}
+	return refs, off, next, nil
+}
+
+// peekRecord reads an LTX file's header and trailer without decoding its
+// pages; the CRC is checked by whoever decodes it.
+func peekRecord(f *os.File, off, n int64) (Record, error) {
+	var rec Record
+	if n < ltx.HeaderSize+ltx.TrailerSize {
+		return rec, fmt.Errorf("LTX file of %d bytes is too short", n)
+	}
+	b := make([]byte, ltx.HeaderSize)
+	if _, err := f.ReadAt(b, off); err != nil {
+		return rec, err
+	}
+	if err := rec.Header.UnmarshalBinary(b); err != nil {
+		return rec, err
+	}
+	t := make([]byte, ltx.TrailerSize)
+	if _, err := f.ReadAt(t, off+n-ltx.TrailerSize); err != nil {
+		return rec, err
+	}
+	if err := rec.Trailer.UnmarshalBinary(t); err != nil {
+		return rec, err
+	}
+	return rec, nil
+}

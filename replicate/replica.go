@@ -1,0 +1,515 @@
+package replicate
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"math/rand/v2"
+	"os"
+	"slices"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/lfuse/lfuse/backends"
+	"github.com/superfly/ltx"
+)
+
+// ReplicaOptions is the policy of one replica. Zero fields take defaults.
+type ReplicaOptions struct {
+	// SyncInterval is how often new commits are shipped, as one L0 file.
+	SyncInterval time.Duration
+	// SnapshotInterval is how often a full snapshot (L9) is written.
+	SnapshotInterval time.Duration
+	// Retention is how far back any point stays restorable.
+	Retention time.Duration
+	// CompactIntervals are the intervals of levels 1, 2, ...: each merges
+	// the files of the level below written since its last file.
+	CompactIntervals []time.Duration
+}
+
+// Defaults of ReplicaOptions.
+const (
+	DefaultSyncInterval     = time.Second
+	DefaultSnapshotInterval = 24 * time.Hour
+	DefaultRetention        = 24 * time.Hour
+)
+
+// DefaultCompactIntervals are the intervals of levels 1 to 3.
+var DefaultCompactIntervals = []time.Duration{30 * time.Second, 5 * time.Minute, time.Hour}
+
+// WithDefaults fills zero fields with the defaults.
+func (o ReplicaOptions) WithDefaults() ReplicaOptions {
+	if o.SyncInterval <= 0 {
+		o.SyncInterval = DefaultSyncInterval
+	}
+	if o.SnapshotInterval <= 0 {
+		o.SnapshotInterval = DefaultSnapshotInterval
+	}
+	if o.Retention <= 0 {
+		o.Retention = DefaultRetention
+	}
+	if o.CompactIntervals == nil {
+		o.CompactIntervals = DefaultCompactIntervals
+	}
+	return o
+}
+
+// Replica ships one database's captured transactions to one ReplicaClient:
+// an L0 file per sync, compactions into higher levels, periodic snapshots,
+// and deletion of what the retention window no longer needs.
+//
+// Its position is the newest TXID the replica holds, learnt by listing the
+// replica once at start; from then on it keeps the listing up to date itself,
+// so the steady state issues no LIST.
+type Replica struct {
+	db     *DB
+	client ReplicaClient
+	opts   ReplicaOptions
+	logger *slog.Logger
+	reader *LogReader
+	tmpDir string
+
+	mu          sync.Mutex // one sync, compaction or flush at a time
+	listed      bool
+	files       [SnapshotLevel + 1][]ltx.FileInfo
+	pos         ltx.Pos
+	lastCompact [SnapshotLevel + 1]time.Time
+	failing     bool
+	failedAt    time.Time
+
+	synced    atomic.Uint64 // TXID the replica holds, for metrics and status
+	syncedAt  atomic.Int64  // unix nanoseconds of the last successful sync
+	syncs     atomic.Int64
+	errs      atomic.Int64
+	uploaded  atomic.Int64 // bytes
+	stop      chan struct{}
+	done      chan struct{}
+	startOnce sync.Once
+}
+
+func newReplica(d *DB, client ReplicaClient, opts ReplicaOptions, logger *slog.Logger) *Replica {
+	return &Replica{
+		db:     d,
+		client: client,
+		opts:   opts.WithDefaults(),
+		logger: logger.With("replica", client.String()),
+		reader: NewLogReader(d.logDir()),
+		tmpDir: d.dir,
+		stop:   make(chan struct{}),
+		done:   make(chan struct{}),
+	}
+}
+
+// Client is where the replica stores.
+func (r *Replica) Client() ReplicaClient { return r.client }
+
+// Pos is the newest TXID known to be in the replica.
+func (r *Replica) Pos() ltx.TXID { return ltx.TXID(r.synced.Load()) }
+
+// start runs the sync loop until Stop.
+func (r *Replica) start() {
+	r.startOnce.Do(func() { go r.run() })
+}
+
+func (r *Replica) run() {
+	defer close(r.done)
+	t := time.NewTicker(r.opts.SyncInterval)
+	defer t.Stop()
+	for {
+		ctx, cancel := context.WithCancel(context.Background())
+		go func() {
+			select {
+			case <-r.stop:
+			case <-ctx.Done():
+			}
+			cancel()
+		}()
+		r.tick(ctx)
+		cancel()
+		select {
+		case <-r.stop:
+			return
+		case <-t.C:
+		}
+	}
+}
+
+// tick syncs and then does whatever compaction, snapshot or retention work
+// is due. Errors are logged once per outage; the next tick retries.
+func (r *Replica) tick(ctx context.Context) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if r.failing && time.Since(r.failedAt) < r.backoff() {
+		return
+	}
+	err := r.syncLocked(ctx)
+	if err == nil {
+		err = r.maintainLocked(ctx)
+	}
+	r.result(err)
+}
+
+func (r *Replica) backoff() time.Duration {
+	// Retry at the sync interval at first, then back off to 30 s, with
+	// jitter so that many databases do not retry in step.
+	d := min(max(r.opts.SyncInterval, time.Since(r.failedAt)/4), 30*time.Second)
+	return d/2 + rand.N(d/2+1)
+}
+
+func (r *Replica) result(err error) {
+	switch {
+	case err == nil:
+		if r.failing {
+			r.logger.Info("replica recovered", "outage_seconds", time.Since(r.failedAt).Seconds(), "txid", r.pos.TXID.String())
+			r.failing = false
+		}
+	case errors.Is(err, context.Canceled):
+	default:
+		r.errs.Add(1)
+		if !r.failing {
+			r.logger.Error("replica sync failed; will retry", "err", err)
+			r.failing, r.failedAt = true, time.Now()
+		} else {
+			r.logger.Debug("replica sync still failing", "err", err)
+		}
+	}
+}
+
+// Stop ends the sync loop after the pass in progress.
+func (r *Replica) Stop() {
+	select {
+	case <-r.stop:
+	default:
+		close(r.stop)
+	}
+	r.startOnce.Do(func() { close(r.done) })
+	<-r.done
+}
+
+// Flush ships everything captured so far, retrying until ctx ends.
+func (r *Replica) Flush(ctx context.Context) error {
+	for {
+		r.mu.Lock()
+		err := r.syncLocked(ctx)
+		r.mu.Unlock()
+		if err == nil {
+			return nil
+		}
+		r.errs.Add(1)
+		r.logger.Warn("flush to replica failed; retrying", "err", err)
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("replica %s: %w (last error: %v)", r.client, ctx.Err(), err)
+		case <-time.After(time.Second):
+		}
+	}
+}
+
+// list learns what the replica holds: every level once.
+func (r *Replica) listLocked(ctx context.Context) error {
+	var files [SnapshotLevel + 1][]ltx.FileInfo
+	for _, level := range r.levels() {
+		infos, err := r.client.LTXFiles(ctx, level)
+		if err != nil {
+			return fmt.Errorf("list level %d: %w", level, err)
+		}
+		files[level] = infos
+	}
+	r.files = files
+	r.pos = ltx.Pos{}
+	var newest *ltx.FileInfo
+	for level := range files {
+		for i := range files[level] {
+			if f := &files[level][i]; newest == nil || f.MaxTXID > newest.MaxTXID {
+				newest = f
+			}
+		}
+	}
+	if newest != nil {
+		meta, err := r.client.FileMeta(ctx, newest.Level, newest.MinTXID, newest.MaxTXID)
+		if err != nil {
+			return fmt.Errorf("read newest file: %w", err)
+		}
+		newest.PostApplyChecksum = meta.PostApplyChecksum
+		r.pos = ltx.Pos{TXID: newest.MaxTXID, PostApplyChecksum: meta.PostApplyChecksum}
+	}
+	r.listed = true
+	r.synced.Store(uint64(r.pos.TXID))
+	now := time.Now()
+	for i := range r.lastCompact {
+		r.lastCompact[i] = now
+	}
+	return nil
+}
+
+// levels are the levels in use: 0, the compaction levels, snapshots.
+func (r *Replica) levels() []int {
+	levels := []int{0}
+	for i := range r.opts.CompactIntervals {
+		levels = append(levels, i+1)
+	}
+	return append(levels, SnapshotLevel)
+}
+
+// syncLocked ships every transaction captured so far.
+func (r *Replica) syncLocked(ctx context.Context) error {
+	if !r.listed {
+		if err := r.listLocked(ctx); err != nil {
+			return err
+		}
+	}
+	upTo, ok, err := r.db.prepareUpload()
+	if err != nil || !ok {
+		return err
+	}
+	if upTo < r.pos.TXID {
+		// The database went back in time (restored from an older copy,
+		// a power cut): a second history must not reuse these TXIDs.
+		r.db.resnapshotAbove(r.pos.TXID, fmt.Sprintf("replica %s holds TXID %s, beyond the local TXID %s", r.client, r.pos.TXID, upTo))
+		return nil
+	}
+	if upTo == r.pos.TXID {
+		r.syncedAt.Store(time.Now().UnixNano())
+		return nil
+	}
+	refs, err := r.reader.Refs(r.pos.TXID, upTo)
+	if errors.Is(err, errLogMoved) || r.pos.TXID == 0 {
+		snap, err := r.reader.Snapshot()
+		if err != nil {
+			return err
+		}
+		if snap.TXID() > upTo {
+			return nil // a snapshot newer than what the DB reported; next pass
+		}
+		if snap.TXID() <= r.pos.TXID {
+			r.db.resnapshotAbove(r.pos.TXID, fmt.Sprintf("the local log cannot continue replica %s at TXID %s", r.client, r.pos.TXID))
+			return nil
+		}
+		if err := r.upload(ctx, SnapshotLevel, []source{refSource(snap)}, snap.Trailer.PostApplyChecksum); err != nil {
+			return err
+		}
+		if refs, err = r.reader.Refs(snap.TXID(), upTo); err != nil {
+			return err
+		}
+	} else if err != nil {
+		return err
+	} else if pre := refs[0].Header.PreApplyChecksum; r.pos.PostApplyChecksum != 0 && pre != r.pos.PostApplyChecksum {
+		r.db.resnapshotAbove(max(r.pos.TXID, upTo), fmt.Sprintf("replica %s at TXID %s has checksum %s, the local log continues from %s",
+			r.client, r.pos.TXID, r.pos.PostApplyChecksum, pre))
+		return nil
+	}
+	if len(refs) == 0 {
+		return nil
+	}
+	srcs := make([]source, len(refs))
+	for i, ref := range refs {
+		srcs[i] = refSource(ref)
+	}
+	if err := r.upload(ctx, 0, srcs, refs[len(refs)-1].Trailer.PostApplyChecksum); err != nil {
+		return err
+	}
+	r.syncs.Add(1)
+	r.syncedAt.Store(time.Now().UnixNano())
+	return nil
+}
+
+// upload merges srcs into one file of the given level and stores it.
+func (r *Replica) upload(ctx context.Context, level int, srcs []source, post ltx.Checksum) error {
+	tmp, err := os.CreateTemp(r.tmpDir, "upload-*.ltx")
+	if err != nil {
+		return err
+	}
+	defer func() { tmp.Close(); os.Remove(tmp.Name()) }()
+	hdr, err := mergeSources(tmp, srcs, r.tmpDir)
+	if err != nil {
+		return fmt.Errorf("build level %d file: %w", level, err)
+	}
+	size, err := tmp.Seek(0, io.SeekCurrent)
+	if err != nil {
+		return err
+	}
+	if _, err := tmp.Seek(0, io.SeekStart); err != nil {
+		return err
+	}
+	ts := time.UnixMilli(hdr.Timestamp).UTC()
+	if err := r.client.WriteLTXFile(ctx, level, hdr.MinTXID, hdr.MaxTXID, tmp, size,
+		backends.FileMeta{Timestamp: ts, PostApplyChecksum: post}); err != nil {
+		return fmt.Errorf("write level %d file %s: %w", level, ltx.FormatFilename(hdr.MinTXID, hdr.MaxTXID), err)
+	}
+	r.uploaded.Add(size)
+	info := ltx.FileInfo{Level: level, MinTXID: hdr.MinTXID, MaxTXID: hdr.MaxTXID, PostApplyChecksum: post, Size: size, CreatedAt: ts}
+	r.files[level] = append(r.files[level], info)
+	if level == SnapshotLevel || level == 0 {
+		if hdr.MaxTXID > r.pos.TXID {
+			r.pos = ltx.Pos{TXID: hdr.MaxTXID, PostApplyChecksum: post}
+			r.synced.Store(uint64(hdr.MaxTXID))
+		}
+	}
+	if level == SnapshotLevel {
+		r.logger.Info("snapshot uploaded", "txid", hdr.MaxTXID.String(), "bytes", size)
+	} else {
+		r.logger.Debug("uploaded", "level", level, "min", hdr.MinTXID.String(), "max", hdr.MaxTXID.String(), "bytes", size)
+	}
+	return nil
+}
+
+// maintainLocked compacts levels, takes a snapshot and applies retention,
+// each when its interval has passed.
+func (r *Replica) maintainLocked(ctx context.Context) error {
+	now := time.Now()
+	for i, every := range r.opts.CompactIntervals {
+		level := i + 1
+		if now.Sub(r.lastCompact[level]) < every {
+			continue
+		}
+		if err := r.compactLocked(ctx, level); err != nil {
+			return err
+		}
+		r.lastCompact[level] = now
+	}
+	if err := r.snapshotLocked(ctx, now); err != nil {
+		return err
+	}
+	return r.retainLocked(ctx, now)
+}
+
+// compactLocked merges the files of level-1 written since the last file of
+// level into one file of level. It reads them from the local log when it
+// still holds them, from the replica otherwise.
+func (r *Replica) compactLocked(ctx context.Context, level int) error {
+	var after ltx.TXID
+	if n := len(r.files[level]); n > 0 {
+		after = r.files[level][n-1].MaxTXID
+	}
+	var run []ltx.FileInfo
+	for _, f := range r.files[level-1] {
+		if f.MinTXID <= after {
+			continue
+		}
+		if len(run) > 0 && f.MinTXID != run[len(run)-1].MaxTXID+1 {
+			run = run[:0] // a new history started (a snapshot): compact that
+		}
+		run = append(run, f)
+	}
+	if len(run) < 2 && !(len(run) == 1 && level > 1) {
+		return nil
+	}
+	first, last := run[0], run[len(run)-1]
+	var srcs []source
+	post := last.PostApplyChecksum
+	if refs, err := r.reader.Refs(first.MinTXID-1, last.MaxTXID); err == nil {
+		for _, ref := range refs {
+			srcs = append(srcs, refSource(ref))
+		}
+		post = refs[len(refs)-1].Trailer.PostApplyChecksum
+	} else {
+		for _, f := range run {
+			srcs = append(srcs, r.remoteSource(ctx, f))
+		}
+		if post == 0 {
+			meta, err := r.client.FileMeta(ctx, last.Level, last.MinTXID, last.MaxTXID)
+			if err != nil {
+				return err
+			}
+			post = meta.PostApplyChecksum
+		}
+	}
+	return r.upload(ctx, level, srcs, post)
+}
+
+// remoteSource downloads a replica file into a temporary file, which is
+// removed when the merge closes it.
+func (r *Replica) remoteSource(ctx context.Context, f ltx.FileInfo) source {
+	return func() (io.ReadCloser, error) {
+		rc, err := r.client.OpenLTXFile(ctx, f.Level, f.MinTXID, f.MaxTXID)
+		if err != nil {
+			return nil, err
+		}
+		defer rc.Close()
+		tmp, err := os.CreateTemp(r.tmpDir, "download-*.ltx")
+		if err != nil {
+			return nil, err
+		}
+		os.Remove(tmp.Name())
+		if _, err := io.Copy(tmp, rc); err != nil {
+			tmp.Close()
+			return nil, err
+		}
+		if _, err := tmp.Seek(0, io.SeekStart); err != nil {
+			tmp.Close()
+			return nil, err
+		}
+		return tmp, nil
+	}
+}
+
+// snapshotLocked writes a snapshot at the replica's position when the newest
+// one is older than the snapshot interval.
+func (r *Replica) snapshotLocked(ctx context.Context, now time.Time) error {
+	snaps := r.files[SnapshotLevel]
+	if len(snaps) > 0 {
+		newest := snaps[len(snaps)-1]
+		if newest.MaxTXID >= r.pos.TXID || now.Sub(newest.CreatedAt) < r.opts.SnapshotInterval {
+			return nil
+		}
+	}
+	snap, err := r.reader.Snapshot()
+	if err != nil {
+		return err
+	}
+	srcs := []source{refSource(snap)}
+	if r.pos.TXID > snap.TXID() {
+		refs, err := r.reader.Refs(snap.TXID(), r.pos.TXID)
+		if err != nil {
+			return nil // the log moved on; its new snapshot is shipped by the next sync
+		}
+		for _, ref := range refs {
+			srcs = append(srcs, refSource(ref))
+		}
+	} else if snap.TXID() != r.pos.TXID {
+		return nil
+	}
+	return r.upload(ctx, SnapshotLevel, srcs, r.pos.PostApplyChecksum)
+}
+
+// retainLocked deletes what no point in the retention window needs: the
+// newest snapshot taken before the window opened, and everything after it,
+// stays.
+func (r *Replica) retainLocked(ctx context.Context, now time.Time) error {
+	cutoff := now.Add(-r.opts.Retention)
+	snaps := r.files[SnapshotLevel]
+	keep := -1
+	for i, s := range snaps {
+		if !s.CreatedAt.After(cutoff) {
+			keep = i
+		}
+	}
+	if keep <= 0 {
+		return nil
+	}
+	base := snaps[keep].MaxTXID
+	var del []ltx.FileInfo
+	for level := range r.files {
+		for _, f := range r.files[level] {
+			if (level == SnapshotLevel && f.MaxTXID < base) || (level != SnapshotLevel && f.MaxTXID <= base) {
+				del = append(del, f)
+			}
+		}
+	}
+	if len(del) == 0 {
+		return nil
+	}
+	if err := r.client.DeleteLTXFiles(ctx, del); err != nil {
+		return fmt.Errorf("delete files past retention: %w", err)
+	}
+	for level := range r.files {
+		r.files[level] = slices.DeleteFunc(r.files[level], func(f ltx.FileInfo) bool {
+			return (level == SnapshotLevel && f.MaxTXID < base) || (level != SnapshotLevel && f.MaxTXID <= base)
+		})
+	}
+	r.logger.Info("deleted files past retention", "files", len(del), "before_txid", base.String())
+	return nil
+}

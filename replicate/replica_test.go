@@ -1,0 +1,180 @@
+package replicate
+
+import (
+	"context"
+	"crypto/sha256"
+	"database/sql"
+	"errors"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/lfuse/lfuse/backends/file"
+	"github.com/superfly/ltx"
+)
+
+func fileHash(t *testing.T, path string) [32]byte {
+	t.Helper()
+	b, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return sha256.Sum256(b)
+}
+
+// A database captured through the Manager is shipped to a file replica;
+// restoring at every TXID the replica offers gives exactly the database as
+// it was then, through L0 files, compactions and a second snapshot.
+func TestReplicaRestoreEveryPoint(t *testing.T) {
+	data, state, repl := t.TempDir(), filepath.Join(t.TempDir(), "state"), t.TempDir()
+	logs := &logBuffer{}
+	m := NewManager(data, state, slog.New(slog.NewTextHandler(logs, &slog.HandlerOptions{Level: slog.LevelDebug})))
+	m.Replicas = func(rel string) []ReplicaSpec {
+		return []ReplicaSpec{{Client: file.New(filepath.Join(repl, rel)), Options: ReplicaOptions{
+			SyncInterval:     time.Hour, // this test drives every pass itself
+			SnapshotInterval: time.Hour,
+			CompactIntervals: []time.Duration{time.Hour, time.Hour},
+		}}}
+	}
+	if err := m.Open(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	path := filepath.Join(data, "app.db")
+	db, err := sql.Open("sqlite3", path+"?_journal_mode=WAL&_busy_timeout=5000")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer db.Close()
+	db.SetMaxOpenConns(1)
+	exec := func(q string, args ...any) {
+		t.Helper()
+		if _, err := db.Exec(q, args...); err != nil {
+			t.Fatalf("%s: %v", q, err)
+		}
+	}
+	exec("PRAGMA wal_autocheckpoint=0")
+	exec("CREATE TABLE t(id INTEGER PRIMARY KEY, v BLOB)")
+	m.Opened("app.db-wal", true)
+	m.SyncAll()
+	r := m.DB("app.db").Replicas()[0]
+	ctx := context.Background()
+
+	// The state after each sync, by the TXID the replica then held.
+	states := map[ltx.TXID][32]byte{}
+	snapshotDB := func() [32]byte {
+		// The database as a reader sees it: checkpoint a copy.
+		dir := t.TempDir()
+		for _, s := range []string{"", "-wal"} {
+			if b, err := os.ReadFile(path + s); err == nil {
+				os.WriteFile(filepath.Join(dir, "x.db"+s), b, 0o600)
+			}
+		}
+		c, err := sql.Open("sqlite3", filepath.Join(dir, "x.db"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, err := c.Exec("PRAGMA wal_checkpoint(TRUNCATE)"); err != nil {
+			t.Fatal(err)
+		}
+		c.Close()
+		return fileHash(t, filepath.Join(dir, "x.db"))
+	}
+	step := func() {
+		m.SyncAll()
+		if err := r.Flush(ctx); err != nil {
+			t.Fatal(err)
+		}
+		states[r.Pos()] = snapshotDB()
+	}
+	step()
+	for i := 0; i < 60; i++ {
+		for j := 0; j <= i%3; j++ {
+			exec("INSERT INTO t(v) VALUES(randomblob(?))", 50+i*97%3000)
+		}
+		if i%7 == 0 {
+			exec("DELETE FROM t WHERE id % 5 = ?", i%5) // shrink and reuse pages
+		}
+		if i%10 == 9 {
+			checkpoint(t, m, db, "TRUNCATE")
+		}
+		step()
+		r.mu.Lock()
+		switch i {
+		case 20, 40, 59:
+			err = r.compactLocked(ctx, 1)
+		case 30:
+			err = r.compactLocked(ctx, 2)
+		case 45:
+			r.opts.SnapshotInterval = time.Nanosecond
+			err = r.snapshotLocked(ctx, time.Now())
+		}
+		r.mu.Unlock()
+		if err != nil {
+			t.Fatal(err)
+		}
+	}
+	client := r.Client()
+	for _, level := range []int{0, 1, 2, SnapshotLevel} {
+		files, err := client.LTXFiles(ctx, level)
+		if err != nil || len(files) == 0 {
+			t.Fatalf("level %d: %d files, %v", level, len(files), err)
+		}
+	}
+	if n := len(mustList(t, client, SnapshotLevel)); n != 2 {
+		t.Fatalf("%d snapshots, want 2", n)
+	}
+
+	out := filepath.Join(t.TempDir(), "restored.db")
+	latest, err := PlanRestore(ctx, client, Target{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(latest.Files) != 2 {
+		t.Errorf("latest restore reads %d files after a snapshot and compactions", len(latest.Files))
+	}
+	for txid, want := range states {
+		plan, err := PlanRestore(ctx, client, Target{TXID: txid})
+		if err != nil {
+			t.Fatalf("plan TXID %s: %v", txid, err)
+		}
+		os.Remove(out)
+		if _, err := Restore(ctx, client, plan, out, RestoreOptions{Parallelism: 3}); err != nil {
+			t.Fatalf("restore TXID %s: %v", txid, err)
+		}
+		if got := fileHash(t, out); got != want {
+			t.Fatalf("restore at TXID %s (%d files) differs from the database then", txid, len(plan.Files))
+		}
+	}
+
+	// A flipped byte in a file the plan needs is refused, naming the file.
+	lastFile := latest.Files[len(latest.Files)-1]
+	name := ltx.FormatFilename(lastFile.MinTXID, lastFile.MaxTXID)
+	victim := filepath.Join(repl, "app.db", "ltx", strconv.Itoa(lastFile.Level), name)
+	b, _ := os.ReadFile(victim)
+	b[len(b)/2] ^= 0xff
+	os.WriteFile(victim, b, 0o600)
+	os.Remove(out)
+	_, err = Restore(ctx, client, latest, out, RestoreOptions{})
+	if err == nil || !strings.Contains(err.Error(), name) {
+		t.Fatalf("restore through a corrupt file: %v", err)
+	}
+	if _, err := os.Stat(out); !errors.Is(err, os.ErrNotExist) {
+		t.Fatalf("a failed restore left %s behind", out)
+	}
+	if err := m.Close(); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func mustList(t *testing.T, c ReplicaClient, level int) []ltx.FileInfo {
+	t.Helper()
+	files, err := c.LTXFiles(context.Background(), level)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return files
+}
