@@ -121,7 +121,12 @@ func readRefs(path string, off int64, next, after, upTo ltx.TXID) (refs []Ref, e
 		return nil, 0, 0, err
 	}
 	defer f.Close()
-	for next <= upTo {
+	st, err := f.Stat()
+	if err != nil {
+		return nil, 0, 0, err
+	}
+	// Records go on in the next segment after this one's end.
+	for next <= upTo && off+8 <= st.Size() {
 		var lb [8]byte
 		if _, err := f.ReadAt(lb[:], off); err != nil {
 			return nil, 0, 0, fmt.Errorf("%s at %d: %w", path, off, err)

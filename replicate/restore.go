@@ -109,6 +109,19 @@ func PlanRestore(ctx context.Context, client ReplicaClient, target Target) (Plan
 		plan.Files = append(plan.Files, *best)
 		cur = *best
 	}
+	// Anything within the target beyond where the chain stopped means a
+	// file is missing: refuse rather than restore an older state silently.
+	var gap *ltx.FileInfo
+	for level := range levels {
+		for i := range levels[level] {
+			if f := &levels[level][i]; within(*f) && f.MaxTXID > cur.MaxTXID && (gap == nil || f.MinTXID < gap.MinTXID) {
+				gap = f
+			}
+		}
+	}
+	if gap != nil {
+		return plan, fmt.Errorf("gap in the TXID chain: no file continues TXID %s; the next one, %s, starts at TXID %s", cur.MaxTXID, fileName(*gap), gap.MinTXID)
+	}
 	if target.TXID != 0 && cur.MaxTXID != target.TXID {
 		return plan, fmt.Errorf("TXID %s cannot be restored exactly: it falls inside a batch of commits; the nearest restorable TXIDs are %s and %s (see lfuse ltx)",
 			target.TXID, cur.MaxTXID, nextBoundary(levels[:], cur.MaxTXID))
