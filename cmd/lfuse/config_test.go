@@ -6,6 +6,7 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 )
 
 func TestLoadConfig(t *testing.T) {
@@ -39,6 +40,32 @@ addr = "127.0.0.1:9090"
 		{name: "key in the wrong table", text: "[log]\npassthrough = \"on\"\n", err: `line 2: unknown key "log.passthrough"`},
 		{name: "wrong type", text: "xattrs = \"yes\"\n", err: "xattrs"},
 		{name: "syntax error", text: "mount-dir = /data\n", err: "line 1"},
+		{name: "replicas", text: `
+restore-if-missing = true
+shutdown-timeout = "10s"
+[[replicas]]
+url = "file:///backups"
+sync-interval = "250ms"
+snapshot-interval = "12h"
+retention = "48h"
+compact-intervals = ["10s", "1m"]
+[[replicas]]
+url = "/second"
+[[databases]]
+path = "sub/own.db"
+[[databases.replicas]]
+url = "file:///own"
+`, want: func(c Config) bool {
+			o := c.Replicas[0].options()
+			d := c.Replicas[1].options()
+			return c.RestoreIfMissing && c.ShutdownTimeout.Duration == 10*time.Second && len(c.Replicas) == 2 &&
+				o.SyncInterval == 250*time.Millisecond && o.SnapshotInterval == 12*time.Hour && o.Retention == 48*time.Hour &&
+				len(o.CompactIntervals) == 2 && o.CompactIntervals[1] == time.Minute &&
+				d.SyncInterval == time.Second && d.Retention == 24*time.Hour && len(d.CompactIntervals) == 3 &&
+				c.Databases[0].Path == "sub/own.db" && c.Databases[0].Replicas[0].URL == "file:///own" && c.validate() == nil
+		}},
+		{name: "bad duration", text: "[[replicas]]\nurl = \"/b\"\nsync-interval = \"1 second\"\n", err: `bad duration "1 second"`},
+		{name: "unknown replica key", text: "[[replicas]]\nurl = \"/b\"\ninterval = \"1s\"\n", err: `line 3: unknown key "replicas.interval"`},
 	}
 	for _, c := range cases {
 		t.Run(c.name, func(t *testing.T) {
@@ -67,6 +94,20 @@ addr = "127.0.0.1:9090"
 	}
 }
 
+// The example file documents every key: it must load and validate as is.
+func TestExampleConfig(t *testing.T) {
+	cfg, err := loadConfig("../../litefs.toml.example")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := cfg.validate(); err != nil {
+		t.Fatal(err)
+	}
+	if len(cfg.Replicas) != 1 || cfg.ShutdownTimeout.Duration != 30*time.Second {
+		t.Fatalf("example config: %+v", cfg)
+	}
+}
+
 func TestValidate(t *testing.T) {
 	for _, c := range []struct {
 		mod func(*Config)
@@ -75,6 +116,13 @@ func TestValidate(t *testing.T) {
 		{func(c *Config) { c.Passthrough = "sometimes" }, `passthrough = "sometimes"`},
 		{func(c *Config) { c.Log.Level = "loud" }, `log level "loud"`},
 		{func(c *Config) { c.Log.Format = "xml" }, `log format "xml"`},
+		{func(c *Config) { c.Replicas = []ReplicaConfig{{URL: "s4://bucket"}} }, `unknown scheme "s4"`},
+		{func(c *Config) { c.Replicas = []ReplicaConfig{{}} }, `url is required`},
+		{func(c *Config) { c.Replicas = []ReplicaConfig{{URL: "file://host/x"}} }, `has no host`},
+		{func(c *Config) { c.Databases = []DatabaseConfig{{Path: "../x.db"}} }, `relative to the mount`},
+		{func(c *Config) {
+			c.Databases = []DatabaseConfig{{Path: "a.db", Replicas: []ReplicaConfig{{URL: "/r"}}}, {Path: "./a.db"}}
+		}, `listed twice`},
 	} {
 		cfg := defaultConfig()
 		c.mod(&cfg)
