@@ -61,8 +61,9 @@ type DB struct {
 
 	// minTXID is the lowest TXID the next snapshot may take: above what a
 	// replica holds of a history this database no longer continues.
-	minTXID  ltx.TXID
-	replicas []*Replica
+	minTXID   ltx.TXID
+	replicas  []*Replica
+	compactMu sync.Mutex // one fold of the local log at a time
 
 	captured      atomic.Int64 // transactions captured since start
 	capturedBytes atomic.Int64
@@ -119,6 +120,17 @@ func (d *DB) loop() {
 		d.kickMu.Lock()
 		if !d.dirty {
 			d.running = false
+			if len(d.replicas) == 0 && !d.closed {
+				// Without replicas nothing needs old records: fold
+				// them, off the capture path.
+				d.wg.Add(1)
+				go func() {
+					defer d.wg.Done()
+					if err := d.compactLog(); err != nil {
+						d.logger.Warn("cannot fold the local log; it keeps growing until this works", "err", err)
+					}
+				}()
+			}
 			d.kickMu.Unlock()
 			return
 		}
@@ -473,4 +485,65 @@ func (d *DB) resnapshotAbove(txid ltx.TXID, reason string) {
 	}
 	d.mu.Unlock()
 	d.kick()
+}
+
+// compactLog folds the local log's snapshot and the closed segments that
+// every replica has shipped into a new snapshot, so the log stays about the
+// size of the database instead of growing with its history. It runs only
+// when those segments are at least as large as the snapshot, which bounds
+// the rewriting to about twice what the application writes.
+func (d *DB) compactLog() error {
+	if !d.compactMu.TryLock() {
+		return nil
+	}
+	defer d.compactMu.Unlock()
+	limit := ltx.TXID(1<<63 - 1)
+	for _, r := range d.replicas {
+		limit = min(limit, r.Pos())
+	}
+	d.mu.Lock()
+	if d.log == nil {
+		d.mu.Unlock()
+		return nil
+	}
+	snapTXID := d.log.SnapshotTXID()
+	upTo, segBytes, err := d.log.closedSegments()
+	d.mu.Unlock()
+	if err != nil || upTo == 0 || upTo > limit {
+		return err
+	}
+	reader := NewLogReader(d.logDir())
+	snap, err := reader.Snapshot()
+	if err != nil || snap.TXID() != snapTXID || segBytes < snap.Size {
+		return err
+	}
+	refs, err := reader.Refs(snapTXID, upTo)
+	if errors.Is(err, errLogMoved) {
+		return nil
+	} else if err != nil {
+		return err
+	}
+	srcs := []source{refSource(snap)}
+	for _, ref := range refs {
+		srcs = append(srcs, refSource(ref))
+	}
+	tmp, err := os.CreateTemp(d.dir, "fold-*.tmp")
+	if err != nil {
+		return err
+	}
+	defer func() { tmp.Close(); os.Remove(tmp.Name()) }()
+	start := time.Now()
+	if _, err := mergeSources(tmp, srcs, d.dir, true); err != nil {
+		return fmt.Errorf("fold local log: %w", err)
+	}
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if d.log == nil || d.log.SnapshotTXID() != snapTXID {
+		return nil // a new snapshot replaced the log meanwhile
+	}
+	if err := d.log.replaceStart(tmp.Name()); err != nil {
+		return fmt.Errorf("fold local log: %w", err)
+	}
+	d.logger.Info("folded the local log into a snapshot", "txid", upTo.String(), "segment_bytes", segBytes, "seconds", time.Since(start).Seconds())
+	return nil
 }

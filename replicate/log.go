@@ -51,7 +51,7 @@ type Record struct {
 func (r Record) TXID() ltx.TXID { return r.Header.MaxTXID }
 
 // maxSegment is the size at which appends move to a new segment file.
-const maxSegment = 64 << 20
+var maxSegment int64 = 64 << 20
 
 const snapshotSuffix = ".snapshot.ltx"
 
@@ -496,4 +496,54 @@ func fsyncPath(path string) error {
 
 func syncDir(dir string) error {
 	return fsyncPath(dir)
+}
+
+// closedSegments returns the newest TXID held by segments that are no longer
+// appended to, with their total size, or 0 if there are none.
+func (l *Log) closedSegments() (upTo ltx.TXID, size int64, err error) {
+	_, segs, err := l.files()
+	if err != nil {
+		return 0, 0, err
+	}
+	for i := 0; i+1 < len(segs); i++ {
+		// Appends go to the newest segment only: one with a successor
+		// is closed.
+		if segs[i] <= l.snapshot {
+			continue
+		}
+		fi, err := os.Stat(l.segmentPath(segs[i]))
+		if err != nil {
+			return 0, 0, err
+		}
+		upTo, size = segs[i+1]-1, size+fi.Size()
+	}
+	return upTo, size, nil
+}
+
+// replaceStart installs a snapshot that folds the current snapshot and the
+// closed segments up to its TXID into one file, and removes what it
+// replaces. Records after it, and the segment being appended to, stay.
+func (l *Log) replaceStart(tmpPath string) error {
+	rec, err := readRecordFile(tmpPath)
+	if err != nil {
+		return err
+	}
+	if !rec.Header.IsSnapshot() || rec.TXID() <= l.snapshot || rec.TXID() > l.last.TXID() {
+		return fmt.Errorf("folded snapshot at TXID %s does not fit the log (snapshot %s, last %s)", rec.TXID(), l.snapshot, l.last.TXID())
+	}
+	if err := fsyncPath(tmpPath); err != nil {
+		return err
+	}
+	if err := os.Rename(tmpPath, l.snapshotPath(rec.TXID())); err != nil {
+		return err
+	}
+	if err := syncDir(l.dir); err != nil {
+		return err
+	}
+	l.snapshot = rec.TXID()
+	if l.last.TXID() == rec.TXID() {
+		l.last = rec
+	}
+	l.prune()
+	return nil
 }

@@ -14,12 +14,12 @@ import (
 // order: for each page the image from the last input that holds it, pages
 // beyond the final commit size dropped. The inputs must have contiguous
 // TXIDs; if the first one is a snapshot, so is the result. The result carries
-// no database checksums in its header (flags HeaderFlagNoChecksum), the form
-// replicas are written in; the final post-apply checksum of the inputs is
-// returned for recording beside it.
+// no database checksums (flags HeaderFlagNoChecksum), the form replicas are
+// written in, unless checksums is set (the local log's form); the final
+// post-apply checksum of the inputs is returned either way.
 //
 // Memory is one page and one decoder per input; callers bound the fan-in.
-func mergeLTX(w io.Writer, inputs []io.Reader, spillDir string) (ltx.Header, ltx.Checksum, error) {
+func mergeLTX(w io.Writer, inputs []io.Reader, spillDir string, checksums bool) (ltx.Header, ltx.Checksum, error) {
 	if len(inputs) == 0 {
 		return ltx.Header{}, 0, errors.New("merge: no inputs")
 	}
@@ -56,6 +56,12 @@ func mergeLTX(w io.Writer, inputs []io.Reader, spillDir string) (ltx.Header, ltx
 		MinTXID:   first.MinTXID,
 		MaxTXID:   last.MaxTXID,
 		Timestamp: last.Timestamp,
+	}
+	if checksums {
+		hdr.Flags = 0
+		if !hdr.IsSnapshot() {
+			hdr.PreApplyChecksum = first.PreApplyChecksum
+		}
 	}
 	enc, err := ltx.NewEncoder(w)
 	if err != nil {
@@ -138,6 +144,9 @@ func mergeLTX(w io.Writer, inputs []io.Reader, spillDir string) (ltx.Header, ltx
 		}
 	}
 	post := ins[len(ins)-1].dec.Trailer().PostApplyChecksum
+	if checksums {
+		enc.SetPostApplyChecksum(post)
+	}
 	if err := enc.Close(); err != nil {
 		return hdr, 0, err
 	}
@@ -153,7 +162,7 @@ type source func() (io.ReadCloser, error)
 // mergeSources merges any number of sources into w, in rounds of at most
 // mergeFanIn through temporary files in tmpDir, so memory stays bounded
 // however long the history.
-func mergeSources(w io.Writer, srcs []source, tmpDir string) (ltx.Header, error) {
+func mergeSources(w io.Writer, srcs []source, tmpDir string, checksums bool) (ltx.Header, error) {
 	for len(srcs) > mergeFanIn {
 		var next []source
 		var tmps []string
@@ -169,7 +178,7 @@ func mergeSources(w io.Writer, srcs []source, tmpDir string) (ltx.Header, error)
 				return ltx.Header{}, err
 			}
 			tmps = append(tmps, f.Name())
-			_, err = mergeOpen(f, srcs[i:min(i+mergeFanIn, len(srcs))], tmpDir)
+			_, err = mergeOpen(f, srcs[i:min(i+mergeFanIn, len(srcs))], tmpDir, checksums)
 			if cerr := f.Close(); err == nil {
 				err = cerr
 			}
@@ -183,10 +192,10 @@ func mergeSources(w io.Writer, srcs []source, tmpDir string) (ltx.Header, error)
 		defer cleanup()
 		srcs = next
 	}
-	return mergeOpen(w, srcs, tmpDir)
+	return mergeOpen(w, srcs, tmpDir, checksums)
 }
 
-func mergeOpen(w io.Writer, srcs []source, tmpDir string) (ltx.Header, error) {
+func mergeOpen(w io.Writer, srcs []source, tmpDir string, checksums bool) (ltx.Header, error) {
 	var rs []io.Reader
 	for _, open := range srcs {
 		rc, err := open()
@@ -203,7 +212,7 @@ func mergeOpen(w io.Writer, srcs []source, tmpDir string) (ltx.Header, error) {
 			r.(io.Closer).Close()
 		}
 	}()
-	hdr, _, err := mergeLTX(w, rs, tmpDir)
+	hdr, _, err := mergeLTX(w, rs, tmpDir, checksums)
 	return hdr, err
 }
 

@@ -95,7 +95,7 @@ func TestMergeMatchesSequentialApply(t *testing.T) {
 				rs = append(rs, bytes.NewReader(b))
 			}
 			var out bytes.Buffer
-			hdr, _, err := mergeLTX(&out, rs, t.TempDir())
+			hdr, _, err := mergeLTX(&out, rs, t.TempDir(), false)
 			if err != nil {
 				t.Fatalf("trial %d: %v", trial, err)
 			}

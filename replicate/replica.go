@@ -150,6 +150,11 @@ func (r *Replica) tick(ctx context.Context) {
 		err = r.maintainLocked(ctx)
 	}
 	r.result(err)
+	if err == nil {
+		if err := r.db.compactLog(); err != nil {
+			r.logger.Warn("cannot fold the local log; it keeps growing until this works", "err", err)
+		}
+	}
 }
 
 func (r *Replica) backoff() time.Duration {
@@ -323,7 +328,7 @@ func (r *Replica) upload(ctx context.Context, level int, srcs []source, post ltx
 		return err
 	}
 	defer func() { tmp.Close(); os.Remove(tmp.Name()) }()
-	hdr, err := mergeSources(tmp, srcs, r.tmpDir)
+	hdr, err := mergeSources(tmp, srcs, r.tmpDir, false)
 	if err != nil {
 		return fmt.Errorf("build level %d file: %w", level, err)
 	}

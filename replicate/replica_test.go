@@ -1,6 +1,7 @@
 package replicate
 
 import (
+	"bytes"
 	"context"
 	"crypto/sha256"
 	"database/sql"
@@ -177,4 +178,90 @@ func mustList(t *testing.T, c ReplicaClient, level int) []ltx.FileInfo {
 		t.Fatal(err)
 	}
 	return files
+}
+
+// The local log folds old segments into its snapshot once every replica has
+// shipped them, and never past what a replica still needs.
+func TestLocalLogFolds(t *testing.T) {
+	defer func(n int64) { maxSegment = n }(maxSegment)
+	maxSegment = 32 << 10
+	data, state, repl := t.TempDir(), filepath.Join(t.TempDir(), "state"), t.TempDir()
+	m := NewManager(data, state, slog.New(slog.NewTextHandler(&logBuffer{}, nil)))
+	m.Replicas = func(rel string) []ReplicaSpec {
+		return []ReplicaSpec{{Client: file.New(filepath.Join(repl, rel)), Options: ReplicaOptions{SyncInterval: time.Hour}}}
+	}
+	if err := m.Open(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	path := filepath.Join(data, "app.db")
+	db, err := sql.Open("sqlite3", path+"?_journal_mode=WAL")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer db.Close()
+	db.SetMaxOpenConns(1)
+	db.Exec("CREATE TABLE t(v BLOB)")
+	m.Opened("app.db-wal", true)
+	m.SyncAll()
+	d := m.DB("app.db")
+	r := d.Replicas()[0]
+	for i := 0; i < 300; i++ {
+		if _, err := db.Exec("INSERT INTO t VALUES(randomblob(3000))"); err != nil {
+			t.Fatal(err)
+		}
+		m.SyncAll()
+	}
+	segments := func() int {
+		ents, _ := os.ReadDir(LogDir(state, "app.db"))
+		n := 0
+		for _, e := range ents {
+			if strings.HasSuffix(e.Name(), ".seg") {
+				n++
+			}
+		}
+		return n
+	}
+	before := segments()
+	if before < 5 {
+		t.Fatalf("only %d segments", before)
+	}
+	// The replica has shipped nothing yet: nothing may be folded.
+	if err := d.compactLog(); err != nil {
+		t.Fatal(err)
+	}
+	if segments() != before {
+		t.Fatalf("the log folded records a replica still needs")
+	}
+	if err := r.Flush(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	if err := d.compactLog(); err != nil {
+		t.Fatal(err)
+	}
+	if n := segments(); n != 1 {
+		t.Fatalf("%d segments after folding, want 1 (the one being appended to)", n)
+	}
+	// More commits after the fold still ship and restore exactly.
+	for i := 0; i < 20; i++ {
+		db.Exec("INSERT INTO t VALUES(randomblob(100))")
+	}
+	checkpoint(t, m, db, "TRUNCATE")
+	if err := m.Close(); err != nil {
+		t.Fatal(err)
+	}
+	want, _ := os.ReadFile(path)
+	if got := replayed(t, state, "app.db"); !bytes.Equal(got, want) {
+		t.Fatal("the folded log no longer rebuilds the database")
+	}
+	plan, err := PlanRestore(context.Background(), r.Client(), Target{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	out := filepath.Join(t.TempDir(), "r.db")
+	if _, err := Restore(context.Background(), r.Client(), plan, out, RestoreOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	if got, _ := os.ReadFile(out); !bytes.Equal(got, want) {
+		t.Fatal("restore after folding differs")
+	}
 }
