@@ -10,6 +10,7 @@ import (
 	"os"
 	"os/signal"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"syscall"
 	"time"
@@ -130,11 +131,11 @@ func (f restoreFlags) target() (replicate.Target, error) {
 		return t, errors.New("give -txid or -timestamp, not both")
 	}
 	if f.txid != "" {
-		id, err := ltx.ParseTXID(f.txid)
+		id, err := strconv.ParseUint(strings.TrimPrefix(f.txid, "0x"), 16, 64)
 		if err != nil || id == 0 {
 			return t, fmt.Errorf("-txid %q: expected a TXID in hex, like 000000000000002a or 2a", f.txid)
 		}
-		t.TXID = id
+		t.TXID = ltx.TXID(id)
 	}
 	if f.timestamp != "" {
 		ts, err := time.Parse(time.RFC3339Nano, f.timestamp)

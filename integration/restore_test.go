@@ -1,0 +1,163 @@
+package integration
+
+import (
+	"bytes"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+)
+
+// lastLine is the final line of a command's output: where lfuse prints its
+// one-line error.
+func lastLine(out string) string {
+	lines := strings.Split(strings.TrimSpace(out), "\n")
+	return lines[len(lines)-1]
+}
+
+// Every kind of bad input to lfuse restore is one clear line, exit code ≠ 0,
+// and nothing written; the "if" flags make the container start-up step
+// idempotent.
+func TestRestoreRefusals(t *testing.T) {
+	e := newEnv(t)
+	cfgPath, repl := e.replicaConfig("")
+	os.WriteFile(cfgPath, []byte(fmt.Sprintf("[[replicas]]\nurl = %q\nsync-interval = \"50ms\"\n", "file://"+repl)), 0o644)
+	lf := e.mount("-config", cfgPath)
+	dbPath := e.path("app.db")
+	sqliteCLI(t, dbPath, "PRAGMA journal_mode=WAL; CREATE TABLE seq(k INTEGER PRIMARY KEY, v BLOB);")
+	seqWrite(t, dbPath, 1, 200)
+	checkpointTruncate(t, dbPath)
+	lf.stop()
+	url := "file://" + repl + "/app.db"
+	out := filepath.Join(e.root, "out.db")
+
+	fail := func(want string, args ...string) {
+		t.Helper()
+		code, log := runLfuse(t, append([]string{"restore"}, args...)...)
+		if code == 0 || !strings.HasPrefix(lastLine(log), "lfuse: ") || !strings.Contains(lastLine(log), want) {
+			t.Fatalf("lfuse restore %v: exit %d, want an error line with %q:\n%s", args, code, want, log)
+		}
+	}
+	ok := func(args ...string) string {
+		t.Helper()
+		code, log := runLfuse(t, append([]string{"restore"}, args...)...)
+		if code != 0 {
+			t.Fatalf("lfuse restore %v: exit %d:\n%s", args, code, log)
+		}
+		return log
+	}
+	noOutput := func() {
+		t.Helper()
+		if _, err := os.Stat(out); err == nil {
+			t.Fatalf("a failed restore wrote %s", out)
+		}
+		if m, _ := filepath.Glob(filepath.Join(e.root, ".lfuse-restore-*")); len(m) > 0 {
+			t.Fatalf("a failed restore left %v", m)
+		}
+	}
+
+	fail(`unknown scheme "s4"`, "-o", out, "s4://bucket/app.db")
+	fail("after the newest backup", "-o", out, "-txid", "ffffff", url)
+	fail("before the oldest backup", "-o", out, "-timestamp", "2001-01-01T00:00:00Z", url)
+	fail("in the future", "-o", out, "-timestamp", time.Now().Add(time.Hour).UTC().Format(time.RFC3339), url)
+	fail("expected a TXID in hex", "-o", out, "-txid", "xyz", url)
+	fail("no backup", "-o", out, "file://"+repl+"/other.db")
+	noOutput()
+	if log := ok("-o", out, "-if-replica-exists", "file://"+repl+"/other.db"); !strings.Contains(log, "nothing to restore") {
+		t.Fatalf("-if-replica-exists said:\n%s", log)
+	}
+	noOutput()
+
+	ok("-o", out, url)
+	first, _ := os.ReadFile(out)
+	fail("exists: use -force", "-o", out, url)
+	ok("-o", out, "-if-db-not-exists", url)
+	ok("-o", out, "-force", url)
+	if again, _ := os.ReadFile(out); !bytes.Equal(again, first) {
+		t.Fatal("restore -force gave a different database")
+	}
+	os.Remove(out)
+
+	// A gap: a level-0 file in the middle is missing and nothing else
+	// covers it.
+	l0 := filepath.Join(repl, "app.db", "ltx", "0")
+	ents, _ := filepath.Glob(filepath.Join(l0, "*.ltx"))
+	if len(ents) < 3 {
+		t.Fatalf("only %d level-0 files", len(ents))
+	}
+	mid := ents[len(ents)/2]
+	os.Rename(mid, mid+".aside")
+	fail("gap in the TXID chain", "-o", out, url)
+	noOutput()
+	os.Rename(mid+".aside", mid)
+
+	// A corrupt object is named.
+	b, _ := os.ReadFile(mid)
+	flipped := append([]byte(nil), b...)
+	flipped[len(flipped)/2] ^= 0x55
+	os.WriteFile(mid, flipped, 0o644)
+	fail(filepath.Base(mid), "-o", out, url)
+	noOutput()
+	os.WriteFile(mid, b, 0o644)
+
+	// An unreadable replica.
+	os.Rename(l0, l0+".aside")
+	os.WriteFile(l0, nil, 0o644)
+	fail("list level 0", "-o", out, url)
+	noOutput()
+	os.Remove(l0)
+	os.Rename(l0+".aside", l0)
+
+	code, log := runLfuse(t, "restore", "-o", out, "-data", e.data, url)
+	if code != 2 {
+		t.Fatalf("-o with -data: exit %d\n%s", code, log)
+	}
+	if code, log := runLfuse(t, "ltx", url); code != 0 || !strings.Contains(log, "LEVEL") || strings.Count(log, "\n") < 4 {
+		t.Fatalf("lfuse ltx: %d\n%s", code, log)
+	}
+	if code, log := runLfuse(t, "databases", "-replica", repl); code != 0 || !strings.Contains(log, "app.db") {
+		t.Fatalf("lfuse databases: %d\n%s", code, log)
+	}
+}
+
+// The container start-up flow: an empty data directory and an existing
+// replica; lfuse mount -restore-if-missing brings the database back before
+// the application starts, and keeps replicating it from there.
+func TestMountRestoresMissing(t *testing.T) {
+	e := newEnv(t)
+	cfgPath, repl := e.replicaConfig("restore-if-missing = true")
+	os.WriteFile(cfgPath, []byte(fmt.Sprintf("restore-if-missing = true\n[[replicas]]\nurl = %q\nsync-interval = \"50ms\"\n", "file://"+repl)), 0o644)
+	lf := e.mount("-config", cfgPath)
+	os.MkdirAll(e.path("sub"), 0o755)
+	for _, db := range []string{"app.db", "sub/other.db"} {
+		sqliteCLI(t, e.path(db), "PRAGMA journal_mode=WAL; CREATE TABLE seq(k INTEGER PRIMARY KEY, v BLOB);")
+		seqWrite(t, e.path(db), 1, 50)
+		checkpointTruncate(t, e.path(db))
+	}
+	lf.stop()
+	want := liveBytes(t, e)
+
+	// The machine is lost: a new, empty data directory.
+	os.RemoveAll(e.data)
+	os.MkdirAll(e.data, 0o755)
+	lf = e.mount("-config", cfgPath)
+	if lf.log.count("restored databases before mounting") != 1 {
+		t.Fatalf("no restore before mounting:\n%s", lf.log)
+	}
+	if k := seqRows(t, e.path("sub/other.db")); k != 50 {
+		t.Fatalf("sub/other.db restored with %d rows", k)
+	}
+	got, _ := os.ReadFile(filepath.Join(e.data, "app.db"))
+	if !bytes.Equal(got, want) {
+		t.Fatal("app.db restored before mounting differs from the database that was lost")
+	}
+	seqWrite(t, e.path("app.db"), 51, 80)
+	checkpointTruncate(t, e.path("app.db"))
+	lf.stop()
+	restoreLatest(t, e, repl, liveBytes(t, e))
+	if k := seqRows(t, filepath.Join(e.data, "app.db")); k != 80 {
+		t.Fatalf("%d rows after restore, mount and more writes", k)
+	}
+}
