@@ -447,7 +447,7 @@ func startCLI(t testing.TB, path, script string) *workerProc {
 	t.Helper()
 	w := &workerProc{done: make(chan struct{}), out: newLineLog()}
 	w.cmd = exec.CommandContext(context.Background(), "sqlite3", "-bail", path)
-	w.cmd.Stdin = strings.NewReader(".timeout 20000\n" + script)
+	w.cmd.Stdin = strings.NewReader(".timeout 60000\n" + script)
 	w.cmd.Stdout = w.out
 	w.cmd.Stderr = w.out
 	if err := w.cmd.Start(); err != nil {

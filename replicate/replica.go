@@ -316,6 +316,10 @@ func (r *Replica) syncLocked(ctx context.Context) error {
 	if err := r.upload(ctx, 0, srcs, refs[len(refs)-1].Trailer.PostApplyChecksum); err != nil {
 		return err
 	}
+	// From the first commit of the batch being captured to the batch
+	// being durable in the replica: the longest any of its commits waited.
+	r.logger.Debug("synced", "txid", upTo.String(), "commits", uint64(upTo-refs[0].Header.MinTXID+1),
+		"lag_seconds", time.Since(time.UnixMilli(refs[0].Header.Timestamp)).Seconds())
 	r.syncs.Add(1)
 	r.syncedAt.Store(time.Now().UnixNano())
 	return nil

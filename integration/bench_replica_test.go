@@ -1,0 +1,196 @@
+package integration
+
+import (
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"regexp"
+	"slices"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+)
+
+// Replication benchmarks (make bench-replica): restore time against a plain
+// copy of the database, replication lag, requests per hour and memory.
+
+// replicaBench is a mount with a file replica in the benchmark directory.
+type replicaBench struct {
+	b               *testing.B
+	base, data, mnt string
+	repl, cfg       string
+}
+
+func newReplicaBench(b *testing.B, name string) *replicaBench {
+	requireFUSE(b)
+	base := filepath.Join(benchDir(b), name)
+	rb := &replicaBench{b: b, base: base, data: filepath.Join(base, "data"), mnt: filepath.Join(base, "mnt"),
+		repl: filepath.Join(base, "replica"), cfg: filepath.Join(base, "lfuse.toml")}
+	os.MkdirAll(rb.data, 0o755)
+	os.MkdirAll(rb.mnt, 0o755)
+	return rb
+}
+
+func (rb *replicaBench) mount(replicaKeys string) *lfuse {
+	rb.b.Helper()
+	os.WriteFile(rb.cfg, []byte(fmt.Sprintf("[[replicas]]\nurl = %q\n%s\n", "file://"+rb.repl, replicaKeys)), 0o644)
+	p := startLfuse(rb.b, "mount", "-config", rb.cfg, "-data", rb.data, "-log-level", "debug", rb.mnt)
+	p.mnt = rb.mnt
+	if err := p.log.wait("mount ready", time.Minute, p.done); err != nil {
+		rb.b.Fatalf("%v\n%s", err, p.log)
+	}
+	return p
+}
+
+// peakRSS is a running process's peak resident memory in MB.
+func peakRSS(pid int) float64 {
+	b, _ := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
+	for _, line := range strings.Split(string(b), "\n") {
+		if strings.HasPrefix(line, "VmHWM:") {
+			kb, _ := strconv.ParseFloat(strings.Fields(line)[1], 64)
+			return kb / 1024
+		}
+	}
+	return 0
+}
+
+const (
+	restoreDBBytes = 1 << 30
+	restoreHistory = 100_000
+)
+
+// Restore of a ~1 GB database with ~100,000 transactions of history from a
+// file replica, against cp of the database file, page cache dropped before
+// each. Built once and kept in the benchmark directory.
+func BenchmarkReplicaRestore(b *testing.B) {
+	rb := newReplicaBench(b, "restore")
+	db := filepath.Join(rb.mnt, "app.db")
+	if _, err := os.Stat(filepath.Join(rb.base, "built")); err != nil {
+		os.RemoveAll(rb.data)
+		os.RemoveAll(rb.repl)
+		os.MkdirAll(rb.data, 0o755)
+		p := rb.mount("")
+		rows := restoreDBBytes / 4096
+		script := "PRAGMA journal_mode=WAL;\nCREATE TABLE t(id INTEGER PRIMARY KEY, n INTEGER, v BLOB);\n"
+		for i := 0; i < 10; i++ {
+			script += fmt.Sprintf("WITH RECURSIVE s(i) AS (SELECT 1 UNION ALL SELECT i+1 FROM s WHERE i < %d) INSERT INTO t(n, v) SELECT 0, randomblob(3900) FROM s;\nPRAGMA wal_checkpoint(TRUNCATE);\n", rows/10)
+		}
+		sqliteCLI(b, db, script)
+		p.stop()
+		// A snapshot of the full database, as the daily one would be.
+		p = rb.mount(`snapshot-interval = "1s"`)
+		if err := p.log.wait("snapshot uploaded", 10*time.Minute, p.done); err != nil {
+			b.Fatalf("%v\n%s", err, p.log)
+		}
+		p.stop()
+		// Then the history: single-row updates, one per transaction.
+		p = rb.mount("")
+		var sb strings.Builder
+		for i := 0; i < restoreHistory; i++ {
+			fmt.Fprintf(&sb, "UPDATE t SET n = n + 1 WHERE id = %d;\n", (i*7919)%rows+1)
+		}
+		sb.WriteString("PRAGMA wal_checkpoint(TRUNCATE);\n")
+		sqliteCLI(b, db, sb.String())
+		p.stop()
+		os.WriteFile(filepath.Join(rb.base, "built"), nil, 0o644)
+	}
+	src := filepath.Join(rb.data, "app.db")
+	out := filepath.Join(rb.base, "out.db")
+	fi, err := os.Stat(src)
+	if err != nil {
+		b.Fatal(err)
+	}
+	var cpSecs, restoreSecs, rss []float64
+	var planLine string
+	for i := 0; i < b.N; i++ {
+		os.Remove(out)
+		dropCaches(b)
+		start := time.Now()
+		if o, err := exec.Command("cp", src, out).CombinedOutput(); err != nil {
+			b.Fatalf("cp: %v %s", err, o)
+		}
+		cpSecs = append(cpSecs, time.Since(start).Seconds())
+		os.Remove(out)
+		dropCaches(b)
+		start = time.Now()
+		cmd := exec.Command("/usr/bin/time", "-f", "maxrss_kb=%M", lfuseBin, "restore", "-o", out, "file://"+rb.repl+"/app.db")
+		o, err := cmd.CombinedOutput()
+		if err != nil {
+			b.Fatalf("restore: %v\n%s", err, o)
+		}
+		restoreSecs = append(restoreSecs, time.Since(start).Seconds())
+		if m := regexp.MustCompile(`maxrss_kb=(\d+)`).FindSubmatch(o); m != nil {
+			kb, _ := strconv.ParseFloat(string(m[1]), 64)
+			rss = append(rss, kb/1024)
+		}
+		if m := regexp.MustCompile(`msg="restore plan".*`).Find(o); m != nil {
+			planLine = string(m)
+		}
+	}
+	b.ReportMetric(float64(fi.Size())/(1<<20), "db-MB")
+	b.ReportMetric(median(cpSecs), "cp-s")
+	b.ReportMetric(median(restoreSecs), "restore-s")
+	b.ReportMetric(median(restoreSecs)/median(cpSecs), "x-cp")
+	b.ReportMetric(median(rss), "restore-peak-RSS-MB")
+	b.Logf("%s", planLine)
+}
+
+func median(v []float64) float64 {
+	if len(v) == 0 {
+		return 0
+	}
+	s := slices.Clone(v)
+	slices.Sort(s)
+	return s[len(s)/2]
+}
+
+var lagRe = regexp.MustCompile(`msg=synced .*lag_seconds=(\S+)`)
+
+// A database doing 10 transactions a second with the default intervals:
+// lag from commit to durable in the replica, files written per hour, and
+// lfuse's memory.
+func BenchmarkReplicaLag(b *testing.B) {
+	rb := newReplicaBench(b, "lag")
+	os.RemoveAll(rb.data)
+	os.RemoveAll(rb.repl)
+	os.MkdirAll(rb.data, 0o755)
+	p := rb.mount("")
+	defer p.cleanup()
+	db := benchOpen(b, filepath.Join(rb.mnt, "app.db"))
+	defer db.Close()
+	benchExec(b, db, "CREATE TABLE t(id INTEGER PRIMARY KEY, v BLOB)")
+	const seconds = 60
+	start := time.Now()
+	tick := time.NewTicker(100 * time.Millisecond)
+	for i := 0; i < seconds*10; i++ {
+		<-tick.C
+		benchExec(b, db, "INSERT INTO t(v) VALUES(randomblob(200))")
+	}
+	tick.Stop()
+	elapsed := time.Since(start)
+	rss := peakRSS(p.cmd.Process.Pid)
+	db.Close()
+	p.stop()
+	var lags []float64
+	for _, m := range lagRe.FindAllStringSubmatch(p.log.String(), -1) {
+		v, _ := strconv.ParseFloat(m[1], 64)
+		lags = append(lags, v*1000)
+	}
+	if len(lags) < seconds/2 {
+		b.Fatalf("only %d syncs logged", len(lags))
+	}
+	slices.Sort(lags)
+	files := 0
+	filepath.WalkDir(rb.repl, func(path string, d os.DirEntry, err error) error {
+		if err == nil && strings.HasSuffix(path, ".ltx") {
+			files++
+		}
+		return nil
+	})
+	b.ReportMetric(lags[len(lags)/2], "lag-p50-ms")
+	b.ReportMetric(lags[len(lags)*99/100], "lag-p99-ms")
+	b.ReportMetric(float64(files)*3600/elapsed.Seconds(), "files-per-hour")
+	b.ReportMetric(rss, "lfuse-peak-RSS-MB")
+}
