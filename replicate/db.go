@@ -459,7 +459,7 @@ func (d *DB) prepareUpload() (txid ltx.TXID, ok bool, err error) {
 	// application's checkpoints are not held up by a slow disk.
 	_, segs, err := (&Log{dir: d.logDir()}).files()
 	if err != nil {
-		return 0, false, err
+		return 0, false, fmt.Errorf("local log: %w", err)
 	}
 	if len(segs) > 0 {
 		if err := fsyncPath((&Log{dir: d.logDir()}).segmentPath(segs[len(segs)-1])); err != nil && !errors.Is(err, os.ErrNotExist) {

@@ -42,7 +42,7 @@ func (lr *LogReader) Snapshot() (Ref, error) {
 	l := &Log{dir: lr.dir}
 	snaps, _, err := l.files()
 	if err != nil {
-		return Ref{}, err
+		return Ref{}, fmt.Errorf("local log snapshot: %w", err)
 	}
 	if len(snaps) == 0 {
 		return Ref{}, errNoSnapshot
@@ -74,7 +74,7 @@ func (lr *LogReader) Refs(after, upTo ltx.TXID) ([]Ref, error) {
 	l := &Log{dir: lr.dir}
 	snaps, segs, err := l.files()
 	if err != nil {
-		return nil, err
+		return nil, fmt.Errorf("local log records: %w", err)
 	}
 	if len(snaps) == 0 || snaps[len(snaps)-1] > after {
 		return nil, errLogMoved

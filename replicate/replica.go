@@ -78,7 +78,8 @@ type Replica struct {
 	pos         ltx.Pos
 	lastCompact [SnapshotLevel + 1]time.Time
 	failing     bool
-	failedAt    time.Time
+	failedAt    time.Time // when the outage began
+	lastTry     time.Time
 
 	synced    atomic.Uint64 // TXID the replica holds, for metrics and status
 	syncedAt  atomic.Int64  // unix nanoseconds of the last successful sync
@@ -141,15 +142,17 @@ func (r *Replica) run() {
 // is due. Errors are logged once per outage; the next tick retries.
 func (r *Replica) tick(ctx context.Context) {
 	r.mu.Lock()
-	defer r.mu.Unlock()
-	if r.failing && time.Since(r.failedAt) < r.backoff() {
+	if r.failing && time.Since(r.lastTry) < r.backoff() {
+		r.mu.Unlock()
 		return
 	}
+	r.lastTry = time.Now()
 	err := r.syncLocked(ctx)
 	if err == nil {
 		err = r.maintainLocked(ctx)
 	}
 	r.result(err)
+	r.mu.Unlock()
 	if err == nil {
 		if err := r.db.compactLog(); err != nil {
 			r.logger.Warn("cannot fold the local log; it keeps growing until this works", "err", err)
@@ -157,9 +160,10 @@ func (r *Replica) tick(ctx context.Context) {
 	}
 }
 
+// backoff is the wait between attempts during an outage: the sync interval
+// at first, growing with the outage to 30 s, with jitter so that many
+// databases do not retry in step.
 func (r *Replica) backoff() time.Duration {
-	// Retry at the sync interval at first, then back off to 30 s, with
-	// jitter so that many databases do not retry in step.
 	d := min(max(r.opts.SyncInterval, time.Since(r.failedAt)/4), 30*time.Second)
 	return d/2 + rand.N(d/2+1)
 }
@@ -459,11 +463,12 @@ func (r *Replica) remoteSource(ctx context.Context, f ltx.FileInfo) source {
 // one is older than the snapshot interval.
 func (r *Replica) snapshotLocked(ctx context.Context, now time.Time) error {
 	snaps := r.files[SnapshotLevel]
-	if len(snaps) > 0 {
-		newest := snaps[len(snaps)-1]
-		if newest.MaxTXID >= r.pos.TXID || now.Sub(newest.CreatedAt) < r.opts.SnapshotInterval {
-			return nil
-		}
+	if len(snaps) == 0 {
+		return nil // the first sync ships one
+	}
+	newest := snaps[len(snaps)-1]
+	if newest.MaxTXID >= r.pos.TXID || now.Sub(newest.CreatedAt) < r.opts.SnapshotInterval {
+		return nil
 	}
 	snap, err := r.reader.Snapshot()
 	if err != nil {

@@ -143,7 +143,7 @@ func TestReplicaRestoreEveryPoint(t *testing.T) {
 			t.Fatalf("plan TXID %s: %v", txid, err)
 		}
 		os.Remove(out)
-		if _, err := Restore(ctx, client, plan, out, RestoreOptions{Parallelism: 3}); err != nil {
+		if _, err := Restore(ctx, client, plan, out, RestoreOptions{Parallelism: 1}); err != nil {
 			t.Fatalf("restore TXID %s: %v", txid, err)
 		}
 		if got := fileHash(t, out); got != want {

@@ -9,6 +9,7 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
+	"runtime"
 	"sync"
 	"time"
 
@@ -197,7 +198,7 @@ func Restore(ctx context.Context, client ReplicaClient, plan Plan, output string
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 	type download struct {
-		path string
+		rc   io.ReadCloser
 		err  error
 		took time.Duration
 	}
@@ -218,13 +219,26 @@ func Restore(ctx context.Context, client ReplicaClient, plan Plan, output string
 				}
 				return
 			}
+			if i == 0 {
+				// The snapshot, usually most of the bytes, streams
+				// straight into the apply; the files after it are
+				// fetched meanwhile.
+				rc, err := client.OpenLTXFile(ctx, f.Level, f.MinTXID, f.MaxTXID)
+				results[i] <- download{rc: rc, err: err}
+				continue
+			}
 			wg.Add(1)
 			go func() {
 				defer wg.Done()
 				start := time.Now()
 				path := filepath.Join(tmpDir, fmt.Sprintf("%d.ltx", i))
 				err := fetch(ctx, client, f, path)
-				results[i] <- download{path: path, err: err, took: time.Since(start)}
+				var rc io.ReadCloser
+				if err == nil {
+					rc, err = os.Open(path)
+					os.Remove(path)
+				}
+				results[i] <- download{rc: rc, err: err, took: time.Since(start)}
 			}()
 		}
 	}()
@@ -241,8 +255,12 @@ func Restore(ctx context.Context, client ReplicaClient, plan Plan, output string
 			return st, fmt.Errorf("%s: download %s: %w", client, fileName(f), d.err)
 		}
 		applyStart := time.Now()
-		hdr, err := applyFile(d.path, out, &sum, i == 0)
-		os.Remove(d.path)
+		cr := &countingReader{r: d.rc}
+		hdr, err := applyFile(cr, out, &sum, i == 0)
+		d.rc.Close()
+		if err == nil && f.Size > 0 && cr.n != f.Size {
+			err = fmt.Errorf("read %d bytes, the listing said %d", cr.n, f.Size)
+		}
 		if err != nil {
 			return st, fmt.Errorf("%s: %s is corrupt or does not fit: %w", client, fileName(f), err)
 		}
@@ -297,6 +315,17 @@ func fileName(f ltx.FileInfo) string {
 	return fmt.Sprintf("level %d file %s", f.Level, ltx.FormatFilename(f.MinTXID, f.MaxTXID))
 }
 
+type countingReader struct {
+	r io.Reader
+	n int64
+}
+
+func (c *countingReader) Read(p []byte) (int, error) {
+	n, err := c.r.Read(p)
+	c.n += int64(n)
+	return n, err
+}
+
 // fetch downloads one file to path.
 func fetch(ctx context.Context, client ReplicaClient, f ltx.FileInfo, path string) error {
 	rc, err := client.OpenLTXFile(ctx, f.Level, f.MinTXID, f.MaxTXID)
@@ -318,16 +347,16 @@ func fetch(ctx context.Context, client ReplicaClient, f ltx.FileInfo, path strin
 	return err
 }
 
-// applyFile applies one downloaded LTX file to out, keeping *sum, the
-// database checksum, up to date page by page so that verifying the result
-// needs no second read of the database.
-func applyFile(path string, out *os.File, sum *ltx.Checksum, first bool) (ltx.Header, error) {
-	f, err := os.Open(path)
-	if err != nil {
-		return ltx.Header{}, err
-	}
-	defer f.Close()
-	dec := ltx.NewDecoder(bufio.NewReaderSize(f, 256<<10))
+// applyFile applies one LTX file to out, keeping *sum, the database
+// checksum, up to date page by page so that verifying the result needs no
+// second read of the database.
+//
+// It is a pipeline, because CRC-64 is most of the cost: one goroutine
+// decodes (LZ4, and the file's own CRC), workers checksum batches of pages
+// (reading the pages they replace), and the caller writes them in order.
+// Memory is a few batches of pages, whatever the database size.
+func applyFile(r io.Reader, out *os.File, sum *ltx.Checksum, first bool) (ltx.Header, error) {
+	dec := ltx.NewDecoder(bufio.NewReaderSize(r, 1<<20))
 	dec.SetRetainPageIndex(false)
 	if err := dec.DecodeHeader(); err != nil {
 		return ltx.Header{}, err
@@ -339,96 +368,188 @@ func applyFile(path string, out *os.File, sum *ltx.Checksum, first bool) (ltx.He
 		}
 		return hdr, errors.New("unexpected snapshot in the middle of a restore")
 	}
+	pageSize := int(hdr.PageSize)
 	lock := ltx.LockPgno(hdr.PageSize)
+	var size uint32 // pages in out before this file
 	if first {
-		// A snapshot holds every page in order: write it sequentially.
-		w := bufio.NewWriterSize(out, 1<<20)
-		*sum = ltx.ChecksumFlag
-		data := make([]byte, hdr.PageSize)
-		zero := make([]byte, hdr.PageSize)
-		for pgno := uint32(1); pgno <= hdr.Commit; pgno++ {
-			buf := zero
-			if pgno != lock {
-				var ph ltx.PageHeader
-				if err := dec.DecodePage(&ph, data); err != nil {
-					return hdr, fmt.Errorf("page %d: %w", pgno, err)
-				} else if ph.Pgno != pgno {
-					return hdr, fmt.Errorf("snapshot page %d where %d was expected", ph.Pgno, pgno)
-				}
-				buf = data
-				*sum ^= ltx.ChecksumPage(pgno, data)
-			}
-			if _, err := w.Write(buf); err != nil {
-				return hdr, err
-			}
-		}
-		var ph ltx.PageHeader
-		if err := dec.DecodePage(&ph, data); !errors.Is(err, io.EOF) {
-			return hdr, fmt.Errorf("snapshot holds more pages than its size of %d", hdr.Commit)
-		}
-		if err := dec.Close(); err != nil {
+		*sum = 0
+		if err := out.Truncate(0); err != nil {
 			return hdr, err
 		}
-		return hdr, w.Flush()
+	} else {
+		fi, err := out.Stat()
+		if err != nil {
+			return hdr, err
+		}
+		size = uint32(fi.Size() / int64(pageSize))
 	}
 
-	fi, err := out.Stat()
-	if err != nil {
-		return hdr, err
+	type batch struct {
+		pgnos []uint32
+		data  []byte
+		sum   ltx.Checksum
+		err   error
+		done  chan struct{}
 	}
-	size := uint32(fi.Size() / int64(hdr.PageSize))
-	data := make([]byte, hdr.PageSize)
-	old := make([]byte, hdr.PageSize)
-	zero := make([]byte, hdr.PageSize)
-	for {
-		var ph ltx.PageHeader
-		if err := dec.DecodePage(&ph, data); errors.Is(err, io.EOF) {
-			break
-		} else if err != nil {
-			return hdr, err
-		}
-		if ph.Pgno > hdr.Commit || ph.Pgno == lock {
-			return hdr, fmt.Errorf("page %d outside the database of %d pages", ph.Pgno, hdr.Commit)
-		}
-		off := int64(ph.Pgno-1) * int64(hdr.PageSize)
-		if ph.Pgno <= size {
-			if _, err := out.ReadAt(old, off); err != nil {
-				return hdr, err
+	const batchPages = 256
+	pool := sync.Pool{New: func() any {
+		return &batch{pgnos: make([]uint32, 0, batchPages), data: make([]byte, 0, batchPages*pageSize)}
+	}}
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	work := make(chan *batch, 4)
+	ordered := make(chan *batch, 8)
+	var decErr error
+	go func() { // decode
+		defer close(work)
+		defer close(ordered)
+		b := pool.Get().(*batch)
+		send := func() bool {
+			if len(b.pgnos) == 0 {
+				return true
 			}
-			*sum ^= ltx.ChecksumPage(ph.Pgno, old)
+			b.done = make(chan struct{})
+			select {
+			case work <- b:
+			case <-ctx.Done():
+				return false
+			}
+			select {
+			case ordered <- b:
+			case <-ctx.Done():
+				return false
+			}
+			b = pool.Get().(*batch)
+			b.pgnos, b.data, b.sum, b.err = b.pgnos[:0], b.data[:0], 0, nil
+			return true
 		}
-		if _, err := out.WriteAt(data, off); err != nil {
-			return hdr, err
+		var prev uint32
+		for {
+			if len(b.pgnos) == batchPages && !send() {
+				return
+			}
+			n := len(b.data)
+			b.data = b.data[:n+pageSize]
+			var ph ltx.PageHeader
+			err := dec.DecodePage(&ph, b.data[n:])
+			if errors.Is(err, io.EOF) {
+				b.data = b.data[:n]
+				break
+			} else if err != nil {
+				decErr = err
+				return
+			}
+			switch {
+			case ph.Pgno > hdr.Commit || ph.Pgno == lock || ph.Pgno <= prev:
+				decErr = fmt.Errorf("page %d out of order or outside the database of %d pages", ph.Pgno, hdr.Commit)
+				return
+			case first && ph.Pgno != prev+1 && !(ph.Pgno == lock+1 && prev == lock-1):
+				decErr = fmt.Errorf("snapshot page %d follows page %d", ph.Pgno, prev)
+				return
+			}
+			prev = ph.Pgno
+			b.pgnos = append(b.pgnos, ph.Pgno)
 		}
-		*sum ^= ltx.ChecksumPage(ph.Pgno, data)
-		if ph.Pgno > size {
-			// Pages skipped over when the file grew read as zeros.
-			for p := size + 1; p < ph.Pgno; p++ {
+		if first && prev != hdr.Commit && !(prev == lock-1 && hdr.Commit == lock) {
+			decErr = fmt.Errorf("snapshot ends at page %d of %d", prev, hdr.Commit)
+			return
+		}
+		if !send() {
+			return
+		}
+		decErr = dec.Close()
+	}()
+	workers := max(1, runtime.GOMAXPROCS(0)-1)
+	var wg sync.WaitGroup
+	for range workers {
+		wg.Add(1)
+		go func() { // checksum: the new pages in, the pages they replace out
+			defer wg.Done()
+			old := make([]byte, pageSize)
+			for b := range work {
+				for i, pgno := range b.pgnos {
+					page := b.data[i*pageSize : (i+1)*pageSize]
+					b.sum ^= ltx.ChecksumPage(pgno, page)
+					if pgno <= size {
+						if _, err := out.ReadAt(old, int64(pgno-1)*int64(pageSize)); err != nil {
+							b.err = err
+							break
+						}
+						b.sum ^= ltx.ChecksumPage(pgno, old)
+					}
+				}
+				close(b.done)
+			}
+		}()
+	}
+	defer wg.Wait()
+
+	zero := make([]byte, pageSize)
+	w := bufio.NewWriterSize(out, 1<<20)
+	grown := size // pages out holds, as written so far
+	for b := range ordered {
+		<-b.done
+		if b.err != nil {
+			cancel()
+			return hdr, b.err
+		}
+		*sum ^= b.sum
+		for i, pgno := range b.pgnos {
+			page := b.data[i*pageSize : (i+1)*pageSize]
+			if first {
+				if pgno == lock+1 {
+					if _, err := w.Write(zero); err != nil { // the lock page
+						cancel()
+						return hdr, err
+					}
+				}
+				if _, err := w.Write(page); err != nil {
+					cancel()
+					return hdr, err
+				}
+				continue
+			}
+			// Pages skipped over when the file grows read as zeros.
+			for p := grown + 1; p < pgno; p++ {
 				if p != lock {
 					*sum ^= ltx.ChecksumPage(p, zero)
 				}
 			}
-			size = ph.Pgno
+			grown = max(grown, pgno)
+			if _, err := out.WriteAt(page, int64(pgno-1)*int64(pageSize)); err != nil {
+				cancel()
+				return hdr, err
+			}
 		}
+		pool.Put(b)
 	}
-	if err := dec.Close(); err != nil {
-		return hdr, err
+	if decErr != nil {
+		return hdr, decErr
 	}
-	// Pages cut off by a smaller commit size leave the checksum.
-	for p := hdr.Commit + 1; p <= size; p++ {
+	if first {
+		if hdr.Commit == lock {
+			if _, err := w.Write(zero); err != nil {
+				return hdr, err
+			}
+		}
+		return hdr, w.Flush()
+	}
+	// Pages cut off by a smaller commit size leave the checksum; pages added
+	// by a larger one without being written are zeros.
+	old := make([]byte, pageSize)
+	for p := hdr.Commit + 1; p <= grown; p++ {
 		if p == lock {
 			continue
 		}
-		if _, err := out.ReadAt(old, int64(p-1)*int64(hdr.PageSize)); err != nil {
+		if _, err := out.ReadAt(old, int64(p-1)*int64(pageSize)); err != nil {
 			return hdr, err
 		}
 		*sum ^= ltx.ChecksumPage(p, old)
 	}
-	// Pages added by a larger commit size without being written are zeros.
-	for p := size + 1; p <= hdr.Commit; p++ {
+	for p := grown + 1; p <= hdr.Commit; p++ {
 		if p != lock {
 			*sum ^= ltx.ChecksumPage(p, zero)
 		}
 	}
-	return hdr, out.Truncate(int64(hdr.Commit) * int64(hdr.PageSize))
+	return hdr, out.Truncate(int64(hdr.Commit) * int64(pageSize))
 }
