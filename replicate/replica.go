@@ -149,7 +149,7 @@ func (r *Replica) tick(ctx context.Context) {
 	r.lastTry = time.Now()
 	err := r.syncLocked(ctx)
 	if err == nil {
-		err = r.maintainLocked(ctx)
+		err = r.maintainLocked(ctx, time.Now())
 	}
 	r.result(err)
 	r.mu.Unlock()
@@ -371,8 +371,7 @@ func (r *Replica) upload(ctx context.Context, level int, srcs []source, post ltx
 
 // maintainLocked compacts levels, takes a snapshot and applies retention,
 // each when its interval has passed.
-func (r *Replica) maintainLocked(ctx context.Context) error {
-	now := time.Now()
+func (r *Replica) maintainLocked(ctx context.Context, now time.Time) error {
 	for i, every := range r.opts.CompactIntervals {
 		level := i + 1
 		if now.Sub(r.lastCompact[level]) < every {

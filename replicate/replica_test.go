@@ -265,3 +265,95 @@ func TestLocalLogFolds(t *testing.T) {
 		t.Fatal("restore after folding differs")
 	}
 }
+
+// Retention deletes what no point in the window needs, and nothing that one
+// does: every state committed within the window restores exactly.
+func TestRetention(t *testing.T) {
+	data, state, repl := t.TempDir(), filepath.Join(t.TempDir(), "state"), t.TempDir()
+	m := NewManager(data, state, slog.New(slog.NewTextHandler(&logBuffer{}, nil)))
+	const retention = 1500 * time.Millisecond
+	m.Replicas = func(rel string) []ReplicaSpec {
+		return []ReplicaSpec{{Client: file.New(filepath.Join(repl, rel)), Options: ReplicaOptions{
+			SyncInterval: time.Hour, SnapshotInterval: 400 * time.Millisecond, Retention: retention,
+			CompactIntervals: []time.Duration{200 * time.Millisecond},
+		}}}
+	}
+	if err := m.Open(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	defer m.Close()
+	path := filepath.Join(data, "app.db")
+	db, err := sql.Open("sqlite3", path+"?_journal_mode=WAL")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer db.Close()
+	db.SetMaxOpenConns(1)
+	db.Exec("PRAGMA wal_autocheckpoint=0")
+	db.Exec("CREATE TABLE t(k INTEGER PRIMARY KEY, v BLOB)")
+	m.Opened("app.db-wal", true)
+	ctx := context.Background()
+	r := m.DB("app.db").Replicas()[0]
+
+	type point struct {
+		txid ltx.TXID
+		at   time.Time
+		rows int
+	}
+	var points []point
+	start := time.Now()
+	for k := 1; time.Since(start) < 4*time.Second; k++ {
+		if _, err := db.Exec("INSERT INTO t VALUES(?, randomblob(500))", k); err != nil {
+			t.Fatal(err)
+		}
+		if k%20 == 0 {
+			checkpoint(t, m, db, "TRUNCATE")
+		}
+		m.SyncAll()
+		r.mu.Lock()
+		err := r.syncLocked(ctx)
+		if err == nil {
+			err = r.maintainLocked(ctx, time.Now())
+		}
+		r.mu.Unlock()
+		if err != nil {
+			t.Fatal(err)
+		}
+		points = append(points, point{r.Pos(), time.Now(), k})
+		time.Sleep(20 * time.Millisecond)
+	}
+	// Something was deleted...
+	snaps := mustList(t, r.Client(), SnapshotLevel)
+	l0 := mustList(t, r.Client(), 0)
+	if snaps[0].MaxTXID <= 2 || l0[0].MinTXID <= 2 {
+		t.Fatalf("nothing deleted: oldest snapshot %s, oldest L0 %s", snaps[0].MaxTXID, l0[0].MinTXID)
+	}
+	// ...and every point inside the window still restores exactly.
+	cutoff := time.Now().Add(-retention)
+	out := filepath.Join(t.TempDir(), "r.db")
+	tried := 0
+	for _, p := range points {
+		if p.at.Before(cutoff) {
+			continue
+		}
+		plan, err := PlanRestore(ctx, r.Client(), Target{TXID: p.txid})
+		if err != nil {
+			t.Fatalf("TXID %s (committed %s ago, inside the window): %v", p.txid, time.Since(p.at), err)
+		}
+		os.Remove(out)
+		if _, err := Restore(ctx, r.Client(), plan, out, RestoreOptions{}); err != nil {
+			t.Fatal(err)
+		}
+		c, _ := sql.Open("sqlite3", out+"?mode=ro")
+		var n, max int
+		c.QueryRow("SELECT count(*), max(k) FROM t").Scan(&n, &max)
+		c.Close()
+		if n != p.rows || max != p.rows {
+			t.Fatalf("TXID %s restored %d rows, want %d", p.txid, n, p.rows)
+		}
+		tried++
+	}
+	if tried < 10 {
+		t.Fatalf("only %d points inside the window", tried)
+	}
+}
