@@ -13,11 +13,14 @@ build:
 demo: deps build
 	./scripts/demo.sh
 
-# Packages the tests use: fuse3 (fusermount3), the sqlite3 shell.
+# Packages the tests use: fuse3 (fusermount3), the sqlite3 shell. The tests
+# also build Litestream once (scripts/litestream.sh) to check it can restore
+# lfuse's replicas.
 deps:
 	./scripts/deps.sh
 
 test: deps
+	./scripts/litestream.sh >/dev/null
 	$(GO) vet ./...
 	$(MAKE) unit integration fuzz
 
