@@ -23,7 +23,12 @@ import (
 	_ "github.com/mattn/go-sqlite3"
 )
 
-var lfuseBin string
+var (
+	// lfuseBin is the lfuse under test: race-enabled with LFUSE_RACE=1.
+	lfuseBin string
+	// lfusePlainBin is always a plain build; see TestConcurrentProcesses.
+	lfusePlainBin string
+)
 
 func TestMain(m *testing.M) {
 	if mode := os.Getenv(workerEnv); mode != "" {
@@ -34,17 +39,24 @@ func TestMain(m *testing.M) {
 		fmt.Fprintln(os.Stderr, err)
 		os.Exit(1)
 	}
-	lfuseBin = filepath.Join(dir, "lfuse")
-	args := []string{"build", "-o", lfuseBin}
+	build := func(out string, race bool) {
+		args := []string{"build", "-o", out}
+		if race {
+			args = append(args, "-race")
+		}
+		cmd := exec.Command("go", append(args, "../cmd/lfuse")...)
+		cmd.Stdout, cmd.Stderr = os.Stderr, os.Stderr
+		if err := cmd.Run(); err != nil {
+			fmt.Fprintln(os.Stderr, "build lfuse:", err)
+			os.Exit(1)
+		}
+	}
+	lfuseBin, lfusePlainBin = filepath.Join(dir, "lfuse"), filepath.Join(dir, "lfuse")
+	build(lfuseBin, false)
 	if os.Getenv("LFUSE_RACE") == "1" {
 		// The daemon under test runs with the race detector.
-		args = append(args, "-race")
-	}
-	build := exec.Command("go", append(args, "../cmd/lfuse")...)
-	build.Stdout, build.Stderr = os.Stderr, os.Stderr
-	if err := build.Run(); err != nil {
-		fmt.Fprintln(os.Stderr, "build lfuse:", err)
-		os.Exit(1)
+		lfuseBin = filepath.Join(dir, "lfuse-race")
+		build(lfuseBin, true)
 	}
 	code := m.Run()
 	os.RemoveAll(dir)
@@ -109,9 +121,15 @@ type lfuse struct {
 // mount starts lfuse on e and waits for it to report the mount ready.
 func (e *env) mount(args ...string) *lfuse {
 	e.t.Helper()
+	return e.mountWith(lfuseBin, args...)
+}
+
+// mountWith is mount with a given lfuse binary.
+func (e *env) mountWith(bin string, args ...string) *lfuse {
+	e.t.Helper()
 	full := append([]string{"mount", "-data", e.data, "-log-level", "debug"}, args...)
 	full = append(full, e.mnt)
-	p := startLfuse(e.t, full...)
+	p := startBin(e.t, bin, full...)
 	p.mnt = e.mnt
 	if err := p.log.wait("mount ready", 60*time.Second, p.done); err != nil {
 		e.t.Fatalf("lfuse did not mount: %v\n%s", err, p.log)
@@ -122,8 +140,13 @@ func (e *env) mount(args ...string) *lfuse {
 
 func startLfuse(t testing.TB, args ...string) *lfuse {
 	t.Helper()
+	return startBin(t, lfuseBin, args...)
+}
+
+func startBin(t testing.TB, bin string, args ...string) *lfuse {
+	t.Helper()
 	p := &lfuse{t: t, log: newLineLog(), done: make(chan struct{})}
-	p.cmd = exec.Command(lfuseBin, args...)
+	p.cmd = exec.Command(bin, args...)
 	p.cmd.Stdout = p.log
 	p.cmd.Stderr = p.log
 	if err := p.cmd.Start(); err != nil {
