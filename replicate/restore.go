@@ -208,7 +208,20 @@ func Restore(ctx context.Context, client ReplicaClient, plan Plan, output string
 	}
 	sem := make(chan struct{}, opts.Parallelism)
 	var wg sync.WaitGroup
-	defer wg.Wait()
+	defer func() {
+		// After a failure, close what was fetched but not applied.
+		cancel()
+		wg.Wait()
+		for _, ch := range results {
+			select {
+			case d := <-ch:
+				if d.rc != nil {
+					d.rc.Close()
+				}
+			default:
+			}
+		}
+	}()
 	go func() {
 		for i, f := range plan.Files {
 			select {
@@ -231,12 +244,13 @@ func Restore(ctx context.Context, client ReplicaClient, plan Plan, output string
 			go func() {
 				defer wg.Done()
 				start := time.Now()
-				path := filepath.Join(tmpDir, fmt.Sprintf("%d.ltx", i))
-				err := fetch(ctx, client, f, path)
-				var rc io.ReadCloser
+				rc, err := client.OpenLTXFile(ctx, f.Level, f.MinTXID, f.MaxTXID)
 				if err == nil {
-					rc, err = os.Open(path)
-					os.Remove(path)
+					if _, local := rc.(*os.File); !local {
+						// A remote body: fetch it now, while earlier
+						// files are applied.
+						rc, err = fetch(rc, filepath.Join(tmpDir, fmt.Sprintf("%d.ltx", i)))
+					}
 				}
 				results[i] <- download{rc: rc, err: err, took: time.Since(start)}
 			}()
@@ -326,25 +340,24 @@ func (c *countingReader) Read(p []byte) (int, error) {
 	return n, err
 }
 
-// fetch downloads one file to path.
-func fetch(ctx context.Context, client ReplicaClient, f ltx.FileInfo, path string) error {
-	rc, err := client.OpenLTXFile(ctx, f.Level, f.MinTXID, f.MaxTXID)
+// fetch copies a remote body into a temporary file at path (removed at
+// once: the open descriptor keeps it) and returns it for reading.
+func fetch(body io.ReadCloser, path string) (io.ReadCloser, error) {
+	defer body.Close()
+	f, err := os.Create(path)
 	if err != nil {
-		return err
+		return nil, err
 	}
-	defer rc.Close()
-	w, err := os.Create(path)
-	if err != nil {
-		return err
+	os.Remove(path)
+	if _, err := io.Copy(f, body); err != nil {
+		f.Close()
+		return nil, err
 	}
-	n, err := io.Copy(w, rc)
-	if cerr := w.Close(); err == nil {
-		err = cerr
+	if _, err := f.Seek(0, io.SeekStart); err != nil {
+		f.Close()
+		return nil, err
 	}
-	if err == nil && f.Size > 0 && n != f.Size {
-		err = fmt.Errorf("got %d bytes, the listing said %d", n, f.Size)
-	}
-	return err
+	return f, nil
 }
 
 // applyFile applies one LTX file to out, keeping *sum, the database
