@@ -41,11 +41,13 @@ fuzz:
 # hits them alike. The medians go into docs/BENCHMARKS.md.
 BENCH_ROUNDS ?= 5
 bench: deps
-	rm -f bench.out
+	rm -f bench.out bench-replica.out
 	for i in $$(seq $(BENCH_ROUNDS)); do \
-		$(GO) test ./integration -run '^$$' -bench . -benchtime 2s -count 1 -timeout 60m | tee -a bench.out || exit 1; \
+		$(GO) test ./integration -run '^$$' -bench '^Benchmark(SmallWrites|PointReads|BulkInsert|ColdScan)$$' -benchtime 2s -count 1 -timeout 60m | tee -a bench.out || exit 1; \
 	done
+	$(GO) test ./integration -run '^$$' -bench '^BenchmarkReplica' -benchtime 3x -count 1 -timeout 60m | tee bench-replica.out
 	./scripts/bench-table.sh bench.out docs/BENCHMARKS.md
+	./scripts/bench-replica-table.sh bench-replica.out docs/BENCHMARKS.md
 
 clean:
-	rm -rf bin bench.out
+	rm -rf bin bench.out bench-replica.out

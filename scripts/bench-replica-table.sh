@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Appends the replication benchmarks (go test -bench BenchmarkReplica output
+# in $1) to the benchmarks document $2 as a table.
+set -euo pipefail
+out=$1 doc=$2
+metric() { grep "^$1" "$out" | tr '\t' '\n' | grep " $2\$" | awk '{print $1}' | head -1; }
+cat >>"$doc" <<EOF
+
+## Replication and restore
+
+From \`BenchmarkReplicaRestore\` and \`BenchmarkReplicaLag\` (\`integration/bench_replica_test.go\`),
+a file replica on the same disk, the page cache dropped before each copy and each restore:
+
+| measure | value | target |
+|---|---:|---:|
+| database restored | $(metric BenchmarkReplicaRestore db-MB) MB, ~100,000 transactions of history | |
+| \`cp\` of the database file | $(metric BenchmarkReplicaRestore cp-s) s | |
+| \`lfuse restore\` (latest) | $(metric BenchmarkReplicaRestore restore-s) s | |
+| restore ÷ cp | $(metric BenchmarkReplicaRestore x-cp)× | ≤ 1.5× |
+| peak RSS of \`lfuse restore\` | $(metric BenchmarkReplicaRestore restore-peak-RSS-MB) MB | ≤ 64 MB |
+| lag from commit to durable in the replica, p50 (worst commit of each sync) | $(metric BenchmarkReplicaLag lag-p50-ms) ms | |
+| lag p99 | $(metric BenchmarkReplicaLag lag-p99-ms) ms | ≤ sync-interval + 50 ms = 1050 ms |
+| files written per hour at 10 tx/s (PUT-equivalents, default intervals) | $(metric BenchmarkReplicaLag files-per-hour) | |
+| peak RSS of \`lfuse mount\` replicating at 10 tx/s | $(metric BenchmarkReplicaLag lfuse-peak-RSS-MB) MB | ≤ 64 MB |
+EOF
+echo "appended the replication table to $doc"
