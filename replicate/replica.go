@@ -200,7 +200,7 @@ func (r *Replica) Stop() {
 
 // Flush ships everything captured so far, retrying until ctx ends.
 func (r *Replica) Flush(ctx context.Context) error {
-	for {
+	for tries := 0; ; tries++ {
 		r.mu.Lock()
 		err := r.syncLocked(ctx)
 		r.mu.Unlock()
@@ -208,7 +208,9 @@ func (r *Replica) Flush(ctx context.Context) error {
 			return nil
 		}
 		r.errs.Add(1)
-		r.logger.Warn("flush to replica failed; retrying", "err", err)
+		if tries == 0 {
+			r.logger.Warn("flush to replica failed; retrying until the shutdown timeout", "err", err)
+		}
 		select {
 		case <-ctx.Done():
 			return fmt.Errorf("replica %s: %w (last error: %v)", r.client, ctx.Err(), err)
