@@ -26,7 +26,7 @@ test: deps
 
 # Packages with goroutines run under the race detector.
 unit:
-	$(GO) test -race -count=1 ./walcapture/... ./replicate/... ./fs/... ./cmd/...
+	$(GO) test -race -count=1 ./walcapture/... ./replicate/... ./backends/... ./fs/... ./cmd/...
 
 # Real mounts: needs root and /dev/fuse (skipped otherwise, unless
 # LFUSE_REQUIRE_FUSE=1). The lfuse binary under test is built with -race.

@@ -31,8 +31,5 @@ type ReplicaClient interface {
 	DeleteLTXFiles(ctx context.Context, files []ltx.FileInfo) error
 }
 
-// Levels of the replica layout.
-const (
-	SnapshotLevel   = 9
-	maxCompactLevel = 8
-)
+// SnapshotLevel is the level of full snapshots in the replica layout.
+const SnapshotLevel = 9

@@ -9,6 +9,7 @@
 package file
 
 import (
+	"cmp"
 	"context"
 	"encoding/json"
 	"errors"
@@ -75,18 +76,8 @@ func (c *Client) LTXFiles(ctx context.Context, level int) ([]ltx.FileInfo, error
 		}
 		infos = append(infos, ltx.FileInfo{Level: level, MinTXID: min, MaxTXID: max, Size: fi.Size(), CreatedAt: fi.ModTime().UTC()})
 	}
-	slices.SortFunc(infos, func(a, b ltx.FileInfo) int { return int64Cmp(int64(a.MinTXID), int64(b.MinTXID)) })
+	slices.SortFunc(infos, func(a, b ltx.FileInfo) int { return cmp.Compare(a.MinTXID, b.MinTXID) })
 	return infos, nil
-}
-
-func int64Cmp(a, b int64) int {
-	switch {
-	case a < b:
-		return -1
-	case a > b:
-		return 1
-	}
-	return 0
 }
 
 func (c *Client) OpenLTXFile(ctx context.Context, level int, min, max ltx.TXID) (io.ReadCloser, error) {
