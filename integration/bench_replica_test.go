@@ -56,35 +56,50 @@ func peakRSS(pid int) float64 {
 	return 0
 }
 
-const (
-	restoreDBBytes = 1 << 30
-	restoreHistory = 100_000
-)
+const restoreHistory = 100_000
+
+// restoreDBMB is the size of the restore benchmark's database: 1024 MB, or
+// LFUSE_BENCH_RESTORE_MB.
+func restoreDBMB() int {
+	if n, err := strconv.Atoi(os.Getenv("LFUSE_BENCH_RESTORE_MB")); err == nil && n > 0 {
+		return n
+	}
+	return 1024
+}
 
 // Restore of a ~1 GB database with ~100,000 transactions of history from a
 // file replica, against cp of the database file, page cache dropped before
-// each. Built once and kept in the benchmark directory.
+// each. Built once and kept in the benchmark directory; LFUSE_BENCH_RESTORE_MB
+// sets the size (1024 by default).
 func BenchmarkReplicaRestore(b *testing.B) {
-	rb := newReplicaBench(b, "restore")
+	mb := restoreDBMB()
+	rb := newReplicaBench(b, fmt.Sprintf("restore-%d", mb))
 	db := filepath.Join(rb.mnt, "app.db")
+	rows := mb << 20 / 4096
 	if _, err := os.Stat(filepath.Join(rb.base, "built")); err != nil {
 		os.RemoveAll(rb.data)
 		os.RemoveAll(rb.repl)
 		os.MkdirAll(rb.data, 0o755)
+		// The peak memory of lfuse while it captures and ships the
+		// bulk load, the full snapshot and the history.
+		var mountRSS float64
+		stop := func(p *lfuse) {
+			mountRSS = max(mountRSS, peakRSS(p.cmd.Process.Pid))
+			p.stop()
+		}
 		p := rb.mount("")
-		rows := restoreDBBytes / 4096
 		script := "PRAGMA journal_mode=WAL;\nCREATE TABLE t(id INTEGER PRIMARY KEY, n INTEGER, v BLOB);\n"
 		for i := 0; i < 10; i++ {
 			script += fmt.Sprintf("WITH RECURSIVE s(i) AS (SELECT 1 UNION ALL SELECT i+1 FROM s WHERE i < %d) INSERT INTO t(n, v) SELECT 0, randomblob(3900) FROM s;\nPRAGMA wal_checkpoint(TRUNCATE);\n", rows/10)
 		}
 		sqliteCLI(b, db, script)
-		p.stop()
+		stop(p)
 		// A snapshot of the full database, as the daily one would be.
 		p = rb.mount(`snapshot-interval = "1s"`)
 		if err := p.log.wait("snapshot uploaded", 10*time.Minute, p.done); err != nil {
 			b.Fatalf("%v\n%s", err, p.log)
 		}
-		p.stop()
+		stop(p)
 		// Then the history: single-row updates, one per transaction.
 		p = rb.mount("")
 		var sb strings.Builder
@@ -93,8 +108,12 @@ func BenchmarkReplicaRestore(b *testing.B) {
 		}
 		sb.WriteString("PRAGMA wal_checkpoint(TRUNCATE);\n")
 		sqliteCLI(b, db, sb.String())
-		p.stop()
-		os.WriteFile(filepath.Join(rb.base, "built"), nil, 0o644)
+		stop(p)
+		os.WriteFile(filepath.Join(rb.base, "built"), []byte(fmt.Sprint(mountRSS)), 0o644)
+	}
+	built, _ := os.ReadFile(filepath.Join(rb.base, "built"))
+	if v, err := strconv.ParseFloat(string(built), 64); err == nil {
+		b.ReportMetric(v, "mount-peak-RSS-MB")
 	}
 	src := filepath.Join(rb.data, "app.db")
 	out := filepath.Join(rb.base, "out.db")
