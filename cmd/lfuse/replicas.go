@@ -60,7 +60,8 @@ func (u replicaURL) client(rel string) replicate.ReplicaClient {
 func (u replicaURL) String() string { return u.scheme + "://" + u.path }
 
 // databases lists the databases a replica holds, by their path relative to
-// the mount: every directory under the root with LTX levels in it.
+// the mount: every directory under the root with LTX levels in it. A
+// replica that does not exist yet holds none.
 func (u replicaURL) databases(ctx context.Context) ([]string, error) {
 	var rels []string
 	err := filepath.WalkDir(u.path, func(path string, d fs.DirEntry, err error) error {
@@ -85,7 +86,7 @@ func (u replicaURL) databases(ctx context.Context) ([]string, error) {
 		return nil
 	})
 	if errors.Is(err, os.ErrNotExist) {
-		return nil, fmt.Errorf("replica %s does not exist", u)
+		return nil, nil // nothing replicated yet: a first start
 	}
 	slices.Sort(rels)
 	return rels, err
