@@ -31,26 +31,12 @@ func fileHash(t *testing.T, path string) [32]byte {
 // restoring at every TXID the replica offers gives exactly the database as
 // it was then, through L0 files, compactions and a second snapshot.
 func TestReplicaRestoreEveryPoint(t *testing.T) {
-	data, state, repl := t.TempDir(), filepath.Join(t.TempDir(), "state"), t.TempDir()
-	logs := &logBuffer{}
-	m := NewManager(data, state, slog.New(slog.NewTextHandler(logs, &slog.HandlerOptions{Level: slog.LevelDebug})))
-	m.Replicas = func(rel string) []ReplicaSpec {
-		return []ReplicaSpec{{Client: file.New(filepath.Join(repl, rel)), Options: ReplicaOptions{
-			SyncInterval:     time.Hour, // this test drives every pass itself
-			SnapshotInterval: time.Hour,
-			CompactIntervals: []time.Duration{time.Hour, time.Hour},
-		}}}
-	}
-	if err := m.Open(context.Background()); err != nil {
-		t.Fatal(err)
-	}
-	path := filepath.Join(data, "app.db")
-	db, err := sql.Open("sqlite3", path+"?_journal_mode=WAL&_busy_timeout=5000")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer db.Close()
-	db.SetMaxOpenConns(1)
+	rs := newReplicaSetup(t, ReplicaOptions{
+		SyncInterval:     time.Hour, // this test drives every pass itself
+		SnapshotInterval: time.Hour,
+		CompactIntervals: []time.Duration{time.Hour, time.Hour},
+	})
+	m, db, path, repl := rs.m, rs.db, rs.path, rs.repl
 	exec := func(q string, args ...any) {
 		t.Helper()
 		if _, err := db.Exec(q, args...); err != nil {
@@ -103,6 +89,7 @@ func TestReplicaRestoreEveryPoint(t *testing.T) {
 			checkpoint(t, m, db, "TRUNCATE")
 		}
 		step()
+		var err error
 		r.mu.Lock()
 		switch i {
 		case 20, 40, 59:
@@ -171,6 +158,35 @@ func TestReplicaRestoreEveryPoint(t *testing.T) {
 	}
 }
 
+// replicaSetup is a Manager that ships the databases of data to file
+// replicas under repl, and a connection to data/app.db (WAL mode).
+type replicaSetup struct {
+	m                 *Manager
+	db                *sql.DB
+	path, state, repl string
+}
+
+func newReplicaSetup(t *testing.T, opts ReplicaOptions) *replicaSetup {
+	t.Helper()
+	data := t.TempDir()
+	rs := &replicaSetup{path: filepath.Join(data, "app.db"), state: filepath.Join(t.TempDir(), "state"), repl: t.TempDir()}
+	rs.m = NewManager(data, rs.state, slog.New(slog.NewTextHandler(&logBuffer{}, &slog.HandlerOptions{Level: slog.LevelDebug})))
+	rs.m.Replicas = func(rel string) []ReplicaSpec {
+		return []ReplicaSpec{{Client: file.New(filepath.Join(rs.repl, rel)), Options: opts}}
+	}
+	if err := rs.m.Open(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	db, err := sql.Open("sqlite3", rs.path+"?_journal_mode=WAL&_busy_timeout=5000")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { db.Close() })
+	db.SetMaxOpenConns(1)
+	rs.db = db
+	return rs
+}
+
 func mustList(t *testing.T, c ReplicaClient, level int) []ltx.FileInfo {
 	t.Helper()
 	files, err := c.LTXFiles(context.Background(), level)
@@ -185,21 +201,8 @@ func mustList(t *testing.T, c ReplicaClient, level int) []ltx.FileInfo {
 func TestLocalLogFolds(t *testing.T) {
 	defer func(n int64) { maxSegment = n }(maxSegment)
 	maxSegment = 32 << 10
-	data, state, repl := t.TempDir(), filepath.Join(t.TempDir(), "state"), t.TempDir()
-	m := NewManager(data, state, slog.New(slog.NewTextHandler(&logBuffer{}, nil)))
-	m.Replicas = func(rel string) []ReplicaSpec {
-		return []ReplicaSpec{{Client: file.New(filepath.Join(repl, rel)), Options: ReplicaOptions{SyncInterval: time.Hour}}}
-	}
-	if err := m.Open(context.Background()); err != nil {
-		t.Fatal(err)
-	}
-	path := filepath.Join(data, "app.db")
-	db, err := sql.Open("sqlite3", path+"?_journal_mode=WAL")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer db.Close()
-	db.SetMaxOpenConns(1)
+	rs := newReplicaSetup(t, ReplicaOptions{SyncInterval: time.Hour})
+	m, db, path, state := rs.m, rs.db, rs.path, rs.state
 	db.Exec("CREATE TABLE t(v BLOB)")
 	m.Opened("app.db-wal", true)
 	m.SyncAll()
@@ -269,26 +272,13 @@ func TestLocalLogFolds(t *testing.T) {
 // Retention deletes what no point in the window needs, and nothing that one
 // does: every state committed within the window restores exactly.
 func TestRetention(t *testing.T) {
-	data, state, repl := t.TempDir(), filepath.Join(t.TempDir(), "state"), t.TempDir()
-	m := NewManager(data, state, slog.New(slog.NewTextHandler(&logBuffer{}, nil)))
 	const retention = 1500 * time.Millisecond
-	m.Replicas = func(rel string) []ReplicaSpec {
-		return []ReplicaSpec{{Client: file.New(filepath.Join(repl, rel)), Options: ReplicaOptions{
-			SyncInterval: time.Hour, SnapshotInterval: 400 * time.Millisecond, Retention: retention,
-			CompactIntervals: []time.Duration{200 * time.Millisecond},
-		}}}
-	}
-	if err := m.Open(context.Background()); err != nil {
-		t.Fatal(err)
-	}
+	rs := newReplicaSetup(t, ReplicaOptions{
+		SyncInterval: time.Hour, SnapshotInterval: 400 * time.Millisecond, Retention: retention,
+		CompactIntervals: []time.Duration{200 * time.Millisecond},
+	})
+	m, db := rs.m, rs.db
 	defer m.Close()
-	path := filepath.Join(data, "app.db")
-	db, err := sql.Open("sqlite3", path+"?_journal_mode=WAL")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer db.Close()
-	db.SetMaxOpenConns(1)
 	db.Exec("PRAGMA wal_autocheckpoint=0")
 	db.Exec("CREATE TABLE t(k INTEGER PRIMARY KEY, v BLOB)")
 	m.Opened("app.db-wal", true)
