@@ -35,12 +35,7 @@ func TestLitestreamRestoresReplica(t *testing.T) {
 	e := newEnv(t)
 	bin := litestreamBin(t)
 	cfgPath, repl := e.replicaConfig("")
-	lf := e.mount("-config", cfgPath)
-	dbPath := e.path("app.db")
-	sqliteCLI(t, dbPath, "PRAGMA journal_mode=WAL; CREATE TABLE seq(k INTEGER PRIMARY KEY, v BLOB);")
-	seqWrite(t, dbPath, 1, 300)
-	checkpointTruncate(t, dbPath)
-	lf.stop()
+	e.replicateSeq(cfgPath, 300)
 
 	url := "file://" + repl + "/app.db"
 	out := filepath.Join(e.root, "litestream.db")

@@ -37,6 +37,27 @@ func snapshotCount(t *testing.T, repl string) int {
 	return len(files)
 }
 
+// seqSchema creates the table of the seq workload.
+const seqSchema = "CREATE TABLE seq(k INTEGER PRIMARY KEY, v BLOB);\n"
+
+// createSeq creates a WAL-mode database with the seq table.
+func createSeq(t *testing.T, path string) {
+	t.Helper()
+	sqliteCLI(t, path, "PRAGMA journal_mode=WAL;\n"+seqSchema)
+}
+
+// replicateSeq mounts with the config at cfgPath, writes seq rows 1..rows
+// into app.db, checkpoints it and stops lfuse, which ships everything.
+func (e *env) replicateSeq(cfgPath string, rows int) {
+	e.t.Helper()
+	lf := e.mount("-config", cfgPath)
+	dbPath := e.path("app.db")
+	createSeq(e.t, dbPath)
+	seqWrite(e.t, dbPath, 1, rows)
+	checkpointTruncate(e.t, dbPath)
+	lf.stop()
+}
+
 func seqWrite(t *testing.T, dbPath string, from, to int) {
 	t.Helper()
 	w := startWorker(t, "seq-writer", "DB="+dbPath, fmt.Sprint("FROM=", from), fmt.Sprint("TO=", to), "PAUSE=2ms")
@@ -65,7 +86,7 @@ func TestReplicaRestarts(t *testing.T) {
 	dbPath := e.path("app.db")
 
 	lf := e.mount("-config", cfgPath)
-	sqliteCLI(t, dbPath, "PRAGMA journal_mode=WAL; CREATE TABLE seq(k INTEGER PRIMARY KEY, v BLOB);")
+	createSeq(t, dbPath)
 	seqWrite(t, dbPath, 1, 100)
 	checkpointTruncate(t, dbPath)
 	lf.stop()
@@ -120,7 +141,7 @@ func TestReplicaKillDuringUpload(t *testing.T) {
 	cfgPath, repl := e.replicaConfig("")
 	dbPath := e.path("app.db")
 	lf := e.mount("-config", cfgPath)
-	sqliteCLI(t, dbPath, "PRAGMA journal_mode=WAL; CREATE TABLE seq(k INTEGER PRIMARY KEY, v BLOB);")
+	createSeq(t, dbPath)
 	w := startWorker(t, "seq-writer", "DB="+dbPath, "FROM=1", "TO=100000", "PAUSE=1ms")
 	if err := w.out.wait("300 ", time.Minute, w.done); err != nil {
 		t.Fatal(err)
@@ -141,7 +162,7 @@ func TestReplicaOutage(t *testing.T) {
 	cfgPath, repl := e.replicaConfig("")
 	dbPath := e.path("app.db")
 	lf := e.mount("-config", cfgPath)
-	sqliteCLI(t, dbPath, "PRAGMA journal_mode=WAL; CREATE TABLE seq(k INTEGER PRIMARY KEY, v BLOB);")
+	createSeq(t, dbPath)
 	seqWrite(t, dbPath, 1, 50)
 	if err := lf.log.wait("snapshot uploaded", time.Minute, lf.done); err != nil {
 		t.Fatal(err)

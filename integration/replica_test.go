@@ -87,7 +87,7 @@ func TestReplicateAndRestore(t *testing.T) {
 	cfgPath, repl := e.replicaConfig("")
 	lf := e.mount("-config", cfgPath)
 	dbPath := e.path("app.db")
-	sqliteCLI(t, dbPath, "PRAGMA journal_mode=WAL;\n"+bankSchema+"CREATE TABLE seq(k INTEGER PRIMARY KEY, v BLOB);\n")
+	sqliteCLI(t, dbPath, "PRAGMA journal_mode=WAL;\n"+bankSchema+seqSchema)
 
 	// Several processes at once.
 	var workers []*workerProc

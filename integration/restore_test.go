@@ -24,12 +24,7 @@ func TestRestoreRefusals(t *testing.T) {
 	e := newEnv(t)
 	cfgPath, repl := e.replicaConfig("")
 	os.WriteFile(cfgPath, []byte(fmt.Sprintf("[[replicas]]\nurl = %q\nsync-interval = \"50ms\"\n", "file://"+repl)), 0o644)
-	lf := e.mount("-config", cfgPath)
-	dbPath := e.path("app.db")
-	sqliteCLI(t, dbPath, "PRAGMA journal_mode=WAL; CREATE TABLE seq(k INTEGER PRIMARY KEY, v BLOB);")
-	seqWrite(t, dbPath, 1, 200)
-	checkpointTruncate(t, dbPath)
-	lf.stop()
+	e.replicateSeq(cfgPath, 200)
 	url := "file://" + repl + "/app.db"
 	out := filepath.Join(e.root, "out.db")
 
@@ -132,7 +127,7 @@ func TestMountRestoresMissing(t *testing.T) {
 	lf := e.mount("-config", cfgPath)
 	os.MkdirAll(e.path("sub"), 0o755)
 	for _, db := range []string{"app.db", "sub/other.db"} {
-		sqliteCLI(t, e.path(db), "PRAGMA journal_mode=WAL; CREATE TABLE seq(k INTEGER PRIMARY KEY, v BLOB);")
+		createSeq(t, e.path(db))
 		seqWrite(t, e.path(db), 1, 50)
 		checkpointTruncate(t, e.path(db))
 	}
