@@ -1,7 +1,6 @@
 package replicate
 
 import (
-	"bufio"
 	"context"
 	"errors"
 	"fmt"
@@ -9,7 +8,6 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
-	"runtime"
 	"sync"
 	"time"
 
@@ -197,12 +195,16 @@ func Restore(ctx context.Context, client ReplicaClient, plan Plan, output string
 
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
+	// The files are applied newest first, so that every page is written
+	// once, by the newest file that holds it, and the snapshot — most of the
+	// bytes — streams last into whatever the history left unwritten.
+	n := len(plan.Files)
+	order := func(k int) ltx.FileInfo { return plan.Files[n-1-k] }
 	type download struct {
-		rc   io.ReadCloser
-		err  error
-		took time.Duration
+		rc  io.ReadCloser
+		err error
 	}
-	results := make([]chan download, len(plan.Files))
+	results := make([]chan download, n-1)
 	for i := range results {
 		results[i] = make(chan download, 1)
 	}
@@ -223,54 +225,53 @@ func Restore(ctx context.Context, client ReplicaClient, plan Plan, output string
 		}
 	}()
 	go func() {
-		for i, f := range plan.Files {
+		// The snapshot is opened when its turn comes: a remote body left
+		// unread while the history is applied could time out.
+		for k := 0; k < n-1; k++ {
+			f := order(k)
 			select {
 			case sem <- struct{}{}:
 			case <-ctx.Done():
-				for _, ch := range results[i:] {
+				for _, ch := range results[k : n-1] {
 					ch <- download{err: ctx.Err()}
 				}
 				return
 			}
-			if i == 0 {
-				// The snapshot, usually most of the bytes, streams
-				// straight into the apply; the files after it are
-				// fetched meanwhile.
-				rc, err := client.OpenLTXFile(ctx, f.Level, f.MinTXID, f.MaxTXID)
-				results[i] <- download{rc: rc, err: err}
-				continue
-			}
 			wg.Add(1)
 			go func() {
 				defer wg.Done()
-				start := time.Now()
 				rc, err := client.OpenLTXFile(ctx, f.Level, f.MinTXID, f.MaxTXID)
 				if err == nil {
 					if _, local := rc.(*os.File); !local {
-						// A remote body: fetch it now, while earlier
+						// A remote body: fetch it now, while newer
 						// files are applied.
-						rc, err = fetch(rc, filepath.Join(tmpDir, fmt.Sprintf("%d.ltx", i)))
+						rc, err = fetch(rc, filepath.Join(tmpDir, fmt.Sprintf("%d.ltx", k)))
 					}
 				}
-				results[i] <- download{rc: rc, err: err, took: time.Since(start)}
+				results[k] <- download{rc: rc, err: err}
 			}()
 		}
 	}()
 
-	var sum ltx.Checksum
-	var pageSize uint32
+	asm := &assembler{out: out}
 	var done int64
-	for i, f := range plan.Files {
+	for k := 0; k < n; k++ {
+		f := order(k)
 		waitStart := time.Now()
-		d := <-results[i]
+		var d download
+		if k < n-1 {
+			d = <-results[k]
+			<-sem
+		} else {
+			d.rc, d.err = client.OpenLTXFile(ctx, f.Level, f.MinTXID, f.MaxTXID)
+		}
 		st.Download += time.Since(waitStart)
-		<-sem
 		if d.err != nil {
 			return st, fmt.Errorf("%s: download %s: %w", client, fileName(f), d.err)
 		}
 		applyStart := time.Now()
 		cr := &countingReader{r: d.rc}
-		hdr, err := applyFile(cr, out, &sum, i == 0)
+		err := asm.apply(cr, k == n-1)
 		d.rc.Close()
 		if err == nil && f.Size > 0 && cr.n != f.Size {
 			err = fmt.Errorf("read %d bytes, the listing said %d", cr.n, f.Size)
@@ -279,11 +280,6 @@ func Restore(ctx context.Context, client ReplicaClient, plan Plan, output string
 			return st, fmt.Errorf("%s: %s is corrupt or does not fit: %w", client, fileName(f), err)
 		}
 		st.Apply += time.Since(applyStart)
-		if i == 0 {
-			pageSize = hdr.PageSize
-		} else if hdr.PageSize != pageSize {
-			return st, fmt.Errorf("%s: %s has page size %d, the snapshot %d", client, fileName(f), hdr.PageSize, pageSize)
-		}
 		st.Files++
 		st.Bytes += f.Size
 		done += f.Size
@@ -291,10 +287,8 @@ func Restore(ctx context.Context, client ReplicaClient, plan Plan, output string
 			opts.Progress(done, plan.Bytes)
 		}
 	}
+	sum := asm.finish()
 	verifyStart := time.Now()
-	// Page checksums carry the flag bit, which XOR toggles; the database
-	// checksum always has it set.
-	sum = ltx.ChecksumFlag | sum
 	if sum != meta.PostApplyChecksum {
 		return st, fmt.Errorf("%s: the restored database has checksum %s, but %s was recorded with %s: refusing to write it",
 			client, sum, fileName(last), meta.PostApplyChecksum)
@@ -358,211 +352,4 @@ func fetch(body io.ReadCloser, path string) (io.ReadCloser, error) {
 		return nil, err
 	}
 	return f, nil
-}
-
-// applyFile applies one LTX file to out, keeping *sum, the database
-// checksum, up to date page by page so that verifying the result needs no
-// second read of the database.
-//
-// It is a pipeline, because CRC-64 is most of the cost: one goroutine
-// decodes (LZ4, and the file's own CRC), workers checksum batches of pages
-// (reading the pages they replace), and the caller writes them in order.
-// Memory is a few batches of pages, whatever the database size.
-func applyFile(r io.Reader, out *os.File, sum *ltx.Checksum, first bool) (ltx.Header, error) {
-	dec := ltx.NewDecoder(bufio.NewReaderSize(r, 1<<20))
-	dec.SetRetainPageIndex(false)
-	if err := dec.DecodeHeader(); err != nil {
-		return ltx.Header{}, err
-	}
-	hdr := dec.Header()
-	if first != hdr.IsSnapshot() {
-		if first {
-			return hdr, errors.New("the first file of a restore must be a snapshot")
-		}
-		return hdr, errors.New("unexpected snapshot in the middle of a restore")
-	}
-	pageSize := int(hdr.PageSize)
-	lock := ltx.LockPgno(hdr.PageSize)
-	var size uint32 // pages in out before this file
-	if first {
-		*sum = 0
-		if err := out.Truncate(0); err != nil {
-			return hdr, err
-		}
-	} else {
-		fi, err := out.Stat()
-		if err != nil {
-			return hdr, err
-		}
-		size = uint32(fi.Size() / int64(pageSize))
-	}
-
-	type batch struct {
-		pgnos []uint32
-		data  []byte
-		sum   ltx.Checksum
-		err   error
-		done  chan struct{}
-	}
-	const batchPages = 256
-	pool := sync.Pool{New: func() any {
-		return &batch{pgnos: make([]uint32, 0, batchPages), data: make([]byte, 0, batchPages*pageSize)}
-	}}
-	ctx, cancel := context.WithCancel(context.Background())
-	defer cancel()
-	work := make(chan *batch, 4)
-	ordered := make(chan *batch, 8)
-	var decErr error
-	go func() { // decode
-		defer close(work)
-		defer close(ordered)
-		b := pool.Get().(*batch)
-		send := func() bool {
-			if len(b.pgnos) == 0 {
-				return true
-			}
-			b.done = make(chan struct{})
-			select {
-			case work <- b:
-			case <-ctx.Done():
-				return false
-			}
-			select {
-			case ordered <- b:
-			case <-ctx.Done():
-				return false
-			}
-			b = pool.Get().(*batch)
-			b.pgnos, b.data, b.sum, b.err = b.pgnos[:0], b.data[:0], 0, nil
-			return true
-		}
-		var prev uint32
-		for {
-			if len(b.pgnos) == batchPages && !send() {
-				return
-			}
-			n := len(b.data)
-			b.data = b.data[:n+pageSize]
-			var ph ltx.PageHeader
-			err := dec.DecodePage(&ph, b.data[n:])
-			if errors.Is(err, io.EOF) {
-				b.data = b.data[:n]
-				break
-			} else if err != nil {
-				decErr = err
-				return
-			}
-			switch {
-			case ph.Pgno > hdr.Commit || ph.Pgno == lock || ph.Pgno <= prev:
-				decErr = fmt.Errorf("page %d out of order or outside the database of %d pages", ph.Pgno, hdr.Commit)
-				return
-			case first && ph.Pgno != prev+1 && !(ph.Pgno == lock+1 && prev == lock-1):
-				decErr = fmt.Errorf("snapshot page %d follows page %d", ph.Pgno, prev)
-				return
-			}
-			prev = ph.Pgno
-			b.pgnos = append(b.pgnos, ph.Pgno)
-		}
-		if first && prev != hdr.Commit && !(prev == lock-1 && hdr.Commit == lock) {
-			decErr = fmt.Errorf("snapshot ends at page %d of %d", prev, hdr.Commit)
-			return
-		}
-		if !send() {
-			return
-		}
-		decErr = dec.Close()
-	}()
-	workers := max(1, runtime.GOMAXPROCS(0)-1)
-	var wg sync.WaitGroup
-	for range workers {
-		wg.Add(1)
-		go func() { // checksum: the new pages in, the pages they replace out
-			defer wg.Done()
-			old := make([]byte, pageSize)
-			for b := range work {
-				for i, pgno := range b.pgnos {
-					page := b.data[i*pageSize : (i+1)*pageSize]
-					b.sum ^= ltx.ChecksumPage(pgno, page)
-					if pgno <= size {
-						if _, err := out.ReadAt(old, int64(pgno-1)*int64(pageSize)); err != nil {
-							b.err = err
-							break
-						}
-						b.sum ^= ltx.ChecksumPage(pgno, old)
-					}
-				}
-				close(b.done)
-			}
-		}()
-	}
-	defer wg.Wait()
-
-	zero := make([]byte, pageSize)
-	w := bufio.NewWriterSize(out, 1<<20)
-	grown := size // pages out holds, as written so far
-	for b := range ordered {
-		<-b.done
-		if b.err != nil {
-			cancel()
-			return hdr, b.err
-		}
-		*sum ^= b.sum
-		for i, pgno := range b.pgnos {
-			page := b.data[i*pageSize : (i+1)*pageSize]
-			if first {
-				if pgno == lock+1 {
-					if _, err := w.Write(zero); err != nil { // the lock page
-						cancel()
-						return hdr, err
-					}
-				}
-				if _, err := w.Write(page); err != nil {
-					cancel()
-					return hdr, err
-				}
-				continue
-			}
-			// Pages skipped over when the file grows read as zeros.
-			for p := grown + 1; p < pgno; p++ {
-				if p != lock {
-					*sum ^= ltx.ChecksumPage(p, zero)
-				}
-			}
-			grown = max(grown, pgno)
-			if _, err := out.WriteAt(page, int64(pgno-1)*int64(pageSize)); err != nil {
-				cancel()
-				return hdr, err
-			}
-		}
-		pool.Put(b)
-	}
-	if decErr != nil {
-		return hdr, decErr
-	}
-	if first {
-		if hdr.Commit == lock {
-			if _, err := w.Write(zero); err != nil {
-				return hdr, err
-			}
-		}
-		return hdr, w.Flush()
-	}
-	// Pages cut off by a smaller commit size leave the checksum; pages added
-	// by a larger one without being written are zeros.
-	old := make([]byte, pageSize)
-	for p := hdr.Commit + 1; p <= grown; p++ {
-		if p == lock {
-			continue
-		}
-		if _, err := out.ReadAt(old, int64(p-1)*int64(pageSize)); err != nil {
-			return hdr, err
-		}
-		*sum ^= ltx.ChecksumPage(p, old)
-	}
-	for p := grown + 1; p <= hdr.Commit; p++ {
-		if p != lock {
-			*sum ^= ltx.ChecksumPage(p, zero)
-		}
-	}
-	return hdr, out.Truncate(int64(hdr.Commit) * int64(pageSize))
 }
