@@ -5,7 +5,9 @@
 package backends
 
 import (
+	"context"
 	"errors"
+	"io"
 	"time"
 
 	"github.com/superfly/ltx"
@@ -21,3 +23,21 @@ type FileMeta struct {
 
 // ErrNotFound is returned for a file that does not exist.
 var ErrNotFound = errors.New("not found")
+
+// ContextReader reads r until ctx is done, then fails with ctx's error: for
+// transfers whose I/O does not watch a context itself (files, SFTP).
+func ContextReader(ctx context.Context, r io.Reader) io.Reader {
+	return &ctxReader{ctx: ctx, r: r}
+}
+
+type ctxReader struct {
+	ctx context.Context
+	r   io.Reader
+}
+
+func (c *ctxReader) Read(p []byte) (int, error) {
+	if err := c.ctx.Err(); err != nil {
+		return 0, err
+	}
+	return c.r.Read(p)
+}

@@ -20,8 +20,9 @@ type ReplicaClient interface {
 	// LTXFiles lists the files of one level, ascending by MinTXID. CreatedAt
 	// is the LTX header timestamp of each file (its last commit time).
 	LTXFiles(ctx context.Context, level int) ([]ltx.FileInfo, error)
-	// OpenLTXFile reads one file. A missing file is backends.ErrNotFound.
-	OpenLTXFile(ctx context.Context, level int, min, max ltx.TXID) (io.ReadCloser, error)
+	// OpenLTXFile reads one file from offset on: size bytes, or to its end
+	// if size is 0. A missing file is backends.ErrNotFound.
+	OpenLTXFile(ctx context.Context, level int, min, max ltx.TXID, offset, size int64) (io.ReadCloser, error)
 	// WriteLTXFile stores a complete file of size bytes so that it appears
 	// whole or not at all, with meta recorded beside it.
 	WriteLTXFile(ctx context.Context, level int, min, max ltx.TXID, r io.Reader, size int64, meta backends.FileMeta) error

@@ -438,7 +438,7 @@ func (r *Replica) compactLocked(ctx context.Context, level int) error {
 // removed when the merge closes it.
 func (r *Replica) remoteSource(ctx context.Context, f ltx.FileInfo) source {
 	return func() (io.ReadCloser, error) {
-		rc, err := r.client.OpenLTXFile(ctx, f.Level, f.MinTXID, f.MaxTXID)
+		rc, err := r.client.OpenLTXFile(ctx, f.Level, f.MinTXID, f.MaxTXID, 0, 0)
 		if err != nil {
 			return nil, err
 		}

@@ -240,9 +240,9 @@ func Restore(ctx context.Context, client ReplicaClient, plan Plan, output string
 			wg.Add(1)
 			go func() {
 				defer wg.Done()
-				rc, err := client.OpenLTXFile(ctx, f.Level, f.MinTXID, f.MaxTXID)
+				rc, err := client.OpenLTXFile(ctx, f.Level, f.MinTXID, f.MaxTXID, 0, 0)
 				if err == nil {
-					if _, local := rc.(*os.File); !local {
+					if _, local := rc.(localBody); !local {
 						// A remote body: fetch it now, while newer
 						// files are applied.
 						rc, err = fetch(rc, filepath.Join(tmpDir, fmt.Sprintf("%d.ltx", k)))
@@ -263,7 +263,7 @@ func Restore(ctx context.Context, client ReplicaClient, plan Plan, output string
 			d = <-results[k]
 			<-sem
 		} else {
-			d.rc, d.err = client.OpenLTXFile(ctx, f.Level, f.MinTXID, f.MaxTXID)
+			d.rc, d.err = client.OpenLTXFile(ctx, f.Level, f.MinTXID, f.MaxTXID, 0, 0)
 		}
 		st.Download += time.Since(waitStart)
 		if d.err != nil {
@@ -333,6 +333,10 @@ func (c *countingReader) Read(p []byte) (int, error) {
 	c.n += int64(n)
 	return n, err
 }
+
+// localBody is a body read from local storage (a file replica), which a
+// restore reads in place rather than fetching a copy first.
+type localBody interface{ LocalFile() bool }
 
 // fetch copies a remote body into a temporary file at path (removed at
 // once: the open descriptor keeps it) and returns it for reading.

@@ -80,13 +80,33 @@ func (c *Client) LTXFiles(ctx context.Context, level int) ([]ltx.FileInfo, error
 	return infos, nil
 }
 
-func (c *Client) OpenLTXFile(ctx context.Context, level int, min, max ltx.TXID) (io.ReadCloser, error) {
+// OpenLTXFile's body says it is local (LocalFile), which lets a restore
+// read it in place instead of fetching a copy first.
+func (c *Client) OpenLTXFile(ctx context.Context, level int, min, max ltx.TXID, offset, size int64) (io.ReadCloser, error) {
 	f, err := os.Open(c.path(level, min, max))
 	if errors.Is(err, fs.ErrNotExist) {
 		return nil, fmt.Errorf("%s: %w", c.rel(level, min, max), backends.ErrNotFound)
+	} else if err != nil {
+		return nil, err
 	}
-	return f, err
+	if _, err := f.Seek(offset, io.SeekStart); err != nil {
+		f.Close()
+		return nil, err
+	}
+	var r io.Reader = f
+	if size > 0 {
+		r = io.LimitReader(f, size)
+	}
+	return &localBody{Reader: backends.ContextReader(ctx, r), f: f}, nil
 }
+
+type localBody struct {
+	io.Reader
+	f *os.File
+}
+
+func (b *localBody) Close() error    { return b.f.Close() }
+func (b *localBody) LocalFile() bool { return true }
 
 func (c *Client) rel(level int, min, max ltx.TXID) string {
 	return fmt.Sprintf("ltx/%d/%s", level, ltx.FormatFilename(min, max))
@@ -110,7 +130,7 @@ func (c *Client) WriteLTXFile(ctx context.Context, level int, min, max ltx.TXID,
 	if err := writeAtomic(path+metaSuffix, strings.NewReader(string(mb)), -1, time.Time{}); err != nil {
 		return err
 	}
-	if err := writeAtomic(path, r, size, meta.Timestamp); err != nil {
+	if err := writeAtomic(path, backends.ContextReader(ctx, r), size, meta.Timestamp); err != nil {
 		return err
 	}
 	return syncDir(dir)

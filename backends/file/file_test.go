@@ -52,7 +52,7 @@ func TestClient(t *testing.T) {
 	if err != nil || got.PostApplyChecksum != meta.PostApplyChecksum || !got.Timestamp.Equal(ts) {
 		t.Fatalf("meta: %+v %v", got, err)
 	}
-	rc, err := c.OpenLTXFile(ctx, 0, 5, 9)
+	rc, err := c.OpenLTXFile(ctx, 0, 5, 9, 0, 0)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -67,7 +67,7 @@ func TestClient(t *testing.T) {
 	if err := c.DeleteLTXFiles(ctx, files[:1]); err != nil {
 		t.Fatalf("deleting a file already gone: %v", err)
 	}
-	if _, err := c.OpenLTXFile(ctx, 0, 1, 4); !errors.Is(err, backends.ErrNotFound) {
+	if _, err := c.OpenLTXFile(ctx, 0, 1, 4, 0, 0); !errors.Is(err, backends.ErrNotFound) {
 		t.Fatalf("open of a deleted file: %v", err)
 	}
 	if _, err := c.FileMeta(ctx, 0, 1, 4); !errors.Is(err, backends.ErrNotFound) {
