@@ -41,3 +41,15 @@ func (c *ctxReader) Read(p []byte) (int, error) {
 	}
 	return c.r.Read(p)
 }
+
+// ErrConfig marks a failure the user fixes in the configuration rather than
+// one that retrying cures: wrong credentials, no permission, a bucket or
+// container that does not exist, an untrusted host key.
+var ErrConfig = errors.New("replica misconfigured")
+
+// ConfigError marks err as ErrConfig without changing its message.
+func ConfigError(err error) error { return configError{err} }
+
+type configError struct{ error }
+
+func (e configError) Unwrap() []error { return []error{e.error, ErrConfig} }

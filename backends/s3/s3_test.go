@@ -1,0 +1,128 @@
+package s3_test
+
+import (
+	"context"
+	"errors"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/aws/aws-sdk-go-v2/aws"
+	awss3 "github.com/aws/aws-sdk-go-v2/service/s3"
+	"github.com/lfuse/lfuse/backends"
+	"github.com/lfuse/lfuse/backends/backendtest"
+	"github.com/lfuse/lfuse/backends/s3"
+	"github.com/superfly/ltx"
+)
+
+const bucket = "lfuse-test"
+
+var (
+	testTime    = time.Date(2026, 1, 2, 3, 4, 5, 0, time.UTC)
+	meta        = backends.FileMeta{Timestamp: testTime, PostApplyChecksum: ltx.ChecksumFlag | 1}
+	errNotFound = backends.ErrNotFound
+)
+
+func newClient(t testing.TB, env map[string]string, cfg s3.Config) *s3.Client {
+	t.Helper()
+	if cfg.Bucket == "" {
+		cfg.Bucket = bucket
+	}
+	if cfg.Endpoint == "" {
+		cfg.Endpoint = env["LFUSE_TEST_S3_ENDPOINT"]
+	}
+	if cfg.AccessKeyID == "" {
+		cfg.AccessKeyID, cfg.SecretAccessKey = env["LFUSE_TEST_S3_ACCESS_KEY_ID"], env["LFUSE_TEST_S3_SECRET_ACCESS_KEY"]
+	}
+	c, err := s3.New(context.Background(), cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return c
+}
+
+// ensureBucket creates the test bucket through the SDK itself.
+func ensureBucket(t testing.TB, env map[string]string, endpoint string) {
+	t.Helper()
+	cli := awss3.New(awss3.Options{
+		Region:       "us-east-1",
+		BaseEndpoint: aws.String(endpoint),
+		UsePathStyle: true,
+		Credentials: aws.CredentialsProviderFunc(func(context.Context) (aws.Credentials, error) {
+			return aws.Credentials{AccessKeyID: env["LFUSE_TEST_S3_ACCESS_KEY_ID"], SecretAccessKey: env["LFUSE_TEST_S3_SECRET_ACCESS_KEY"]}, nil
+		}),
+	})
+	_, err := cli.CreateBucket(context.Background(), &awss3.CreateBucketInput{Bucket: aws.String(bucket)})
+	if err != nil && !strings.Contains(err.Error(), "BucketAlreadyOwnedByYou") && !strings.Contains(err.Error(), "BucketAlreadyExists") {
+		t.Fatalf("create bucket: %v", err)
+	}
+}
+
+func TestConformance(t *testing.T) {
+	env := backendtest.Servers(t)
+	ensureBucket(t, env, env["LFUSE_TEST_S3_ENDPOINT"])
+	backendtest.Run(t, backendtest.Options{
+		New: func(t *testing.T, root string) backendtest.Client {
+			return newClient(t, env, s3.Config{Path: root})
+		},
+		ListTimesApprox: true,
+		Secrets:         []string{env["LFUSE_TEST_S3_SECRET_ACCESS_KEY"]},
+	})
+}
+
+func TestCheck(t *testing.T) {
+	env := backendtest.Servers(t)
+	ensureBucket(t, env, env["LFUSE_TEST_S3_ENDPOINT"])
+	ctx := context.Background()
+	if err := newClient(t, env, s3.Config{Path: "x"}).Check(ctx); err != nil {
+		t.Fatalf("a good replica fails its check: %v", err)
+	}
+	err := newClient(t, env, s3.Config{Bucket: "no-such-bucket-here"}).Check(ctx)
+	if err == nil || !strings.Contains(err.Error(), "does not exist") {
+		t.Fatalf("missing bucket: %v", err)
+	}
+	const wrong = "wrong-secret-key-1234567890"
+	err = newClient(t, env, s3.Config{AccessKeyID: env["LFUSE_TEST_S3_ACCESS_KEY_ID"], SecretAccessKey: wrong}).Check(ctx)
+	if err == nil || !strings.Contains(err.Error(), "access denied") || strings.Contains(err.Error(), wrong) {
+		t.Fatalf("wrong secret: %v", err)
+	}
+	if strings.Contains(err.Error(), "\n") {
+		t.Fatalf("the error is more than one line: %q", err)
+	}
+}
+
+// A self-signed endpoint is refused unless told to trust it.
+func TestTLS(t *testing.T) {
+	env := backendtest.Servers(t)
+	tlsURL := env["LFUSE_TEST_S3_TLS_ENDPOINT"]
+	ctx := context.Background()
+	err := newClient(t, env, s3.Config{Endpoint: tlsURL}).Check(ctx)
+	if err == nil || !strings.Contains(err.Error(), "certificate") {
+		t.Fatalf("a self-signed endpoint without skip-verify: %v", err)
+	}
+	// The TLS server holds no buckets: reaching "does not exist" proves the
+	// handshake and the signature passed.
+	err = newClient(t, env, s3.Config{Endpoint: tlsURL, SkipVerify: true}).Check(ctx)
+	if err == nil || !strings.Contains(err.Error(), "does not exist") {
+		t.Fatalf("with skip-verify: %v", err)
+	}
+}
+
+func TestDatabases(t *testing.T) {
+	env := backendtest.Servers(t)
+	ensureBucket(t, env, env["LFUSE_TEST_S3_ENDPOINT"])
+	root := newClient(t, env, s3.Config{Path: "dbs-" + t.Name() + "/" + strings.ReplaceAll(t.TempDir(), "/", "_")})
+	for i, rel := range []string{"a.db", "sub/b.db"} {
+		body := backendtest.EncodeFile(t, 1, 1, 1, int64(i), testTime)
+		if err := root.Sub(rel).WriteLTXFile(context.Background(), 9, 1, 1, strings.NewReader(string(body)), int64(len(body)), meta); err != nil {
+			t.Fatal(err)
+		}
+	}
+	dbs, err := root.Databases(context.Background())
+	if err != nil || strings.Join(dbs, ",") != "a.db,sub/b.db" {
+		t.Fatalf("databases %q, %v", dbs, err)
+	}
+	if _, err := root.Sub("a.db").FileMeta(context.Background(), 0, 1, 1); !errors.Is(err, errNotFound) {
+		t.Fatalf("meta of a missing file: %v", err)
+	}
+}
