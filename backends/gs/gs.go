@@ -1,0 +1,514 @@
+// Package gs stores replica files in a Google Cloud Storage bucket, laid out
+// as Litestream v0.5 reads them:
+//
+//	ROOT/ltx/<level>/<min %016x>-<max %016x>.ltx
+//
+// The LTX header timestamp goes into the object metadata Litestream reads
+// (litestream-timestamp), and the post-apply database checksum beside it.
+// GCS returns metadata in listings, so neither costs a request of its own.
+package gs
+
+import (
+	"cmp"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"os"
+	"path"
+	"slices"
+	"strconv"
+	"strings"
+	"sync"
+	"time"
+
+	"cloud.google.com/go/storage"
+	"github.com/lfuse/lfuse/backends"
+	"github.com/superfly/ltx"
+	"google.golang.org/api/googleapi"
+	"google.golang.org/api/iterator"
+	"google.golang.org/api/option"
+)
+
+const (
+	metaTimestamp = "litestream-timestamp"
+	metaChecksum  = "lfuse-post-apply-checksum"
+
+	// maxChunkSize bounds the buffer each upload holds (the SDK allocates a
+	// whole chunk up front and keeps it to resend on a retry).
+	maxChunkSize = 8 << 20
+
+	// maxAttempts bounds the SDK's retries, which are otherwise unlimited
+	// until the context ends: an outage must not hang a caller without a
+	// deadline forever.
+	maxAttempts = 8
+
+	deleteConcurrency = 8
+)
+
+// Config says which bucket and how to sign in.
+type Config struct {
+	Bucket string
+	Path   string // object prefix of this client's root
+	// Endpoint is an emulator's URL, e.g. "http://127.0.0.1:4443"; empty
+	// means Google. With an endpoint the client signs nothing, unless
+	// CredentialsFile is given.
+	Endpoint string
+	// CredentialsFile is a JSON credentials file (service account,
+	// authorized user, external account); default GOOGLE_APPLICATION_CREDENTIALS
+	// or the application default credentials.
+	CredentialsFile string
+}
+
+// Client is a replica under an object prefix of a bucket.
+type Client struct {
+	sdk      *storage.Client
+	bucket   *storage.BucketHandle
+	name     string // the bucket's
+	root     string // "" or "a/b", no slashes at either end
+	endpoint string
+	err      error // a Sub path that leaves the root: every call fails with it
+}
+
+// New returns a client. It does no network I/O beyond what the SDK does to
+// find credentials; Check proves the bucket is there.
+func New(ctx context.Context, cfg Config) (*Client, error) {
+	if cfg.Bucket == "" {
+		return nil, errors.New("gs: no bucket: write gs://BUCKET/PATH")
+	}
+	root, err := cleanRoot(cfg.Path)
+	if err != nil {
+		return nil, fmt.Errorf("gs://%s: %w", cfg.Bucket, err)
+	}
+	// JSON reads go through the same endpoint as everything else; XML reads
+	// need the emulator's public host to match the one dialled.
+	opts := []option.ClientOption{storage.WithJSONReads()}
+	endpoint := strings.TrimSuffix(strings.TrimRight(cfg.Endpoint, "/"), "/storage/v1")
+	if endpoint != "" {
+		opts = append(opts, option.WithEndpoint(endpoint+"/storage/v1/"))
+		if cfg.CredentialsFile == "" {
+			opts = append(opts, option.WithoutAuthentication())
+		}
+	}
+	if cfg.CredentialsFile != "" {
+		o, err := credentialsFile(cfg.CredentialsFile)
+		if err != nil {
+			return nil, fmt.Errorf("gs://%s: %w", cfg.Bucket, err)
+		}
+		opts = append(opts, o)
+	}
+	sdk, err := storage.NewClient(ctx, opts...)
+	if err != nil {
+		return nil, fmt.Errorf("gs://%s: cannot set up the client (credentials: set credentials-file or GOOGLE_APPLICATION_CREDENTIALS, or run where application default credentials exist): %w", cfg.Bucket, err)
+	}
+	sdk.SetRetry(storage.WithMaxAttempts(maxAttempts))
+	return &Client{sdk: sdk, bucket: sdk.Bucket(cfg.Bucket), name: cfg.Bucket, root: root, endpoint: endpoint}, nil
+}
+
+// credentialsFile loads a credentials file as the type it declares: the
+// SDK has deprecated loading one without naming its type.
+func credentialsFile(name string) (option.ClientOption, error) {
+	b, err := os.ReadFile(name)
+	if err != nil {
+		return nil, fmt.Errorf("credentials file: %w", err)
+	}
+	var f struct {
+		Type string `json:"type"`
+	}
+	if err := json.Unmarshal(b, &f); err != nil {
+		return nil, fmt.Errorf("credentials file %s: not JSON: %w", name, err)
+	}
+	types := map[string]option.CredentialsType{
+		"service_account":              option.ServiceAccount,
+		"authorized_user":              option.AuthorizedUser,
+		"impersonated_service_account": option.ImpersonatedServiceAccount,
+		"external_account":             option.ExternalAccount,
+	}
+	t, ok := types[f.Type]
+	if !ok {
+		return nil, fmt.Errorf("credentials file %s: unsupported type %q", name, f.Type)
+	}
+	return option.WithAuthCredentialsJSON(t, b), nil
+}
+
+// cleanRoot turns a configured path into a prefix without slashes at either
+// end; a path that climbs out of the bucket ("..") is refused.
+func cleanRoot(p string) (string, error) {
+	if slices.Contains(strings.Split(p, "/"), "..") {
+		return "", fmt.Errorf("path %q: must not contain \"..\"", p)
+	}
+	return strings.Trim(path.Clean("/"+p), "/"), nil
+}
+
+// Close releases the SDK client; its Subs share it.
+func (c *Client) Close() error { return c.sdk.Close() }
+
+// Sub is a client for ROOT/rel sharing this one's SDK client. A rel that
+// climbs above the root gives a client whose every call fails.
+func (c *Client) Sub(rel string) *Client {
+	sub := *c
+	clean := path.Clean(rel)
+	if clean == ".." || strings.HasPrefix(clean, "../") {
+		sub.err = backends.ConfigError(fmt.Errorf("%s: path %q leaves the replica root", c, rel))
+		return &sub
+	}
+	sub.root = strings.Trim(path.Join(c.root, clean), "/")
+	if sub.root == "." {
+		sub.root = ""
+	}
+	return &sub
+}
+
+func (c *Client) Type() string { return "gs" }
+
+func (c *Client) String() string {
+	s := "gs://" + c.name
+	if c.root != "" {
+		s += "/" + c.root
+	}
+	if c.endpoint != "" {
+		s += " at " + c.endpoint
+	}
+	return s
+}
+
+func (c *Client) key(rel string) string {
+	if c.root == "" {
+		return rel
+	}
+	return c.root + "/" + rel
+}
+
+func (c *Client) levelPrefix(level int) string {
+	return c.key("ltx/" + strconv.Itoa(level) + "/")
+}
+
+func (c *Client) fileKey(level int, min, max ltx.TXID) string {
+	return c.key(rel(level, min, max))
+}
+
+// rel is a file's name under the root, for messages (String has the root).
+func rel(level int, min, max ltx.TXID) string {
+	return "ltx/" + strconv.Itoa(level) + "/" + ltx.FormatFilename(min, max)
+}
+
+// LTXFiles lists one level, taking each file's time from the metadata the
+// listing carries.
+func (c *Client) LTXFiles(ctx context.Context, level int) ([]ltx.FileInfo, error) {
+	if c.err != nil {
+		return nil, c.err
+	}
+	prefix := c.levelPrefix(level)
+	q := &storage.Query{Prefix: prefix, Delimiter: "/"}
+	if err := q.SetAttrSelection([]string{"Name", "Size", "Metadata", "Updated"}); err != nil {
+		return nil, err
+	}
+	var infos []ltx.FileInfo
+	it := c.bucket.Objects(ctx, q)
+	for {
+		o, err := it.Next()
+		if errors.Is(err, iterator.Done) {
+			break
+		} else if err != nil {
+			return nil, c.wrap(err, "list level %d", level)
+		}
+		min, max, err := ltx.ParseFilename(strings.TrimPrefix(o.Name, prefix))
+		if o.Name == "" || err != nil {
+			continue // a "subdirectory", or not ours
+		}
+		infos = append(infos, ltx.FileInfo{Level: level, MinTXID: min, MaxTXID: max, Size: o.Size,
+			CreatedAt: createdAt(o)})
+	}
+	slices.SortFunc(infos, func(a, b ltx.FileInfo) int { return cmp.Compare(a.MinTXID, b.MinTXID) })
+	return infos, nil
+}
+
+// createdAt is the LTX header time recorded on upload, or for an object
+// another tool wrote, its last modification.
+func createdAt(o *storage.ObjectAttrs) time.Time {
+	if s, ok := o.Metadata[metaTimestamp]; ok {
+		if t, err := time.Parse(time.RFC3339Nano, s); err == nil {
+			return t.UTC()
+		}
+	}
+	return o.Updated.UTC()
+}
+
+func (c *Client) OpenLTXFile(ctx context.Context, level int, min, max ltx.TXID, offset, size int64) (io.ReadCloser, error) {
+	if c.err != nil {
+		return nil, c.err
+	}
+	length := int64(-1) // to the end
+	if size > 0 {
+		length = size
+	}
+	key := c.fileKey(level, min, max)
+	r, err := c.bucket.Object(key).NewRangeReader(ctx, offset, length)
+	if err != nil {
+		return nil, c.wrap(err, "read %s", rel(level, min, max))
+	}
+	return r, nil
+}
+
+// WriteLTXFile streams the file up in chunks of at most maxChunkSize. GCS
+// commits an upload only when the writer is closed, so on any failure the
+// writer's context is cancelled instead: nothing appears, and an object
+// being replaced stays as it was.
+func (c *Client) WriteLTXFile(ctx context.Context, level int, min, max ltx.TXID, r io.Reader, size int64, meta backends.FileMeta) error {
+	if c.err != nil {
+		return c.err
+	}
+	key := c.fileKey(level, min, max)
+	wctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	w := c.bucket.Object(key).NewWriter(wctx)
+	w.ChunkSize = chunkSize(size)
+	w.ContentType = "application/octet-stream"
+	w.Metadata = map[string]string{
+		metaTimestamp: meta.Timestamp.UTC().Format(time.RFC3339Nano),
+		metaChecksum:  meta.PostApplyChecksum.String(),
+	}
+	n, err := io.Copy(w, io.LimitReader(r, size+1))
+	if err == nil && n != size {
+		err = fmt.Errorf("the body has %d bytes, expected %d", n, size)
+	}
+	if err == nil {
+		err = ctx.Err()
+	}
+	if err != nil {
+		cancel() // abandons the upload; Close would commit what was written
+		return c.wrap(uploadErr(err), "write %s", rel(level, min, max))
+	}
+	if err := w.Close(); err != nil {
+		return c.wrap(uploadErr(err), "write %s", rel(level, min, max))
+	}
+	return nil
+}
+
+// uploadErr says what a 404 means for an upload, which needs no object to
+// exist: the bucket is missing.
+func uploadErr(err error) error {
+	var ge *googleapi.Error
+	if errors.As(err, &ge) && ge.Code == http.StatusNotFound {
+		return fmt.Errorf("%w: %w", storage.ErrBucketNotExist, err)
+	}
+	return err
+}
+
+// chunkSize is one byte over the size, so that a small file goes up in one
+// request (the SDK knows a chunk is the last only when it sees the end of
+// the data), and at most maxChunkSize.
+func chunkSize(size int64) int {
+	return int(min(size+1, maxChunkSize))
+}
+
+// FileMeta reads the object's metadata. A file another tool wrote has no
+// checksum (zero) and may have no timestamp (its modification time).
+func (c *Client) FileMeta(ctx context.Context, level int, min, max ltx.TXID) (backends.FileMeta, error) {
+	if c.err != nil {
+		return backends.FileMeta{}, c.err
+	}
+	key := c.fileKey(level, min, max)
+	o, err := c.bucket.Object(key).Attrs(ctx)
+	if err != nil {
+		return backends.FileMeta{}, c.wrap(err, "read the metadata of %s", rel(level, min, max))
+	}
+	meta := backends.FileMeta{Timestamp: o.Updated.UTC()}
+	if s, ok := o.Metadata[metaTimestamp]; ok {
+		if meta.Timestamp, err = time.Parse(time.RFC3339Nano, s); err != nil {
+			return meta, fmt.Errorf("%s: %s: bad %s metadata %q", c, rel(level, min, max), metaTimestamp, s)
+		}
+		meta.Timestamp = meta.Timestamp.UTC()
+	}
+	if s, ok := o.Metadata[metaChecksum]; ok {
+		if meta.PostApplyChecksum, err = ltx.ParseChecksum(s); err != nil {
+			return meta, fmt.Errorf("%s: %s: bad %s metadata %q", c, rel(level, min, max), metaChecksum, s)
+		}
+	}
+	return meta, nil
+}
+
+// DeleteLTXFiles deletes a few objects at a time, one request each (the
+// SDK has no batch delete). Objects already gone are not an error.
+func (c *Client) DeleteLTXFiles(ctx context.Context, files []ltx.FileInfo) error {
+	if c.err != nil {
+		return c.err
+	}
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	var (
+		wg    sync.WaitGroup
+		mu    sync.Mutex
+		first error
+	)
+	sem := make(chan struct{}, deleteConcurrency)
+	for _, f := range files {
+		select {
+		case sem <- struct{}{}:
+		case <-ctx.Done():
+		}
+		if ctx.Err() != nil {
+			break
+		}
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			defer func() { <-sem }()
+			err := c.bucket.Object(c.fileKey(f.Level, f.MinTXID, f.MaxTXID)).Delete(ctx)
+			if err != nil && !errors.Is(err, storage.ErrObjectNotExist) {
+				mu.Lock()
+				if first == nil {
+					first = c.wrap(err, "delete %s", rel(f.Level, f.MinTXID, f.MaxTXID))
+					cancel()
+				}
+				mu.Unlock()
+			}
+		}()
+	}
+	wg.Wait()
+	if first != nil {
+		return first
+	}
+	if err := ctx.Err(); err != nil {
+		return c.wrap(err, "delete")
+	}
+	return nil
+}
+
+// Check proves with one listing that the bucket exists and the credentials
+// may read it.
+func (c *Client) Check(ctx context.Context) error {
+	if c.err != nil {
+		return c.err
+	}
+	it := c.bucket.Objects(ctx, &storage.Query{Prefix: c.key(""), Delimiter: "/"})
+	it.PageInfo().MaxSize = 1
+	if _, err := it.Next(); err != nil && !errors.Is(err, iterator.Done) {
+		return c.wrap(err, "check")
+	}
+	return nil
+}
+
+// Databases lists the database replicas under the root, as slash paths
+// relative to it: every prefix with an ltx/<level>/ in it. It walks the
+// prefixes with a delimiter, never listing the files of a level.
+func (c *Client) Databases(ctx context.Context) ([]string, error) {
+	if c.err != nil {
+		return nil, c.err
+	}
+	var dbs []string
+	var walk func(prefix string) error
+	walk = func(prefix string) error {
+		children, err := c.prefixes(ctx, prefix)
+		if err != nil {
+			return err
+		}
+		for _, child := range children {
+			if strings.TrimPrefix(child, prefix) != "ltx/" {
+				if err := walk(child); err != nil {
+					return err
+				}
+				continue
+			}
+			levels, err := c.prefixes(ctx, child)
+			if err != nil {
+				return err
+			}
+			if rel := strings.TrimSuffix(strings.TrimPrefix(prefix, c.key("")), "/"); rel != "" && slices.ContainsFunc(levels, func(l string) bool {
+				_, err := strconv.ParseUint(strings.TrimSuffix(strings.TrimPrefix(l, child), "/"), 10, 32)
+				return err == nil
+			}) {
+				dbs = append(dbs, rel)
+			}
+		}
+		return nil
+	}
+	if err := walk(c.key("")); err != nil {
+		return nil, err
+	}
+	slices.Sort(dbs)
+	return dbs, nil
+}
+
+// prefixes lists the "subdirectories" directly under prefix.
+func (c *Client) prefixes(ctx context.Context, prefix string) ([]string, error) {
+	q := &storage.Query{Prefix: prefix, Delimiter: "/"}
+	if err := q.SetAttrSelection([]string{"Name"}); err != nil {
+		return nil, err
+	}
+	var out []string
+	it := c.bucket.Objects(ctx, q)
+	for {
+		o, err := it.Next()
+		if errors.Is(err, iterator.Done) {
+			return out, nil
+		} else if err != nil {
+			return nil, c.wrap(err, "list %s", prefix)
+		}
+		if o.Prefix != "" {
+			out = append(out, o.Prefix)
+		}
+	}
+}
+
+// wrap turns an SDK error into one line that names the replica and, for
+// the errors a user can fix, says how (and marks them ErrConfig: retrying
+// does not cure them). A missing object is ErrNotFound.
+func (c *Client) wrap(err error, format string, args ...any) error {
+	what := fmt.Sprintf(format, args...)
+	switch {
+	case errors.Is(err, storage.ErrBucketNotExist):
+		return backends.ConfigError(&lineError{fmt.Sprintf("%s: bucket %q does not exist: create it or fix the replica URL", c, c.name), err})
+	case errors.Is(err, storage.ErrObjectNotExist):
+		return fmt.Errorf("%s: %s: %w", c, what, backends.ErrNotFound)
+	}
+	var ge *googleapi.Error
+	if errors.As(err, &ge) {
+		switch ge.Code {
+		case http.StatusUnauthorized, http.StatusForbidden:
+			return backends.ConfigError(&lineError{fmt.Sprintf("%s: %s: access denied (HTTP %d): check the credentials (credentials-file, GOOGLE_APPLICATION_CREDENTIALS or the application default credentials) and that they may read and write objects in bucket %q", c, what, ge.Code, c.name), err})
+		}
+		msg := firstLine(ge.Message)
+		if msg == "" {
+			msg = http.StatusText(ge.Code)
+		}
+		return &lineError{fmt.Sprintf("%s: %s: HTTP %d: %s", c, what, ge.Code, msg), err}
+	}
+	// Checked before the context: retries that end with the context still
+	// report the connection failure behind them.
+	var op *net.OpError
+	var dns *net.DNSError
+	var cause error
+	switch {
+	case errors.As(err, &dns):
+		cause = dns
+	case errors.As(err, &op):
+		cause = op
+	}
+	if cause != nil {
+		where := c.endpoint
+		if where == "" {
+			where = "storage.googleapis.com"
+		}
+		return &lineError{fmt.Sprintf("%s: %s: cannot reach %s: %s", c, what, where, firstLine(cause.Error())), err}
+	}
+	return fmt.Errorf("%s: %s: %w", c, what, err)
+}
+
+// lineError is one line for people and the SDK's error for errors.Is/As;
+// the SDK's own text runs over many lines.
+type lineError struct {
+	msg string
+	err error
+}
+
+func (e *lineError) Error() string { return e.msg }
+func (e *lineError) Unwrap() error { return e.err }
+
+func firstLine(s string) string {
+	s, _, _ = strings.Cut(s, "\n")
+	return s
+}

@@ -1,0 +1,152 @@
+package gs
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"slices"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/lfuse/lfuse/backends"
+	"github.com/lfuse/lfuse/backends/backendtest"
+	"google.golang.org/api/googleapi"
+)
+
+const testBucket = "lfuse-test"
+
+// server returns the emulator's endpoint, with the test bucket created.
+func server(t *testing.T) string {
+	t.Helper()
+	endpoint := backendtest.Servers(t)["LFUSE_TEST_GCS_ENDPOINT"]
+	if endpoint == "" {
+		t.Skip("no GCS emulator in the test servers' settings")
+	}
+	c := newClient(t, endpoint, testBucket, "")
+	err := c.bucket.Create(context.Background(), "lfuse-test-project", nil)
+	var ge *googleapi.Error
+	if err != nil && !(errors.As(err, &ge) && ge.Code == 409) {
+		t.Fatalf("create bucket %s: %v", testBucket, err)
+	}
+	return endpoint
+}
+
+func newClient(t *testing.T, endpoint, bucket, root string) *Client {
+	t.Helper()
+	c, err := New(context.Background(), Config{Bucket: bucket, Path: root, Endpoint: endpoint})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close() })
+	return c
+}
+
+func uniqueRoot(t *testing.T) string {
+	return fmt.Sprintf("lfuse-test-%d-%d/%s", os.Getpid(), time.Now().UnixNano(), t.Name())
+}
+
+func TestConformance(t *testing.T) {
+	endpoint := server(t)
+	backendtest.Run(t, backendtest.Options{
+		New: func(t *testing.T, root string) backendtest.Client { return newClient(t, endpoint, testBucket, root) },
+	})
+}
+
+func TestCheck(t *testing.T) {
+	endpoint := server(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	if err := newClient(t, endpoint, testBucket, uniqueRoot(t)).Check(ctx); err != nil {
+		t.Fatalf("check an existing bucket: %v", err)
+	}
+
+	err := newClient(t, endpoint, "lfuse-no-such-bucket", "x").Check(ctx)
+	if err == nil || !strings.Contains(err.Error(), `bucket "lfuse-no-such-bucket" does not exist: create it`) || strings.Contains(err.Error(), "\n") || !errors.Is(err, backends.ErrConfig) {
+		t.Fatalf("check a missing bucket: %v", err)
+	}
+
+	// Nothing listens on port 1; the SDK retries a refused connection
+	// until the context ends.
+	short, cancel2 := context.WithTimeout(ctx, 3*time.Second)
+	defer cancel2()
+	err = newClient(t, "http://127.0.0.1:1", testBucket, "").Check(short)
+	if err == nil || !strings.Contains(err.Error(), "cannot reach http://127.0.0.1:1") || strings.Contains(err.Error(), "\n") || errors.Is(err, backends.ErrConfig) {
+		t.Fatalf("check an unreachable endpoint: %v", err)
+	}
+}
+
+func TestDatabases(t *testing.T) {
+	endpoint := server(t)
+	ctx := context.Background()
+	base := newClient(t, endpoint, testBucket, uniqueRoot(t))
+	if dbs, err := base.Databases(ctx); err != nil || dbs != nil {
+		t.Fatalf("an empty root holds %q, %v", dbs, err)
+	}
+	ts := time.Now().UTC().Truncate(time.Millisecond)
+	body := backendtest.EncodeFile(t, 1, 1, 1, 1, ts)
+	for _, rel := range []string{"a.db", "sub/b.db"} {
+		if err := base.Sub(rel).WriteLTXFile(ctx, 0, 1, 1, bytes.NewReader(body), int64(len(body)), backends.FileMeta{Timestamp: ts}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	// Not databases: a stray object, and an ltx/ without levels.
+	for _, name := range []string{"stray/file", "c.db/ltx/notalevel"} {
+		w := base.bucket.Object(base.key(name)).NewWriter(ctx)
+		w.Write([]byte("x"))
+		if err := w.Close(); err != nil {
+			t.Fatal(err)
+		}
+	}
+	dbs, err := base.Databases(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if want := []string{"a.db", "sub/b.db"}; !slices.Equal(dbs, want) {
+		t.Fatalf("databases %q, want %q", dbs, want)
+	}
+}
+
+func TestSub(t *testing.T) {
+	c := &Client{name: "b", root: "r"}
+	for rel, want := range map[string]string{"": "r", ".": "r", "a.db": "r/a.db", "/x/./y.db/": "r/x/y.db", "a/../b.db": "r/b.db"} {
+		if got := c.Sub(rel); got.err != nil || got.root != want {
+			t.Errorf("Sub(%q) = %q, %v; want %q", rel, got.root, got.err, want)
+		}
+	}
+	for _, rel := range []string{"..", "../x", "a/../../x"} {
+		sub := c.Sub(rel)
+		if _, err := sub.LTXFiles(context.Background(), 0); err == nil {
+			t.Errorf("Sub(%q) lists", rel)
+		}
+	}
+	if got := c.String(); got != "gs://b/r" {
+		t.Errorf("String() = %q", got)
+	}
+	if _, err := cleanRoot("a/../../b"); err == nil {
+		t.Error(`a path with ".." is accepted`)
+	}
+}
+
+func TestCredentialsFile(t *testing.T) {
+	dir := t.TempDir()
+	if _, err := credentialsFile(dir + "/missing.json"); err == nil {
+		t.Error("a missing file is accepted")
+	}
+	name := dir + "/creds.json"
+	if err := os.WriteFile(name, []byte(`{"type": "something_else", "secret": "s3cr3t"}`), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	_, err := credentialsFile(name)
+	if err == nil || !strings.Contains(err.Error(), `unsupported type "something_else"`) || strings.Contains(err.Error(), "s3cr3t") {
+		t.Errorf("a file of an unknown type: %v", err)
+	}
+	if err := os.WriteFile(name, []byte(`{"type": "service_account"}`), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := credentialsFile(name); err != nil {
+		t.Errorf("a service account file: %v", err)
+	}
+}
