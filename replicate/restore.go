@@ -8,9 +8,11 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
+	"sort"
 	"sync"
 	"time"
 
+	"github.com/lfuse/lfuse/backends"
 	"github.com/superfly/ltx"
 )
 
@@ -62,6 +64,17 @@ func PlanRestore(ctx context.Context, client ReplicaClient, target Target) (Plan
 		}
 	}
 	plan := Plan{ListTime: time.Since(start)}
+	approx := false
+	if a, ok := client.(approxTimes); ok && a.ListTimesApprox() {
+		approx = true
+		if !target.Time.IsZero() {
+			for level := range levels {
+				if err := exactTimes(ctx, client, levels[level], target.Time); err != nil {
+					return plan, err
+				}
+			}
+		}
+	}
 	snaps := levels[SnapshotLevel]
 	if len(snaps) == 0 {
 		return plan, ErrNoBackup
@@ -126,10 +139,61 @@ func PlanRestore(ctx context.Context, client ReplicaClient, target Target) (Plan
 			target.TXID, cur.MaxTXID, nextBoundary(levels[:], cur.MaxTXID))
 	}
 	plan.TXID, plan.Timestamp = cur.MaxTXID, cur.CreatedAt
+	if approx {
+		meta, err := client.FileMeta(ctx, cur.Level, cur.MinTXID, cur.MaxTXID)
+		if err != nil {
+			return plan, fmt.Errorf("%s: read the time of %s: %w", client, fileName(cur), err)
+		}
+		plan.Timestamp = meta.Timestamp
+	}
 	for _, f := range plan.Files {
 		plan.Bytes += f.Size
 	}
 	return plan, nil
+}
+
+// approxTimes is a client whose listing gives upload times (S3's
+// LastModified) rather than the commit times in the files: never earlier,
+// but later by up to a sync.
+type approxTimes interface{ ListTimesApprox() bool }
+
+// exactTimes makes the listed times of one level exact enough to compare
+// with t. Commit times rise with TXIDs within a level, so a binary search
+// finds the first file committed after t; a file listed more than listSlack
+// before t was committed by t without asking, the others cost a FileMeta
+// each (a few per level). Files before it get times ≤ t.
+// listSlack: upload times in listings may be cut to the second (S3's
+// LastModified, versitygw's file times), so one can read up to a second
+// before the commit it follows.
+const listSlack = time.Second
+
+func exactTimes(ctx context.Context, client ReplicaClient, files []ltx.FileInfo, t time.Time) error {
+	var err error
+	first := sort.Search(len(files), func(i int) bool {
+		f := &files[i]
+		if err != nil || !f.CreatedAt.Add(listSlack).After(t) {
+			return err != nil
+		}
+		var meta backends.FileMeta
+		if meta, err = client.FileMeta(ctx, f.Level, f.MinTXID, f.MaxTXID); err != nil {
+			err = fmt.Errorf("%s: read the time of %s: %w", client, fileName(*f), err)
+			return true
+		}
+		f.CreatedAt = meta.Timestamp
+		return meta.Timestamp.After(t)
+	})
+	if err != nil {
+		return err
+	}
+	for i := range files {
+		switch {
+		case i < first && files[i].CreatedAt.After(t):
+			files[i].CreatedAt = t // committed by t; not read exactly
+		case i >= first && !files[i].CreatedAt.After(t):
+			files[i].CreatedAt = t.Add(time.Millisecond) // listed early, committed after t
+		}
+	}
+	return nil
 }
 
 // nextBoundary is the smallest file end after txid that continues it.

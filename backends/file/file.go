@@ -17,6 +17,7 @@ import (
 	"io"
 	"io/fs"
 	"os"
+	"path"
 	"path/filepath"
 	"slices"
 	"strconv"
@@ -223,4 +224,56 @@ func syncDir(dir string) error {
 	}
 	defer d.Close()
 	return d.Sync()
+}
+
+// Sub is a client for the database replica at ROOT/rel.
+func (c *Client) Sub(rel string) *Client {
+	return New(filepath.Join(c.root, filepath.FromSlash(path.Clean("/"+rel))))
+}
+
+// Check proves the replica directory can be written: it creates it (a
+// first start) and a temporary file in it.
+func (c *Client) Check(ctx context.Context) error {
+	if err := os.MkdirAll(c.root, 0o755); err != nil {
+		return fmt.Errorf("%s: cannot create the replica directory: %w", c, err)
+	}
+	f, err := os.CreateTemp(c.root, ".check-*")
+	if err != nil {
+		return fmt.Errorf("%s: cannot write to the replica directory: %w", c, err)
+	}
+	f.Close()
+	return os.Remove(f.Name())
+}
+
+// Databases lists the database replicas under the root, as slash paths
+// relative to it: every directory with an "ltx" directory in it. A root
+// that does not exist yet holds none.
+func (c *Client) Databases(ctx context.Context) ([]string, error) {
+	var rels []string
+	err := filepath.WalkDir(c.root, func(p string, d fs.DirEntry, err error) error {
+		if err != nil {
+			if p == c.root {
+				return err
+			}
+			return nil
+		}
+		if err := ctx.Err(); err != nil {
+			return err
+		}
+		if !d.IsDir() {
+			return nil
+		}
+		if d.Name() == "ltx" {
+			if rel, err := filepath.Rel(c.root, filepath.Dir(p)); err == nil && rel != "." && filepath.IsLocal(rel) {
+				rels = append(rels, filepath.ToSlash(rel))
+			}
+			return filepath.SkipDir
+		}
+		return nil
+	})
+	if errors.Is(err, fs.ErrNotExist) {
+		return nil, nil
+	}
+	slices.Sort(rels)
+	return rels, err
 }
