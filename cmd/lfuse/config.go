@@ -2,6 +2,7 @@ package main
 
 import (
 	"bytes"
+	"context"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -45,6 +46,22 @@ type ReplicaConfig struct {
 	SnapshotInterval Duration   `toml:"snapshot-interval"`
 	Retention        Duration   `toml:"retention"`
 	CompactIntervals []Duration `toml:"compact-intervals"`
+
+	// Backend settings; a key here wins over the URL parameter of the
+	// same name.
+	Region          string `toml:"region"`            // s3
+	Endpoint        string `toml:"endpoint"`          // s3, gs, abs
+	ForcePathStyle  *bool  `toml:"force-path-style"`  // s3
+	SkipVerify      bool   `toml:"skip-verify"`       // s3
+	AccessKeyID     string `toml:"access-key-id"`     // s3
+	SecretAccessKey string `toml:"secret-access-key"` // s3
+	AccountName     string `toml:"account-name"`      // abs
+	AccountKey      string `toml:"account-key"`       // abs
+	SASToken        string `toml:"sas-token"`         // abs
+	Password        string `toml:"password"`          // sftp
+	KeyPath         string `toml:"key-path"`          // sftp
+	HostKey         string `toml:"host-key"`          // sftp
+	KnownHosts      string `toml:"known-hosts"`       // sftp
 }
 
 // DatabaseConfig names one database (relative to the mount) and its replicas.
@@ -227,7 +244,7 @@ func (r ReplicaConfig) validate(db string) error {
 	if r.URL == "" {
 		return fmt.Errorf("%s: url is required", where)
 	}
-	if _, err := parseReplicaURL(r.URL); err != nil {
+	if _, err := openReplica(context.Background(), r); err != nil {
 		return fmt.Errorf("%s: %w", where, err)
 	}
 	if len(r.CompactIntervals) > 8 {

@@ -26,12 +26,12 @@ func runLTX(args []string, stdout, stderr io.Writer) error {
 		fl.Usage()
 		return fmt.Errorf("%w: one REPLICA_URL expected", errUsage)
 	}
-	u, err := parseReplicaURL(fl.Arg(0))
+	ctx := context.Background()
+	root, err := openReplica(ctx, ReplicaConfig{URL: fl.Arg(0)})
 	if err != nil {
 		return err
 	}
-	client := u.client("")
-	ctx := context.Background()
+	client := root.client
 	tw := tabwriter.NewWriter(stdout, 0, 8, 2, ' ', 0)
 	fmt.Fprintln(tw, "LEVEL\tMIN_TXID\tMAX_TXID\tSIZE\tCOMMITTED")
 	n := 0
@@ -100,13 +100,16 @@ func runDatabases(args []string, stdout, stderr io.Writer) error {
 		}
 	}
 	for _, r := range cfg.Replicas {
-		u, _ := parseReplicaURL(r.URL)
-		rels, err := u.databases(ctx)
+		root, err := openReplica(ctx, r)
+		if err != nil {
+			return err
+		}
+		rels, err := root.databases(ctx)
 		if err != nil {
 			return err
 		}
 		for _, rel := range rels {
-			show(rel, u.client(rel))
+			show(rel, root.sub(rel))
 		}
 	}
 	return tw.Flush()

@@ -132,6 +132,9 @@ func mount(cfg Config, logger *slog.Logger, debugFUSE bool) error {
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
 	defer stop()
 
+	if err := checkReplicas(ctx, logger, cfg); err != nil {
+		return err
+	}
 	if cfg.RestoreIfMissing && (len(cfg.Replicas) > 0 || len(cfg.Databases) > 0) {
 		n, err := restoreAll(ctx, logger, io.Discard, cfg, replicate.Target{}, restoreFlags{ifReplicaExists: true, ifDBNotExists: true, parallelism: 8})
 		if err != nil {
@@ -184,7 +187,9 @@ func mount(cfg Config, logger *slog.Logger, debugFUSE bool) error {
 	}
 	var urls []string
 	for _, r := range cfg.Replicas {
-		urls = append(urls, r.URL)
+		if root, err := openReplica(ctx, r); err == nil {
+			urls = append(urls, root.client.String())
+		}
 	}
 	logger.Info("mount ready", "mount", mountDir, "data", dataDir, "state", stateDir, "mode", mode, "replicas", strings.Join(urls, ","))
 

@@ -83,7 +83,7 @@ Flags:
 			fl.Usage()
 			return fmt.Errorf("%w: -o OUTPUT takes exactly one REPLICA_URL and no -config, -data or -replica", errUsage)
 		}
-		u, err := parseReplicaURL(fl.Arg(0))
+		root, err := openReplica(ctx, ReplicaConfig{URL: fl.Arg(0)})
 		if err != nil {
 			return err
 		}
@@ -91,7 +91,7 @@ Flags:
 		if err != nil {
 			return err
 		}
-		_, err = restoreOne(ctx, logger, stderr, []replicate.ReplicaClient{u.client("")}, out, target, f)
+		_, err = restoreOne(ctx, logger, stderr, []replicate.ReplicaClient{root.client}, out, target, f)
 		return err
 	}
 	if fl.NArg() != 0 {
@@ -165,11 +165,13 @@ func restoreAll(ctx context.Context, logger *slog.Logger, stderr io.Writer, cfg 
 		rels, seen[filepath.ToSlash(filepath.Clean(d.Path))] = append(rels, filepath.ToSlash(filepath.Clean(d.Path))), true
 	}
 	for _, r := range cfg.Replicas {
-		u, _ := parseReplicaURL(r.URL)
-		found, err := u.databases(ctx)
+		root, err := openReplica(ctx, r)
 		if err != nil {
-			logger.Warn("cannot list the databases of a replica", "replica", u.String(), "err", err)
-			continue
+			return 0, err
+		}
+		found, err := root.databases(ctx)
+		if err != nil {
+			return 0, fmt.Errorf("list the databases of %s: %w", root.client, err)
 		}
 		for _, rel := range found {
 			if !seen[rel] {

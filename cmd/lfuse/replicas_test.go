@@ -1,0 +1,60 @@
+package main
+
+import (
+	"context"
+	"strings"
+	"testing"
+)
+
+func TestParseReplicaURL(t *testing.T) {
+	for _, c := range []struct {
+		url, err string
+	}{
+		{"s3://bucket/prod", ""},
+		{"s3://bucket.localhost:9000/x?skip-verify=true", ""},
+		{"gs://bucket/p", ""},
+		{"abs://acct@container/p", ""},
+		{"sftp://u:pw@host:2222/srv/backups", ""},
+		{"s3:///nobucket", "no bucket"},
+		{"s3://AKIA:secret@bucket/x", "credentials do not belong"},
+		{"abs://container/p", "abs://ACCOUNT@CONTAINER"},
+		{"abs://acct:key@container/p", "account key does not belong"},
+		{"sftp://host/p", "sftp://USER@HOST"},
+		{"s3://bucket/x?regoin=eu", `unknown parameter "regoin"`},
+		{"ftp://host/x", `unknown scheme "ftp"`},
+	} {
+		_, err := parseReplicaURL(c.url)
+		if c.err == "" && err != nil || c.err != "" && (err == nil || !strings.Contains(err.Error(), c.err)) {
+			t.Errorf("%s: %v, want %q", c.url, err, c.err)
+		}
+		if err != nil && (strings.Contains(err.Error(), "secret") || strings.Contains(err.Error(), ":pw@") || strings.Contains(err.Error(), ":key@")) {
+			t.Errorf("%s: the error shows a credential: %v", c.url, err)
+		}
+	}
+	// A password in an SFTP URL never shows in the client's name.
+	root, err := openReplica(context.Background(), ReplicaConfig{URL: "sftp://u:hunter2@127.0.0.1:2222/srv"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if s := root.client.String(); strings.Contains(s, "hunter2") {
+		t.Fatalf("client name %q shows the password", s)
+	}
+}
+
+func TestS3Host(t *testing.T) {
+	for _, c := range []struct{ host, bucket, endpoint, region string }{
+		{"mybucket", "mybucket", "", ""},
+		{"mybucket.localhost:9000", "mybucket", "http://localhost:9000", "us-east-1"},
+		{"b.s3.us-west-002.backblazeb2.com", "b", "https://s3.us-west-002.backblazeb2.com", "us-west-002"},
+		{"b.nyc3.digitaloceanspaces.com", "b", "https://nyc3.digitaloceanspaces.com", "us-east-1"},
+		{"b.us-east-1.linodeobjects.com", "b", "https://us-east-1.linodeobjects.com", "us-east-1"},
+		{"b.s3.filebase.com", "b", "https://s3.filebase.com", "us-east-1"},
+		{"my.bucket.s3.eu-west-1.amazonaws.com", "my.bucket", "", "eu-west-1"},
+		{"b.s3.amazonaws.com", "b", "", ""},
+	} {
+		b, e, r := s3Host(c.host, "")
+		if b != c.bucket || e != c.endpoint || r != c.region {
+			t.Errorf("%s: bucket %q endpoint %q region %q, want %q %q %q", c.host, b, e, r, c.bucket, c.endpoint, c.region)
+		}
+	}
+}
