@@ -15,12 +15,14 @@ demo: deps build
 
 # Packages the tests use: fuse3 (fusermount3), the sqlite3 shell. The tests
 # also build Litestream once (scripts/litestream.sh) to check it can restore
-# lfuse's replicas.
+# lfuse's replicas, and start real storage servers on 127.0.0.1 for the
+# backends (scripts/servers.sh: versitygw, fake-gcs-server, Azurite, sshd).
 deps:
 	./scripts/deps.sh
 
 test: deps
 	./scripts/litestream.sh >/dev/null
+	./scripts/servers.sh start
 	$(GO) vet ./...
 	$(MAKE) unit integration fuzz
 

@@ -175,6 +175,7 @@ LFUSE_TEST_SFTP_PASSWORD=$sftp_password
 LFUSE_TEST_SFTP_KEY=$dir/ssh/client_key
 LFUSE_TEST_SFTP_KNOWN_HOSTS=$dir/ssh/known_hosts
 LFUSE_TEST_SERVERS_DIR=$dir
+LFUSE_TEST_VERSITYGW=$(cat "$dir/.versitygw-bin")
 EOF
 	mv "$dir/env.tmp" "$dir/env"
 }

@@ -1,0 +1,300 @@
+package integration
+
+import (
+	"bytes"
+	"context"
+	"fmt"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"regexp"
+	"strings"
+	"testing"
+	"time"
+
+	"cloud.google.com/go/storage"
+	"github.com/Azure/azure-sdk-for-go/sdk/storage/azblob"
+	"github.com/Azure/azure-sdk-for-go/sdk/storage/azblob/bloberror"
+	"github.com/aws/aws-sdk-go-v2/aws"
+	awss3 "github.com/aws/aws-sdk-go-v2/service/s3"
+	"github.com/lfuse/lfuse/backends/backendtest"
+	"google.golang.org/api/option"
+)
+
+// cloudReplica is one backend's replica settings for a test: the [[replicas]]
+// body of a config file (url and keys), unique to the test.
+type cloudReplica struct {
+	name   string
+	config func(t *testing.T, env map[string]string, root string) string
+}
+
+var cloudReplicas = []cloudReplica{
+	{"s3", func(t *testing.T, env map[string]string, root string) string {
+		createS3Bucket(t, env, "lfuse-e2e")
+		return fmt.Sprintf("url = %q\nendpoint = %q\naccess-key-id = %q\nsecret-access-key = %q\n",
+			"s3://lfuse-e2e/"+root, env["LFUSE_TEST_S3_ENDPOINT"], env["LFUSE_TEST_S3_ACCESS_KEY_ID"], env["LFUSE_TEST_S3_SECRET_ACCESS_KEY"])
+	}},
+	{"gs", func(t *testing.T, env map[string]string, root string) string {
+		createGCSBucket(t, env, "lfuse-e2e")
+		return fmt.Sprintf("url = %q\nendpoint = %q\n", "gs://lfuse-e2e/"+root, env["LFUSE_TEST_GCS_ENDPOINT"])
+	}},
+	{"abs", func(t *testing.T, env map[string]string, root string) string {
+		createAzureContainer(t, env, "lfuse-e2e")
+		return fmt.Sprintf("url = %q\nendpoint = %q\naccount-key = %q\n",
+			"abs://"+env["LFUSE_TEST_AZURE_ACCOUNT"]+"@lfuse-e2e/"+root, env["LFUSE_TEST_AZURE_ENDPOINT"], env["LFUSE_TEST_AZURE_KEY"])
+	}},
+	{"sftp", func(t *testing.T, env map[string]string, root string) string {
+		return fmt.Sprintf("url = %q\npassword = %q\nknown-hosts = %q\n",
+			"sftp://"+env["LFUSE_TEST_SFTP_USER"]+"@"+env["LFUSE_TEST_SFTP_ADDR"]+"/~/"+root, env["LFUSE_TEST_SFTP_PASSWORD"], env["LFUSE_TEST_SFTP_KNOWN_HOSTS"])
+	}},
+}
+
+func createS3Bucket(t *testing.T, env map[string]string, bucket string) {
+	t.Helper()
+	cli := awss3.New(awss3.Options{Region: "us-east-1", BaseEndpoint: aws.String(env["LFUSE_TEST_S3_ENDPOINT"]), UsePathStyle: true,
+		Credentials: aws.CredentialsProviderFunc(func(context.Context) (aws.Credentials, error) {
+			return aws.Credentials{AccessKeyID: env["LFUSE_TEST_S3_ACCESS_KEY_ID"], SecretAccessKey: env["LFUSE_TEST_S3_SECRET_ACCESS_KEY"]}, nil
+		})})
+	if _, err := cli.CreateBucket(context.Background(), &awss3.CreateBucketInput{Bucket: aws.String(bucket)}); err != nil &&
+		!strings.Contains(err.Error(), "BucketAlreadyOwnedByYou") && !strings.Contains(err.Error(), "BucketAlreadyExists") {
+		t.Fatalf("create bucket: %v", err)
+	}
+}
+
+// cloudConfig writes a config shipping every database to one backend on
+// short intervals, and returns its path.
+func (e *env) cloudConfig(c cloudReplica, env map[string]string) string {
+	root := fmt.Sprintf("e2e-%d-%d", os.Getpid(), time.Now().UnixNano())
+	cfg := "[[replicas]]\n" + c.config(e.t, env, root) + `sync-interval = "100ms"
+snapshot-interval = "3s"
+compact-intervals = ["1s", "2s"]
+`
+	path := filepath.Join(e.root, "lfuse.toml")
+	if err := os.WriteFile(path, []byte(cfg), 0o600); err != nil {
+		e.t.Fatal(err)
+	}
+	return path
+}
+
+// Each cloud backend end to end: a real mount, several processes, lfuse
+// ships to the real server, stops after flushing; a restore from that
+// server gives the live database byte for byte, and points in time by TXID
+// and timestamp give exactly the state of the time.
+func TestCloudReplicateAndRestore(t *testing.T) {
+	env := backendtest.Servers(t)
+	for _, c := range cloudReplicas {
+		t.Run(c.name, func(t *testing.T) {
+			e := newEnv(t)
+			cfgPath := e.cloudConfig(c, env)
+			lf := e.mount("-config", cfgPath)
+			dbPath := e.path("app.db")
+			sqliteCLI(t, dbPath, "PRAGMA journal_mode=WAL;\n"+bankSchema+seqSchema)
+			workers := []*workerProc{
+				startWorker(t, "bank-writer", "DB="+dbPath, "N=150", "SEED=1", "NAME=go1", "CKPT=50"),
+				startCLI(t, dbPath, cliTransfers("cli", 150, 7)),
+				startWorker(t, "bank-reader", "DB="+dbPath, "N=200", "SEED=9"),
+			}
+			for i, w := range workers {
+				if err := w.wait(t, 5*time.Minute); err != nil {
+					t.Fatalf("worker %d: %v\n%s", i, err, w.out.String())
+				}
+			}
+			const rows = 150
+			w := startWorker(t, "seq-writer", "DB="+dbPath, "FROM=1", fmt.Sprint("TO=", rows), "PAUSE=10ms")
+			if err := w.wait(t, 5*time.Minute); err != nil {
+				t.Fatalf("seq-writer: %v\n%s", err, w.out.String())
+			}
+			before := seqLog(t, w.out.String())
+			checkpointTruncate(t, dbPath)
+			lf.stop()
+			if lf.log.count("every captured transaction is in every replica") != 1 {
+				t.Fatalf("no flush reported at stop:\n%s", lf.log)
+			}
+			for _, secret := range []string{env["LFUSE_TEST_S3_SECRET_ACCESS_KEY"], env["LFUSE_TEST_AZURE_KEY"], env["LFUSE_TEST_SFTP_PASSWORD"]} {
+				if strings.Contains(lf.log.String(), secret) {
+					t.Fatal("lfuse logged a credential")
+				}
+			}
+
+			// Latest, through the config's keys: byte for byte.
+			outDir := filepath.Join(e.root, "restored")
+			if code, log := runLfuse(t, "restore", "-config", cfgPath, "-data", outDir); code != 0 {
+				t.Fatalf("restore exited %d:\n%s", code, log)
+			}
+			live, _ := os.ReadFile(filepath.Join(e.data, "app.db"))
+			got, _ := os.ReadFile(filepath.Join(outDir, "app.db"))
+			if !bytes.Equal(got, live) {
+				t.Fatalf("restored %d bytes differ from the live %d bytes at %s", len(got), len(live), firstDiff(got, live))
+			}
+			if k := seqRows(t, filepath.Join(outDir, "app.db")); k != rows {
+				t.Fatalf("latest restore holds %d seq rows, want %d", k, rows)
+			}
+
+			// Points in time, by timestamp: the newest restorable state
+			// committed at or before each.
+			for _, frac := range []float64{0.2, 0.5, 0.8} {
+				ts := before[1].Add(time.Duration(frac * float64(before[rows].Sub(before[1]))))
+				os.RemoveAll(outDir)
+				code, log := runLfuse(t, "restore", "-config", cfgPath, "-data", outDir, "-timestamp", ts.UTC().Format(time.RFC3339Nano))
+				if code != 0 {
+					t.Fatalf("restore -timestamp exited %d:\n%s", code, log)
+				}
+				k := seqRows(t, filepath.Join(outDir, "app.db"))
+				if k < 1 || before[k].After(ts.Add(time.Millisecond)) {
+					t.Fatalf("restore -timestamp %s holds rows 1..%d, committed after it", ts.Format(time.RFC3339Nano), k)
+				}
+				// The TXID of that state restores to the same rows.
+				txid := strings.TrimSpace(regexpFind(log, `txid=([0-9a-f]{16})`))
+				os.RemoveAll(outDir)
+				if code, log := runLfuse(t, "restore", "-config", cfgPath, "-data", outDir, "-txid", txid); code != 0 {
+					t.Fatalf("restore -txid %s exited %d:\n%s", txid, code, log)
+				}
+				if k2 := seqRows(t, filepath.Join(outDir, "app.db")); k2 != k {
+					t.Fatalf("restore -txid %s holds %d rows, the timestamp restore that named it %d", txid, k2, k)
+				}
+			}
+		})
+	}
+}
+
+func createGCSBucket(t *testing.T, env map[string]string, bucket string) {
+	t.Helper()
+	ctx := context.Background()
+	cli, err := storage.NewClient(ctx, option.WithEndpoint(env["LFUSE_TEST_GCS_ENDPOINT"]+"/storage/v1/"), option.WithoutAuthentication())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer cli.Close()
+	if err := cli.Bucket(bucket).Create(ctx, "lfuse-test", nil); err != nil && !strings.Contains(err.Error(), "409") {
+		t.Fatalf("create bucket: %v", err)
+	}
+}
+
+func createAzureContainer(t *testing.T, env map[string]string, container string) {
+	t.Helper()
+	cred, err := azblob.NewSharedKeyCredential(env["LFUSE_TEST_AZURE_ACCOUNT"], env["LFUSE_TEST_AZURE_KEY"])
+	if err != nil {
+		t.Fatal(err)
+	}
+	cli, err := azblob.NewClientWithSharedKeyCredential(env["LFUSE_TEST_AZURE_ENDPOINT"], cred, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := cli.CreateContainer(context.Background(), container, nil); err != nil && !bloberror.HasCode(err, bloberror.ContainerAlreadyExists) {
+		t.Fatalf("create container: %v", err)
+	}
+}
+
+// regexpFind is the first submatch of re in s, or "".
+func regexpFind(s, re string) string {
+	if m := regexp.MustCompile(re).FindStringSubmatch(s); m != nil {
+		return m[1]
+	}
+	return ""
+}
+
+// s3Server is a versitygw of the test's own, which it may stop and start.
+type s3Server struct {
+	t    *testing.T
+	bin  string
+	dir  string
+	addr string
+	env  map[string]string
+	cmd  *exec.Cmd
+}
+
+func startS3Server(t *testing.T, env map[string]string) *s3Server {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	addr := ln.Addr().String()
+	ln.Close()
+	s := &s3Server{t: t, bin: env["LFUSE_TEST_VERSITYGW"], dir: t.TempDir(), addr: addr, env: env}
+	s.start()
+	t.Cleanup(s.stop)
+	return s
+}
+
+func (s *s3Server) start() {
+	s.t.Helper()
+	s.cmd = exec.Command(s.bin, "--port", s.addr, "--quiet", "posix", s.dir)
+	s.cmd.Env = append(os.Environ(), "ROOT_ACCESS_KEY="+s.env["LFUSE_TEST_S3_ACCESS_KEY_ID"], "ROOT_SECRET_KEY="+s.env["LFUSE_TEST_S3_SECRET_ACCESS_KEY"])
+	if err := s.cmd.Start(); err != nil {
+		s.t.Fatal(err)
+	}
+	for i := 0; ; i++ {
+		c, err := net.Dial("tcp", s.addr)
+		if err == nil {
+			c.Close()
+			return
+		}
+		if i == 300 {
+			s.t.Fatalf("versitygw did not listen on %s", s.addr)
+		}
+		time.Sleep(10 * time.Millisecond) // polling a port: there is no event to wait for
+	}
+}
+
+func (s *s3Server) stop() {
+	if s.cmd != nil && s.cmd.Process != nil {
+		s.cmd.Process.Kill()
+		s.cmd.Wait()
+		s.cmd = nil
+	}
+}
+
+// The S3 server down for a while, then back: the app never notices, lfuse
+// logs the outage once and its end once, replication resumes where it
+// stopped, and a restore from the server gives the live database.
+func TestS3Outage(t *testing.T) {
+	env := backendtest.Servers(t)
+	srv := startS3Server(t, env)
+	endpoint := "http://" + srv.addr
+	env2 := map[string]string{}
+	for k, v := range env {
+		env2[k] = v
+	}
+	env2["LFUSE_TEST_S3_ENDPOINT"] = endpoint
+	e := newEnv(t)
+	cfgPath := e.cloudConfig(cloudReplicas[0], env2)
+	dbPath := e.path("app.db")
+	lf := e.mount("-config", cfgPath)
+	createSeq(t, dbPath)
+	seqWrite(t, dbPath, 1, 50)
+	if err := lf.log.wait("snapshot uploaded", time.Minute, lf.done); err != nil {
+		t.Fatal(err)
+	}
+	srv.stop()
+	start := time.Now()
+	seqWrite(t, dbPath, 51, 300)
+	if d := time.Since(start); d > time.Minute {
+		t.Fatalf("250 commits took %s with the replica down", d)
+	}
+	if err := lf.log.wait("replica sync failed", time.Minute, lf.done); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(3 * time.Second) // an outage of some seconds: retries must not flood the log
+	seqWrite(t, dbPath, 301, 350)
+	srv.start()
+	if err := lf.log.wait("replica recovered", 2*time.Minute, lf.done); err != nil {
+		t.Fatal(err)
+	}
+	checkpointTruncate(t, dbPath)
+	lf.stop()
+	if a, b := lf.log.count("replica sync failed"), lf.log.count("replica recovered"); a != 1 || b != 1 {
+		t.Fatalf("outage logged %d times and its end %d times, want once each:\n%s", a, b, lf.log)
+	}
+	outDir := filepath.Join(e.root, "restored")
+	if code, log := runLfuse(t, "restore", "-config", cfgPath, "-data", outDir); code != 0 {
+		t.Fatalf("restore exited %d:\n%s", code, log)
+	}
+	got, _ := os.ReadFile(filepath.Join(outDir, "app.db"))
+	if live := liveBytes(t, e); !bytes.Equal(got, live) {
+		t.Fatalf("restored %d bytes differ from the live %d bytes at %s", len(got), len(live), firstDiff(got, live))
+	}
+	if k := seqRows(t, filepath.Join(outDir, "app.db")); k != 350 {
+		t.Fatalf("restored %d rows, want 350", k)
+	}
+}
