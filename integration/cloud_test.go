@@ -4,11 +4,14 @@ import (
 	"bytes"
 	"context"
 	"fmt"
+	"io"
 	"net"
+	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"regexp"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -19,6 +22,7 @@ import (
 	"github.com/aws/aws-sdk-go-v2/aws"
 	awss3 "github.com/aws/aws-sdk-go-v2/service/s3"
 	"github.com/lfuse/lfuse/backends/backendtest"
+	"golang.org/x/crypto/ssh"
 	"google.golang.org/api/option"
 )
 
@@ -260,15 +264,25 @@ func TestS3Outage(t *testing.T) {
 	e := newEnv(t)
 	cfgPath := e.cloudConfig(cloudReplicas[0], env2)
 	dbPath := e.path("app.db")
-	lf := e.mount("-config", cfgPath)
+	metricsAddr := freeAddr(t)
+	lf := e.mount("-config", cfgPath, "-metrics-addr", metricsAddr)
 	createSeq(t, dbPath)
 	seqWrite(t, dbPath, 1, 50)
 	if err := lf.log.wait("snapshot uploaded", time.Minute, lf.done); err != nil {
 		t.Fatal(err)
 	}
+	// The steady state lists nothing: syncs keep their own listing.
+	lists := scrape(t, metricsAddr, `lfuse_replica_operation_total{operation="LIST",replica_type="s3"}`)
+	seqWrite(t, dbPath, 51, 100)
+	if err := lf.log.wait(" level=1 min=", time.Minute, lf.done); err != nil {
+		t.Fatal(err)
+	}
+	if n := scrape(t, metricsAddr, `lfuse_replica_operation_total{operation="LIST",replica_type="s3"}`); n != lists {
+		t.Fatalf("%v LISTs in the steady state", n-lists)
+	}
 	srv.stop()
 	start := time.Now()
-	seqWrite(t, dbPath, 51, 300)
+	seqWrite(t, dbPath, 101, 300)
 	if d := time.Since(start); d > time.Minute {
 		t.Fatalf("250 commits took %s with the replica down", d)
 	}
@@ -277,9 +291,21 @@ func TestS3Outage(t *testing.T) {
 	}
 	time.Sleep(3 * time.Second) // an outage of some seconds: retries must not flood the log
 	seqWrite(t, dbPath, 301, 350)
+	if v := scrape(t, metricsAddr, `lfuse_replica_failing{db="app.db"`); v != 1 {
+		t.Fatalf("lfuse_replica_failing %v during the outage", v)
+	}
+	if v := scrape(t, metricsAddr, `lfuse_replica_lag_txids{db="app.db"`); v < 250 {
+		t.Fatalf("lfuse_replica_lag_txids %v during the outage, after 250 commits", v)
+	}
+	if v := scrape(t, metricsAddr, `lfuse_replica_lag_seconds{db="app.db"`); v < 3 {
+		t.Fatalf("lfuse_replica_lag_seconds %v after a 3 s outage", v)
+	}
 	srv.start()
 	if err := lf.log.wait("replica recovered", 2*time.Minute, lf.done); err != nil {
 		t.Fatal(err)
+	}
+	if v := scrape(t, metricsAddr, `lfuse_replica_failing{db="app.db"`); v != 0 {
+		t.Fatalf("lfuse_replica_failing %v after recovery", v)
 	}
 	checkpointTruncate(t, dbPath)
 	lf.stop()
@@ -296,5 +322,123 @@ func TestS3Outage(t *testing.T) {
 	}
 	if k := seqRows(t, filepath.Join(outDir, "app.db")); k != 350 {
 		t.Fatalf("restored %d rows, want 350", k)
+	}
+}
+
+func freeAddr(t *testing.T) string {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	return ln.Addr().String()
+}
+
+// scrape reads the first sample from lfuse's /metrics whose line starts
+// with prefix.
+func scrape(t *testing.T, addr, prefix string) float64 {
+	t.Helper()
+	resp, err := http.Get("http://" + addr + "/metrics")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	b, _ := io.ReadAll(resp.Body)
+	for _, line := range strings.Split(string(b), "\n") {
+		if strings.HasPrefix(line, prefix) {
+			f := strings.Fields(line)
+			v, err := strconv.ParseFloat(f[len(f)-1], 64)
+			if err != nil {
+				t.Fatalf("metric line %q: %v", line, err)
+			}
+			return v
+		}
+	}
+	t.Fatalf("no metric %s in:\n%s", prefix, b)
+	return 0
+}
+
+// What only the user can fix stops lfuse mount before it mounts, with one
+// line that names the replica and what to do, and no credential in it.
+func TestReplicaMisconfigured(t *testing.T) {
+	env := backendtest.Servers(t)
+	createS3Bucket(t, env, "lfuse-e2e")
+	e := newEnv(t)
+	const wrong = "wrong-secret-0123456789"
+	emptyKnownHosts := filepath.Join(e.root, "known_hosts")
+	os.WriteFile(emptyKnownHosts, nil, 0o600)
+	hostKey, err := os.ReadFile(filepath.Join(env["LFUSE_TEST_SERVERS_DIR"], "ssh", "host_key.pub"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	fp := hostKeyFingerprint(t, hostKey)
+	for _, c := range []struct {
+		name, replica, want string
+	}{
+		{"s3 wrong secret", fmt.Sprintf("url = %q\nendpoint = %q\naccess-key-id = %q\nsecret-access-key = %q\n", "s3://lfuse-e2e/x",
+			env["LFUSE_TEST_S3_ENDPOINT"], env["LFUSE_TEST_S3_ACCESS_KEY_ID"], wrong), "access denied"},
+		{"s3 missing bucket", fmt.Sprintf("url = %q\nendpoint = %q\naccess-key-id = %q\nsecret-access-key = %q\n", "s3://no-such-bucket/x",
+			env["LFUSE_TEST_S3_ENDPOINT"], env["LFUSE_TEST_S3_ACCESS_KEY_ID"], env["LFUSE_TEST_S3_SECRET_ACCESS_KEY"]), "does not exist"},
+		{"azure wrong key", fmt.Sprintf("url = %q\nendpoint = %q\naccount-key = %q\n", "abs://"+env["LFUSE_TEST_AZURE_ACCOUNT"]+"@lfuse-e2e/x",
+			env["LFUSE_TEST_AZURE_ENDPOINT"], "d3Jvbmcta2V5LXdyb25nLWtleQ=="), "denied"},
+		{"sftp wrong password", fmt.Sprintf("url = %q\npassword = %q\nknown-hosts = %q\n", "sftp://"+env["LFUSE_TEST_SFTP_USER"]+"@"+env["LFUSE_TEST_SFTP_ADDR"]+"/~/x",
+			wrong, env["LFUSE_TEST_SFTP_KNOWN_HOSTS"]), "authentication failed"},
+		{"sftp unknown host key", fmt.Sprintf("url = %q\npassword = %q\nknown-hosts = %q\n", "sftp://"+env["LFUSE_TEST_SFTP_USER"]+"@"+env["LFUSE_TEST_SFTP_ADDR"]+"/~/x",
+			env["LFUSE_TEST_SFTP_PASSWORD"], emptyKnownHosts), fp},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			cfg := filepath.Join(e.root, "bad.toml")
+			os.WriteFile(cfg, []byte("[[replicas]]\n"+c.replica), 0o600)
+			code, log := runLfuse(t, "mount", "-config", cfg, "-data", e.data, e.mnt)
+			if code == 0 {
+				t.Fatalf("mount with a misconfigured replica exited 0:\n%s", log)
+			}
+			if strings.Contains(log, "mount ready") {
+				t.Fatalf("mounted anyway:\n%s", log)
+			}
+			last := strings.TrimSpace(log)
+			if i := strings.LastIndex(last, "\n"); i >= 0 {
+				last = last[i+1:]
+			}
+			if !strings.Contains(last, c.want) || strings.Contains(log, wrong) || strings.Contains(log, env["LFUSE_TEST_SFTP_PASSWORD"]) {
+				t.Fatalf("want one line saying %q, without credentials; got:\n%s", c.want, log)
+			}
+		})
+	}
+}
+
+func hostKeyFingerprint(t *testing.T, pub []byte) string {
+	t.Helper()
+	k, _, _, _, err := ssh.ParseAuthorizedKey(pub)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return ssh.FingerprintSHA256(k)
+}
+
+// A self-signed S3 endpoint is refused, and trusted through SSL_CERT_FILE
+// (or skip-verify).
+func TestS3TLS(t *testing.T) {
+	env := backendtest.Servers(t)
+	// AWS_CA_BUNDLE, if set, replaces the system roots for the SDK.
+	keys := []string{"LFUSE_ACCESS_KEY_ID=" + env["LFUSE_TEST_S3_ACCESS_KEY_ID"], "LFUSE_SECRET_ACCESS_KEY=" + env["LFUSE_TEST_S3_SECRET_ACCESS_KEY"], "AWS_CA_BUNDLE="}
+	url := "s3://no-bucket-there/app.db?endpoint=" + env["LFUSE_TEST_S3_TLS_ENDPOINT"]
+	// The TLS server holds no bucket: "does not exist" means the
+	// handshake and the signature passed.
+	for _, c := range []struct {
+		name string
+		env  []string
+		url  string
+		want string
+	}{
+		{"untrusted", keys, url, "certificate"},
+		{"SSL_CERT_FILE", append(keys, "SSL_CERT_FILE="+env["LFUSE_TEST_TLS_CA"]), url, "does not exist"},
+		{"skip-verify", keys, url + "&skip-verify=true", "does not exist"},
+	} {
+		code, log := runLfuseEnv(t, c.env, "ltx", c.url)
+		if code == 0 || !strings.Contains(log, c.want) {
+			t.Errorf("%s: exit %d, want an error saying %q:\n%s", c.name, code, c.want, log)
+		}
 	}
 }

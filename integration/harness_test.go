@@ -145,8 +145,17 @@ func startLfuse(t testing.TB, args ...string) *lfuse {
 
 func startBin(t testing.TB, bin string, args ...string) *lfuse {
 	t.Helper()
+	return startBinEnv(t, nil, bin, args...)
+}
+
+// startBinEnv is startBin with variables added to the environment.
+func startBinEnv(t testing.TB, env []string, bin string, args ...string) *lfuse {
+	t.Helper()
 	p := &lfuse{t: t, log: newLineLog(), done: make(chan struct{})}
 	p.cmd = exec.Command(bin, args...)
+	if env != nil {
+		p.cmd.Env = append(os.Environ(), env...)
+	}
 	p.cmd.Stdout = p.log
 	p.cmd.Stderr = p.log
 	if err := p.cmd.Start(); err != nil {
@@ -162,7 +171,13 @@ func startBin(t testing.TB, bin string, args ...string) *lfuse {
 // runLfuse runs lfuse to completion and returns its exit code and output.
 func runLfuse(t testing.TB, args ...string) (int, string) {
 	t.Helper()
-	p := startLfuse(t, args...)
+	return runLfuseEnv(t, nil, args...)
+}
+
+// runLfuseEnv is runLfuse with variables added to the environment.
+func runLfuseEnv(t testing.TB, env []string, args ...string) (int, string) {
+	t.Helper()
+	p := startBinEnv(t, env, lfuseBin, args...)
 	select {
 	case <-p.done:
 	case <-time.After(60 * time.Second):

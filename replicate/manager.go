@@ -220,6 +220,7 @@ func (m *Manager) flush(ctx context.Context, dbs []*DB) []error {
 				defer wg.Done()
 				r.Stop()
 				before := r.Pos()
+				defer r.logRequests()
 				if err := r.Flush(ctx); err != nil {
 					mu.Lock()
 					errs = append(errs, fmt.Errorf("%s: %w", d.rel, err))

@@ -86,15 +86,18 @@ type Replica struct {
 	syncs     atomic.Int64
 	errs      atomic.Int64
 	uploaded  atomic.Int64 // bytes
+	ops       *opCounter   // also client: what the replica asks of storage
 	stop      chan struct{}
 	done      chan struct{}
 	startOnce sync.Once
 }
 
 func newReplica(d *DB, client ReplicaClient, opts ReplicaOptions, logger *slog.Logger) *Replica {
+	ops := &opCounter{ReplicaClient: client}
 	return &Replica{
 		db:     d,
-		client: client,
+		client: ops,
+		ops:    ops,
 		opts:   opts.WithDefaults(),
 		logger: logger.With("replica", client.String()),
 		reader: NewLogReader(d.logDir()),

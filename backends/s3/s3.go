@@ -26,6 +26,8 @@ import (
 	"time"
 
 	"github.com/aws/aws-sdk-go-v2/aws"
+	"github.com/aws/aws-sdk-go-v2/aws/ratelimit"
+	"github.com/aws/aws-sdk-go-v2/aws/retry"
 	awshttp "github.com/aws/aws-sdk-go-v2/aws/transport/http"
 	"github.com/aws/aws-sdk-go-v2/config"
 	"github.com/aws/aws-sdk-go-v2/credentials"
@@ -33,6 +35,7 @@ import (
 	"github.com/aws/aws-sdk-go-v2/service/s3"
 	"github.com/aws/aws-sdk-go-v2/service/s3/types"
 	"github.com/aws/smithy-go"
+	"github.com/aws/smithy-go/logging"
 	"github.com/lfuse/lfuse/backends"
 	"github.com/superfly/ltx"
 )
@@ -104,7 +107,7 @@ func New(ctx context.Context, cfg Config) (*Client, error) {
 				tr.TLSClientConfig.InsecureSkipVerify = true
 			}
 		})
-	opts = append(opts, config.WithHTTPClient(httpClient))
+	opts = append(opts, config.WithHTTPClient(httpClient), config.WithLogger(logging.Nop{})) // errors reach the caller; the SDK's own log lines would bypass lfuse's
 	awsCfg, err := config.LoadDefaultConfig(ctx, opts...)
 	if err != nil {
 		return nil, fmt.Errorf("s3: load AWS configuration: %w", err)
@@ -121,6 +124,14 @@ func New(ctx context.Context, cfg Config) (*Client, error) {
 			o.BaseEndpoint = aws.String(cfg.Endpoint)
 		}
 		o.UsePathStyle = pathStyle
+		// Transient errors (5xx, throttling, resets) are retried here with
+		// short jittered backoff and no retry quota; the replica's own
+		// backoff covers longer outages.
+		o.Retryer = retry.NewStandard(func(so *retry.StandardOptions) {
+			so.MaxAttempts = 5
+			so.MaxBackoff = 2 * time.Second
+			so.RateLimiter = ratelimit.None
+		})
 		// S3-compatible stores often reject the SDK's default trailing
 		// checksums; LTX files carry their own CRC-64.
 		o.RequestChecksumCalculation = aws.RequestChecksumCalculationWhenRequired
@@ -379,6 +390,9 @@ func (c *Client) wrap(err error, format string, args ...any) error {
 	if errors.As(err, &nsk) || errors.As(err, &nf) {
 		return fmt.Errorf("%s: %s: %w", c, what, backends.ErrNotFound)
 	}
+	if msg := err.Error(); strings.Contains(msg, "retrieve credentials") || strings.Contains(msg, "refresh cached credentials") {
+		return backends.ConfigError(fmt.Errorf("%s: %s: no credentials: set access-key-id and secret-access-key, or LFUSE_ACCESS_KEY_ID and LFUSE_SECRET_ACCESS_KEY, or the AWS_* variables (the AWS chain found none)", c, what))
+	}
 	var api smithy.APIError
 	if errors.As(err, &api) {
 		switch api.ErrorCode() {
@@ -388,7 +402,31 @@ func (c *Client) wrap(err error, format string, args ...any) error {
 			return backends.ConfigError(fmt.Errorf("%s: %s: access denied (%s): check access-key-id/secret-access-key (or LFUSE_ACCESS_KEY_ID/LFUSE_SECRET_ACCESS_KEY) and the bucket's permissions", c, what, api.ErrorCode()))
 		}
 	}
-	return fmt.Errorf("%s: %s: %w", c, what, err)
+	return &sdkError{msg: fmt.Sprintf("%s: %s: %s", c, what, rootCause(err)), err: err}
+}
+
+// sdkError keeps the SDK's error for errors.Is/As but says only its root
+// cause: the SDK's own text repeats the operation, attempts and request IDs.
+type sdkError struct {
+	msg string
+	err error
+}
+
+func (e *sdkError) Error() string { return e.msg }
+func (e *sdkError) Unwrap() error { return e.err }
+
+func rootCause(err error) string {
+	var api smithy.APIError
+	if errors.As(err, &api) {
+		return api.ErrorCode() + ": " + api.ErrorMessage()
+	}
+	for {
+		next := errors.Unwrap(err)
+		if next == nil {
+			return err.Error()
+		}
+		err = next
+	}
 }
 
 // ListTimesApprox: LTXFiles gives upload times, FileMeta the commit times.

@@ -1,9 +1,18 @@
 package s3_test
 
 import (
+	"bytes"
 	"context"
 	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"net/http/httptest"
+	"net/http/httputil"
+	neturl "net/url"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -124,5 +133,74 @@ func TestDatabases(t *testing.T) {
 	}
 	if _, err := root.Sub("a.db").FileMeta(context.Background(), 0, 1, 1); !errors.Is(err, errNotFound) {
 		t.Fatalf("meta of a missing file: %v", err)
+	}
+}
+
+// flakyProxy forwards to the S3 server but answers every third request
+// with a 503 and cuts the connection of every fifth without an answer.
+func flakyProxy(t *testing.T, target string) (url string, failures *atomic.Int64) {
+	u, err := neturl.Parse(target)
+	if err != nil {
+		t.Fatal(err)
+	}
+	rp := httputil.NewSingleHostReverseProxy(u)
+	var n atomic.Int64
+	failures = new(atomic.Int64)
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		switch i := n.Add(1); {
+		case i%3 == 1:
+			failures.Add(1)
+			w.WriteHeader(http.StatusServiceUnavailable)
+			fmt.Fprint(w, `<?xml version="1.0" encoding="UTF-8"?><Error><Code>SlowDown</Code><Message>injected</Message></Error>`)
+		case i%5 == 2:
+			failures.Add(1)
+			conn, _, err := w.(http.Hijacker).Hijack()
+			if err == nil {
+				conn.(*net.TCPConn).SetLinger(0) // a reset, not a clean close
+				conn.Close()
+			}
+		default:
+			rp.ServeHTTP(w, r)
+		}
+	}))
+	t.Cleanup(srv.Close)
+	return srv.URL, failures
+}
+
+// 503s and connection resets are retried: every operation still succeeds.
+func TestTransientErrors(t *testing.T) {
+	env := backendtest.Servers(t)
+	ensureBucket(t, env, env["LFUSE_TEST_S3_ENDPOINT"])
+	proxy, failures := flakyProxy(t, env["LFUSE_TEST_S3_ENDPOINT"])
+	c := newClient(t, env, s3.Config{Endpoint: proxy, Path: fmt.Sprintf("flaky-%d", time.Now().UnixNano())})
+	ctx := context.Background()
+	for i := 1; i <= 5; i++ {
+		id := ltx.TXID(i)
+		body := backendtest.EncodeFile(t, id, id, 3, int64(i), testTime)
+		if err := c.WriteLTXFile(ctx, 0, id, id, bytes.NewReader(body), int64(len(body)), meta); err != nil {
+			t.Fatalf("write %d: %v", i, err)
+		}
+		rc, err := c.OpenLTXFile(ctx, 0, id, id, 0, 0)
+		if err != nil {
+			t.Fatalf("open %d: %v", i, err)
+		}
+		got, err := io.ReadAll(rc)
+		rc.Close()
+		if err != nil || !bytes.Equal(got, body) {
+			t.Fatalf("read %d: %v", i, err)
+		}
+		if _, err := c.FileMeta(ctx, 0, id, id); err != nil {
+			t.Fatalf("meta %d: %v", i, err)
+		}
+	}
+	files, err := c.LTXFiles(ctx, 0)
+	if err != nil || len(files) != 5 {
+		t.Fatalf("listed %d files: %v", len(files), err)
+	}
+	if err := c.DeleteLTXFiles(ctx, files); err != nil {
+		t.Fatal(err)
+	}
+	if failures.Load() < 5 {
+		t.Fatalf("only %d failures injected", failures.Load())
 	}
 }

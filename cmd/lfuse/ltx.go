@@ -38,7 +38,7 @@ func runLTX(args []string, stdout, stderr io.Writer) error {
 	for level := 0; level <= replicate.SnapshotLevel; level++ {
 		files, err := client.LTXFiles(ctx, level)
 		if err != nil {
-			return fmt.Errorf("%s: list level %d: %w", client, level, err)
+			return err // the backends' errors name the replica and the level
 		}
 		for _, f := range files {
 			fmt.Fprintf(tw, "%d\t%s\t%s\t%d\t%s\n", level, f.MinTXID, f.MaxTXID, f.Size, f.CreatedAt.Format(time.RFC3339Nano))

@@ -3,6 +3,7 @@ package main
 import (
 	"net/http"
 	"net/http/pprof"
+	"time"
 
 	"github.com/lfuse/lfuse/fs"
 	"github.com/lfuse/lfuse/replicate"
@@ -17,7 +18,11 @@ type collector struct {
 	mgr *replicate.Manager
 
 	requests, txid, captured, capturedBytes, snapshots, needSnapshot *prometheus.Desc
+
+	replicaTXID, replicaBehind, replicaLag, replicaSyncs, replicaErrs, replicaFailing, ops, opBytes *prometheus.Desc
 }
+
+var replicaLabels = []string{"db", "replica", "replica_type"}
 
 func newCollector(m *fs.Mount, mgr *replicate.Manager) *collector {
 	return &collector{
@@ -28,6 +33,15 @@ func newCollector(m *fs.Mount, mgr *replicate.Manager) *collector {
 		capturedBytes: prometheus.NewDesc("lfuse_db_captured_wal_bytes_total", "WAL bytes captured since start.", []string{"db"}, nil),
 		snapshots:     prometheus.NewDesc("lfuse_db_snapshots_total", "Snapshots taken since start.", []string{"db"}, nil),
 		needSnapshot:  prometheus.NewDesc("lfuse_db_needs_snapshot", "1 while a database's capture is waiting for a new snapshot.", []string{"db"}, nil),
+
+		replicaTXID:    prometheus.NewDesc("lfuse_replica_txid", "Newest TXID the replica holds.", replicaLabels, nil),
+		replicaBehind:  prometheus.NewDesc("lfuse_replica_lag_txids", "Captured transactions the replica does not hold yet.", replicaLabels, nil),
+		replicaLag:     prometheus.NewDesc("lfuse_replica_lag_seconds", "Seconds since the replica last held every captured transaction (0 when it does).", replicaLabels, nil),
+		replicaSyncs:   prometheus.NewDesc("lfuse_replica_syncs_total", "Successful syncs.", replicaLabels, nil),
+		replicaErrs:    prometheus.NewDesc("lfuse_replica_sync_errors_total", "Failed sync, compaction, snapshot or retention passes.", replicaLabels, nil),
+		replicaFailing: prometheus.NewDesc("lfuse_replica_failing", "1 during an outage of the replica.", replicaLabels, nil),
+		ops:            prometheus.NewDesc("lfuse_replica_operation_total", "Storage operations by kind (a delete counts per file).", []string{"replica_type", "operation"}, nil),
+		opBytes:        prometheus.NewDesc("lfuse_replica_operation_bytes", "Bytes read (GET) and written (PUT).", []string{"replica_type", "operation"}, nil),
 	}
 }
 
@@ -37,6 +51,7 @@ func (c *collector) Collect(ch chan<- prometheus.Metric) {
 	for op, n := range c.m.Requests() {
 		ch <- prometheus.MustNewConstMetric(c.requests, prometheus.CounterValue, float64(n), op)
 	}
+	ops, opBytes := map[[2]string]int64{}, map[[2]string]int64{}
 	for _, d := range c.mgr.DBs() {
 		st := d.Stats()
 		ch <- prometheus.MustNewConstMetric(c.txid, prometheus.GaugeValue, float64(st.TXID), st.Path)
@@ -48,6 +63,37 @@ func (c *collector) Collect(ch chan<- prometheus.Metric) {
 			need = 1
 		}
 		ch <- prometheus.MustNewConstMetric(c.needSnapshot, prometheus.GaugeValue, need, st.Path)
+		for _, r := range d.Replicas() {
+			rs := r.Stats()
+			l := []string{st.Path, rs.Name, rs.Type}
+			ch <- prometheus.MustNewConstMetric(c.replicaTXID, prometheus.GaugeValue, float64(rs.TXID), l...)
+			behind, lag := 0.0, 0.0
+			if st.TXID > rs.TXID {
+				behind = float64(st.TXID - rs.TXID)
+				if rs.SyncedAt > 0 {
+					lag = time.Since(time.Unix(0, rs.SyncedAt)).Seconds()
+				}
+			}
+			ch <- prometheus.MustNewConstMetric(c.replicaBehind, prometheus.GaugeValue, behind, l...)
+			ch <- prometheus.MustNewConstMetric(c.replicaLag, prometheus.GaugeValue, lag, l...)
+			ch <- prometheus.MustNewConstMetric(c.replicaSyncs, prometheus.CounterValue, float64(rs.Syncs), l...)
+			ch <- prometheus.MustNewConstMetric(c.replicaErrs, prometheus.CounterValue, float64(rs.Errs), l...)
+			failing := 0.0
+			if rs.Failing {
+				failing = 1
+			}
+			ch <- prometheus.MustNewConstMetric(c.replicaFailing, prometheus.GaugeValue, failing, l...)
+			for i, name := range replicate.OpNames {
+				ops[[2]string{rs.Type, name}] += rs.Ops[i]
+				opBytes[[2]string{rs.Type, name}] += rs.Bytes[i]
+			}
+		}
+	}
+	for k, n := range ops {
+		ch <- prometheus.MustNewConstMetric(c.ops, prometheus.CounterValue, float64(n), k[0], k[1])
+		if k[1] == "GET" || k[1] == "PUT" {
+			ch <- prometheus.MustNewConstMetric(c.opBytes, prometheus.CounterValue, float64(opBytes[k]), k[0], k[1])
+		}
 	}
 }
 
