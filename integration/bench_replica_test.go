@@ -1,6 +1,7 @@
 package integration
 
 import (
+	"context"
 	"fmt"
 	"os"
 	"os/exec"
@@ -9,8 +10,17 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+	"sync"
 	"testing"
 	"time"
+
+	"github.com/aws/aws-sdk-go-v2/aws"
+	awss3 "github.com/aws/aws-sdk-go-v2/service/s3"
+	"github.com/lfuse/lfuse/backends/backendtest"
+	"github.com/lfuse/lfuse/backends/file"
+	"github.com/lfuse/lfuse/backends/s3"
+	"github.com/lfuse/lfuse/replicate"
+	"github.com/superfly/ltx"
 )
 
 // Replication benchmarks (make bench-replica): restore time against a plain
@@ -212,4 +222,103 @@ func BenchmarkReplicaLag(b *testing.B) {
 	b.ReportMetric(lags[len(lags)*99/100], "lag-p99-ms")
 	b.ReportMetric(float64(files)*3600/elapsed.Seconds(), "files-per-hour")
 	b.ReportMetric(rss, "lfuse-peak-RSS-MB")
+}
+
+// Restore of the ~1 GB database of BenchmarkReplicaRestore from S3
+// (versitygw on loopback), against a plain parallel download of the same
+// objects, the page cache dropped before each.
+func BenchmarkReplicaRestoreS3(b *testing.B) {
+	env := backendtest.Servers(b)
+	src := file.New(filepath.Join(benchDir(b), fmt.Sprintf("restore-%d", restoreDBMB()), "replica", "app.db"))
+	ctx := context.Background()
+	plan, err := replicate.PlanRestore(ctx, src, replicate.Target{})
+	if err != nil {
+		b.Skipf("run BenchmarkReplicaRestore first, which builds the replica: %v", err)
+	}
+	createS3Bucket(b, env, "lfuse-bench")
+	dst, err := s3.New(ctx, s3.Config{Bucket: "lfuse-bench", Path: fmt.Sprintf("restore-%d/app.db", restoreDBMB()), Endpoint: env["LFUSE_TEST_S3_ENDPOINT"],
+		AccessKeyID: env["LFUSE_TEST_S3_ACCESS_KEY_ID"], SecretAccessKey: env["LFUSE_TEST_S3_SECRET_ACCESS_KEY"]})
+	if err != nil {
+		b.Fatal(err)
+	}
+	// Copy the files the latest restore needs, once.
+	for _, f := range plan.Files {
+		if _, err := dst.FileMeta(ctx, f.Level, f.MinTXID, f.MaxTXID); err == nil {
+			continue
+		}
+		meta, err := src.FileMeta(ctx, f.Level, f.MinTXID, f.MaxTXID)
+		if err != nil {
+			b.Fatal(err)
+		}
+		rc, err := src.OpenLTXFile(ctx, f.Level, f.MinTXID, f.MaxTXID, 0, 0)
+		if err != nil {
+			b.Fatal(err)
+		}
+		err = dst.WriteLTXFile(ctx, f.Level, f.MinTXID, f.MaxTXID, rc, f.Size, meta)
+		rc.Close()
+		if err != nil {
+			b.Fatal(err)
+		}
+	}
+	cli := awss3.New(awss3.Options{Region: "us-east-1", BaseEndpoint: aws.String(env["LFUSE_TEST_S3_ENDPOINT"]), UsePathStyle: true,
+		Credentials: aws.CredentialsProviderFunc(func(context.Context) (aws.Credentials, error) {
+			return aws.Credentials{AccessKeyID: env["LFUSE_TEST_S3_ACCESS_KEY_ID"], SecretAccessKey: env["LFUSE_TEST_S3_SECRET_ACCESS_KEY"]}, nil
+		})})
+	dir := b.TempDir()
+	out := filepath.Join(dir, "out.db")
+	url := fmt.Sprintf("s3://lfuse-bench/restore-%d/app.db?endpoint=%s", restoreDBMB(), env["LFUSE_TEST_S3_ENDPOINT"])
+	keys := []string{"LFUSE_ACCESS_KEY_ID=" + env["LFUSE_TEST_S3_ACCESS_KEY_ID"], "LFUSE_SECRET_ACCESS_KEY=" + env["LFUSE_TEST_S3_SECRET_ACCESS_KEY"]}
+	var restoreSecs, downloadSecs []float64
+	for i := 0; i < b.N; i++ {
+		os.Remove(out)
+		dropCaches(b)
+		start := time.Now()
+		if code, log := runLfuseEnv(b, keys, "restore", "-o", out, url); code != 0 {
+			b.Fatalf("restore exited %d:\n%s", code, log)
+		}
+		restoreSecs = append(restoreSecs, time.Since(start).Seconds())
+		os.Remove(out)
+
+		dropCaches(b)
+		start = time.Now()
+		var wg sync.WaitGroup
+		errs := make(chan error, len(plan.Files))
+		for j, f := range plan.Files {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				key := fmt.Sprintf("restore-%d/app.db/%04x/%s", restoreDBMB(), f.Level, ltx.FormatFilename(f.MinTXID, f.MaxTXID))
+				o, err := cli.GetObject(ctx, &awss3.GetObjectInput{Bucket: aws.String("lfuse-bench"), Key: aws.String(key)})
+				if err != nil {
+					errs <- err
+					return
+				}
+				defer o.Body.Close()
+				w, err := os.Create(filepath.Join(dir, strconv.Itoa(j)))
+				if err != nil {
+					errs <- err
+					return
+				}
+				defer w.Close()
+				if _, err := w.ReadFrom(o.Body); err != nil {
+					errs <- err
+				}
+			}()
+		}
+		wg.Wait()
+		close(errs)
+		for err := range errs {
+			b.Fatal(err)
+		}
+		downloadSecs = append(downloadSecs, time.Since(start).Seconds())
+		for j := range plan.Files {
+			os.Remove(filepath.Join(dir, strconv.Itoa(j)))
+		}
+	}
+	mb := float64(plan.Bytes) / (1 << 20)
+	b.ReportMetric(mb, "objects-MB")
+	b.ReportMetric(median(restoreSecs), "restore-s")
+	b.ReportMetric(median(downloadSecs), "download-s")
+	b.ReportMetric(median(restoreSecs)/median(downloadSecs), "x-download")
+	b.ReportMetric(mb/median(restoreSecs), "restore-MB/s")
 }

@@ -30,31 +30,31 @@ import (
 // body of a config file (url and keys), unique to the test.
 type cloudReplica struct {
 	name   string
-	config func(t *testing.T, env map[string]string, root string) string
+	config func(t testing.TB, env map[string]string, root string) string
 }
 
 var cloudReplicas = []cloudReplica{
-	{"s3", func(t *testing.T, env map[string]string, root string) string {
+	{"s3", func(t testing.TB, env map[string]string, root string) string {
 		createS3Bucket(t, env, "lfuse-e2e")
 		return fmt.Sprintf("url = %q\nendpoint = %q\naccess-key-id = %q\nsecret-access-key = %q\n",
 			"s3://lfuse-e2e/"+root, env["LFUSE_TEST_S3_ENDPOINT"], env["LFUSE_TEST_S3_ACCESS_KEY_ID"], env["LFUSE_TEST_S3_SECRET_ACCESS_KEY"])
 	}},
-	{"gs", func(t *testing.T, env map[string]string, root string) string {
+	{"gs", func(t testing.TB, env map[string]string, root string) string {
 		createGCSBucket(t, env, "lfuse-e2e")
 		return fmt.Sprintf("url = %q\nendpoint = %q\n", "gs://lfuse-e2e/"+root, env["LFUSE_TEST_GCS_ENDPOINT"])
 	}},
-	{"abs", func(t *testing.T, env map[string]string, root string) string {
+	{"abs", func(t testing.TB, env map[string]string, root string) string {
 		createAzureContainer(t, env, "lfuse-e2e")
 		return fmt.Sprintf("url = %q\nendpoint = %q\naccount-key = %q\n",
 			"abs://"+env["LFUSE_TEST_AZURE_ACCOUNT"]+"@lfuse-e2e/"+root, env["LFUSE_TEST_AZURE_ENDPOINT"], env["LFUSE_TEST_AZURE_KEY"])
 	}},
-	{"sftp", func(t *testing.T, env map[string]string, root string) string {
+	{"sftp", func(t testing.TB, env map[string]string, root string) string {
 		return fmt.Sprintf("url = %q\npassword = %q\nknown-hosts = %q\n",
 			"sftp://"+env["LFUSE_TEST_SFTP_USER"]+"@"+env["LFUSE_TEST_SFTP_ADDR"]+"/~/"+root, env["LFUSE_TEST_SFTP_PASSWORD"], env["LFUSE_TEST_SFTP_KNOWN_HOSTS"])
 	}},
 }
 
-func createS3Bucket(t *testing.T, env map[string]string, bucket string) {
+func createS3Bucket(t testing.TB, env map[string]string, bucket string) {
 	t.Helper()
 	cli := awss3.New(awss3.Options{Region: "us-east-1", BaseEndpoint: aws.String(env["LFUSE_TEST_S3_ENDPOINT"]), UsePathStyle: true,
 		Credentials: aws.CredentialsProviderFunc(func(context.Context) (aws.Credentials, error) {
@@ -162,7 +162,7 @@ func TestCloudReplicateAndRestore(t *testing.T) {
 	}
 }
 
-func createGCSBucket(t *testing.T, env map[string]string, bucket string) {
+func createGCSBucket(t testing.TB, env map[string]string, bucket string) {
 	t.Helper()
 	ctx := context.Background()
 	cli, err := storage.NewClient(ctx, option.WithEndpoint(env["LFUSE_TEST_GCS_ENDPOINT"]+"/storage/v1/"), option.WithoutAuthentication())
@@ -175,7 +175,7 @@ func createGCSBucket(t *testing.T, env map[string]string, bucket string) {
 	}
 }
 
-func createAzureContainer(t *testing.T, env map[string]string, container string) {
+func createAzureContainer(t testing.TB, env map[string]string, container string) {
 	t.Helper()
 	cred, err := azblob.NewSharedKeyCredential(env["LFUSE_TEST_AZURE_ACCOUNT"], env["LFUSE_TEST_AZURE_KEY"])
 	if err != nil {
@@ -325,7 +325,7 @@ func TestS3Outage(t *testing.T) {
 	}
 }
 
-func freeAddr(t *testing.T) string {
+func freeAddr(t testing.TB) string {
 	t.Helper()
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
@@ -337,7 +337,7 @@ func freeAddr(t *testing.T) string {
 
 // scrape reads the first sample from lfuse's /metrics whose line starts
 // with prefix.
-func scrape(t *testing.T, addr, prefix string) float64 {
+func scrape(t testing.TB, addr, prefix string) float64 {
 	t.Helper()
 	resp, err := http.Get("http://" + addr + "/metrics")
 	if err != nil {

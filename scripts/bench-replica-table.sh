@@ -3,7 +3,7 @@
 # in $1) to the benchmarks document $2 as a table.
 set -euo pipefail
 out=$1 doc=$2
-metric() { grep "^$1" "$out" | tr '\t' '\n' | grep " $2\$" | awk '{print $1}' | head -1; }
+metric() { grep -E "^$1(-[0-9]+)?\s" "$out" | tr '\t' '\n' | grep " $2\$" | awk '{print $1}' | head -1; }
 cat >>"$doc" <<EOF
 
 ## Replication and restore
@@ -22,7 +22,23 @@ a file replica on the same disk, the page cache dropped before each copy and eac
 | lag p99 | $(metric BenchmarkReplicaLag lag-p99-ms) ms | ≤ sync-interval + 50 ms = 1050 ms |
 | files written per hour at 10 tx/s (PUT-equivalents, default intervals) | $(metric BenchmarkReplicaLag files-per-hour) | |
 | peak RSS of \`lfuse mount\` replicating at 10 tx/s | $(metric BenchmarkReplicaLag lfuse-peak-RSS-MB) MB | ≤ 64 MB |
+| \`lfuse restore\` of the same database from S3 (versitygw on loopback) | $(metric BenchmarkReplicaRestoreS3 restore-s) s, $(metric BenchmarkReplicaRestoreS3 restore-MB/s) MB/s | |
+| parallel download of the same $(metric BenchmarkReplicaRestoreS3 objects-MB) MB of objects | $(metric BenchmarkReplicaRestoreS3 download-s) s | |
+| restore ÷ download | $(metric BenchmarkReplicaRestoreS3 x-download)× | |
+
+Requests per hour by kind at 10 tx/s with the default intervals, counted by
+lfuse over a minute of the steady state (\`BenchmarkReplicaRequests\`; a
+delete counts per file):
+
+| backend | PUT | GET | LIST | DELETE |
+|---|---:|---:|---:|---:|
 EOF
+for be in file s3 gs abs sftp; do
+	row=$(grep "^BenchmarkReplicaRequests/$be" "$out" || true)
+	[ -n "$row" ] || continue
+	v() { echo "$row" | tr '\t' '\n' | grep " $1/h\$" | awk '{printf "%d", $1}'; }
+	echo "| $be | $(v PUT) | $(v GET) | $(v LIST) | $(v DELETE) |" >>"$doc"
+done
 cat >>"$doc" <<'NOTE'
 
 The restore reads 1.44 GB of LTX (a snapshot and the compacted history,
