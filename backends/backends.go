@@ -7,7 +7,11 @@ package backends
 import (
 	"context"
 	"errors"
+	"fmt"
 	"io"
+	"slices"
+	"strconv"
+	"strings"
 	"time"
 
 	"github.com/superfly/ltx"
@@ -53,3 +57,109 @@ func ConfigError(err error) error { return configError{err} }
 type configError struct{ error }
 
 func (e configError) Unwrap() []error { return []error{e.error, ErrConfig} }
+
+// Errorf is an error that reads as the formatted line but unwraps to err:
+// the SDKs' own messages run over many lines and repeat request IDs, yet
+// callers still need errors.Is/As on them (ErrNotFound, context.Canceled).
+func Errorf(err error, format string, args ...any) error {
+	return &lineError{msg: fmt.Sprintf(format, args...), err: err}
+}
+
+type lineError struct {
+	msg string
+	err error
+}
+
+func (e *lineError) Error() string { return e.msg }
+func (e *lineError) Unwrap() error { return e.err }
+
+// ExactReader reads r, failing unless it gives exactly size bytes: an upload
+// of a short or long body then fails before the store commits it, rather
+// than leaving an object of the wrong size.
+func ExactReader(r io.Reader, size int64) io.Reader { return &exactReader{r: r, left: size} }
+
+type exactReader struct {
+	r    io.Reader
+	left int64
+}
+
+var errSize = errors.New("the body's size differs from the size given")
+
+func (e *exactReader) Read(p []byte) (int, error) {
+	if e.left <= 0 {
+		var one [1]byte
+		if n, _ := e.r.Read(one[:]); n > 0 {
+			return 0, fmt.Errorf("%w: it is longer", errSize)
+		}
+		return 0, io.EOF
+	}
+	if int64(len(p)) > e.left {
+		p = p[:e.left]
+	}
+	n, err := e.r.Read(p)
+	e.left -= int64(n)
+	if err == io.EOF && e.left > 0 {
+		return n, fmt.Errorf("%w: %d bytes short", errSize, e.left)
+	}
+	if err == io.EOF {
+		err = nil // the next call reports EOF after checking for extra bytes
+	}
+	return n, err
+}
+
+// FindDatabases walks an object store's "directories" from root (a prefix
+// ending in "/", or "") and returns, relative to root and sorted, those that
+// hold a database replica. list gives the prefixes directly under a prefix
+// (each ending in "/"); isDB tells from a prefix and its children whether
+// it is a database, which the walk does not descend into. Only prefixes are
+// listed, never the files of a level.
+func FindDatabases(ctx context.Context, root string, list func(ctx context.Context, prefix string) ([]string, error),
+	isDB func(ctx context.Context, prefix string, children []string) (bool, error)) ([]string, error) {
+	var dbs []string
+	var walk func(prefix string) error
+	walk = func(prefix string) error {
+		children, err := list(ctx, prefix)
+		if err != nil {
+			return err
+		}
+		if prefix != root {
+			db, err := isDB(ctx, prefix, children)
+			if err != nil {
+				return err
+			}
+			if db {
+				dbs = append(dbs, strings.TrimSuffix(strings.TrimPrefix(prefix, root), "/"))
+				return nil
+			}
+		}
+		for _, child := range children {
+			if err := walk(child); err != nil {
+				return err
+			}
+		}
+		return nil
+	}
+	if err := walk(root); err != nil {
+		return nil, err
+	}
+	slices.Sort(dbs)
+	return dbs, nil
+}
+
+// HasLTXLevels is FindDatabases' test for the <db>/ltx/<level>/ layout (file,
+// gs, abs, sftp): a prefix is a database when its ltx/ holds a level.
+func HasLTXLevels(list func(ctx context.Context, prefix string) ([]string, error)) func(ctx context.Context, prefix string, children []string) (bool, error) {
+	return func(ctx context.Context, prefix string, children []string) (bool, error) {
+		if !slices.Contains(children, prefix+"ltx/") {
+			return false, nil
+		}
+		levels, err := list(ctx, prefix+"ltx/")
+		if err != nil {
+			return false, err
+		}
+		return slices.ContainsFunc(levels, func(l string) bool {
+			_, err := strconv.ParseUint(strings.TrimSuffix(strings.TrimPrefix(l, prefix+"ltx/"), "/"), 10, 32)
+			return err == nil
+		}), nil
+	}
+}

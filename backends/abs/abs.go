@@ -312,7 +312,7 @@ func (c *Client) WriteLTXFile(ctx context.Context, level int, min, max ltx.TXID,
 	}
 	ts := meta.Timestamp.UTC().Format(time.RFC3339Nano)
 	sum := meta.PostApplyChecksum.String()
-	_, err := c.cc.NewBlockBlobClient(c.blobName(level, min, max)).UploadStream(ctx, &exactReader{r: r, left: size}, &blockblob.UploadStreamOptions{
+	_, err := c.cc.NewBlockBlobClient(c.blobName(level, min, max)).UploadStream(ctx, backends.ExactReader(r, size), &blockblob.UploadStreamOptions{
 		BlockSize:   blockSizeFor(size),
 		Concurrency: concurrency,
 		Metadata:    map[string]*string{metaTimestamp: &ts, metaChecksum: &sum},
@@ -328,37 +328,6 @@ func (c *Client) WriteLTXFile(ctx context.Context, level int, min, max ltx.TXID,
 // longer than one block), within the SDK's minimum of 1 MiB and blockSize.
 func blockSizeFor(size int64) int64 {
 	return min(max(size+1, 1<<20), blockSize)
-}
-
-// exactReader fails unless r gives exactly left bytes, so that a short or
-// long body is an error before the upload commits.
-type exactReader struct {
-	r    io.Reader
-	left int64
-}
-
-var errSize = errors.New("the body's size differs from the size given")
-
-func (e *exactReader) Read(p []byte) (int, error) {
-	if e.left <= 0 {
-		var one [1]byte
-		if n, _ := e.r.Read(one[:]); n > 0 {
-			return 0, fmt.Errorf("%w: it is longer", errSize)
-		}
-		return 0, io.EOF
-	}
-	if int64(len(p)) > e.left {
-		p = p[:e.left]
-	}
-	n, err := e.r.Read(p)
-	e.left -= int64(n)
-	if err == io.EOF && e.left > 0 {
-		return n, fmt.Errorf("%w: %d bytes short", errSize, e.left)
-	}
-	if err == io.EOF {
-		err = nil // the next call reports EOF after checking for extra bytes
-	}
-	return n, err
 }
 
 // FileMeta reads the blob's metadata. A file another tool wrote has no
@@ -466,38 +435,7 @@ func (c *Client) Databases(ctx context.Context) ([]string, error) {
 	if c.err != nil {
 		return nil, c.err
 	}
-	var dbs []string
-	var walk func(prefix string) error
-	walk = func(prefix string) error {
-		children, err := c.prefixes(ctx, prefix)
-		if err != nil {
-			return err
-		}
-		for _, child := range children {
-			if strings.TrimPrefix(child, prefix) != "ltx/" {
-				if err := walk(child); err != nil {
-					return err
-				}
-				continue
-			}
-			levels, err := c.prefixes(ctx, child)
-			if err != nil {
-				return err
-			}
-			if rel := strings.TrimSuffix(strings.TrimPrefix(prefix, c.key("")), "/"); rel != "" && slices.ContainsFunc(levels, func(l string) bool {
-				_, err := strconv.ParseUint(strings.TrimSuffix(strings.TrimPrefix(l, child), "/"), 10, 32)
-				return err == nil
-			}) {
-				dbs = append(dbs, rel)
-			}
-		}
-		return nil
-	}
-	if err := walk(c.key("")); err != nil {
-		return nil, err
-	}
-	slices.Sort(dbs)
-	return dbs, nil
+	return backends.FindDatabases(ctx, c.key(""), c.prefixes, backends.HasLTXLevels(c.prefixes))
 }
 
 // prefixes lists the "subdirectories" directly under prefix.
@@ -531,7 +469,7 @@ func (c *Client) wrap(err error, format string, args ...any) error {
 		case re.ErrorCode == string(bloberror.ContainerNotFound):
 			return backends.ConfigError(c.line(err, "container %q does not exist: create it or fix the replica URL", c.container))
 		case re.ErrorCode == string(bloberror.BlobNotFound) || re.StatusCode == http.StatusNotFound:
-			return &lineError{c.redact(fmt.Sprintf("%s: %s: %s", c, what, backends.ErrNotFound)), backends.ErrNotFound}
+			return backends.Errorf(backends.ErrNotFound, "%s", c.redact(fmt.Sprintf("%s: %s: %s", c, what, backends.ErrNotFound)))
 		case re.StatusCode == http.StatusUnauthorized || re.StatusCode == http.StatusForbidden:
 			code := re.ErrorCode
 			if code == "" {
@@ -566,9 +504,9 @@ func (c *Client) wrap(err error, format string, args ...any) error {
 	return c.line(err, "%s: %s", what, firstLine(err.Error()))
 }
 
-// line is a lineError naming the replica, redacted.
+// line is one line naming the replica, redacted, that unwraps to err.
 func (c *Client) line(err error, format string, args ...any) error {
-	return &lineError{c.redact(c.String() + ": " + fmt.Sprintf(format, args...)), err}
+	return backends.Errorf(err, "%s", c.redact(c.String()+": "+fmt.Sprintf(format, args...)))
 }
 
 func (c *Client) redact(s string) string { return redact(s, c.secrets) }
@@ -584,16 +522,6 @@ func redact(s string, secrets []string) string {
 	}
 	return sigParam.ReplaceAllString(s, "${1}REDACTED")
 }
-
-// lineError is one redacted line for people and the SDK's error for
-// errors.Is/As; the SDK's own text runs over many lines.
-type lineError struct {
-	msg string
-	err error
-}
-
-func (e *lineError) Error() string { return e.msg }
-func (e *lineError) Unwrap() error { return e.err }
 
 func firstLine(s string) string {
 	s, _, _ = strings.Cut(s, "\n")

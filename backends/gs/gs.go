@@ -399,38 +399,7 @@ func (c *Client) Databases(ctx context.Context) ([]string, error) {
 	if c.err != nil {
 		return nil, c.err
 	}
-	var dbs []string
-	var walk func(prefix string) error
-	walk = func(prefix string) error {
-		children, err := c.prefixes(ctx, prefix)
-		if err != nil {
-			return err
-		}
-		for _, child := range children {
-			if strings.TrimPrefix(child, prefix) != "ltx/" {
-				if err := walk(child); err != nil {
-					return err
-				}
-				continue
-			}
-			levels, err := c.prefixes(ctx, child)
-			if err != nil {
-				return err
-			}
-			if rel := strings.TrimSuffix(strings.TrimPrefix(prefix, c.key("")), "/"); rel != "" && slices.ContainsFunc(levels, func(l string) bool {
-				_, err := strconv.ParseUint(strings.TrimSuffix(strings.TrimPrefix(l, child), "/"), 10, 32)
-				return err == nil
-			}) {
-				dbs = append(dbs, rel)
-			}
-		}
-		return nil
-	}
-	if err := walk(c.key("")); err != nil {
-		return nil, err
-	}
-	slices.Sort(dbs)
-	return dbs, nil
+	return backends.FindDatabases(ctx, c.key(""), c.prefixes, backends.HasLTXLevels(c.prefixes))
 }
 
 // prefixes lists the "subdirectories" directly under prefix.
@@ -461,7 +430,7 @@ func (c *Client) wrap(err error, format string, args ...any) error {
 	what := fmt.Sprintf(format, args...)
 	switch {
 	case errors.Is(err, storage.ErrBucketNotExist):
-		return backends.ConfigError(&lineError{fmt.Sprintf("%s: bucket %q does not exist: create it or fix the replica URL", c, c.name), err})
+		return backends.ConfigError(backends.Errorf(err, "%s: bucket %q does not exist: create it or fix the replica URL", c, c.name))
 	case errors.Is(err, storage.ErrObjectNotExist):
 		return fmt.Errorf("%s: %s: %w", c, what, backends.ErrNotFound)
 	}
@@ -469,13 +438,13 @@ func (c *Client) wrap(err error, format string, args ...any) error {
 	if errors.As(err, &ge) {
 		switch ge.Code {
 		case http.StatusUnauthorized, http.StatusForbidden:
-			return backends.ConfigError(&lineError{fmt.Sprintf("%s: %s: access denied (HTTP %d): check the credentials (credentials-file, GOOGLE_APPLICATION_CREDENTIALS or the application default credentials) and that they may read and write objects in bucket %q", c, what, ge.Code, c.name), err})
+			return backends.ConfigError(backends.Errorf(err, "%s: %s: access denied (HTTP %d): check the credentials (credentials-file, GOOGLE_APPLICATION_CREDENTIALS or the application default credentials) and that they may read and write objects in bucket %q", c, what, ge.Code, c.name))
 		}
 		msg := firstLine(ge.Message)
 		if msg == "" {
 			msg = http.StatusText(ge.Code)
 		}
-		return &lineError{fmt.Sprintf("%s: %s: HTTP %d: %s", c, what, ge.Code, msg), err}
+		return backends.Errorf(err, "%s: %s: HTTP %d: %s", c, what, ge.Code, msg)
 	}
 	// Checked before the context: retries that end with the context still
 	// report the connection failure behind them.
@@ -493,20 +462,10 @@ func (c *Client) wrap(err error, format string, args ...any) error {
 		if where == "" {
 			where = "storage.googleapis.com"
 		}
-		return &lineError{fmt.Sprintf("%s: %s: cannot reach %s: %s", c, what, where, firstLine(cause.Error())), err}
+		return backends.Errorf(err, "%s: %s: cannot reach %s: %s", c, what, where, firstLine(cause.Error()))
 	}
 	return fmt.Errorf("%s: %s: %w", c, what, err)
 }
-
-// lineError is one line for people and the SDK's error for errors.Is/As;
-// the SDK's own text runs over many lines.
-type lineError struct {
-	msg string
-	err error
-}
-
-func (e *lineError) Error() string { return e.msg }
-func (e *lineError) Unwrap() error { return e.err }
 
 func firstLine(s string) string {
 	s, _, _ = strings.Cut(s, "\n")

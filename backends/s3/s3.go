@@ -236,7 +236,7 @@ func (c *Client) WriteLTXFile(ctx context.Context, level int, min, max ltx.TXID,
 	_, err := c.up.Upload(ctx, &s3.PutObjectInput{
 		Bucket: &c.bucket,
 		Key:    &key,
-		Body:   &exactReader{r: r, left: size},
+		Body:   backends.ExactReader(r, size),
 		Metadata: map[string]string{
 			metaTimestamp: meta.Timestamp.UTC().Format(time.RFC3339Nano),
 			metaChecksum:  meta.PostApplyChecksum.String(),
@@ -246,37 +246,6 @@ func (c *Client) WriteLTXFile(ctx context.Context, level int, min, max ltx.TXID,
 		return c.wrap(err, "write %s", key)
 	}
 	return nil
-}
-
-// exactReader fails unless r gives exactly left bytes, so that a short body
-// is an error before the upload completes rather than a short object.
-type exactReader struct {
-	r    io.Reader
-	left int64
-}
-
-var errSize = errors.New("the body's size differs from the size given")
-
-func (e *exactReader) Read(p []byte) (int, error) {
-	if e.left <= 0 {
-		var one [1]byte
-		if n, _ := e.r.Read(one[:]); n > 0 {
-			return 0, errSize
-		}
-		return 0, io.EOF
-	}
-	if int64(len(p)) > e.left {
-		p = p[:e.left]
-	}
-	n, err := e.r.Read(p)
-	e.left -= int64(n)
-	if err == io.EOF && e.left > 0 {
-		return n, fmt.Errorf("%w: %d bytes short", errSize, e.left)
-	}
-	if err == io.EOF {
-		err = nil // the next call reports EOF after checking for extra bytes
-	}
-	return n, err
 }
 
 func (c *Client) FileMeta(ctx context.Context, level int, min, max ltx.TXID) (backends.FileMeta, error) {
@@ -338,47 +307,27 @@ func (c *Client) Check(ctx context.Context) error {
 var levelDir = regexp.MustCompile(`^[0-9a-f]{4}/$`)
 
 // Databases lists the database replicas under the root, as slash paths
-// relative to it: every prefix with level "directories" in it. It walks the
-// prefixes with a delimiter, never listing the files of a level.
+// relative to it: every prefix with level "directories" in it.
 func (c *Client) Databases(ctx context.Context) ([]string, error) {
-	var dbs []string
-	var walk func(prefix string) error
-	walk = func(prefix string) error {
-		p := s3.NewListObjectsV2Paginator(c.s3, &s3.ListObjectsV2Input{Bucket: &c.bucket, Prefix: &prefix, Delimiter: aws.String("/")})
-		var children []string
-		isDB := false
-		for p.HasMorePages() {
-			page, err := p.NextPage(ctx)
-			if err != nil {
-				return c.wrap(err, "list %s", prefix)
-			}
-			for _, cp := range page.CommonPrefixes {
-				child := strings.TrimPrefix(aws.ToString(cp.Prefix), prefix)
-				if levelDir.MatchString(child) {
-					isDB = true
-				} else {
-					children = append(children, aws.ToString(cp.Prefix))
-				}
-			}
+	return backends.FindDatabases(ctx, c.key(""), c.prefixes, func(_ context.Context, prefix string, children []string) (bool, error) {
+		return slices.ContainsFunc(children, func(child string) bool { return levelDir.MatchString(strings.TrimPrefix(child, prefix)) }), nil
+	})
+}
+
+// prefixes lists the "subdirectories" directly under prefix.
+func (c *Client) prefixes(ctx context.Context, prefix string) ([]string, error) {
+	var out []string
+	p := s3.NewListObjectsV2Paginator(c.s3, &s3.ListObjectsV2Input{Bucket: &c.bucket, Prefix: &prefix, Delimiter: aws.String("/")})
+	for p.HasMorePages() {
+		page, err := p.NextPage(ctx)
+		if err != nil {
+			return nil, c.wrap(err, "list %s", prefix)
 		}
-		if isDB {
-			if rel := strings.TrimSuffix(strings.TrimPrefix(prefix, c.key("")), "/"); rel != "" {
-				dbs = append(dbs, rel)
-			}
-			return nil
+		for _, cp := range page.CommonPrefixes {
+			out = append(out, aws.ToString(cp.Prefix))
 		}
-		for _, child := range children {
-			if err := walk(child); err != nil {
-				return err
-			}
-		}
-		return nil
 	}
-	if err := walk(c.key("")); err != nil {
-		return nil, err
-	}
-	slices.Sort(dbs)
-	return dbs, nil
+	return out, nil
 }
 
 // wrap turns an SDK error into one line that names the replica and, for
@@ -402,18 +351,8 @@ func (c *Client) wrap(err error, format string, args ...any) error {
 			return backends.ConfigError(fmt.Errorf("%s: %s: access denied (%s): check access-key-id/secret-access-key (or LFUSE_ACCESS_KEY_ID/LFUSE_SECRET_ACCESS_KEY) and the bucket's permissions", c, what, api.ErrorCode()))
 		}
 	}
-	return &sdkError{msg: fmt.Sprintf("%s: %s: %s", c, what, rootCause(err)), err: err}
+	return backends.Errorf(err, "%s: %s: %s", c, what, rootCause(err))
 }
-
-// sdkError keeps the SDK's error for errors.Is/As but says only its root
-// cause: the SDK's own text repeats the operation, attempts and request IDs.
-type sdkError struct {
-	msg string
-	err error
-}
-
-func (e *sdkError) Error() string { return e.msg }
-func (e *sdkError) Unwrap() error { return e.err }
 
 func rootCause(err error) string {
 	var api smithy.APIError

@@ -62,6 +62,7 @@ type ReplicaConfig struct {
 	KeyPath         string `toml:"key-path"`          // sftp
 	HostKey         string `toml:"host-key"`          // sftp
 	KnownHosts      string `toml:"known-hosts"`       // sftp
+	CredentialsFile string `toml:"credentials-file"`  // gs
 }
 
 // DatabaseConfig names one database (relative to the mount) and its replicas.

@@ -130,7 +130,7 @@ func openReplica(ctx context.Context, r ReplicaConfig) (*replicaRoot, error) {
 		return nil, err
 	}
 	key := fmt.Sprintf("%q", []any{r.URL, r.Region, r.Endpoint, fmtBool(r.ForcePathStyle), r.SkipVerify, r.AccessKeyID, r.SecretAccessKey,
-		r.AccountName, r.AccountKey, r.SASToken, r.Password, r.KeyPath, r.HostKey, r.KnownHosts})
+		r.AccountName, r.AccountKey, r.SASToken, r.Password, r.KeyPath, r.HostKey, r.KnownHosts, r.CredentialsFile})
 	openMu.Lock()
 	defer openMu.Unlock()
 	if root, ok := opened[key]; ok {
@@ -179,7 +179,7 @@ func openReplica(ctx context.Context, r ReplicaConfig) (*replicaRoot, error) {
 		}
 		root = &replicaRoot{c, c.Check, c.Databases, func(rel string) replicate.ReplicaClient { return c.Sub(rel) }}
 	case "gs":
-		c, err := gs.New(ctx, gs.Config{Bucket: u.host, Path: u.path, Endpoint: opt(r.Endpoint, "endpoint")})
+		c, err := gs.New(ctx, gs.Config{Bucket: u.host, Path: u.path, Endpoint: opt(r.Endpoint, "endpoint"), CredentialsFile: r.CredentialsFile})
 		if err != nil {
 			return nil, err
 		}
