@@ -64,6 +64,10 @@ type Config struct {
 	// (default 2). Memory is about (Concurrency+1) × PartSize.
 	PartSize    int64
 	Concurrency int
+	// ResponseTimeout bounds the wait for a response's headers (default 2
+	// minutes): a server that stops answering is a retried error, not a
+	// hang.
+	ResponseTimeout time.Duration
 }
 
 // Client is a replica under a key prefix of a bucket.
@@ -98,7 +102,7 @@ func New(ctx context.Context, cfg Config) (*Client, error) {
 	httpClient := awshttp.NewBuildableClient().
 		WithDialerOptions(func(d *net.Dialer) { d.Timeout = 10 * time.Second }).
 		WithTransportOptions(func(tr *http.Transport) {
-			tr.ResponseHeaderTimeout = 2 * time.Minute
+			tr.ResponseHeaderTimeout = cmp.Or(cfg.ResponseTimeout, 2*time.Minute)
 			tr.MaxIdleConnsPerHost = 16
 			if cfg.SkipVerify {
 				if tr.TLSClientConfig == nil {

@@ -137,7 +137,8 @@ func TestDatabases(t *testing.T) {
 }
 
 // flakyProxy forwards to the S3 server but answers every third request
-// with a 503 and cuts the connection of every fifth without an answer.
+// with a 503, cuts the connection of every fifth without an answer, and
+// holds every seventh longer than the client waits.
 func flakyProxy(t *testing.T, target string) (url string, failures *atomic.Int64) {
 	u, err := neturl.Parse(target)
 	if err != nil {
@@ -148,6 +149,10 @@ func flakyProxy(t *testing.T, target string) (url string, failures *atomic.Int64
 	failures = new(atomic.Int64)
 	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		switch i := n.Add(1); {
+		case i%7 == 3:
+			failures.Add(1)
+			time.Sleep(2 * time.Second) // longer than the client waits: a timeout
+			rp.ServeHTTP(w, r)
 		case i%3 == 1:
 			failures.Add(1)
 			w.WriteHeader(http.StatusServiceUnavailable)
@@ -167,12 +172,13 @@ func flakyProxy(t *testing.T, target string) (url string, failures *atomic.Int64
 	return srv.URL, failures
 }
 
-// 503s and connection resets are retried: every operation still succeeds.
+// 503s, connection resets and timeouts are retried: every operation still
+// succeeds.
 func TestTransientErrors(t *testing.T) {
 	env := backendtest.Servers(t)
 	ensureBucket(t, env, env["LFUSE_TEST_S3_ENDPOINT"])
 	proxy, failures := flakyProxy(t, env["LFUSE_TEST_S3_ENDPOINT"])
-	c := newClient(t, env, s3.Config{Endpoint: proxy, Path: fmt.Sprintf("flaky-%d", time.Now().UnixNano())})
+	c := newClient(t, env, s3.Config{Endpoint: proxy, Path: fmt.Sprintf("flaky-%d", time.Now().UnixNano()), ResponseTimeout: 500 * time.Millisecond})
 	ctx := context.Background()
 	for i := 1; i <= 5; i++ {
 		id := ltx.TXID(i)
