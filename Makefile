@@ -20,9 +20,9 @@ demo: deps build
 deps:
 	./scripts/deps.sh
 
+# Litestream and the servers build side by side: most of a cold start.
 test: deps
-	./scripts/litestream.sh >/dev/null
-	./scripts/servers.sh start
+	./scripts/litestream.sh >/dev/null & pid=$$!; ./scripts/servers.sh start && wait $$pid
 	$(GO) vet ./...
 	$(MAKE) unit integration fuzz
 

@@ -5,6 +5,7 @@ import (
 	"context"
 	"fmt"
 	"io"
+	"maps"
 	"net"
 	"net/http"
 	"os"
@@ -13,6 +14,7 @@ import (
 	"regexp"
 	"strconv"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -440,5 +442,141 @@ func TestS3TLS(t *testing.T) {
 		if code == 0 || !strings.Contains(log, c.want) {
 			t.Errorf("%s: exit %d, want an error saying %q:\n%s", c.name, code, c.want, log)
 		}
+	}
+}
+
+// tcpProxy forwards a local port to a server, and can cut it: down closes
+// the listener and every connection (the backend is unreachable), up
+// listens again on the same port.
+type tcpProxy struct {
+	t      *testing.T
+	target string
+	addr   string
+	mu     sync.Mutex
+	ln     net.Listener
+	conns  map[net.Conn]bool
+}
+
+func newTCPProxy(t *testing.T, target string) *tcpProxy {
+	p := &tcpProxy{t: t, target: target, addr: freeAddr(t), conns: map[net.Conn]bool{}}
+	p.up()
+	t.Cleanup(p.down)
+	return p
+}
+
+func (p *tcpProxy) up() {
+	ln, err := net.Listen("tcp", p.addr)
+	if err != nil {
+		p.t.Fatal(err)
+	}
+	p.mu.Lock()
+	p.ln = ln
+	p.mu.Unlock()
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			s, err := net.Dial("tcp", p.target)
+			if err != nil {
+				c.Close()
+				continue
+			}
+			p.mu.Lock()
+			p.conns[c], p.conns[s] = true, true
+			p.mu.Unlock()
+			go func() { io.Copy(s, c); s.Close() }()
+			go func() { io.Copy(c, s); c.Close() }()
+		}
+	}()
+}
+
+func (p *tcpProxy) down() {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.ln != nil {
+		p.ln.Close()
+		p.ln = nil
+	}
+	for c := range p.conns {
+		c.Close()
+	}
+	clear(p.conns)
+}
+
+// Every other backend cut off for some seconds, through a proxy in front of
+// its server: the app never waits, lfuse logs the outage once and its end
+// once, and nothing is lost.
+func TestBackendOutage(t *testing.T) {
+	env := backendtest.Servers(t)
+	for _, c := range cloudReplicas[1:] {
+		t.Run(c.name, func(t *testing.T) {
+			env2 := maps.Clone(env)
+			e := newEnv(t)
+			var cut *tcpProxy
+			switch c.name {
+			case "gs":
+				cut = newTCPProxy(t, strings.TrimPrefix(env["LFUSE_TEST_GCS_ENDPOINT"], "http://"))
+				env2["LFUSE_TEST_GCS_ENDPOINT"] = "http://" + cut.addr
+			case "abs":
+				u := strings.TrimPrefix(env["LFUSE_TEST_AZURE_ENDPOINT"], "http://")
+				host, rest, _ := strings.Cut(u, "/")
+				cut = newTCPProxy(t, host)
+				env2["LFUSE_TEST_AZURE_ENDPOINT"] = "http://" + cut.addr + "/" + rest
+			case "sftp":
+				cut = newTCPProxy(t, env["LFUSE_TEST_SFTP_ADDR"])
+				p := cut
+				env2["LFUSE_TEST_SFTP_ADDR"] = p.addr
+				// known_hosts names host and port: the proxy's port needs its own line.
+				b, err := os.ReadFile(env["LFUSE_TEST_SFTP_KNOWN_HOSTS"])
+				if err != nil {
+					t.Fatal(err)
+				}
+				kh := filepath.Join(e.root, "known_hosts")
+				_, key, _ := strings.Cut(strings.TrimSpace(string(b)), " ")
+				host, port, _ := net.SplitHostPort(p.addr)
+				os.WriteFile(kh, []byte(fmt.Sprintf("[%s]:%s %s\n", host, port, key)), 0o600)
+				env2["LFUSE_TEST_SFTP_KNOWN_HOSTS"] = kh
+			}
+			cfgPath := e.cloudConfig(c, env2)
+			dbPath := e.path("app.db")
+			lf := e.mount("-config", cfgPath)
+			createSeq(t, dbPath)
+			seqWrite(t, dbPath, 1, 50)
+			if err := lf.log.wait("snapshot uploaded", time.Minute, lf.done); err != nil {
+				t.Fatal(err)
+			}
+			cut.down()
+			start := time.Now()
+			seqWrite(t, dbPath, 51, 200)
+			if d := time.Since(start); d > time.Minute {
+				t.Fatalf("150 commits took %s with the replica cut off", d)
+			}
+			if err := lf.log.wait("replica sync failed", time.Minute, lf.done); err != nil {
+				t.Fatal(err)
+			}
+			time.Sleep(2 * time.Second) // an outage of some seconds: retries must not flood the log
+			cut.up()
+			if err := lf.log.wait("replica recovered", 2*time.Minute, lf.done); err != nil {
+				t.Fatal(err)
+			}
+			checkpointTruncate(t, dbPath)
+			lf.stop()
+			if a, b := lf.log.count("replica sync failed"), lf.log.count("replica recovered"); a != 1 || b != 1 {
+				t.Fatalf("outage logged %d times and its end %d times, want once each:\n%s", a, b, lf.log)
+			}
+			outDir := filepath.Join(e.root, "restored")
+			if code, log := runLfuse(t, "restore", "-config", cfgPath, "-data", outDir); code != 0 {
+				t.Fatalf("restore exited %d:\n%s", code, log)
+			}
+			got, _ := os.ReadFile(filepath.Join(outDir, "app.db"))
+			if live := liveBytes(t, e); !bytes.Equal(got, live) {
+				t.Fatalf("restored %d bytes differ from the live %d bytes at %s", len(got), len(live), firstDiff(got, live))
+			}
+			if k := seqRows(t, filepath.Join(outDir, "app.db")); k != 200 {
+				t.Fatalf("restored %d rows, want 200", k)
+			}
+		})
 	}
 }
