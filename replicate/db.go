@@ -166,7 +166,8 @@ func (d *DB) Hold() (release func()) {
 
 func (d *DB) syncLocked() {
 	if d.failing && time.Now().Before(d.retryAt) {
-		return // the retry timer comes back; WAL frames wait in the WAL
+		d.armRetry() // WAL frames wait in the WAL until then
+		return
 	}
 	if d.log == nil {
 		if d.status == statusGone {
@@ -304,15 +305,31 @@ func (d *DB) fail(err error) {
 	}
 	d.backoff = min(max(2*d.backoff, time.Second), 30*time.Second)
 	d.retryAt = time.Now().Add(d.backoff)
-	if !d.retrying {
-		d.retrying = true
-		time.AfterFunc(d.backoff, func() {
-			d.mu.Lock()
-			d.retrying = false
-			d.mu.Unlock()
-			d.kick()
-		})
+	d.armRetry()
+}
+
+// armRetry makes sure a timer comes back at retryAt. A timer armed for an
+// earlier retryAt (a capture failed again, on an event, before it fired)
+// re-arms itself instead of kicking too early, where the sync would return
+// with nothing left to wake it: capture then stalled until the next write,
+// which after an application's last commit never comes.
+func (d *DB) armRetry() {
+	if d.retrying {
+		return
 	}
+	d.retrying = true
+	time.AfterFunc(time.Until(d.retryAt), func() {
+		d.mu.Lock()
+		d.retrying = false
+		early := d.failing && time.Now().Before(d.retryAt)
+		if early {
+			d.armRetry()
+		}
+		d.mu.Unlock()
+		if !early {
+			d.kick()
+		}
+	})
 }
 
 func (d *DB) recovered() {
