@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"errors"
+	"flag"
 	"fmt"
 	"log/slog"
 	"os"
@@ -37,6 +38,9 @@ type Config struct {
 	RestoreIfMissing bool `toml:"restore-if-missing"`
 	// ShutdownTimeout bounds the wait for replicas when lfuse stops.
 	ShutdownTimeout Duration `toml:"shutdown-timeout"`
+	// Exec is the application lfuse starts once the mount is ready, run by
+	// /bin/sh; lfuse lives as long as it does.
+	Exec string `toml:"exec"`
 }
 
 // ReplicaConfig is one replica: where, and its policy.
@@ -121,9 +125,46 @@ func defaultConfig() Config {
 	}
 }
 
+// defaultConfigPath is read when no -config is given and LFUSE_CONFIG is
+// unset, if it exists.
+var defaultConfigPath = "/etc/lfuse.toml"
+
+// configFlags are the flags every command that reads the config shares.
+type configFlags struct {
+	path     *string
+	noExpand *bool
+}
+
+func addConfigFlags(fl *flag.FlagSet, usage string) configFlags {
+	return configFlags{
+		path:     fl.String("config", "", usage+" (default $LFUSE_CONFIG, else /etc/lfuse.toml if it exists)"),
+		noExpand: fl.Bool("no-expand-env", false, "take $VAR and ${VAR} in the config file literally instead of from the environment"),
+	}
+}
+
+// given reports whether -config was on the command line.
+func (c configFlags) given() bool { return *c.path != "" }
+
+// load reads -config, else $LFUSE_CONFIG, else /etc/lfuse.toml if it
+// exists; with none of them, the defaults.
+func (c configFlags) load() (Config, error) {
+	path := *c.path
+	if path == "" {
+		path = os.Getenv("LFUSE_CONFIG")
+	}
+	if path == "" {
+		if _, err := os.Stat(defaultConfigPath); err == nil {
+			path = defaultConfigPath
+		}
+	}
+	return loadConfig(path, !*c.noExpand)
+}
+
 // loadConfig reads a configuration file strictly: an unknown key is an error
-// that names it, with its line. An empty path gives the defaults.
-func loadConfig(path string) (Config, error) {
+// that names it, with its line. With expand, $VAR and ${VAR} are replaced
+// by the environment's values first, so secrets need not be in the file.
+// An empty path gives the defaults.
+func loadConfig(path string, expand bool) (Config, error) {
 	cfg := defaultConfig()
 	if path == "" {
 		return cfg, nil
@@ -134,6 +175,9 @@ func loadConfig(path string) (Config, error) {
 			return cfg, fmt.Errorf("config file %s does not exist", path)
 		}
 		return cfg, fmt.Errorf("config file %s: %w", path, err)
+	}
+	if expand {
+		data = []byte(os.ExpandEnv(string(data)))
 	}
 	md, err := toml.NewDecoder(bytes.NewReader(data)).Decode(&cfg)
 	if err != nil {

@@ -2,6 +2,7 @@ package main
 
 import (
 	"bytes"
+	"flag"
 	"os"
 	"path/filepath"
 	"strings"
@@ -71,7 +72,7 @@ url = "file:///own"
 		t.Run(c.name, func(t *testing.T) {
 			path := filepath.Join(dir, "lfuse.toml")
 			os.WriteFile(path, []byte(c.text), 0o644)
-			cfg, err := loadConfig(path)
+			cfg, err := loadConfig(path, true)
 			if c.err != "" {
 				if err == nil || !strings.Contains(err.Error(), c.err) || !strings.Contains(err.Error(), path) {
 					t.Fatalf("error %v, want one naming the file and %q", err, c.err)
@@ -89,14 +90,14 @@ url = "file:///own"
 			}
 		})
 	}
-	if _, err := loadConfig(filepath.Join(dir, "missing.toml")); err == nil || !strings.Contains(err.Error(), "does not exist") {
+	if _, err := loadConfig(filepath.Join(dir, "missing.toml"), true); err == nil || !strings.Contains(err.Error(), "does not exist") {
 		t.Fatalf("missing file: %v", err)
 	}
 }
 
 // The example file documents every key: it must load and validate as is.
 func TestExampleConfig(t *testing.T) {
-	cfg, err := loadConfig("../../litefs.toml.example")
+	cfg, err := loadConfig("../../litefs.toml.example", true)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -175,5 +176,47 @@ func TestResolveStateDir(t *testing.T) {
 		if err != nil || dir != c.dir || hide != c.hide {
 			t.Errorf("%q: %q %q %v", c.state, dir, hide, err)
 		}
+	}
+}
+
+// $VAR and ${VAR} come from the environment (so secrets need not be in the
+// file) unless -no-expand-env; LFUSE_CONFIG names the file when -config
+// does not.
+func TestConfigEnv(t *testing.T) {
+	dir := t.TempDir()
+	path := filepath.Join(dir, "lfuse.toml")
+	os.WriteFile(path, []byte(`data-dir = "$LFUSE_TEST_DATA"
+[[replicas]]
+url = "s3://bucket/${LFUSE_TEST_PREFIX}"
+secret-access-key = "${LFUSE_TEST_SECRET}"
+`), 0o600)
+	t.Setenv("LFUSE_TEST_DATA", "/srv/data")
+	t.Setenv("LFUSE_TEST_PREFIX", "prod")
+	t.Setenv("LFUSE_TEST_SECRET", "s3cr$t")
+	t.Setenv("LFUSE_CONFIG", path)
+
+	fl := flag.NewFlagSet("x", flag.ContinueOnError)
+	cf := addConfigFlags(fl, "config")
+	if err := fl.Parse(nil); err != nil {
+		t.Fatal(err)
+	}
+	cfg, err := cf.load()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if cfg.DataDir != "/srv/data" || cfg.Replicas[0].URL != "s3://bucket/prod" || cfg.Replicas[0].SecretAccessKey != "s3cr$t" {
+		t.Fatalf("expanded config: data-dir %q, url %q, secret %q", cfg.DataDir, cfg.Replicas[0].URL, cfg.Replicas[0].SecretAccessKey)
+	}
+
+	fl = flag.NewFlagSet("x", flag.ContinueOnError)
+	cf = addConfigFlags(fl, "config")
+	if err := fl.Parse([]string{"-no-expand-env"}); err != nil {
+		t.Fatal(err)
+	}
+	if cfg, err = cf.load(); err != nil {
+		t.Fatal(err)
+	}
+	if cfg.Replicas[0].URL != "s3://bucket/${LFUSE_TEST_PREFIX}" {
+		t.Fatalf("-no-expand-env: url %q", cfg.Replicas[0].URL)
 	}
 }

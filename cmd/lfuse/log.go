@@ -18,7 +18,7 @@ import (
 func runLog(args []string, stdout, stderr io.Writer) error {
 	fl := flag.NewFlagSet("log", flag.ContinueOnError)
 	fl.SetOutput(stderr)
-	configPath := fl.String("config", "", "configuration file (for data-dir and state-dir)")
+	cf := addConfigFlags(fl, "configuration file (for data-dir and state-dir)")
 	dataDir := fl.String("data", "", "data directory (the state is DATA/.lfuse unless -state is given)")
 	stateDir := fl.String("state", "", "state directory")
 	n := fl.Int("n", 10, "records to show per database (0: all)")
@@ -29,7 +29,7 @@ func runLog(args []string, stdout, stderr io.Writer) error {
 	if err := fl.Parse(args); err != nil {
 		return err
 	}
-	cfg, err := loadConfig(*configPath)
+	cfg, err := cf.load()
 	if err != nil {
 		return err
 	}

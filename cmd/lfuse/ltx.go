@@ -56,7 +56,7 @@ func runLTX(args []string, stdout, stderr io.Writer) error {
 func runDatabases(args []string, stdout, stderr io.Writer) error {
 	fl := flag.NewFlagSet("databases", flag.ContinueOnError)
 	fl.SetOutput(stderr)
-	configPath := fl.String("config", "", "configuration file: list the databases of its replicas")
+	cf := addConfigFlags(fl, "configuration file: list the databases of its replicas")
 	var replicas multiFlag
 	fl.Var(&replicas, "replica", "replica URL (repeatable)")
 	fl.Usage = func() {
@@ -66,7 +66,7 @@ func runDatabases(args []string, stdout, stderr io.Writer) error {
 	if err := fl.Parse(args); err != nil {
 		return err
 	}
-	cfg, err := loadConfig(*configPath)
+	cfg, err := cf.load()
 	if err != nil {
 		return err
 	}

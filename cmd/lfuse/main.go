@@ -82,6 +82,10 @@ func run(args []string, stdout, stderr io.Writer) int {
 		return 0
 	case errors.Is(err, errUsage):
 		return 2
+	case errors.As(err, new(exitCode)):
+		var c exitCode
+		errors.As(err, &c)
+		return int(c)
 	default:
 		fmt.Fprintf(stderr, "lfuse: %v\n", err)
 		return 1

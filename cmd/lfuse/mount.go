@@ -10,6 +10,7 @@ import (
 	"net"
 	"net/http"
 	"os"
+	"os/exec"
 	"os/signal"
 	"path/filepath"
 	"strconv"
@@ -28,7 +29,7 @@ const defaultStateName = ".lfuse"
 func runMount(args []string, stderr io.Writer) error {
 	fl := flag.NewFlagSet("mount", flag.ContinueOnError)
 	fl.SetOutput(stderr)
-	configPath := fl.String("config", "", "configuration file (TOML; see litefs.toml.example)")
+	cf := addConfigFlags(fl, "configuration file (TOML; see litefs.toml.example)")
 	dataDir := fl.String("data", "", "backing directory that holds the databases (data-dir)")
 	stateDir := fl.String("state", "", "lfuse's own state (state-dir; default DATA/.lfuse, hidden from the mount)")
 	passthrough := fl.String("passthrough", "", "kernel passthrough: auto, on or off (passthrough; default auto)")
@@ -41,6 +42,7 @@ func runMount(args []string, stderr io.Writer) error {
 	fl.Var(&replicas, "replica", "replicate every database to this URL (file:///path or a path; repeatable; adds to the config's replicas)")
 	restoreIfMissing := fl.Bool("restore-if-missing", false, "before mounting, restore every database a replica holds that the data directory lacks (restore-if-missing)")
 	shutdownTimeout := fl.Duration("shutdown-timeout", 0, "how long to keep trying to ship captured transactions when stopping (shutdown-timeout; default 30s)")
+	execCmd := fl.String("exec", "", "once mounted, run this command (by /bin/sh) with lfuse's environment and stdio; when it exits, ship, unmount and exit with its code (exec)")
 	fl.Usage = func() {
 		fmt.Fprintf(stderr, "Usage: lfuse mount [flags] [MOUNTPOINT]\n\nServes the data directory at MOUNTPOINT and captures every committed transaction\nof the SQLite databases in it. MOUNTPOINT may come from the config (mount-dir).\n\nFlags:\n")
 		fl.PrintDefaults()
@@ -49,7 +51,7 @@ func runMount(args []string, stderr io.Writer) error {
 		return err
 	}
 
-	cfg, err := loadConfig(*configPath)
+	cfg, err := cf.load()
 	if err != nil {
 		return err
 	}
@@ -86,6 +88,7 @@ func runMount(args []string, stderr io.Writer) error {
 		cfg.ShutdownTimeout.Duration = *shutdownTimeout
 	}
 	override("log-format", &cfg.Log.Format, *logFormat)
+	override("exec", &cfg.Exec, *execCmd)
 	if cfg.MountDir == "" {
 		return errors.New("no mount point: give MOUNTPOINT or mount-dir in the config")
 	}
@@ -195,16 +198,31 @@ func mount(cfg Config, logger *slog.Logger, debugFUSE bool) error {
 
 	unmounted := make(chan struct{})
 	go func() { m.Wait(); close(unmounted) }()
-	select {
-	case <-unmounted:
-		logger.Info("unmounted from outside; stopping")
-	case <-ctx.Done():
-		stop() // a second signal now ends lfuse at once
-		logger.Info("stopping: unmounting")
-		if err := m.Unmount(); err != nil {
-			logger.Error("unmount failed", "err", err)
+	childCode := -1
+	if cfg.Exec != "" {
+		// From here signals are the application's to act on.
+		childCode = runApp(logger, cfg.Exec, stop, unmounted)
+		select {
+		case <-unmounted:
+		default:
+			logger.Info("stopping: unmounting")
+			if err := m.Unmount(); err != nil {
+				logger.Error("unmount failed", "err", err)
+			}
+			<-unmounted
 		}
-		<-unmounted
+	} else {
+		select {
+		case <-unmounted:
+			logger.Info("unmounted from outside; stopping")
+		case <-ctx.Done():
+			stop() // a second signal now ends lfuse at once
+			logger.Info("stopping: unmounting")
+			if err := m.Unmount(); err != nil {
+				logger.Error("unmount failed", "err", err)
+			}
+			<-unmounted
+		}
 	}
 	if srv != nil {
 		srv.Close()
@@ -216,7 +234,57 @@ func mount(cfg Config, logger *slog.Logger, debugFUSE bool) error {
 		return fmt.Errorf("stopping: %w", err)
 	}
 	logger.Info("stopped")
+	if childCode > 0 {
+		return exitCode(childCode)
+	}
 	return nil
+}
+
+// exitCode is the application's exit status, which lfuse -exec passes on.
+type exitCode int
+
+func (c exitCode) Error() string { return fmt.Sprintf("the application exited with status %d", int(c)) }
+
+// runApp runs the application until it exits and returns its exit status.
+// SIGINT and SIGTERM are forwarded to it (lfuse's own handling is switched
+// off by stopSignals only once forwarding is in place, so no signal falls in
+// between). An unmount from outside stops it with SIGTERM.
+func runApp(logger *slog.Logger, command string, stopSignals func(), unmounted <-chan struct{}) int {
+	sigs := make(chan os.Signal, 4)
+	signal.Notify(sigs, syscall.SIGINT, syscall.SIGTERM)
+	defer signal.Stop(sigs)
+	stopSignals()
+	// exec: the shell replaces itself with the application, so signals
+	// reach the application itself.
+	cmd := exec.Command("/bin/sh", "-c", "exec "+command)
+	cmd.Stdin, cmd.Stdout, cmd.Stderr = os.Stdin, os.Stdout, os.Stderr
+	if err := cmd.Start(); err != nil {
+		logger.Error("cannot start the application", "exec", command, "err", err)
+		return 1
+	}
+	logger.Info("application started", "pid", cmd.Process.Pid)
+	done := make(chan error, 1)
+	go func() { done <- cmd.Wait() }()
+	for {
+		select {
+		case s := <-sigs:
+			logger.Info("passing the signal to the application", "signal", s.String())
+			cmd.Process.Signal(s)
+		case <-unmounted:
+			logger.Info("unmounted from outside; stopping the application")
+			cmd.Process.Signal(syscall.SIGTERM)
+			unmounted = nil
+		case err := <-done:
+			code := cmd.ProcessState.ExitCode()
+			if code < 0 { // killed by a signal: report it as a shell would
+				if ws, ok := cmd.ProcessState.Sys().(syscall.WaitStatus); ok && ws.Signaled() {
+					code = 128 + int(ws.Signal())
+				}
+			}
+			logger.Info("application exited", "code", code, "err", err)
+			return code
+		}
+	}
 }
 
 // resolveStateDir picks lfuse's state directory and, if it lives directly in

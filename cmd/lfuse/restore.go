@@ -35,7 +35,7 @@ func runRestore(args []string, stdout, stderr io.Writer) error {
 	fl := flag.NewFlagSet("restore", flag.ContinueOnError)
 	fl.SetOutput(stderr)
 	var f restoreFlags
-	configPath := fl.String("config", "", "restore every database of the configured replicas into data-dir")
+	cf := addConfigFlags(fl, "restore every database of the configured replicas into data-dir")
 	dataDir := fl.String("data", "", "restore every database of -replica into this directory")
 	var replicas multiFlag
 	fl.Var(&replicas, "replica", "replica URL to restore every database from, with -data (repeatable: the first that has a database wins)")
@@ -79,7 +79,7 @@ Flags:
 	defer stop()
 
 	if f.output != "" {
-		if fl.NArg() != 1 || *configPath != "" || *dataDir != "" || len(replicas) > 0 {
+		if fl.NArg() != 1 || cf.given() || *dataDir != "" || len(replicas) > 0 {
 			fl.Usage()
 			return fmt.Errorf("%w: -o OUTPUT takes exactly one REPLICA_URL and no -config, -data or -replica", errUsage)
 		}
@@ -98,7 +98,7 @@ Flags:
 		fl.Usage()
 		return fmt.Errorf("%w: give -o OUTPUT with a REPLICA_URL, or -config / -data with -replica", errUsage)
 	}
-	cfg, err := loadConfig(*configPath)
+	cfg, err := cf.load()
 	if err != nil {
 		return err
 	}

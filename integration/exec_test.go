@@ -1,0 +1,100 @@
+package integration
+
+import (
+	"errors"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+)
+
+func exitStatus(t *testing.T, p *lfuse) int {
+	t.Helper()
+	select {
+	case <-p.done:
+	case <-time.After(2 * time.Minute):
+		p.cmd.Process.Kill()
+		t.Fatalf("lfuse did not exit\n%s", p.log)
+	}
+	var ee *exec.ExitError
+	if errors.As(p.err, &ee) {
+		return ee.ExitCode()
+	}
+	return 0
+}
+
+// lfuse -exec runs the application on the mount: its commits reach the
+// replica before lfuse exits, the mount is gone, and lfuse exits with the
+// application's status.
+func TestExecRunsTheApp(t *testing.T) {
+	e := newEnv(t)
+	cfgPath, repl := e.replicaConfig("")
+	db := e.path("app.db")
+	script := filepath.Join(e.root, "app.sh")
+	os.WriteFile(script, []byte(fmt.Sprintf(`#!/bin/sh
+sqlite3 "$1" "PRAGMA journal_mode=WAL; CREATE TABLE seq(k INTEGER PRIMARY KEY, v BLOB); INSERT INTO seq(v) VALUES (X'%x'), (X'%x');" >/dev/null && echo app-done && exit 7
+`, seqRow(1), seqRow(2))), 0o755)
+	p := startLfuse(t, "mount", "-config", cfgPath, "-data", e.data, "-exec", script+" "+db, e.mnt)
+	defer p.cleanup()
+	if code := exitStatus(t, p); code != 7 {
+		t.Fatalf("lfuse exited %d, want the application's 7:\n%s", code, p.log)
+	}
+	log := p.log.String()
+	for _, want := range []string{"application started", "app-done", "every captured transaction is in every replica", "stopped"} {
+		if !strings.Contains(log, want) {
+			t.Fatalf("no %q in:\n%s", want, log)
+		}
+	}
+	if _, mounted := mountType(e.mnt); mounted {
+		t.Fatalf("%s is still mounted", e.mnt)
+	}
+	out := filepath.Join(e.root, "restored.db")
+	if code, log := runLfuse(t, "restore", "-o", out, "file://"+repl+"/app.db"); code != 0 {
+		t.Fatalf("restore exited %d:\n%s", code, log)
+	}
+	if n := seqRows(t, out); n != 2 {
+		t.Fatalf("the replica holds %d rows of the application's 2", n)
+	}
+}
+
+// SIGTERM to lfuse goes to the application, which decides when to stop.
+func TestExecForwardsSignals(t *testing.T) {
+	e := newEnv(t)
+	marker := filepath.Join(e.root, "ready")
+	app := fmt.Sprintf(`sh -c 'trap "echo got-term; exit 3" TERM; touch %s; while :; do sleep 0.05; done'`, marker)
+	p := startLfuse(t, "mount", "-data", e.data, "-exec", app, e.mnt)
+	defer p.cleanup()
+	for i := 0; ; i++ {
+		if _, err := os.Stat(marker); err == nil {
+			break
+		}
+		if i == 1000 {
+			t.Fatalf("the application did not start:\n%s", p.log)
+		}
+		time.Sleep(10 * time.Millisecond) // polling a file the app creates: no event to wait for
+	}
+	p.cmd.Process.Signal(syscall.SIGTERM)
+	if code := exitStatus(t, p); code != 3 {
+		t.Fatalf("lfuse exited %d, want the application's 3:\n%s", code, p.log)
+	}
+	if !strings.Contains(p.log.String(), "got-term") {
+		t.Fatalf("the application did not get SIGTERM:\n%s", p.log)
+	}
+}
+
+// If the mount fails, the application never starts.
+func TestExecNotStartedWhenMountFails(t *testing.T) {
+	e := newEnv(t)
+	marker := filepath.Join(e.root, "started")
+	code, log := runLfuse(t, "mount", "-data", filepath.Join(e.root, "no-such-dir"), "-exec", "touch "+marker, e.mnt)
+	if code == 0 {
+		t.Fatalf("mount of a missing data directory exited 0:\n%s", log)
+	}
+	if _, err := os.Stat(marker); err == nil {
+		t.Fatalf("the application ran although the mount failed:\n%s", log)
+	}
+}
