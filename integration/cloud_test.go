@@ -296,6 +296,12 @@ func TestS3Outage(t *testing.T) {
 	if v := scrape(t, metricsAddr, `lfuse_replica_failing{db="app.db"`); v != 1 {
 		t.Fatalf("lfuse_replica_failing %v during the outage", v)
 	}
+	if v := scrape(t, metricsAddr, `lfuse_db_size_bytes{db="app.db"}`); v < 4096 {
+		t.Fatalf("lfuse_db_size_bytes %v", v)
+	}
+	if v := scrape(t, metricsAddr, `lfuse_db_txid{db="app.db"}`); v < 350 {
+		t.Fatalf("lfuse_db_txid %v after 350 commits", v)
+	}
 	if v := scrape(t, metricsAddr, `lfuse_replica_lag_txids{db="app.db"`); v < 250 {
 		t.Fatalf("lfuse_replica_lag_txids %v during the outage, after 250 commits", v)
 	}

@@ -98,3 +98,51 @@ func TestExecNotStartedWhenMountFails(t *testing.T) {
 		t.Fatalf("the application ran although the mount failed:\n%s", log)
 	}
 }
+
+// The container entrypoint of examples/: lfuse mount -config with
+// restore-if-missing and exec, settings from the environment. A first start
+// on an empty volume runs the app, which writes; a start on a new, empty
+// volume (the machine was lost) restores before the app starts, and the app
+// finds its data.
+func TestContainerEntrypoint(t *testing.T) {
+	e := newEnv(t)
+	repl := filepath.Join(e.root, "replica")
+	cfg := filepath.Join(e.root, "lfuse.toml")
+	os.WriteFile(cfg, []byte(`mount-dir = "${APP_MNT}"
+data-dir = "${APP_VOLUME}"
+restore-if-missing = true
+exec = "${APP}"
+[[replicas]]
+url = "file://${APP_REPLICA}"
+`), 0o600)
+	write := filepath.Join(e.root, "write.sh")
+	os.WriteFile(write, []byte(fmt.Sprintf(`#!/bin/sh
+sqlite3 "$APP_MNT/app.db" "PRAGMA journal_mode=WAL; CREATE TABLE seq(k INTEGER PRIMARY KEY, v BLOB); INSERT INTO seq(v) VALUES (X'%x'), (X'%x'), (X'%x');" >/dev/null
+`, seqRow(1), seqRow(2), seqRow(3))), 0o755)
+	count := filepath.Join(e.root, "count")
+	read := filepath.Join(e.root, "read.sh")
+	os.WriteFile(read, []byte(`#!/bin/sh
+sqlite3 "$APP_MNT/app.db" "SELECT count(*) FROM seq" > "$APP_COUNT"
+`), 0o755)
+	run := func(volume, app string) string {
+		t.Helper()
+		os.MkdirAll(volume, 0o755)
+		p := startBinEnv(t, []string{"APP_MNT=" + e.mnt, "APP_VOLUME=" + volume, "APP=" + app, "APP_REPLICA=" + repl, "APP_COUNT=" + count},
+			lfuseBin, "mount", "-config", cfg)
+		defer p.cleanup()
+		if code := exitStatus(t, p); code != 0 {
+			t.Fatalf("the entrypoint exited %d:\n%s", code, p.log)
+		}
+		return p.log.String()
+	}
+	run(filepath.Join(e.root, "volume1"), write)
+	log := run(filepath.Join(e.root, "volume2"), read)
+	if !strings.Contains(log, "restored databases before mounting") {
+		t.Fatalf("the new volume was not restored:\n%s", log)
+	}
+	b, _ := os.ReadFile(count)
+	if strings.TrimSpace(string(b)) != "3" {
+		t.Fatalf("the app found %q rows on the new volume, want 3:\n%s", b, log)
+	}
+	seqRows(t, filepath.Join(e.root, "volume2", "app.db"))
+}

@@ -68,6 +68,7 @@ type DB struct {
 	captured      atomic.Int64 // transactions captured since start
 	capturedBytes atomic.Int64
 	snapshots     atomic.Int64
+	captureErrs   atomic.Int64
 }
 
 // Stats is a point-in-time view of a DB for logs and metrics.
@@ -79,17 +80,26 @@ type Stats struct {
 	Captured  int64
 	Bytes     int64
 	Snapshots int64
+	Errors    int64 // failed capture attempts
+	Size      int64 // bytes of the database file
+	WALSize   int64 // bytes of its -wal file
 }
 
 func (d *DB) Stats() Stats {
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	st := Stats{Path: d.rel, Status: d.status.String(), Reason: d.reason,
-		Captured: d.captured.Load(), Bytes: d.capturedBytes.Load(), Snapshots: d.snapshots.Load()}
+		Captured: d.captured.Load(), Bytes: d.capturedBytes.Load(), Snapshots: d.snapshots.Load(), Errors: d.captureErrs.Load()}
 	if d.log != nil {
 		if last, ok := d.log.Last(); ok {
 			st.TXID = last.TXID()
 		}
+	}
+	if fi, err := os.Stat(d.path); err == nil {
+		st.Size = fi.Size()
+	}
+	if fi, err := os.Stat(d.path + "-wal"); err == nil {
+		st.WALSize = fi.Size()
 	}
 	return st
 }
@@ -297,6 +307,7 @@ func (d *DB) needSnapshot(reason string) {
 
 // fail logs the first error of an outage and schedules a retry.
 func (d *DB) fail(err error) {
+	d.captureErrs.Add(1)
 	if !d.failing {
 		d.logger.Error("capture failed; will retry", "err", err)
 		d.failing = true

@@ -17,7 +17,7 @@ type collector struct {
 	m   *fs.Mount
 	mgr *replicate.Manager
 
-	requests, txid, captured, capturedBytes, snapshots, needSnapshot *prometheus.Desc
+	requests, txid, captured, capturedBytes, snapshots, needSnapshot, size, walSize, captureErrs *prometheus.Desc
 
 	replicaTXID, replicaBehind, replicaLag, replicaSyncs, replicaErrs, replicaFailing, ops, opBytes *prometheus.Desc
 }
@@ -33,6 +33,9 @@ func newCollector(m *fs.Mount, mgr *replicate.Manager) *collector {
 		capturedBytes: prometheus.NewDesc("lfuse_db_captured_wal_bytes_total", "WAL bytes captured since start.", []string{"db"}, nil),
 		snapshots:     prometheus.NewDesc("lfuse_db_snapshots_total", "Snapshots taken since start.", []string{"db"}, nil),
 		needSnapshot:  prometheus.NewDesc("lfuse_db_needs_snapshot", "1 while a database's capture is waiting for a new snapshot.", []string{"db"}, nil),
+		size:          prometheus.NewDesc("lfuse_db_size_bytes", "Size of the database file.", []string{"db"}, nil),
+		walSize:       prometheus.NewDesc("lfuse_db_wal_size_bytes", "Size of the database's -wal file.", []string{"db"}, nil),
+		captureErrs:   prometheus.NewDesc("lfuse_db_capture_errors_total", "Failed capture attempts (state directory full, ...).", []string{"db"}, nil),
 
 		replicaTXID:    prometheus.NewDesc("lfuse_replica_txid", "Newest TXID the replica holds.", replicaLabels, nil),
 		replicaBehind:  prometheus.NewDesc("lfuse_replica_lag_txids", "Captured transactions the replica does not hold yet.", replicaLabels, nil),
@@ -63,6 +66,9 @@ func (c *collector) Collect(ch chan<- prometheus.Metric) {
 			need = 1
 		}
 		ch <- prometheus.MustNewConstMetric(c.needSnapshot, prometheus.GaugeValue, need, st.Path)
+		ch <- prometheus.MustNewConstMetric(c.size, prometheus.GaugeValue, float64(st.Size), st.Path)
+		ch <- prometheus.MustNewConstMetric(c.walSize, prometheus.GaugeValue, float64(st.WALSize), st.Path)
+		ch <- prometheus.MustNewConstMetric(c.captureErrs, prometheus.CounterValue, float64(st.Errors), st.Path)
 		for _, r := range d.Replicas() {
 			rs := r.Stats()
 			l := []string{st.Path, rs.Name, rs.Type}
