@@ -27,6 +27,7 @@ Usage:
   lfuse ltx REPLICA_URL            list the LTX files of one database's replica
   lfuse databases [flags]          list the databases the replicas hold
   lfuse log [flags] [DATABASE...]  list the transactions captured so far
+  lfuse status [flags]             each database of a running lfuse and where its replicas stand
   lfuse version                    print the version
 
 Run 'lfuse COMMAND -h' for a command's flags.
@@ -65,6 +66,8 @@ func run(args []string, stdout, stderr io.Writer) int {
 		err = runDatabases(args[1:], stdout, stderr)
 	case "log":
 		err = runLog(args[1:], stdout, stderr)
+	case "status":
+		err = runStatus(args[1:], stdout, stderr)
 	case "version", "-version", "--version":
 		fmt.Fprintln(stdout, versionString())
 		return 0

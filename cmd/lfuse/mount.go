@@ -170,6 +170,8 @@ func mount(cfg Config, logger *slog.Logger, debugFUSE bool) error {
 		return err
 	}
 
+	stopStatus := serveStatus(logger, stateDir, mgr)
+	defer stopStatus()
 	var srv *http.Server
 	if cfg.Metrics.Addr != "" {
 		ln, err := net.Listen("tcp", cfg.Metrics.Addr)

@@ -1,0 +1,182 @@
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/http"
+	"os"
+	"path/filepath"
+	"text/tabwriter"
+	"time"
+
+	"github.com/lfuse/lfuse/replicate"
+)
+
+// statusReport is what lfuse status prints, and what /status serves.
+type statusReport struct {
+	Databases []statusDB `json:"databases"`
+}
+
+type statusDB struct {
+	Path     string          `json:"path"`
+	Status   string          `json:"status"`
+	TXID     string          `json:"txid"`
+	Size     int64           `json:"size_bytes"`
+	WALSize  int64           `json:"wal_size_bytes"`
+	Captured int64           `json:"captured_transactions"`
+	Replicas []statusReplica `json:"replicas"`
+}
+
+type statusReplica struct {
+	Replica    string  `json:"replica"`
+	Type       string  `json:"type"`
+	TXID       string  `json:"txid"`
+	LagTXIDs   uint64  `json:"lag_txids"`
+	LagSeconds float64 `json:"lag_seconds"`
+	Failing    bool    `json:"failing"`
+	Syncs      int64   `json:"syncs"`
+	Errors     int64   `json:"errors"`
+}
+
+func statusOf(mgr *replicate.Manager) statusReport {
+	rep := statusReport{Databases: []statusDB{}}
+	for _, d := range mgr.DBs() {
+		st := d.Stats()
+		sd := statusDB{Path: st.Path, Status: st.Status, TXID: st.TXID.String(), Size: st.Size, WALSize: st.WALSize,
+			Captured: st.Captured, Replicas: []statusReplica{}}
+		for _, r := range d.Replicas() {
+			rs := r.Stats()
+			sr := statusReplica{Replica: rs.Name, Type: rs.Type, TXID: rs.TXID.String(), Failing: rs.Failing, Syncs: rs.Syncs, Errors: rs.Errs}
+			if st.TXID > rs.TXID {
+				sr.LagTXIDs = uint64(st.TXID - rs.TXID)
+				if rs.SyncedAt > 0 {
+					sr.LagSeconds = time.Since(time.Unix(0, rs.SyncedAt)).Seconds()
+				}
+			}
+			sd.Replicas = append(sd.Replicas, sr)
+		}
+		rep.Databases = append(rep.Databases, sd)
+	}
+	return rep
+}
+
+func statusHandler(mgr *replicate.Manager) http.HandlerFunc {
+	return func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Content-Type", "application/json")
+		json.NewEncoder(w).Encode(statusOf(mgr))
+	}
+}
+
+const socketName = "lfuse.sock"
+
+// serveStatus answers lfuse status on a unix socket in the state directory,
+// which only the users who may read that directory can reach.
+func serveStatus(logger *slog.Logger, stateDir string, mgr *replicate.Manager) (stop func()) {
+	path := filepath.Join(stateDir, socketName)
+	os.Remove(path) // left by an lfuse that was killed; the state lock says none runs
+	ln, err := net.Listen("unix", path)
+	if err != nil {
+		logger.Warn("lfuse status will not answer on the state directory's socket", "err", err)
+		return func() {}
+	}
+	mux := http.NewServeMux()
+	mux.Handle("/status", statusHandler(mgr))
+	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}
+	go srv.Serve(ln)
+	return func() { srv.Close(); os.Remove(path) }
+}
+
+// runStatus asks a running lfuse for its databases and replicas.
+func runStatus(args []string, stdout, stderr io.Writer) error {
+	fl := flag.NewFlagSet("status", flag.ContinueOnError)
+	fl.SetOutput(stderr)
+	cf := addConfigFlags(fl, "configuration file, to find the state directory")
+	dataDir := fl.String("data", "", "the data directory of the running lfuse (its state is DATA/.lfuse unless -state)")
+	stateDir := fl.String("state", "", "the state directory of the running lfuse")
+	addr := fl.String("addr", "", "ask over HTTP at this metrics address instead (metrics.addr)")
+	asJSON := fl.Bool("json", false, "print JSON")
+	fl.Usage = func() {
+		fmt.Fprintf(stderr, "Usage: lfuse status [-data DIR | -state DIR | -config FILE | -addr HOST:PORT] [-json]\n\nShows each database a running lfuse captures, its TXID, and where each replica stands.\n\nFlags:\n")
+		fl.PrintDefaults()
+	}
+	if err := fl.Parse(args); err != nil {
+		return err
+	}
+	client := http.DefaultClient
+	url := "http://" + *addr + "/status"
+	if *addr == "" {
+		cfg, err := cf.load()
+		if err != nil {
+			return err
+		}
+		if *dataDir != "" {
+			cfg.DataDir = *dataDir
+		}
+		if *stateDir != "" {
+			cfg.StateDir = *stateDir
+		}
+		dir := cfg.StateDir
+		if dir == "" {
+			if cfg.DataDir == "" {
+				fl.Usage()
+				return fmt.Errorf("%w: give -data, -state, -config or -addr", errUsage)
+			}
+			dir = filepath.Join(cfg.DataDir, defaultStateName)
+		}
+		sock := filepath.Join(dir, socketName)
+		client = &http.Client{Transport: &http.Transport{DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
+			return (&net.Dialer{}).DialContext(ctx, "unix", sock)
+		}}}
+		url = "http://lfuse/status"
+	}
+	client.Timeout = 10 * time.Second
+	resp, err := client.Get(url)
+	if err != nil {
+		var op *net.OpError
+		if errors.As(err, &op) {
+			return fmt.Errorf("no lfuse answers there (%v): is it running with that data or state directory?", op.Err)
+		}
+		return err
+	}
+	defer resp.Body.Close()
+	var rep statusReport
+	if err := json.NewDecoder(resp.Body).Decode(&rep); err != nil {
+		return fmt.Errorf("the answer is not lfuse's status: %w", err)
+	}
+	if *asJSON {
+		enc := json.NewEncoder(stdout)
+		enc.SetIndent("", "  ")
+		return enc.Encode(rep)
+	}
+	tw := tabwriter.NewWriter(stdout, 0, 8, 2, ' ', 0)
+	fmt.Fprintln(tw, "DATABASE\tSTATUS\tTXID\tSIZE\tREPLICA\tREPLICA TXID\tLAG")
+	for _, d := range rep.Databases {
+		if len(d.Replicas) == 0 {
+			fmt.Fprintf(tw, "%s\t%s\t%s\t%d\t-\t-\t-\n", d.Path, d.Status, d.TXID, d.Size)
+		}
+		for i, r := range d.Replicas {
+			path, status, txid, size := d.Path, d.Status, d.TXID, fmt.Sprint(d.Size)
+			if i > 0 {
+				path, status, txid, size = "", "", "", ""
+			}
+			lag := "in sync"
+			if r.LagTXIDs > 0 {
+				lag = fmt.Sprintf("%d txns, %.1fs", r.LagTXIDs, r.LagSeconds)
+			}
+			if r.Failing {
+				lag += " (failing)"
+			}
+			fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\n", path, status, txid, size, r.Replica, r.TXID, lag)
+		}
+	}
+	if len(rep.Databases) == 0 {
+		fmt.Fprintln(tw, "(no database captured yet)")
+	}
+	return tw.Flush()
+}

@@ -1,0 +1,65 @@
+package integration
+
+import (
+	"encoding/json"
+	"strings"
+	"testing"
+	"time"
+)
+
+// lfuse status asks the running lfuse, through the socket in its state
+// directory (or the metrics address), for each database and its replicas.
+func TestStatus(t *testing.T) {
+	e := newEnv(t)
+	cfgPath, _ := e.replicaConfig("")
+	addr := freeAddr(t)
+	lf := e.mount("-config", cfgPath, "-metrics-addr", addr)
+	defer lf.stop()
+	dbPath := e.path("app.db")
+	createSeq(t, dbPath)
+	seqWrite(t, dbPath, 1, 20)
+
+	// The replica catches up within a few sync intervals of 100 ms.
+	var rep struct {
+		Databases []struct {
+			Path, Status, TXID string
+			Size               int64 `json:"size_bytes"`
+			Replicas           []struct {
+				Replica, Type, TXID string
+				LagTXIDs            uint64 `json:"lag_txids"`
+			}
+		}
+	}
+	deadline := time.Now().Add(time.Minute)
+	for {
+		code, out := runLfuse(t, "status", "-data", e.data, "-json")
+		if code != 0 {
+			t.Fatalf("lfuse status exited %d:\n%s", code, out)
+		}
+		if err := json.Unmarshal([]byte(out), &rep); err != nil {
+			t.Fatalf("lfuse status -json: %v\n%s", err, out)
+		}
+		if len(rep.Databases) == 1 && len(rep.Databases[0].Replicas) == 1 && rep.Databases[0].Replicas[0].LagTXIDs == 0 &&
+			rep.Databases[0].Replicas[0].TXID == rep.Databases[0].TXID {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("the replica did not catch up in status:\n%s", out)
+		}
+		time.Sleep(100 * time.Millisecond) // polling lfuse's state: no event to wait for
+	}
+	d := rep.Databases[0]
+	if d.Path != "app.db" || d.Status == "" || d.TXID < "0000000000000015" || d.Size < 4096 || d.Replicas[0].Type != "file" {
+		t.Fatalf("status: %+v", d)
+	}
+	// The table, over the metrics address.
+	code, out := runLfuse(t, "status", "-addr", addr)
+	if code != 0 || !strings.Contains(out, "app.db") || !strings.Contains(out, "in sync") || !strings.Contains(out, d.TXID) {
+		t.Fatalf("lfuse status -addr exited %d:\n%s", code, out)
+	}
+	// No lfuse there: one clear line.
+	code, out = runLfuse(t, "status", "-data", t.TempDir())
+	if code == 0 || !strings.Contains(out, "no lfuse answers") {
+		t.Fatalf("status of a directory without lfuse exited %d:\n%s", code, out)
+	}
+}
