@@ -297,3 +297,26 @@ func (r ReplicaConfig) validate(db string) error {
 	}
 	return nil
 }
+
+// stateFromFlags finds the state directory of an lfuse from -data/-state
+// flags over the config: state-dir, else DATA/.lfuse.
+func stateFromFlags(fl *flag.FlagSet, cf configFlags, dataDir, stateDir string) (string, error) {
+	cfg, err := cf.load()
+	if err != nil {
+		return "", err
+	}
+	if dataDir != "" {
+		cfg.DataDir = dataDir
+	}
+	if stateDir != "" {
+		cfg.StateDir = stateDir
+	}
+	if cfg.StateDir != "" {
+		return cfg.StateDir, nil
+	}
+	if cfg.DataDir == "" {
+		fl.Usage()
+		return "", fmt.Errorf("%w: give -data DIR, -state DIR or -config FILE", errUsage)
+	}
+	return filepath.Join(cfg.DataDir, defaultStateName), nil
+}

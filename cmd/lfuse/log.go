@@ -6,7 +6,6 @@ import (
 	"fmt"
 	"io"
 	"os"
-	"path/filepath"
 	"slices"
 	"time"
 
@@ -29,23 +28,9 @@ func runLog(args []string, stdout, stderr io.Writer) error {
 	if err := fl.Parse(args); err != nil {
 		return err
 	}
-	cfg, err := cf.load()
+	state, err := stateFromFlags(fl, cf, *dataDir, *stateDir)
 	if err != nil {
 		return err
-	}
-	if *dataDir != "" {
-		cfg.DataDir = *dataDir
-	}
-	if *stateDir != "" {
-		cfg.StateDir = *stateDir
-	}
-	state := cfg.StateDir
-	if state == "" {
-		if cfg.DataDir == "" {
-			fl.Usage()
-			return fmt.Errorf("%w: give -data DIR, -state DIR or -config FILE", errUsage)
-		}
-		state = filepath.Join(cfg.DataDir, defaultStateName)
 	}
 	if _, err := os.Stat(state); err != nil {
 		return fmt.Errorf("state directory %s: %w", state, errors.Unwrap(err))

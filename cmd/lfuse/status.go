@@ -111,23 +111,9 @@ func runStatus(args []string, stdout, stderr io.Writer) error {
 	client := http.DefaultClient
 	url := "http://" + *addr + "/status"
 	if *addr == "" {
-		cfg, err := cf.load()
+		dir, err := stateFromFlags(fl, cf, *dataDir, *stateDir)
 		if err != nil {
 			return err
-		}
-		if *dataDir != "" {
-			cfg.DataDir = *dataDir
-		}
-		if *stateDir != "" {
-			cfg.StateDir = *stateDir
-		}
-		dir := cfg.StateDir
-		if dir == "" {
-			if cfg.DataDir == "" {
-				fl.Usage()
-				return fmt.Errorf("%w: give -data, -state, -config or -addr", errUsage)
-			}
-			dir = filepath.Join(cfg.DataDir, defaultStateName)
 		}
 		sock := filepath.Join(dir, socketName)
 		client = &http.Client{Transport: &http.Transport{DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
