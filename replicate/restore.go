@@ -65,16 +65,69 @@ func PlanRestore(ctx context.Context, client ReplicaClient, target Target) (Plan
 	}
 	plan := Plan{ListTime: time.Since(start)}
 	approx := false
+	guessed := map[fileKey]bool{} // files taken as committed by the target without reading their time
 	if a, ok := client.(approxTimes); ok && a.ListTimesApprox() {
 		approx = true
 		if !target.Time.IsZero() {
 			for level := range levels {
-				if err := exactTimes(ctx, client, levels[level], target.Time); err != nil {
+				if err := exactTimes(ctx, client, levels[level], target.Time, guessed); err != nil {
 					return plan, err
 				}
 			}
 		}
 	}
+	if !approx || target.Time.IsZero() {
+		plan, err := planFrom(&levels, newest, target, plan)
+		if err == nil && approx {
+			cur := plan.Files[len(plan.Files)-1]
+			meta, err := client.FileMeta(ctx, cur.Level, cur.MinTXID, cur.MaxTXID)
+			if err != nil {
+				return plan, fmt.Errorf("%s: read the time of %s: %w", client, fileName(cur), err)
+			}
+			plan.Timestamp = meta.Timestamp
+		}
+		return plan, err
+	}
+	// Listed times were narrowed by a binary search, which trusts commit
+	// times to rise with TXIDs. A replica that breaks that (or lies) must
+	// not make a timestamp restore overshoot: read the exact time of every
+	// planned file whose time was guessed, and of the last, and plan again
+	// without those committed after the target. Each round settles at
+	// least one file, so this ends.
+	for {
+		p, err := planFrom(&levels, newest, target, plan)
+		if err != nil {
+			return p, err
+		}
+		again := false
+		for i, f := range p.Files {
+			key := fileKey{f.Level, f.MinTXID, f.MaxTXID}
+			if !guessed[key] && i < len(p.Files)-1 {
+				continue
+			}
+			delete(guessed, key)
+			meta, err := client.FileMeta(ctx, f.Level, f.MinTXID, f.MaxTXID)
+			if err != nil {
+				return p, fmt.Errorf("%s: read the time of %s: %w", client, fileName(f), err)
+			}
+			p.Timestamp = meta.Timestamp
+			if meta.Timestamp.After(target.Time) {
+				for i := range levels[f.Level] {
+					if g := &levels[f.Level][i]; g.MinTXID == f.MinTXID && g.MaxTXID == f.MaxTXID {
+						g.CreatedAt = meta.Timestamp
+					}
+				}
+				again = true
+			}
+		}
+		if !again {
+			return p, nil
+		}
+	}
+}
+
+// planFrom picks, from the listed levels, the files that restore target.
+func planFrom(levels *[SnapshotLevel + 1][]ltx.FileInfo, newest *ltx.FileInfo, target Target, plan Plan) (Plan, error) {
 	snaps := levels[SnapshotLevel]
 	if len(snaps) == 0 {
 		return plan, ErrNoBackup
@@ -139,13 +192,6 @@ func PlanRestore(ctx context.Context, client ReplicaClient, target Target) (Plan
 			target.TXID, cur.MaxTXID, nextBoundary(levels[:], cur.MaxTXID))
 	}
 	plan.TXID, plan.Timestamp = cur.MaxTXID, cur.CreatedAt
-	if approx {
-		meta, err := client.FileMeta(ctx, cur.Level, cur.MinTXID, cur.MaxTXID)
-		if err != nil {
-			return plan, fmt.Errorf("%s: read the time of %s: %w", client, fileName(cur), err)
-		}
-		plan.Timestamp = meta.Timestamp
-	}
 	for _, f := range plan.Files {
 		plan.Bytes += f.Size
 	}
@@ -157,17 +203,22 @@ func PlanRestore(ctx context.Context, client ReplicaClient, target Target) (Plan
 // but later by up to a sync.
 type approxTimes interface{ ListTimesApprox() bool }
 
-// exactTimes makes the listed times of one level exact enough to compare
-// with t. Commit times rise with TXIDs within a level, so a binary search
-// finds the first file committed after t; a file listed more than listSlack
-// before t was committed by t without asking, the others cost a FileMeta
-// each (a few per level). Files before it get times ≤ t.
 // listSlack: upload times in listings may be cut to the second (S3's
 // LastModified, versitygw's file times), so one can read up to a second
 // before the commit it follows.
 const listSlack = time.Second
 
-func exactTimes(ctx context.Context, client ReplicaClient, files []ltx.FileInfo, t time.Time) error {
+// exactTimes makes the listed times of one level exact enough to compare
+// with t. Commit times rise with TXIDs within a level, so a binary search
+// finds the first file committed after t; a file listed more than listSlack
+// before t was committed by t without asking, the others cost a FileMeta
+// each (a few per level). Files before it get times ≤ t.
+type fileKey struct {
+	level    int
+	min, max ltx.TXID
+}
+
+func exactTimes(ctx context.Context, client ReplicaClient, files []ltx.FileInfo, t time.Time, guessed map[fileKey]bool) error {
 	var err error
 	first := sort.Search(len(files), func(i int) bool {
 		f := &files[i]
@@ -188,7 +239,8 @@ func exactTimes(ctx context.Context, client ReplicaClient, files []ltx.FileInfo,
 	for i := range files {
 		switch {
 		case i < first && files[i].CreatedAt.After(t):
-			files[i].CreatedAt = t // committed by t; not read exactly
+			files[i].CreatedAt = t // committed by t if times rise with TXIDs; checked if planned
+			guessed[fileKey{files[i].Level, files[i].MinTXID, files[i].MaxTXID}] = true
 		case i >= first && !files[i].CreatedAt.After(t):
 			files[i].CreatedAt = t.Add(time.Millisecond) // listed early, committed after t
 		}

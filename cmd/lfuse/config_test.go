@@ -220,3 +220,26 @@ secret-access-key = "${LFUSE_TEST_SECRET}"
 		t.Fatalf("-no-expand-env: url %q", cfg.Replicas[0].URL)
 	}
 }
+
+// Any file: loading never panics, and a refusal is one line.
+func FuzzLoadConfig(f *testing.F) {
+	if b, err := os.ReadFile("../../litefs.toml.example"); err == nil {
+		f.Add(b)
+	}
+	f.Add([]byte("data-dir = \"/x\"\n[[replicas]]\nurl = \"s3://b/p\"\nsync-interval = \"1s\"\n"))
+	f.Add([]byte("[[databases]]\npath = \"a.db\"\n[[databases.replicas]]\nurl = \"/r\"\n"))
+	dir := f.TempDir()
+	f.Fuzz(func(t *testing.T, data []byte) {
+		path := filepath.Join(dir, "fuzz.toml")
+		if err := os.WriteFile(path, data, 0o600); err != nil {
+			t.Skip()
+		}
+		cfg, err := loadConfig(path, false)
+		if err == nil {
+			err = cfg.validate()
+		}
+		if err != nil && strings.Contains(err.Error(), "\n") {
+			t.Fatalf("a refusal over several lines: %q", err)
+		}
+	})
+}

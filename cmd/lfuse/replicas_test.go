@@ -58,3 +58,29 @@ func TestS3Host(t *testing.T) {
 		}
 	}
 }
+
+// Database names come from the replica, which is not trusted to say where
+// files go.
+func TestLocalDBPath(t *testing.T) {
+	for rel, want := range map[string]bool{
+		"app.db": true, "sub/app.db": true, "a/b/c.db": true,
+		"": false, "..": false, "../x.db": false, "a/../../x.db": false, "/etc/passwd": false, "a/\x00b": false,
+	} {
+		if got := localDBPath(rel); got != want {
+			t.Errorf("localDBPath(%q) = %v, want %v", rel, got, want)
+		}
+	}
+}
+
+// Any string: parsing never panics, and an error never shows a password.
+func FuzzParseReplicaURL(f *testing.F) {
+	for _, s := range []string{"s3://b/p", "sftp://u:pw@h:22/~/x", "abs://a@c/p?endpoint=http://x", "file:///x", "/plain/path", "gs://b", "s3://b/x?skip-verify=maybe"} {
+		f.Add(s)
+	}
+	f.Fuzz(func(t *testing.T, raw string) {
+		_, err := parseReplicaURL(raw)
+		if err != nil && strings.Contains(raw, ":s3cr3t@") && strings.Contains(err.Error(), "s3cr3t") {
+			t.Fatalf("error shows the password: %v", err)
+		}
+	})
+}

@@ -174,6 +174,11 @@ func restoreAll(ctx context.Context, logger *slog.Logger, stderr io.Writer, cfg 
 			return 0, fmt.Errorf("list the databases of %s: %w", root.client, err)
 		}
 		for _, rel := range found {
+			if !localDBPath(rel) {
+				// A replica is not trusted to name where files go.
+				logger.Warn("skipping a database whose name would leave the data directory", "replica", root.client.String(), "name", rel)
+				continue
+			}
 			if !seen[rel] {
 				rels, seen[rel] = append(rels, rel), true
 			}
@@ -282,3 +287,9 @@ type multiFlag []string
 
 func (m *multiFlag) String() string     { return fmt.Sprint(*m) }
 func (m *multiFlag) Set(v string) error { *m = append(*m, v); return nil }
+
+// localDBPath reports whether a database name from a replica stays inside
+// the data directory once joined to it: relative, no "..", no NUL.
+func localDBPath(rel string) bool {
+	return rel != "" && !strings.ContainsRune(rel, 0) && filepath.IsLocal(filepath.FromSlash(rel)) && !strings.Contains(rel, "\\")
+}
