@@ -151,6 +151,9 @@ func (r *Replica) tick(ctx context.Context) {
 	}
 	r.lastTry = time.Now()
 	err := r.syncLocked(ctx)
+	if errors.Is(err, errResnapshot) {
+		err = nil // the database's loop takes the snapshot; a later tick ships it
+	}
 	if err == nil {
 		err = r.maintainLocked(ctx, time.Now())
 	}
@@ -203,12 +206,21 @@ func (r *Replica) Stop() {
 
 // Flush ships everything captured so far, retrying until ctx ends.
 func (r *Replica) Flush(ctx context.Context) error {
+	resnapshots := 0
 	for tries := 0; ; tries++ {
 		r.mu.Lock()
 		err := r.syncLocked(ctx)
 		r.mu.Unlock()
 		if err == nil {
 			return nil
+		}
+		if errors.Is(err, errResnapshot) && resnapshots < 3 {
+			// The database's loop is stopped: take the new snapshot
+			// here, then ship it, rather than call the replica flushed
+			// while it holds only the history the database left.
+			resnapshots++
+			r.db.Sync()
+			continue
 		}
 		r.errs.Add(1)
 		if tries == 0 {
@@ -268,6 +280,11 @@ func (r *Replica) levels() []int {
 	return append(levels, SnapshotLevel)
 }
 
+// errResnapshot: the replica holds a history the database does not continue;
+// the database was told to start a new one above it, which must be shipped
+// before the replica is up to date.
+var errResnapshot = errors.New("a new snapshot is needed before this replica can be synced")
+
 // syncLocked ships every transaction captured so far.
 func (r *Replica) syncLocked(ctx context.Context) error {
 	if !r.listed {
@@ -283,7 +300,7 @@ func (r *Replica) syncLocked(ctx context.Context) error {
 		// The database went back in time (restored from an older copy,
 		// a power cut): a second history must not reuse these TXIDs.
 		r.db.resnapshotAbove(r.pos.TXID, fmt.Sprintf("replica %s holds TXID %s, beyond the local TXID %s", r.client, r.pos.TXID, upTo))
-		return nil
+		return errResnapshot
 	}
 	if upTo == r.pos.TXID {
 		r.syncedAt.Store(time.Now().UnixNano())
@@ -300,7 +317,7 @@ func (r *Replica) syncLocked(ctx context.Context) error {
 		}
 		if snap.TXID() <= r.pos.TXID {
 			r.db.resnapshotAbove(r.pos.TXID, fmt.Sprintf("the local log cannot continue replica %s at TXID %s", r.client, r.pos.TXID))
-			return nil
+			return errResnapshot
 		}
 		if err := r.upload(ctx, SnapshotLevel, []source{refSource(snap)}, snap.Trailer.PostApplyChecksum); err != nil {
 			return err
@@ -313,7 +330,7 @@ func (r *Replica) syncLocked(ctx context.Context) error {
 	} else if pre := refs[0].Header.PreApplyChecksum; r.pos.PostApplyChecksum != 0 && pre != r.pos.PostApplyChecksum {
 		r.db.resnapshotAbove(max(r.pos.TXID, upTo), fmt.Sprintf("replica %s at TXID %s has checksum %s, the local log continues from %s",
 			r.client, r.pos.TXID, r.pos.PostApplyChecksum, pre))
-		return nil
+		return errResnapshot
 	}
 	if len(refs) == 0 {
 		return nil
