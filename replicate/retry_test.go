@@ -104,9 +104,11 @@ func TestFlushShipsResnapshot(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	db.SetMaxOpenConns(1)
 	m.Opened("app.db-wal", true)
 	exec(db, "INSERT INTO t VALUES ('after')")
-	exec(db, "PRAGMA wal_checkpoint(TRUNCATE)")
+	m.SyncAll()
+	checkpoint(t, m, db, "TRUNCATE") // held until captured, as the mount does
 	db.Close()
 	if err := m.Close(); err != nil {
 		t.Fatal(err)
