@@ -320,17 +320,7 @@ func TestS3Outage(t *testing.T) {
 	if a, b := lf.log.count("replica sync failed"), lf.log.count("replica recovered"); a != 1 || b != 1 {
 		t.Fatalf("outage logged %d times and its end %d times, want once each:\n%s", a, b, lf.log)
 	}
-	outDir := filepath.Join(e.root, "restored")
-	if code, log := runLfuse(t, "restore", "-config", cfgPath, "-data", outDir); code != 0 {
-		t.Fatalf("restore exited %d:\n%s", code, log)
-	}
-	got, _ := os.ReadFile(filepath.Join(outDir, "app.db"))
-	if live := liveBytes(t, e); !bytes.Equal(got, live) {
-		t.Fatalf("restored %d bytes differ from the live %d bytes at %s", len(got), len(live), firstDiff(got, live))
-	}
-	if k := seqRows(t, filepath.Join(outDir, "app.db")); k != 350 {
-		t.Fatalf("restored %d rows, want 350", k)
-	}
+	e.restoreByConfig(cfgPath, 350)
 }
 
 func freeAddr(t testing.TB) string {
@@ -572,17 +562,26 @@ func TestBackendOutage(t *testing.T) {
 			if a, b := lf.log.count("replica sync failed"), lf.log.count("replica recovered"); a != 1 || b != 1 {
 				t.Fatalf("outage logged %d times and its end %d times, want once each:\n%s", a, b, lf.log)
 			}
-			outDir := filepath.Join(e.root, "restored")
-			if code, log := runLfuse(t, "restore", "-config", cfgPath, "-data", outDir); code != 0 {
-				t.Fatalf("restore exited %d:\n%s", code, log)
-			}
-			got, _ := os.ReadFile(filepath.Join(outDir, "app.db"))
-			if live := liveBytes(t, e); !bytes.Equal(got, live) {
-				t.Fatalf("restored %d bytes differ from the live %d bytes at %s", len(got), len(live), firstDiff(got, live))
-			}
-			if k := seqRows(t, filepath.Join(outDir, "app.db")); k != 200 {
-				t.Fatalf("restored %d rows, want 200", k)
-			}
+			e.restoreByConfig(cfgPath, 200)
 		})
+	}
+}
+
+// restoreByConfig restores every database of the config into a new directory
+// and checks that app.db is the live database, byte for byte, with seq rows
+// 1..rows.
+func (e *env) restoreByConfig(cfgPath string, rows int) {
+	t := e.t
+	t.Helper()
+	outDir := filepath.Join(e.root, "restored")
+	if code, log := runLfuse(t, "restore", "-config", cfgPath, "-data", outDir); code != 0 {
+		t.Fatalf("restore exited %d:\n%s", code, log)
+	}
+	got, _ := os.ReadFile(filepath.Join(outDir, "app.db"))
+	if live := liveBytes(t, e); !bytes.Equal(got, live) {
+		t.Fatalf("restored %d bytes differ from the live %d bytes at %s", len(got), len(live), firstDiff(got, live))
+	}
+	if k := seqRows(t, filepath.Join(outDir, "app.db")); k != rows {
+		t.Fatalf("restored %d rows, want %d", k, rows)
 	}
 }

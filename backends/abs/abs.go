@@ -14,6 +14,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"golang.org/x/sync/errgroup"
 	"io"
 	"net"
 	"net/http"
@@ -365,40 +366,19 @@ func (c *Client) DeleteLTXFiles(ctx context.Context, files []ltx.FileInfo) error
 	if c.err != nil {
 		return c.err
 	}
-	ctx, cancel := context.WithCancel(ctx)
-	defer cancel()
-	var (
-		wg    sync.WaitGroup
-		mu    sync.Mutex
-		first error
-	)
-	sem := make(chan struct{}, deleteConcurrency)
+	g, gctx := errgroup.WithContext(ctx)
+	g.SetLimit(deleteConcurrency)
 	for _, f := range files {
-		select {
-		case sem <- struct{}{}:
-		case <-ctx.Done():
-		}
-		if ctx.Err() != nil {
-			break
-		}
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			defer func() { <-sem }()
-			_, err := c.cc.NewBlobClient(c.blobName(f.Level, f.MinTXID, f.MaxTXID)).Delete(ctx, nil)
+		g.Go(func() error {
+			_, err := c.cc.NewBlobClient(c.blobName(f.Level, f.MinTXID, f.MaxTXID)).Delete(gctx, nil)
 			if err != nil && !bloberror.HasCode(err, bloberror.BlobNotFound) {
-				mu.Lock()
-				if first == nil {
-					first = c.wrap(err, "delete %s", rel(f.Level, f.MinTXID, f.MaxTXID))
-					cancel()
-				}
-				mu.Unlock()
+				return c.wrap(err, "delete %s", rel(f.Level, f.MinTXID, f.MaxTXID))
 			}
-		}()
+			return nil
+		})
 	}
-	wg.Wait()
-	if first != nil {
-		return first
+	if err := g.Wait(); err != nil {
+		return err
 	}
 	if err := ctx.Err(); err != nil {
 		return c.wrap(err, "delete")

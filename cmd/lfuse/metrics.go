@@ -3,7 +3,6 @@ package main
 import (
 	"net/http"
 	"net/http/pprof"
-	"time"
 
 	"github.com/lfuse/lfuse/fs"
 	"github.com/lfuse/lfuse/replicate"
@@ -73,14 +72,8 @@ func (c *collector) Collect(ch chan<- prometheus.Metric) {
 			rs := r.Stats()
 			l := []string{st.Path, rs.Name, rs.Type}
 			ch <- prometheus.MustNewConstMetric(c.replicaTXID, prometheus.GaugeValue, float64(rs.TXID), l...)
-			behind, lag := 0.0, 0.0
-			if st.TXID > rs.TXID {
-				behind = float64(st.TXID - rs.TXID)
-				if rs.SyncedAt > 0 {
-					lag = time.Since(time.Unix(0, rs.SyncedAt)).Seconds()
-				}
-			}
-			ch <- prometheus.MustNewConstMetric(c.replicaBehind, prometheus.GaugeValue, behind, l...)
+			behind, lag := replicaLag(st.TXID, rs)
+			ch <- prometheus.MustNewConstMetric(c.replicaBehind, prometheus.GaugeValue, float64(behind), l...)
 			ch <- prometheus.MustNewConstMetric(c.replicaLag, prometheus.GaugeValue, lag, l...)
 			ch <- prometheus.MustNewConstMetric(c.replicaSyncs, prometheus.CounterValue, float64(rs.Syncs), l...)
 			ch <- prometheus.MustNewConstMetric(c.replicaErrs, prometheus.CounterValue, float64(rs.Errs), l...)

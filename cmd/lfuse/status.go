@@ -16,6 +16,7 @@ import (
 	"time"
 
 	"github.com/lfuse/lfuse/replicate"
+	"github.com/superfly/ltx"
 )
 
 // statusReport is what lfuse status prints, and what /status serves.
@@ -53,12 +54,7 @@ func statusOf(mgr *replicate.Manager) statusReport {
 		for _, r := range d.Replicas() {
 			rs := r.Stats()
 			sr := statusReplica{Replica: rs.Name, Type: rs.Type, TXID: rs.TXID.String(), Failing: rs.Failing, Syncs: rs.Syncs, Errors: rs.Errs}
-			if st.TXID > rs.TXID {
-				sr.LagTXIDs = uint64(st.TXID - rs.TXID)
-				if rs.SyncedAt > 0 {
-					sr.LagSeconds = time.Since(time.Unix(0, rs.SyncedAt)).Seconds()
-				}
-			}
+			sr.LagTXIDs, sr.LagSeconds = replicaLag(st.TXID, rs)
 			sd.Replicas = append(sd.Replicas, sr)
 		}
 		rep.Databases = append(rep.Databases, sd)
@@ -165,4 +161,16 @@ func runStatus(args []string, stdout, stderr io.Writer) error {
 		fmt.Fprintln(tw, "(no database captured yet)")
 	}
 	return tw.Flush()
+}
+
+// replicaLag is how far a replica is behind its database: transactions,
+// and seconds since it last held them all (0, 0 when in sync).
+func replicaLag(dbTXID ltx.TXID, rs replicate.ReplicaStats) (txids uint64, seconds float64) {
+	if dbTXID <= rs.TXID {
+		return 0, 0
+	}
+	if rs.SyncedAt > 0 {
+		seconds = time.Since(time.Unix(0, rs.SyncedAt)).Seconds()
+	}
+	return uint64(dbTXID - rs.TXID), seconds
 }
