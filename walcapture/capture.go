@@ -246,6 +246,15 @@ func (c *Capturer) scanFrames(r io.ReaderAt, emit func(Txn) error) (int, error) 
 	for {
 		frame, err := c.fr.frame(off)
 		if errors.Is(err, io.ErrUnexpectedEOF) {
+			if resumed {
+				// Nothing past the remembered midpoint: the transaction
+				// may still be on its way, or it failed (a full disk) and
+				// the transactions after it reuse its frames without
+				// reaching that far. Only a chain from the last commit
+				// tells them apart.
+				restart()
+				continue
+			}
 			break
 		} else if err != nil {
 			return emitted, err

@@ -168,6 +168,58 @@ func TestCaptureNeverEmitsUncommittedFrames(t *testing.T) {
 	mustEqualDB(t, replay(t, base, files, 4096), recovered(t, db, wal))
 }
 
+// A long transaction that is remembered between scans and then fails (the
+// disk filled up, say) leaves the log ending where its last write stopped.
+// The transactions after it reuse its frames without reaching that end, so
+// the scan finds nothing past the remembered midpoint; they must still be
+// captured. (Found by the torture harness: commits made after a full disk
+// were skipped until the log restarted, and never reached the replica.)
+func TestCaptureAfterLongTransactionFails(t *testing.T) {
+	l := openLive(t, 4096, "PRAGMA cache_size=5")
+	l.exec("CREATE TABLE t(id INTEGER PRIMARY KEY, v BLOB)")
+	l.checkpoint("TRUNCATE")
+	base, _ := l.files()
+
+	var c Capturer
+	sums := sumsOf(t, base, 4096)
+	tx, err := l.db.Begin()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i := 0; i < 1500; i++ {
+		if _, err := tx.Exec("INSERT INTO t(v) VALUES(randomblob(1000))"); err != nil {
+			t.Fatal(err)
+		}
+	}
+	_, spilled := l.files()
+	if len(spilled) < HeaderSize+partialMin {
+		t.Fatalf("the transaction spilled %d bytes, want more than %d", len(spilled), partialMin)
+	}
+	if files, _ := captureAll(t, &c, spilled, sums, 2); len(files) != 0 {
+		t.Fatalf("captured %d transactions before any commit", len(files))
+	}
+	if c.partial == nil {
+		t.Fatal("the long transaction was not remembered between scans")
+	}
+	if err := tx.Rollback(); err != nil {
+		t.Fatal(err)
+	}
+	for i := 0; i < 3; i++ {
+		l.exec("INSERT INTO t(v) VALUES('after the failure')")
+	}
+	db, wal := l.files()
+	if len(wal) < len(spilled) {
+		t.Fatalf("the log shrank from %d to %d bytes", len(spilled), len(wal))
+	}
+	// The log as a failed write leaves it: nothing past the midpoint.
+	wal = wal[:len(spilled)]
+	files, _ := captureAll(t, &c, wal, sums, 2)
+	if len(files) != 3 {
+		t.Fatalf("captured %d transactions, want 3", len(files))
+	}
+	mustEqualDB(t, replay(t, base, files, 4096), recovered(t, db, wal))
+}
+
 // A transaction larger than the page cache spills pages to the log before it
 // commits and, when it changes a spilled page again, rewrites that frame in
 // place and recomputes the checksums of the frames after it at commit.
