@@ -5,7 +5,7 @@
 GO ?= go
 BIN := bin/lfuse
 
-.PHONY: build demo test deps unit integration fuzz bench release clean
+.PHONY: build demo test deps unit integration fuzz torture bench release clean
 
 build:
 	$(GO) build -o $(BIN) ./cmd/lfuse
@@ -45,6 +45,20 @@ fuzz:
 	$(GO) test -run '^$$' -fuzz FuzzParseReplicaURL -fuzztime 5s -fuzzminimizetime 1s ./cmd/lfuse
 	$(GO) test -run '^$$' -fuzz FuzzLoadConfig -fuzztime 5s -fuzzminimizetime 1s ./cmd/lfuse
 
+# Randomized crash-and-fault trials (integration/torture_test.go, described
+# in docs/TORTURE.md): TORTURE_TRIALS trials from TORTURE_SEED, trial i with
+# seed SEED+i, TORTURE_PARALLEL at a time. A failed trial prints its seed and
+# keeps its files in /tmp/lfuse-torture/seed-N; the same seed replays it:
+#   make torture TORTURE_SEED=N TORTURE_TRIALS=1
+# The summary table goes to torture.md. `make test` runs 4 trials from seed 1.
+TORTURE_TRIALS ?= 100
+TORTURE_SEED ?= 1
+TORTURE_PARALLEL ?= 2
+torture: deps
+	./scripts/servers.sh start
+	TORTURE_TRIALS=$(TORTURE_TRIALS) TORTURE_SEED=$(TORTURE_SEED) TORTURE_PARALLEL=$(TORTURE_PARALLEL) TORTURE_REPORT=$(CURDIR)/torture.md \
+		$(GO) test -count=1 -timeout 0 -run '^TestTorture$$' ./integration
+
 # Native directory vs the mount in each mode, five rounds; within a round the
 # three setups of a workload run back to back, so drift on a noisy machine
 # hits them alike. The medians go into docs/BENCHMARKS.md.
@@ -72,4 +86,4 @@ release:
 	cd dist && sha256sum lfuse-linux-* > SHA256SUMS
 
 clean:
-	rm -rf bin dist bench.out bench-replica.out
+	rm -rf bin dist bench.out bench-replica.out torture.md

@@ -39,6 +39,12 @@ func runWorker(mode string) int {
 	if mode == "seq-writer" {
 		return runSeqWriter()
 	}
+	if mode == "torture-writer" {
+		return runTortureWriter()
+	}
+	if mode == "torture-reader" {
+		return runTortureReader()
+	}
 	// SQLite's busy handler polls rather than queues, so a writer can starve
 	// behind others that commit back to back. With the race-built lfuse in
 	// cached mode on a loaded machine, one writer waited out a 20 s timeout
