@@ -197,13 +197,13 @@ func tortureTxn(ctx context.Context, db *sql.DB, rec *os.File, rng *rand.Rand, e
 		}
 	}
 	switch p := rng.Intn(100); {
-	case size > 12<<20 || p < 6:
+	case size > 6<<20 || p < 6:
 		// Deletes that shrink the file (auto_vacuum=INCREMENTAL).
 		exec("DELETE FROM items WHERE id IN (SELECT id FROM items ORDER BY random() LIMIT (SELECT count(*) / 2 + 1 FROM items))")
 		exec("PRAGMA incremental_vacuum")
 	case p < 10:
-		// Larger than the page cache: 1-3 MB.
-		for i, n := 0, 16+rng.Intn(32); i < n; i++ {
+		// Larger than the page cache (256 KB): 0.5-1.5 MB.
+		for i, n := 0, 8+rng.Intn(16); i < n; i++ {
 			exec("INSERT INTO items(k, v) VALUES(?, randomblob(65536))", rng.Intn(1000))
 		}
 	case p < 15:

@@ -6,6 +6,7 @@ package replicate
 import (
 	"context"
 	"crypto/sha256"
+	"encoding/binary"
 	"encoding/hex"
 	"encoding/json"
 	"errors"
@@ -354,11 +355,17 @@ func (m *Manager) noteRollback(rel string) {
 		d.mu.Unlock()
 		return
 	}
+	// SQLite creates every database, WAL or not, with a rollback journal
+	// (page 1 first, then the WAL flag): only a database that went on to
+	// hold a table in that mode is worth the warning.
+	if !isSQLite(path) || !beyondFirstPage(path) {
+		return
+	}
 	m.mu.Lock()
 	first := !m.noted[rel]
 	m.noted[rel] = true
 	m.mu.Unlock()
-	if first && isSQLite(path) {
+	if first {
 		m.logger.Warn("database uses a rollback journal: not replicated (switch it to WAL mode with PRAGMA journal_mode=WAL)", "db", rel)
 	}
 }
@@ -483,6 +490,24 @@ func isSQLite(path string) bool {
 
 func isWALMode(path string) bool {
 	return walcapture.DBHeaderWAL(readHead(path))
+}
+
+// beyondFirstPage reports whether a database file is longer than its
+// header page.
+func beyondFirstPage(path string) bool {
+	fi, err := os.Stat(path)
+	if err != nil {
+		return false
+	}
+	b := readHead(path)
+	if len(b) < 18 {
+		return false
+	}
+	pageSize := int64(binary.BigEndian.Uint16(b[16:18]))
+	if pageSize == 1 {
+		pageSize = 65536
+	}
+	return fi.Size() > pageSize
 }
 
 func readHead(path string) []byte {
