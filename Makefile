@@ -49,14 +49,16 @@ fuzz:
 # in docs/TORTURE.md): TORTURE_TRIALS trials from TORTURE_SEED, trial i with
 # seed SEED+i, TORTURE_PARALLEL at a time. A failed trial prints its seed and
 # keeps its files in /tmp/lfuse-torture/seed-N; the same seed replays it:
-#   make torture TORTURE_SEED=N TORTURE_TRIALS=1
-# The summary table goes to torture.md. `make test` runs 4 trials from seed 1.
+#   make torture TORTURE_SEED=N TORTURE_TRIALS=1 [TORTURE_FAULTS=a,b]
+# The summary table goes to torture.md. `make test` runs four trials from
+# seed 1 that between them inject every fault.
 TORTURE_TRIALS ?= 100
 TORTURE_SEED ?= 1
 TORTURE_PARALLEL ?= 2
+TORTURE_FAULTS ?=
 torture: deps
 	./scripts/servers.sh start
-	TORTURE_TRIALS=$(TORTURE_TRIALS) TORTURE_SEED=$(TORTURE_SEED) TORTURE_PARALLEL=$(TORTURE_PARALLEL) TORTURE_REPORT=$(CURDIR)/torture.md \
+	TORTURE_TRIALS=$(TORTURE_TRIALS) TORTURE_SEED=$(TORTURE_SEED) TORTURE_PARALLEL=$(TORTURE_PARALLEL) TORTURE_FAULTS=$(TORTURE_FAULTS) TORTURE_REPORT=$(CURDIR)/torture.md \
 		$(GO) test -count=1 -timeout 0 -run '^TestTorture$$' ./integration
 
 # Native directory vs the mount in each mode, five rounds; within a round the

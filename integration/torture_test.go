@@ -27,15 +27,17 @@ import (
 // TestTorture runs randomized trials of a real workload through a real
 // mount with real replicas, injects faults at random moments and checks,
 // after each trial, that nothing the application saw committed was lost and
-// that no restore is ever wrong. TORTURE_TRIALS trials (default 4, the CI
-// subset) from TORTURE_SEED (default 1); trial i uses seed SEED+i, and the
-// same seed replays the same workload plan and fault schedule. A failed
+// that no restore is ever wrong. TORTURE_TRIALS trials from TORTURE_SEED
+// (default 1); trial i uses seed SEED+i, and the same seed replays the same
+// workload plan and fault schedule (TORTURE_FAULTS=a,b sets the faults).
+// Without TORTURE_TRIALS it runs ciPlan, where every fault appears. A failed
 // trial keeps its directory (TORTURE_DIR, default /tmp/lfuse-torture).
 // TORTURE_REPORT names a file for the summary table. `make torture` runs it.
 func TestTorture(t *testing.T) {
 	requireFUSE(t)
 	servers := backendtest.Servers(t)
-	trials := envInt("TORTURE_TRIALS", 4)
+	trials := envInt("TORTURE_TRIALS", len(ciPlan))
+	planned := os.Getenv("TORTURE_TRIALS") == "" && os.Getenv("TORTURE_FAULTS") == ""
 	seed := int64(envInt("TORTURE_SEED", 1))
 	parallel := envInt("TORTURE_PARALLEL", 2)
 	base := os.Getenv("TORTURE_DIR")
@@ -52,7 +54,13 @@ func TestTorture(t *testing.T) {
 				t.Parallel()
 				sem <- struct{}{}
 				defer func() { <-sem }()
-				tr := newTrial(t, s, base, servers)
+				var faults []string
+				if f := os.Getenv("TORTURE_FAULTS"); f != "" {
+					faults = strings.Split(f, ",") // to work on one kind
+				} else if planned {
+					faults = ciPlan[i]
+				}
+				tr := newTrial(t, s, base, servers, faults)
 				defer func() { results[i] = tr.result() }()
 				tr.run()
 			})
@@ -100,6 +108,7 @@ type trialResult struct {
 // freeze is a moment when every application process was stopped: the
 // content of each database then, and the time a restore must give it for.
 type freeze struct {
+	readAt  time.Time // when the digests were read
 	at      time.Time
 	digests map[string]string
 	copyDir string // the backing files then, if the trial rolls back
@@ -145,7 +154,16 @@ type tortureProc struct {
 	tolerate bool // it was killed, or died while errors were expected
 }
 
-func newTrial(t *testing.T, seed int64, base string, servers map[string]string) *trial {
+// ciPlan is what make test runs: few trials, every fault in one of them.
+var ciPlan = [][]string{
+	{"kill-lfuse", "corrupt-object"},
+	{"kill-app", "data-full", "rollback"},
+	{"sigterm-lfuse", "s3-down"},
+	{"replica-unwritable", "state-full"},
+}
+
+// newTrial sets up a trial; faults, if given, replace the drawn ones.
+func newTrial(t *testing.T, seed int64, base string, servers map[string]string, faults []string) *trial {
 	tr := &trial{t: t, seed: seed, rng: mrand.New(mrand.NewSource(seed)), start: time.Now(), outages: map[string]int{}}
 	tr.root = filepath.Join(base, fmt.Sprintf("seed-%d", seed))
 	os.RemoveAll(tr.root)
@@ -184,8 +202,8 @@ func newTrial(t *testing.T, seed int64, base string, servers map[string]string) 
 	for _, i := range perm[:1+tr.rng.Intn(3)] {
 		tr.faults = append(tr.faults, tortureFaults[i])
 	}
-	if only := os.Getenv("TORTURE_FAULTS"); only != "" {
-		tr.faults = strings.Split(only, ",") // to work on one kind
+	if faults != nil {
+		tr.faults = faults
 	}
 	tr.dbs = tortureDBs[:1+tr.rng.Intn(len(tortureDBs))]
 	withS3 := tr.has("s3-down") || tr.rng.Intn(2) == 0
@@ -234,8 +252,8 @@ func (tr *trial) writeFile(name, content string) string {
 
 func (tr *trial) fatalf(format string, args ...any) {
 	tr.t.Helper()
-	tr.t.Fatalf("seed %d (replay: make torture TORTURE_SEED=%d TORTURE_TRIALS=1; artifacts in %s): %s",
-		tr.seed, tr.seed, tr.root, fmt.Sprintf(format, args...))
+	tr.t.Fatalf("seed %d (replay: make torture TORTURE_SEED=%d TORTURE_TRIALS=1 TORTURE_FAULTS=%s; artifacts in %s): %s",
+		tr.seed, tr.seed, strings.Join(tr.faults, ","), tr.root, fmt.Sprintf(format, args...))
 }
 
 func (tr *trial) result() trialResult {
@@ -438,7 +456,10 @@ func (tr *trial) freeze() {
 	tr.t.Helper()
 	tr.signalWorkers(syscall.SIGSTOP)
 	defer tr.signalWorkers(syscall.SIGCONT)
-	f := freeze{digests: map[string]string{}}
+	for _, w := range tr.workers {
+		waitStopped(tr.t, w.cmd.Process.Pid)
+	}
+	f := freeze{digests: map[string]string{}, readAt: time.Now()}
 	for _, db := range tr.dbs {
 		d, err := digestFile(filepath.Join(tr.mnt, db), "_busy_timeout=2000")
 		if err != nil {
@@ -471,6 +492,41 @@ func (tr *trial) freeze() {
 		}
 	}
 	tr.freezes = append(tr.freezes, f)
+}
+
+// waitStopped waits until every thread of a process has taken SIGSTOP:
+// kill returns before a thread busy on another CPU stops, and a commit
+// that lands after the freeze was read would make the moment wrong. The
+// kernel offers no event for it; /proc shows the state.
+func waitStopped(t testing.TB, pid int) {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		tasks, _ := filepath.Glob(fmt.Sprintf("/proc/%d/task/*/stat", pid))
+		stopped := true
+		for _, task := range tasks {
+			b, err := os.ReadFile(task)
+			if err != nil {
+				continue // the thread or process is gone
+			}
+			i := strings.LastIndexByte(string(b), ')')
+			if i < 0 || i+2 >= len(b) {
+				continue
+			}
+			switch b[i+2] {
+			case 'T', 't', 'Z', 'X':
+			default:
+				stopped = false
+			}
+		}
+		if stopped {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("process %d did not stop on SIGSTOP", pid)
+		}
+		time.Sleep(time.Millisecond)
+	}
 }
 
 func copyIfExists(t testing.TB, from, to string) {
@@ -828,8 +884,8 @@ func (tr *trial) finalChecks() {
 		for name, got := range tr.restoreAll(f.at.Format(time.RFC3339Nano), fmt.Sprintf("pit-%d", i)) {
 			for _, db := range tr.dbs {
 				if got[db] != f.digests[db] {
-					tr.fatalf("%s restored to %s (moment %d) from the %s replica is %s, it was %s then",
-						db, f.at.Format(time.RFC3339Nano), i, name, got[db], f.digests[db])
+					tr.fatalf("%s restored to %s (moment %d, read at %s) from the %s replica is %s, it was %s then",
+						db, f.at.Format(time.RFC3339Nano), i, f.readAt.Format(time.RFC3339Nano), name, got[db], f.digests[db])
 				}
 			}
 		}
@@ -1023,7 +1079,8 @@ func (tr *trial) keepArtifacts() {
 	for _, pair := range [][2]string{{tr.data, "data.saved"}, {tr.state, "state.saved"}} {
 		exec.Command("cp", "-a", pair[0], filepath.Join(tr.root, pair[1])).Run()
 	}
-	tr.t.Logf("seed %d failed: artifacts kept in %s; replay with make torture TORTURE_SEED=%d TORTURE_TRIALS=1", tr.seed, tr.root, tr.seed)
+	tr.t.Logf("seed %d failed: artifacts kept in %s; replay with make torture TORTURE_SEED=%d TORTURE_TRIALS=1 TORTURE_FAULTS=%s",
+		tr.seed, tr.root, tr.seed, strings.Join(tr.faults, ","))
 }
 
 // tortureReport is the summary table docs/TORTURE.md carries.
