@@ -63,7 +63,8 @@ type DB struct {
 	// replica holds of a history this database no longer continues.
 	minTXID   ltx.TXID
 	replicas  []*Replica
-	compactMu sync.Mutex // one fold of the local log at a time
+	compactMu sync.Mutex  // one fold of the local log at a time
+	folding   atomic.Bool // a foldLog goroutine is running
 
 	captured      atomic.Int64 // transactions captured since start
 	capturedBytes atomic.Int64
@@ -130,18 +131,11 @@ func (d *DB) loop() {
 		d.kickMu.Lock()
 		if !d.dirty {
 			d.running = false
-			if len(d.replicas) == 0 && !d.closed {
-				// Without replicas nothing needs old records: fold
-				// them, off the capture path.
-				d.wg.Add(1)
-				go func() {
-					defer d.wg.Done()
-					if err := d.compactLog(); err != nil {
-						d.logger.Warn("cannot fold the local log; it keeps growing until this works", "err", err)
-					}
-				}()
-			}
 			d.kickMu.Unlock()
+			if len(d.replicas) == 0 {
+				// Without replicas nothing needs old records.
+				d.foldLog()
+			}
 			return
 		}
 		d.dirty = false
@@ -515,6 +509,33 @@ func (d *DB) resnapshotAbove(txid ltx.TXID, reason string) {
 	d.kick()
 }
 
+// foldHook, if set (by tests), runs as a fold starts merging.
+var foldHook func()
+
+// foldLog runs compactLog in the background, once at a time. Folding a
+// large log takes seconds: neither capture nor a replica's next sync may
+// wait for it (a replica that did lagged by the fold's length).
+func (d *DB) foldLog() {
+	if !d.folding.CompareAndSwap(false, true) {
+		return
+	}
+	d.kickMu.Lock()
+	if d.closed {
+		d.kickMu.Unlock()
+		d.folding.Store(false)
+		return
+	}
+	d.wg.Add(1)
+	d.kickMu.Unlock()
+	go func() {
+		defer d.wg.Done()
+		defer d.folding.Store(false)
+		if err := d.compactLog(); err != nil {
+			d.logger.Warn("cannot fold the local log; it keeps growing until this works", "err", err)
+		}
+	}()
+}
+
 // compactLog folds the local log's snapshot and the closed segments that
 // every replica has shipped into a new snapshot, so the log stays about the
 // size of the database instead of growing with its history. It runs only
@@ -561,6 +582,9 @@ func (d *DB) compactLog() error {
 	}
 	defer func() { tmp.Close(); os.Remove(tmp.Name()) }()
 	start := time.Now()
+	if foldHook != nil {
+		foldHook()
+	}
 	if _, err := mergeSources(tmp, srcs, d.dir, true); err != nil {
 		return fmt.Errorf("fold local log: %w", err)
 	}

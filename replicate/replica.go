@@ -160,9 +160,7 @@ func (r *Replica) tick(ctx context.Context) {
 	r.result(err)
 	r.mu.Unlock()
 	if err == nil {
-		if err := r.db.compactLog(); err != nil {
-			r.logger.Warn("cannot fold the local log; it keeps growing until this works", "err", err)
-		}
+		r.db.foldLog()
 	}
 }
 

@@ -11,6 +11,7 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -271,6 +272,58 @@ func TestLocalLogFolds(t *testing.T) {
 
 // Retention deletes what no point in the window needs, and nothing that one
 // does: every state committed within the window restores exactly.
+// Folding the local log takes seconds on a large database; a replica's
+// syncs must go on meanwhile.
+func TestSyncsWhileLogFolds(t *testing.T) {
+	defer func(n int64) { maxSegment = n }(maxSegment)
+	maxSegment = 32 << 10
+	started, release := make(chan struct{}), make(chan struct{})
+	var once sync.Once
+	foldHook = func() {
+		once.Do(func() { close(started) })
+		<-release
+	}
+	defer func() { foldHook = nil }()
+	rs := newReplicaSetup(t, ReplicaOptions{SyncInterval: 10 * time.Millisecond})
+	defer rs.m.Close()
+	defer close(release)
+	rs.db.Exec("CREATE TABLE t(v BLOB)")
+	rs.m.Opened("app.db-wal", true)
+	insert := func() {
+		if _, err := rs.db.Exec("INSERT INTO t VALUES(randomblob(3000))"); err != nil {
+			t.Fatal(err)
+		}
+		rs.m.SyncAll()
+	}
+	for i := 0; i < 300; i++ {
+		insert()
+		select {
+		case <-started:
+			i = 300
+		default:
+		}
+	}
+	select {
+	case <-started:
+	case <-time.After(time.Minute):
+		t.Fatal("the log never folded")
+	}
+	// The fold is stuck in the middle; commits must still ship.
+	for i := 0; i < 5; i++ {
+		insert()
+	}
+	d := rs.m.DB("app.db")
+	want := d.Stats().TXID
+	r := d.Replicas()[0]
+	deadline := time.Now().Add(10 * time.Second)
+	for r.Pos() < want {
+		if time.Now().After(deadline) {
+			t.Fatalf("the replica stayed at TXID %s while the log folded; the database is at %s", r.Pos(), want)
+		}
+		time.Sleep(5 * time.Millisecond) // the replica's own ticker drives it; nothing to wait on
+	}
+}
+
 func TestRetention(t *testing.T) {
 	const retention = 1500 * time.Millisecond
 	rs := newReplicaSetup(t, ReplicaOptions{
