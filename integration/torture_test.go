@@ -470,19 +470,29 @@ func (tr *trial) freeze() {
 		}
 		f.digests[db] = d
 	}
-	// Commits are captured (and timestamped) asynchronously: a moment
-	// counts only once lfuse's position stands still across it.
-	before := tr.status()
+	// Commits are captured (and timestamped) asynchronously, and a restore
+	// can stop only at the end of a replica file. So a moment counts once
+	// lfuse's captured position has stood still for 100 ms and every
+	// replica holds it: the file that ends there is dated before the
+	// moment, and the next one holds only later commits.
+	deadline := time.Now().Add(2 * time.Minute)
+	var prev string
+	var still time.Time
 	for {
-		time.Sleep(30 * time.Millisecond)
-		f.at = time.Now()
-		time.Sleep(30 * time.Millisecond)
-		after := tr.status()
-		if fmt.Sprint(before.positions()) == fmt.Sprint(after.positions()) {
+		st := tr.status()
+		pos := fmt.Sprint(st.positions())
+		if pos != prev {
+			prev, still = pos, time.Now()
+		}
+		if time.Since(still) >= 100*time.Millisecond && st.caughtUp() {
 			break
 		}
-		before = after
+		if time.Now().After(deadline) {
+			tr.fatalf("the replicas did not catch up with a stopped application in 2 minutes: %+v", st)
+		}
+		time.Sleep(20 * time.Millisecond) // lfuse's position has no event to wait on
 	}
+	f.at = time.Now()
 	if tr.has("rollback") {
 		f.copyDir = filepath.Join(tr.root, fmt.Sprintf("copy-%d", len(tr.freezes)))
 		for _, db := range tr.dbs {
@@ -567,6 +577,18 @@ func (s tortureStatus) positions() map[string]string {
 		m[d.Path] = d.TXID
 	}
 	return m
+}
+
+// caughtUp reports whether every replica holds everything captured.
+func (s tortureStatus) caughtUp() bool {
+	for _, d := range s.Databases {
+		for _, r := range d.Replicas {
+			if r.TXID != d.TXID {
+				return false
+			}
+		}
+	}
+	return true
 }
 
 // replicated returns each database's position on each replica type.
