@@ -811,6 +811,13 @@ func (tr *trial) rollback() {
 		}
 	}
 	tr.mount()
+	// Each database put back is noticed: either it does not match the
+	// local log (a new snapshot follows), or its copied WAL, taken for a
+	// newer generation, carries it to a state the log can prove page for
+	// page ("verified"). Both are fine; the restores below check content.
+	if n := tr.lf.log.count("database needs a new snapshot") + tr.lf.log.count("verified database against the local log"); n < 1 || n > len(tr.dbs) {
+		tr.fatalf("the rolled-back databases were reported %d times, want 1 to %d:\n%s", n, len(tr.dbs), tr.lf.log)
+	}
 	for _, db := range tr.dbs {
 		d := tr.digestLive(db, 10*time.Second)
 		if d != f.digests[db] {
