@@ -492,7 +492,11 @@ func (tr *trial) freeze() {
 		}
 		time.Sleep(20 * time.Millisecond) // lfuse's position has no event to wait on
 	}
-	f.at = time.Now()
+	// LTX files date commits to the millisecond, and a restore target
+	// counts at that precision: a commit later in the moment's millisecond
+	// would count as at the moment. Let that millisecond pass first.
+	f.at = time.Now().Truncate(time.Millisecond)
+	time.Sleep(2 * time.Millisecond)
 	if tr.has("rollback") {
 		f.copyDir = filepath.Join(tr.root, fmt.Sprintf("copy-%d", len(tr.freezes)))
 		for _, db := range tr.dbs {
