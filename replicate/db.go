@@ -360,14 +360,6 @@ func (d *DB) snapshotLocked() error {
 	if err != nil {
 		return err
 	}
-	var wal io.ReaderAt = emptyReader{}
-	if f, err := os.Open(d.path + "-wal"); err == nil {
-		defer f.Close()
-		wal = f
-	} else if !errors.Is(err, os.ErrNotExist) {
-		return err
-	}
-
 	tmp1, err := os.CreateTemp(d.dir, "snapshot-*.tmp")
 	if err != nil {
 		return fmt.Errorf("create snapshot file: %w", err)
@@ -379,13 +371,48 @@ func (d *DB) snapshotLocked() error {
 	}
 	defer func() { tmp2.Close(); os.Remove(tmp2.Name()) }()
 
-	if err := d.sums.Reset(); err != nil {
-		return err
-	}
 	last, _ := d.log.Last()
 	txid := max(last.TXID()+1, d.minTXID)
 	d.cap.SpillDir = d.dir
-	res, err := d.cap.Snapshot(db, wal, st.Size(), tmp1, tmp2, txid, time.Now(), d.sums.Set)
+	var res walcapture.SnapshotResult
+	for attempt := 1; ; attempt++ {
+		if err := d.sums.Reset(); err != nil {
+			return err
+		}
+		for _, f := range []*os.File{tmp1, tmp2} {
+			if err := f.Truncate(0); err != nil {
+				return err
+			}
+			if _, err := f.Seek(0, io.SeekStart); err != nil {
+				return err
+			}
+		}
+		if st, err = db.Stat(); err != nil {
+			return err
+		}
+		var wal io.ReaderAt = emptyReader{}
+		f, err := os.Open(d.path + "-wal")
+		if err == nil {
+			defer f.Close()
+			wal = f
+		} else if !errors.Is(err, os.ErrNotExist) {
+			return err
+		}
+		res, err = d.cap.Snapshot(db, wal, st.Size(), tmp1, tmp2, txid, time.Now(), d.sums.Set)
+		if err == nil && f == nil {
+			// No log when the read began: one created since may have been
+			// checkpointed into pages already read.
+			if fi, serr := os.Stat(d.path + "-wal"); serr == nil && fi.Size() > 0 {
+				err = walcapture.ErrLogRestarted
+			}
+		}
+		// A restart made possible before this began (its checkpoint's
+		// truncate was not held off) can still happen during the read.
+		if !errors.Is(err, walcapture.ErrLogRestarted) || attempt == 10 {
+			break
+		}
+		d.logger.Debug("WAL restarted during the snapshot; taking it again", "attempt", attempt)
+	}
 	if errors.Is(err, walcapture.ErrEmptyDatabase) {
 		return nil // nothing to capture until something is committed
 	} else if err != nil {

@@ -13,6 +13,10 @@ import (
 // is empty and its log holds no commit.
 var ErrEmptyDatabase = errors.New("database is empty")
 
+// ErrLogRestarted means the log was restarted while Snapshot read it: the
+// frames it read from may be gone. Take the snapshot again.
+var ErrLogRestarted = errors.New("WAL restarted during the snapshot")
+
 // SnapshotResult describes a snapshot written by Capturer.Snapshot.
 type SnapshotResult struct {
 	PageSize uint32
@@ -34,8 +38,10 @@ type SnapshotResult struct {
 // every committed frame up to that point yields the database exactly as of
 // that commit. If nothing was committed during the read the first file is the
 // result; otherwise the first file is merged with the newer frames into the
-// second. The caller must keep the log from being restarted, truncated or
-// deleted, and the database file from being truncated, while this runs.
+// second. The caller must keep the log from being truncated or deleted, and
+// the database file from being truncated, while this runs; if the log was
+// restarted meanwhile, Snapshot returns ErrLogRestarted and the caller
+// takes it again.
 //
 // setSum receives the checksum of every page of the result (and 0 for pages
 // that a merge dropped), in page order for each pass.
@@ -75,6 +81,9 @@ func (c *Capturer) Snapshot(db, wal io.ReaderAt, dbSize int64, first, second io.
 		return res, err
 	}
 	if len(newer) == 0 && newCommit == commit {
+		if err := c.sameGeneration(wal); err != nil {
+			return res, err
+		}
 		res.Commit, res.Total, res.Pos, res.Header = commit, total, c.Pos(), hdr
 		return res, nil
 	}
@@ -114,8 +123,35 @@ func (c *Capturer) Snapshot(db, wal io.ReaderAt, dbSize int64, first, second io.
 	for pgno := newCommit + 1; pgno <= commit; pgno++ {
 		setSum(pgno, 0)
 	}
+	if err := c.sameGeneration(wal); err != nil {
+		return res, err
+	}
 	res.Commit, res.Total, res.Merged, res.Pos, res.Header = newCommit, total, true, c.Pos(), hdr
 	return res, nil
+}
+
+// sameGeneration checks, once a snapshot has read everything, that the log
+// is still the one it started from. Holding off checkpoints' truncates keeps
+// a new restart from becoming possible, but one made possible before the
+// snapshot began can still happen during it: then frames read by offset may
+// have been overwritten, and a checkpoint may have copied commits of the new
+// generation, which the rescan (validating with the old salts) cannot see,
+// into pages already read. SQLite writes the new header before any frame of
+// the new generation, so an unchanged header proves neither happened.
+func (c *Capturer) sameGeneration(wal io.ReaderAt) error {
+	h, err := readHeader(wal)
+	switch {
+	case errors.Is(err, ErrNoHeader):
+		if c.hasHdr {
+			return ErrLogRestarted
+		}
+		return nil
+	case err != nil:
+		return err
+	case !c.hasHdr || !c.hdr.SameGeneration(h):
+		return ErrLogRestarted
+	}
+	return nil
 }
 
 // scanFromStart positions the Capturer at the start of the log's current
