@@ -14,6 +14,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"regexp"
+	"slices"
 	"sort"
 	"strconv"
 	"strings"
@@ -60,6 +61,7 @@ func TestTorture(t *testing.T) {
 				} else if planned {
 					faults = ciPlan[i]
 				}
+				results[i] = trialResult{seed: s, faults: faults, failed: true} // if setup fails
 				tr := newTrial(t, s, base, servers, faults)
 				defer func() { results[i] = tr.result() }()
 				tr.run()
@@ -176,11 +178,6 @@ func newTrial(t *testing.T, seed int64, base string, servers map[string]string, 
 		}
 	}
 	// Small filesystems of their own, so a fault can fill them.
-	for _, d := range []string{tr.data, tr.state} {
-		if out, err := exec.Command("mount", "-t", "tmpfs", "-o", "size="+map[string]string{tr.data: "256m", tr.state: "512m"}[d], "tmpfs", d).CombinedOutput(); err != nil {
-			t.Fatalf("mount tmpfs: %v %s", err, out)
-		}
-	}
 	t.Cleanup(func() {
 		for _, d := range []string{tr.data, tr.state, tr.repl} {
 			syscall.Unmount(d, syscall.MNT_DETACH)
@@ -189,6 +186,11 @@ func newTrial(t *testing.T, seed int64, base string, servers map[string]string, 
 			os.RemoveAll(tr.root)
 		}
 	})
+	for _, d := range []string{tr.data, tr.state} {
+		if out, err := exec.Command("mount", "-t", "tmpfs", "-o", "size="+map[string]string{tr.data: "256m", tr.state: "512m"}[d], "tmpfs", d).CombinedOutput(); err != nil {
+			t.Fatalf("mount tmpfs: %v %s", err, out)
+		}
+	}
 	t.Cleanup(func() {
 		// After every process of the trial stopped (cleanups run last
 		// first), before the filesystems go.
@@ -204,6 +206,11 @@ func newTrial(t *testing.T, seed int64, base string, servers map[string]string, 
 	}
 	if faults != nil {
 		tr.faults = faults
+	}
+	for _, f := range tr.faults {
+		if !slices.Contains(tortureFaults, f) {
+			t.Fatalf("unknown fault %q; the faults are %v", f, tortureFaults)
+		}
 	}
 	tr.dbs = tortureDBs[:1+tr.rng.Intn(len(tortureDBs))]
 	withS3 := tr.has("s3-down") || tr.rng.Intn(2) == 0
@@ -374,6 +381,9 @@ func (tr *trial) checkWorkers() {
 	for _, w := range tr.workers {
 		select {
 		case <-w.done:
+			if w.exitCode() == 3 {
+				tr.fatalf("an application process saw a corrupt database on %s:\n%s", w.db, w.out)
+			}
 			if !w.tolerate && !tr.tolerant {
 				tr.fatalf("application process (%s on %s) failed: %v\n%s", map[bool]string{true: "reader", false: "writer"}[w.reader], w.db, w.err, w.out)
 			}
@@ -454,6 +464,17 @@ func digestFile(path string, params ...string) (string, error) {
 // and a moment after lfuse captured the last commit, then lets them go on.
 func (tr *trial) freeze() {
 	tr.t.Helper()
+	for attempt := 1; !tr.freezeOnce(); attempt++ {
+		if attempt == 5 {
+			tr.fatalf("could not read the databases with the application stopped, 5 times")
+		}
+		tr.pause(100)
+	}
+}
+
+// freezeOnce is one try; false if a database could not be read.
+func (tr *trial) freezeOnce() bool {
+	tr.t.Helper()
 	tr.signalWorkers(syscall.SIGSTOP)
 	defer tr.signalWorkers(syscall.SIGCONT)
 	for _, w := range tr.workers {
@@ -465,8 +486,8 @@ func (tr *trial) freeze() {
 		if err != nil {
 			// A process stopped in the middle of restarting the WAL can
 			// keep readers out: take the next moment instead.
-			tr.t.Logf("seed %d: freeze skipped: %v", tr.seed, err)
-			return
+			tr.t.Logf("seed %d: freeze retried: %v", tr.seed, err)
+			return false
 		}
 		f.digests[db] = d
 	}
@@ -506,6 +527,7 @@ func (tr *trial) freeze() {
 		}
 	}
 	tr.freezes = append(tr.freezes, f)
+	return true
 }
 
 // waitStopped waits until every thread of a process has taken SIGSTOP:
@@ -717,13 +739,13 @@ func (tr *trial) replicaUnwritable() {
 		if err == nil {
 			break
 		}
-		if i == 200 {
+		if i == 1000 {
 			tr.t.Fatalf("remount the replica read-only: %v %s", err, out)
 		}
 		time.Sleep(10 * time.Millisecond)
 	}
 	time.Sleep(tr.outageMs())
-	if err := syscall.Unmount(tr.repl, 0); err != nil {
+	if err := syscall.Unmount(tr.repl, syscall.MNT_DETACH); err != nil {
 		tr.t.Fatalf("unmount read-only replica: %v", err)
 	}
 	tr.awaitRecovery(failed, "replica sync failed", "replica recovered", true)
@@ -754,10 +776,6 @@ func (tr *trial) diskFull(dir string, state bool) {
 	tr.t.Helper()
 	failed := tr.lf.log.count("capture failed; will retry")
 	syncFailed := tr.lf.log.count("replica sync failed")
-	var st syscall.Statfs_t
-	if err := syscall.Statfs(dir, &st); err != nil {
-		tr.t.Fatal(err)
-	}
 	filler := filepath.Join(dir, "filler")
 	f, err := os.Create(filler)
 	if err != nil {
@@ -766,18 +784,36 @@ func (tr *trial) diskFull(dir string, state bool) {
 	if !state {
 		tr.tolerant = true
 	}
-	// Fill what is free now, then whatever the application freed meanwhile.
-	for _, n := range []int64{int64(st.Bavail) * st.Bsize, 1 << 30} {
-		syscall.Fallocate(int(f.Fd()), 0, 0, n)
+	// Keep it full: lfuse and SQLite free space now and then (a deleted
+	// upload file, a truncated WAL), which the filler takes back.
+	var off int64
+	fill := func() {
+		for chunk := int64(1 << 20); chunk >= 4096; chunk /= 16 {
+			for syscall.Fallocate(int(f.Fd()), 0, off, chunk) == nil {
+				off += chunk
+			}
+		}
+	}
+	fill()
+	var st syscall.Statfs_t
+	if err := syscall.Statfs(dir, &st); err != nil {
+		tr.t.Fatal(err)
+	}
+	if free := int64(st.Bavail) * st.Bsize; free > 64<<10 {
+		tr.t.Fatalf("%s still has %d bytes free after filling it", dir, free)
+	}
+	end := time.Now().Add(tr.outageMs())
+	for time.Now().Before(end) {
+		time.Sleep(20 * time.Millisecond) // the outage itself
+		fill()
 	}
 	f.Close()
-	time.Sleep(tr.outageMs())
 	os.Remove(filler)
 	if state {
-		if tr.lf.log.count("capture failed; will retry") > failed {
-			tr.awaitRecovery(failed, "capture failed; will retry", "capture recovered", true)
-			tr.outages["capture"]++
-		}
+		// Every commit goes to the local log, and the application commits
+		// all the time: capture must have failed, and must recover.
+		tr.awaitRecovery(failed, "capture failed; will retry", "capture recovered", true)
+		tr.outages["capture"]++
 		// Files for the replicas are built in the state directory too.
 		tr.awaitRecovery(syncFailed, "replica sync failed", "replica recovered", false)
 	} else {
@@ -819,8 +855,11 @@ func (tr *trial) rollback() {
 	// local log (a new snapshot follows), or its copied WAL, taken for a
 	// newer generation, carries it to a state the log can prove page for
 	// page ("verified"). Both are fine; the restores below check content.
-	if n := tr.lf.log.count("database needs a new snapshot") + tr.lf.log.count("verified database against the local log"); n < 1 || n > len(tr.dbs) {
-		tr.fatalf("the rolled-back databases were reported %d times, want 1 to %d:\n%s", n, len(tr.dbs), tr.lf.log)
+	for _, db := range tr.dbs {
+		tag := "db=" + db + " "
+		if tr.lf.log.count("database needs a new snapshot\" "+tag)+tr.lf.log.count("verified database against the local log\" "+tag) != 1 {
+			tr.fatalf("%s, put back from a copy, was not reported once:\n%s", db, tr.lf.log)
+		}
 	}
 	for _, db := range tr.dbs {
 		d := tr.digestLive(db, 10*time.Second)
@@ -845,11 +884,17 @@ func (tr *trial) rollback() {
 type records struct {
 	digests map[[2]int64][]string
 	acked   map[int64]int64
-	all     map[string]bool
+	// committed holds, per epoch, every digest a commit may have left
+	// (acknowledged or in flight when its writer died), not the failed.
+	committed map[int64]map[string]bool
+	// lost names an acknowledged commit whose seq a later commit reused:
+	// it was gone from the database when that one began.
+	lost string
 }
 
 func (tr *trial) readRecords(db string) records {
-	r := records{digests: map[[2]int64][]string{}, acked: map[int64]int64{}, all: map[string]bool{}}
+	r := records{digests: map[[2]int64][]string{}, acked: map[int64]int64{}, committed: map[int64]map[string]bool{}}
+	ackedSeqs := map[[2]int64]bool{}
 	f, err := os.Open(tr.recordPath(db))
 	if err != nil {
 		tr.t.Fatal(err)
@@ -863,17 +908,33 @@ func (tr *trial) readRecords(db string) records {
 		}
 		epoch, _ := strconv.ParseInt(fs[1], 10, 64)
 		seq, _ := strconv.ParseInt(fs[2], 10, 64)
+		k := [2]int64{epoch, seq}
 		switch fs[0] {
 		case "I":
 			if len(fs) == 5 {
-				k := [2]int64{epoch, seq}
+				if ackedSeqs[k] && r.lost == "" {
+					r.lost = fmt.Sprintf("epoch %d seq %d", epoch, seq)
+				}
 				r.digests[k] = append(r.digests[k], fs[3])
-				r.all[fs[3]] = true
+			}
+		case "F":
+			// The intent just before, from the same writer, failed.
+			if n := len(r.digests[k]); n > 0 {
+				r.digests[k] = r.digests[k][:n-1]
 			}
 		case "K":
+			ackedSeqs[k] = true
 			if seq > r.acked[epoch] {
 				r.acked[epoch] = seq
 			}
+		}
+	}
+	for k, ds := range r.digests {
+		if r.committed[k[0]] == nil {
+			r.committed[k[0]] = map[string]bool{}
+		}
+		for _, d := range ds {
+			r.committed[k[0]][d] = true
 		}
 	}
 	return r
@@ -895,6 +956,9 @@ func (tr *trial) finalChecks() {
 		}
 		conn.Close()
 		rec := tr.readRecords(db)
+		if rec.lost != "" {
+			tr.fatalf("%s lost an acknowledged commit (%s): a later commit took its place", db, rec.lost)
+		}
 		if acked := rec.acked[int64(tr.epoch)]; seq < acked {
 			tr.fatalf("%s lost acknowledged commits: it ends at seq %d, the application saw seq %d commit", db, seq, acked)
 		}
@@ -971,7 +1035,10 @@ func (tr *trial) restore(name, cfg, ts, label string) (map[string]string, map[st
 		txids[rel] = parseTXID(m[2])
 	}
 	for _, db := range tr.dbs {
-		d, err := digestFile(filepath.Join(dir, db), "mode=ro")
+		if _, err := os.Stat(filepath.Join(dir, db)); err != nil {
+			return nil, nil, log, fmt.Errorf("%s was not restored: %w", db, err)
+		}
+		d, err := digestFile(filepath.Join(dir, db))
 		if err != nil {
 			return nil, nil, log, fmt.Errorf("%s: %w", db, err)
 		}
@@ -1000,7 +1067,7 @@ func (tr *trial) checkRestoreAfter(pos map[string]uint64) {
 			tr.fatalf("restore from the %s replica after kill -9: %v\n%s", name, err, log)
 		}
 		for _, db := range tr.dbs {
-			if !tr.readRecords(db).all[got[db]] {
+			if !tr.readRecords(db).committed[int64(tr.epoch)][got[db]] {
 				tr.fatalf("%s restored from the %s replica after kill -9 has content %s, which the application never committed", db, name, got[db])
 			}
 			if p := pos[name+":"+db]; txids[db] < p {
@@ -1110,6 +1177,7 @@ func (tr *trial) keepArtifacts() {
 		os.WriteFile(filepath.Join(tr.root, fmt.Sprintf("lfuse-%d.log", i)), []byte(p.log.String()), 0o644)
 	}
 	for _, pair := range [][2]string{{tr.data, "data.saved"}, {tr.state, "state.saved"}} {
+		os.Remove(filepath.Join(pair[0], "filler"))
 		exec.Command("cp", "-a", pair[0], filepath.Join(tr.root, pair[1])).Run()
 	}
 	tr.t.Logf("seed %d failed: artifacts kept in %s; replay with make torture TORTURE_SEED=%d TORTURE_TRIALS=1 TORTURE_FAULTS=%s",
