@@ -92,9 +92,7 @@ func (r *Replica) Stats() ReplicaStats {
 		st.Ops[i] = r.ops.ops[i].Load()
 		st.Bytes[i] = r.ops.bytes[i].Load()
 	}
-	r.mu.Lock()
-	st.Failing = r.failing
-	r.mu.Unlock()
+	st.Failing = r.failingNow.Load()
 	return st
 }
 

@@ -81,15 +81,19 @@ type Replica struct {
 	failedAt    time.Time // when the outage began
 	lastTry     time.Time
 
-	synced    atomic.Uint64 // TXID the replica holds, for metrics and status
-	syncedAt  atomic.Int64  // unix nanoseconds of the last successful sync
-	syncs     atomic.Int64
-	errs      atomic.Int64
-	uploaded  atomic.Int64 // bytes
-	ops       *opCounter   // also client: what the replica asks of storage
-	stop      chan struct{}
-	done      chan struct{}
-	startOnce sync.Once
+	// failingNow mirrors failing for Stats, which must not wait for a
+	// sync in progress: that can take the S3 client's retries, or a large
+	// snapshot's upload, and status is wanted most during an outage.
+	failingNow atomic.Bool
+	synced     atomic.Uint64 // TXID the replica holds, for metrics and status
+	syncedAt   atomic.Int64  // unix nanoseconds of the last successful sync
+	syncs      atomic.Int64
+	errs       atomic.Int64
+	uploaded   atomic.Int64 // bytes
+	ops        *opCounter   // also client: what the replica asks of storage
+	stop       chan struct{}
+	done       chan struct{}
+	startOnce  sync.Once
 }
 
 func newReplica(d *DB, client ReplicaClient, opts ReplicaOptions, logger *slog.Logger) *Replica {
@@ -178,6 +182,7 @@ func (r *Replica) result(err error) {
 		if r.failing {
 			r.logger.Info("replica recovered", "outage_seconds", time.Since(r.failedAt).Seconds(), "txid", r.pos.TXID.String())
 			r.failing = false
+			r.failingNow.Store(false)
 		}
 	case errors.Is(err, context.Canceled):
 	default:
@@ -185,6 +190,7 @@ func (r *Replica) result(err error) {
 		if !r.failing {
 			r.logger.Error("replica sync failed; will retry", "err", err)
 			r.failing, r.failedAt = true, time.Now()
+			r.failingNow.Store(true)
 		} else {
 			r.logger.Debug("replica sync still failing", "err", err)
 		}

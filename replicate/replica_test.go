@@ -324,6 +324,31 @@ func TestSyncsWhileLogFolds(t *testing.T) {
 	}
 }
 
+// Status and metrics must answer while a sync is in progress: during an
+// outage one can last as long as the S3 client's retries (lfuse status
+// timed out in a torture trial with the S3 server down).
+func TestStatsDuringSync(t *testing.T) {
+	rs := newReplicaSetup(t, ReplicaOptions{SyncInterval: time.Hour})
+	defer rs.m.Close()
+	rs.db.Exec("CREATE TABLE t(v)")
+	rs.m.Opened("app.db-wal", true)
+	rs.m.SyncAll()
+	r := rs.m.DB("app.db").Replicas()[0]
+	r.mu.Lock() // a sync in progress
+	r.result(errors.New("connection refused"))
+	done := make(chan ReplicaStats, 1)
+	go func() { done <- r.Stats() }()
+	select {
+	case st := <-done:
+		if !st.Failing {
+			t.Error("a failing replica is not reported as failing")
+		}
+	case <-time.After(5 * time.Second):
+		t.Error("Stats waited for the sync in progress")
+	}
+	r.mu.Unlock()
+}
+
 func TestRetention(t *testing.T) {
 	const retention = 1500 * time.Millisecond
 	rs := newReplicaSetup(t, ReplicaOptions{
