@@ -202,6 +202,12 @@ func (d *DB) syncLocked() {
 		d.fail(err)
 		return
 	}
+	if d.status == statusNeedSnapshot {
+		if err := d.snapshotLocked(); err != nil {
+			d.fail(err)
+			return
+		}
+	}
 	d.recovered()
 }
 
@@ -219,6 +225,9 @@ func (d *DB) captureLocked() error {
 		return err
 	}
 	defer wal.Close()
+	// SQLite's own count of committed frames, read before the scan: every
+	// frame it counts was in the log before it was counted.
+	idx, idxOK := readIndexHeader(d.path + "-shm")
 
 	mark := d.cap.Mark()
 	var group []walcapture.Txn
@@ -255,7 +264,33 @@ func (d *DB) captureLocked() error {
 	if res.NewGeneration {
 		d.logger.Debug("WAL restarted with new salts")
 	}
+	if err == nil && idxOK {
+		// A safety net: if SQLite counts commits in this generation that
+		// capture could not validate, capture is stuck and would stay
+		// silent while they never reach a replica. Start again from a
+		// snapshot of what the database holds.
+		pos := d.cap.Pos()
+		captured := max(pos.Offset, walcapture.HeaderSize)
+		committed := walcapture.HeaderSize + int64(idx.MaxFrame)*d.cap.FrameSize()
+		if pos.Salt1 == idx.Salt1 && pos.Salt2 == idx.Salt2 && d.cap.FrameSize() > 0 && captured < committed {
+			d.needSnapshot(fmt.Sprintf("the WAL index counts commits up to offset %d, capture validated up to %d", committed, captured))
+		}
+	}
 	return err
+}
+
+// readIndexHeader reads the WAL index header from a -shm file.
+func readIndexHeader(path string) (walcapture.IndexHeader, bool) {
+	f, err := os.Open(path)
+	if err != nil {
+		return walcapture.IndexHeader{}, false
+	}
+	defer f.Close()
+	var b [96]byte
+	if _, err := io.ReadFull(f, b[:]); err != nil {
+		return walcapture.IndexHeader{}, false
+	}
+	return walcapture.ParseIndexHeader(b[:])
 }
 
 // maxGroupBytes bounds the WAL bytes merged into one record.

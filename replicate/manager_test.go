@@ -204,3 +204,45 @@ func TestManagerIgnoresOtherFiles(t *testing.T) {
 		t.Fatal(fmt.Sprint("state written for files that are no database: ", err))
 	}
 }
+
+// A commit SQLite counts (in its WAL index) that capture cannot validate
+// means capture is stuck: lfuse must say so and start again from a
+// snapshot, not wait silently while commits never reach a replica. Here a
+// committed frame is damaged before lfuse reads it.
+func TestCaptureStallIsDetected(t *testing.T) {
+	data, state := t.TempDir(), filepath.Join(t.TempDir(), "state")
+	m, logs := newTestManager(t, data, state)
+	defer m.Close()
+	path := filepath.Join(data, "app.db")
+	db, err := sql.Open("sqlite3", path+"?_journal_mode=WAL")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer db.Close()
+	db.SetMaxOpenConns(1)
+	if _, err := db.Exec("CREATE TABLE t(v)"); err != nil {
+		t.Fatal(err)
+	}
+	m.Opened("app.db-wal", true)
+	m.SyncAll()
+	if strings.Contains(logs.String(), "WAL index counts") {
+		t.Fatalf("a healthy capture was reported stuck:\n%s", logs)
+	}
+	if _, err := db.Exec("INSERT INTO t VALUES(randomblob(100))"); err != nil {
+		t.Fatal(err)
+	}
+	wal, err := os.OpenFile(path+"-wal", os.O_RDWR, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	fi, _ := wal.Stat()
+	var b [1]byte
+	wal.ReadAt(b[:], fi.Size()-100)
+	b[0] ^= 0xff
+	wal.WriteAt(b[:], fi.Size()-100) // inside the last frame's page
+	wal.Close()
+	m.SyncAll()
+	if !strings.Contains(logs.String(), "WAL index counts") {
+		t.Fatalf("a commit capture could not validate went unreported:\n%s", logs)
+	}
+}

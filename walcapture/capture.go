@@ -106,6 +106,15 @@ func (c *Capturer) Pos() Pos {
 	return Pos{Salt1: c.hdr.Salt1, Salt2: c.hdr.Salt2, Offset: off}
 }
 
+// FrameSize is the size of a frame of the log being followed (0 before
+// its header was read).
+func (c *Capturer) FrameSize() int64 {
+	if !c.hasHdr {
+		return 0
+	}
+	return c.hdr.FrameSize()
+}
+
 func (c *Capturer) startGeneration(h Header) {
 	c.hdr, c.hasHdr = h, true
 	c.next = HeaderSize

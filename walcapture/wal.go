@@ -172,3 +172,27 @@ func IsDBHeader(b []byte) bool {
 func DBHeaderWAL(b []byte) bool {
 	return IsDBHeader(b) && b[18] == 2 && b[19] == 2
 }
+
+// IndexHeader is what SQLite's WAL index (the -shm file) says about the
+// log: how many frames are committed, in which generation.
+type IndexHeader struct {
+	MaxFrame     uint32
+	Salt1, Salt2 uint32
+}
+
+// ParseIndexHeader reads the header at the start of a -shm file. SQLite
+// keeps two copies, written in the machine's byte order, and updates them
+// only after a commit's frames are in the log; they differ while a writer
+// updates them, and ok is false then (and for anything unrecognizable).
+func ParseIndexHeader(b []byte) (IndexHeader, bool) {
+	const size = 48
+	if len(b) < 2*size || string(b[:size]) != string(b[size:2*size]) {
+		return IndexHeader{}, false
+	}
+	ne := binary.NativeEndian
+	if ne.Uint32(b[0:]) != 3007000 || b[12] != 1 {
+		return IndexHeader{}, false // not a version SQLite uses, or not initialized
+	}
+	// The salts are copied from the log's header bytes as they are.
+	return IndexHeader{MaxFrame: ne.Uint32(b[16:]), Salt1: binary.BigEndian.Uint32(b[32:]), Salt2: binary.BigEndian.Uint32(b[36:])}, true
+}
