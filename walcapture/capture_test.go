@@ -5,6 +5,7 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"slices"
 	"strings"
 	"testing"
 
@@ -216,6 +217,44 @@ func TestCaptureAfterLongTransactionFails(t *testing.T) {
 	files, _ := captureAll(t, &c, wal, sums, 2)
 	if len(files) != 3 {
 		t.Fatalf("captured %d transactions, want 3", len(files))
+	}
+	mustEqualDB(t, replay(t, base, files, 4096), recovered(t, db, wal))
+}
+
+// A writer that restarts the log and dies before its first commit leaves
+// the new salts in SQLite's WAL index. The next writer rewrites the header
+// with those salts but its own checkpoint counter, so the header checksum,
+// which seeds every frame's checksum chain, differs. Salts alone do not
+// identify a generation: capture must take the chain from the header in the
+// file. (Found by the torture harness: after kill -9 of a writer, capture
+// stopped silently and six acknowledged commits never reached a replica.)
+func TestCaptureHeaderRewrittenWithSameSalts(t *testing.T) {
+	l := openLive(t, 4096)
+	l.exec("CREATE TABLE t(id INTEGER PRIMARY KEY, v BLOB)")
+	l.checkpoint("TRUNCATE")
+	base, _ := l.files()
+	l.exec(insertN(20, "randomblob(300)"))
+	db, wal := l.files()
+
+	// The dead writer's header: same salts, another checkpoint counter.
+	dead := slices.Clone(wal[:HeaderSize])
+	binary.BigEndian.PutUint32(dead[12:], binary.BigEndian.Uint32(wal[12:])+1)
+	h, err := ParseHeader(wal)
+	if err != nil {
+		t.Fatal(err)
+	}
+	s1, s2 := Checksum(h.BigEndian, dead[:24], 0, 0)
+	binary.BigEndian.PutUint32(dead[24:], s1)
+	binary.BigEndian.PutUint32(dead[28:], s2)
+
+	var c Capturer
+	sums := sumsOf(t, base, 4096)
+	if files, _ := captureAll(t, &c, dead, sums, 2); len(files) != 0 {
+		t.Fatalf("captured %d transactions from a bare header", len(files))
+	}
+	files, _ := captureAll(t, &c, wal, sums, 2)
+	if len(files) != 1 {
+		t.Fatalf("captured %d transactions, want 1", len(files))
 	}
 	mustEqualDB(t, replay(t, base, files, 4096), recovered(t, db, wal))
 }

@@ -28,9 +28,8 @@ const (
 // log as empty, and so does this package.
 var ErrNoHeader = errors.New("no valid WAL header")
 
-// Header is the 32-byte header at the start of a WAL file. The salts identify
-// one generation of the log: SQLite changes them each time it restarts the log
-// from the beginning.
+// Header is the 32-byte header at the start of a WAL file. SQLite writes a
+// new one, with new salts, each time it restarts the log from the beginning.
 type Header struct {
 	BigEndian bool // checksum words are big-endian (magic 0x377f0683)
 	PageSize  uint32
@@ -84,10 +83,13 @@ func (h Header) FrameSize() int64 { return FrameHeaderSize + int64(h.PageSize) }
 // FrameOffset is the file offset of the frame with 0-based index i.
 func (h Header) FrameOffset(i int64) int64 { return HeaderSize + i*h.FrameSize() }
 
-// SameGeneration reports whether g is the same log generation as h.
-func (h Header) SameGeneration(g Header) bool {
-	return h.Salt1 == g.Salt1 && h.Salt2 == g.Salt2 && h.PageSize == g.PageSize && h.BigEndian == g.BigEndian
-}
+// SameGeneration reports whether g is the same log generation as h: the
+// same header, byte for byte. Equal salts are not enough: a writer that
+// restarts the log and dies before committing leaves its salts in the WAL
+// index, and the next writer rewrites the header with them but with its
+// own checkpoint counter, hence another header checksum, which seeds the
+// checksum chain of every frame after it.
+func (h Header) SameGeneration(g Header) bool { return h == g }
 
 // FrameHeader is the 24-byte header in front of every page in the log.
 type FrameHeader struct {
