@@ -6,6 +6,7 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/lfuse/lfuse/replicate"
 	"github.com/superfly/ltx"
@@ -125,7 +126,7 @@ func TestCaptureCases(t *testing.T) {
 				workers = append(workers, startWorker(t, "bank-writer", "DB="+e.path(rel), "N=400", fmt.Sprintf("SEED=%d", i), "NAME=w", "CKPT=100"))
 			}
 			for _, w := range workers {
-				if err := w.wait(t, 0x7fffffff); err != nil {
+				if err := w.wait(t, 5*time.Minute); err != nil {
 					t.Fatalf("%v\n%s", err, w.out)
 				}
 			}
