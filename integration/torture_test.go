@@ -745,6 +745,12 @@ func (tr *trial) replicaUnwritable() {
 		time.Sleep(10 * time.Millisecond)
 	}
 	time.Sleep(tr.outageMs())
+	// A replica busy with a long step (a snapshot built after a restart)
+	// may not write during a short outage: keep it read-only until it has
+	// tried, so the report can be checked.
+	if err := tr.lf.log.waitCount("replica sync failed", failed+1, time.Minute, tr.lf.done); err != nil {
+		tr.fatalf("the read-only replica was not reported within a minute: %v\n%s", err, tr.lf.log)
+	}
 	if err := syscall.Unmount(tr.repl, syscall.MNT_DETACH); err != nil {
 		tr.t.Fatalf("unmount read-only replica: %v", err)
 	}
