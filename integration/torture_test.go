@@ -145,7 +145,6 @@ type trial struct {
 	final   map[string]string // each database's content at the end
 	// tolerant is set while a fault lets the application see errors.
 	tolerant bool
-	outages  map[string]int // replica-sync outages, capture outages
 	kills    int
 }
 
@@ -166,7 +165,7 @@ var ciPlan = [][]string{
 
 // newTrial sets up a trial; faults, if given, replace the drawn ones.
 func newTrial(t *testing.T, seed int64, base string, servers map[string]string, faults []string) *trial {
-	tr := &trial{t: t, seed: seed, rng: mrand.New(mrand.NewSource(seed)), start: time.Now(), outages: map[string]int{}}
+	tr := &trial{t: t, seed: seed, rng: mrand.New(mrand.NewSource(seed)), start: time.Now()}
 	tr.root = filepath.Join(base, fmt.Sprintf("seed-%d", seed))
 	os.RemoveAll(tr.root)
 	tr.data, tr.state = filepath.Join(tr.root, "data"), filepath.Join(tr.root, "state")
@@ -723,7 +722,6 @@ func (tr *trial) s3Down() {
 	time.Sleep(time.Duration(1000+tr.rng.Intn(4000)) * time.Millisecond)
 	tr.s3.start()
 	tr.awaitRecovery(failed, "replica sync failed", "replica recovered", false)
-	tr.outages["replica"]++
 }
 
 func (tr *trial) replicaUnwritable() {
@@ -755,7 +753,6 @@ func (tr *trial) replicaUnwritable() {
 		tr.t.Fatalf("unmount read-only replica: %v", err)
 	}
 	tr.awaitRecovery(failed, "replica sync failed", "replica recovered", true)
-	tr.outages["replica"]++
 }
 
 // awaitRecovery checks that an outage was reported (each database once
@@ -819,7 +816,6 @@ func (tr *trial) diskFull(dir string, state bool) {
 		// Every commit goes to the local log, and the application commits
 		// all the time: capture must have failed, and must recover.
 		tr.awaitRecovery(failed, "capture failed; will retry", "capture recovered", true)
-		tr.outages["capture"]++
 		// Files for the replicas are built in the state directory too.
 		tr.awaitRecovery(syncFailed, "replica sync failed", "replica recovered", false)
 	} else {
