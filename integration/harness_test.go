@@ -282,60 +282,15 @@ func (l *lineLog) count(substr string) int {
 	return n
 }
 
-// waitCount blocks until n lines contain substr, the process ends, or the
-// timeout passes.
-func (l *lineLog) waitCount(substr string, n int, timeout time.Duration, done <-chan struct{}) error {
-	deadline := time.Now().Add(timeout)
-	for l.count(substr) < n {
-		if time.Now().After(deadline) {
-			return fmt.Errorf("%d lines with %q within %v, want %d", l.count(substr), substr, timeout, n)
-		}
-		l.mu.Lock()
-		seen := len(l.lines)
-		l.mu.Unlock()
-		// Woken by the next line, or by the end of the process or timeout.
-		if err := l.waitLines(seen+1, time.Until(deadline), done); err != nil && l.count(substr) < n {
-			return fmt.Errorf("%w; %d lines with %q, want %d", err, l.count(substr), substr, n)
-		}
-	}
-	return nil
-}
-
-// waitLines blocks until the log holds n lines.
-func (l *lineLog) waitLines(n int, timeout time.Duration, done <-chan struct{}) error {
-	stop := make(chan struct{})
-	defer close(stop)
-	go func() {
-		select {
-		case <-done:
-		case <-time.After(timeout):
-		case <-stop:
-			return
-		}
-		l.mu.Lock()
-		l.cond.Broadcast()
-		l.mu.Unlock()
-	}()
-	deadline := time.Now().Add(timeout)
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	for len(l.lines) < n {
-		select {
-		case <-done:
-			return errors.New("process exited")
-		default:
-		}
-		if time.Now().After(deadline) {
-			return errors.New("timed out")
-		}
-		l.cond.Wait()
-	}
-	return nil
-}
-
 // wait blocks until a line containing substr is written, the process ends
 // (done closes), or the timeout passes.
 func (l *lineLog) wait(substr string, timeout time.Duration, done <-chan struct{}) error {
+	return l.waitCount(substr, 1, timeout, done)
+}
+
+// waitCount blocks until n lines contain substr, the process ends, or the
+// timeout passes.
+func (l *lineLog) waitCount(substr string, n int, timeout time.Duration, done <-chan struct{}) error {
 	deadline := time.Now().Add(timeout)
 	stop := make(chan struct{})
 	defer close(stop)
@@ -353,18 +308,22 @@ func (l *lineLog) wait(substr string, timeout time.Duration, done <-chan struct{
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	for {
+		seen := 0
 		for _, line := range l.lines {
 			if strings.Contains(line, substr) {
-				return nil
+				seen++
 			}
+		}
+		if seen >= n {
+			return nil
 		}
 		select {
 		case <-done:
-			return fmt.Errorf("process exited before logging %q", substr)
+			return fmt.Errorf("process exited after %d of %d lines with %q", seen, n, substr)
 		default:
 		}
 		if time.Now().After(deadline) {
-			return fmt.Errorf("no %q within %v", substr, timeout)
+			return fmt.Errorf("%d of %d lines with %q within %v", seen, n, substr, timeout)
 		}
 		l.cond.Wait()
 	}
