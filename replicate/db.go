@@ -625,8 +625,12 @@ func (d *DB) compactLog() error {
 	}
 	reader := NewLogReader(d.logDir())
 	snap, err := reader.Snapshot()
-	if err != nil || snap.TXID() != snapTXID || segBytes < snap.Size {
+	if err != nil {
 		return err
+	}
+	defer releaseRefs(snap)
+	if snap.TXID() != snapTXID || segBytes < snap.Size {
+		return nil
 	}
 	refs, err := reader.Refs(snapTXID, upTo)
 	if errors.Is(err, errLogMoved) {
@@ -634,6 +638,7 @@ func (d *DB) compactLog() error {
 	} else if err != nil {
 		return err
 	}
+	defer releaseRefs(refs...)
 	srcs := []source{refSource(snap)}
 	for _, ref := range refs {
 		srcs = append(srcs, refSource(ref))

@@ -10,11 +10,28 @@ import (
 )
 
 // Ref locates one record of a local log: an LTX file at Off..Off+Size of the
-// file at Path. Readers open it with a section reader, without copying.
+// file at Path. Readers read it with a section reader, without copying.
+//
+// A ref found by a LogReader holds its file open until released: a fold of
+// the log may replace the file with a new snapshot at any moment, and what
+// was found must stay readable until it has been shipped.
 type Ref struct {
 	Record
 	Path      string
 	Off, Size int64
+	file      *os.File
+}
+
+// releaseRefs closes the files refs hold open. Refs of one segment share
+// its file.
+func releaseRefs(refs ...Ref) {
+	seen := map[*os.File]bool{}
+	for _, r := range refs {
+		if r.file != nil && !seen[r.file] {
+			seen[r.file] = true
+			r.file.Close()
+		}
+	}
 }
 
 // LogReader finds records in a local log that another goroutine may be
@@ -37,37 +54,43 @@ func NewLogReader(dir string) *LogReader { return &LogReader{dir: dir} }
 // snapshot replaced them): start again from the snapshot.
 var errLogMoved = errors.New("the local log no longer holds those records")
 
-// Snapshot returns the log's newest snapshot.
+// Snapshot returns the log's newest snapshot, held open until released.
 func (lr *LogReader) Snapshot() (Ref, error) {
 	l := &Log{dir: lr.dir}
-	snaps, _, err := l.files()
-	if err != nil {
-		return Ref{}, fmt.Errorf("local log snapshot: %w", err)
+	for attempt := 0; ; attempt++ {
+		snaps, _, err := l.files()
+		if err != nil {
+			return Ref{}, fmt.Errorf("local log snapshot: %w", err)
+		}
+		if len(snaps) == 0 {
+			return Ref{}, errNoSnapshot
+		}
+		path := l.snapshotPath(snaps[len(snaps)-1])
+		f, err := os.Open(path)
+		if errors.Is(err, os.ErrNotExist) && attempt < 3 {
+			continue // a newer snapshot replaced it since the listing
+		} else if err != nil {
+			return Ref{}, err
+		}
+		st, err := f.Stat()
+		if err != nil {
+			f.Close()
+			return Ref{}, err
+		}
+		rec, err := peekRecord(f, 0, st.Size())
+		if err != nil {
+			f.Close()
+			return Ref{}, fmt.Errorf("%s: %w", path, err)
+		}
+		return Ref{Record: rec, Path: path, Size: st.Size(), file: f}, nil
 	}
-	if len(snaps) == 0 {
-		return Ref{}, errNoSnapshot
-	}
-	path := l.snapshotPath(snaps[len(snaps)-1])
-	f, err := os.Open(path)
-	if err != nil {
-		return Ref{}, err
-	}
-	defer f.Close()
-	st, err := f.Stat()
-	if err != nil {
-		return Ref{}, err
-	}
-	rec, err := peekRecord(f, 0, st.Size())
-	if err != nil {
-		return Ref{}, fmt.Errorf("%s: %w", path, err)
-	}
-	return Ref{Record: rec, Path: path, Size: st.Size()}, nil
 }
 
 // Refs returns the transaction records with TXIDs after..upTo, which must
-// all have been stored. If the newest snapshot is past after, it returns
-// errLogMoved: the caller starts from Snapshot instead.
-func (lr *LogReader) Refs(after, upTo ltx.TXID) ([]Ref, error) {
+// all have been stored, held open until released. If the newest snapshot is
+// past after, it returns errLogMoved: the caller starts from Snapshot
+// instead.
+func (lr *LogReader) Refs(after, upTo ltx.TXID) (_ []Ref, err error) {
 	if upTo <= after {
 		return nil, nil
 	}
@@ -89,6 +112,11 @@ func (lr *LogReader) Refs(after, upTo ltx.TXID) ([]Ref, error) {
 		return nil, errLogMoved
 	}
 	var refs []Ref
+	defer func() {
+		if err != nil {
+			releaseRefs(refs...)
+		}
+	}()
 	for ; i < len(segs) && segs[i] <= upTo; i++ {
 		path := l.segmentPath(segs[i])
 		off, next := int64(0), segs[i]
@@ -114,13 +142,18 @@ func (lr *LogReader) Refs(after, upTo ltx.TXID) ([]Ref, error) {
 }
 
 // readRefs walks a segment from off (where the record with TXID next
-// starts), returning the records within after+1..upTo and where it stopped.
+// starts), returning the records within after+1..upTo, which hold the
+// segment open, and where it stopped.
 func readRefs(path string, off int64, next, after, upTo ltx.TXID) (refs []Ref, end int64, endTXID ltx.TXID, err error) {
 	f, err := os.Open(path)
 	if err != nil {
 		return nil, 0, 0, err
 	}
-	defer f.Close()
+	defer func() {
+		if len(refs) == 0 || err != nil {
+			f.Close()
+		}
+	}()
 	st, err := f.Stat()
 	if err != nil {
 		return nil, 0, 0, err
@@ -143,7 +176,7 @@ func readRefs(path string, off int64, next, after, upTo ltx.TXID) (refs []Ref, e
 			return nil, 0, 0, fmt.Errorf("%s at %d: record TXID %s, expected %s", path, off, rec.Header.MinTXID, next)
 		}
 		if rec.TXID() > after {
-			refs = append(refs, Ref{Record: rec, Path: path, Off: off + 8, Size: n})
+			refs = append(refs, Ref{Record: rec, Path: path, Off: off + 8, Size: n, file: f})
 		}
 		off += 8 + n
 		next = rec.TXID() + 1

@@ -311,11 +311,13 @@ func (r *Replica) syncLocked(ctx context.Context) error {
 		return nil
 	}
 	refs, err := r.reader.Refs(r.pos.TXID, upTo)
+	defer func() { releaseRefs(refs...) }()
 	if errors.Is(err, errLogMoved) || r.pos.TXID == 0 {
 		snap, err := r.reader.Snapshot()
 		if err != nil {
 			return err
 		}
+		defer releaseRefs(snap)
 		if snap.TXID() > upTo {
 			return nil // a snapshot newer than what the DB reported; next pass
 		}
@@ -326,6 +328,7 @@ func (r *Replica) syncLocked(ctx context.Context) error {
 		if err := r.upload(ctx, SnapshotLevel, []source{refSource(snap)}, snap.Trailer.PostApplyChecksum); err != nil {
 			return err
 		}
+		releaseRefs(refs...)
 		if refs, err = r.reader.Refs(snap.TXID(), upTo); err != nil {
 			return err
 		}
@@ -439,6 +442,7 @@ func (r *Replica) compactLocked(ctx context.Context, level int) error {
 	var srcs []source
 	post := last.PostApplyChecksum
 	if refs, err := r.reader.Refs(first.MinTXID-1, last.MaxTXID); err == nil {
+		defer releaseRefs(refs...)
 		for _, ref := range refs {
 			srcs = append(srcs, refSource(ref))
 		}
@@ -499,12 +503,14 @@ func (r *Replica) snapshotLocked(ctx context.Context, now time.Time) error {
 	if err != nil {
 		return err
 	}
+	defer releaseRefs(snap)
 	srcs := []source{refSource(snap)}
 	if r.pos.TXID > snap.TXID() {
 		refs, err := r.reader.Refs(snap.TXID(), r.pos.TXID)
 		if err != nil {
 			return nil // the log moved on; its new snapshot is shipped by the next sync
 		}
+		defer releaseRefs(refs...)
 		for _, ref := range refs {
 			srcs = append(srcs, refSource(ref))
 		}

@@ -6,6 +6,7 @@ import (
 	"crypto/sha256"
 	"database/sql"
 	"errors"
+	"io"
 	"log/slog"
 	"os"
 	"path/filepath"
@@ -267,6 +268,58 @@ func TestLocalLogFolds(t *testing.T) {
 	}
 	if got, _ := os.ReadFile(out); !bytes.Equal(got, want) {
 		t.Fatal("restore after folding differs")
+	}
+}
+
+// What a replica found in the local log stays readable while a fold
+// replaces those files with a new snapshot: a torture trial saw a replica's
+// periodic snapshot fail with "no such file" when the fold, running in the
+// background, removed the segment it was reading.
+func TestRefsOutliveFold(t *testing.T) {
+	defer func(n int64) { maxSegment = n }(maxSegment)
+	maxSegment = 32 << 10
+	rs := newReplicaSetup(t, ReplicaOptions{SyncInterval: time.Hour})
+	defer rs.m.Close()
+	rs.db.Exec("CREATE TABLE t(v BLOB)")
+	rs.m.Opened("app.db-wal", true)
+	rs.m.SyncAll()
+	for i := 0; i < 300; i++ {
+		if _, err := rs.db.Exec("INSERT INTO t VALUES(randomblob(3000))"); err != nil {
+			t.Fatal(err)
+		}
+		rs.m.SyncAll()
+	}
+	d := rs.m.DB("app.db")
+	r := d.Replicas()[0]
+	if err := r.Flush(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	reader := NewLogReader(LogDir(rs.state, "app.db"))
+	snap, err := reader.Snapshot()
+	if err != nil {
+		t.Fatal(err)
+	}
+	refs, err := reader.Refs(snap.TXID(), r.Pos())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer releaseRefs(append(refs, snap)...)
+	if err := d.compactLog(); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := os.Stat(refs[0].Path); !errors.Is(err, os.ErrNotExist) {
+		t.Fatalf("the fold kept %s (%v): this test needs it gone", refs[0].Path, err)
+	}
+	srcs := []source{refSource(snap)}
+	for _, ref := range refs {
+		srcs = append(srcs, refSource(ref))
+	}
+	hdr, err := mergeSources(io.Discard, srcs, t.TempDir(), false)
+	if err != nil {
+		t.Fatalf("reading what the log held before the fold: %v", err)
+	}
+	if hdr.MaxTXID != r.Pos() {
+		t.Fatalf("merged up to %s, want %s", hdr.MaxTXID, r.Pos())
 	}
 }
 
