@@ -873,7 +873,10 @@ func (tr *trial) rollback() {
 	}
 	for _, db := range tr.dbs {
 		d := tr.digestLive(db, 10*time.Second)
-		if d != f.digests[db] {
+		// The copy's WAL may end with a commit its writer had written but
+		// not yet published when it was stopped: SQLite's recovery of the
+		// copy keeps it.
+		if d != f.digests[db] && !tr.inFlightAt(db, *f, d) {
 			tr.fatalf("%s put back from a copy reads %s through the mount, the copy was %s", db, d, f.digests[db])
 		}
 		var seq int64
