@@ -216,20 +216,10 @@ func mergeOpen(w io.Writer, srcs []source, tmpDir string, checksums bool) (ltx.H
 	return hdr, err
 }
 
-// refSource reads a record of the local log, through the file the ref holds
-// open if it has one.
+// refSource reads a record of the local log through the file its ref holds
+// open.
 func refSource(r Ref) source {
 	return func() (io.ReadCloser, error) {
-		if r.file != nil {
-			return io.NopCloser(io.NewSectionReader(r.file, r.Off, r.Size)), nil
-		}
-		f, err := os.Open(r.Path)
-		if err != nil {
-			return nil, err
-		}
-		return struct {
-			io.Reader
-			io.Closer
-		}{io.NewSectionReader(f, r.Off, r.Size), f}, nil
+		return io.NopCloser(io.NewSectionReader(r.file, r.Off, r.Size)), nil
 	}
 }
