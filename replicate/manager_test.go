@@ -225,6 +225,9 @@ func TestCaptureStallIsDetected(t *testing.T) {
 	}
 	m.Opened("app.db-wal", true)
 	m.SyncAll()
+	// Discovery started a capture pass of its own; were it to run between
+	// the insert and the damage, it would capture the commit intact.
+	m.DB("app.db").wg.Wait()
 	if strings.Contains(logs.String(), "WAL index counts") {
 		t.Fatalf("a healthy capture was reported stuck:\n%s", logs)
 	}
