@@ -69,10 +69,16 @@ type Replica struct {
 	client ReplicaClient
 	opts   ReplicaOptions
 	logger *slog.Logger
-	reader *LogReader
+	reader *LogReader // the sync's
 	tmpDir string
 
-	mu          sync.Mutex // one sync, compaction or flush at a time
+	// mu is held by a sync or flush for its whole length, and briefly by
+	// maintenance (compaction, snapshots, retention) to plan its work and
+	// to record what it did. Maintenance runs on its own goroutine and
+	// makes its requests without mu: a daily snapshot of a large database
+	// can take minutes to upload, and new commits must keep reaching the
+	// replica meanwhile.
+	mu          sync.Mutex
 	listed      bool
 	files       [SnapshotLevel + 1][]ltx.FileInfo
 	pos         ltx.Pos
@@ -80,6 +86,16 @@ type Replica struct {
 	failing     bool
 	failedAt    time.Time // when the outage began
 	lastTry     time.Time
+
+	// maintMu makes compactions, snapshots and retention passes take
+	// turns; the fields after it are the maintenance loop's own.
+	maintMu       sync.Mutex
+	maintReader   *LogReader
+	maintKick     chan struct{}
+	maintDone     chan struct{}
+	maintFailing  bool
+	maintFailedAt time.Time
+	maintLastTry  time.Time
 
 	// failingNow mirrors failing for Stats, which must not wait for a
 	// sync in progress: that can take the S3 client's retries, or a large
@@ -108,6 +124,10 @@ func newReplica(d *DB, client ReplicaClient, opts ReplicaOptions, logger *slog.L
 		tmpDir: d.dir,
 		stop:   make(chan struct{}),
 		done:   make(chan struct{}),
+
+		maintReader: NewLogReader(d.logDir()),
+		maintKick:   make(chan struct{}, 1),
+		maintDone:   make(chan struct{}),
 	}
 }
 
@@ -117,9 +137,25 @@ func (r *Replica) Client() ReplicaClient { return r.client }
 // Pos is the newest TXID known to be in the replica.
 func (r *Replica) Pos() ltx.TXID { return ltx.TXID(r.synced.Load()) }
 
-// start runs the sync loop until Stop.
+// start runs the sync loop and the maintenance loop until Stop.
 func (r *Replica) start() {
-	r.startOnce.Do(func() { go r.run() })
+	r.startOnce.Do(func() {
+		go r.run()
+		go r.maintainLoop()
+	})
+}
+
+// stopContext is a context cancelled by Stop.
+func (r *Replica) stopContext() (context.Context, context.CancelFunc) {
+	ctx, cancel := context.WithCancel(context.Background())
+	go func() {
+		select {
+		case <-r.stop:
+		case <-ctx.Done():
+		}
+		cancel()
+	}()
+	return ctx, cancel
 }
 
 func (r *Replica) run() {
@@ -127,14 +163,7 @@ func (r *Replica) run() {
 	t := time.NewTicker(r.opts.SyncInterval)
 	defer t.Stop()
 	for {
-		ctx, cancel := context.WithCancel(context.Background())
-		go func() {
-			select {
-			case <-r.stop:
-			case <-ctx.Done():
-			}
-			cancel()
-		}()
+		ctx, cancel := r.stopContext()
 		r.tick(ctx)
 		cancel()
 		select {
@@ -145,11 +174,12 @@ func (r *Replica) run() {
 	}
 }
 
-// tick syncs and then does whatever compaction, snapshot or retention work
-// is due. Errors are logged once per outage; the next tick retries.
+// tick syncs, then lets the maintenance loop do whatever compaction,
+// snapshot or retention work is due. Errors are logged once per outage;
+// the next tick retries.
 func (r *Replica) tick(ctx context.Context) {
 	r.mu.Lock()
-	if r.failing && time.Since(r.lastTry) < r.backoff() {
+	if r.failing && time.Since(r.lastTry) < backoff(r.opts.SyncInterval, r.failedAt) {
 		r.mu.Unlock()
 		return
 	}
@@ -158,21 +188,64 @@ func (r *Replica) tick(ctx context.Context) {
 	if errors.Is(err, errResnapshot) {
 		err = nil // the database's loop takes the snapshot; a later tick ships it
 	}
-	if err == nil {
-		err = r.maintainLocked(ctx, time.Now())
-	}
 	r.result(err)
 	r.mu.Unlock()
 	if err == nil {
 		r.db.foldLog()
+		select {
+		case r.maintKick <- struct{}{}:
+		default: // maintenance is busy; it looks again after this pass
+		}
 	}
 }
 
-// backoff is the wait between attempts during an outage: the sync interval
-// at first, growing with the outage to 30 s, with jitter so that many
-// databases do not retry in step.
-func (r *Replica) backoff() time.Duration {
-	d := min(max(r.opts.SyncInterval, time.Since(r.failedAt)/4), 30*time.Second)
+// maintainLoop does the maintenance a sync asks for, one pass at a time.
+func (r *Replica) maintainLoop() {
+	defer close(r.maintDone)
+	for {
+		select {
+		case <-r.stop:
+			return
+		case <-r.maintKick:
+		}
+		if r.maintFailing && time.Since(r.maintLastTry) < backoff(r.opts.SyncInterval, r.maintFailedAt) {
+			continue
+		}
+		r.maintLastTry = time.Now()
+		ctx, cancel := r.stopContext()
+		err := r.maintain(ctx, time.Now())
+		cancel()
+		r.maintResult(err)
+	}
+}
+
+// maintResult logs maintenance failures once per outage, apart from the
+// syncs': a compaction or snapshot that fails while syncs succeed must not
+// make the replica look healthy and broken in turn every second.
+func (r *Replica) maintResult(err error) {
+	switch {
+	case err == nil:
+		if r.maintFailing {
+			r.logger.Info("replica maintenance recovered", "outage_seconds", time.Since(r.maintFailedAt).Seconds())
+			r.maintFailing = false
+		}
+	case errors.Is(err, context.Canceled):
+	default:
+		r.errs.Add(1)
+		if !r.maintFailing {
+			r.logger.Error("replica compaction, snapshot or retention failed; will retry", "err", err)
+			r.maintFailing, r.maintFailedAt = true, time.Now()
+		} else {
+			r.logger.Debug("replica maintenance still failing", "err", err)
+		}
+	}
+}
+
+// backoff is the wait between attempts during an outage that began at
+// since: every at first, growing with the outage to 30 s, with jitter so
+// that many databases do not retry in step.
+func backoff(every time.Duration, since time.Time) time.Duration {
+	d := min(max(every, time.Since(since)/4), 30*time.Second)
 	return d/2 + rand.N(d/2+1)
 }
 
@@ -204,8 +277,9 @@ func (r *Replica) Stop() {
 	default:
 		close(r.stop)
 	}
-	r.startOnce.Do(func() { close(r.done) })
+	r.startOnce.Do(func() { close(r.done); close(r.maintDone) })
 	<-r.done
+	<-r.maintDone
 }
 
 // Flush ships everything captured so far, retrying until ctx ends.
@@ -325,9 +399,11 @@ func (r *Replica) syncLocked(ctx context.Context) error {
 			r.db.resnapshotAbove(r.pos.TXID, fmt.Sprintf("the local log cannot continue replica %s at TXID %s", r.client, r.pos.TXID))
 			return errResnapshot
 		}
-		if err := r.upload(ctx, SnapshotLevel, []source{refSource(snap)}, snap.Trailer.PostApplyChecksum); err != nil {
+		info, err := r.upload(ctx, SnapshotLevel, []source{refSource(snap)}, snap.Trailer.PostApplyChecksum)
+		if err != nil {
 			return err
 		}
+		r.record(info)
 		releaseRefs(refs...)
 		if refs, err = r.reader.Refs(snap.TXID(), upTo); err != nil {
 			return err
@@ -346,9 +422,11 @@ func (r *Replica) syncLocked(ctx context.Context) error {
 	for i, ref := range refs {
 		srcs[i] = refSource(ref)
 	}
-	if err := r.upload(ctx, 0, srcs, refs[len(refs)-1].Trailer.PostApplyChecksum); err != nil {
+	info, err := r.upload(ctx, 0, srcs, refs[len(refs)-1].Trailer.PostApplyChecksum)
+	if err != nil {
 		return err
 	}
+	r.record(info)
 	// From the first commit of the batch being captured to the batch
 	// being durable in the replica: the longest any of its commits waited.
 	r.logger.Debug("synced", "txid", upTo.String(), "commits", uint64(upTo-refs[0].Header.MinTXID+1),
@@ -358,69 +436,94 @@ func (r *Replica) syncLocked(ctx context.Context) error {
 	return nil
 }
 
-// upload merges srcs into one file of the given level and stores it.
-func (r *Replica) upload(ctx context.Context, level int, srcs []source, post ltx.Checksum) error {
+// upload merges srcs into one file of the given level and stores it. It
+// needs no lock: the caller records the file.
+func (r *Replica) upload(ctx context.Context, level int, srcs []source, post ltx.Checksum) (ltx.FileInfo, error) {
 	tmp, err := os.CreateTemp(r.tmpDir, "upload-*.ltx")
 	if err != nil {
-		return err
+		return ltx.FileInfo{}, err
 	}
 	defer func() { tmp.Close(); os.Remove(tmp.Name()) }()
 	hdr, err := mergeSources(tmp, srcs, r.tmpDir, false)
 	if err != nil {
-		return fmt.Errorf("build level %d file: %w", level, err)
+		return ltx.FileInfo{}, fmt.Errorf("build level %d file: %w", level, err)
 	}
 	size, err := tmp.Seek(0, io.SeekCurrent)
 	if err != nil {
-		return err
+		return ltx.FileInfo{}, err
 	}
 	if _, err := tmp.Seek(0, io.SeekStart); err != nil {
-		return err
+		return ltx.FileInfo{}, err
 	}
 	ts := time.UnixMilli(hdr.Timestamp).UTC()
 	if err := r.client.WriteLTXFile(ctx, level, hdr.MinTXID, hdr.MaxTXID, tmp, size,
 		backends.FileMeta{Timestamp: ts, PostApplyChecksum: post}); err != nil {
-		return fmt.Errorf("write level %d file %s: %w", level, ltx.FormatFilename(hdr.MinTXID, hdr.MaxTXID), err)
+		return ltx.FileInfo{}, fmt.Errorf("write level %d file %s: %w", level, ltx.FormatFilename(hdr.MinTXID, hdr.MaxTXID), err)
 	}
 	r.uploaded.Add(size)
-	info := ltx.FileInfo{Level: level, MinTXID: hdr.MinTXID, MaxTXID: hdr.MaxTXID, PostApplyChecksum: post, Size: size, CreatedAt: ts}
-	r.files[level] = append(r.files[level], info)
-	if level == SnapshotLevel || level == 0 {
-		if hdr.MaxTXID > r.pos.TXID {
-			r.pos = ltx.Pos{TXID: hdr.MaxTXID, PostApplyChecksum: post}
-			r.synced.Store(uint64(hdr.MaxTXID))
-		}
-	}
 	if level == SnapshotLevel {
 		r.logger.Info("snapshot uploaded", "txid", hdr.MaxTXID.String(), "bytes", size)
 	} else {
 		r.logger.Debug("uploaded", "level", level, "min", hdr.MinTXID.String(), "max", hdr.MaxTXID.String(), "bytes", size)
 	}
-	return nil
+	return ltx.FileInfo{Level: level, MinTXID: hdr.MinTXID, MaxTXID: hdr.MaxTXID, PostApplyChecksum: post, Size: size, CreatedAt: ts}, nil
 }
 
-// maintainLocked compacts levels, takes a snapshot and applies retention,
-// each when its interval has passed.
-func (r *Replica) maintainLocked(ctx context.Context, now time.Time) error {
+// record adds an uploaded file to the replica's listing, in TXID order: a
+// snapshot taken by maintenance at an older position may finish after a
+// sync shipped a newer one. Call with mu held.
+func (r *Replica) record(info ltx.FileInfo) {
+	files := r.files[info.Level]
+	i := len(files)
+	for i > 0 && files[i-1].MaxTXID > info.MaxTXID {
+		i--
+	}
+	r.files[info.Level] = slices.Insert(files, i, info)
+	if info.Level == SnapshotLevel || info.Level == 0 {
+		if info.MaxTXID > r.pos.TXID {
+			r.pos = ltx.Pos{TXID: info.MaxTXID, PostApplyChecksum: info.PostApplyChecksum}
+			r.synced.Store(uint64(info.MaxTXID))
+		}
+	}
+}
+
+// maintain compacts levels, takes a snapshot and applies retention, each
+// when its interval has passed. It holds mu only to plan and to record.
+func (r *Replica) maintain(ctx context.Context, now time.Time) error {
+	r.mu.Lock()
+	listed := r.listed
+	r.mu.Unlock()
+	if !listed {
+		return nil // the first sync learns what the replica holds
+	}
 	for i, every := range r.opts.CompactIntervals {
 		level := i + 1
-		if now.Sub(r.lastCompact[level]) < every {
+		r.mu.Lock()
+		due := now.Sub(r.lastCompact[level]) >= every
+		r.mu.Unlock()
+		if !due {
 			continue
 		}
-		if err := r.compactLocked(ctx, level); err != nil {
+		if err := r.compact(ctx, level); err != nil {
 			return err
 		}
+		r.mu.Lock()
 		r.lastCompact[level] = now
+		r.mu.Unlock()
 	}
-	if err := r.snapshotLocked(ctx, now); err != nil {
+	if err := r.snapshot(ctx, now); err != nil {
 		return err
 	}
-	return r.retainLocked(ctx, now)
+	return r.retain(ctx, now)
 }
 
-// compactLocked merges the files of level-1 written since the last file of
-// level into one file of level. It reads them from the local log when it
-// still holds them, from the replica otherwise.
-func (r *Replica) compactLocked(ctx context.Context, level int) error {
+// compact merges the files of level-1 written since the last file of level
+// into one file of level. It reads them from the local log when it still
+// holds them, from the replica otherwise.
+func (r *Replica) compact(ctx context.Context, level int) error {
+	r.maintMu.Lock()
+	defer r.maintMu.Unlock()
+	r.mu.Lock()
 	var after ltx.TXID
 	if n := len(r.files[level]); n > 0 {
 		after = r.files[level][n-1].MaxTXID
@@ -435,13 +538,14 @@ func (r *Replica) compactLocked(ctx context.Context, level int) error {
 		}
 		run = append(run, f)
 	}
+	r.mu.Unlock()
 	if len(run) < 2 && !(len(run) == 1 && level > 1) {
 		return nil
 	}
 	first, last := run[0], run[len(run)-1]
 	var srcs []source
 	post := last.PostApplyChecksum
-	if refs, err := r.reader.Refs(first.MinTXID-1, last.MaxTXID); err == nil {
+	if refs, err := r.maintReader.Refs(first.MinTXID-1, last.MaxTXID); err == nil {
 		defer releaseRefs(refs...)
 		for _, ref := range refs {
 			srcs = append(srcs, refSource(ref))
@@ -459,7 +563,14 @@ func (r *Replica) compactLocked(ctx context.Context, level int) error {
 			post = meta.PostApplyChecksum
 		}
 	}
-	return r.upload(ctx, level, srcs, post)
+	info, err := r.upload(ctx, level, srcs, post)
+	if err != nil {
+		return err
+	}
+	r.mu.Lock()
+	r.record(info)
+	r.mu.Unlock()
+	return nil
 }
 
 // remoteSource downloads a replica file into a temporary file, which is
@@ -488,25 +599,30 @@ func (r *Replica) remoteSource(ctx context.Context, f ltx.FileInfo) source {
 	}
 }
 
-// snapshotLocked writes a snapshot at the replica's position when the newest
-// one is older than the snapshot interval.
-func (r *Replica) snapshotLocked(ctx context.Context, now time.Time) error {
+// snapshot writes a snapshot at the replica's position when the newest one
+// is older than the snapshot interval.
+func (r *Replica) snapshot(ctx context.Context, now time.Time) error {
+	r.maintMu.Lock()
+	defer r.maintMu.Unlock()
+	r.mu.Lock()
 	snaps := r.files[SnapshotLevel]
+	pos := r.pos
+	r.mu.Unlock()
 	if len(snaps) == 0 {
 		return nil // the first sync ships one
 	}
 	newest := snaps[len(snaps)-1]
-	if newest.MaxTXID >= r.pos.TXID || now.Sub(newest.CreatedAt) < r.opts.SnapshotInterval {
+	if newest.MaxTXID >= pos.TXID || now.Sub(newest.CreatedAt) < r.opts.SnapshotInterval {
 		return nil
 	}
-	snap, err := r.reader.Snapshot()
+	snap, err := r.maintReader.Snapshot()
 	if err != nil {
 		return err
 	}
 	defer releaseRefs(snap)
 	srcs := []source{refSource(snap)}
-	if r.pos.TXID > snap.TXID() {
-		refs, err := r.reader.Refs(snap.TXID(), r.pos.TXID)
+	if pos.TXID > snap.TXID() {
+		refs, err := r.maintReader.Refs(snap.TXID(), pos.TXID)
 		if err != nil {
 			return nil // the log moved on; its new snapshot is shipped by the next sync
 		}
@@ -514,17 +630,27 @@ func (r *Replica) snapshotLocked(ctx context.Context, now time.Time) error {
 		for _, ref := range refs {
 			srcs = append(srcs, refSource(ref))
 		}
-	} else if snap.TXID() != r.pos.TXID {
+	} else if snap.TXID() != pos.TXID {
 		return nil
 	}
-	return r.upload(ctx, SnapshotLevel, srcs, r.pos.PostApplyChecksum)
+	info, err := r.upload(ctx, SnapshotLevel, srcs, pos.PostApplyChecksum)
+	if err != nil {
+		return err
+	}
+	r.mu.Lock()
+	r.record(info)
+	r.mu.Unlock()
+	return nil
 }
 
-// retainLocked deletes what no point in the retention window needs: the
-// newest snapshot taken before the window opened, and everything after it,
-// stays.
-func (r *Replica) retainLocked(ctx context.Context, now time.Time) error {
+// retain deletes what no point in the retention window needs: the newest
+// snapshot taken before the window opened, and everything after it, stays.
+// Syncs meanwhile only add newer files.
+func (r *Replica) retain(ctx context.Context, now time.Time) error {
+	r.maintMu.Lock()
+	defer r.maintMu.Unlock()
 	cutoff := now.Add(-r.opts.Retention)
+	r.mu.Lock()
 	snaps := r.files[SnapshotLevel]
 	keep := -1
 	for i, s := range snaps {
@@ -533,6 +659,7 @@ func (r *Replica) retainLocked(ctx context.Context, now time.Time) error {
 		}
 	}
 	if keep <= 0 {
+		r.mu.Unlock()
 		return nil
 	}
 	base := snaps[keep].MaxTXID
@@ -544,17 +671,24 @@ func (r *Replica) retainLocked(ctx context.Context, now time.Time) error {
 			}
 		}
 	}
+	r.mu.Unlock()
 	if len(del) == 0 {
 		return nil
 	}
 	if err := r.client.DeleteLTXFiles(ctx, del); err != nil {
 		return fmt.Errorf("delete files past retention: %w", err)
 	}
+	gone := make(map[fileKey]bool, len(del))
+	for _, f := range del {
+		gone[fileKey{f.Level, f.MinTXID, f.MaxTXID}] = true
+	}
+	r.mu.Lock()
 	for level := range r.files {
 		r.files[level] = slices.DeleteFunc(r.files[level], func(f ltx.FileInfo) bool {
-			return (level == SnapshotLevel && f.MaxTXID < base) || (level != SnapshotLevel && f.MaxTXID <= base)
+			return gone[fileKey{f.Level, f.MinTXID, f.MaxTXID}]
 		})
 	}
+	r.mu.Unlock()
 	r.logger.Info("deleted files past retention", "files", len(del), "before_txid", base.String())
 	return nil
 }

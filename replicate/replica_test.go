@@ -13,9 +13,11 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
+	"github.com/lfuse/lfuse/backends"
 	"github.com/lfuse/lfuse/backends/file"
 	"github.com/superfly/ltx"
 )
@@ -92,17 +94,15 @@ func TestReplicaRestoreEveryPoint(t *testing.T) {
 		}
 		step()
 		var err error
-		r.mu.Lock()
 		switch i {
 		case 20, 40, 59:
-			err = r.compactLocked(ctx, 1)
+			err = r.compact(ctx, 1)
 		case 30:
-			err = r.compactLocked(ctx, 2)
+			err = r.compact(ctx, 2)
 		case 45:
 			r.opts.SnapshotInterval = time.Nanosecond
-			err = r.snapshotLocked(ctx, time.Now())
+			err = r.snapshot(ctx, time.Now())
 		}
-		r.mu.Unlock()
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -170,11 +170,18 @@ type replicaSetup struct {
 
 func newReplicaSetup(t *testing.T, opts ReplicaOptions) *replicaSetup {
 	t.Helper()
+	return newWrappedReplicaSetup(t, opts, func(c ReplicaClient) ReplicaClient { return c })
+}
+
+// newWrappedReplicaSetup is newReplicaSetup with the file replica's client
+// passed through wrap.
+func newWrappedReplicaSetup(t *testing.T, opts ReplicaOptions, wrap func(ReplicaClient) ReplicaClient) *replicaSetup {
+	t.Helper()
 	data := t.TempDir()
 	rs := &replicaSetup{path: filepath.Join(data, "app.db"), state: filepath.Join(t.TempDir(), "state"), repl: t.TempDir()}
 	rs.m = NewManager(data, rs.state, slog.New(slog.NewTextHandler(&logBuffer{}, &slog.HandlerOptions{Level: slog.LevelDebug})))
 	rs.m.Replicas = func(rel string) []ReplicaSpec {
-		return []ReplicaSpec{{Client: file.New(filepath.Join(rs.repl, rel)), Options: opts}}
+		return []ReplicaSpec{{Client: wrap(file.New(filepath.Join(rs.repl, rel))), Options: opts}}
 	}
 	if err := rs.m.Open(context.Background()); err != nil {
 		t.Fatal(err)
@@ -380,6 +387,112 @@ func TestSyncsWhileLogFolds(t *testing.T) {
 // Status and metrics must answer while a sync is in progress: during an
 // outage one can last as long as the S3 client's retries (lfuse status
 // timed out in a torture trial with the S3 server down).
+// gatedClient holds snapshot uploads, once armed, until released.
+type gatedClient struct {
+	ReplicaClient
+	armed    atomic.Bool
+	started  chan struct{} // closed when a held upload begins
+	release  chan struct{}
+	finished chan error // the held upload's result
+}
+
+func (c *gatedClient) WriteLTXFile(ctx context.Context, level int, min, max ltx.TXID, r io.Reader, size int64, meta backends.FileMeta) error {
+	if level != SnapshotLevel || !c.armed.CompareAndSwap(true, false) {
+		return c.ReplicaClient.WriteLTXFile(ctx, level, min, max, r, size, meta)
+	}
+	close(c.started)
+	select {
+	case <-c.release:
+	case <-ctx.Done():
+		c.finished <- ctx.Err()
+		return ctx.Err()
+	}
+	err := c.ReplicaClient.WriteLTXFile(ctx, level, min, max, r, size, meta)
+	c.finished <- err
+	return err
+}
+
+// A scheduled snapshot can take minutes to upload for a large database;
+// commits made meanwhile must keep reaching the replica, not wait for it.
+func TestSyncsContinueDuringSnapshot(t *testing.T) {
+	gate := &gatedClient{started: make(chan struct{}), release: make(chan struct{}), finished: make(chan error, 1)}
+	rs := newWrappedReplicaSetup(t, ReplicaOptions{
+		SyncInterval: 10 * time.Millisecond, SnapshotInterval: time.Millisecond,
+		CompactIntervals: []time.Duration{time.Hour},
+	}, func(c ReplicaClient) ReplicaClient { gate.ReplicaClient = c; return gate })
+	m, db := rs.m, rs.db
+	defer m.Close()
+	var releaseOnce sync.Once
+	defer releaseOnce.Do(func() { close(gate.release) })
+	ctx := context.Background()
+	db.Exec("CREATE TABLE t(k INTEGER PRIMARY KEY, v BLOB)")
+	m.Opened("app.db-wal", true)
+	m.SyncAll()
+	r := m.DB("app.db").Replicas()[0]
+	if err := r.Flush(ctx); err != nil { // ships the first snapshot
+		t.Fatal(err)
+	}
+	gate.armed.Store(true)
+	insert := func(k int) {
+		t.Helper()
+		if _, err := db.Exec("INSERT INTO t VALUES(?, randomblob(3000))", k); err != nil {
+			t.Fatal(err)
+		}
+		m.SyncAll()
+	}
+	insert(1)
+	select {
+	case <-gate.started:
+	case <-time.After(30 * time.Second):
+		t.Fatal("no scheduled snapshot began")
+	}
+	for k := 2; k <= 5; k++ {
+		insert(k)
+		flushed := make(chan error, 1)
+		go func() {
+			fctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+			defer cancel()
+			flushed <- r.Flush(fctx)
+		}()
+		select {
+		case err := <-flushed:
+			if err != nil {
+				t.Fatal(err)
+			}
+		case <-time.After(20 * time.Second):
+			t.Fatal("a sync waited for the snapshot being uploaded")
+		}
+		if want := m.DB("app.db").Stats().TXID; r.Pos() != want {
+			t.Fatalf("replica at TXID %s while the snapshot uploads, database at %s", r.Pos(), want)
+		}
+	}
+	releaseOnce.Do(func() { close(gate.release) })
+	if err := <-gate.finished; err != nil {
+		t.Fatal(err)
+	}
+	if snaps := mustList(t, r.Client(), SnapshotLevel); len(snaps) != 2 {
+		t.Fatalf("%d snapshots in the replica, want 2", len(snaps))
+	}
+	// The latest restore still gives every row.
+	plan, err := PlanRestore(ctx, r.Client(), Target{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	out := filepath.Join(t.TempDir(), "restored.db")
+	if _, err := Restore(ctx, r.Client(), plan, out, RestoreOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	rdb, err := sql.Open("sqlite3", out)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer rdb.Close()
+	var n int
+	if err := rdb.QueryRow("SELECT count(*) FROM t").Scan(&n); err != nil || n != 5 {
+		t.Fatalf("restored %d rows (%v), want 5", n, err)
+	}
+}
+
 func TestStatsDuringSync(t *testing.T) {
 	rs := newReplicaSetup(t, ReplicaOptions{SyncInterval: time.Hour})
 	defer rs.m.Close()
@@ -433,10 +546,10 @@ func TestRetention(t *testing.T) {
 		m.SyncAll()
 		r.mu.Lock()
 		err := r.syncLocked(ctx)
-		if err == nil {
-			err = r.maintainLocked(ctx, time.Now())
-		}
 		r.mu.Unlock()
+		if err == nil {
+			err = r.maintain(ctx, time.Now())
+		}
 		if err != nil {
 			t.Fatal(err)
 		}
