@@ -130,7 +130,7 @@ func TestManagerCaptureAndRestart(t *testing.T) {
 	// The discovery snapshot (TXID 1) holds whatever was committed before
 	// it ran; after it, one TXID per commit.
 	if st.Status != "tracking" || st.Snapshots != 1 || int64(st.TXID) != 1+st.Captured || st.Captured < 300 {
-		t.Fatalf("stats after capture: %+v", st)
+		t.Fatalf("stats after capture: %+v\n%s", st, logs)
 	}
 	if err := m.Close(); err != nil {
 		t.Fatal(err)
