@@ -70,7 +70,7 @@ bench: deps
 	for i in $$(seq $(BENCH_ROUNDS)); do \
 		$(GO) test ./integration -run '^$$' -bench '^Benchmark(SmallWrites|PointReads|BulkInsert|ColdScan)$$' -benchtime 2s -count 1 -timeout 60m | tee -a bench.out || exit 1; \
 	done
-	$(GO) test ./integration -run '^$$' -bench '^BenchmarkReplica(Restore|Lag|RestoreS3)$$' -benchtime 3x -count 1 -timeout 60m | tee bench-replica.out
+	$(GO) test ./integration -run '^$$' -bench '^BenchmarkReplica(Restore|Lag|LagDuringSnapshot|RestoreS3)$$' -benchtime 3x -count 1 -timeout 60m | tee bench-replica.out
 	$(GO) test ./integration -run '^$$' -bench '^BenchmarkReplicaRequests$$' -benchtime 1x -count 1 -timeout 60m | tee -a bench-replica.out
 	./scripts/bench-table.sh bench.out docs/BENCHMARKS.md
 	./scripts/bench-replica-table.sh bench-replica.out docs/BENCHMARKS.md

@@ -273,6 +273,64 @@ func BenchmarkReplicaLag(b *testing.B) {
 	b.ReportMetric(anonPeak, "lfuse-peak-anon-MB")
 }
 
+// Lag while scheduled snapshots of a ~1 GB database (LFUSE_BENCH_RESTORE_MB)
+// are built and uploaded, one every 15 s, at 10 tx/s for a minute: a
+// snapshot must not hold back the commits made while it uploads.
+func BenchmarkReplicaLagDuringSnapshot(b *testing.B) {
+	mb := restoreDBMB()
+	rb := newReplicaBench(b, fmt.Sprintf("lag-snapshot-%d", mb))
+	src := filepath.Join(rb.base, "seed.db")
+	if _, err := os.Stat(src); err != nil {
+		rows := mb << 20 / 4096
+		sqliteCLI(b, src+".tmp", fmt.Sprintf("PRAGMA journal_mode=WAL;\nCREATE TABLE t(id INTEGER PRIMARY KEY, n INTEGER, v BLOB);\n"+
+			"WITH RECURSIVE s(i) AS (SELECT 1 UNION ALL SELECT i+1 FROM s WHERE i < %d) INSERT INTO t(n, v) SELECT 0, randomblob(3900) FROM s;\n"+
+			"PRAGMA wal_checkpoint(TRUNCATE);\n", rows))
+		if err := os.Rename(src+".tmp", src); err != nil {
+			b.Fatal(err)
+		}
+	}
+	os.RemoveAll(rb.data)
+	os.RemoveAll(rb.repl)
+	os.MkdirAll(rb.data, 0o755)
+	if o, err := exec.Command("cp", src, filepath.Join(rb.data, "app.db")).CombinedOutput(); err != nil {
+		b.Fatalf("cp: %v %s", err, o)
+	}
+	p := rb.mount(`snapshot-interval = "15s"`)
+	defer p.cleanup()
+	db := benchOpen(b, filepath.Join(rb.mnt, "app.db"))
+	defer db.Close()
+	benchExec(b, db, "CREATE TABLE lag(id INTEGER PRIMARY KEY, v BLOB)")
+	if err := p.log.wait("snapshot uploaded", 10*time.Minute, p.done); err != nil {
+		b.Fatalf("%v\n%s", err, p.log)
+	}
+	first := strings.Count(p.log.String(), "snapshot uploaded")
+	const seconds = 60
+	tick := time.NewTicker(100 * time.Millisecond)
+	for i := 0; i < seconds*10; i++ {
+		<-tick.C
+		benchExec(b, db, "INSERT INTO lag(v) VALUES(randomblob(200))")
+	}
+	tick.Stop()
+	db.Close()
+	p.stop()
+	log := p.log.String()
+	var lags []float64
+	for _, m := range lagRe.FindAllStringSubmatch(log, -1) {
+		v, _ := strconv.ParseFloat(m[1], 64)
+		lags = append(lags, v*1000)
+	}
+	snaps := strings.Count(log, "snapshot uploaded") - first
+	if snaps < 2 || len(lags) < seconds/2 {
+		b.Fatalf("%d snapshots and %d syncs in %d s", snaps, len(lags), seconds)
+	}
+	slices.Sort(lags)
+	b.ReportMetric(float64(snaps), "snapshots")
+	b.ReportMetric(float64(len(lags)), "syncs")
+	b.ReportMetric(lags[len(lags)/2], "lag-p50-ms")
+	b.ReportMetric(lags[len(lags)*99/100], "lag-p99-ms")
+	b.ReportMetric(lags[len(lags)-1], "lag-max-ms")
+}
+
 // Restore of the ~1 GB database of BenchmarkReplicaRestore from S3
 // (versitygw on loopback), against a plain parallel download of the same
 // objects, the page cache dropped before each.
