@@ -222,6 +222,7 @@ func (m *Manager) flush(ctx context.Context, dbs []*DB) []error {
 				r.Stop()
 				before := r.Pos()
 				defer r.logRequests()
+				defer r.waitMaintenance()
 				if err := r.Flush(ctx); err != nil {
 					mu.Lock()
 					errs = append(errs, fmt.Errorf("%s: %w", d.rel, err))

@@ -92,7 +92,7 @@ func (r *Replica) Stats() ReplicaStats {
 		st.Ops[i] = r.ops.ops[i].Load()
 		st.Bytes[i] = r.ops.bytes[i].Load()
 	}
-	st.Failing = r.failingNow.Load()
+	st.Failing = r.failingNow.Load() || r.maintFailingNow.Load()
 	return st
 }
 

@@ -100,16 +100,17 @@ type Replica struct {
 	// failingNow mirrors failing for Stats, which must not wait for a
 	// sync in progress: that can take the S3 client's retries, or a large
 	// snapshot's upload, and status is wanted most during an outage.
-	failingNow atomic.Bool
-	synced     atomic.Uint64 // TXID the replica holds, for metrics and status
-	syncedAt   atomic.Int64  // unix nanoseconds of the last successful sync
-	syncs      atomic.Int64
-	errs       atomic.Int64
-	uploaded   atomic.Int64 // bytes
-	ops        *opCounter   // also client: what the replica asks of storage
-	stop       chan struct{}
-	done       chan struct{}
-	startOnce  sync.Once
+	failingNow      atomic.Bool
+	maintFailingNow atomic.Bool   // the same for compactions, snapshots, retention
+	synced          atomic.Uint64 // TXID the replica holds, for metrics and status
+	syncedAt        atomic.Int64  // unix nanoseconds of the last successful sync
+	syncs           atomic.Int64
+	errs            atomic.Int64
+	uploaded        atomic.Int64 // bytes
+	ops             *opCounter   // also client: what the replica asks of storage
+	stop            chan struct{}
+	done            chan struct{}
+	startOnce       sync.Once
 }
 
 func newReplica(d *DB, client ReplicaClient, opts ReplicaOptions, logger *slog.Logger) *Replica {
@@ -185,13 +186,18 @@ func (r *Replica) tick(ctx context.Context) {
 	}
 	r.lastTry = time.Now()
 	err := r.syncLocked(ctx)
-	if errors.Is(err, errResnapshot) {
+	resnapshot := errors.Is(err, errResnapshot)
+	if resnapshot {
 		err = nil // the database's loop takes the snapshot; a later tick ships it
 	}
 	r.result(err)
 	r.mu.Unlock()
 	if err == nil {
 		r.db.foldLog()
+	}
+	if err == nil && !resnapshot {
+		// Not while the local log and the replica disagree: maintenance
+		// would build files for the replica from the local log.
 		select {
 		case r.maintKick <- struct{}{}:
 		default: // maintenance is busy; it looks again after this pass
@@ -207,6 +213,11 @@ func (r *Replica) maintainLoop() {
 		case <-r.stop:
 			return
 		case <-r.maintKick:
+		}
+		select {
+		case <-r.stop:
+			return // both were ready: stopping wins
+		default:
 		}
 		if r.maintFailing && time.Since(r.maintLastTry) < backoff(r.opts.SyncInterval, r.maintFailedAt) {
 			continue
@@ -228,6 +239,7 @@ func (r *Replica) maintResult(err error) {
 		if r.maintFailing {
 			r.logger.Info("replica maintenance recovered", "outage_seconds", time.Since(r.maintFailedAt).Seconds())
 			r.maintFailing = false
+			r.maintFailingNow.Store(false)
 		}
 	case errors.Is(err, context.Canceled):
 	default:
@@ -235,6 +247,7 @@ func (r *Replica) maintResult(err error) {
 		if !r.maintFailing {
 			r.logger.Error("replica compaction, snapshot or retention failed; will retry", "err", err)
 			r.maintFailing, r.maintFailedAt = true, time.Now()
+			r.maintFailingNow.Store(true)
 		} else {
 			r.logger.Debug("replica maintenance still failing", "err", err)
 		}
@@ -270,7 +283,8 @@ func (r *Replica) result(err error) {
 	}
 }
 
-// Stop ends the sync loop after the pass in progress.
+// Stop ends the sync loop after the pass in progress, and cancels the
+// maintenance in progress (see waitMaintenance).
 func (r *Replica) Stop() {
 	select {
 	case <-r.stop:
@@ -279,8 +293,13 @@ func (r *Replica) Stop() {
 	}
 	r.startOnce.Do(func() { close(r.done); close(r.maintDone) })
 	<-r.done
-	<-r.maintDone
 }
+
+// waitMaintenance waits for the maintenance loop to end after Stop. It is
+// separate so that the final flush need not wait for it: a snapshot being
+// merged when lfuse is told to stop finishes its local work before it sees
+// the cancellation.
+func (r *Replica) waitMaintenance() { <-r.maintDone }
 
 // Flush ships everything captured so far, retrying until ctx ends.
 func (r *Replica) Flush(ctx context.Context) error {
@@ -545,7 +564,14 @@ func (r *Replica) compact(ctx context.Context, level int) error {
 	first, last := run[0], run[len(run)-1]
 	var srcs []source
 	post := last.PostApplyChecksum
-	if refs, err := r.maintReader.Refs(first.MinTXID-1, last.MaxTXID); err == nil {
+	refs, err := r.maintReader.Refs(first.MinTXID-1, last.MaxTXID)
+	if err == nil && len(refs) > 0 && post != 0 && refs[len(refs)-1].Trailer.PostApplyChecksum != post {
+		// The local log holds another history under these TXIDs (a state
+		// directory put back from elsewhere): merge what the replica holds.
+		releaseRefs(refs...)
+		err = errLogMoved
+	}
+	if err == nil && len(refs) > 0 {
 		defer releaseRefs(refs...)
 		for _, ref := range refs {
 			srcs = append(srcs, refSource(ref))
@@ -621,16 +647,24 @@ func (r *Replica) snapshot(ctx context.Context, now time.Time) error {
 	}
 	defer releaseRefs(snap)
 	srcs := []source{refSource(snap)}
+	local := snap.Trailer.PostApplyChecksum
 	if pos.TXID > snap.TXID() {
 		refs, err := r.maintReader.Refs(snap.TXID(), pos.TXID)
-		if err != nil {
+		if err != nil || len(refs) == 0 {
 			return nil // the log moved on; its new snapshot is shipped by the next sync
 		}
 		defer releaseRefs(refs...)
 		for _, ref := range refs {
 			srcs = append(srcs, refSource(ref))
 		}
+		local = refs[len(refs)-1].Trailer.PostApplyChecksum
 	} else if snap.TXID() != pos.TXID {
+		return nil
+	}
+	if pos.PostApplyChecksum != 0 && local != pos.PostApplyChecksum {
+		// The local log is not the replica's history at this TXID; the
+		// sync is starting a new one, which brings its own snapshot.
+		r.logger.Debug("scheduled snapshot skipped: the local log differs from the replica", "txid", pos.TXID.String())
 		return nil
 	}
 	info, err := r.upload(ctx, SnapshotLevel, srcs, pos.PostApplyChecksum)

@@ -384,9 +384,6 @@ func TestSyncsWhileLogFolds(t *testing.T) {
 	}
 }
 
-// Status and metrics must answer while a sync is in progress: during an
-// outage one can last as long as the S3 client's retries (lfuse status
-// timed out in a torture trial with the S3 server down).
 // gatedClient holds snapshot uploads, once armed, until released.
 type gatedClient struct {
 	ReplicaClient
@@ -493,6 +490,57 @@ func TestSyncsContinueDuringSnapshot(t *testing.T) {
 	}
 }
 
+// failingSnapshots fails snapshot uploads while on.
+type failingSnapshots struct {
+	ReplicaClient
+	on atomic.Bool
+}
+
+func (c *failingSnapshots) WriteLTXFile(ctx context.Context, level int, min, max ltx.TXID, r io.Reader, size int64, meta backends.FileMeta) error {
+	if level == SnapshotLevel && c.on.Load() {
+		return errors.New("injected: snapshot upload refused")
+	}
+	return c.ReplicaClient.WriteLTXFile(ctx, level, min, max, r, size, meta)
+}
+
+// A compaction, snapshot or retention pass that keeps failing while syncs
+// succeed shows in status and metrics, and clears when it succeeds again.
+func TestMaintenanceFailureShows(t *testing.T) {
+	fail := &failingSnapshots{}
+	rs := newWrappedReplicaSetup(t, ReplicaOptions{
+		SyncInterval: 10 * time.Millisecond, SnapshotInterval: time.Millisecond,
+		CompactIntervals: []time.Duration{time.Hour},
+	}, func(c ReplicaClient) ReplicaClient { fail.ReplicaClient = c; return fail })
+	m, db := rs.m, rs.db
+	defer m.Close()
+	db.Exec("CREATE TABLE t(v BLOB)")
+	m.Opened("app.db-wal", true)
+	m.SyncAll()
+	r := m.DB("app.db").Replicas()[0]
+	if err := r.Flush(context.Background()); err != nil { // the first snapshot
+		t.Fatal(err)
+	}
+	fail.on.Store(true)
+	waitFor := func(what string, cond func() bool) {
+		t.Helper()
+		for deadline := time.Now().Add(20 * time.Second); !cond(); {
+			if time.Now().After(deadline) {
+				t.Fatalf("%s: stats %+v", what, r.Stats())
+			}
+			// The replica's own loops drive it; nothing to wait on.
+			db.Exec("INSERT INTO t VALUES(randomblob(100))")
+			m.SyncAll()
+			time.Sleep(5 * time.Millisecond)
+		}
+	}
+	waitFor("a failing snapshot is not reported", func() bool { return r.Stats().Failing })
+	fail.on.Store(false)
+	waitFor("the replica still reported failing after a good snapshot", func() bool { return !r.Stats().Failing })
+}
+
+// Status and metrics must answer while a sync is in progress: during an
+// outage one can last as long as the S3 client's retries (lfuse status
+// timed out in a torture trial with the S3 server down).
 func TestStatsDuringSync(t *testing.T) {
 	rs := newReplicaSetup(t, ReplicaOptions{SyncInterval: time.Hour})
 	defer rs.m.Close()
