@@ -41,7 +41,7 @@ func newCollector(m *fs.Mount, mgr *replicate.Manager) *collector {
 		replicaLag:     prometheus.NewDesc("lfuse_replica_lag_seconds", "Seconds since the replica last held every captured transaction (0 when it does).", replicaLabels, nil),
 		replicaSyncs:   prometheus.NewDesc("lfuse_replica_syncs_total", "Successful syncs.", replicaLabels, nil),
 		replicaErrs:    prometheus.NewDesc("lfuse_replica_sync_errors_total", "Failed sync, compaction, snapshot or retention passes.", replicaLabels, nil),
-		replicaFailing: prometheus.NewDesc("lfuse_replica_failing", "1 during an outage of the replica.", replicaLabels, nil),
+		replicaFailing: prometheus.NewDesc("lfuse_replica_failing", "1 while syncs to the replica, or its compactions, snapshots or retention, keep failing.", replicaLabels, nil),
 		ops:            prometheus.NewDesc("lfuse_replica_operation_total", "Storage operations by kind (a delete counts per file).", []string{"replica_type", "operation"}, nil),
 		opBytes:        prometheus.NewDesc("lfuse_replica_operation_bytes", "Bytes read (GET) and written (PUT).", []string{"replica_type", "operation"}, nil),
 	}
