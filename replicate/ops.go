@@ -92,7 +92,7 @@ func (r *Replica) Stats() ReplicaStats {
 		st.Ops[i] = r.ops.ops[i].Load()
 		st.Bytes[i] = r.ops.bytes[i].Load()
 	}
-	st.Failing = r.failingNow.Load() || r.maintFailingNow.Load()
+	st.Failing = r.syncOutage.now.Load() || r.maintOutage.now.Load()
 	return st
 }
 

@@ -83,34 +83,25 @@ type Replica struct {
 	files       [SnapshotLevel + 1][]ltx.FileInfo
 	pos         ltx.Pos
 	lastCompact [SnapshotLevel + 1]time.Time
-	failing     bool
-	failedAt    time.Time // when the outage began
-	lastTry     time.Time
+	syncOutage  outage
 
 	// maintMu makes compactions, snapshots and retention passes take
 	// turns; the fields after it are the maintenance loop's own.
-	maintMu       sync.Mutex
-	maintReader   *LogReader
-	maintKick     chan struct{}
-	maintDone     chan struct{}
-	maintFailing  bool
-	maintFailedAt time.Time
-	maintLastTry  time.Time
+	maintMu     sync.Mutex
+	maintReader *LogReader
+	maintKick   chan struct{}
+	maintDone   chan struct{}
+	maintOutage outage
 
-	// failingNow mirrors failing for Stats, which must not wait for a
-	// sync in progress: that can take the S3 client's retries, or a large
-	// snapshot's upload, and status is wanted most during an outage.
-	failingNow      atomic.Bool
-	maintFailingNow atomic.Bool   // the same for compactions, snapshots, retention
-	synced          atomic.Uint64 // TXID the replica holds, for metrics and status
-	syncedAt        atomic.Int64  // unix nanoseconds of the last successful sync
-	syncs           atomic.Int64
-	errs            atomic.Int64
-	uploaded        atomic.Int64 // bytes
-	ops             *opCounter   // also client: what the replica asks of storage
-	stop            chan struct{}
-	done            chan struct{}
-	startOnce       sync.Once
+	synced    atomic.Uint64 // TXID the replica holds, for metrics and status
+	syncedAt  atomic.Int64  // unix nanoseconds of the last successful sync
+	syncs     atomic.Int64
+	errs      atomic.Int64
+	uploaded  atomic.Int64 // bytes
+	ops       *opCounter   // also client: what the replica asks of storage
+	stop      chan struct{}
+	done      chan struct{}
+	startOnce sync.Once
 }
 
 func newReplica(d *DB, client ReplicaClient, opts ReplicaOptions, logger *slog.Logger) *Replica {
@@ -180,17 +171,16 @@ func (r *Replica) run() {
 // the next tick retries.
 func (r *Replica) tick(ctx context.Context) {
 	r.mu.Lock()
-	if r.failing && time.Since(r.lastTry) < backoff(r.opts.SyncInterval, r.failedAt) {
+	if !r.syncOutage.due(r.opts.SyncInterval) {
 		r.mu.Unlock()
 		return
 	}
-	r.lastTry = time.Now()
 	err := r.syncLocked(ctx)
 	resnapshot := errors.Is(err, errResnapshot)
 	if resnapshot {
 		err = nil // the database's loop takes the snapshot; a later tick ships it
 	}
-	r.result(err)
+	r.syncResult(err)
 	r.mu.Unlock()
 	if err == nil {
 		r.db.foldLog()
@@ -219,38 +209,17 @@ func (r *Replica) maintainLoop() {
 			return // both were ready: stopping wins
 		default:
 		}
-		if r.maintFailing && time.Since(r.maintLastTry) < backoff(r.opts.SyncInterval, r.maintFailedAt) {
+		if !r.maintOutage.due(r.opts.SyncInterval) {
 			continue
 		}
-		r.maintLastTry = time.Now()
 		ctx, cancel := r.stopContext()
 		err := r.maintain(ctx, time.Now())
 		cancel()
-		r.maintResult(err)
-	}
-}
-
-// maintResult logs maintenance failures once per outage, apart from the
-// syncs': a compaction or snapshot that fails while syncs succeed must not
-// make the replica look healthy and broken in turn every second.
-func (r *Replica) maintResult(err error) {
-	switch {
-	case err == nil:
-		if r.maintFailing {
-			r.logger.Info("replica maintenance recovered", "outage_seconds", time.Since(r.maintFailedAt).Seconds())
-			r.maintFailing = false
-			r.maintFailingNow.Store(false)
-		}
-	case errors.Is(err, context.Canceled):
-	default:
-		r.errs.Add(1)
-		if !r.maintFailing {
-			r.logger.Error("replica compaction, snapshot or retention failed; will retry", "err", err)
-			r.maintFailing, r.maintFailedAt = true, time.Now()
-			r.maintFailingNow.Store(true)
-		} else {
-			r.logger.Debug("replica maintenance still failing", "err", err)
-		}
+		// Apart from the syncs' outage: a compaction that fails while
+		// syncs succeed must not make the replica look healthy and
+		// broken in turn every second.
+		r.maintOutage.result(r, err, "replica compaction, snapshot or retention failed; will retry",
+			"replica maintenance still failing", "replica maintenance recovered")
 	}
 }
 
@@ -262,23 +231,53 @@ func backoff(every time.Duration, since time.Time) time.Duration {
 	return d/2 + rand.N(d/2+1)
 }
 
-func (r *Replica) result(err error) {
+// syncResult notes how a sync ended. Call with mu held.
+func (r *Replica) syncResult(err error) {
+	r.syncOutage.result(r, err, "replica sync failed; will retry", "replica sync still failing",
+		"replica recovered", "txid", r.pos.TXID.String())
+}
+
+// outage follows one kind of a replica's work (syncs, or maintenance)
+// while it fails: it logs once when failures begin and once when they end,
+// spaces out the attempts in between, and mirrors its state in an atomic
+// for Stats, which must not wait for a sync in progress (that can take the
+// S3 client's retries, or a large upload, and status is wanted most during
+// an outage).
+type outage struct {
+	failing bool
+	since   time.Time // when the outage began
+	lastTry time.Time
+	now     atomic.Bool
+}
+
+// due says whether to try now, and if so notes the attempt.
+func (o *outage) due(every time.Duration) bool {
+	if o.failing && time.Since(o.lastTry) < backoff(every, o.since) {
+		return false
+	}
+	o.lastTry = time.Now()
+	return true
+}
+
+// result notes how an attempt ended; recoveredAttrs go with the log line of
+// the recovery.
+func (o *outage) result(r *Replica, err error, failed, still, recovered string, recoveredAttrs ...any) {
 	switch {
 	case err == nil:
-		if r.failing {
-			r.logger.Info("replica recovered", "outage_seconds", time.Since(r.failedAt).Seconds(), "txid", r.pos.TXID.String())
-			r.failing = false
-			r.failingNow.Store(false)
+		if o.failing {
+			r.logger.Info(recovered, append([]any{"outage_seconds", time.Since(o.since).Seconds()}, recoveredAttrs...)...)
+			o.failing = false
+			o.now.Store(false)
 		}
 	case errors.Is(err, context.Canceled):
 	default:
 		r.errs.Add(1)
-		if !r.failing {
-			r.logger.Error("replica sync failed; will retry", "err", err)
-			r.failing, r.failedAt = true, time.Now()
-			r.failingNow.Store(true)
+		if !o.failing {
+			r.logger.Error(failed, "err", err)
+			o.failing, o.since = true, time.Now()
+			o.now.Store(true)
 		} else {
-			r.logger.Debug("replica sync still failing", "err", err)
+			r.logger.Debug(still, "err", err)
 		}
 	}
 }
@@ -488,6 +487,19 @@ func (r *Replica) upload(ctx context.Context, level int, srcs []source, post ltx
 	return ltx.FileInfo{Level: level, MinTXID: hdr.MinTXID, MaxTXID: hdr.MaxTXID, PostApplyChecksum: post, Size: size, CreatedAt: ts}, nil
 }
 
+// publish uploads a file built by maintenance and records it, taking mu
+// only for the record.
+func (r *Replica) publish(ctx context.Context, level int, srcs []source, post ltx.Checksum) error {
+	info, err := r.upload(ctx, level, srcs, post)
+	if err != nil {
+		return err
+	}
+	r.mu.Lock()
+	r.record(info)
+	r.mu.Unlock()
+	return nil
+}
+
 // record adds an uploaded file to the replica's listing, in TXID order: a
 // snapshot taken by maintenance at an older position may finish after a
 // sync shipped a newer one. Call with mu held.
@@ -589,14 +601,7 @@ func (r *Replica) compact(ctx context.Context, level int) error {
 			post = meta.PostApplyChecksum
 		}
 	}
-	info, err := r.upload(ctx, level, srcs, post)
-	if err != nil {
-		return err
-	}
-	r.mu.Lock()
-	r.record(info)
-	r.mu.Unlock()
-	return nil
+	return r.publish(ctx, level, srcs, post)
 }
 
 // remoteSource downloads a replica file into a temporary file, which is
@@ -667,14 +672,7 @@ func (r *Replica) snapshot(ctx context.Context, now time.Time) error {
 		r.logger.Debug("scheduled snapshot skipped: the local log differs from the replica", "txid", pos.TXID.String())
 		return nil
 	}
-	info, err := r.upload(ctx, SnapshotLevel, srcs, pos.PostApplyChecksum)
-	if err != nil {
-		return err
-	}
-	r.mu.Lock()
-	r.record(info)
-	r.mu.Unlock()
-	return nil
+	return r.publish(ctx, SnapshotLevel, srcs, pos.PostApplyChecksum)
 }
 
 // retain deletes what no point in the retention window needs: the newest

@@ -549,7 +549,7 @@ func TestStatsDuringSync(t *testing.T) {
 	rs.m.SyncAll()
 	r := rs.m.DB("app.db").Replicas()[0]
 	r.mu.Lock() // a sync in progress
-	r.result(errors.New("connection refused"))
+	r.syncResult(errors.New("connection refused"))
 	done := make(chan ReplicaStats, 1)
 	go func() { done <- r.Stats() }()
 	select {
