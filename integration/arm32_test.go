@@ -34,13 +34,11 @@ func TestARM32UnderEmulation(t *testing.T) {
 			env := []string{"QEMU_CPU=" + arm.cpu}
 			run := func(args ...string) string {
 				t.Helper()
-				cmd := exec.Command(qemu, append([]string{bin}, args...)...)
-				cmd.Env = append(os.Environ(), env...)
-				out, err := cmd.CombinedOutput()
-				if err != nil {
-					t.Fatalf("lfuse %v: %v\n%s", args, err, out)
+				code, out := runBinEnv(t, env, qemu, append([]string{bin}, args...)...)
+				if code != 0 {
+					t.Fatalf("lfuse %v: exit %d\n%s", args, code, out)
 				}
-				return string(out)
+				return out
 			}
 			if out := run("version"); !strings.HasPrefix(out, "lfuse ") {
 				t.Fatalf("lfuse version: %q", out)

@@ -223,6 +223,17 @@ func median(v []float64) float64 {
 
 var lagRe = regexp.MustCompile(`msg=synced .*lag_seconds=(\S+)`)
 
+// syncLags are the lags lfuse logged for its syncs, in milliseconds, sorted.
+func syncLags(log string) []float64 {
+	var lags []float64
+	for _, m := range lagRe.FindAllStringSubmatch(log, -1) {
+		v, _ := strconv.ParseFloat(m[1], 64)
+		lags = append(lags, v*1000)
+	}
+	slices.Sort(lags)
+	return lags
+}
+
 // A database doing 10 transactions a second with the default intervals:
 // lag from commit to durable in the replica, files written per hour, and
 // lfuse's memory.
@@ -250,15 +261,10 @@ func BenchmarkReplicaLag(b *testing.B) {
 	anonPeak := stopAnon()
 	db.Close()
 	p.stop()
-	var lags []float64
-	for _, m := range lagRe.FindAllStringSubmatch(p.log.String(), -1) {
-		v, _ := strconv.ParseFloat(m[1], 64)
-		lags = append(lags, v*1000)
-	}
+	lags := syncLags(p.log.String())
 	if len(lags) < seconds/2 {
 		b.Fatalf("only %d syncs logged", len(lags))
 	}
-	slices.Sort(lags)
 	files := 0
 	filepath.WalkDir(rb.repl, func(path string, d os.DirEntry, err error) error {
 		if err == nil && strings.HasSuffix(path, ".ltx") {
@@ -314,16 +320,11 @@ func BenchmarkReplicaLagDuringSnapshot(b *testing.B) {
 	db.Close()
 	p.stop()
 	log := p.log.String()
-	var lags []float64
-	for _, m := range lagRe.FindAllStringSubmatch(log, -1) {
-		v, _ := strconv.ParseFloat(m[1], 64)
-		lags = append(lags, v*1000)
-	}
+	lags := syncLags(log)
 	snaps := strings.Count(log, "snapshot uploaded") - first
 	if snaps < 2 || len(lags) < seconds/2 {
 		b.Fatalf("%d snapshots and %d syncs in %d s", snaps, len(lags), seconds)
 	}
-	slices.Sort(lags)
 	b.ReportMetric(float64(snaps), "snapshots")
 	b.ReportMetric(float64(len(lags)), "syncs")
 	b.ReportMetric(lags[len(lags)/2], "lag-p50-ms")

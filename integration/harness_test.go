@@ -177,7 +177,13 @@ func runLfuse(t testing.TB, args ...string) (int, string) {
 // runLfuseEnv is runLfuse with variables added to the environment.
 func runLfuseEnv(t testing.TB, env []string, args ...string) (int, string) {
 	t.Helper()
-	p := startBinEnv(t, env, lfuseBin, args...)
+	return runBinEnv(t, env, lfuseBin, args...)
+}
+
+// runBinEnv is runLfuseEnv with a given binary.
+func runBinEnv(t testing.TB, env []string, bin string, args ...string) (int, string) {
+	t.Helper()
+	p := startBinEnv(t, env, bin, args...)
 	select {
 	case <-p.done:
 	case <-time.After(60 * time.Second):

@@ -638,11 +638,14 @@ func (r *Replica) snapshot(ctx context.Context, now time.Time) error {
 	r.mu.Lock()
 	snaps := r.files[SnapshotLevel]
 	pos := r.pos
+	var newest ltx.FileInfo
+	if len(snaps) > 0 {
+		newest = snaps[len(snaps)-1]
+	}
 	r.mu.Unlock()
 	if len(snaps) == 0 {
 		return nil // the first sync ships one
 	}
-	newest := snaps[len(snaps)-1]
 	if newest.MaxTXID >= pos.TXID || now.Sub(newest.CreatedAt) < r.opts.SnapshotInterval {
 		return nil
 	}
@@ -677,7 +680,6 @@ func (r *Replica) snapshot(ctx context.Context, now time.Time) error {
 
 // retain deletes what no point in the retention window needs: the newest
 // snapshot taken before the window opened, and everything after it, stays.
-// Syncs meanwhile only add newer files.
 func (r *Replica) retain(ctx context.Context, now time.Time) error {
 	r.maintMu.Lock()
 	defer r.maintMu.Unlock()
@@ -695,10 +697,15 @@ func (r *Replica) retain(ctx context.Context, now time.Time) error {
 		return nil
 	}
 	base := snaps[keep].MaxTXID
+	// Syncs and resnapshots meanwhile only add files above base, so the
+	// same test picks out exactly these files again afterwards.
+	expired := func(f ltx.FileInfo) bool {
+		return (f.Level == SnapshotLevel && f.MaxTXID < base) || (f.Level != SnapshotLevel && f.MaxTXID <= base)
+	}
 	var del []ltx.FileInfo
 	for level := range r.files {
 		for _, f := range r.files[level] {
-			if (level == SnapshotLevel && f.MaxTXID < base) || (level != SnapshotLevel && f.MaxTXID <= base) {
+			if expired(f) {
 				del = append(del, f)
 			}
 		}
@@ -710,15 +717,9 @@ func (r *Replica) retain(ctx context.Context, now time.Time) error {
 	if err := r.client.DeleteLTXFiles(ctx, del); err != nil {
 		return fmt.Errorf("delete files past retention: %w", err)
 	}
-	gone := make(map[fileKey]bool, len(del))
-	for _, f := range del {
-		gone[fileKey{f.Level, f.MinTXID, f.MaxTXID}] = true
-	}
 	r.mu.Lock()
 	for level := range r.files {
-		r.files[level] = slices.DeleteFunc(r.files[level], func(f ltx.FileInfo) bool {
-			return gone[fileKey{f.Level, f.MinTXID, f.MaxTXID}]
-		})
+		r.files[level] = slices.DeleteFunc(r.files[level], expired)
 	}
 	r.mu.Unlock()
 	r.logger.Info("deleted files past retention", "files", len(del), "before_txid", base.String())

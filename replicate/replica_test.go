@@ -409,26 +409,35 @@ func (c *gatedClient) WriteLTXFile(ctx context.Context, level int, min, max ltx.
 	return err
 }
 
+// newSnapshottingSetup is a replica, its client passed through wrap, that
+// syncs every 10 ms and always has a scheduled snapshot due, with table t
+// created and the first snapshot shipped.
+func newSnapshottingSetup(t *testing.T, wrap func(ReplicaClient) ReplicaClient) (*replicaSetup, *Replica) {
+	t.Helper()
+	rs := newWrappedReplicaSetup(t, ReplicaOptions{
+		SyncInterval: 10 * time.Millisecond, SnapshotInterval: time.Millisecond,
+		CompactIntervals: []time.Duration{time.Hour},
+	}, wrap)
+	rs.db.Exec("CREATE TABLE t(k INTEGER PRIMARY KEY, v BLOB)")
+	rs.m.Opened("app.db-wal", true)
+	rs.m.SyncAll()
+	r := rs.m.DB("app.db").Replicas()[0]
+	if err := r.Flush(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	return rs, r
+}
+
 // A scheduled snapshot can take minutes to upload for a large database;
 // commits made meanwhile must keep reaching the replica, not wait for it.
 func TestSyncsContinueDuringSnapshot(t *testing.T) {
 	gate := &gatedClient{started: make(chan struct{}), release: make(chan struct{}), finished: make(chan error, 1)}
-	rs := newWrappedReplicaSetup(t, ReplicaOptions{
-		SyncInterval: 10 * time.Millisecond, SnapshotInterval: time.Millisecond,
-		CompactIntervals: []time.Duration{time.Hour},
-	}, func(c ReplicaClient) ReplicaClient { gate.ReplicaClient = c; return gate })
+	rs, r := newSnapshottingSetup(t, func(c ReplicaClient) ReplicaClient { gate.ReplicaClient = c; return gate })
 	m, db := rs.m, rs.db
 	defer m.Close()
 	var releaseOnce sync.Once
 	defer releaseOnce.Do(func() { close(gate.release) })
 	ctx := context.Background()
-	db.Exec("CREATE TABLE t(k INTEGER PRIMARY KEY, v BLOB)")
-	m.Opened("app.db-wal", true)
-	m.SyncAll()
-	r := m.DB("app.db").Replicas()[0]
-	if err := r.Flush(ctx); err != nil { // ships the first snapshot
-		t.Fatal(err)
-	}
 	gate.armed.Store(true)
 	insert := func(k int) {
 		t.Helper()
@@ -507,19 +516,9 @@ func (c *failingSnapshots) WriteLTXFile(ctx context.Context, level int, min, max
 // succeed shows in status and metrics, and clears when it succeeds again.
 func TestMaintenanceFailureShows(t *testing.T) {
 	fail := &failingSnapshots{}
-	rs := newWrappedReplicaSetup(t, ReplicaOptions{
-		SyncInterval: 10 * time.Millisecond, SnapshotInterval: time.Millisecond,
-		CompactIntervals: []time.Duration{time.Hour},
-	}, func(c ReplicaClient) ReplicaClient { fail.ReplicaClient = c; return fail })
+	rs, r := newSnapshottingSetup(t, func(c ReplicaClient) ReplicaClient { fail.ReplicaClient = c; return fail })
 	m, db := rs.m, rs.db
 	defer m.Close()
-	db.Exec("CREATE TABLE t(v BLOB)")
-	m.Opened("app.db-wal", true)
-	m.SyncAll()
-	r := m.DB("app.db").Replicas()[0]
-	if err := r.Flush(context.Background()); err != nil { // the first snapshot
-		t.Fatal(err)
-	}
 	fail.on.Store(true)
 	waitFor := func(what string, cond func() bool) {
 		t.Helper()
@@ -528,7 +527,7 @@ func TestMaintenanceFailureShows(t *testing.T) {
 				t.Fatalf("%s: stats %+v", what, r.Stats())
 			}
 			// The replica's own loops drive it; nothing to wait on.
-			db.Exec("INSERT INTO t VALUES(randomblob(100))")
+			db.Exec("INSERT INTO t(v) VALUES(randomblob(100))")
 			m.SyncAll()
 			time.Sleep(5 * time.Millisecond)
 		}
