@@ -1,14 +1,10 @@
 package replicate
 
 import (
-	"bufio"
-	"context"
 	"errors"
 	"fmt"
 	"io"
 	"os"
-	"runtime"
-	"sync"
 
 	"github.com/superfly/ltx"
 )
@@ -44,151 +40,70 @@ func (a *assembler) markWritten(pgno uint32) {
 }
 
 // apply reads one LTX file and writes the pages of it that are still the
-// final content of the database. It is a pipeline, because CRC-64 is most
-// of the cost: one goroutine decodes (LZ4, and the file's own CRC) and picks
-// the pages that count, workers checksum batches of them, and the caller
-// writes them in order, coalescing runs of adjacent pages. Memory is a few
-// batches of pages and a bit per database page.
+// final content of the database, coalescing runs of adjacent pages into one
+// write. decodeLTX spreads the decoding and hashing over the cores.
 func (a *assembler) apply(r io.Reader, snapshot bool) error {
-	dec := ltx.NewDecoder(bufio.NewReaderSize(r, 1<<20))
-	dec.SetRetainPageIndex(false)
-	if err := dec.DecodeHeader(); err != nil {
-		return err
-	}
-	hdr := dec.Header()
-	switch {
-	case snapshot && !hdr.IsSnapshot():
-		return errors.New("the first file of a restore must be a snapshot")
-	case !snapshot && hdr.IsSnapshot():
-		return errors.New("unexpected snapshot in the middle of a restore")
-	}
-	if !a.started {
-		a.started = true
-		a.pageSize = int(hdr.PageSize)
-		a.lock = ltx.LockPgno(hdr.PageSize)
-		a.commit, a.limit = hdr.Commit, hdr.Commit
-		a.written = make([]uint64, (int(hdr.Commit)+63)/64)
-		if err := a.out.Truncate(int64(hdr.Commit) * int64(hdr.PageSize)); err != nil {
-			return err
+	var hdr ltx.Header
+	start := func(h ltx.Header) error {
+		hdr = h
+		switch {
+		case snapshot && !hdr.IsSnapshot():
+			return errors.New("the first file of a restore must be a snapshot")
+		case !snapshot && hdr.IsSnapshot():
+			return errors.New("unexpected snapshot in the middle of a restore")
 		}
-	} else if int(hdr.PageSize) != a.pageSize {
-		return fmt.Errorf("page size %d, the newer files' %d", hdr.PageSize, a.pageSize)
+		if !a.started {
+			a.started = true
+			a.pageSize = int(hdr.PageSize)
+			a.lock = ltx.LockPgno(hdr.PageSize)
+			a.commit, a.limit = hdr.Commit, hdr.Commit
+			a.written = make([]uint64, (int(hdr.Commit)+63)/64)
+			if err := a.out.Truncate(int64(hdr.Commit) * int64(hdr.PageSize)); err != nil {
+				return err
+			}
+		} else if int(hdr.PageSize) != a.pageSize {
+			return fmt.Errorf("page size %d, the newer files' %d", hdr.PageSize, a.pageSize)
+		}
+		a.limit = min(a.limit, hdr.Commit)
+		return nil
 	}
-	a.limit = min(a.limit, hdr.Commit)
-	pageSize := a.pageSize
-
-	type batch struct {
-		pgnos []uint32
-		data  []byte
-		sum   ltx.Checksum
-		done  chan struct{}
+	var prev uint32
+	keep := func(pgno uint32) (bool, error) {
+		switch {
+		case pgno > hdr.Commit || pgno == a.lock || pgno <= prev:
+			return false, fmt.Errorf("page %d out of order or outside the database of %d pages", pgno, hdr.Commit)
+		case snapshot && pgno != prev+1 && !(pgno == a.lock+1 && prev == a.lock-1):
+			return false, fmt.Errorf("snapshot page %d follows page %d", pgno, prev)
+		}
+		prev = pgno
+		if pgno > a.limit || a.isWritten(pgno) {
+			return false, nil // a newer file has its final content, or cut it off
+		}
+		a.markWritten(pgno)
+		return true, nil
 	}
-	const batchPages = 256
-	pool := sync.Pool{New: func() any {
-		return &batch{pgnos: make([]uint32, 0, batchPages), data: make([]byte, 0, batchPages*pageSize)}
-	}}
-	ctx, cancel := context.WithCancel(context.Background())
-	defer cancel()
-	work := make(chan *batch, 4)
-	ordered := make(chan *batch, 8)
-	var decErr error
-	go func() { // decode, and pick the pages that count
-		defer close(work)
-		defer close(ordered)
-		b := pool.Get().(*batch)
-		send := func() bool {
-			if len(b.pgnos) == 0 {
-				return true
-			}
-			b.done = make(chan struct{})
-			select {
-			case work <- b:
-			case <-ctx.Done():
-				return false
-			}
-			select {
-			case ordered <- b:
-			case <-ctx.Done():
-				return false
-			}
-			b = pool.Get().(*batch)
-			b.pgnos, b.data, b.sum = b.pgnos[:0], b.data[:0], 0
-			return true
-		}
-		var prev uint32
-		for {
-			if len(b.pgnos) == batchPages && !send() {
-				return
-			}
-			n := len(b.data)
-			b.data = b.data[:n+pageSize]
-			var ph ltx.PageHeader
-			err := dec.DecodePage(&ph, b.data[n:])
-			if errors.Is(err, io.EOF) {
-				b.data = b.data[:n]
-				break
-			} else if err != nil {
-				decErr = err
-				return
-			}
-			switch {
-			case ph.Pgno > hdr.Commit || ph.Pgno == a.lock || ph.Pgno <= prev:
-				decErr = fmt.Errorf("page %d out of order or outside the database of %d pages", ph.Pgno, hdr.Commit)
-				return
-			case snapshot && ph.Pgno != prev+1 && !(ph.Pgno == a.lock+1 && prev == a.lock-1):
-				decErr = fmt.Errorf("snapshot page %d follows page %d", ph.Pgno, prev)
-				return
-			}
-			prev = ph.Pgno
-			if ph.Pgno > a.limit || a.isWritten(ph.Pgno) {
-				b.data = b.data[:n] // a newer file has its final content, or cut it off
-				continue
-			}
-			a.markWritten(ph.Pgno)
-			b.pgnos = append(b.pgnos, ph.Pgno)
-		}
-		if snapshot && prev != hdr.Commit && !(prev == a.lock-1 && hdr.Commit == a.lock) {
-			decErr = fmt.Errorf("snapshot ends at page %d of %d", prev, hdr.Commit)
-			return
-		}
-		if !send() {
-			return
-		}
-		decErr = dec.Close()
-	}()
-	var wg sync.WaitGroup
-	defer wg.Wait()
-	for range max(1, runtime.GOMAXPROCS(0)-1) {
-		wg.Add(1)
-		go func() { // checksum
-			defer wg.Done()
-			h := ltx.NewHasher()
-			for b := range work {
-				for i, pgno := range b.pgnos {
-					b.sum ^= ltx.ChecksumPageWithHasher(h, pgno, b.data[i*pageSize:(i+1)*pageSize])
-				}
-				close(b.done)
-			}
-		}()
-	}
-
-	for b := range ordered {
-		<-b.done
-		a.sum ^= b.sum
-		for i := 0; i < len(b.pgnos); {
+	emit := func(pgnos []uint32, data []byte, sum ltx.Checksum) error {
+		a.sum ^= sum
+		pageSize := a.pageSize
+		for i := 0; i < len(pgnos); {
 			j := i + 1
-			for j < len(b.pgnos) && b.pgnos[j] == b.pgnos[j-1]+1 {
+			for j < len(pgnos) && pgnos[j] == pgnos[j-1]+1 {
 				j++
 			}
-			if _, err := a.out.WriteAt(b.data[i*pageSize:j*pageSize], int64(b.pgnos[i]-1)*int64(pageSize)); err != nil {
-				cancel()
+			if _, err := a.out.WriteAt(data[i*pageSize:j*pageSize], int64(pgnos[i]-1)*int64(pageSize)); err != nil {
 				return err
 			}
 			i = j
 		}
-		pool.Put(b)
+		return nil
 	}
-	return decErr
+	if err := decodeLTX(r, start, keep, emit); err != nil {
+		return err
+	}
+	if snapshot && prev != hdr.Commit && !(prev == a.lock-1 && hdr.Commit == a.lock) {
+		return fmt.Errorf("snapshot ends at page %d of %d", prev, hdr.Commit)
+	}
+	return nil
 }
 
 // finish accounts for the pages no file gave, which read as zeros, and

@@ -1,0 +1,351 @@
+package replicate
+
+import (
+	"bufio"
+	"context"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"hash/crc64"
+	"io"
+	"runtime"
+	"slices"
+	"sync"
+
+	"github.com/pierrec/lz4/v4"
+	"github.com/superfly/ltx"
+)
+
+// decodeLTX reads one LTX file for a restore, with the work spread over the
+// machine's cores. ltx.Decoder does everything on one goroutine and hashes
+// every page twice (its file checksum, then the caller's page checksum);
+// restoring a large database was bound by that one core. Here one
+// goroutine only splits the stream into page frames, workers decompress and
+// hash each page once (see crc.go), and the caller's goroutine receives the
+// pages in file order. Everything ltx.Decoder checks is checked: the
+// header, every page header, the file checksum over the decompressed
+// stream, the page index against the frames actually read (exactly, not
+// just plausibly), the trailer and the end of the file, and a snapshot's
+// own post-apply checksum if it records one.
+//
+// start is called with the header before any page; keep, on the splitting
+// goroutine, with each page number in file order, and says whether the
+// page's content is wanted; emit, on the caller's goroutine, with runs of
+// wanted pages in file order and the XOR of their page checksums (flag bit
+// not normalised); data is reused after emit returns. Memory is a few
+// megabytes of frames in flight.
+func decodeLTX(r io.Reader, start func(ltx.Header) error, keep func(pgno uint32) (bool, error),
+	emit func(pgnos []uint32, data []byte, sum ltx.Checksum) error) error {
+	br := bufio.NewReaderSize(r, 1<<20)
+	head := make([]byte, ltx.HeaderSize)
+	if _, err := io.ReadFull(br, head); err != nil {
+		return fmt.Errorf("read header: %w", err)
+	}
+	var hdr ltx.Header
+	if err := hdr.UnmarshalBinary(head); err != nil {
+		return fmt.Errorf("header: %w", err)
+	}
+	if err := hdr.Validate(); err != nil {
+		return fmt.Errorf("header: %w", err)
+	}
+	if err := start(hdr); err != nil {
+		return err
+	}
+	fileCRC := crc64.Checksum(head, isoTable)
+	pageSize := int(hdr.PageSize)
+	pageShift := crcShift(int64(pageSize))
+
+	batchPages := max(1, batchBytes/pageSize)
+	maxBlock := lz4.CompressBlockBound(pageSize)
+	getBatch := func() *frameBatch {
+		if b, ok := batchPool.Get().(*frameBatch); ok && b.pageSize == pageSize {
+			b.pgnos, b.heads, b.ends, b.blocks = b.pgnos[:0], b.heads[:0], b.ends[:0], b.blocks[:0]
+			b.kept, b.keptN, b.data = b.kept[:0], b.keptN[:0], b.data[:0]
+			b.crc, b.sum, b.all, b.err = 0, 0, 0, nil
+			return b
+		}
+		return &frameBatch{pageSize: pageSize}
+	}
+
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	work := make(chan *frameBatch, 4)
+	ordered := make(chan *frameBatch, 6)
+
+	// What the splitter found after the pages: its error, or the tail of
+	// the hashed stream and the trailer.
+	var (
+		splitErr error
+		tailCRC  uint64
+		tailLen  int64
+		trailer  ltx.Trailer
+	)
+	go func() {
+		defer close(work)
+		defer close(ordered)
+		splitErr = func() error {
+			b := getBatch()
+			send := func() bool {
+				b.done = make(chan struct{})
+				select {
+				case work <- b:
+				case <-ctx.Done():
+					return false
+				}
+				select {
+				case ordered <- b:
+				case <-ctx.Done():
+					return false
+				}
+				b = getBatch()
+				return true
+			}
+			// The page index must list exactly the frames read: same pages,
+			// offsets and sizes, in order. Both sides are hashed.
+			var frames, listed uint64
+			var nFrames, nListed int
+			entry := func(h uint64, pgno uint32, offset, size int64) uint64 {
+				var e [20]byte
+				binary.BigEndian.PutUint32(e[:], pgno)
+				binary.BigEndian.PutUint64(e[4:], uint64(offset))
+				binary.BigEndian.PutUint64(e[12:], uint64(size))
+				return crc64.Update(h, isoTable, e[:])
+			}
+			offset := int64(ltx.HeaderSize)
+			var fh [10]byte
+			for {
+				if _, err := io.ReadFull(br, fh[:ltx.PageHeaderSize]); err != nil {
+					return fmt.Errorf("read page header: %w", unexpected(err))
+				}
+				var ph ltx.PageHeader
+				if err := ph.UnmarshalBinary(fh[:ltx.PageHeaderSize]); err != nil {
+					return fmt.Errorf("page header: %w", err)
+				}
+				if ph.IsZero() {
+					break
+				}
+				if err := ph.Validate(); err != nil {
+					return fmt.Errorf("page header: %w", err)
+				}
+				if ph.Flags&ltx.PageHeaderFlagSize == 0 {
+					return fmt.Errorf("page %d is in the older LZ4-frame encoding, which restore does not read", ph.Pgno)
+				}
+				if _, err := io.ReadFull(br, fh[ltx.PageHeaderSize:]); err != nil {
+					return fmt.Errorf("page %d: read block size: %w", ph.Pgno, unexpected(err))
+				}
+				n := int(binary.BigEndian.Uint32(fh[ltx.PageHeaderSize:]))
+				if n == 0 || n > maxBlock {
+					return fmt.Errorf("page %d: compressed block of %d bytes for a %d-byte page", ph.Pgno, n, pageSize)
+				}
+				want, err := keep(ph.Pgno)
+				if err != nil {
+					return err
+				}
+				if len(b.pgnos) == batchPages && !send() {
+					return ctx.Err()
+				}
+				at := len(b.blocks)
+				b.blocks = slices.Grow(b.blocks, n)[:at+n]
+				if _, err := io.ReadFull(br, b.blocks[at:]); err != nil {
+					return fmt.Errorf("page %d: read block: %w", ph.Pgno, unexpected(err))
+				}
+				b.pgnos = append(b.pgnos, ph.Pgno)
+				b.heads = append(b.heads, fh)
+				b.ends = append(b.ends, at+n)
+				b.kept = append(b.kept, want)
+				size := int64(len(fh) + n)
+				frames = entry(frames, ph.Pgno, offset, size)
+				nFrames++
+				offset += size
+			}
+			if len(b.pgnos) > 0 && !send() {
+				return ctx.Err()
+			}
+
+			// The rest is small and read here: the end of the pages, the
+			// index, the trailer.
+			tail := crc64.Update(0, isoTable, fh[:ltx.PageHeaderSize])
+			hr := &hashingByteReader{r: br}
+			for {
+				pgno, err := binary.ReadUvarint(hr)
+				if err != nil {
+					return fmt.Errorf("read page index: %w", unexpected(err))
+				}
+				if pgno == 0 {
+					break
+				}
+				off, err := binary.ReadUvarint(hr)
+				if err != nil {
+					return fmt.Errorf("read page index: %w", unexpected(err))
+				}
+				size, err := binary.ReadUvarint(hr)
+				if err != nil {
+					return fmt.Errorf("read page index: %w", unexpected(err))
+				}
+				if pgno > uint64(^uint32(0)) || off > 1<<62 || size > 1<<62 {
+					return fmt.Errorf("page index entry %d out of range", nListed)
+				}
+				listed = entry(listed, uint32(pgno), int64(off), int64(size))
+				nListed++
+				tail = crc64.Update(tail, isoTable, hr.seen)
+				hr.seen = hr.seen[:0]
+			}
+			tail = crc64.Update(tail, isoTable, hr.seen)
+			indexLen := hr.total
+			var end [8 + ltx.TrailerSize]byte
+			if _, err := io.ReadFull(br, end[:]); err != nil {
+				return fmt.Errorf("read page index size and trailer: %w", unexpected(err))
+			}
+			if got := binary.BigEndian.Uint64(end[:8]); got != uint64(indexLen) {
+				return fmt.Errorf("page index is %d bytes, its size field says %d", indexLen, got)
+			}
+			if nListed != nFrames || listed != frames {
+				return fmt.Errorf("page index (%d entries) does not match the %d page frames", nListed, nFrames)
+			}
+			if err := trailer.UnmarshalBinary(end[8:]); err != nil {
+				return fmt.Errorf("trailer: %w", err)
+			}
+			tail = crc64.Update(tail, isoTable, end[:8+ltx.TrailerChecksumOffset])
+			if _, err := br.ReadByte(); err == nil {
+				return errors.New("unexpected data after the trailer")
+			} else if !errors.Is(err, io.EOF) {
+				return fmt.Errorf("read after the trailer: %w", err)
+			}
+			tailCRC, tailLen = tail, int64(ltx.PageHeaderSize)+indexLen+8+ltx.TrailerChecksumOffset
+			return nil
+		}()
+	}()
+
+	workers := runtime.GOMAXPROCS(0)
+	done := make(chan struct{})
+	for range workers {
+		go func() {
+			defer func() { done <- struct{}{} }()
+			scratch := make([]byte, pageSize)
+			for b := range work {
+				var crc uint64
+				var pgnoBuf [4]byte
+				start := 0
+				for i, pgno := range b.pgnos {
+					page := scratch
+					if b.kept[i] {
+						at := len(b.data)
+						b.data = slices.Grow(b.data, pageSize)[:at+pageSize]
+						page = b.data[at:]
+						b.keptN = append(b.keptN, pgno)
+					}
+					if n, err := lz4.UncompressBlock(b.blocks[start:b.ends[i]], page); err != nil || n != pageSize {
+						if err == nil {
+							err = fmt.Errorf("%d bytes, expected %d", n, pageSize)
+						}
+						b.err = fmt.Errorf("page %d: decompress: %w", pgno, err)
+						break
+					}
+					start = b.ends[i]
+					crcPage := crc64.Update(0, isoTable, page)
+					crc = crcCombine(crc64.Update(crc, isoTable, b.heads[i][:]), crcPage, pageShift)
+					binary.BigEndian.PutUint32(pgnoBuf[:], pgno)
+					sum := ltx.Checksum(crcCombine(crc64.Checksum(pgnoBuf[:], isoTable), crcPage, pageShift))
+					b.all ^= sum
+					if b.kept[i] {
+						b.sum ^= sum
+					}
+				}
+				b.crc = crc
+				close(b.done)
+			}
+		}()
+	}
+	defer func() {
+		// Stop the splitter and the workers before returning, whatever
+		// happened: they use the caller's reader and callbacks.
+		cancel()
+		for range ordered {
+		}
+		for range workers {
+			<-done
+		}
+	}()
+
+	var all ltx.Checksum
+	var emitErr error
+	for b := range ordered {
+		<-b.done
+		if emitErr == nil && b.err != nil {
+			emitErr = b.err
+		}
+		if emitErr == nil {
+			fileCRC = crcCombine(fileCRC, b.crc, crcShift(int64(len(b.pgnos))*int64(10+pageSize)))
+			all ^= b.all
+			emitErr = emit(b.keptN, b.data, b.sum)
+		}
+		if emitErr != nil {
+			cancel()
+		}
+		batchPool.Put(b)
+	}
+	if emitErr != nil {
+		return emitErr
+	}
+	if splitErr != nil {
+		return splitErr
+	}
+	fileCRC = crcCombine(fileCRC, tailCRC, crcShift(tailLen))
+	if ltx.ChecksumFlag|ltx.Checksum(fileCRC) != trailer.FileChecksum {
+		return ltx.ErrChecksumMismatch
+	}
+	if hdr.IsSnapshot() && !hdr.NoChecksum() && ltx.ChecksumFlag|all != trailer.PostApplyChecksum {
+		return fmt.Errorf("snapshot pages have checksum %s, its trailer says %s", ltx.ChecksumFlag|all, trailer.PostApplyChecksum)
+	}
+	return nil
+}
+
+// frameBatch is a run of consecutive page frames of one LTX file. Its
+// buffers grow as needed (most LTX files are small) and are reused through
+// batchPool by the next batch, file and restore.
+type frameBatch struct {
+	pageSize int
+	pgnos    []uint32   // every page in the run
+	heads    [][10]byte // each frame's page header and size, hashed as stored
+	ends     []int      // end of each frame's block in blocks
+	blocks   []byte
+	kept     []bool
+	keptN    []uint32 // the wanted pages, for emit
+	data     []byte   // the wanted pages, decompressed
+	crc      uint64   // CRC of the run's part of the file's hashed stream
+	sum      ltx.Checksum
+	all      ltx.Checksum // every page's checksum, for a snapshot's own check
+	err      error
+	done     chan struct{}
+}
+
+var batchPool sync.Pool
+
+// batchBytes is the most page data a batch holds (tests make it smaller,
+// to cross batch boundaries with small files).
+var batchBytes = 1 << 20
+
+// unexpected turns a clean EOF in the middle of a file into a short file.
+func unexpected(err error) error {
+	if errors.Is(err, io.EOF) {
+		return io.ErrUnexpectedEOF
+	}
+	return err
+}
+
+// hashingByteReader keeps the bytes read through it, so that the page
+// index can be parsed with encoding/binary and still be hashed as stored.
+type hashingByteReader struct {
+	r     io.ByteReader
+	seen  []byte
+	total int64
+}
+
+func (h *hashingByteReader) ReadByte() (byte, error) {
+	c, err := h.r.ReadByte()
+	if err == nil {
+		h.seen = append(h.seen, c)
+		h.total++
+	}
+	return c, err
+}

@@ -1,0 +1,289 @@
+package replicate
+
+import (
+	"bytes"
+	"errors"
+	"fmt"
+	"io"
+	"math/rand/v2"
+	"runtime"
+	"testing"
+	"time"
+
+	"github.com/superfly/ltx"
+)
+
+// randomLTX encodes an LTX file of n pages of pageSize bytes, some of them
+// compressible and some not, as the encoder of a replica would.
+func randomLTX(t testing.TB, rng *rand.Rand, pageSize uint32, n int, snapshot, withChecksum bool) []byte {
+	t.Helper()
+	var buf bytes.Buffer
+	enc, err := ltx.NewEncoder(&buf)
+	if err != nil {
+		t.Fatal(err)
+	}
+	lock := ltx.LockPgno(pageSize)
+	var pgnos []uint32
+	for pgno := uint32(1); len(pgnos) < n; pgno++ {
+		if pgno != lock && (snapshot || rng.IntN(3) == 0) {
+			pgnos = append(pgnos, pgno)
+		}
+	}
+	commit := pgnos[len(pgnos)-1]
+	if !snapshot {
+		commit += uint32(rng.IntN(10))
+		if commit == lock {
+			commit++
+		}
+	}
+	hdr := ltx.Header{Version: ltx.Version, PageSize: pageSize, Commit: commit, MinTXID: 1, MaxTXID: 1,
+		Timestamp: time.Unix(1, 0).UnixMilli()}
+	if !snapshot {
+		hdr.MinTXID, hdr.MaxTXID = 5, 9
+		if withChecksum {
+			hdr.PreApplyChecksum = ltx.ChecksumFlag | 1
+		}
+	}
+	if !withChecksum {
+		hdr.Flags = ltx.HeaderFlagNoChecksum
+	}
+	if err := enc.EncodeHeader(hdr); err != nil {
+		t.Fatal(err)
+	}
+	sum := ltx.ChecksumFlag
+	page := make([]byte, pageSize)
+	for _, pgno := range pgnos {
+		for i := range page {
+			if rng.IntN(2) == 0 {
+				page[i] = byte(pgno)
+			} else {
+				page[i] = byte(rng.Uint32())
+			}
+		}
+		if rng.IntN(4) == 0 {
+			clear(page[rng.IntN(len(page)):])
+		}
+		sum ^= ltx.ChecksumPage(pgno, page)
+		if err := enc.EncodePage(ltx.PageHeader{Pgno: pgno}, page); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if withChecksum {
+		enc.SetPostApplyChecksum(ltx.ChecksumFlag | sum)
+	}
+	if err := enc.Close(); err != nil {
+		t.Fatal(err)
+	}
+	return buf.Bytes()
+}
+
+// decoded is what a decoder made of a file: every page, and the XOR of the
+// page checksums.
+type decoded struct {
+	pages map[uint32][]byte
+	sum   ltx.Checksum
+}
+
+func decodeWithLibrary(b []byte) (decoded, error) {
+	d := decoded{pages: map[uint32][]byte{}}
+	dec := ltx.NewDecoder(bytes.NewReader(b))
+	if err := dec.DecodeHeader(); err != nil {
+		return d, err
+	}
+	for {
+		var ph ltx.PageHeader
+		page := make([]byte, dec.Header().PageSize)
+		if err := dec.DecodePage(&ph, page); errors.Is(err, io.EOF) {
+			break
+		} else if err != nil {
+			return d, err
+		}
+		d.pages[ph.Pgno] = page
+		d.sum ^= ltx.ChecksumPage(ph.Pgno, page)
+	}
+	return d, dec.Close()
+}
+
+// decodeOurs runs decodeLTX, wanting the pages keep says.
+func decodeOurs(b []byte, keep func(uint32) bool) (decoded, error) {
+	d := decoded{pages: map[uint32][]byte{}}
+	var pageSize int
+	err := decodeLTX(bytes.NewReader(b),
+		func(h ltx.Header) error { pageSize = int(h.PageSize); return nil },
+		func(pgno uint32) (bool, error) { return keep(pgno), nil },
+		func(pgnos []uint32, data []byte, sum ltx.Checksum) error {
+			if len(data) != len(pgnos)*pageSize {
+				return fmt.Errorf("%d pages in %d bytes", len(pgnos), len(data))
+			}
+			for i, pgno := range pgnos {
+				d.pages[pgno] = bytes.Clone(data[i*pageSize : (i+1)*pageSize])
+			}
+			d.sum ^= sum
+			return nil
+		})
+	return d, err
+}
+
+func samePages(t *testing.T, what string, got, want decoded) {
+	t.Helper()
+	if len(got.pages) != len(want.pages) {
+		t.Fatalf("%s: %d pages, want %d", what, len(got.pages), len(want.pages))
+	}
+	for pgno, page := range want.pages {
+		if !bytes.Equal(got.pages[pgno], page) {
+			t.Fatalf("%s: page %d differs", what, pgno)
+		}
+	}
+	if (got.sum^want.sum)&^ltx.ChecksumFlag != 0 {
+		t.Fatalf("%s: page checksums %s, want %s", what, got.sum, want.sum)
+	}
+}
+
+// smallBatches makes decodeLTX cut files into batches of a few pages, so
+// that small test files cross many batch boundaries.
+func smallBatches(t testing.TB, bytes int) {
+	old := batchBytes
+	batchBytes = bytes
+	t.Cleanup(func() { batchBytes = old })
+}
+
+// The parallel decoder gives what ltx.Decoder gives, for every page size,
+// both kinds of file, with and without checksums, and any choice of pages.
+func TestDecodeLTXMatchesLibrary(t *testing.T) {
+	smallBatches(t, 64<<10)
+	rng := rand.New(rand.NewPCG(3, 4))
+	for _, pageSize := range []uint32{512, 1024, 4096, 65536} {
+		for _, snapshot := range []bool{true, false} {
+			for _, withChecksum := range []bool{true, false} {
+				name := fmt.Sprintf("page=%d/snapshot=%v/checksum=%v", pageSize, snapshot, withChecksum)
+				t.Run(name, func(t *testing.T) {
+					n := 1 + rng.IntN(int(1<<20/pageSize)) // up to 16 batches
+					b := randomLTX(t, rng, pageSize, n, snapshot, withChecksum)
+					want, err := decodeWithLibrary(b)
+					if err != nil {
+						t.Fatal(err)
+					}
+					got, err := decodeOurs(b, func(uint32) bool { return true })
+					if err != nil {
+						t.Fatal(err)
+					}
+					samePages(t, "all pages", got, want)
+
+					picked := decoded{pages: map[uint32][]byte{}}
+					chosen := map[uint32]bool{}
+					for pgno, page := range want.pages {
+						if rng.IntN(2) == 0 {
+							chosen[pgno] = true
+							picked.pages[pgno] = page
+							picked.sum ^= ltx.ChecksumPage(pgno, page)
+						}
+					}
+					got, err = decodeOurs(b, func(pgno uint32) bool { return chosen[pgno] })
+					if err != nil {
+						t.Fatal(err)
+					}
+					samePages(t, "some pages", got, picked)
+				})
+			}
+		}
+	}
+}
+
+// Any damage to a file is refused: every byte that can change is covered
+// by the file checksum, the index must match the frames, and the file must
+// end where the trailer does. (A changed LZ4 block can still decompress to
+// the same page, a match pointing at equal bytes elsewhere; that damage
+// changes nothing and may pass.)
+func TestDecodeLTXRefusesDamage(t *testing.T) {
+	smallBatches(t, 8<<10)
+	rng := rand.New(rand.NewPCG(5, 6))
+	b := randomLTX(t, rng, 1024, 150, false, false) // 19 batches
+	want, err := decodeOurs(b, func(uint32) bool { return true })
+	if err != nil {
+		t.Fatal(err)
+	}
+	// Every byte of the header, the first frame's head and the trailer, and
+	// samples of the index and the rest.
+	var positions []int
+	for i := range b {
+		if i < 300 || i >= len(b)-1200 || rng.IntN(100) == 0 {
+			positions = append(positions, i)
+		}
+	}
+	for _, i := range positions {
+		flip := byte(1 + rng.IntN(255))
+		b[i] ^= flip
+		got, err := decodeOurs(b, func(uint32) bool { return true })
+		var libErr error
+		if err == nil {
+			_, libErr = decodeWithLibrary(b)
+		}
+		b[i] ^= flip
+		if err != nil {
+			continue
+		}
+		if libErr != nil {
+			t.Fatalf("byte %d of %d changed: accepted, though ltx.Decoder says %v", i, len(b), libErr)
+		}
+		samePages(t, fmt.Sprintf("byte %d changed and accepted", i), got, want)
+	}
+	for range 200 {
+		n := rng.IntN(len(b))
+		if _, err := decodeOurs(b[:n], func(uint32) bool { return true }); err == nil {
+			t.Fatalf("file cut to %d of %d bytes was accepted", n, len(b))
+		}
+	}
+	if _, err := decodeOurs(append(bytes.Clone(b), 0), func(uint32) bool { return true }); err == nil {
+		t.Fatal("a byte after the trailer was accepted")
+	}
+	t.Logf("%d damaged copies tried", len(positions))
+}
+
+// A failure in the caller's emit stops the decoding: the error comes back
+// and no goroutine is left reading.
+func TestDecodeLTXStopsOnEmitError(t *testing.T) {
+	rng := rand.New(rand.NewPCG(7, 8))
+	smallBatches(t, 16<<10)
+	b := randomLTX(t, rng, 4096, 100, true, false)
+	before := runtime.NumGoroutine()
+	calls := 0
+	stop := errors.New("disk full")
+	err := decodeLTX(bytes.NewReader(b), func(ltx.Header) error { return nil },
+		func(uint32) (bool, error) { return true, nil },
+		func([]uint32, []byte, ltx.Checksum) error {
+			if calls++; calls == 3 {
+				return stop
+			}
+			return nil
+		})
+	if !errors.Is(err, stop) || calls != 3 {
+		t.Fatalf("err %v after %d calls, want %v after 3", err, calls, stop)
+	}
+	// A goroutine that has returned may still be counted for a moment.
+	deadline := time.Now().Add(10 * time.Second)
+	for runtime.NumGoroutine() > before {
+		if time.Now().After(deadline) {
+			t.Fatalf("%d goroutines before, %d after", before, runtime.NumGoroutine())
+		}
+		runtime.Gosched()
+	}
+}
+
+// FuzzDecodeLTX: no input makes the decoder panic, and whatever it accepts,
+// ltx.Decoder accepts too, with the same pages.
+func FuzzDecodeLTX(f *testing.F) {
+	rng := rand.New(rand.NewPCG(9, 10))
+	f.Add(randomLTX(f, rng, 512, 3, true, true))
+	f.Add(randomLTX(f, rng, 512, 5, false, false))
+	f.Fuzz(func(t *testing.T, b []byte) {
+		got, err := decodeOurs(b, func(uint32) bool { return true })
+		if err != nil {
+			return
+		}
+		want, err := decodeWithLibrary(b)
+		if err != nil {
+			t.Fatalf("accepted a file ltx.Decoder refuses: %v", err)
+		}
+		samePages(t, "fuzzed", got, want)
+	})
+}
