@@ -1,6 +1,9 @@
 package replicate
 
-import "hash/crc64"
+import (
+	"encoding/binary"
+	"hash/crc64"
+)
 
 // CRC-64 arithmetic for checking LTX files on several cores. An LTX file's
 // checksum is one CRC-64/ISO over its whole byte stream, and the database
@@ -51,4 +54,27 @@ func crcShift(n int64) uint64 {
 // crcShift(len(B)).
 func crcCombine(crcA, crcB, shiftB uint64) uint64 {
 	return crcMul(crcA, shiftB) ^ crcB
+}
+
+// crcUpdate is crc64.Update(crc, isoTable, p), about twice as fast. The ISO
+// polynomial is x^64 + x^4 + x^3 + x + 1, so x^64 ≡ x^4+x^3+x+1 and
+// x^128 ≡ x^8+x^6+x^2+1: moving the register past 16 bytes is a handful
+// of shifts and XORs instead of sixteen table lookups. Bits that a shift
+// pushes past x^63 (the low bits of the word, in this reflected order) are
+// collected in q, a polynomial of degree < 8 times x^64, and folded back in
+// the same way; that fold cannot overflow again. TestCRCUpdate checks it
+// against hash/crc64.
+func crcUpdate(crc uint64, p []byte) uint64 {
+	crc = ^crc
+	for len(p) >= 16 {
+		v := crc ^ binary.LittleEndian.Uint64(p) // times x^128
+		w := binary.LittleEndian.Uint64(p[8:])   // times x^64
+		q := v<<62 ^ v<<58 ^ v<<56 ^ w<<63 ^ w<<61 ^ w<<60
+		crc = v ^ v>>2 ^ v>>6 ^ v>>8 ^ w ^ w>>1 ^ w>>3 ^ w>>4 ^ q ^ q>>1 ^ q>>3 ^ q>>4
+		p = p[16:]
+	}
+	for _, b := range p {
+		crc = isoTable[byte(crc)^b] ^ crc>>8
+	}
+	return ^crc
 }

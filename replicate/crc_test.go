@@ -35,3 +35,44 @@ func BenchmarkCRCMul(b *testing.B) {
 	}
 	_ = x
 }
+
+func TestCRCUpdate(t *testing.T) {
+	rng := rand.New(rand.NewPCG(3, 4))
+	buf := make([]byte, 1100)
+	for i := range buf {
+		buf[i] = byte(rng.Uint32())
+	}
+	for n := range len(buf) {
+		for _, init := range []uint64{0, ^uint64(0), rng.Uint64()} {
+			if got, want := crcUpdate(init, buf[:n]), crc64.Update(init, isoTable, buf[:n]); got != want {
+				t.Fatalf("%d bytes from %016x: got %016x, want %016x", n, init, got, want)
+			}
+		}
+	}
+}
+
+func FuzzCRCUpdate(f *testing.F) {
+	f.Add(uint64(0), []byte("123456789"))
+	f.Fuzz(func(t *testing.T, init uint64, p []byte) {
+		if got, want := crcUpdate(init, p), crc64.Update(init, isoTable, p); got != want {
+			t.Fatalf("got %016x, want %016x", got, want)
+		}
+	})
+}
+
+// CRC-64 of a 4 KB page: hash/crc64 against crcUpdate.
+func BenchmarkCRCPage(b *testing.B) {
+	page := make([]byte, 4096)
+	b.Run("stdlib", func(b *testing.B) {
+		b.SetBytes(int64(len(page)))
+		for b.Loop() {
+			crc64.Update(0, isoTable, page)
+		}
+	})
+	b.Run("crcUpdate", func(b *testing.B) {
+		b.SetBytes(int64(len(page)))
+		for b.Loop() {
+			crcUpdate(0, page)
+		}
+	})
+}

@@ -242,7 +242,7 @@ func decodeLTX(r io.Reader, start func(ltx.Header) error, keep func(pgno uint32)
 						break
 					}
 					start = b.ends[i]
-					crcPage := crc64.Update(0, isoTable, page)
+					crcPage := crcUpdate(0, page)
 					crc = crcCombine(crc64.Update(crc, isoTable, b.heads[i][:]), crcPage, pageShift)
 					binary.BigEndian.PutUint32(pgnoBuf[:], pgno)
 					sum := ltx.Checksum(crcCombine(crc64.Checksum(pgnoBuf[:], isoTable), crcPage, pageShift))
