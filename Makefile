@@ -38,11 +38,12 @@ integration:
 # Minimizing an interesting input (60 s by default) of tens of kilobytes
 # took the whole run: 1-8k executions in 15 s, against ~130k with 1 s.
 # The WAL parser, the restore planner given arbitrary listings, the restore's
-# LTX decoder, the replica URL parser and the config loader.
+# LTX decoder and CRC-64, the replica URL parser and the config loader.
 fuzz:
 	$(GO) test -run '^$$' -fuzz FuzzScan -fuzztime 15s -fuzzminimizetime 1s ./walcapture
 	$(GO) test -run '^$$' -fuzz FuzzPlanRestore -fuzztime 10s -fuzzminimizetime 1s ./replicate
 	$(GO) test -run '^$$' -fuzz FuzzDecodeLTX -fuzztime 10s -fuzzminimizetime 1s ./replicate
+	$(GO) test -run '^$$' -fuzz FuzzCRCUpdate -fuzztime 5s -fuzzminimizetime 1s ./replicate
 	$(GO) test -run '^$$' -fuzz FuzzParseReplicaURL -fuzztime 5s -fuzzminimizetime 1s ./cmd/lfuse
 	$(GO) test -run '^$$' -fuzz FuzzLoadConfig -fuzztime 5s -fuzzminimizetime 1s ./cmd/lfuse
 

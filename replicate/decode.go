@@ -36,222 +36,43 @@ import (
 // megabytes of frames in flight.
 func decodeLTX(r io.Reader, start func(ltx.Header) error, keep func(pgno uint32) (bool, error),
 	emit func(pgnos []uint32, data []byte, sum ltx.Checksum) error) error {
-	br := bufio.NewReaderSize(r, 1<<20)
+	d := &ltxSplitter{br: bufio.NewReaderSize(r, 1<<20), keep: keep}
 	head := make([]byte, ltx.HeaderSize)
-	if _, err := io.ReadFull(br, head); err != nil {
+	if _, err := io.ReadFull(d.br, head); err != nil {
 		return fmt.Errorf("read header: %w", err)
 	}
-	var hdr ltx.Header
-	if err := hdr.UnmarshalBinary(head); err != nil {
+	if err := d.hdr.UnmarshalBinary(head); err != nil {
 		return fmt.Errorf("header: %w", err)
 	}
-	if err := hdr.Validate(); err != nil {
+	if err := d.hdr.Validate(); err != nil {
 		return fmt.Errorf("header: %w", err)
 	}
-	if err := start(hdr); err != nil {
+	if err := start(d.hdr); err != nil {
 		return err
 	}
 	fileCRC := crc64.Checksum(head, isoTable)
-	pageSize := int(hdr.PageSize)
-	pageShift := crcShift(int64(pageSize))
-
-	batchPages := max(1, batchBytes/pageSize)
-	maxBlock := lz4.CompressBlockBound(pageSize)
-	getBatch := func() *frameBatch {
-		if b, ok := batchPool.Get().(*frameBatch); ok && b.pageSize == pageSize {
-			b.pgnos, b.heads, b.ends, b.blocks = b.pgnos[:0], b.heads[:0], b.ends[:0], b.blocks[:0]
-			b.kept, b.keptN, b.data = b.kept[:0], b.keptN[:0], b.data[:0]
-			b.crc, b.sum, b.all, b.err = 0, 0, 0, nil
-			return b
-		}
-		return &frameBatch{pageSize: pageSize}
-	}
+	d.pageSize = int(d.hdr.PageSize)
+	d.batchPages = max(1, batchBytes/d.pageSize)
+	d.maxBlock = lz4.CompressBlockBound(d.pageSize)
 
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
 	work := make(chan *frameBatch, 4)
 	ordered := make(chan *frameBatch, 6)
-
-	// What the splitter found after the pages: its error, or the tail of
-	// the hashed stream and the trailer.
-	var (
-		splitErr error
-		tailCRC  uint64
-		tailLen  int64
-		trailer  ltx.Trailer
-	)
 	go func() {
 		defer close(work)
 		defer close(ordered)
-		splitErr = func() error {
-			b := getBatch()
-			send := func() bool {
-				b.done = make(chan struct{})
-				select {
-				case work <- b:
-				case <-ctx.Done():
-					return false
-				}
-				select {
-				case ordered <- b:
-				case <-ctx.Done():
-					return false
-				}
-				b = getBatch()
-				return true
-			}
-			// The page index must list exactly the frames read: same pages,
-			// offsets and sizes, in order. Both sides are hashed.
-			var frames, listed uint64
-			var nFrames, nListed int
-			entry := func(h uint64, pgno uint32, offset, size int64) uint64 {
-				var e [20]byte
-				binary.BigEndian.PutUint32(e[:], pgno)
-				binary.BigEndian.PutUint64(e[4:], uint64(offset))
-				binary.BigEndian.PutUint64(e[12:], uint64(size))
-				return crc64.Update(h, isoTable, e[:])
-			}
-			offset := int64(ltx.HeaderSize)
-			var fh [10]byte
-			for {
-				if _, err := io.ReadFull(br, fh[:ltx.PageHeaderSize]); err != nil {
-					return fmt.Errorf("read page header: %w", unexpected(err))
-				}
-				var ph ltx.PageHeader
-				if err := ph.UnmarshalBinary(fh[:ltx.PageHeaderSize]); err != nil {
-					return fmt.Errorf("page header: %w", err)
-				}
-				if ph.IsZero() {
-					break
-				}
-				if err := ph.Validate(); err != nil {
-					return fmt.Errorf("page header: %w", err)
-				}
-				if ph.Flags&ltx.PageHeaderFlagSize == 0 {
-					return fmt.Errorf("page %d is in the older LZ4-frame encoding, which restore does not read", ph.Pgno)
-				}
-				if _, err := io.ReadFull(br, fh[ltx.PageHeaderSize:]); err != nil {
-					return fmt.Errorf("page %d: read block size: %w", ph.Pgno, unexpected(err))
-				}
-				n := int(binary.BigEndian.Uint32(fh[ltx.PageHeaderSize:]))
-				if n == 0 || n > maxBlock {
-					return fmt.Errorf("page %d: compressed block of %d bytes for a %d-byte page", ph.Pgno, n, pageSize)
-				}
-				want, err := keep(ph.Pgno)
-				if err != nil {
-					return err
-				}
-				if len(b.pgnos) == batchPages && !send() {
-					return ctx.Err()
-				}
-				at := len(b.blocks)
-				b.blocks = slices.Grow(b.blocks, n)[:at+n]
-				if _, err := io.ReadFull(br, b.blocks[at:]); err != nil {
-					return fmt.Errorf("page %d: read block: %w", ph.Pgno, unexpected(err))
-				}
-				b.pgnos = append(b.pgnos, ph.Pgno)
-				b.heads = append(b.heads, fh)
-				b.ends = append(b.ends, at+n)
-				b.kept = append(b.kept, want)
-				size := int64(len(fh) + n)
-				frames = entry(frames, ph.Pgno, offset, size)
-				nFrames++
-				offset += size
-			}
-			if len(b.pgnos) > 0 && !send() {
-				return ctx.Err()
-			}
-
-			// The rest is small and read here: the end of the pages, the
-			// index, the trailer.
-			tail := crc64.Update(0, isoTable, fh[:ltx.PageHeaderSize])
-			hr := &hashingByteReader{r: br}
-			for {
-				pgno, err := binary.ReadUvarint(hr)
-				if err != nil {
-					return fmt.Errorf("read page index: %w", unexpected(err))
-				}
-				if pgno == 0 {
-					break
-				}
-				off, err := binary.ReadUvarint(hr)
-				if err != nil {
-					return fmt.Errorf("read page index: %w", unexpected(err))
-				}
-				size, err := binary.ReadUvarint(hr)
-				if err != nil {
-					return fmt.Errorf("read page index: %w", unexpected(err))
-				}
-				if pgno > uint64(^uint32(0)) || off > 1<<62 || size > 1<<62 {
-					return fmt.Errorf("page index entry %d out of range", nListed)
-				}
-				listed = entry(listed, uint32(pgno), int64(off), int64(size))
-				nListed++
-				tail = crc64.Update(tail, isoTable, hr.seen)
-				hr.seen = hr.seen[:0]
-			}
-			tail = crc64.Update(tail, isoTable, hr.seen)
-			indexLen := hr.total
-			var end [8 + ltx.TrailerSize]byte
-			if _, err := io.ReadFull(br, end[:]); err != nil {
-				return fmt.Errorf("read page index size and trailer: %w", unexpected(err))
-			}
-			if got := binary.BigEndian.Uint64(end[:8]); got != uint64(indexLen) {
-				return fmt.Errorf("page index is %d bytes, its size field says %d", indexLen, got)
-			}
-			if nListed != nFrames || listed != frames {
-				return fmt.Errorf("page index (%d entries) does not match the %d page frames", nListed, nFrames)
-			}
-			if err := trailer.UnmarshalBinary(end[8:]); err != nil {
-				return fmt.Errorf("trailer: %w", err)
-			}
-			tail = crc64.Update(tail, isoTable, end[:8+ltx.TrailerChecksumOffset])
-			if _, err := br.ReadByte(); err == nil {
-				return errors.New("unexpected data after the trailer")
-			} else if !errors.Is(err, io.EOF) {
-				return fmt.Errorf("read after the trailer: %w", err)
-			}
-			tailCRC, tailLen = tail, int64(ltx.PageHeaderSize)+indexLen+8+ltx.TrailerChecksumOffset
-			return nil
-		}()
+		d.err = d.split(ctx, work, ordered)
 	}()
-
 	workers := runtime.GOMAXPROCS(0)
 	done := make(chan struct{})
 	for range workers {
 		go func() {
 			defer func() { done <- struct{}{} }()
-			scratch := make([]byte, pageSize)
+			scratch := make([]byte, d.pageSize)
+			pageShift := crcShift(int64(d.pageSize))
 			for b := range work {
-				var crc uint64
-				var pgnoBuf [4]byte
-				start := 0
-				for i, pgno := range b.pgnos {
-					page := scratch
-					if b.kept[i] {
-						at := len(b.data)
-						b.data = slices.Grow(b.data, pageSize)[:at+pageSize]
-						page = b.data[at:]
-						b.keptN = append(b.keptN, pgno)
-					}
-					if n, err := lz4.UncompressBlock(b.blocks[start:b.ends[i]], page); err != nil || n != pageSize {
-						if err == nil {
-							err = fmt.Errorf("%d bytes, expected %d", n, pageSize)
-						}
-						b.err = fmt.Errorf("page %d: decompress: %w", pgno, err)
-						break
-					}
-					start = b.ends[i]
-					crcPage := crcUpdate(0, page)
-					crc = crcCombine(crc64.Update(crc, isoTable, b.heads[i][:]), crcPage, pageShift)
-					binary.BigEndian.PutUint32(pgnoBuf[:], pgno)
-					sum := ltx.Checksum(crcCombine(crc64.Checksum(pgnoBuf[:], isoTable), crcPage, pageShift))
-					b.all ^= sum
-					if b.kept[i] {
-						b.sum ^= sum
-					}
-				}
-				b.crc = crc
+				b.decompress(scratch, pageShift)
 				close(b.done)
 			}
 		}()
@@ -268,36 +89,243 @@ func decodeLTX(r io.Reader, start func(ltx.Header) error, keep func(pgno uint32)
 	}()
 
 	var all ltx.Checksum
-	var emitErr error
+	var err error
 	for b := range ordered {
 		<-b.done
-		if emitErr == nil && b.err != nil {
-			emitErr = b.err
+		if err == nil {
+			err = b.err
 		}
-		if emitErr == nil {
-			fileCRC = crcCombine(fileCRC, b.crc, crcShift(int64(len(b.pgnos))*int64(10+pageSize)))
+		if err == nil {
+			fileCRC = crcCombine(fileCRC, b.crc, crcShift(int64(len(b.pgnos))*int64(frameHead+d.pageSize)))
 			all ^= b.all
-			emitErr = emit(b.keptN, b.data, b.sum)
+			err = emit(b.keptN, b.data, b.sum)
 		}
-		if emitErr != nil {
+		if err != nil {
 			cancel()
 		}
 		batchPool.Put(b)
 	}
-	if emitErr != nil {
-		return emitErr
+	if err != nil {
+		return err
 	}
-	if splitErr != nil {
-		return splitErr
+	if d.err != nil {
+		return d.err
 	}
-	fileCRC = crcCombine(fileCRC, tailCRC, crcShift(tailLen))
-	if ltx.ChecksumFlag|ltx.Checksum(fileCRC) != trailer.FileChecksum {
+	fileCRC = crcCombine(fileCRC, d.tailCRC, crcShift(d.tailLen))
+	if ltx.ChecksumFlag|ltx.Checksum(fileCRC) != d.trailer.FileChecksum {
 		return ltx.ErrChecksumMismatch
 	}
-	if hdr.IsSnapshot() && !hdr.NoChecksum() && ltx.ChecksumFlag|all != trailer.PostApplyChecksum {
-		return fmt.Errorf("snapshot pages have checksum %s, its trailer says %s", ltx.ChecksumFlag|all, trailer.PostApplyChecksum)
+	if d.hdr.IsSnapshot() && !d.hdr.NoChecksum() && ltx.ChecksumFlag|all != d.trailer.PostApplyChecksum {
+		return fmt.Errorf("snapshot pages have checksum %s, its trailer says %s", ltx.ChecksumFlag|all, d.trailer.PostApplyChecksum)
 	}
 	return nil
+}
+
+// frameHead is the part of a page frame before its LZ4 block: the page
+// header and the block's size.
+const frameHead = ltx.PageHeaderSize + 4
+
+// ltxSplitter cuts an LTX stream into batches of page frames and reads what
+// follows the pages.
+type ltxSplitter struct {
+	br         *bufio.Reader
+	hdr        ltx.Header
+	pageSize   int
+	batchPages int
+	maxBlock   int
+	keep       func(pgno uint32) (bool, error)
+
+	// What split found, read by decodeLTX once split has returned: its
+	// error, or the CRC and length of the hashed stream after the pages
+	// and the trailer.
+	err     error
+	tailCRC uint64
+	tailLen int64
+	trailer ltx.Trailer
+
+	// The page index must list exactly the frames read: same pages,
+	// offsets and sizes, in order. Both sides are hashed and counted.
+	frames, listed   uint64
+	nFrames, nListed int
+}
+
+func (d *ltxSplitter) batch() *frameBatch {
+	if b, ok := batchPool.Get().(*frameBatch); ok && b.pageSize == d.pageSize {
+		b.pgnos, b.heads, b.ends, b.blocks = b.pgnos[:0], b.heads[:0], b.ends[:0], b.blocks[:0]
+		b.kept, b.keptN, b.data = b.kept[:0], b.keptN[:0], b.data[:0]
+		b.crc, b.sum, b.all, b.err = 0, 0, 0, nil
+		return b
+	}
+	return &frameBatch{pageSize: d.pageSize}
+}
+
+// indexEntry adds one (page, offset, size) to the hash h.
+func indexEntry(h uint64, pgno uint32, offset, size int64) uint64 {
+	var e [20]byte
+	binary.BigEndian.PutUint32(e[:], pgno)
+	binary.BigEndian.PutUint64(e[4:], uint64(offset))
+	binary.BigEndian.PutUint64(e[12:], uint64(size))
+	return crc64.Update(h, isoTable, e[:])
+}
+
+// split reads the page frames into batches, each sent to the workers and,
+// in order, to the caller; then the index and the trailer.
+func (d *ltxSplitter) split(ctx context.Context, work, ordered chan<- *frameBatch) error {
+	b := d.batch()
+	send := func() bool {
+		b.done = make(chan struct{})
+		select {
+		case work <- b:
+		case <-ctx.Done():
+			return false
+		}
+		select {
+		case ordered <- b:
+		case <-ctx.Done():
+			return false
+		}
+		b = d.batch()
+		return true
+	}
+	offset := int64(ltx.HeaderSize)
+	var fh [frameHead]byte
+	for {
+		if _, err := io.ReadFull(d.br, fh[:ltx.PageHeaderSize]); err != nil {
+			return fmt.Errorf("read page header: %w", unexpected(err))
+		}
+		var ph ltx.PageHeader
+		if err := ph.UnmarshalBinary(fh[:ltx.PageHeaderSize]); err != nil {
+			return fmt.Errorf("page header: %w", err)
+		}
+		if ph.IsZero() {
+			break
+		}
+		if err := ph.Validate(); err != nil {
+			return fmt.Errorf("page header: %w", err)
+		}
+		if ph.Flags&ltx.PageHeaderFlagSize == 0 {
+			return fmt.Errorf("page %d is in the older LZ4-frame encoding, which restore does not read", ph.Pgno)
+		}
+		if _, err := io.ReadFull(d.br, fh[ltx.PageHeaderSize:]); err != nil {
+			return fmt.Errorf("page %d: read block size: %w", ph.Pgno, unexpected(err))
+		}
+		n := int(binary.BigEndian.Uint32(fh[ltx.PageHeaderSize:]))
+		if n == 0 || n > d.maxBlock {
+			return fmt.Errorf("page %d: compressed block of %d bytes for a %d-byte page", ph.Pgno, n, d.pageSize)
+		}
+		want, err := d.keep(ph.Pgno)
+		if err != nil {
+			return err
+		}
+		if len(b.pgnos) == d.batchPages && !send() {
+			return ctx.Err()
+		}
+		at := len(b.blocks)
+		b.blocks = slices.Grow(b.blocks, n)[:at+n]
+		if _, err := io.ReadFull(d.br, b.blocks[at:]); err != nil {
+			return fmt.Errorf("page %d: read block: %w", ph.Pgno, unexpected(err))
+		}
+		b.pgnos = append(b.pgnos, ph.Pgno)
+		b.heads = append(b.heads, fh)
+		b.ends = append(b.ends, at+n)
+		b.kept = append(b.kept, want)
+		size := int64(frameHead + n)
+		d.frames = indexEntry(d.frames, ph.Pgno, offset, size)
+		d.nFrames++
+		offset += size
+	}
+	if len(b.pgnos) > 0 && !send() {
+		return ctx.Err()
+	}
+	return d.readTail(fh[:ltx.PageHeaderSize])
+}
+
+// readTail reads what follows the pages, whose end marker was end: the page
+// index, its size and the trailer, and nothing after.
+func (d *ltxSplitter) readTail(end []byte) error {
+	tail := crc64.Update(0, isoTable, end)
+	hr := &hashingByteReader{r: d.br}
+	for {
+		pgno, err := binary.ReadUvarint(hr)
+		if err != nil {
+			return fmt.Errorf("read page index: %w", unexpected(err))
+		}
+		if pgno == 0 {
+			break
+		}
+		off, err := binary.ReadUvarint(hr)
+		if err != nil {
+			return fmt.Errorf("read page index: %w", unexpected(err))
+		}
+		size, err := binary.ReadUvarint(hr)
+		if err != nil {
+			return fmt.Errorf("read page index: %w", unexpected(err))
+		}
+		if pgno > uint64(^uint32(0)) || off > 1<<62 || size > 1<<62 {
+			return fmt.Errorf("page index entry %d out of range", d.nListed)
+		}
+		d.listed = indexEntry(d.listed, uint32(pgno), int64(off), int64(size))
+		d.nListed++
+		tail = crc64.Update(tail, isoTable, hr.seen)
+		hr.seen = hr.seen[:0]
+	}
+	tail = crc64.Update(tail, isoTable, hr.seen)
+	var rest [8 + ltx.TrailerSize]byte
+	if _, err := io.ReadFull(d.br, rest[:]); err != nil {
+		return fmt.Errorf("read page index size and trailer: %w", unexpected(err))
+	}
+	if got := binary.BigEndian.Uint64(rest[:8]); got != uint64(hr.total) {
+		return fmt.Errorf("page index is %d bytes, its size field says %d", hr.total, got)
+	}
+	if d.nListed != d.nFrames || d.listed != d.frames {
+		return fmt.Errorf("page index (%d entries) does not match the %d page frames", d.nListed, d.nFrames)
+	}
+	if err := d.trailer.UnmarshalBinary(rest[8:]); err != nil {
+		return fmt.Errorf("trailer: %w", err)
+	}
+	tail = crc64.Update(tail, isoTable, rest[:8+ltx.TrailerChecksumOffset])
+	if _, err := d.br.ReadByte(); err == nil {
+		return errors.New("unexpected data after the trailer")
+	} else if !errors.Is(err, io.EOF) {
+		return fmt.Errorf("read after the trailer: %w", err)
+	}
+	d.tailCRC, d.tailLen = tail, int64(len(end))+hr.total+8+ltx.TrailerChecksumOffset
+	return nil
+}
+
+// decompress decompresses every page of the batch, the wanted ones into
+// data and the others into scratch, and hashes each once: into the batch's
+// part of the file checksum, and into its page checksum.
+func (b *frameBatch) decompress(scratch []byte, pageShift uint64) {
+	var crc uint64
+	var pgnoBuf [4]byte
+	start := 0
+	for i, pgno := range b.pgnos {
+		page := scratch
+		if b.kept[i] {
+			at := len(b.data)
+			b.data = slices.Grow(b.data, b.pageSize)[:at+b.pageSize]
+			page = b.data[at:]
+			b.keptN = append(b.keptN, pgno)
+		}
+		if n, err := lz4.UncompressBlock(b.blocks[start:b.ends[i]], page); err != nil || n != b.pageSize {
+			if err == nil {
+				err = fmt.Errorf("%d bytes, expected %d", n, b.pageSize)
+			}
+			b.err = fmt.Errorf("page %d: decompress: %w", pgno, err)
+			return
+		}
+		start = b.ends[i]
+		crcPage := crcUpdate(0, page)
+		crc = crcCombine(crc64.Update(crc, isoTable, b.heads[i][:]), crcPage, pageShift)
+		binary.BigEndian.PutUint32(pgnoBuf[:], pgno)
+		sum := ltx.Checksum(crcCombine(crc64.Checksum(pgnoBuf[:], isoTable), crcPage, pageShift))
+		b.all ^= sum
+		if b.kept[i] {
+			b.sum ^= sum
+		}
+	}
+	b.crc = crc
 }
 
 // frameBatch is a run of consecutive page frames of one LTX file. Its
@@ -305,9 +333,9 @@ func decodeLTX(r io.Reader, start func(ltx.Header) error, keep func(pgno uint32)
 // batchPool by the next batch, file and restore.
 type frameBatch struct {
 	pageSize int
-	pgnos    []uint32   // every page in the run
-	heads    [][10]byte // each frame's page header and size, hashed as stored
-	ends     []int      // end of each frame's block in blocks
+	pgnos    []uint32          // every page in the run
+	heads    [][frameHead]byte // each frame's page header and size, hashed as stored
+	ends     []int             // end of each frame's block in blocks
 	blocks   []byte
 	kept     []bool
 	keptN    []uint32 // the wanted pages, for emit
