@@ -17,6 +17,8 @@ a file replica on the same disk, the page cache dropped before each copy and eac
 | \`cp\` of the database file | $(metric BenchmarkReplicaRestore cp-s) s | |
 | \`lfuse restore\` (latest) | $(metric BenchmarkReplicaRestore restore-s) s | |
 | restore ÷ cp | $(metric BenchmarkReplicaRestore x-cp)× | ≤ 1.5× |
+| \`cp\` then \`sync\` of the copy (durable, as a restore's output is) | $(metric BenchmarkReplicaRestore cp-sync-s) s | |
+| restore ÷ (cp + sync) | $(metric BenchmarkReplicaRestore x-cp-sync)× | |
 | peak RSS of \`lfuse restore\`: anonymous (heap, stacks) / total with the binary's pages | $(metric BenchmarkReplicaRestore restore-peak-anon-MB) MB / $(metric BenchmarkReplicaRestore restore-peak-RSS-MB) MB | ≤ 64 MB above the page cache |
 | lag from commit to durable in the replica, p50 (worst commit of each sync) | $(metric BenchmarkReplicaLag lag-p50-ms) ms | |
 | lag p99 | $(metric BenchmarkReplicaLag lag-p99-ms) ms | ≤ sync-interval + 50 ms = 1050 ms |
@@ -55,25 +57,53 @@ The restore reads 1.44 GB of LTX (a snapshot and the compacted history,
 which touched 100,000 of its 262,000 pages), checks the CRC-64 of every file
 and computes the CRC-64 of every page it writes for the database checksum.
 It writes each page once, applying the files newest first and streaming the
-snapshot last into the gaps. Profiled (5.0 CPU-seconds on two CPUs): CRC-64
-1.9 s (Go's table-driven implementation runs at 1.3 GB/s here, and the LTX
-decoder's file checksum covers the decompressed pages, so every page is
-hashed twice), system calls 1.25 s, the LTX decoder's per-page allocations
-0.6 s. A plain copy uses neither, so restore stays at 4–5× `cp` on this
-machine; reaching 1.5× would take a CRC-64 several times faster (carry-less
-multiplication; no maintained Go package offers it for this polynomial) or
-dropping a check. For comparison, `litestream restore` (v0.5.18) of the same
-replica took 11.1–12.1 s with 153–163 MB peak RSS (measured by hand, page cache
-dropped). The times drift with this shared disk: the same restore measured
-3.5–3.9 s against `cp` 0.8 s on a quieter hour.
+snapshot last into the gaps, then makes the file durable (fsync) before it
+renames it into place.
 
-The restore is CPU-bound (4.1 CPU-seconds in 3.0 s on the two CPUs), so two
-ways to overlap more of it were measured and left out. Asking the kernel to
-start writing the output every 32 MB (`sync_file_range`) cut the final fsync
-from 0.65 s to under 0.1 s, but the apply took 0.8 s longer, with as much more
-system time competing with the decoder: 3.2–3.4 s against 3.0–3.1 s. Reading
-each LTX file ahead of the decoder on a goroutine of its own: 3.1–3.2 s
-against 3.0 s.
+Until 3f2656c the LTX decoding ran on one core: `ltx.Decoder` decompresses
+and hashes a whole file on one goroutine, and the page checksums hashed
+every page a second time (5.0 CPU-seconds, CRC-64 1.9 s of it: Go's
+table-driven CRC-64 runs at 1.3 GB/s here). Restore now splits each file
+into page frames on one goroutine and decompresses and hashes the pages on
+every core, each page once; the file checksum and the page checksums are
+stitched together from the per-page CRCs (`replicate/crc.go`). Measured
+back to back on the same replica, page cache dropped, by hand
+(`/usr/bin/time lfuse restore -o /tmp/r.db file://…/restore-1024/replica/app.db`):
+
+| build | wall | user CPU | system CPU |
+|---|---:|---:|---:|
+| before (0c82a54) | 3.7–4.4 s | 3.5–4.3 s | 1.4–1.5 s |
+| parallel decoder (3f2656c) | 2.6–3.0 s | 1.8–2.2 s | 1.1–1.5 s |
+
+(The same pair on a slower hour of this shared machine: 5.9 s against
+4.2–4.3 s.) Then the per-page CRC-64 itself: the ISO polynomial is
+x^64 + x^4 + x^3 + x + 1, so moving the CRC past 16 bytes takes a dozen
+shifts and XORs instead of sixteen table lookups (`crcUpdate`, checked
+against `hash/crc64` for every length up to 1,100 bytes and by a fuzz
+target): 2.2–3.0 GB/s against 1.3–1.5 GB/s on a 4 KB page
+(`go test ./replicate -run '^$' -bench CRCPage`), and user CPU of the
+restore 1.8–1.9 s against 2.3 s, alternating the two builds on a slow hour
+(5148756). What is left is mostly the disk: the apply takes about 1.8 s,
+of which reading 1.44 GB alone is 0.9 s here (`cat` of the 1.04 GB snapshot:
+0.64–0.74 s), and the final fsync of the 1 GB output 0.7–0.8 s. `cp` does
+neither the extra reading nor the fsync, which is why the table also gives
+`cp` followed by `sync` of the copy: restore is about 1.5× that. The
+≤ 1.5× `cp` target would need a restore faster than a durable copy of the
+database itself while reading a third more bytes; on this disk that is not
+there to be had. For comparison, `litestream restore` (v0.5.18) of the same
+replica took 11.1–12.1 s with 153–163 MB peak RSS (measured by hand, page
+cache dropped, before this change). The times drift with this shared disk:
+`cp` alone measured 0.8 s to 2.2 s over one afternoon.
+
+Three ways to overlap more were measured and left out. Asking the kernel to
+start writing the output every 32 MB (`sync_file_range` over the whole
+file) cut the final fsync from 0.65 s to under 0.1 s, but the apply took
+0.8 s longer (with the single-core decoder: 3.2–3.4 s against 3.0–3.1 s;
+with the parallel one, 4.1–4.3 s against 2.6–2.7 s). Limited to the range
+the snapshot had just written, every 8 MB: 2.5–2.8 s against 2.6–2.8 s,
+no gain, as the writes then compete with the reads for the disk. Reading
+each LTX file ahead of the decoder on a goroutine of its own (single-core
+decoder): 3.1–3.2 s against 3.0 s.
 
 Compactions, snapshots and retention run beside the syncs, not inside them:
 while a snapshot of a large database uploads (minutes to a cloud store), new
