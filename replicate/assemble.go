@@ -69,10 +69,8 @@ func (a *assembler) apply(r io.Reader, snapshot bool) error {
 	}
 	var prev uint32
 	keep := func(pgno uint32) (bool, error) {
-		switch {
-		case pgno > hdr.Commit || pgno == a.lock || pgno <= prev:
-			return false, fmt.Errorf("page %d out of order or outside the database of %d pages", pgno, hdr.Commit)
-		case snapshot && pgno != prev+1 && !(pgno == a.lock+1 && prev == a.lock-1):
+		// decodeLTX has checked the order and the bounds.
+		if snapshot && pgno != prev+1 && !(pgno == a.lock+1 && prev == a.lock-1) {
 			return false, fmt.Errorf("snapshot page %d follows page %d", pgno, prev)
 		}
 		prev = pgno

@@ -36,7 +36,17 @@ import (
 // megabytes of frames in flight.
 func decodeLTX(r io.Reader, start func(ltx.Header) error, keep func(pgno uint32) (bool, error),
 	emit func(pgnos []uint32, data []byte, sum ltx.Checksum) error) error {
-	d := &ltxSplitter{br: bufio.NewReaderSize(r, 1<<20), keep: keep}
+	br, _ := readerPool.Get().(*bufio.Reader)
+	if br == nil {
+		br = bufio.NewReaderSize(r, 1<<20)
+	} else {
+		br.Reset(r)
+	}
+	defer func() { // runs last, once the splitter has stopped
+		br.Reset(nil)
+		readerPool.Put(br)
+	}()
+	d := &ltxSplitter{br: br, keep: keep}
 	head := make([]byte, ltx.HeaderSize)
 	if _, err := io.ReadFull(d.br, head); err != nil {
 		return fmt.Errorf("read header: %w", err)
@@ -54,6 +64,7 @@ func decodeLTX(r io.Reader, start func(ltx.Header) error, keep func(pgno uint32)
 	d.pageSize = int(d.hdr.PageSize)
 	d.batchPages = max(1, batchBytes/d.pageSize)
 	d.maxBlock = lz4.CompressBlockBound(d.pageSize)
+	d.lock = ltx.LockPgno(d.hdr.PageSize)
 
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
@@ -133,6 +144,7 @@ type ltxSplitter struct {
 	pageSize   int
 	batchPages int
 	maxBlock   int
+	lock       uint32 // SQLite's lock page, never in a file
 	keep       func(pgno uint32) (bool, error)
 
 	// What split found, read by decodeLTX once split has returned: its
@@ -189,6 +201,7 @@ func (d *ltxSplitter) split(ctx context.Context, work, ordered chan<- *frameBatc
 	}
 	offset := int64(ltx.HeaderSize)
 	var fh [frameHead]byte
+	var prev uint32
 	for {
 		if _, err := io.ReadFull(d.br, fh[:ltx.PageHeaderSize]); err != nil {
 			return fmt.Errorf("read page header: %w", unexpected(err))
@@ -203,16 +216,21 @@ func (d *ltxSplitter) split(ctx context.Context, work, ordered chan<- *frameBatc
 		if err := ph.Validate(); err != nil {
 			return fmt.Errorf("page header: %w", err)
 		}
+		if ph.Pgno > d.hdr.Commit || ph.Pgno == d.lock || ph.Pgno <= prev {
+			return fmt.Errorf("page %d out of order or outside the database of %d pages", ph.Pgno, d.hdr.Commit)
+		}
+		prev = ph.Pgno
 		if ph.Flags&ltx.PageHeaderFlagSize == 0 {
 			return fmt.Errorf("page %d is in the older LZ4-frame encoding, which restore does not read", ph.Pgno)
 		}
 		if _, err := io.ReadFull(d.br, fh[ltx.PageHeaderSize:]); err != nil {
 			return fmt.Errorf("page %d: read block size: %w", ph.Pgno, unexpected(err))
 		}
-		n := int(binary.BigEndian.Uint32(fh[ltx.PageHeaderSize:]))
-		if n == 0 || n > d.maxBlock {
-			return fmt.Errorf("page %d: compressed block of %d bytes for a %d-byte page", ph.Pgno, n, d.pageSize)
+		size32 := binary.BigEndian.Uint32(fh[ltx.PageHeaderSize:])
+		if size32 == 0 || size32 > uint32(d.maxBlock) {
+			return fmt.Errorf("page %d: compressed block of %d bytes for a %d-byte page", ph.Pgno, size32, d.pageSize)
 		}
+		n := int(size32)
 		want, err := d.keep(ph.Pgno)
 		if err != nil {
 			return err
@@ -348,6 +366,10 @@ type frameBatch struct {
 }
 
 var batchPool sync.Pool
+
+// readerPool holds the 1 MB read buffers, which a restore of many small
+// files would otherwise allocate once per file.
+var readerPool sync.Pool
 
 // batchBytes is the most page data a batch holds (tests make it smaller,
 // to cross batch boundaries with small files).

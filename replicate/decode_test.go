@@ -2,14 +2,18 @@ package replicate
 
 import (
 	"bytes"
+	"encoding/binary"
 	"errors"
 	"fmt"
+	"hash/crc64"
 	"io"
 	"math/rand/v2"
 	"runtime"
+	"strings"
 	"testing"
 	"time"
 
+	"github.com/pierrec/lz4/v4"
 	"github.com/superfly/ltx"
 )
 
@@ -286,4 +290,73 @@ func FuzzDecodeLTX(f *testing.F) {
 		}
 		samePages(t, "fuzzed", got, want)
 	})
+}
+
+// handLTX encodes an LTX file the way ltx.Encoder does, but with whatever
+// page numbers it is given, in that order: what a damaged or hostile
+// writer could produce, with a consistent index and a correct checksum.
+func handLTX(t *testing.T, pageSize, commit uint32, pgnos []uint32) []byte {
+	t.Helper()
+	var out bytes.Buffer
+	h := crc64.New(isoTable)
+	both := func(b []byte) { out.Write(b); h.Write(b) }
+	hb, err := (&ltx.Header{Version: ltx.Version, Flags: ltx.HeaderFlagNoChecksum, PageSize: pageSize,
+		Commit: commit, MinTXID: 5, MaxTXID: 9, Timestamp: 1000}).MarshalBinary()
+	if err != nil {
+		t.Fatal(err)
+	}
+	both(hb)
+	var index []byte
+	block := make([]byte, lz4.CompressBlockBound(int(pageSize)))
+	for _, pgno := range pgnos {
+		page := bytes.Repeat([]byte{byte(pgno)}, int(pageSize))
+		n, err := lz4.CompressBlock(page, block, nil)
+		if err != nil || n == 0 {
+			t.Fatalf("compress: %d %v", n, err)
+		}
+		offset := out.Len()
+		ph, _ := (&ltx.PageHeader{Pgno: pgno, Flags: ltx.PageHeaderFlagSize}).MarshalBinary()
+		both(ph)
+		both(binary.BigEndian.AppendUint32(nil, uint32(n)))
+		out.Write(block[:n])
+		h.Write(page)
+		index = binary.AppendUvarint(index, uint64(pgno))
+		index = binary.AppendUvarint(index, uint64(offset))
+		index = binary.AppendUvarint(index, uint64(out.Len()-offset))
+	}
+	end, _ := (&ltx.PageHeader{}).MarshalBinary()
+	both(end)
+	index = binary.AppendUvarint(index, 0)
+	both(index)
+	both(binary.BigEndian.AppendUint64(nil, uint64(len(index))))
+	both(binary.BigEndian.AppendUint64(nil, uint64(ltx.ChecksumFlag)))
+	out.Write(binary.BigEndian.AppendUint64(nil, uint64(ltx.ChecksumFlag|ltx.Checksum(h.Sum64()))))
+	return out.Bytes()
+}
+
+// The page order and bounds are checked by decodeLTX itself, whatever the
+// caller keeps: a well-formed file whose pages lie outside the database,
+// repeat, go backwards or include SQLite's lock page is refused.
+func TestDecodeLTXChecksPageOrder(t *testing.T) {
+	if _, err := decodeOurs(handLTX(t, 512, 5, []uint32{1, 2, 3}), func(uint32) bool { return true }); err != nil {
+		t.Fatalf("a well-formed file: %v", err)
+	}
+	lock := ltx.LockPgno(512)
+	for name, c := range map[string]struct {
+		commit uint32
+		pgnos  []uint32
+	}{
+		"beyond the commit size": {5, []uint32{1, 2, 9}},
+		"backwards":              {5, []uint32{1, 3, 2}},
+		"repeated":               {5, []uint32{1, 2, 2}},
+		"the lock page":          {lock + 2, []uint32{1, lock}},
+	} {
+		b := handLTX(t, 512, c.commit, c.pgnos)
+		if _, err := decodeOurs(b, func(uint32) bool { return true }); err == nil || !strings.Contains(err.Error(), "out of order or outside") {
+			t.Errorf("%s: got %v, want a refusal naming the page order", name, err)
+		}
+		if _, err := decodeWithLibrary(b); err == nil && name != "the lock page" {
+			t.Errorf("%s: ltx.Decoder accepts it", name)
+		}
+	}
 }
