@@ -8,6 +8,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"net/url"
 	"os"
 	"slices"
 	"strings"
@@ -225,5 +226,16 @@ func TestSub(t *testing.T) {
 	}
 	if _, err := New(Config{AccountName: "a", Container: "c", Path: "x/../../y"}); err == nil {
 		t.Error(`a path with ".." is accepted`)
+	}
+}
+
+// A deadline that ends in the middle of an attempt, after refused ones,
+// leaves no connection error in the chain; it is still an endpoint that
+// did not answer.
+func TestDeadlineMidAttemptIsUnreachable(t *testing.T) {
+	c := &Client{account: "acct", container: "box", endpoint: "http://127.0.0.1:1/acct/"}
+	err := c.wrap(&url.Error{Op: "Get", URL: "http://127.0.0.1:1/acct/box", Err: context.DeadlineExceeded}, "check")
+	if !strings.Contains(err.Error(), "cannot reach http://127.0.0.1:1/acct/: no response before the deadline") || !errors.Is(err, context.DeadlineExceeded) {
+		t.Fatalf("got %v", err)
 	}
 }

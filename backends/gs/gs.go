@@ -18,6 +18,7 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"net/url"
 	"os"
 	"path"
 	"slices"
@@ -430,11 +431,16 @@ func (c *Client) wrap(err error, format string, args ...any) error {
 	var op *net.OpError
 	var dns *net.DNSError
 	var cause error
+	var ue *url.Error
 	switch {
 	case errors.As(err, &dns):
 		cause = dns
 	case errors.As(err, &op):
 		cause = op
+	case errors.As(err, &ue) && errors.Is(err, context.DeadlineExceeded):
+		// The time ran out in the middle of an attempt, after retries
+		// that may have been refused: the endpoint gave no answer.
+		cause = errors.New("no response before the deadline")
 	}
 	if cause != nil {
 		where := c.endpoint

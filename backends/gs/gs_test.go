@@ -5,6 +5,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"net/url"
 	"os"
 	"slices"
 	"strings"
@@ -148,5 +149,16 @@ func TestCredentialsFile(t *testing.T) {
 	}
 	if _, err := credentialsFile(name); err != nil {
 		t.Errorf("a service account file: %v", err)
+	}
+}
+
+// A deadline that ends in the middle of an attempt, after refused ones,
+// leaves no connection error in the chain; it is still an endpoint that
+// did not answer.
+func TestDeadlineMidAttemptIsUnreachable(t *testing.T) {
+	c := &Client{name: "bucket", endpoint: "http://127.0.0.1:1/storage/v1/"}
+	err := c.wrap(&url.Error{Op: "Get", URL: "http://127.0.0.1:1/storage/v1/b/bucket", Err: context.DeadlineExceeded}, "check")
+	if !strings.Contains(err.Error(), "cannot reach http://127.0.0.1:1/storage/v1/: no response before the deadline") || !errors.Is(err, context.DeadlineExceeded) {
+		t.Fatalf("got %v", err)
 	}
 }
