@@ -898,9 +898,21 @@ func (tr *trial) rollback() {
 // keep after a crash at that instant; lfuse counts it, rightly.
 func (tr *trial) inFlightAt(db string, f freeze, got string) bool {
 	r := tr.readRecords(db)
-	was, ok1 := r.keyOf[f.digests[db]]
-	next, ok2 := r.keyOf[got]
-	return ok1 && ok2 && next[0] == was[0] && next[1] == was[1]+1 && r.intentAt[got].Before(f.readAt)
+	for _, was := range r.intents[f.digests[db]] {
+		for _, next := range r.intents[got] {
+			if next.key[0] == was.key[0] && next.key[1] == was.key[1]+1 && next.at.Before(f.readAt) {
+				return true
+			}
+		}
+	}
+	return false
+}
+
+// intent is one attempt to commit a digest: its (epoch, seq) and the time
+// its COMMIT began.
+type intent struct {
+	key [2]int64
+	at  time.Time
 }
 
 // records reads what the application recorded for a database: the digests
@@ -915,15 +927,15 @@ type records struct {
 	// lost names an acknowledged commit whose seq a later commit reused:
 	// it was gone from the database when that one began.
 	lost string
-	// keyOf and intentAt give each intended digest's (epoch, seq) and the
-	// time its COMMIT began.
-	keyOf    map[string][2]int64
-	intentAt map[string]time.Time
+	// intents gives every attempt to commit each digest. One digest can
+	// have several: after a rollback the application redoes the same seqs
+	// with the same content in a new epoch (seed 100088).
+	intents map[string][]intent
 }
 
 func (tr *trial) readRecords(db string) records {
 	r := records{digests: map[[2]int64][]string{}, acked: map[int64]int64{}, committed: map[int64]map[string]bool{},
-		keyOf: map[string][2]int64{}, intentAt: map[string]time.Time{}}
+		intents: map[string][]intent{}}
 	ackedSeqs := map[[2]int64]bool{}
 	f, err := os.Open(tr.recordPath(db))
 	if err != nil {
@@ -947,7 +959,7 @@ func (tr *trial) readRecords(db string) records {
 				}
 				r.digests[k] = append(r.digests[k], fs[3])
 				ns, _ := strconv.ParseInt(fs[4], 10, 64)
-				r.keyOf[fs[3]], r.intentAt[fs[3]] = k, time.Unix(0, ns)
+				r.intents[fs[3]] = append(r.intents[fs[3]], intent{k, time.Unix(0, ns)})
 			}
 		case "F":
 			// The intent just before, from the same writer, failed.
