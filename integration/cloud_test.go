@@ -211,13 +211,18 @@ type s3Server struct {
 }
 
 func startS3Server(t *testing.T, env map[string]string) *s3Server {
+	return startS3ServerIn(t, env, t.TempDir())
+}
+
+// startS3ServerIn keeps the server's objects in dir.
+func startS3ServerIn(t *testing.T, env map[string]string, dir string) *s3Server {
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
 	}
 	addr := ln.Addr().String()
 	ln.Close()
-	s := &s3Server{t: t, bin: env["LFUSE_TEST_VERSITYGW"], dir: t.TempDir(), addr: addr, env: env}
+	s := &s3Server{t: t, bin: env["LFUSE_TEST_VERSITYGW"], dir: dir, addr: addr, env: env}
 	s.start()
 	t.Cleanup(s.stop)
 	return s

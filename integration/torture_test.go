@@ -227,7 +227,12 @@ func newTrial(t *testing.T, seed int64, base string, servers map[string]string, 
 			"LFUSE_TEST_S3_ACCESS_KEY_ID":     "torture-key",
 			"LFUSE_TEST_S3_SECRET_ACCESS_KEY": tr.secret,
 		}
-		tr.s3 = startS3Server(t, env)
+		// The objects stay with the trial's artifacts, for a failed trial.
+		s3dir := filepath.Join(tr.root, "s3")
+		if err := os.MkdirAll(s3dir, 0o755); err != nil {
+			t.Fatal(err)
+		}
+		tr.s3 = startS3ServerIn(t, env, s3dir)
 		env["LFUSE_TEST_S3_ENDPOINT"] = "http://" + tr.s3.addr
 		createS3Bucket(t, env, "torture")
 		s3 := fmt.Sprintf("[[replicas]]\nurl = \"s3://torture/seed-%d\"\nendpoint = %q\naccess-key-id = \"torture-key\"\nsecret-access-key = %q\nsync-interval = \"100ms\"\ncompact-intervals = [\"1s\", \"3s\"]\n",
