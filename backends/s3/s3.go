@@ -249,6 +249,24 @@ func (c *Client) WriteLTXFile(ctx context.Context, level int, min, max ltx.TXID,
 	if err != nil {
 		return c.wrap(err, "write %s", key)
 	}
+	if size > partSize {
+		// A multipart upload is acknowledged by CompleteMultipartUpload, and
+		// a store can acknowledge a retried one that never finished: versitygw
+		// v1.8.0, killed while assembling the parts, answers the retry with
+		// success and no object (the torture test lost a snapshot that way).
+		// One HEAD per large file proves it is there.
+		out, err := c.s3.HeadObject(ctx, &s3.HeadObjectInput{Bucket: &c.bucket, Key: &key})
+		if err != nil {
+			err = c.wrap(err, "check %s after its multipart upload", key)
+			if errors.Is(err, backends.ErrNotFound) {
+				return fmt.Errorf("%s: the store acknowledged the multipart upload of %s but does not hold it; it will be written again", c, key)
+			}
+			return err
+		}
+		if n := aws.ToInt64(out.ContentLength); n != size {
+			return fmt.Errorf("%s: %s holds %d bytes after its multipart upload of %d: the store lost the upload; it will be written again", c, key, n, size)
+		}
+	}
 	return nil
 }
 

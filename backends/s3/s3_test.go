@@ -210,3 +210,52 @@ func TestTransientErrors(t *testing.T) {
 		t.Fatalf("only %d failures injected", failures.Load())
 	}
 }
+
+// A store that acknowledges a multipart upload it does not hold (versitygw
+// v1.8.0 does, for a retried CompleteMultipartUpload after a crash) makes
+// the write fail, so that the replica writes the file again, rather than
+// count a file that is not there.
+func TestLostMultipartUploadIsAnError(t *testing.T) {
+	env := backendtest.Servers(t)
+	ensureBucket(t, env, env["LFUSE_TEST_S3_ENDPOINT"])
+	u, err := neturl.Parse(env["LFUSE_TEST_S3_ENDPOINT"])
+	if err != nil {
+		t.Fatal(err)
+	}
+	rp := httputil.NewSingleHostReverseProxy(u)
+	var swallowed atomic.Int64
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.Method == http.MethodPost && r.URL.Query().Has("uploadId") {
+			swallowed.Add(1)
+			w.Header().Set("Content-Type", "application/xml")
+			fmt.Fprint(w, `<?xml version="1.0" encoding="UTF-8"?><CompleteMultipartUploadResult><Bucket>b</Bucket><Key>k</Key><ETag>"0123456789abcdef0123456789abcdef-2"</ETag></CompleteMultipartUploadResult>`)
+			return
+		}
+		rp.ServeHTTP(w, r)
+	}))
+	t.Cleanup(srv.Close)
+	path := fmt.Sprintf("lost-%d", time.Now().UnixNano())
+	body := bytes.Repeat([]byte("lfuse"), 7<<20/5) // over one 5 MiB part
+	ctx := context.Background()
+
+	lossy := newClient(t, env, s3.Config{Endpoint: srv.URL, Path: path})
+	err = lossy.WriteLTXFile(ctx, 9, 1, 9, bytes.NewReader(body), int64(len(body)), meta)
+	if err == nil || swallowed.Load() == 0 || strings.Contains(err.Error(), "\n") {
+		t.Fatalf("write through a store that drops the upload: err %v, %d completions swallowed", err, swallowed.Load())
+	}
+	t.Logf("%v", err)
+
+	// The same write against the store itself succeeds and is read back.
+	c := newClient(t, env, s3.Config{Path: path})
+	if err := c.WriteLTXFile(ctx, 9, 1, 9, bytes.NewReader(body), int64(len(body)), meta); err != nil {
+		t.Fatal(err)
+	}
+	rc, err := c.OpenLTXFile(ctx, 9, 1, 9, 0, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer rc.Close()
+	if got, err := io.ReadAll(rc); err != nil || !bytes.Equal(got, body) {
+		t.Fatalf("read back: %d bytes, %v", len(got), err)
+	}
+}
