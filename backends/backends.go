@@ -9,6 +9,8 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"net"
+	"net/url"
 	"slices"
 	"strconv"
 	"strings"
@@ -162,4 +164,26 @@ func HasLTXLevels(list func(ctx context.Context, prefix string) ([]string, error
 			return err == nil
 		}), nil
 	}
+}
+
+// Unreachable returns why an HTTP store could not be reached, or nil if err
+// is not that: a name that does not resolve, a connection that failed, or
+// a request the deadline cut off with no answer. It looks past the context
+// error, so that retries that end with the context still report the
+// connection failure behind them.
+func Unreachable(err error) error {
+	var dns *net.DNSError
+	var op *net.OpError
+	var ue *url.Error
+	switch {
+	case errors.As(err, &dns):
+		return dns
+	case errors.As(err, &op):
+		return op
+	case errors.As(err, &ue) && errors.Is(err, context.DeadlineExceeded):
+		// The time ran out in the middle of an attempt, after retries
+		// that may have been refused: the endpoint gave no answer.
+		return errors.New("no response before the deadline")
+	}
+	return nil
 }

@@ -16,7 +16,6 @@ import (
 	"fmt"
 	"golang.org/x/sync/errgroup"
 	"io"
-	"net"
 	"net/http"
 	"net/url"
 	"path"
@@ -463,23 +462,7 @@ func (c *Client) wrap(err error, format string, args ...any) error {
 		}
 		return c.line(err, "%s: HTTP %d %s", what, re.StatusCode, code)
 	}
-	// Checked before the context: retries that end with the context still
-	// report the connection failure behind them.
-	var op *net.OpError
-	var dns *net.DNSError
-	var cause error
-	var ue *url.Error
-	switch {
-	case errors.As(err, &dns):
-		cause = dns
-	case errors.As(err, &op):
-		cause = op
-	case errors.As(err, &ue) && errors.Is(err, context.DeadlineExceeded):
-		// The time ran out in the middle of an attempt, after retries
-		// that may have been refused: the endpoint gave no answer.
-		cause = errors.New("no response before the deadline")
-	}
-	if cause != nil {
+	if cause := backends.Unreachable(err); cause != nil {
 		where := c.endpoint
 		if where == "" {
 			where = c.account + ".blob.core.windows.net"
