@@ -265,17 +265,19 @@ func (o *outage) result(r *Replica, err error, failed, still, recovered string, 
 	switch {
 	case err == nil:
 		if o.failing {
-			r.logger.Info(recovered, append([]any{"outage_seconds", time.Since(o.since).Seconds()}, recoveredAttrs...)...)
+			// The state changes before the log line: whoever reads the
+			// line (an operator, a test) may look at the metrics next.
 			o.failing = false
 			o.now.Store(false)
+			r.logger.Info(recovered, append([]any{"outage_seconds", time.Since(o.since).Seconds()}, recoveredAttrs...)...)
 		}
 	case errors.Is(err, context.Canceled):
 	default:
 		r.errs.Add(1)
 		if !o.failing {
-			r.logger.Error(failed, "err", err)
 			o.failing, o.since = true, time.Now()
 			o.now.Store(true)
+			r.logger.Error(failed, "err", err)
 		} else {
 			r.logger.Debug(still, "err", err)
 		}
