@@ -52,6 +52,11 @@ type DB struct {
 	backoff  time.Duration
 	retryAt  time.Time
 	retrying bool
+	// unverifiedSince: since when the capture passes have left a long
+	// unfinished transaction unverified (zero: they have not); rechecking
+	// whether a recheck timer is armed.
+	unverifiedSince time.Time
+	rechecking      bool
 
 	kickMu  sync.Mutex
 	running bool
@@ -191,7 +196,7 @@ func (d *DB) syncLocked() {
 		}
 		return
 	}
-	if err := d.captureLocked(); err != nil {
+	if err := d.capturePass(false); err != nil {
 		if errors.Is(err, walcapture.ErrDiverged) {
 			d.needSnapshot(err.Error())
 			if err := d.snapshotLocked(); err != nil {
@@ -212,12 +217,21 @@ func (d *DB) syncLocked() {
 }
 
 // captureLocked appends every newly committed transaction to the log.
+func (d *DB) captureLocked() error { return d.capturePass(true) }
+
+// capturePass appends newly committed transactions to the log. A pass that
+// is not strict may leave a long unfinished transaction unverified (see
+// walcapture.ScanResult): it runs on every write of the WAL, and proving on
+// each that no commit hides behind such a transaction made capture quadratic
+// in its size. A recheck timer, or SQLite's WAL index counting a commit not
+// yet captured, proves it later. Holds and stops are strict: the operation
+// after them could destroy the frames.
 //
 // Commits found in one pass go into one record (TXIDs min..max, one per
 // commit): an LTX encoder costs a 136 KB allocation, too much to pay per
 // commit for an application doing tens of thousands of them a second. At
 // ordinary rates a pass finds one commit, so a record is one commit.
-func (d *DB) captureLocked() error {
+func (d *DB) capturePass(strict bool) error {
 	wal, err := os.Open(d.path + "-wal")
 	if errors.Is(err, os.ErrNotExist) {
 		return nil
@@ -240,19 +254,34 @@ func (d *DB) captureLocked() error {
 		group, groupBytes = group[:0], 0
 		return err
 	}
-	res, err := d.cap.Scan(wal, func(t walcapture.Txn) error {
-		if len(group) > 0 && (t.Header != group[0].Header || groupBytes >= maxGroupBytes) {
-			if err := flush(); err != nil {
-				return err
+	scan := func() (walcapture.ScanResult, error) {
+		res, err := d.cap.Scan(wal, func(t walcapture.Txn) error {
+			if len(group) > 0 && (t.Header != group[0].Header || groupBytes >= maxGroupBytes) {
+				if err := flush(); err != nil {
+					return err
+				}
+				mark = d.cap.Mark()
 			}
-			mark = d.cap.Mark()
+			group = append(group, t)
+			groupBytes += t.Size
+			return nil
+		})
+		if err == nil {
+			err = flush()
 		}
-		group = append(group, t)
-		groupBytes += t.Size
-		return nil
-	})
+		return res, err
+	}
+	res, err := scan()
+	if err == nil && res.Unverified && (strict || d.indexAhead(idx, idxOK)) {
+		d.cap.Recheck()
+		mark = d.cap.Mark()
+		var again walcapture.ScanResult
+		again, err = scan()
+		again.NewGeneration = again.NewGeneration || res.NewGeneration
+		res = again
+	}
 	if err == nil {
-		err = flush()
+		d.noteUnverified(res.Unverified)
 	}
 	if errors.Is(err, errStored) {
 		d.needSnapshot(err.Error())
@@ -264,19 +293,70 @@ func (d *DB) captureLocked() error {
 	if res.NewGeneration {
 		d.logger.Debug("WAL restarted with new salts")
 	}
-	if err == nil && idxOK {
+	if err == nil && !res.Unverified && d.indexAhead(idx, idxOK) {
 		// A safety net: if SQLite counts commits in this generation that
 		// capture could not validate, capture is stuck and would stay
 		// silent while they never reach a replica. Start again from a
 		// snapshot of what the database holds.
-		pos := d.cap.Pos()
-		captured := max(pos.Offset, walcapture.HeaderSize)
-		committed := walcapture.HeaderSize + int64(idx.MaxFrame)*d.cap.FrameSize()
-		if pos.Salt1 == idx.Salt1 && pos.Salt2 == idx.Salt2 && d.cap.FrameSize() > 0 && captured < committed {
-			d.needSnapshot(fmt.Sprintf("the WAL index counts commits up to offset %d, capture validated up to %d", committed, captured))
-		}
+		d.needSnapshot(fmt.Sprintf("the WAL index counts commits up to offset %d, capture validated up to %d",
+			walcapture.HeaderSize+int64(idx.MaxFrame)*d.cap.FrameSize(), max(d.cap.Pos().Offset, walcapture.HeaderSize)))
 	}
 	return err
+}
+
+// indexAhead says whether SQLite's WAL index, read before a scan, counts
+// commits in the current generation beyond what capture has validated.
+func (d *DB) indexAhead(idx walcapture.IndexHeader, ok bool) bool {
+	pos := d.cap.Pos()
+	captured := max(pos.Offset, walcapture.HeaderSize)
+	committed := walcapture.HeaderSize + int64(idx.MaxFrame)*d.cap.FrameSize()
+	return ok && pos.Salt1 == idx.Salt1 && pos.Salt2 == idx.Salt2 && d.cap.FrameSize() > 0 && captured < committed
+}
+
+// recheckAfter is how long a long unfinished transaction may stay
+// unverified before a pass re-validates it from its first frame. It bounds
+// the delay in capturing a commit written over the frames of a rolled-back
+// transaction while SQLite's WAL index did not yet count it.
+var recheckAfter = 20 * time.Millisecond // a variable for tests
+
+// noteUnverified records what a capture pass left unverified and makes
+// sure a recheck comes back for it.
+func (d *DB) noteUnverified(unverified bool) {
+	if !unverified {
+		d.unverifiedSince = time.Time{}
+		return
+	}
+	if d.unverifiedSince.IsZero() {
+		d.unverifiedSince = time.Now()
+	}
+	d.armRecheck()
+}
+
+// armRecheck arms the recheck timer unless it is armed. The timer
+// re-validates only if no pass got further since it was armed: while the
+// transaction keeps growing, it re-arms instead.
+func (d *DB) armRecheck() {
+	if d.rechecking {
+		return
+	}
+	d.rechecking = true
+	time.AfterFunc(time.Until(d.unverifiedSince.Add(recheckAfter)), func() {
+		d.mu.Lock()
+		d.rechecking = false
+		due := false
+		switch {
+		case d.unverifiedSince.IsZero():
+		case time.Since(d.unverifiedSince) < recheckAfter:
+			d.armRecheck()
+		default:
+			d.cap.Recheck()
+			due = true
+		}
+		d.mu.Unlock()
+		if due {
+			d.kick()
+		}
+	})
 }
 
 // readIndexHeader reads the WAL index header from a -shm file.

@@ -11,6 +11,7 @@ import (
 	"strings"
 	"sync"
 	"testing"
+	"time"
 
 	_ "github.com/mattn/go-sqlite3"
 )
@@ -251,5 +252,98 @@ func TestCaptureStallIsDetected(t *testing.T) {
 	m.SyncAll()
 	if !strings.Contains(logs.String(), "WAL index counts") {
 		t.Fatalf("a commit capture could not validate went unreported:\n%s", logs)
+	}
+}
+
+// Capture passes that find nothing new of a long unfinished transaction do
+// not re-validate it from its start each time (that made capture quadratic
+// in its size), so a commit written over its frames after a rollback must be
+// found another way: by a recheck a moment later, or at once by a hold
+// (whatever follows a hold could destroy the frames). Here there is no WAL
+// index to hint at the commit (exclusive locking mode keeps it in the
+// writer's memory) and no event after the commit's own.
+func TestManagerRechecksUnfinishedTransaction(t *testing.T) {
+	for _, by := range []string{"timer", "hold"} {
+		t.Run(by, func(t *testing.T) {
+			if by == "hold" {
+				defer func(d time.Duration) { recheckAfter = d }(recheckAfter)
+				recheckAfter = time.Hour
+			}
+			testRecheck(t, by == "hold")
+		})
+	}
+}
+
+func testRecheck(t *testing.T, hold bool) {
+	data, state := t.TempDir(), filepath.Join(t.TempDir(), "state")
+	m, logs := newTestManager(t, data, state)
+	path := filepath.Join(data, "app.db")
+	db, err := sql.Open("sqlite3", path+"?_journal_mode=WAL&_locking_mode=EXCLUSIVE&_cache_size=5")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer db.Close()
+	db.SetMaxOpenConns(1)
+	if _, err := db.Exec("PRAGMA wal_autocheckpoint=0; CREATE TABLE t(id INTEGER PRIMARY KEY, v BLOB)"); err != nil {
+		t.Fatal(err)
+	}
+	m.Opened("app.db-wal", true)
+	m.SyncAll()
+	d := m.DB("app.db")
+	d.wg.Wait()
+	pass := func() { // one capture pass for a reported change, finished
+		t.Helper()
+		d.kick()
+		d.wg.Wait()
+	}
+	before := d.Stats().Captured
+
+	tx, err := db.Begin()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i := 0; i < 2000; i++ {
+		if _, err := tx.Exec("INSERT INTO t(v) VALUES(randomblob(1000))"); err != nil {
+			t.Fatal(err)
+		}
+	}
+	pass()
+	if err := tx.Rollback(); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := db.Exec("INSERT INTO t(v) VALUES('after the rollback')"); err != nil {
+		t.Fatal(err)
+	}
+	pass() // the event of the commit's write, seen while nothing proves it
+	if hold {
+		release := m.BeforeTruncate("app.db")
+		release(true)
+		if n := d.Stats().Captured - before; n != 1 {
+			t.Fatalf("after a hold: captured %d transactions, want 1", n)
+		}
+	}
+	deadline := time.Now().Add(10 * time.Second)
+	for d.Stats().Captured == before {
+		if time.Now().After(deadline) {
+			t.Fatalf("the commit after the rollback was not captured:\n%s", logs)
+		}
+		time.Sleep(5 * time.Millisecond) // the recheck timer has no event to wait for
+	}
+	if n := d.Stats().Captured - before; n != 1 {
+		t.Fatalf("captured %d transactions, want 1", n)
+	}
+	if _, err := db.Exec("PRAGMA wal_checkpoint(TRUNCATE)"); err != nil {
+		t.Fatal(err)
+	}
+	db.Close()
+	if err := m.Close(); err != nil {
+		t.Fatal(err)
+	}
+	want, _ := os.ReadFile(path)
+	if got := replayed(t, state, "app.db"); !bytes.Equal(got, want) {
+		t.Fatalf("log rebuilds %d bytes, database is %d bytes", len(got), len(want))
+	}
+	if strings.Contains(logs.String(), "needs a new snapshot") {
+		t.Fatalf("lost continuity:\n%s", logs)
 	}
 }

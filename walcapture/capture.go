@@ -44,6 +44,10 @@ type Pos struct {
 type ScanResult struct {
 	Txns          int  // transactions emitted
 	NewGeneration bool // the log was restarted (new salts) since the previous scan
+	// Unverified: the log ends inside a long unfinished transaction and this
+	// scan found nothing new of it. A commit written over its earlier frames
+	// (after a rollback) would then go unseen until Recheck; see scanFrames.
+	Unverified bool
 }
 
 // partialMin is the size of an unfinished transaction worth remembering
@@ -81,6 +85,20 @@ type partialTxn struct {
 	s1, s2 uint32
 	pages  map[uint32]int64
 	first  []byte
+	// unverified: the last scan resumed here and found nothing new, so a
+	// commit before off, over this transaction's frames, was not ruled out.
+	unverified bool
+	// stale is the header of the frame at off if it was there and did not
+	// validate (a leftover of a longer transaction rolled back earlier).
+	stale []byte
+}
+
+// Recheck makes the next Scan validate an unverified unfinished transaction
+// from its first frame, which finds any commit written over its frames.
+func (c *Capturer) Recheck() {
+	if c.partial != nil && c.partial.unverified {
+		c.partial = nil
+	}
 }
 
 // Mark returns the Capturer's state, to Rewind to if what Scan emitted
@@ -221,9 +239,38 @@ func (c *Capturer) Scan(r io.ReaderAt, emit func(Txn) error) (ScanResult, error)
 	}
 	n, err := c.scanFrames(r, emit)
 	res.Txns += n
+	res.Unverified = c.partial != nil && c.partial.unverified
 	return res, err
 }
 
+// scanFrames validates frames from the capture position and emits each
+// committed transaction.
+//
+// A transaction longer than partialMin is remembered between scans (the
+// partial), so the next scan resumes from where this one stopped instead of
+// re-validating megabytes on every write of a long transaction. A chain that
+// validates from a remembered midpoint proves less than one validated from
+// the last commit, and three rules make up the difference:
+//   - A commit reached from a midpoint is never emitted as such: the whole
+//     transaction is validated again from its first frame. SQLite may have
+//     rewritten earlier frames since (spilled pages rewritten in place, then
+//     their checksums recomputed at commit), and only a chain from the last
+//     commit is what its recovery accepts.
+//   - A frame past the midpoint that validates proves the rest: SQLite chains
+//     each appended frame from its own running checksum, so the writer's
+//     chain up to the midpoint equals the one remembered, and no other
+//     transaction's commit frame (the commit field is checksummed) lies
+//     before it.
+//   - A resumed scan that finds nothing new past the midpoint proves nothing:
+//     the transaction may still be on its way, or it was rolled back (a full
+//     disk, a savepoint) and later writes reuse its frames without reaching
+//     that far. A frame there that was written since and does not validate
+//     means the latter, and the scan starts again from the first frame. The
+//     end of the log, or the same invalid leftover as last time, leaves the
+//     partial unverified (ScanResult.Unverified) until a scan that gets
+//     further or a Recheck. Rechecking on every such scan made capture
+//     quadratic: a 200,000-row insert re-validated its spilled frames about
+//     a hundred times.
 func (c *Capturer) scanFrames(r io.ReaderAt, emit func(Txn) error) (int, error) {
 	h := c.hdr
 	c.fr.reset(r, h)
@@ -232,18 +279,15 @@ func (c *Capturer) scanFrames(r io.ReaderAt, emit func(Txn) error) (int, error) 
 	pages := make(map[uint32]int64)
 	var first []byte
 	resumed := false
+	var stale []byte
 	if p := c.partial; p != nil && p.start == c.next && p.hdr == h {
-		off, s1, s2, pages, first, resumed = p.off, p.s1, p.s2, p.pages, p.first, true
+		off, s1, s2, pages, first, resumed, stale = p.off, p.s1, p.s2, p.pages, p.first, true, p.stale
 	}
 	c.partial = nil
+	progressed := false // a frame past the remembered midpoint validated
 
-	// restart re-validates the current transaction from its first frame. A
-	// chain validated from a remembered midpoint is not proof: SQLite may
-	// have rewritten earlier frames of the same transaction since (spilled
-	// pages rewritten in place, a rolled-back savepoint), and only a chain
-	// that validates from the last commit is what its recovery would accept.
 	restart := func() {
-		resumed = false
+		resumed, progressed = false, false
 		c.fr.n = 0 // re-read: the buffered bytes may be the ones since rewritten
 		off, s1, s2 = c.next, c.s1, c.s2
 		txnStart = off
@@ -252,28 +296,24 @@ func (c *Capturer) scanFrames(r io.ReaderAt, emit func(Txn) error) (int, error) 
 	}
 
 	emitted := 0
+	unverified := false
 	for {
 		frame, err := c.fr.frame(off)
 		if errors.Is(err, io.ErrUnexpectedEOF) {
-			if resumed {
-				// Nothing past the remembered midpoint: the transaction
-				// may still be on its way, or it failed (a full disk) and
-				// the transactions after it reuse its frames without
-				// reaching that far. Only a chain from the last commit
-				// tells them apart.
-				restart()
-				continue
-			}
+			unverified, stale = resumed && !progressed, nil
 			break
 		} else if err != nil {
 			return emitted, err
 		}
 		fh, n1, n2, ok := validFrame(h, frame, s1, s2)
 		if !ok {
-			if resumed {
+			if resumed && !progressed && string(frame[:FrameHeaderSize]) != string(stale) {
+				// Written since the last scan, and not by a writer
+				// continuing the remembered chain.
 				restart()
 				continue
 			}
+			unverified, stale = resumed && !progressed, slices.Clone(frame[:FrameHeaderSize])
 			break
 		}
 		if off == txnStart {
@@ -281,6 +321,7 @@ func (c *Capturer) scanFrames(r io.ReaderAt, emit func(Txn) error) (int, error) 
 		}
 		pages[fh.Pgno] = off + FrameHeaderSize
 		off, s1, s2 = off+h.FrameSize(), n1, n2
+		progressed = resumed
 		if fh.Commit == 0 {
 			continue
 		}
@@ -299,7 +340,7 @@ func (c *Capturer) scanFrames(r io.ReaderAt, emit func(Txn) error) (int, error) 
 		clear(pages)
 	}
 	if off-txnStart >= partialMin {
-		c.partial = &partialTxn{hdr: h, start: txnStart, off: off, s1: s1, s2: s2, pages: pages, first: first}
+		c.partial = &partialTxn{hdr: h, start: txnStart, off: off, s1: s1, s2: s2, pages: pages, first: first, unverified: unverified, stale: stale}
 	}
 	return emitted, nil
 }

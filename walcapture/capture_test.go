@@ -2,6 +2,7 @@ package walcapture
 
 import (
 	"bytes"
+	"database/sql"
 	"encoding/binary"
 	"errors"
 	"fmt"
@@ -212,13 +213,141 @@ func TestCaptureAfterLongTransactionFails(t *testing.T) {
 	if len(wal) < len(spilled) {
 		t.Fatalf("the log shrank from %d to %d bytes", len(spilled), len(wal))
 	}
-	// The log as a failed write leaves it: nothing past the midpoint.
+	// The log as a failed write leaves it: nothing past the midpoint. A
+	// scan cannot tell this from the long transaction still being written,
+	// and says so; a Recheck finds the commits.
 	wal = wal[:len(spilled)]
-	files, _ := captureAll(t, &c, wal, sums, 2)
-	if len(files) != 3 {
-		t.Fatalf("captured %d transactions, want 3", len(files))
+	files, res := captureAll(t, &c, wal, sums, 2)
+	if len(files) != 0 || !res.Unverified {
+		t.Fatalf("scan without a recheck: %d transactions, unverified %v; want 0, true", len(files), res.Unverified)
+	}
+	c.Recheck()
+	files, res = captureAll(t, &c, wal, sums, 2)
+	if len(files) != 3 || res.Unverified {
+		t.Fatalf("scan after a recheck: %d transactions, unverified %v; want 3, false", len(files), res.Unverified)
 	}
 	mustEqualDB(t, replay(t, base, files, 4096), recovered(t, db, wal))
+}
+
+// Scans of a long transaction as it grows resume where the last one stopped
+// and never re-validate it from its start until the commit: that cost made
+// capture quadratic in the transaction's size. Whether it grew or not, the
+// commit is then captured exactly once.
+func TestCaptureLongTransactionScansResume(t *testing.T) {
+	l := openLive(t, 4096, "PRAGMA cache_size=5")
+	l.exec("CREATE TABLE t(id INTEGER PRIMARY KEY, v BLOB)")
+	l.checkpoint("TRUNCATE")
+	base, _ := l.files()
+
+	var c Capturer
+	sums := sumsOf(t, base, 4096)
+	tx, err := l.db.Begin()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var prev *partialTxn
+	for i := 0; i < 3000; i++ {
+		if _, err := tx.Exec("INSERT INTO t(v) VALUES(randomblob(1000))"); err != nil {
+			t.Fatal(err)
+		}
+		if i%100 != 99 {
+			continue
+		}
+		_, mid := l.files()
+		for range 2 { // the second scan finds nothing new
+			files, res := captureAll(t, &c, mid, sums, 2)
+			if len(files) != 0 {
+				t.Fatalf("emitted %d transactions before the commit", len(files))
+			}
+			if prev != nil && (c.partial == nil || c.partial.pages == nil || c.partial.off < prev.off) {
+				t.Fatalf("after %d rows the scan lost the remembered transaction", i+1)
+			}
+			if prev != nil && res.Unverified != (c.partial.off == prev.off) {
+				t.Fatalf("after %d rows: unverified %v, remembered offset %d then %d", i+1, res.Unverified, prev.off, c.partial.off)
+			}
+			if c.partial != nil {
+				p := *c.partial
+				prev = &p
+			}
+		}
+	}
+	if prev == nil {
+		t.Fatal("the transaction was never remembered between scans")
+	}
+	if err := tx.Commit(); err != nil {
+		t.Fatal(err)
+	}
+	db, wal := l.files()
+	files, res := captureAll(t, &c, wal, sums, 2)
+	if len(files) != 1 || res.Unverified {
+		t.Fatalf("captured %d transactions (unverified %v), want 1", len(files), res.Unverified)
+	}
+	mustEqualDB(t, replay(t, base, files, 4096), recovered(t, db, wal))
+}
+
+// A long transaction rolled back leaves frames beyond where the next one
+// writes. While the next, also long, transaction grows over them, a scan
+// that stops at the same leftover as the last one has learnt nothing new and
+// says so rather than re-validating from the start; one that gets further
+// has proved the chain again. Its commit is captured exactly once.
+func TestCaptureLongTransactionOverRolledBackFrames(t *testing.T) {
+	l := openLive(t, 4096, "PRAGMA cache_size=5")
+	l.exec("CREATE TABLE t(id INTEGER PRIMARY KEY, v BLOB)")
+	l.checkpoint("TRUNCATE")
+	base, _ := l.files()
+
+	var c Capturer
+	sums := sumsOf(t, base, 4096)
+	insert := func(tx *sql.Tx, n int) {
+		for i := 0; i < n; i++ {
+			if _, err := tx.Exec("INSERT INTO t(v) VALUES(randomblob(1000))"); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	a, err := l.db.Begin()
+	if err != nil {
+		t.Fatal(err)
+	}
+	insert(a, 2500)
+	if err := a.Rollback(); err != nil {
+		t.Fatal(err)
+	}
+	_, leftover := l.files()
+
+	b, err := l.db.Begin()
+	if err != nil {
+		t.Fatal(err)
+	}
+	insert(b, 1200)
+	_, wal := l.files()
+	if len(wal) != len(leftover) {
+		t.Fatalf("the log changed size from %d to %d bytes", len(leftover), len(wal))
+	}
+	if files, res := captureAll(t, &c, wal, sums, 2); len(files) != 0 || res.Unverified || c.partial == nil || c.partial.stale == nil {
+		t.Fatalf("first scan: %d transactions, unverified %v, remembered %v; want 0, false, up to a leftover", len(files), res.Unverified, c.partial != nil)
+	}
+	at := c.partial.off
+	if files, res := captureAll(t, &c, wal, sums, 2); len(files) != 0 || !res.Unverified || c.partial == nil || c.partial.off != at {
+		t.Fatalf("scan that found nothing new: %d transactions, unverified %v; want 0, true, still at %d", len(files), res.Unverified, at)
+	}
+	insert(b, 100)
+	_, wal = l.files()
+	if files, res := captureAll(t, &c, wal, sums, 2); len(files) != 0 || res.Unverified || c.partial == nil || c.partial.off <= at {
+		t.Fatalf("scan of a grown transaction: %d transactions, unverified %v; want 0, false, past %d", len(files), res.Unverified, at)
+	}
+	if err := b.Commit(); err != nil {
+		t.Fatal(err)
+	}
+	db, wal := l.files()
+	files, res := captureAll(t, &c, wal, sums, 2)
+	if len(files) != 1 || res.Unverified {
+		t.Fatalf("captured %d transactions (unverified %v), want 1", len(files), res.Unverified)
+	}
+	mustEqualDB(t, replay(t, base, files, 4096), recovered(t, db, wal))
+	if files, _ := captureAll(t, &c, wal, sums, 3); len(files) != 0 {
+		t.Fatalf("captured %d transactions twice", len(files))
+	}
 }
 
 // A writer that restarts the log and dies before its first commit leaves
