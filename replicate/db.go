@@ -56,6 +56,7 @@ type DB struct {
 	// unfinished transaction unverified (zero: they have not); rechecking
 	// whether a recheck timer is armed.
 	unverifiedSince time.Time
+	recheckWait     time.Duration
 	rechecking      bool
 
 	kickMu  sync.Mutex
@@ -272,7 +273,7 @@ func (d *DB) capturePass(strict bool) error {
 		return res, err
 	}
 	res, err := scan()
-	if err == nil && res.Unverified && (strict || d.indexAhead(idx, idxOK)) {
+	if err == nil && res.Unverified > 0 && (strict || d.indexAhead(idx, idxOK)) {
 		d.cap.Recheck()
 		mark = d.cap.Mark()
 		var again walcapture.ScanResult
@@ -293,7 +294,7 @@ func (d *DB) capturePass(strict bool) error {
 	if res.NewGeneration {
 		d.logger.Debug("WAL restarted with new salts")
 	}
-	if err == nil && !res.Unverified && d.indexAhead(idx, idxOK) {
+	if err == nil && res.Unverified == 0 && d.indexAhead(idx, idxOK) {
 		// A safety net: if SQLite counts commits in this generation that
 		// capture could not validate, capture is stuck and would stay
 		// silent while they never reach a replica. Start again from a
@@ -316,19 +317,26 @@ func (d *DB) indexAhead(idx walcapture.IndexHeader, ok bool) bool {
 // recheckAfter is how long a long unfinished transaction may stay
 // unverified before a pass re-validates it from its first frame. It bounds
 // the delay in capturing a commit written over the frames of a rolled-back
-// transaction while SQLite's WAL index did not yet count it.
+// transaction while SQLite's WAL index did not yet count it (or, in
+// exclusive locking mode, has no index in a file). Re-validating costs about
+// a millisecond per MB, so for a large transaction the wait grows with its
+// size (recheckRate): a transaction that keeps rewriting its spilled pages
+// without appending would otherwise keep a core busy.
 var recheckAfter = 20 * time.Millisecond // a variable for tests
+
+const recheckRate = 200 << 20 // bytes per second of waiting
 
 // noteUnverified records what a capture pass left unverified and makes
 // sure a recheck comes back for it.
-func (d *DB) noteUnverified(unverified bool) {
-	if !unverified {
+func (d *DB) noteUnverified(size int64) {
+	if size == 0 {
 		d.unverifiedSince = time.Time{}
 		return
 	}
 	if d.unverifiedSince.IsZero() {
 		d.unverifiedSince = time.Now()
 	}
+	d.recheckWait = max(recheckAfter, time.Duration(size)*time.Second/recheckRate)
 	d.armRecheck()
 }
 
@@ -340,13 +348,13 @@ func (d *DB) armRecheck() {
 		return
 	}
 	d.rechecking = true
-	time.AfterFunc(time.Until(d.unverifiedSince.Add(recheckAfter)), func() {
+	time.AfterFunc(time.Until(d.unverifiedSince.Add(d.recheckWait)), func() {
 		d.mu.Lock()
 		d.rechecking = false
 		due := false
 		switch {
 		case d.unverifiedSince.IsZero():
-		case time.Since(d.unverifiedSince) < recheckAfter:
+		case time.Since(d.unverifiedSince) < d.recheckWait:
 			d.armRecheck()
 		default:
 			d.cap.Recheck()

@@ -44,10 +44,11 @@ type Pos struct {
 type ScanResult struct {
 	Txns          int  // transactions emitted
 	NewGeneration bool // the log was restarted (new salts) since the previous scan
-	// Unverified: the log ends inside a long unfinished transaction and this
-	// scan found nothing new of it. A commit written over its earlier frames
-	// (after a rollback) would then go unseen until Recheck; see scanFrames.
-	Unverified bool
+	// Unverified is the size in bytes of a long unfinished transaction at the
+	// end of the log of which this scan found nothing new (0: none). A commit
+	// written over its frames after a rollback would go unseen until Recheck;
+	// see scanFrames.
+	Unverified int64
 }
 
 // partialMin is the size of an unfinished transaction worth remembering
@@ -239,7 +240,9 @@ func (c *Capturer) Scan(r io.ReaderAt, emit func(Txn) error) (ScanResult, error)
 	}
 	n, err := c.scanFrames(r, emit)
 	res.Txns += n
-	res.Unverified = c.partial != nil && c.partial.unverified
+	if p := c.partial; p != nil && p.unverified {
+		res.Unverified = p.off - p.start
+	}
 	return res, err
 }
 
