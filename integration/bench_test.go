@@ -71,7 +71,10 @@ func startTarget(b *testing.B, setup string) *target {
 
 var reqRe = regexp.MustCompile(`^lfuse_fuse_requests_total\{op="(\w+)"\} (\S+)$`)
 
-// requests reads lfuse's request counters.
+// cpuKey is where requests puts lfuse's CPU time (process_cpu_seconds_total).
+const cpuKey = " cpu"
+
+// requests reads lfuse's request counters and its CPU time.
 func (tg *target) requests(b *testing.B) map[string]float64 {
 	out := map[string]float64{}
 	if tg.metrics == "" {
@@ -87,6 +90,8 @@ func (tg *target) requests(b *testing.B) map[string]float64 {
 		if m := reqRe.FindStringSubmatch(sc.Text()); m != nil {
 			v, _ := strconv.ParseFloat(m[2], 64)
 			out[m[1]] = v
+		} else if v, ok := strings.CutPrefix(sc.Text(), "process_cpu_seconds_total "); ok {
+			out[cpuKey], _ = strconv.ParseFloat(v, 64)
 		}
 	}
 	return out
@@ -105,6 +110,10 @@ func measure(b *testing.B, tg *target, unit string, n int, fn func()) {
 		return
 	}
 	after := tg.requests(b)
+	// All of lfuse's CPU over the run, capture included (and the resets
+	// some workloads do between runs, with the timer stopped).
+	b.ReportMetric((after[cpuKey]-before[cpuKey])*1e6/float64(n), "lfuse-cpu-us/"+unit)
+	delete(after, cpuKey)
 	total := 0.0
 	for op, v := range after {
 		if d := v - before[op]; d > 0 {

@@ -2,7 +2,7 @@
 // rounds of "go test -bench -count 1", one after the other) into the
 // Markdown table of docs/BENCHMARKS.md: the median rate of each workload
 // natively and through the mount in each mode, the ratio to native, and the
-// FUSE requests lfuse served per operation.
+// FUSE requests lfuse served and the CPU time it used per operation.
 //
 // Ratios are paired: each round's mount rate is divided by the same round's
 // native rate, and the table gives the median of those ratios with their
@@ -32,6 +32,7 @@ func main() {
 
 	units := map[string]string{}
 	reqs := map[key]map[string][]float64{}
+	cpu := map[key][]float64{}
 	var order []string
 	sc := bufio.NewScanner(os.Stdin)
 	for sc.Scan() {
@@ -56,6 +57,8 @@ func main() {
 			case strings.HasSuffix(unit, "/s"):
 				rates[k] = append(rates[k], v)
 				units[k.workload] = unit
+			case strings.HasPrefix(unit, "lfuse-cpu-us/"):
+				cpu[k] = append(cpu[k], v)
 			case strings.HasPrefix(unit, "req"):
 				if reqs[k] == nil {
 					reqs[k] = map[string][]float64{}
@@ -64,7 +67,7 @@ func main() {
 			}
 		}
 	}
-	write(os.Stdout, order, rates, adjacent, units, reqs)
+	write(os.Stdout, order, rates, adjacent, units, reqs, cpu)
 }
 
 func median(v []float64) float64 {
@@ -79,7 +82,7 @@ func median(v []float64) float64 {
 	return (s[len(s)/2-1] + s[len(s)/2]) / 2
 }
 
-func write(w io.Writer, order []string, rates, adjacent map[key][]float64, units map[string]string, reqs map[key]map[string][]float64) {
+func write(w io.Writer, order []string, rates, adjacent map[key][]float64, units map[string]string, reqs map[key]map[string][]float64, cpu map[key][]float64) {
 	fmt.Fprintln(w, "| workload | unit | native | passthrough | ratio (range) | cached | ratio (range) | rounds |")
 	fmt.Fprintln(w, "|---|---|---:|---:|---:|---:|---:|---:|")
 	for _, wl := range order {
@@ -106,6 +109,22 @@ func write(w io.Writer, order []string, rates, adjacent map[key][]float64, units
 	for _, wl := range order {
 		fmt.Fprintf(w, "| %s | %s | %s |\n", wl, reqSummary(reqs[key{wl, "passthrough"}]), reqSummary(reqs[key{wl, "cached"}]))
 	}
+	fmt.Fprintln(w)
+	fmt.Fprintln(w, "CPU time lfuse used per operation (median, µs; serving requests and capturing, all threads):")
+	fmt.Fprintln(w)
+	fmt.Fprintln(w, "| workload | unit | passthrough | cached |")
+	fmt.Fprintln(w, "|---|---|---:|---:|")
+	for _, wl := range order {
+		unit := strings.TrimSuffix(units[wl], "/s")
+		fmt.Fprintf(w, "| %s | µs/%s | %s | %s |\n", wl, unit, cpuCell(cpu[key{wl, "passthrough"}]), cpuCell(cpu[key{wl, "cached"}]))
+	}
+}
+
+func cpuCell(v []float64) string {
+	if len(v) == 0 {
+		return "-"
+	}
+	return fmt.Sprintf("%.2f", median(v))
 }
 
 // pairedRatio is the median of a[i]/b[i] over the rounds, with the range.
