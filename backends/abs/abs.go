@@ -312,15 +312,42 @@ func (c *Client) WriteLTXFile(ctx context.Context, level int, min, max ltx.TXID,
 	}
 	ts := meta.Timestamp.UTC().Format(time.RFC3339Nano)
 	sum := meta.PostApplyChecksum.String()
-	_, err := c.cc.NewBlockBlobClient(c.blobName(level, min, max)).UploadStream(ctx, backends.ExactReader(r, size), &blockblob.UploadStreamOptions{
+	name := rel(level, min, max)
+	blob := c.cc.NewBlockBlobClient(c.blobName(level, min, max))
+	_, err := blob.UploadStream(ctx, backends.ExactReader(r, size), &blockblob.UploadStreamOptions{
 		BlockSize:   blockSizeFor(size),
 		Concurrency: concurrency,
 		Metadata:    map[string]*string{metaTimestamp: &ts, metaChecksum: &sum},
 	})
 	if err != nil {
-		return c.wrap(err, "write %s", rel(level, min, max))
+		return c.wrap(err, "write %s", name)
+	}
+	if size >= blockSize {
+		// Staged blocks become the blob with the block list's commit. A
+		// store that acknowledges a commit it did not finish (S3 stores
+		// have been seen doing it after a crash) would leave the replica
+		// counting a file that is not there; one request per large file
+		// proves it is.
+		props, err := blob.GetProperties(ctx, nil)
+		if err != nil {
+			err = c.wrap(err, "check %s after its upload", name)
+			if errors.Is(err, backends.ErrNotFound) {
+				return fmt.Errorf("%s: the store acknowledged the upload of %s but does not hold it; it will be written again", c, name)
+			}
+			return err
+		}
+		if n := props.ContentLength; n == nil || *n != size {
+			return fmt.Errorf("%s: %s holds %s bytes after its upload of %d: the store lost the upload; it will be written again", c, name, sizeString(n), size)
+		}
 	}
 	return nil
+}
+
+func sizeString(n *int64) string {
+	if n == nil {
+		return "an unknown number of"
+	}
+	return strconv.FormatInt(*n, 10)
 }
 
 // blockSizeFor is one byte over the size, so that a small file goes up in

@@ -8,10 +8,14 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"net/http"
+	"net/http/httptest"
+	"net/http/httputil"
 	"net/url"
 	"os"
 	"slices"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -237,5 +241,59 @@ func TestDeadlineMidAttemptIsUnreachable(t *testing.T) {
 	err := c.wrap(&url.Error{Op: "Get", URL: "http://127.0.0.1:1/acct/box", Err: context.DeadlineExceeded}, "check")
 	if !strings.Contains(err.Error(), "cannot reach http://127.0.0.1:1/acct/: no response before the deadline") || !errors.Is(err, context.DeadlineExceeded) {
 		t.Fatalf("got %v", err)
+	}
+}
+
+// A store that acknowledges the commit of a large upload's block list
+// without making the blob must make the write fail, so that the replica
+// writes the file again, rather than count a file that is not there. Here a
+// proxy in front of Azurite answers the commit itself.
+func TestLostUploadIsAnError(t *testing.T) {
+	cfg := server(t)
+	u, err := url.Parse(cfg.Endpoint)
+	if err != nil {
+		t.Fatal(err)
+	}
+	host := &url.URL{Scheme: u.Scheme, Host: u.Host}
+	rp := &httputil.ReverseProxy{Rewrite: func(r *httputil.ProxyRequest) { r.SetURL(host) }}
+	var swallowed atomic.Int64
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.Method == http.MethodPut && r.URL.Query().Get("comp") == "blocklist" {
+			swallowed.Add(1)
+			w.Header().Set("ETag", `"0x8D000000000000"`)
+			w.Header().Set("Last-Modified", time.Now().UTC().Format(http.TimeFormat))
+			w.WriteHeader(http.StatusCreated)
+			return
+		}
+		rp.ServeHTTP(w, r)
+	}))
+	t.Cleanup(srv.Close)
+	root := uniqueRoot(t)
+	body := bytes.Repeat([]byte("lfuse"), 6<<20/5) // over one 4 MiB block
+	meta := backends.FileMeta{Timestamp: time.Now()}
+	ctx := context.Background()
+
+	lossy := cfg
+	lossy.Endpoint, lossy.Path = srv.URL+u.Path, root
+	err = newClient(t, lossy).WriteLTXFile(ctx, 9, 1, 9, bytes.NewReader(body), int64(len(body)), meta)
+	if err == nil || swallowed.Load() == 0 || strings.Contains(err.Error(), "\n") || !strings.Contains(err.Error(), "written again") {
+		t.Fatalf("write through a store that drops the upload: err %v, %d commits swallowed", err, swallowed.Load())
+	}
+	t.Logf("%v", err)
+
+	// The same write against the store itself succeeds and is read back.
+	direct := cfg
+	direct.Path = root
+	c := newClient(t, direct)
+	if err := c.WriteLTXFile(ctx, 9, 1, 9, bytes.NewReader(body), int64(len(body)), meta); err != nil {
+		t.Fatal(err)
+	}
+	rc, err := c.OpenLTXFile(ctx, 9, 1, 9, 0, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer rc.Close()
+	if got, err := io.ReadAll(rc); err != nil || !bytes.Equal(got, body) {
+		t.Fatalf("read back: %d bytes, %v", len(got), err)
 	}
 }

@@ -284,6 +284,17 @@ func (c *Client) WriteLTXFile(ctx context.Context, level int, min, max ltx.TXID,
 	if err := w.Close(); err != nil {
 		return c.wrap(uploadErr(err), "write %s", rel(level, min, max))
 	}
+	// The upload's last response describes the object it made: a store
+	// that acknowledged an upload it did not finish would leave the replica
+	// counting a file that is not there (S3 stores have been seen doing it
+	// after a crash). Checking costs nothing.
+	if a := w.Attrs(); a == nil || a.Size != size {
+		got := "no object"
+		if a != nil {
+			got = fmt.Sprintf("an object of %d bytes", a.Size)
+		}
+		return fmt.Errorf("%s: the store acknowledged the upload of %s with %s, expected %d bytes; it will be written again", c, rel(level, min, max), got, size)
+	}
 	return nil
 }
 

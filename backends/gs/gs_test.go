@@ -5,10 +5,17 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
+	"net/http"
+	"net/http/httptest"
+	"net/http/httputil"
 	"net/url"
 	"os"
+	"regexp"
 	"slices"
+	"strconv"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -160,5 +167,62 @@ func TestDeadlineMidAttemptIsUnreachable(t *testing.T) {
 	err := c.wrap(&url.Error{Op: "Get", URL: "http://127.0.0.1:1/storage/v1/b/bucket", Err: context.DeadlineExceeded}, "check")
 	if !strings.Contains(err.Error(), "cannot reach http://127.0.0.1:1/storage/v1/: no response before the deadline") || !errors.Is(err, context.DeadlineExceeded) {
 		t.Fatalf("got %v", err)
+	}
+}
+
+// A store whose answer to an upload describes another object than the one
+// sent (here a proxy in front of the emulator shrinks the size it reports)
+// must make the write fail, so that the replica writes the file again.
+func TestLostUploadIsAnError(t *testing.T) {
+	endpoint := server(t)
+	u, err := url.Parse(endpoint)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var rewritten atomic.Int64
+	var proxyHost string
+	sizeRe := regexp.MustCompile(`"size"\s*:\s*"\d+"`)
+	rp := &httputil.ReverseProxy{
+		Rewrite: func(r *httputil.ProxyRequest) { r.SetURL(u) },
+		ModifyResponse: func(resp *http.Response) error {
+			if !strings.HasPrefix(resp.Request.URL.Path, "/upload/") {
+				return nil
+			}
+			if loc := resp.Header.Get("Location"); loc != "" {
+				// The chunks of a resumable upload go where this says.
+				resp.Header.Set("Location", strings.Replace(loc, u.Host, proxyHost, 1))
+			}
+			b, err := io.ReadAll(resp.Body)
+			resp.Body.Close()
+			if err != nil {
+				return err
+			}
+			if sizeRe.Match(b) {
+				rewritten.Add(1)
+				b = sizeRe.ReplaceAll(b, []byte(`"size":"1"`))
+			}
+			resp.Body = io.NopCloser(bytes.NewReader(b))
+			resp.ContentLength = int64(len(b))
+			resp.Header.Set("Content-Length", strconv.Itoa(len(b)))
+			return nil
+		},
+	}
+	srv := httptest.NewServer(rp)
+	t.Cleanup(srv.Close)
+	proxyHost = strings.TrimPrefix(srv.URL, "http://")
+	root := uniqueRoot(t)
+	ctx := context.Background()
+	meta := backends.FileMeta{Timestamp: time.Now()}
+	for _, n := range []int{1000, 9 << 20} { // one request; several chunks
+		body := bytes.Repeat([]byte("lfuse"), n/5)
+		err := newClient(t, srv.URL, testBucket, root).WriteLTXFile(ctx, 9, 1, 9, bytes.NewReader(body), int64(len(body)), meta)
+		if err == nil || strings.Contains(err.Error(), "\n") || !strings.Contains(err.Error(), "written again") {
+			t.Fatalf("%d bytes through a store that reports another size: err %v, %d answers rewritten", len(body), err, rewritten.Swap(0))
+		}
+		t.Logf("%v", err)
+		c := newClient(t, endpoint, testBucket, root)
+		if err := c.WriteLTXFile(ctx, 9, 1, 9, bytes.NewReader(body), int64(len(body)), meta); err != nil {
+			t.Fatal(err)
+		}
 	}
 }
