@@ -32,10 +32,22 @@ database file, one write each, and the database file goes through lfuse
 `pwrite`s take 18 µs each through the mount against 2.4 µs natively, and
 the `sqlite3` shell's `COMMIT` of the same 200,000 rows takes 60–78 ms
 through the mount against 18–20 ms natively. The transaction itself takes
-0.35–0.5 s. The rest of the gap is lfuse capturing the transaction on the
-other CPU while the commit runs. A kernel writeback cache would merge those
-writes, but DESIGN rules it out, and passthrough for the database file cost
-point reads three quarters of their speed.
+0.35–0.5 s. Capture is not what is left: a build of lfuse that captures
+nothing ran the same insert at 0.82× native against 0.84× for the real one
+(same run, 8 rounds each). Nearly all the time of a FUSE round trip here is the
+kernel switching to lfuse's thread and back. A kernel writeback cache would
+merge those writes, but DESIGN rules it out (a killed lfuse would lose
+checkpointed pages), and passthrough for the database file cost point reads
+three quarters of their speed.
+
+lfuse's own CPU time matters on a machine with one CPU. Capture once
+re-validated a long transaction from its first frame on every scan: a
+200,000-row insert cost 2.3 µs of lfuse CPU per row, and a
+3,000,000-row insert cost 7.9 s of lfuse CPU (read from /proc around one
+insert). Capture now resumes where the last scan stopped (docs/CAPTURE.md):
+0.93–1.0 µs per row and 1.96 s. On this 2-CPU machine the application's
+rate did not move beyond the noise (0.81–0.87× native before, 0.77–0.98×
+after), because the second core absorbed the work.
 TAIL
 } >"$doc"
 echo "wrote $doc"
