@@ -220,11 +220,18 @@ func (c *Capturer) Scan(r io.ReaderAt, emit func(Txn) error) (ScanResult, error)
 	if !c.hasHdr || !c.hdr.SameGeneration(h) {
 		if c.hasHdr {
 			// Frames of the old generation that the new one has not yet
-			// overwritten can still be captured with the old header.
-			n, err := c.scanFrames(r, emit)
-			res.Txns += n
-			if err != nil {
-				return res, err
+			// overwritten can still be captured with the old header. It is
+			// the last look at them, so nothing is left unverified.
+			for range 2 {
+				n, err := c.scanFrames(r, emit)
+				res.Txns += n
+				if err != nil {
+					return res, err
+				}
+				if c.partial == nil || !c.partial.unverified {
+					break
+				}
+				c.Recheck()
 			}
 			res.NewGeneration = true
 		}
@@ -271,7 +278,8 @@ func (c *Capturer) Scan(r io.ReaderAt, emit func(Txn) error) (ScanResult, error)
 //     means the latter, and the scan starts again from the first frame. The
 //     end of the log, or the same invalid leftover as last time, leaves the
 //     partial unverified (ScanResult.Unverified) until a scan that gets
-//     further or a Recheck. Rechecking on every such scan made capture
+//     further or a Recheck; the scan that leaves the generation rechecks
+//     at once. Rechecking on every such scan made capture
 //     quadratic: a 200,000-row insert re-validated its spilled frames about
 //     a hundred times.
 func (c *Capturer) scanFrames(r io.ReaderAt, emit func(Txn) error) (int, error) {

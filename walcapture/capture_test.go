@@ -177,13 +177,55 @@ func TestCaptureNeverEmitsUncommittedFrames(t *testing.T) {
 // captured. (Found by the torture harness: commits made after a full disk
 // were skipped until the log restarted, and never reached the replica.)
 func TestCaptureAfterLongTransactionFails(t *testing.T) {
+	c, base, sums, db, wal := failedLongTransaction(t)
+	// A scan cannot tell this log from the long transaction still being
+	// written, and says so; a Recheck finds the commits.
+	files, res := captureAll(t, c, wal, sums, 2)
+	if len(files) != 0 || res.Unverified == 0 {
+		t.Fatalf("scan without a recheck: %d transactions, unverified %d bytes; want 0, more than 0", len(files), res.Unverified)
+	}
+	c.Recheck()
+	files, res = captureAll(t, c, wal, sums, 2)
+	if len(files) != 3 || res.Unverified > 0 {
+		t.Fatalf("scan after a recheck: %d transactions, unverified %d bytes; want 3, 0", len(files), res.Unverified)
+	}
+	mustEqualDB(t, replay(t, base, files, 4096), recovered(t, db, wal))
+}
+
+// The same log, restarted with new salts before anything rechecked it: the
+// scan that moves to the new generation is the last look at the old one's
+// frames, so it leaves nothing unverified there.
+func TestCaptureAfterLongTransactionFailsAndLogRestarts(t *testing.T) {
+	c, base, sums, db, wal := failedLongTransaction(t)
+	restarted := slices.Clone(wal)
+	h, err := ParseHeader(wal)
+	if err != nil {
+		t.Fatal(err)
+	}
+	binary.BigEndian.PutUint32(restarted[16:], h.Salt1+1)
+	s1, s2 := Checksum(h.BigEndian, restarted[:24], 0, 0)
+	binary.BigEndian.PutUint32(restarted[24:], s1)
+	binary.BigEndian.PutUint32(restarted[28:], s2)
+	files, res := captureAll(t, c, restarted, sums, 2)
+	if len(files) != 3 || !res.NewGeneration {
+		t.Fatalf("captured %d transactions (new generation %v), want 3 from the old generation", len(files), res.NewGeneration)
+	}
+	mustEqualDB(t, replay(t, base, files, 4096), recovered(t, db, wal))
+}
+
+// failedLongTransaction runs a transaction that spills more than partialMin
+// into the log, scans it (so it is remembered), rolls it back and commits
+// three small transactions, and returns the log cut where the long one
+// ended, as a failed write leaves it, with the Capturer that scanned it.
+func failedLongTransaction(t *testing.T) (c *Capturer, base []byte, sums *MemSums, db, wal []byte) {
+	t.Helper()
 	l := openLive(t, 4096, "PRAGMA cache_size=5")
 	l.exec("CREATE TABLE t(id INTEGER PRIMARY KEY, v BLOB)")
 	l.checkpoint("TRUNCATE")
-	base, _ := l.files()
+	base, _ = l.files()
 
-	var c Capturer
-	sums := sumsOf(t, base, 4096)
+	c = &Capturer{}
+	sums = sumsOf(t, base, 4096)
 	tx, err := l.db.Begin()
 	if err != nil {
 		t.Fatal(err)
@@ -197,7 +239,7 @@ func TestCaptureAfterLongTransactionFails(t *testing.T) {
 	if len(spilled) < HeaderSize+partialMin {
 		t.Fatalf("the transaction spilled %d bytes, want more than %d", len(spilled), partialMin)
 	}
-	if files, _ := captureAll(t, &c, spilled, sums, 2); len(files) != 0 {
+	if files, _ := captureAll(t, c, spilled, sums, 2); len(files) != 0 {
 		t.Fatalf("captured %d transactions before any commit", len(files))
 	}
 	if c.partial == nil {
@@ -209,24 +251,11 @@ func TestCaptureAfterLongTransactionFails(t *testing.T) {
 	for i := 0; i < 3; i++ {
 		l.exec("INSERT INTO t(v) VALUES('after the failure')")
 	}
-	db, wal := l.files()
+	db, wal = l.files()
 	if len(wal) < len(spilled) {
 		t.Fatalf("the log shrank from %d to %d bytes", len(spilled), len(wal))
 	}
-	// The log as a failed write leaves it: nothing past the midpoint. A
-	// scan cannot tell this from the long transaction still being written,
-	// and says so; a Recheck finds the commits.
-	wal = wal[:len(spilled)]
-	files, res := captureAll(t, &c, wal, sums, 2)
-	if len(files) != 0 || res.Unverified == 0 {
-		t.Fatalf("scan without a recheck: %d transactions, unverified %v; want 0, true", len(files), res.Unverified > 0)
-	}
-	c.Recheck()
-	files, res = captureAll(t, &c, wal, sums, 2)
-	if len(files) != 3 || res.Unverified > 0 {
-		t.Fatalf("scan after a recheck: %d transactions, unverified %v; want 3, false", len(files), res.Unverified > 0)
-	}
-	mustEqualDB(t, replay(t, base, files, 4096), recovered(t, db, wal))
+	return c, base, sums, db, wal[:len(spilled)]
 }
 
 // Scans of a long transaction as it grows resume where the last one stopped
