@@ -137,16 +137,7 @@ func TestManagerCaptureAndRestart(t *testing.T) {
 	if st.Status != "tracking" || st.Snapshots != 1 || int64(st.TXID) != 1+st.Captured || st.Captured != 600 {
 		t.Fatalf("stats after capture: %+v\n%s", st, logs)
 	}
-	if err := m.Close(); err != nil {
-		t.Fatal(err)
-	}
-	want, _ := os.ReadFile(path)
-	if got := replayed(t, state, "app.db"); !bytes.Equal(got, want) {
-		t.Fatalf("log rebuilds %d bytes, database is %d bytes", len(got), len(want))
-	}
-	if strings.Contains(logs.String(), "needs a new snapshot") {
-		t.Fatalf("lost continuity:\n%s", logs)
-	}
+	closeAndReplay(t, m, logs, state, path)
 	// A clean stop: the next start trusts the files without reading them.
 	m2, logs2 := newTestManager(t, data, state)
 	if s := logs2.String(); strings.Contains(s, "verified") || strings.Contains(s, "snapshot taken") {
@@ -173,7 +164,7 @@ func TestManagerCaptureAndRestart(t *testing.T) {
 		t.Fatalf("a database changed behind lfuse's back was not re-snapshotted:\n%s", s)
 	}
 	m4.Close()
-	want, _ = os.ReadFile(path)
+	want, _ := os.ReadFile(path)
 	if got := replayed(t, state, "app.db"); !bytes.Equal(got, want) {
 		t.Fatal("log after the re-snapshot does not rebuild the database")
 	}
@@ -219,20 +210,10 @@ func TestCaptureStallIsDetected(t *testing.T) {
 	m, logs := newTestManager(t, data, state)
 	defer m.Close()
 	path := filepath.Join(data, "app.db")
-	db, err := sql.Open("sqlite3", path+"?_journal_mode=WAL")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer db.Close()
-	db.SetMaxOpenConns(1)
-	if _, err := db.Exec("CREATE TABLE t(v)"); err != nil {
-		t.Fatal(err)
-	}
-	m.Opened("app.db-wal", true)
-	m.SyncAll()
-	// Discovery started a capture pass of its own; were it to run between
-	// the insert and the damage, it would capture the commit intact.
-	m.DB("app.db").wg.Wait()
+	// Discovery starts a capture pass of its own, which trackedDB waits
+	// for; were it to run between the insert and the damage, it would
+	// capture the commit intact.
+	db, _ := trackedDB(t, m, data, "app.db", "_journal_mode=WAL", "CREATE TABLE t(v)")
 	if strings.Contains(logs.String(), "WAL index counts") {
 		t.Fatalf("a healthy capture was reported stuck:\n%s", logs)
 	}
@@ -278,19 +259,8 @@ func testRecheck(t *testing.T, hold bool) {
 	data, state := t.TempDir(), filepath.Join(t.TempDir(), "state")
 	m, logs := newTestManager(t, data, state)
 	path := filepath.Join(data, "app.db")
-	db, err := sql.Open("sqlite3", path+"?_journal_mode=WAL&_locking_mode=EXCLUSIVE&_cache_size=5")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer db.Close()
-	db.SetMaxOpenConns(1)
-	if _, err := db.Exec("PRAGMA wal_autocheckpoint=0; CREATE TABLE t(id INTEGER PRIMARY KEY, v BLOB)"); err != nil {
-		t.Fatal(err)
-	}
-	m.Opened("app.db-wal", true)
-	m.SyncAll()
-	d := m.DB("app.db")
-	d.wg.Wait()
+	db, d := trackedDB(t, m, data, "app.db", "_journal_mode=WAL&_locking_mode=EXCLUSIVE&_cache_size=5",
+		"PRAGMA wal_autocheckpoint=0; CREATE TABLE t(id INTEGER PRIMARY KEY, v BLOB)")
 	pass := func() { // one capture pass for a reported change, finished
 		t.Helper()
 		d.kick()
@@ -336,11 +306,39 @@ func testRecheck(t *testing.T, hold bool) {
 		t.Fatal(err)
 	}
 	db.Close()
+	closeAndReplay(t, m, logs, state, path)
+}
+
+// trackedDB opens the database rel under data with the DSN parameters, runs
+// setup, reports its WAL to m and waits until the discovery (a snapshot and
+// a capture pass) is over.
+func trackedDB(t *testing.T, m *Manager, data, rel, params, setup string) (*sql.DB, *DB) {
+	t.Helper()
+	db, err := sql.Open("sqlite3", filepath.Join(data, rel)+"?"+params)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { db.Close() })
+	db.SetMaxOpenConns(1)
+	if _, err := db.Exec(setup); err != nil {
+		t.Fatal(err)
+	}
+	m.Opened(rel+"-wal", true)
+	m.SyncAll()
+	d := m.DB(rel)
+	d.wg.Wait()
+	return db, d
+}
+
+// closeAndReplay closes m and checks that its log rebuilds the database at
+// path exactly, without ever having lost continuity.
+func closeAndReplay(t *testing.T, m *Manager, logs *logBuffer, state, path string) {
+	t.Helper()
 	if err := m.Close(); err != nil {
 		t.Fatal(err)
 	}
 	want, _ := os.ReadFile(path)
-	if got := replayed(t, state, "app.db"); !bytes.Equal(got, want) {
+	if got := replayed(t, state, filepath.Base(path)); !bytes.Equal(got, want) {
 		t.Fatalf("log rebuilds %d bytes, database is %d bytes", len(got), len(want))
 	}
 	if strings.Contains(logs.String(), "needs a new snapshot") {

@@ -219,13 +219,8 @@ func TestCaptureAfterLongTransactionFailsAndLogRestarts(t *testing.T) {
 // ended, as a failed write leaves it, with the Capturer that scanned it.
 func failedLongTransaction(t *testing.T) (c *Capturer, base []byte, sums *MemSums, db, wal []byte) {
 	t.Helper()
-	l := openLive(t, 4096, "PRAGMA cache_size=5")
-	l.exec("CREATE TABLE t(id INTEGER PRIMARY KEY, v BLOB)")
-	l.checkpoint("TRUNCATE")
-	base, _ = l.files()
-
+	l, base, sums := spillingLive(t)
 	c = &Capturer{}
-	sums = sumsOf(t, base, 4096)
 	tx, err := l.db.Begin()
 	if err != nil {
 		t.Fatal(err)
@@ -263,13 +258,8 @@ func failedLongTransaction(t *testing.T) (c *Capturer, base []byte, sums *MemSum
 // capture quadratic in the transaction's size. Whether it grew or not, the
 // commit is then captured exactly once.
 func TestCaptureLongTransactionScansResume(t *testing.T) {
-	l := openLive(t, 4096, "PRAGMA cache_size=5")
-	l.exec("CREATE TABLE t(id INTEGER PRIMARY KEY, v BLOB)")
-	l.checkpoint("TRUNCATE")
-	base, _ := l.files()
-
+	l, base, sums := spillingLive(t)
 	var c Capturer
-	sums := sumsOf(t, base, 4096)
 	tx, err := l.db.Begin()
 	if err != nil {
 		t.Fatal(err)
@@ -306,12 +296,21 @@ func TestCaptureLongTransactionScansResume(t *testing.T) {
 	if err := tx.Commit(); err != nil {
 		t.Fatal(err)
 	}
+	captureOne(t, &c, l, base, sums)
+}
+
+// captureOne scans the live database's log, which must hold exactly one
+// transaction not yet captured, and checks that replaying it onto base gives
+// the database SQLite recovers.
+func captureOne(t *testing.T, c *Capturer, l *liveDB, base []byte, sums *MemSums) []byte {
+	t.Helper()
 	db, wal := l.files()
-	files, res := captureAll(t, &c, wal, sums, 2)
+	files, res := captureAll(t, c, wal, sums, 2)
 	if len(files) != 1 || res.Unverified > 0 {
-		t.Fatalf("captured %d transactions (unverified %v), want 1", len(files), res.Unverified > 0)
+		t.Fatalf("captured %d transactions (unverified %d bytes), want 1", len(files), res.Unverified)
 	}
 	mustEqualDB(t, replay(t, base, files, 4096), recovered(t, db, wal))
+	return wal
 }
 
 // A long transaction rolled back leaves frames beyond where the next one
@@ -320,13 +319,8 @@ func TestCaptureLongTransactionScansResume(t *testing.T) {
 // says so rather than re-validating from the start; one that gets further
 // has proved the chain again. Its commit is captured exactly once.
 func TestCaptureLongTransactionOverRolledBackFrames(t *testing.T) {
-	l := openLive(t, 4096, "PRAGMA cache_size=5")
-	l.exec("CREATE TABLE t(id INTEGER PRIMARY KEY, v BLOB)")
-	l.checkpoint("TRUNCATE")
-	base, _ := l.files()
-
+	l, base, sums := spillingLive(t)
 	var c Capturer
-	sums := sumsOf(t, base, 4096)
 	insert := func(tx *sql.Tx, n int) {
 		for i := 0; i < n; i++ {
 			if _, err := tx.Exec("INSERT INTO t(v) VALUES(randomblob(1000))"); err != nil {
@@ -368,12 +362,7 @@ func TestCaptureLongTransactionOverRolledBackFrames(t *testing.T) {
 	if err := b.Commit(); err != nil {
 		t.Fatal(err)
 	}
-	db, wal := l.files()
-	files, res := captureAll(t, &c, wal, sums, 2)
-	if len(files) != 1 || res.Unverified > 0 {
-		t.Fatalf("captured %d transactions (unverified %v), want 1", len(files), res.Unverified > 0)
-	}
-	mustEqualDB(t, replay(t, base, files, 4096), recovered(t, db, wal))
+	wal = captureOne(t, &c, l, base, sums)
 	if files, _ := captureAll(t, &c, wal, sums, 3); len(files) != 0 {
 		t.Fatalf("captured %d transactions twice", len(files))
 	}
@@ -695,4 +684,16 @@ func TestEmptyDatabaseSnapshot(t *testing.T) {
 // insertN inserts n rows with value expression v into t.
 func insertN(n int, v string) string {
 	return fmt.Sprintf("WITH RECURSIVE s(i) AS (SELECT 1 UNION ALL SELECT i+1 FROM s WHERE i < %d) INSERT INTO t(v) SELECT %s FROM s", n, v)
+}
+
+// spillingLive opens a live database whose tiny page cache makes a long
+// transaction spill its pages into the log before it commits, with an
+// empty table t(id, v) checkpointed into base.
+func spillingLive(t *testing.T) (*liveDB, []byte, *MemSums) {
+	t.Helper()
+	l := openLive(t, 4096, "PRAGMA cache_size=5")
+	l.exec("CREATE TABLE t(id INTEGER PRIMARY KEY, v BLOB)")
+	l.checkpoint("TRUNCATE")
+	base, _ := l.files()
+	return l, base, sumsOf(t, base, 4096)
 }

@@ -74,6 +74,25 @@ func Run(t *testing.T, o Options) {
 	})
 }
 
+// WriteReadBack writes body as level 9 file 1-9 and reads it back whole:
+// the control of tests that first write the same file through a faulty
+// path.
+func WriteReadBack(t testing.TB, c Client, body []byte, meta backends.FileMeta) {
+	t.Helper()
+	ctx := context.Background()
+	if err := c.WriteLTXFile(ctx, 9, 1, 9, bytes.NewReader(body), int64(len(body)), meta); err != nil {
+		t.Fatal(err)
+	}
+	rc, err := c.OpenLTXFile(ctx, 9, 1, 9, 0, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer rc.Close()
+	if got, err := io.ReadAll(rc); err != nil || !bytes.Equal(got, body) {
+		t.Fatalf("read back: %d bytes, %v", len(got), err)
+	}
+}
+
 // EncodeFile is an LTX file of pages 1..pages (4 KiB each, filled from
 // seed) with the given TXIDs and header time.
 func EncodeFile(t testing.TB, min, max ltx.TXID, pages int, seed int64, ts time.Time) []byte {

@@ -220,9 +220,6 @@ func TestLostUploadIsAnError(t *testing.T) {
 			t.Fatalf("%d bytes through a store that reports another size: err %v, %d answers rewritten", len(body), err, rewritten.Swap(0))
 		}
 		t.Logf("%v", err)
-		c := newClient(t, endpoint, testBucket, root)
-		if err := c.WriteLTXFile(ctx, 9, 1, 9, bytes.NewReader(body), int64(len(body)), meta); err != nil {
-			t.Fatal(err)
-		}
+		backendtest.WriteReadBack(t, newClient(t, endpoint, testBucket, root), body, meta)
 	}
 }

@@ -246,16 +246,5 @@ func TestLostMultipartUploadIsAnError(t *testing.T) {
 	t.Logf("%v", err)
 
 	// The same write against the store itself succeeds and is read back.
-	c := newClient(t, env, s3.Config{Path: path})
-	if err := c.WriteLTXFile(ctx, 9, 1, 9, bytes.NewReader(body), int64(len(body)), meta); err != nil {
-		t.Fatal(err)
-	}
-	rc, err := c.OpenLTXFile(ctx, 9, 1, 9, 0, 0)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer rc.Close()
-	if got, err := io.ReadAll(rc); err != nil || !bytes.Equal(got, body) {
-		t.Fatalf("read back: %d bytes, %v", len(got), err)
-	}
+	backendtest.WriteReadBack(t, newClient(t, env, s3.Config{Path: path}), body, meta)
 }
