@@ -131,7 +131,7 @@ func (d *DB) loop() {
 	defer d.wg.Done()
 	for {
 		d.mu.Lock()
-		d.syncLocked()
+		d.syncLocked(false)
 		d.mu.Unlock()
 
 		d.kickMu.Lock()
@@ -149,11 +149,12 @@ func (d *DB) loop() {
 	}
 }
 
-// Sync captures everything committed so far.
+// Sync captures everything committed so far, leaving nothing unverified:
+// at a stop, what it captures is what the replicas are flushed with.
 func (d *DB) Sync() {
 	d.mu.Lock()
 	defer d.mu.Unlock()
-	d.syncLocked()
+	d.syncLocked(true)
 }
 
 // Hold captures everything committed so far and keeps capture stopped until
@@ -174,7 +175,8 @@ func (d *DB) Hold() (release func()) {
 	return d.mu.Unlock
 }
 
-func (d *DB) syncLocked() {
+// syncLocked runs a capture pass (see capturePass for strict).
+func (d *DB) syncLocked(strict bool) {
 	if d.failing && time.Now().Before(d.retryAt) {
 		d.armRetry() // WAL frames wait in the WAL until then
 		return
@@ -197,7 +199,7 @@ func (d *DB) syncLocked() {
 		}
 		return
 	}
-	if err := d.capturePass(false); err != nil {
+	if err := d.capturePass(strict); err != nil {
 		if errors.Is(err, walcapture.ErrDiverged) {
 			d.needSnapshot(err.Error())
 			if err := d.snapshotLocked(); err != nil {
@@ -224,9 +226,10 @@ func (d *DB) captureLocked() error { return d.capturePass(true) }
 // is not strict may leave a long unfinished transaction unverified (see
 // walcapture.ScanResult): it runs on every write of the WAL, and proving on
 // each that no commit hides behind such a transaction made capture quadratic
-// in its size. A recheck timer, or SQLite's WAL index counting a commit not
-// yet captured, proves it later. Holds and stops are strict: the operation
-// after them could destroy the frames.
+// in its size. SQLite's WAL index counting a commit not yet captured proves
+// it in the same pass, else a recheck timer a moment later. Holds, stops and
+// Sync are strict: what follows them could destroy the frames, or ship what
+// was captured as all there is.
 //
 // Commits found in one pass go into one record (TXIDs min..max, one per
 // commit): an LTX encoder costs a 136 KB allocation, too much to pay per
@@ -318,10 +321,11 @@ func (d *DB) indexAhead(idx walcapture.IndexHeader, ok bool) bool {
 // unverified before a pass re-validates it from its first frame. It bounds
 // the delay in capturing a commit written over the frames of a rolled-back
 // transaction while SQLite's WAL index did not yet count it (or, in
-// exclusive locking mode, has no index in a file). Re-validating costs about
-// a millisecond per MB, so for a large transaction the wait grows with its
-// size (recheckRate): a transaction that keeps rewriting its spilled pages
-// without appending would otherwise keep a core busy.
+// exclusive locking mode, has no index in a file). While a transaction
+// grows, every pass leaves it unverified, so it is re-validated about once
+// per wait; that costs about a millisecond per MB, and for a large
+// transaction the wait grows with its size (recheckRate), which keeps the
+// cost near a fifth of a core whatever the size.
 var recheckAfter = 20 * time.Millisecond // a variable for tests
 
 const recheckRate = 200 << 20 // bytes per second of waiting

@@ -45,9 +45,9 @@ type ScanResult struct {
 	Txns          int  // transactions emitted
 	NewGeneration bool // the log was restarted (new salts) since the previous scan
 	// Unverified is the size in bytes of a long unfinished transaction at the
-	// end of the log of which this scan found nothing new (0: none). A commit
-	// written over its frames after a rollback would go unseen until Recheck;
-	// see scanFrames.
+	// end of the log that this scan resumed rather than validated from its
+	// first frame (0: none). A commit written over its frames after a
+	// rollback would go unseen until Recheck; see scanFrames.
 	Unverified int64
 }
 
@@ -86,8 +86,9 @@ type partialTxn struct {
 	s1, s2 uint32
 	pages  map[uint32]int64
 	first  []byte
-	// unverified: the last scan resumed here and found nothing new, so a
-	// commit before off, over this transaction's frames, was not ruled out.
+	// unverified: the last scan resumed the transaction rather than
+	// validating it from its first frame, so a commit before off, over its
+	// frames, was not ruled out.
 	unverified bool
 	// stale is the header of the frame at off if it was there and did not
 	// validate (a leftover of a longer transaction rolled back earlier).
@@ -260,28 +261,26 @@ func (c *Capturer) Scan(r io.ReaderAt, emit func(Txn) error) (ScanResult, error)
 // partial), so the next scan resumes from where this one stopped instead of
 // re-validating megabytes on every write of a long transaction. A chain that
 // validates from a remembered midpoint proves less than one validated from
-// the last commit, and three rules make up the difference:
-//   - A commit reached from a midpoint is never emitted as such: the whole
-//     transaction is validated again from its first frame. SQLite may have
-//     rewritten earlier frames since (spilled pages rewritten in place, then
-//     their checksums recomputed at commit), and only a chain from the last
-//     commit is what its recovery accepts.
-//   - A frame past the midpoint that validates proves the rest: SQLite chains
-//     each appended frame from its own running checksum, so the writer's
-//     chain up to the midpoint equals the one remembered, and no other
-//     transaction's commit frame (the commit field is checksummed) lies
-//     before it.
-//   - A resumed scan that finds nothing new past the midpoint proves nothing:
-//     the transaction may still be on its way, or it was rolled back (a full
-//     disk, a savepoint) and later writes reuse its frames without reaching
-//     that far. A frame there that was written since and does not validate
-//     means the latter, and the scan starts again from the first frame. The
-//     end of the log, or the same invalid leftover as last time, leaves the
-//     partial unverified (ScanResult.Unverified) until a scan that gets
-//     further or a Recheck; the scan that leaves the generation rechecks
-//     at once. Rechecking on every such scan made capture
-//     quadratic: a 200,000-row insert re-validated its spilled frames about
-//     a hundred times.
+// the last commit:
+//   - SQLite may have rewritten earlier frames of the transaction since
+//     (spilled pages rewritten in place, then their checksums recomputed at
+//     commit), so a commit reached from a midpoint is never emitted as such:
+//     the whole transaction is validated again from its first frame, and only
+//     a chain from the last commit is what SQLite's recovery accepts.
+//   - The transaction may have been rolled back (a full disk, a savepoint)
+//     and a later, shorter one committed over its first frames. Frames it
+//     appended before the rollback still validate from the midpoint, so
+//     nothing a resumed scan sees rules that out. A resumed partial is
+//     therefore unverified (ScanResult.Unverified) until a scan validates it
+//     from its first frame: Recheck asks for one, and the scan that leaves
+//     a generation does one at once. Re-validating on every scan instead
+//     made capture quadratic: a 200,000-row insert re-checksummed its
+//     spilled frames about 120 times.
+//   - A frame at the midpoint that does not validate and was written since
+//     the last scan means another writer's chain: the scan starts again from
+//     the first frame at once. The same invalid leftover as last time (a
+//     longer transaction rolled back earlier, not yet overwritten) is
+//     nothing new.
 func (c *Capturer) scanFrames(r io.ReaderAt, emit func(Txn) error) (int, error) {
 	h := c.hdr
 	c.fr.reset(r, h)
@@ -295,7 +294,7 @@ func (c *Capturer) scanFrames(r io.ReaderAt, emit func(Txn) error) (int, error) 
 		off, s1, s2, pages, first, resumed, stale = p.off, p.s1, p.s2, p.pages, p.first, true, p.stale
 	}
 	c.partial = nil
-	progressed := false // a frame past the remembered midpoint validated
+	progressed := false // a frame past the remembered midpoint validated in this scan
 
 	restart := func() {
 		resumed, progressed = false, false
@@ -307,11 +306,10 @@ func (c *Capturer) scanFrames(r io.ReaderAt, emit func(Txn) error) (int, error) 
 	}
 
 	emitted := 0
-	unverified := false
 	for {
 		frame, err := c.fr.frame(off)
 		if errors.Is(err, io.ErrUnexpectedEOF) {
-			unverified, stale = resumed && !progressed, nil
+			stale = nil
 			break
 		} else if err != nil {
 			return emitted, err
@@ -324,7 +322,7 @@ func (c *Capturer) scanFrames(r io.ReaderAt, emit func(Txn) error) (int, error) 
 				restart()
 				continue
 			}
-			unverified, stale = resumed && !progressed, slices.Clone(frame[:FrameHeaderSize])
+			stale = slices.Clone(frame[:FrameHeaderSize])
 			break
 		}
 		if off == txnStart {
@@ -351,7 +349,7 @@ func (c *Capturer) scanFrames(r io.ReaderAt, emit func(Txn) error) (int, error) 
 		clear(pages)
 	}
 	if off-txnStart >= partialMin {
-		c.partial = &partialTxn{hdr: h, start: txnStart, off: off, s1: s1, s2: s2, pages: pages, first: first, unverified: unverified, stale: stale}
+		c.partial = &partialTxn{hdr: h, start: txnStart, off: off, s1: s1, s2: s2, pages: pages, first: first, unverified: resumed, stale: stale}
 	}
 	return emitted, nil
 }

@@ -6,6 +6,7 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"io"
 	"slices"
 	"strings"
 	"testing"
@@ -213,6 +214,51 @@ func TestCaptureAfterLongTransactionFailsAndLogRestarts(t *testing.T) {
 	mustEqualDB(t, replay(t, base, files, 4096), recovered(t, db, wal))
 }
 
+// A long transaction scanned midway grows further, is rolled back, and a
+// short transaction commits over its first frames. The frames it appended
+// after the scan still validate from where that scan stopped, so a resumed
+// scan cannot tell this log from the transaction still going on: it must
+// leave it unverified, and a Recheck finds the commit. (Found in review:
+// a first version took those frames as proof and never looked again.)
+func TestCaptureRolledBackAfterGrowing(t *testing.T) {
+	l, base, sums := spillingLive(t)
+	var c Capturer
+	tx, err := l.db.Begin()
+	if err != nil {
+		t.Fatal(err)
+	}
+	insert := func(n int) {
+		for i := 0; i < n; i++ {
+			if _, err := tx.Exec("INSERT INTO t(v) VALUES(randomblob(1000))"); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	insert(1500)
+	_, mid := l.files()
+	if files, _ := captureAll(t, &c, mid, sums, 2); len(files) != 0 || c.partial == nil {
+		t.Fatalf("scan midway: %d transactions, remembered %v", len(files), c.partial != nil)
+	}
+	insert(200)
+	if err := tx.Rollback(); err != nil {
+		t.Fatal(err)
+	}
+	l.exec("INSERT INTO t(v) VALUES('after the rollback')")
+	db, wal := l.files()
+	files, res := captureAll(t, &c, wal, sums, 2)
+	if len(files) == 0 {
+		if res.Unverified == 0 {
+			t.Fatal("a resumed scan missed the commit and called the transaction verified")
+		}
+		c.Recheck()
+		files, _ = captureAll(t, &c, wal, sums, 2)
+	}
+	if len(files) != 1 {
+		t.Fatalf("captured %d transactions, want 1", len(files))
+	}
+	mustEqualDB(t, replay(t, base, files, 4096), recovered(t, db, wal))
+}
+
 // failedLongTransaction runs a transaction that spills more than partialMin
 // into the log, scans it (so it is remembered), rolls it back and commits
 // three small transactions, and returns the log cut where the long one
@@ -254,9 +300,10 @@ func failedLongTransaction(t *testing.T) (c *Capturer, base []byte, sums *MemSum
 }
 
 // Scans of a long transaction as it grows resume where the last one stopped
-// and never re-validate it from its start until the commit: that cost made
-// capture quadratic in the transaction's size. Whether it grew or not, the
-// commit is then captured exactly once.
+// and do not re-validate it from its start (that cost made capture quadratic
+// in the transaction's size); each says the transaction is unverified, and
+// a Recheck validates it from its first frame once. The commit is then
+// captured exactly once.
 func TestCaptureLongTransactionScansResume(t *testing.T) {
 	l, base, sums := spillingLive(t)
 	var c Capturer
@@ -264,7 +311,8 @@ func TestCaptureLongTransactionScansResume(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	var prev *partialTxn
+	var prevOff int64
+	rechecked := false
 	for i := 0; i < 3000; i++ {
 		if _, err := tx.Exec("INSERT INTO t(v) VALUES(randomblob(1000))"); err != nil {
 			t.Fatal(err)
@@ -274,29 +322,59 @@ func TestCaptureLongTransactionScansResume(t *testing.T) {
 		}
 		_, mid := l.files()
 		for range 2 { // the second scan finds nothing new
-			files, res := captureAll(t, &c, mid, sums, 2)
-			if len(files) != 0 {
-				t.Fatalf("emitted %d transactions before the commit", len(files))
+			resumed := c.partial != nil
+			res, read := scanUncommitted(t, &c, mid)
+			if !resumed {
+				continue
 			}
-			if prev != nil && (c.partial == nil || c.partial.pages == nil || c.partial.off < prev.off) {
+			if c.partial == nil || c.partial.off < prevOff {
 				t.Fatalf("after %d rows the scan lost the remembered transaction", i+1)
 			}
-			if prev != nil && (res.Unverified > 0) != (c.partial.off == prev.off) {
-				t.Fatalf("after %d rows: unverified %v, remembered offset %d then %d", i+1, res.Unverified, prev.off, c.partial.off)
+			if limit := int64(len(mid)) - prevOff + frameChunk; read > limit || res.Unverified != c.partial.off-c.partial.start {
+				t.Fatalf("after %d rows a resumed scan read %d bytes (at most %d) and left %d bytes unverified (want %d)",
+					i+1, read, limit, res.Unverified, c.partial.off-c.partial.start)
 			}
-			if c.partial != nil {
-				p := *c.partial
-				prev = &p
+			prevOff = c.partial.off
+		}
+		if c.partial != nil && !rechecked && i >= 2000 {
+			rechecked = true
+			size := c.partial.off - c.partial.start
+			c.Recheck()
+			if res, read := scanUncommitted(t, &c, mid); res.Unverified != 0 || read < size {
+				t.Fatalf("a rechecked scan read %d bytes of a %d-byte transaction and left %d unverified", read, size, res.Unverified)
 			}
 		}
 	}
-	if prev == nil {
+	if prevOff == 0 || !rechecked {
 		t.Fatal("the transaction was never remembered between scans")
 	}
 	if err := tx.Commit(); err != nil {
 		t.Fatal(err)
 	}
 	captureOne(t, &c, l, base, sums)
+}
+
+// scanUncommitted scans a log that holds no new commit and says how many
+// bytes the scan read.
+func scanUncommitted(t *testing.T, c *Capturer, wal []byte) (ScanResult, int64) {
+	t.Helper()
+	r := &countingReaderAt{r: bytes.NewReader(wal)}
+	res, err := c.Scan(r, func(Txn) error { return errors.New("emitted a transaction before its commit") })
+	if err != nil {
+		t.Fatal(err)
+	}
+	return res, r.n
+}
+
+type countingReaderAt struct {
+	r io.ReaderAt
+	n int64
+}
+
+func (c *countingReaderAt) ReadAt(p []byte, off int64) (int, error) {
+	n, err := c.r.ReadAt(p, off)
+	c.n += int64(n)
+	return n, err
 }
 
 // captureOne scans the live database's log, which must hold exactly one
@@ -316,8 +394,7 @@ func captureOne(t *testing.T, c *Capturer, l *liveDB, base []byte, sums *MemSums
 // A long transaction rolled back leaves frames beyond where the next one
 // writes. While the next, also long, transaction grows over them, a scan
 // that stops at the same leftover as the last one has learnt nothing new and
-// says so rather than re-validating from the start; one that gets further
-// has proved the chain again. Its commit is captured exactly once.
+// does not re-validate from the start. Its commit is captured exactly once.
 func TestCaptureLongTransactionOverRolledBackFrames(t *testing.T) {
 	l, base, sums := spillingLive(t)
 	var c Capturer
@@ -347,17 +424,17 @@ func TestCaptureLongTransactionOverRolledBackFrames(t *testing.T) {
 	if len(wal) != len(leftover) {
 		t.Fatalf("the log changed size from %d to %d bytes", len(leftover), len(wal))
 	}
-	if files, res := captureAll(t, &c, wal, sums, 2); len(files) != 0 || res.Unverified > 0 || c.partial == nil || c.partial.stale == nil {
-		t.Fatalf("first scan: %d transactions, unverified %v, remembered %v; want 0, false, up to a leftover", len(files), res.Unverified, c.partial != nil)
+	if res, _ := scanUncommitted(t, &c, wal); res.Unverified != 0 || c.partial == nil || c.partial.stale == nil {
+		t.Fatalf("first scan: unverified %d bytes, remembered %v; want 0, up to a leftover", res.Unverified, c.partial != nil)
 	}
 	at := c.partial.off
-	if files, res := captureAll(t, &c, wal, sums, 2); len(files) != 0 || res.Unverified == 0 || c.partial == nil || c.partial.off != at {
-		t.Fatalf("scan that found nothing new: %d transactions, unverified %v; want 0, true, still at %d", len(files), res.Unverified, at)
+	if res, read := scanUncommitted(t, &c, wal); res.Unverified == 0 || c.partial == nil || c.partial.off != at || read > frameChunk {
+		t.Fatalf("scan that found nothing new: unverified %d bytes, read %d; want unverified, still at %d, no re-validation", res.Unverified, read, at)
 	}
 	insert(b, 100)
 	_, wal = l.files()
-	if files, res := captureAll(t, &c, wal, sums, 2); len(files) != 0 || res.Unverified > 0 || c.partial == nil || c.partial.off <= at {
-		t.Fatalf("scan of a grown transaction: %d transactions, unverified %v; want 0, false, past %d", len(files), res.Unverified, at)
+	if res, read := scanUncommitted(t, &c, wal); res.Unverified == 0 || c.partial == nil || c.partial.off <= at || read > int64(len(wal))-at+frameChunk {
+		t.Fatalf("scan of a grown transaction: unverified %d bytes, read %d; want unverified, past %d, no re-validation", res.Unverified, read, at)
 	}
 	if err := b.Commit(); err != nil {
 		t.Fatal(err)
