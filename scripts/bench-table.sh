@@ -40,14 +40,15 @@ merge those writes, but DESIGN rules it out (a killed lfuse would lose
 checkpointed pages), and passthrough for the database file cost point reads
 three quarters of their speed.
 
-lfuse's own CPU time matters on a machine with one CPU. Capture once
-re-validated a long transaction from its first frame on every scan: a
-200,000-row insert cost 2.3 µs of lfuse CPU per row, and a
-3,000,000-row insert cost 7.9 s of lfuse CPU (read from /proc around one
-insert). Capture now resumes where the last scan stopped (docs/CAPTURE.md):
-0.93–1.0 µs per row and 1.96 s. On this 2-CPU machine the application's
-rate did not move beyond the noise (0.81–0.87× native before, 0.77–0.98×
-after), because the second core absorbed the work.
+lfuse's own CPU time (the last table) matters on a machine with one CPU.
+Capture once re-validated a long transaction from its first frame on every
+scan: a 200,000-row insert cost 2.3 µs of lfuse CPU per row (2.30–2.35 in
+three runs of `BenchmarkBulkInsert`), and a 3,000,000-row insert cost 7.9 s
+of lfuse CPU (read from /proc around one insert). Capture now resumes where
+the last scan stopped and re-validates about once per 20 ms or more
+(docs/CAPTURE.md): 1.0 µs per row and 3.3 s. On this 2-CPU machine the
+application's rate did not move beyond the noise, because the second core
+absorbed the work.
 TAIL
 } >"$doc"
 echo "wrote $doc"
