@@ -33,7 +33,8 @@ import (
 // page's content is wanted; emit, on the caller's goroutine, with runs of
 // wanted pages in file order and the XOR of their page checksums (flag bit
 // not normalised); data is reused after emit returns. Memory is a few
-// megabytes of frames in flight.
+// megabytes of frames in flight. If decoding or emit fails, r is closed
+// when it is an io.Closer.
 func decodeLTX(r io.Reader, start func(ltx.Header) error, keep func(pgno uint32) (bool, error),
 	emit func(pgnos []uint32, data []byte, sum ltx.Checksum) error) error {
 	br, _ := readerPool.Get().(*bufio.Reader)
@@ -111,8 +112,15 @@ func decodeLTX(r io.Reader, start func(ltx.Header) error, keep func(pgno uint32)
 			all ^= b.all
 			err = emit(b.keptN, b.data, b.sum)
 		}
-		if err != nil {
+		if err != nil && ctx.Err() == nil {
 			cancel()
+			// The splitter may be waiting in a read of a stalled network
+			// body, and draining waits for it: closing the source (when
+			// it can be closed) ends that read now rather than at the
+			// client's timeout.
+			if c, ok := r.(io.Closer); ok {
+				c.Close()
+			}
 		}
 		batchPool.Put(b)
 	}

@@ -10,6 +10,7 @@ import (
 	"math/rand/v2"
 	"runtime"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -271,6 +272,59 @@ func TestDecodeLTXStopsOnEmitError(t *testing.T) {
 		}
 		runtime.Gosched()
 	}
+}
+
+// A failure must not wait on a source that has stopped sending (a remote
+// body stalled mid-file): the decoder closes it, which ends the read. Here
+// emit fails only once the splitter is stuck in a read of the stalled half.
+func TestDecodeLTXClosesStalledSourceOnError(t *testing.T) {
+	rng := rand.New(rand.NewPCG(11, 12))
+	smallBatches(t, 64<<10) // the half read fits in the channels: the splitter reaches the stall
+	b := randomLTX(t, rng, 4096, 100, true, false)
+	src := &stallingReader{b: b[:len(b)/2], stalled: make(chan struct{}), closed: make(chan struct{})}
+	stop := errors.New("disk full")
+	done := make(chan error, 1)
+	go func() {
+		done <- decodeLTX(src, func(ltx.Header) error { return nil },
+			func(uint32) (bool, error) { return true, nil },
+			func([]uint32, []byte, ltx.Checksum) error {
+				<-src.stalled
+				return stop
+			})
+	}()
+	select {
+	case err := <-done:
+		if !errors.Is(err, stop) {
+			t.Fatalf("err %v, want %v", err, stop)
+		}
+	case <-time.After(30 * time.Second): // a hang, not a speed limit
+		src.Close()
+		<-done
+		t.Fatal("decodeLTX waited on a stalled source after emit failed")
+	}
+}
+
+// stallingReader serves b, then blocks until closed.
+type stallingReader struct {
+	b               []byte
+	stalled, closed chan struct{}
+	once, stall     sync.Once
+}
+
+func (s *stallingReader) Read(p []byte) (int, error) {
+	if len(s.b) > 0 {
+		n := copy(p, s.b)
+		s.b = s.b[n:]
+		return n, nil
+	}
+	s.stall.Do(func() { close(s.stalled) })
+	<-s.closed
+	return 0, errors.New("read on a closed body")
+}
+
+func (s *stallingReader) Close() error {
+	s.once.Do(func() { close(s.closed) })
+	return nil
 }
 
 // FuzzDecodeLTX: no input makes the decoder panic, and whatever it accepts,

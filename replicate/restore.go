@@ -450,6 +450,14 @@ func (c *countingReader) Read(p []byte) (int, error) {
 	return n, err
 }
 
+// Close closes the body, which a failed apply does to end a stalled read.
+func (c *countingReader) Close() error {
+	if cl, ok := c.r.(io.Closer); ok {
+		return cl.Close()
+	}
+	return nil
+}
+
 // localBody is a body read from local storage (a file replica), which a
 // restore reads in place rather than fetching a copy first.
 type localBody interface{ LocalFile() bool }
