@@ -52,9 +52,9 @@ type DB struct {
 	backoff  time.Duration
 	retryAt  time.Time
 	retrying bool
-	// unverifiedSince: since when the capture passes have left a long
-	// unfinished transaction unverified (zero: they have not); rechecking
-	// whether a recheck timer is armed.
+	// A long unfinished transaction left unverified by the capture passes
+	// (see noteUnverified): since when (zero: none), how long it may stay
+	// so, and whether the recheck timer is armed.
 	unverifiedSince time.Time
 	recheckWait     time.Duration
 	rechecking      bool
@@ -276,7 +276,7 @@ func (d *DB) capturePass(strict bool) error {
 		return res, err
 	}
 	res, err := scan()
-	if err == nil && res.Unverified > 0 && (strict || d.indexAhead(idx, idxOK)) {
+	if _, _, ahead := d.indexAhead(idx, idxOK); err == nil && res.Unverified > 0 && (strict || ahead) {
 		d.cap.Recheck()
 		mark = d.cap.Mark()
 		var again walcapture.ScanResult
@@ -297,24 +297,24 @@ func (d *DB) capturePass(strict bool) error {
 	if res.NewGeneration {
 		d.logger.Debug("WAL restarted with new salts")
 	}
-	if err == nil && res.Unverified == 0 && d.indexAhead(idx, idxOK) {
+	if committed, captured, ahead := d.indexAhead(idx, idxOK); err == nil && res.Unverified == 0 && ahead {
 		// A safety net: if SQLite counts commits in this generation that
 		// capture could not validate, capture is stuck and would stay
 		// silent while they never reach a replica. Start again from a
 		// snapshot of what the database holds.
-		d.needSnapshot(fmt.Sprintf("the WAL index counts commits up to offset %d, capture validated up to %d",
-			walcapture.HeaderSize+int64(idx.MaxFrame)*d.cap.FrameSize(), max(d.cap.Pos().Offset, walcapture.HeaderSize)))
+		d.needSnapshot(fmt.Sprintf("the WAL index counts commits up to offset %d, capture validated up to %d", committed, captured))
 	}
 	return err
 }
 
 // indexAhead says whether SQLite's WAL index, read before a scan, counts
-// commits in the current generation beyond what capture has validated.
-func (d *DB) indexAhead(idx walcapture.IndexHeader, ok bool) bool {
+// commits in the current generation beyond what capture has validated, and
+// the two log offsets.
+func (d *DB) indexAhead(idx walcapture.IndexHeader, ok bool) (committed, captured int64, ahead bool) {
 	pos := d.cap.Pos()
-	captured := max(pos.Offset, walcapture.HeaderSize)
-	committed := walcapture.HeaderSize + int64(idx.MaxFrame)*d.cap.FrameSize()
-	return ok && pos.Salt1 == idx.Salt1 && pos.Salt2 == idx.Salt2 && d.cap.FrameSize() > 0 && captured < committed
+	captured = max(pos.Offset, walcapture.HeaderSize)
+	committed = walcapture.HeaderSize + int64(idx.MaxFrame)*d.cap.FrameSize()
+	return committed, captured, ok && pos.Salt1 == idx.Salt1 && pos.Salt2 == idx.Salt2 && d.cap.FrameSize() > 0 && captured < committed
 }
 
 // recheckAfter is how long a long unfinished transaction may stay
@@ -344,9 +344,9 @@ func (d *DB) noteUnverified(size int64) {
 	d.armRecheck()
 }
 
-// armRecheck arms the recheck timer unless it is armed. The timer
-// re-validates only if no pass got further since it was armed: while the
-// transaction keeps growing, it re-arms instead.
+// armRecheck arms the recheck timer unless it is armed. When it fires, a
+// transaction unverified for recheckWait is re-validated; one unverified
+// for less (a validating pass came in between) re-arms the timer.
 func (d *DB) armRecheck() {
 	if d.rechecking {
 		return

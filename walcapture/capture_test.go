@@ -145,11 +145,7 @@ func TestCaptureNeverEmitsUncommittedFrames(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	for i := 0; i < 200; i++ {
-		if _, err := tx.Exec("INSERT INTO t(v) VALUES(randomblob(1000))"); err != nil {
-			t.Fatal(err)
-		}
-	}
+	insertBlobs(t, tx, 200)
 	_, spilled := l.files()
 	if len(spilled) <= HeaderSize {
 		t.Fatal("expected the transaction to spill frames into the log")
@@ -227,19 +223,12 @@ func TestCaptureRolledBackAfterGrowing(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	insert := func(n int) {
-		for i := 0; i < n; i++ {
-			if _, err := tx.Exec("INSERT INTO t(v) VALUES(randomblob(1000))"); err != nil {
-				t.Fatal(err)
-			}
-		}
-	}
-	insert(1500)
+	insertBlobs(t, tx, 1500)
 	_, mid := l.files()
 	if files, _ := captureAll(t, &c, mid, sums, 2); len(files) != 0 || c.partial == nil {
 		t.Fatalf("scan midway: %d transactions, remembered %v", len(files), c.partial != nil)
 	}
-	insert(200)
+	insertBlobs(t, tx, 200)
 	if err := tx.Rollback(); err != nil {
 		t.Fatal(err)
 	}
@@ -271,11 +260,7 @@ func failedLongTransaction(t *testing.T) (c *Capturer, base []byte, sums *MemSum
 	if err != nil {
 		t.Fatal(err)
 	}
-	for i := 0; i < 1500; i++ {
-		if _, err := tx.Exec("INSERT INTO t(v) VALUES(randomblob(1000))"); err != nil {
-			t.Fatal(err)
-		}
-	}
+	insertBlobs(t, tx, 1500)
 	_, spilled := l.files()
 	if len(spilled) < HeaderSize+partialMin {
 		t.Fatalf("the transaction spilled %d bytes, want more than %d", len(spilled), partialMin)
@@ -313,13 +298,8 @@ func TestCaptureLongTransactionScansResume(t *testing.T) {
 	}
 	var prevOff int64
 	rechecked := false
-	for i := 0; i < 3000; i++ {
-		if _, err := tx.Exec("INSERT INTO t(v) VALUES(randomblob(1000))"); err != nil {
-			t.Fatal(err)
-		}
-		if i%100 != 99 {
-			continue
-		}
+	for rows := 100; rows <= 3000; rows += 100 {
+		insertBlobs(t, tx, 100)
 		_, mid := l.files()
 		for range 2 { // the second scan finds nothing new
 			resumed := c.partial != nil
@@ -328,15 +308,15 @@ func TestCaptureLongTransactionScansResume(t *testing.T) {
 				continue
 			}
 			if c.partial == nil || c.partial.off < prevOff {
-				t.Fatalf("after %d rows the scan lost the remembered transaction", i+1)
+				t.Fatalf("after %d rows the scan lost the remembered transaction", rows)
 			}
 			if limit := int64(len(mid)) - prevOff + frameChunk; read > limit || res.Unverified != c.partial.off-c.partial.start {
 				t.Fatalf("after %d rows a resumed scan read %d bytes (at most %d) and left %d bytes unverified (want %d)",
-					i+1, read, limit, res.Unverified, c.partial.off-c.partial.start)
+					rows, read, limit, res.Unverified, c.partial.off-c.partial.start)
 			}
 			prevOff = c.partial.off
 		}
-		if c.partial != nil && !rechecked && i >= 2000 {
+		if c.partial != nil && !rechecked && rows > 2000 {
 			rechecked = true
 			size := c.partial.off - c.partial.start
 			c.Recheck()
@@ -398,18 +378,11 @@ func captureOne(t *testing.T, c *Capturer, l *liveDB, base []byte, sums *MemSums
 func TestCaptureLongTransactionOverRolledBackFrames(t *testing.T) {
 	l, base, sums := spillingLive(t)
 	var c Capturer
-	insert := func(tx *sql.Tx, n int) {
-		for i := 0; i < n; i++ {
-			if _, err := tx.Exec("INSERT INTO t(v) VALUES(randomblob(1000))"); err != nil {
-				t.Fatal(err)
-			}
-		}
-	}
 	a, err := l.db.Begin()
 	if err != nil {
 		t.Fatal(err)
 	}
-	insert(a, 2500)
+	insertBlobs(t, a, 2500)
 	if err := a.Rollback(); err != nil {
 		t.Fatal(err)
 	}
@@ -419,7 +392,7 @@ func TestCaptureLongTransactionOverRolledBackFrames(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	insert(b, 1200)
+	insertBlobs(t, b, 1200)
 	_, wal := l.files()
 	if len(wal) != len(leftover) {
 		t.Fatalf("the log changed size from %d to %d bytes", len(leftover), len(wal))
@@ -431,7 +404,7 @@ func TestCaptureLongTransactionOverRolledBackFrames(t *testing.T) {
 	if res, read := scanUncommitted(t, &c, wal); res.Unverified == 0 || c.partial == nil || c.partial.off != at || read > frameChunk {
 		t.Fatalf("scan that found nothing new: unverified %d bytes, read %d; want unverified, still at %d, no re-validation", res.Unverified, read, at)
 	}
-	insert(b, 100)
+	insertBlobs(t, b, 100)
 	_, wal = l.files()
 	if res, read := scanUncommitted(t, &c, wal); res.Unverified == 0 || c.partial == nil || c.partial.off <= at || read > int64(len(wal))-at+frameChunk {
 		t.Fatalf("scan of a grown transaction: unverified %d bytes, read %d; want unverified, past %d, no re-validation", res.Unverified, read, at)
@@ -755,6 +728,16 @@ func TestEmptyDatabaseSnapshot(t *testing.T) {
 	_, err := c.Snapshot(bytes.NewReader(nil), bytes.NewReader(nil), 0, &a, &b, 2, nowish, (&MemSums{}).Set)
 	if !errors.Is(err, ErrEmptyDatabase) {
 		t.Fatalf("snapshot of nothing: %v", err)
+	}
+}
+
+// insertBlobs inserts n rows of 1000 random bytes into t inside tx.
+func insertBlobs(t *testing.T, tx *sql.Tx, n int) {
+	t.Helper()
+	for i := 0; i < n; i++ {
+		if _, err := tx.Exec("INSERT INTO t(v) VALUES(randomblob(1000))"); err != nil {
+			t.Fatal(err)
+		}
 	}
 }
 
