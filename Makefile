@@ -28,7 +28,7 @@ test: deps
 
 # Packages with goroutines run under the race detector.
 unit:
-	$(GO) test -race -count=1 ./walcapture/... ./replicate/... ./backends/... ./fs/... ./cmd/...
+	$(GO) test -race -count=1 ./internal/... ./walcapture/... ./replicate/... ./backends/... ./fs/... ./cmd/...
 
 # Real mounts: needs root and /dev/fuse (skipped otherwise, unless
 # LFUSE_REQUIRE_FUSE=1). The lfuse binary under test is built with -race.
@@ -47,7 +47,7 @@ fuzz:
 	$(GO) test -run '^$$' -fuzz FuzzScan -fuzztime 150000x -fuzzminimizetime 1s ./walcapture
 	$(GO) test -run '^$$' -fuzz FuzzPlanRestore -fuzztime 90000x -fuzzminimizetime 1s ./replicate
 	$(GO) test -run '^$$' -fuzz FuzzDecodeLTX -fuzztime 40000x -fuzzminimizetime 1s ./replicate
-	$(GO) test -run '^$$' -fuzz FuzzCRCUpdate -fuzztime 100000x -fuzzminimizetime 1s ./replicate
+	$(GO) test -run '^$$' -fuzz FuzzCRCUpdate -fuzztime 100000x -fuzzminimizetime 1s ./internal/crc64iso
 	$(GO) test -run '^$$' -fuzz FuzzParseReplicaURL -fuzztime 300x -fuzzminimizetime 1s ./cmd/lfuse
 	$(GO) test -run '^$$' -fuzz FuzzLoadConfig -fuzztime 300x -fuzzminimizetime 1s ./cmd/lfuse
 

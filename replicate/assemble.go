@@ -6,6 +6,7 @@ import (
 	"io"
 	"os"
 
+	"github.com/lfuse/lfuse/walcapture"
 	"github.com/superfly/ltx"
 )
 
@@ -108,7 +109,6 @@ func (a *assembler) apply(r io.Reader, snapshot bool) error {
 // returns the database checksum.
 func (a *assembler) finish() ltx.Checksum {
 	var zero []byte
-	h := ltx.NewHasher()
 	for pgno := uint32(1); pgno <= a.commit; pgno++ {
 		if pgno == a.lock || a.isWritten(pgno) {
 			continue
@@ -116,7 +116,7 @@ func (a *assembler) finish() ltx.Checksum {
 		if zero == nil {
 			zero = make([]byte, a.pageSize)
 		}
-		a.sum ^= ltx.ChecksumPageWithHasher(h, pgno, zero)
+		a.sum ^= walcapture.ChecksumPage(pgno, zero)
 	}
 	// Page checksums carry the flag bit, which XOR toggles; the database
 	// checksum always has it set.

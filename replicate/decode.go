@@ -6,12 +6,12 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
-	"hash/crc64"
 	"io"
 	"runtime"
 	"slices"
 	"sync"
 
+	"github.com/lfuse/lfuse/internal/crc64iso"
 	"github.com/pierrec/lz4/v4"
 	"github.com/superfly/ltx"
 )
@@ -21,7 +21,7 @@ import (
 // every page twice (its file checksum, then the caller's page checksum);
 // restoring a large database was bound by that one core. Here one
 // goroutine only splits the stream into page frames, workers decompress and
-// hash each page once (see crc.go), and the caller's goroutine receives the
+// hash each page once (see internal/crc64iso), and the caller's goroutine receives the
 // pages in file order. Everything ltx.Decoder checks is checked: the
 // header, every page header, the file checksum over the decompressed
 // stream, the page index against the frames actually read (exactly, not
@@ -61,7 +61,7 @@ func decodeLTX(r io.Reader, start func(ltx.Header) error, keep func(pgno uint32)
 	if err := start(d.hdr); err != nil {
 		return err
 	}
-	fileCRC := crc64.Checksum(head, isoTable)
+	fileCRC := crc64iso.Update(0, head)
 	d.pageSize = int(d.hdr.PageSize)
 	d.batchPages = max(1, batchBytes/d.pageSize)
 	d.maxBlock = lz4.CompressBlockBound(d.pageSize)
@@ -82,7 +82,7 @@ func decodeLTX(r io.Reader, start func(ltx.Header) error, keep func(pgno uint32)
 		go func() {
 			defer func() { done <- struct{}{} }()
 			scratch := make([]byte, d.pageSize)
-			pageShift := crcShift(int64(d.pageSize))
+			pageShift := crc64iso.Shift(int64(d.pageSize))
 			for b := range work {
 				b.decompress(scratch, pageShift)
 				close(b.done)
@@ -108,7 +108,7 @@ func decodeLTX(r io.Reader, start func(ltx.Header) error, keep func(pgno uint32)
 			err = b.err
 		}
 		if err == nil {
-			fileCRC = crcCombine(fileCRC, b.crc, crcShift(int64(len(b.pgnos))*int64(frameHead+d.pageSize)))
+			fileCRC = crc64iso.Combine(fileCRC, b.crc, crc64iso.Shift(int64(len(b.pgnos))*int64(frameHead+d.pageSize)))
 			all ^= b.all
 			err = emit(b.keptN, b.data, b.sum)
 		}
@@ -130,7 +130,7 @@ func decodeLTX(r io.Reader, start func(ltx.Header) error, keep func(pgno uint32)
 	if d.err != nil {
 		return d.err
 	}
-	fileCRC = crcCombine(fileCRC, d.tailCRC, crcShift(d.tailLen))
+	fileCRC = crc64iso.Combine(fileCRC, d.tailCRC, crc64iso.Shift(d.tailLen))
 	if ltx.ChecksumFlag|ltx.Checksum(fileCRC) != d.trailer.FileChecksum {
 		return ltx.ErrChecksumMismatch
 	}
@@ -185,7 +185,7 @@ func indexEntry(h uint64, pgno uint32, offset, size int64) uint64 {
 	binary.BigEndian.PutUint32(e[:], pgno)
 	binary.BigEndian.PutUint64(e[4:], uint64(offset))
 	binary.BigEndian.PutUint64(e[12:], uint64(size))
-	return crc64.Update(h, isoTable, e[:])
+	return crc64iso.Update(h, e[:])
 }
 
 // split reads the page frames into batches, each sent to the workers and,
@@ -269,7 +269,7 @@ func (d *ltxSplitter) split(ctx context.Context, work, ordered chan<- *frameBatc
 // readTail reads what follows the pages, whose end marker was end: the page
 // index, its size and the trailer, and nothing after.
 func (d *ltxSplitter) readTail(end []byte) error {
-	tail := crc64.Update(0, isoTable, end)
+	tail := crc64iso.Update(0, end)
 	hr := &hashingByteReader{r: d.br}
 	for {
 		pgno, err := binary.ReadUvarint(hr)
@@ -292,10 +292,10 @@ func (d *ltxSplitter) readTail(end []byte) error {
 		}
 		d.listed = indexEntry(d.listed, uint32(pgno), int64(off), int64(size))
 		d.nListed++
-		tail = crc64.Update(tail, isoTable, hr.seen)
+		tail = crc64iso.Update(tail, hr.seen)
 		hr.seen = hr.seen[:0]
 	}
-	tail = crc64.Update(tail, isoTable, hr.seen)
+	tail = crc64iso.Update(tail, hr.seen)
 	var rest [8 + ltx.TrailerSize]byte
 	if _, err := io.ReadFull(d.br, rest[:]); err != nil {
 		return fmt.Errorf("read page index size and trailer: %w", unexpected(err))
@@ -309,7 +309,7 @@ func (d *ltxSplitter) readTail(end []byte) error {
 	if err := d.trailer.UnmarshalBinary(rest[8:]); err != nil {
 		return fmt.Errorf("trailer: %w", err)
 	}
-	tail = crc64.Update(tail, isoTable, rest[:8+ltx.TrailerChecksumOffset])
+	tail = crc64iso.Update(tail, rest[:8+ltx.TrailerChecksumOffset])
 	if _, err := d.br.ReadByte(); err == nil {
 		return errors.New("unexpected data after the trailer")
 	} else if !errors.Is(err, io.EOF) {
@@ -342,10 +342,10 @@ func (b *frameBatch) decompress(scratch []byte, pageShift uint64) {
 			return
 		}
 		start = b.ends[i]
-		crcPage := crcUpdate(0, page)
-		crc = crcCombine(crc64.Update(crc, isoTable, b.heads[i][:]), crcPage, pageShift)
+		crcPage := crc64iso.Update(0, page)
+		crc = crc64iso.Combine(crc64iso.Update(crc, b.heads[i][:]), crcPage, pageShift)
 		binary.BigEndian.PutUint32(pgnoBuf[:], pgno)
-		sum := ltx.Checksum(crcCombine(crc64.Checksum(pgnoBuf[:], isoTable), crcPage, pageShift))
+		sum := ltx.Checksum(crc64iso.Combine(crc64iso.Update(0, pgnoBuf[:]), crcPage, pageShift))
 		b.all ^= sum
 		if b.kept[i] {
 			b.sum ^= sum

@@ -167,7 +167,6 @@ func applyRecordSums(s *Sums, rec Record, r io.Reader) error {
 	}
 	u := walcapture.Update{Commit: hdr.Commit, Total: rec.Trailer.PostApplyChecksum}
 	buf := make([]byte, hdr.PageSize)
-	h := ltx.NewHasher()
 	for {
 		var ph ltx.PageHeader
 		if err := dec.DecodePage(&ph, buf); errors.Is(err, io.EOF) {
@@ -175,7 +174,7 @@ func applyRecordSums(s *Sums, rec Record, r io.Reader) error {
 		} else if err != nil {
 			return err
 		}
-		sum := ltx.ChecksumPageWithHasher(h, ph.Pgno, buf)
+		sum := walcapture.ChecksumPage(ph.Pgno, buf)
 		if hdr.IsSnapshot() {
 			s.Set(ph.Pgno, sum)
 		} else {

@@ -1,10 +1,12 @@
 package walcapture
 
 import (
+	"encoding/binary"
 	"fmt"
 	"io"
 	"time"
 
+	"github.com/lfuse/lfuse/internal/crc64iso"
 	"github.com/superfly/ltx"
 )
 
@@ -33,6 +35,15 @@ type Update struct {
 }
 
 func rawSum(c ltx.Checksum) ltx.Checksum { return c &^ ltx.ChecksumFlag }
+
+// ChecksumPage is ltx.ChecksumPage (the CRC-64 of the page number and the
+// page) at about twice its speed: capture hashes every page it records,
+// a snapshot and the check at start every page of the database.
+func ChecksumPage(pgno uint32, data []byte) ltx.Checksum {
+	var b [4]byte
+	binary.BigEndian.PutUint32(b[:], pgno)
+	return ltx.ChecksumFlag | ltx.Checksum(crc64iso.Update(crc64iso.Update(0, b[:]), data))
+}
 
 // EncodeTxn writes t as one LTX file with TXIDs minID..maxID (one per
 // commit t holds, see Merge), reading page images from the log wal, and
@@ -66,12 +77,11 @@ func EncodeTxn(w io.Writer, wal io.ReaderAt, t Txn, sums PageSums, minID, maxID 
 	u := Update{Commit: t.Commit, Pages: make([]PageSum, 0, len(t.Pages))}
 	raw := rawSum(pre)
 	buf := make([]byte, t.Header.PageSize)
-	h := ltx.NewHasher()
 	for _, p := range t.Pages {
 		if err := readFull(wal, buf, p.Offset); err != nil {
 			return Update{}, fmt.Errorf("read page %d from WAL: %w", p.Pgno, err)
 		}
-		sum := ltx.ChecksumPageWithHasher(h, p.Pgno, buf)
+		sum := ChecksumPage(p.Pgno, buf)
 		raw ^= rawSum(sums.Get(p.Pgno) ^ sum)
 		u.Pages = append(u.Pages, PageSum{Pgno: p.Pgno, Sum: sum})
 		if err := enc.EncodePage(ltx.PageHeader{Pgno: p.Pgno}, buf); err != nil {

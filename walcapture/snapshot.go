@@ -236,7 +236,6 @@ func (c *Capturer) encodeSnapshot(w io.Writer, hdr ltx.Header, page func(pgno ui
 	}
 	lock := LockPgno(hdr.PageSize)
 	buf := make([]byte, hdr.PageSize)
-	h := ltx.NewHasher()
 	var raw ltx.Checksum
 	for pgno := uint32(1); pgno <= hdr.Commit; pgno++ {
 		if pgno == lock {
@@ -245,7 +244,7 @@ func (c *Capturer) encodeSnapshot(w io.Writer, hdr ltx.Header, page func(pgno ui
 		if err := page(pgno, buf); err != nil {
 			return 0, err
 		}
-		sum := ltx.ChecksumPageWithHasher(h, pgno, buf)
+		sum := ChecksumPage(pgno, buf)
 		raw ^= rawSum(sum)
 		setSum(pgno, sum)
 		if err := enc.EncodePage(ltx.PageHeader{Pgno: pgno}, buf); err != nil {
@@ -272,7 +271,6 @@ func DatabaseChecksum(db, wal io.ReaderAt, dbSize int64) (Pos, uint32, ltx.Check
 	}
 	lock := LockPgno(pageSize)
 	buf := make([]byte, pageSize)
-	h := ltx.NewHasher()
 	var raw ltx.Checksum
 	for pgno := uint32(1); pgno <= commit; pgno++ {
 		if pgno == lock {
@@ -287,7 +285,7 @@ func DatabaseChecksum(db, wal io.ReaderAt, dbSize int64) (Pos, uint32, ltx.Check
 		if err != nil {
 			return Pos{}, 0, 0, fmt.Errorf("read page %d: %w", pgno, err)
 		}
-		raw ^= rawSum(ltx.ChecksumPageWithHasher(h, pgno, buf))
+		raw ^= rawSum(ChecksumPage(pgno, buf))
 	}
 	return c.Pos(), commit, ltx.ChecksumFlag | raw, nil
 }

@@ -1,4 +1,7 @@
-package replicate
+// Package crc64iso computes the CRC-64/ISO that LTX files use, for their
+// file checksums and for the per-page checksums a database checksum is
+// made of, faster than hash/crc64 and in pieces that can be combined.
+package crc64iso
 
 import (
 	"encoding/binary"
@@ -14,16 +17,16 @@ import (
 // the results are stitched together in order for the price of a
 // multiplication.
 
-var isoTable = crc64.MakeTable(crc64.ISO)
+var Table = crc64.MakeTable(crc64.ISO)
 
-// crcOne is the polynomial 1 in the reflected bit order Go's CRC-64 uses:
+// one is the polynomial 1 in the reflected bit order Go's CRC-64 uses:
 // the coefficient of x^0 is the top bit.
-const crcOne = uint64(1) << 63
+const one = uint64(1) << 63
 
-// crcMul multiplies two polynomials modulo the ISO polynomial.
-func crcMul(a, b uint64) uint64 {
+// Mul multiplies two polynomials modulo the ISO polynomial.
+func Mul(a, b uint64) uint64 {
 	var p uint64
-	for m := crcOne; a != 0; m >>= 1 {
+	for m := one; a != 0; m >>= 1 {
 		if a&m != 0 {
 			p ^= b
 			a ^= m
@@ -37,26 +40,26 @@ func crcMul(a, b uint64) uint64 {
 	return p
 }
 
-// crcShift returns x^(8n) modulo the ISO polynomial: the factor that moves
+// Shift returns x^(8n) modulo the ISO polynomial: the factor that moves
 // a CRC past n more bytes.
-func crcShift(n int64) uint64 {
-	r, base := crcOne, crcOne>>8 // x^0, x^8
+func Shift(n int64) uint64 {
+	r, base := one, one>>8 // x^0, x^8
 	for ; n > 0; n >>= 1 {
 		if n&1 != 0 {
-			r = crcMul(r, base)
+			r = Mul(r, base)
 		}
-		base = crcMul(base, base)
+		base = Mul(base, base)
 	}
 	return r
 }
 
-// crcCombine returns the CRC of A‖B from crc(A), crc(B) and the factor
-// crcShift(len(B)).
-func crcCombine(crcA, crcB, shiftB uint64) uint64 {
-	return crcMul(crcA, shiftB) ^ crcB
+// Combine returns the CRC of A‖B from crc(A), crc(B) and the factor
+// Shift(len(B)).
+func Combine(crcA, crcB, shiftB uint64) uint64 {
+	return Mul(crcA, shiftB) ^ crcB
 }
 
-// crcUpdate is crc64.Update(crc, isoTable, p), about twice as fast. The ISO
+// Update is crc64.Update(crc, Table, p), about twice as fast. The ISO
 // polynomial is x^64 + x^4 + x^3 + x + 1, so x^64 ≡ x^4+x^3+x+1 and
 // x^128 ≡ x^8+x^6+x^2+1: moving the register past 16 bytes is a handful
 // of shifts and XORs instead of sixteen table lookups. Bits that a shift
@@ -64,7 +67,7 @@ func crcCombine(crcA, crcB, shiftB uint64) uint64 {
 // collected in q, a polynomial of degree < 8 times x^64, and folded back in
 // the same way; that fold cannot overflow again. TestCRCUpdate checks it
 // against hash/crc64.
-func crcUpdate(crc uint64, p []byte) uint64 {
+func Update(crc uint64, p []byte) uint64 {
 	crc = ^crc
 	for len(p) >= 16 {
 		v := crc ^ binary.LittleEndian.Uint64(p) // times x^128
@@ -74,7 +77,7 @@ func crcUpdate(crc uint64, p []byte) uint64 {
 		p = p[16:]
 	}
 	for _, b := range p {
-		crc = isoTable[byte(crc)^b] ^ crc>>8
+		crc = Table[byte(crc)^b] ^ crc>>8
 	}
 	return ^crc
 }

@@ -1,4 +1,4 @@
-package replicate
+package crc64iso
 
 import (
 	"hash/crc64"
@@ -16,22 +16,22 @@ func TestCRCCombine(t *testing.T) {
 		n := rng.IntN(len(buf))
 		cut := rng.IntN(n + 1)
 		a, b := buf[:cut], buf[cut:n]
-		want := crc64.Checksum(buf[:n], isoTable)
-		got := crcCombine(crc64.Checksum(a, isoTable), crc64.Checksum(b, isoTable), crcShift(int64(len(b))))
+		want := crc64.Checksum(buf[:n], Table)
+		got := Combine(crc64.Checksum(a, Table), crc64.Checksum(b, Table), Shift(int64(len(b))))
 		if got != want {
 			t.Fatalf("combine at %d of %d: got %016x, want %016x", cut, n, got, want)
 		}
 	}
-	if got := crcCombine(0, 0, crcShift(0)); got != 0 {
+	if got := Combine(0, 0, Shift(0)); got != 0 {
 		t.Fatalf("two empty inputs: %016x", got)
 	}
 }
 
 func BenchmarkCRCMul(b *testing.B) {
-	shift := crcShift(4096)
+	shift := Shift(4096)
 	x := uint64(0x0123456789abcdef)
 	for b.Loop() {
-		x = crcMul(x, shift)
+		x = Mul(x, shift)
 	}
 	_ = x
 }
@@ -44,7 +44,7 @@ func TestCRCUpdate(t *testing.T) {
 	}
 	for n := range len(buf) {
 		for _, init := range []uint64{0, ^uint64(0), rng.Uint64()} {
-			if got, want := crcUpdate(init, buf[:n]), crc64.Update(init, isoTable, buf[:n]); got != want {
+			if got, want := Update(init, buf[:n]), crc64.Update(init, Table, buf[:n]); got != want {
 				t.Fatalf("%d bytes from %016x: got %016x, want %016x", n, init, got, want)
 			}
 		}
@@ -54,25 +54,25 @@ func TestCRCUpdate(t *testing.T) {
 func FuzzCRCUpdate(f *testing.F) {
 	f.Add(uint64(0), []byte("123456789"))
 	f.Fuzz(func(t *testing.T, init uint64, p []byte) {
-		if got, want := crcUpdate(init, p), crc64.Update(init, isoTable, p); got != want {
+		if got, want := Update(init, p), crc64.Update(init, Table, p); got != want {
 			t.Fatalf("got %016x, want %016x", got, want)
 		}
 	})
 }
 
-// CRC-64 of a 4 KB page: hash/crc64 against crcUpdate.
+// CRC-64 of a 4 KB page: hash/crc64 against Update.
 func BenchmarkCRCPage(b *testing.B) {
 	page := make([]byte, 4096)
 	b.Run("stdlib", func(b *testing.B) {
 		b.SetBytes(int64(len(page)))
 		for b.Loop() {
-			crc64.Update(0, isoTable, page)
+			crc64.Update(0, Table, page)
 		}
 	})
-	b.Run("crcUpdate", func(b *testing.B) {
+	b.Run("Update", func(b *testing.B) {
 		b.SetBytes(int64(len(page)))
 		for b.Loop() {
-			crcUpdate(0, page)
+			Update(0, page)
 		}
 	})
 }
