@@ -76,9 +76,10 @@ func EncodeTxn(w io.Writer, wal io.ReaderAt, t Txn, sums PageSums, minID, maxID 
 	}
 	u := Update{Commit: t.Commit, Pages: make([]PageSum, 0, len(t.Pages))}
 	raw := rawSum(pre)
-	buf := make([]byte, t.Header.PageSize)
-	for _, p := range t.Pages {
-		if err := readFull(wal, buf, p.Offset); err != nil {
+	pr := pageReader{wal: wal, pageSize: int64(t.Header.PageSize), frameSize: t.Header.FrameSize()}
+	for i, p := range t.Pages {
+		buf, err := pr.page(t.Pages, i)
+		if err != nil {
 			return Update{}, fmt.Errorf("read page %d from WAL: %w", p.Pgno, err)
 		}
 		sum := ChecksumPage(p.Pgno, buf)
@@ -97,6 +98,39 @@ func EncodeTxn(w io.Writer, wal io.ReaderAt, t Txn, sums PageSums, minID, maxID 
 		return Update{}, fmt.Errorf("finish LTX file: %w", err)
 	}
 	return u, nil
+}
+
+// pageReader reads the pages of a transaction from the log. Where pages
+// in page order sit in consecutive frames (a transaction that appends or
+// rewrites a table in order), it reads the run with one call rather than
+// one per page: a 6 MB insert took 1,400 reads.
+type pageReader struct {
+	wal                 io.ReaderAt
+	pageSize, frameSize int64
+	buf                 []byte
+	bufOff              int64 // log offset of buf[0]
+}
+
+const maxPageRun = 256 << 10
+
+func (r *pageReader) page(pages []Page, i int) ([]byte, error) {
+	off := pages[i].Offset
+	if rel := off - r.bufOff; r.buf != nil && rel >= 0 && rel+r.pageSize <= int64(len(r.buf)) {
+		return r.buf[rel : rel+r.pageSize], nil
+	}
+	end := off + r.pageSize
+	for j := i + 1; j < len(pages) && pages[j].Offset == pages[j-1].Offset+r.frameSize && pages[j].Offset+r.pageSize-off <= maxPageRun; j++ {
+		end = pages[j].Offset + r.pageSize
+	}
+	if int64(cap(r.buf)) < end-off {
+		r.buf = make([]byte, end-off)
+	}
+	r.buf, r.bufOff = r.buf[:end-off], off
+	if err := readFull(r.wal, r.buf, off); err != nil {
+		r.buf = nil
+		return nil, err
+	}
+	return r.buf[:r.pageSize], nil
 }
 
 // Merge combines consecutive transactions of one log generation into one:
