@@ -2,8 +2,6 @@ package walcapture
 
 import (
 	"bufio"
-	"database/sql"
-	"fmt"
 	"math/rand/v2"
 	"os"
 	"path/filepath"
@@ -17,9 +15,8 @@ import (
 // lfuse does it when the commit lands: validate the transaction's frames,
 // then encode its pages into an LTX file on disk.
 func BenchmarkCaptureBulkTxn(b *testing.B) {
-	dir := b.TempDir()
-	l := openLiveB(b, dir)
-	tx, err := l.Begin()
+	l := openLive(b, 4096)
+	tx, err := l.db.Begin()
 	if err != nil {
 		b.Fatal(err)
 	}
@@ -32,7 +29,7 @@ func BenchmarkCaptureBulkTxn(b *testing.B) {
 	if err := tx.Commit(); err != nil {
 		b.Fatal(err)
 	}
-	walPath := filepath.Join(dir, "test.db-wal")
+	walPath := l.path + "-wal"
 	wal, err := os.Open(walPath)
 	if err != nil {
 		b.Fatal(err)
@@ -40,7 +37,7 @@ func BenchmarkCaptureBulkTxn(b *testing.B) {
 	defer wal.Close()
 	fi, _ := wal.Stat()
 	b.SetBytes(fi.Size())
-	out := filepath.Join(dir, "out.ltx")
+	out := filepath.Join(l.dir, "out.ltx")
 	b.ResetTimer()
 	for i := 0; i < b.N; i++ {
 		var c Capturer
@@ -63,21 +60,6 @@ func BenchmarkCaptureBulkTxn(b *testing.B) {
 			b.Fatalf("scan: %v, %d txns", err, n)
 		}
 	}
-}
-
-func openLiveB(b *testing.B, dir string) *sql.DB {
-	db, err := sql.Open("sqlite3", filepath.Join(dir, "test.db"))
-	if err != nil {
-		b.Fatal(err)
-	}
-	b.Cleanup(func() { db.Close() })
-	db.SetMaxOpenConns(1)
-	for _, q := range []string{"PRAGMA journal_mode=WAL", "PRAGMA wal_autocheckpoint=0"} {
-		if _, err := db.Exec(q); err != nil {
-			b.Fatal(fmt.Errorf("%s: %w", q, err))
-		}
-	}
-	return db
 }
 
 func TestChecksumPageMatchesLTX(t *testing.T) {

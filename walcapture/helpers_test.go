@@ -18,13 +18,13 @@ import (
 // liveDB is a real SQLite database in WAL mode with automatic checkpoints off,
 // so its -wal file keeps every frame until the test checkpoints.
 type liveDB struct {
-	t    *testing.T
+	t    testing.TB
 	dir  string
 	path string
 	db   *sql.DB
 }
 
-func openLive(t *testing.T, pageSize int, pragmas ...string) *liveDB {
+func openLive(t testing.TB, pageSize int, pragmas ...string) *liveDB {
 	t.Helper()
 	dir := t.TempDir()
 	path := filepath.Join(dir, "test.db")
@@ -68,7 +68,7 @@ func (l *liveDB) files() (db, wal []byte) {
 	return readFile(l.t, l.path), readFile(l.t, l.path+"-wal")
 }
 
-func readFile(t *testing.T, path string) []byte {
+func readFile(t testing.TB, path string) []byte {
 	t.Helper()
 	b, err := os.ReadFile(path)
 	if err != nil && !os.IsNotExist(err) {

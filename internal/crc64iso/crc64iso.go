@@ -17,14 +17,14 @@ import (
 // the results are stitched together in order for the price of a
 // multiplication.
 
-var Table = crc64.MakeTable(crc64.ISO)
+var table = crc64.MakeTable(crc64.ISO)
 
 // one is the polynomial 1 in the reflected bit order Go's CRC-64 uses:
 // the coefficient of x^0 is the top bit.
 const one = uint64(1) << 63
 
-// Mul multiplies two polynomials modulo the ISO polynomial.
-func Mul(a, b uint64) uint64 {
+// mul multiplies two polynomials modulo the ISO polynomial.
+func mul(a, b uint64) uint64 {
 	var p uint64
 	for m := one; a != 0; m >>= 1 {
 		if a&m != 0 {
@@ -46,9 +46,9 @@ func Shift(n int64) uint64 {
 	r, base := one, one>>8 // x^0, x^8
 	for ; n > 0; n >>= 1 {
 		if n&1 != 0 {
-			r = Mul(r, base)
+			r = mul(r, base)
 		}
-		base = Mul(base, base)
+		base = mul(base, base)
 	}
 	return r
 }
@@ -56,10 +56,10 @@ func Shift(n int64) uint64 {
 // Combine returns the CRC of A‖B from crc(A), crc(B) and the factor
 // Shift(len(B)).
 func Combine(crcA, crcB, shiftB uint64) uint64 {
-	return Mul(crcA, shiftB) ^ crcB
+	return mul(crcA, shiftB) ^ crcB
 }
 
-// Update is crc64.Update(crc, Table, p), about twice as fast. The ISO
+// Update is crc64.Update(crc, table, p), about twice as fast. The ISO
 // polynomial is x^64 + x^4 + x^3 + x + 1, so x^64 ≡ x^4+x^3+x+1 and
 // x^128 ≡ x^8+x^6+x^2+1: moving the register past 16 bytes is a handful
 // of shifts and XORs instead of sixteen table lookups. Bits that a shift
@@ -77,7 +77,7 @@ func Update(crc uint64, p []byte) uint64 {
 		p = p[16:]
 	}
 	for _, b := range p {
-		crc = Table[byte(crc)^b] ^ crc>>8
+		crc = table[byte(crc)^b] ^ crc>>8
 	}
 	return ^crc
 }

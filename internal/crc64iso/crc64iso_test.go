@@ -16,8 +16,8 @@ func TestCRCCombine(t *testing.T) {
 		n := rng.IntN(len(buf))
 		cut := rng.IntN(n + 1)
 		a, b := buf[:cut], buf[cut:n]
-		want := crc64.Checksum(buf[:n], Table)
-		got := Combine(crc64.Checksum(a, Table), crc64.Checksum(b, Table), Shift(int64(len(b))))
+		want := crc64.Checksum(buf[:n], table)
+		got := Combine(crc64.Checksum(a, table), crc64.Checksum(b, table), Shift(int64(len(b))))
 		if got != want {
 			t.Fatalf("combine at %d of %d: got %016x, want %016x", cut, n, got, want)
 		}
@@ -31,7 +31,7 @@ func BenchmarkCRCMul(b *testing.B) {
 	shift := Shift(4096)
 	x := uint64(0x0123456789abcdef)
 	for b.Loop() {
-		x = Mul(x, shift)
+		x = mul(x, shift)
 	}
 	_ = x
 }
@@ -44,7 +44,7 @@ func TestCRCUpdate(t *testing.T) {
 	}
 	for n := range len(buf) {
 		for _, init := range []uint64{0, ^uint64(0), rng.Uint64()} {
-			if got, want := Update(init, buf[:n]), crc64.Update(init, Table, buf[:n]); got != want {
+			if got, want := Update(init, buf[:n]), crc64.Update(init, table, buf[:n]); got != want {
 				t.Fatalf("%d bytes from %016x: got %016x, want %016x", n, init, got, want)
 			}
 		}
@@ -54,7 +54,7 @@ func TestCRCUpdate(t *testing.T) {
 func FuzzCRCUpdate(f *testing.F) {
 	f.Add(uint64(0), []byte("123456789"))
 	f.Fuzz(func(t *testing.T, init uint64, p []byte) {
-		if got, want := Update(init, p), crc64.Update(init, Table, p); got != want {
+		if got, want := Update(init, p), crc64.Update(init, table, p); got != want {
 			t.Fatalf("got %016x, want %016x", got, want)
 		}
 	})
@@ -66,7 +66,7 @@ func BenchmarkCRCPage(b *testing.B) {
 	b.Run("stdlib", func(b *testing.B) {
 		b.SetBytes(int64(len(page)))
 		for b.Loop() {
-			crc64.Update(0, Table, page)
+			crc64.Update(0, table, page)
 		}
 	})
 	b.Run("Update", func(b *testing.B) {
