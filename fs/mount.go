@@ -42,6 +42,10 @@ import (
 type Observer interface {
 	Opened(rel string, created bool)
 	Modified(rel string) // "" means: anything may have changed
+	// Syncing is called when an fsync of the file starts; the function it
+	// returns (if not nil) when it ends. The application is busy with the
+	// file meanwhile, though it writes nothing.
+	Syncing(rel string) func()
 	BeforeTruncate(rel string) func(ok bool)
 	BeforeUnlink(rel string) func(ok bool)
 	BeforeRename(oldRel, newRel string) func(ok bool)
@@ -301,16 +305,18 @@ func (m *Mount) fileHandle(n *node, rel string, fh gofs.FileHandle, flags uint32
 	if !ok {
 		return fh, flags
 	}
+	f := &file{LoopbackFile: lf, rel: rel, obs: m.obs}
 	if m.passthrough && sidecar(rel) {
 		n.passthroughSeen.Store(true)
-		return &file{LoopbackFile: lf, passthrough: true}, flags
+		f.passthrough = true
+		return f, flags
 	}
 	if !n.passthroughSeen.Load() {
 		// Nothing changes the backing file but this mount, so the page
 		// cache stays valid across opens.
 		flags |= fuse.FOPEN_KEEP_CACHE
 	}
-	return &file{LoopbackFile: lf}, flags
+	return f, flags
 }
 
 // sidecar reports whether a file is one of SQLite's WAL, shared-memory or

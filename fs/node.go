@@ -191,6 +191,8 @@ func (n *node) Link(ctx context.Context, target gofs.InodeEmbedder, name string,
 type file struct {
 	*gofs.LoopbackFile
 	passthrough bool
+	rel         string // as opened
+	obs         Observer
 }
 
 // PassthroughFd hands the backing file to the kernel, or declines to.
@@ -207,6 +209,11 @@ func (f *file) Fsync(ctx context.Context, flags uint32) syscall.Errno {
 	fd, ok := f.LoopbackFile.PassthroughFd()
 	if !ok {
 		return syscall.EBADF
+	}
+	if f.obs != nil {
+		if done := f.obs.Syncing(f.rel); done != nil {
+			defer done()
+		}
 	}
 	var err error
 	if flags&fsyncDataOnly != 0 {

@@ -58,6 +58,15 @@ type DB struct {
 	unverifiedSince time.Time
 	recheckWait     time.Duration
 	rechecking      bool
+	// A large backlog waits for the application to go quiet (aside.go):
+	// when it last wrote (unix ns), since when a pass waits, whether a
+	// pass is armed, and the copy of frames a checkpoint let go ahead of
+	// capture.
+	active     atomic.Int64
+	syncing    atomic.Int32 // fsyncs of its files in progress
+	deferredAt time.Time
+	passArmed  bool
+	aside      *walAside
 
 	kickMu  sync.Mutex
 	running bool
@@ -131,7 +140,11 @@ func (d *DB) loop() {
 	defer d.wg.Done()
 	for {
 		d.mu.Lock()
-		d.syncLocked(false)
+		if wait := d.passDelay(); wait > 0 {
+			d.armPass(wait)
+		} else {
+			d.syncLocked(false)
+		}
 		d.mu.Unlock()
 
 		d.kickMu.Lock()
@@ -161,9 +174,19 @@ func (d *DB) Sync() {
 // release is called: the caller runs an operation that could destroy WAL
 // frames in between. A capture that fails does not block the operation: the
 // database is marked as needing a snapshot instead.
-func (d *DB) Hold() (release func()) {
+func (d *DB) Hold() (release func()) { return d.hold(false) }
+
+// HoldCheckpoint is Hold for the truncation of the database file that ends
+// a checkpoint: a large backlog is copied aside rather than captured, and
+// captured once the application is quiet.
+func (d *DB) HoldCheckpoint() (release func()) { return d.hold(true) }
+
+func (d *DB) hold(checkpoint bool) (release func()) {
 	start := time.Now()
 	d.mu.Lock()
+	if checkpoint && d.takeAside() {
+		return d.mu.Unlock
+	}
 	if d.status == statusTracking && d.log != nil {
 		if err := d.captureLocked(); err != nil {
 			d.needSnapshot(fmt.Sprintf("capture failed before frames could be overwritten: %v", err))
@@ -236,13 +259,22 @@ func (d *DB) captureLocked() error { return d.capturePass(true) }
 // commit for an application doing tens of thousands of them a second. At
 // ordinary rates a pass finds one commit, so a record is one commit.
 func (d *DB) capturePass(strict bool) error {
-	wal, err := os.Open(d.path + "-wal")
+	var wal io.ReaderAt = emptyReader{}
+	f, err := os.Open(d.path + "-wal")
 	if errors.Is(err, os.ErrNotExist) {
-		return nil
+		if d.aside == nil {
+			return nil
+		}
 	} else if err != nil {
 		return err
+	} else {
+		defer f.Close()
+		wal = f
 	}
-	defer wal.Close()
+	viaAside := d.aside != nil
+	if viaAside {
+		wal = overlay{a: d.aside, live: wal}
+	}
 	// SQLite's own count of committed frames, read before the scan: every
 	// frame it counts was in the log before it was counted.
 	idx, idxOK := readIndexHeader(d.path + "-shm")
@@ -260,6 +292,9 @@ func (d *DB) capturePass(strict bool) error {
 	}
 	scan := func() (walcapture.ScanResult, error) {
 		res, err := d.cap.Scan(wal, func(t walcapture.Txn) error {
+			if !strict && t.Size >= asideMin && d.mayDefer() {
+				return errDeferred
+			}
 			if len(group) > 0 && (t.Header != group[0].Header || groupBytes >= maxGroupBytes) {
 				if err := flush(); err != nil {
 					return err
@@ -286,16 +321,33 @@ func (d *DB) capturePass(strict bool) error {
 	}
 	if err == nil {
 		d.noteUnverified(res.Unverified)
+		d.deferredAt = time.Time{}
 	}
 	if errors.Is(err, errStored) {
 		d.needSnapshot(err.Error())
 		return nil
+	} else if errors.Is(err, errDeferred) {
+		// Found, validated and put back: captured once the application
+		// is quiet, or copied aside at the end of its checkpoint.
+		d.cap.Rewind(mark)
+		d.armPass(quietFor)
+		return nil
 	} else if err != nil && !errors.Is(err, walcapture.ErrDiverged) {
-		// What was scanned but not stored is still in the WAL.
+		// What was scanned but not stored is still in the WAL (or the
+		// copy aside).
 		d.cap.Rewind(mark)
 	}
 	if res.NewGeneration {
 		d.logger.Debug("WAL restarted with new salts")
+	}
+	if viaAside {
+		if err != nil {
+			return err
+		}
+		// Every commit the copy held is captured. What follows it is in
+		// the live WAL, or was never committed if SQLite restarted it.
+		d.dropAside()
+		return d.capturePass(strict)
 	}
 	if committed, captured, ahead := d.indexAhead(idx, idxOK); err == nil && res.Unverified == 0 && ahead {
 		// A safety net: if SQLite counts commits in this generation that
@@ -388,6 +440,10 @@ func readIndexHeader(path string) (walcapture.IndexHeader, bool) {
 // maxGroupBytes bounds the WAL bytes merged into one record.
 const maxGroupBytes = 16 << 20
 
+// errDeferred stops a pass at a large transaction whose capture waits for
+// the application to go quiet (aside.go).
+var errDeferred = errors.New("capture deferred")
+
 // errStored marks a failure after a record reached the log, which capture
 // cannot simply retry.
 var errStored = errors.New("local state inconsistent after storing a record")
@@ -475,6 +531,8 @@ func (d *DB) recovered() {
 // snapshotLocked writes the whole database to the log as a new snapshot.
 func (d *DB) snapshotLocked() error {
 	start := time.Now()
+	// The snapshot holds what the copy's commits changed.
+	d.dropAside()
 	db, err := os.Open(d.path)
 	if errors.Is(err, os.ErrNotExist) {
 		d.gone("database file no longer exists")
@@ -572,6 +630,7 @@ func (d *DB) gone(why string) {
 		d.logger.Info("stopped capturing database", "reason", why)
 	}
 	d.status, d.reason = statusGone, why
+	d.dropAside()
 }
 
 type emptyReader struct{}

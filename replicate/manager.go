@@ -380,11 +380,28 @@ func (m *Manager) Modified(rel string) {
 		}
 		return
 	}
-	if !strings.HasSuffix(rel, "-wal") {
+	d, isWAL := m.dbFor(rel)
+	if d == nil {
 		return
 	}
-	if d := m.DB(strings.TrimSuffix(rel, "-wal")); d != nil {
+	d.touch()
+	if isWAL {
 		d.kick()
+	}
+}
+
+// Syncing is called when an fsync of a file under the mount starts, and
+// what it returns when it ends: for a database or its WAL, the application
+// is busy with it meanwhile.
+func (m *Manager) Syncing(rel string) func() {
+	d, _ := m.dbFor(rel)
+	if d == nil {
+		return nil
+	}
+	d.syncing.Add(1)
+	return func() {
+		d.touch()
+		d.syncing.Add(-1)
 	}
 }
 
@@ -400,15 +417,20 @@ func (m *Manager) dbFor(rel string) (*DB, bool) {
 // BeforeTruncate is called before a file is truncated (or opened with
 // O_TRUNC). For a database it captures first: SQLite truncates the database
 // file at the end of every checkpoint that copied the whole WAL, which is
-// the step that lets the next writer restart the WAL over frames.
+// the step that lets the next writer restart the WAL over frames. There a
+// large backlog is copied aside instead (DB.HoldCheckpoint).
 func (m *Manager) BeforeTruncate(rel string) func(ok bool) {
-	d, _ := m.dbFor(rel)
+	d, isWAL := m.dbFor(rel)
 	if d == nil {
 		m.journalEnded(rel)
 		return nil
 	}
-	release := d.Hold()
-	return func(bool) { release() }
+	release := d.Hold
+	if !isWAL {
+		release = d.HoldCheckpoint
+	}
+	done := release()
+	return func(bool) { done() }
 }
 
 // BeforeUnlink is called before a file is removed.

@@ -92,6 +92,10 @@ func (d *DB) recoverLocked() error {
 	} else if !errors.Is(err, os.ErrNotExist) {
 		return err
 	}
+	if d.checkLostAside(walR) {
+		d.needSnapshot("WAL frames copied aside before a checkpoint were not captured before the last stop")
+		return nil
+	}
 	if err := d.cap.Resume(walR, pos); err != nil {
 		d.needSnapshot(fmt.Sprintf("WAL does not continue the local log at TXID %s: %v", last.TXID(), err))
 		return nil

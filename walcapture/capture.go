@@ -126,6 +126,33 @@ func (c *Capturer) Pos() Pos {
 	return Pos{Salt1: c.hdr.Salt1, Salt2: c.hdr.Salt2, Offset: off}
 }
 
+// ReadFrom returns the lowest offset a later Scan of the generation being
+// followed reads (the first frame of the last emitted transaction, which
+// Scan checks is still there), and false before a generation was read.
+// Together with the header, the bytes from there on are all a Scan of this
+// generation needs.
+func (c *Capturer) ReadFrom() (int64, bool) {
+	if !c.hasHdr {
+		return 0, false
+	}
+	if c.lastFirst != nil && c.lastOff < c.next {
+		return c.lastOff, true
+	}
+	return c.next, true
+}
+
+// Unfinished returns the bytes of the unfinished transaction the last Scan
+// stopped in, if it was long enough to be remembered (0 otherwise).
+func (c *Capturer) Unfinished() int64 {
+	if c.partial == nil {
+		return 0
+	}
+	return c.partial.off - c.partial.start
+}
+
+// Follows reports whether h is the header of the generation being followed.
+func (c *Capturer) Follows(h Header) bool { return c.hasHdr && c.hdr.SameGeneration(h) }
+
 // FrameSize is the size of a frame of the log being followed (0 before
 // its header was read).
 func (c *Capturer) FrameSize() int64 {
