@@ -153,6 +153,7 @@ func (d *DB) takeAside() bool {
 		return false
 	}
 	d.aside = &walAside{f: f, lo: lo, hi: hi}
+	d.logger.Debug("copied uncaptured WAL frames aside for the checkpoint", "bytes", hi-lo)
 	d.armPass(quietFor)
 	return true
 }
