@@ -1,8 +1,8 @@
 // Package fs is lfuse's FUSE filesystem: a passthrough over a backing
 // directory that behaves like that directory (same bytes, same errno) and
 // reports to an Observer the events that matter for capturing SQLite
-// databases: files opened, files written, and — before they happen — the
-// truncations, unlinks and renames that could destroy WAL frames.
+// databases: files opened, written and fsynced, and — before they happen —
+// the truncations, unlinks and renames that could destroy WAL frames.
 //
 // Where the kernel supports it (Linux 6.9+, CAP_SYS_ADMIN), SQLite's WAL and
 // shared-memory files are opened in kernel passthrough mode: reads, writes
