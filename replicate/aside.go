@@ -68,20 +68,21 @@ func (d *DB) mayDefer() bool {
 // the application is busy and a copy aside, or a large transaction SQLite's
 // WAL index counts as committed, is waiting.
 func (d *DB) passDelay() time.Duration {
-	if d.status != statusTracking || d.log == nil || d.failing || !d.busy() || !d.deferredAt.IsZero() && time.Since(d.deferredAt) >= deferMax {
+	if d.status != statusTracking || d.log == nil || d.failing || !d.busy() {
 		return 0
 	}
-	if d.aside == nil {
-		idx, ok := readIndexHeader(d.path + "-shm")
-		committed, captured, ahead := d.indexAhead(idx, ok)
-		if !ahead || committed-captured < asideMin {
-			return 0
-		}
-	}
-	if d.deferredAt.IsZero() {
-		d.deferredAt = time.Now()
+	if d.aside == nil && !d.largeBacklog() || !d.mayDefer() {
+		return 0
 	}
 	return quietFor
+}
+
+// largeBacklog reports whether SQLite's WAL index counts at least asideMin
+// committed bytes that capture has not taken yet.
+func (d *DB) largeBacklog() bool {
+	idx, ok := readIndexHeader(d.path + "-shm")
+	committed, captured, ahead := d.indexAhead(idx, ok)
+	return ahead && committed-captured >= asideMin
 }
 
 // armPass kicks a capture pass after wait, unless one is already due.
@@ -107,9 +108,7 @@ func (d *DB) takeAside() bool {
 	if d.aside != nil || d.status != statusTracking || d.log == nil || d.failing {
 		return false
 	}
-	idx, ok := readIndexHeader(d.path + "-shm")
-	committed, captured, ahead := d.indexAhead(idx, ok)
-	if !ahead || committed-captured < asideMin {
+	if !d.largeBacklog() {
 		return false
 	}
 	lo, ok := d.cap.ReadFrom()

@@ -141,15 +141,6 @@ func (c *Capturer) ReadFrom() (int64, bool) {
 	return c.next, true
 }
 
-// Unfinished returns the bytes of the unfinished transaction the last Scan
-// stopped in, if it was long enough to be remembered (0 otherwise).
-func (c *Capturer) Unfinished() int64 {
-	if c.partial == nil {
-		return 0
-	}
-	return c.partial.off - c.partial.start
-}
-
 // Follows reports whether h is the header of the generation being followed.
 func (c *Capturer) Follows(h Header) bool { return c.hasHdr && c.hdr.SameGeneration(h) }
 
