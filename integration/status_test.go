@@ -18,12 +18,17 @@ func TestStatus(t *testing.T) {
 	dbPath := e.path("app.db")
 	createSeq(t, dbPath)
 	seqWrite(t, dbPath, 1, 20)
+	// A checkpoint truncates the database file and the WAL: lfuse holds
+	// both until capture is done, and counts the holds.
+	checkpointTruncate(t, dbPath)
 
 	// The replica catches up within a few sync intervals of 100 ms.
 	var rep struct {
 		Databases []struct {
 			Path, Status, TXID string
-			Size               int64 `json:"size_bytes"`
+			Size               int64   `json:"size_bytes"`
+			Holds              int64   `json:"holds"`
+			Held               float64 `json:"held_seconds"`
 			Replicas           []struct {
 				Replica, Type, TXID string
 				LagTXIDs            uint64 `json:"lag_txids"`
@@ -49,8 +54,12 @@ func TestStatus(t *testing.T) {
 		time.Sleep(100 * time.Millisecond) // polling lfuse's state: no event to wait for
 	}
 	d := rep.Databases[0]
-	if d.Path != "app.db" || d.Status == "" || d.TXID < "0000000000000015" || d.Size < 4096 || d.Replicas[0].Type != "file" {
+	if d.Path != "app.db" || d.Status == "" || d.TXID < "0000000000000015" || d.Size < 4096 || d.Replicas[0].Type != "file" ||
+		d.Holds < 2 || d.Held <= 0 {
 		t.Fatalf("status: %+v", d)
+	}
+	if v := scrape(t, addr, `lfuse_db_holds_total{db="app.db"}`); v != float64(d.Holds) {
+		t.Fatalf("lfuse_db_holds_total %v, status said %d", v, d.Holds)
 	}
 	// The table, over the metrics address.
 	code, out := runLfuse(t, "status", "-addr", addr)

@@ -73,6 +73,9 @@ func TestCheckpointCopiesFramesAside(t *testing.T) {
 	if n := d.captured.Load(); n != 2 {
 		t.Fatalf("captured %d transactions, want the copied one and the one after the restart", n)
 	}
+	if st := d.Stats(); st.Holds < 1 || st.Copies != 1 || st.Held <= 0 {
+		t.Fatalf("stats after one checkpoint that copied aside: %d holds, %d copies, %v held", st.Holds, st.Copies, st.Held)
+	}
 	db.Close()
 	closeAndReplay(t, m, logs, state, path)
 }

@@ -85,6 +85,12 @@ type DB struct {
 	capturedBytes atomic.Int64
 	snapshots     atomic.Int64
 	captureErrs   atomic.Int64
+	// What the application waited for: operations held back until capture
+	// was done, how long they waited in all, and how many of the
+	// checkpoints among them copied the backlog aside instead.
+	holds     atomic.Int64
+	heldNanos atomic.Int64
+	copies    atomic.Int64
 }
 
 // Stats is a point-in-time view of a DB for logs and metrics.
@@ -96,16 +102,20 @@ type Stats struct {
 	Captured  int64
 	Bytes     int64
 	Snapshots int64
-	Errors    int64 // failed capture attempts
-	Size      int64 // bytes of the database file
-	WALSize   int64 // bytes of its -wal file
+	Errors    int64         // failed capture attempts
+	Size      int64         // bytes of the database file
+	WALSize   int64         // bytes of its -wal file
+	Holds     int64         // operations held back until capture was done
+	Held      time.Duration // how long they waited in all
+	Copies    int64         // checkpoints that copied the backlog aside
 }
 
 func (d *DB) Stats() Stats {
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	st := Stats{Path: d.rel, Status: d.status.String(), Reason: d.reason,
-		Captured: d.captured.Load(), Bytes: d.capturedBytes.Load(), Snapshots: d.snapshots.Load(), Errors: d.captureErrs.Load()}
+		Captured: d.captured.Load(), Bytes: d.capturedBytes.Load(), Snapshots: d.snapshots.Load(), Errors: d.captureErrs.Load(),
+		Holds: d.holds.Load(), Held: time.Duration(d.heldNanos.Load()), Copies: d.copies.Load()}
 	if d.log != nil {
 		if last, ok := d.log.Last(); ok {
 			st.TXID = last.TXID()
@@ -184,7 +194,10 @@ func (d *DB) HoldCheckpoint() (release func()) { return d.hold(true) }
 func (d *DB) hold(checkpoint bool) (release func()) {
 	start := time.Now()
 	d.mu.Lock()
+	d.holds.Add(1)
 	if checkpoint && d.takeAside() {
+		d.copies.Add(1)
+		d.heldNanos.Add(int64(time.Since(start)))
 		return d.mu.Unlock
 	}
 	if d.status == statusTracking && d.log != nil {
@@ -192,7 +205,9 @@ func (d *DB) hold(checkpoint bool) (release func()) {
 			d.needSnapshot(fmt.Sprintf("capture failed before frames could be overwritten: %v", err))
 		}
 	}
-	if waited := time.Since(start); waited > 100*time.Millisecond {
+	waited := time.Since(start)
+	d.heldNanos.Add(int64(waited))
+	if waited > 100*time.Millisecond {
 		d.logger.Warn("held an operation on the database while capturing", "seconds", waited.Seconds())
 	}
 	return d.mu.Unlock

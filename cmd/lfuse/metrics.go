@@ -16,7 +16,7 @@ type collector struct {
 	m   *fs.Mount
 	mgr *replicate.Manager
 
-	requests, txid, captured, capturedBytes, snapshots, needSnapshot, size, walSize, captureErrs *prometheus.Desc
+	requests, txid, captured, capturedBytes, snapshots, needSnapshot, size, walSize, captureErrs, holds, held, copies *prometheus.Desc
 
 	replicaTXID, replicaBehind, replicaLag, replicaSyncs, replicaErrs, replicaFailing, ops, opBytes *prometheus.Desc
 }
@@ -35,6 +35,9 @@ func newCollector(m *fs.Mount, mgr *replicate.Manager) *collector {
 		size:          prometheus.NewDesc("lfuse_db_size_bytes", "Size of the database file.", []string{"db"}, nil),
 		walSize:       prometheus.NewDesc("lfuse_db_wal_size_bytes", "Size of the database's -wal file.", []string{"db"}, nil),
 		captureErrs:   prometheus.NewDesc("lfuse_db_capture_errors_total", "Failed capture attempts (state directory full, ...).", []string{"db"}, nil),
+		holds:         prometheus.NewDesc("lfuse_db_holds_total", "Operations of the application (checkpoint truncations, WAL restarts, unlinks) held back until capture was done.", []string{"db"}, nil),
+		held:          prometheus.NewDesc("lfuse_db_held_seconds_total", "Seconds the application's held operations waited for lfuse, in all.", []string{"db"}, nil),
+		copies:        prometheus.NewDesc("lfuse_db_wal_copies_total", "Checkpoints that copied uncaptured WAL frames aside instead of waiting for their capture.", []string{"db"}, nil),
 
 		replicaTXID:    prometheus.NewDesc("lfuse_replica_txid", "Newest TXID the replica holds.", replicaLabels, nil),
 		replicaBehind:  prometheus.NewDesc("lfuse_replica_lag_txids", "Captured transactions the replica does not hold yet.", replicaLabels, nil),
@@ -68,6 +71,9 @@ func (c *collector) Collect(ch chan<- prometheus.Metric) {
 		ch <- prometheus.MustNewConstMetric(c.size, prometheus.GaugeValue, float64(st.Size), st.Path)
 		ch <- prometheus.MustNewConstMetric(c.walSize, prometheus.GaugeValue, float64(st.WALSize), st.Path)
 		ch <- prometheus.MustNewConstMetric(c.captureErrs, prometheus.CounterValue, float64(st.Errors), st.Path)
+		ch <- prometheus.MustNewConstMetric(c.holds, prometheus.CounterValue, float64(st.Holds), st.Path)
+		ch <- prometheus.MustNewConstMetric(c.held, prometheus.CounterValue, st.Held.Seconds(), st.Path)
+		ch <- prometheus.MustNewConstMetric(c.copies, prometheus.CounterValue, float64(st.Copies), st.Path)
 		for _, r := range d.Replicas() {
 			rs := r.Stats()
 			l := []string{st.Path, rs.Name, rs.Type}

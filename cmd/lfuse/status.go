@@ -31,6 +31,9 @@ type statusDB struct {
 	Size     int64           `json:"size_bytes"`
 	WALSize  int64           `json:"wal_size_bytes"`
 	Captured int64           `json:"captured_transactions"`
+	Holds    int64           `json:"holds"`
+	Held     float64         `json:"held_seconds"`
+	Copies   int64           `json:"wal_copies"`
 	Replicas []statusReplica `json:"replicas"`
 }
 
@@ -50,7 +53,7 @@ func statusOf(mgr *replicate.Manager) statusReport {
 	for _, d := range mgr.DBs() {
 		st := d.Stats()
 		sd := statusDB{Path: st.Path, Status: st.Status, TXID: st.TXID.String(), Size: st.Size, WALSize: st.WALSize,
-			Captured: st.Captured, Replicas: []statusReplica{}}
+			Captured: st.Captured, Holds: st.Holds, Held: st.Held.Seconds(), Copies: st.Copies, Replicas: []statusReplica{}}
 		for _, r := range d.Replicas() {
 			rs := r.Stats()
 			sr := statusReplica{Replica: rs.Name, Type: rs.Type, TXID: rs.TXID.String(), Failing: rs.Failing, Syncs: rs.Syncs, Errors: rs.Errs}
