@@ -105,6 +105,9 @@ type trialResult struct {
 	faults []string
 	dur    time.Duration
 	failed bool
+	holds  int64   // checkpoints, WAL restarts and unlinks lfuse held back
+	held   float64 // seconds they waited in all
+	copies int64   // checkpoints that copied uncaptured frames aside
 }
 
 // freeze is a moment when every application process was stopped: the
@@ -146,6 +149,15 @@ type trial struct {
 	// tolerant is set while a fault lets the application see errors.
 	tolerant bool
 	kills    int
+	// counted is what each lfuse run last reported of its holds: lfuse
+	// counts from zero at each start.
+	counted map[*lfuse]tortureCounts
+}
+
+type tortureCounts struct {
+	holds  int64
+	held   float64
+	copies int64
 }
 
 type tortureProc struct {
@@ -268,7 +280,13 @@ func (tr *trial) fatalf(format string, args ...any) {
 }
 
 func (tr *trial) result() trialResult {
-	return trialResult{seed: tr.seed, faults: tr.faults, dur: time.Since(tr.start), failed: tr.t.Failed()}
+	r := trialResult{seed: tr.seed, faults: tr.faults, dur: time.Since(tr.start), failed: tr.t.Failed()}
+	for _, c := range tr.counted {
+		r.holds += c.holds
+		r.held += c.held
+		r.copies += c.copies
+	}
+	return r
 }
 
 // run is one trial: workload, faults at random moments, then the checks.
@@ -592,8 +610,11 @@ func copyIfExists(t testing.TB, from, to string) {
 // tortureStatus is lfuse status -json.
 type tortureStatus struct {
 	Databases []struct {
-		Path     string `json:"path"`
-		TXID     string `json:"txid"`
+		Path     string  `json:"path"`
+		TXID     string  `json:"txid"`
+		Holds    int64   `json:"holds"`
+		Held     float64 `json:"held_seconds"`
+		Copies   int64   `json:"wal_copies"`
 		Replicas []struct {
 			Type string `json:"type"`
 			TXID string `json:"txid"`
@@ -644,6 +665,16 @@ func (tr *trial) status() tortureStatus {
 	if code != 0 || json.Unmarshal([]byte(out), &st) != nil {
 		tr.fatalf("lfuse status: exit %d: %s", code, out)
 	}
+	var c tortureCounts
+	for _, d := range st.Databases {
+		c.holds += d.Holds
+		c.held += d.Held
+		c.copies += d.Copies
+	}
+	if tr.counted == nil {
+		tr.counted = map[*lfuse]tortureCounts{}
+	}
+	tr.counted[tr.lf] = c
 	return st
 }
 
@@ -669,6 +700,7 @@ func (tr *trial) killLfuse() {
 // files; the replicas then hold exactly the local state.
 func (tr *trial) sigtermLfuse() {
 	tr.t.Helper()
+	tr.status() // its counters, before it stops
 	tr.lf.cmd.Process.Signal(syscall.SIGTERM)
 	if err := tr.lf.log.wait("stopping", time.Minute, tr.lf.done); err != nil {
 		tr.fatalf("lfuse did not start stopping: %v", err)
@@ -855,6 +887,7 @@ func (tr *trial) rollback() {
 		return
 	}
 	tr.stopWorkers(false)
+	tr.status()
 	tr.lf.stop()
 	tr.epoch++
 	for _, db := range tr.dbs {
@@ -1018,6 +1051,7 @@ func (tr *trial) finalChecks() {
 		final[db] = live
 	}
 	tr.final = final
+	tr.status()
 	tr.lf.stop()
 	for name, got := range tr.restoreAll("", "final") {
 		for _, db := range tr.dbs {
@@ -1239,6 +1273,8 @@ func (tr *trial) keepArtifacts() {
 func tortureReport(results []trialResult, dur time.Duration, seed int64, parallel int) string {
 	byFault := map[string][2]int{}
 	failed := 0
+	var counts tortureCounts
+	withCopies := 0
 	var failedSeeds []string
 	var total time.Duration
 	for _, r := range results {
@@ -1246,6 +1282,12 @@ func tortureReport(results []trialResult, dur time.Duration, seed int64, paralle
 			continue
 		}
 		total += r.dur
+		counts.holds += r.holds
+		counts.held += r.held
+		counts.copies += r.copies
+		if r.copies > 0 {
+			withCopies++
+		}
 		if r.failed {
 			failed++
 			failedSeeds = append(failedSeeds, strconv.FormatInt(r.seed, 10))
@@ -1267,6 +1309,9 @@ func tortureReport(results []trialResult, dur time.Duration, seed int64, paralle
 	for _, f := range tortureFaults {
 		fmt.Fprintf(&b, "| %s | %d | %d |\n", f, byFault[f][0], byFault[f][1])
 	}
+	fmt.Fprintf(&b, "\nlfuse held back %d operations of the application until capture was done (%.2f s in all); "+
+		"%d checkpoints, in %d trials, copied uncaptured frames aside instead. These count what each lfuse reported last, "+
+		"so what a killed lfuse did after that is missing.\n", counts.holds, counts.held, counts.copies, withCopies)
 	if len(failedSeeds) > 0 {
 		fmt.Fprintf(&b, "\nfailed seeds: %s\n", strings.Join(failedSeeds, " "))
 	}
