@@ -4,7 +4,7 @@
 # around it is kept.
 set -euo pipefail
 out=$1 doc=$2
-metric() { grep -E "^$1(-[0-9]+)?\s" "$out" | tr '\t' '\n' | grep " $2\$" | awk '{print $1}' | head -1; }
+metric() { grep -E "^$1(-[0-9]+)?\s" "$out" | tr '\t' '\n' | grep " $2\$" | awk '{print $1+0}' | head -1; }
 {
 	echo "Generated $(date -u +%Y-%m-%d) at $(git rev-parse --short HEAD 2>/dev/null || echo '?')."
 	echo
