@@ -6,6 +6,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 )
@@ -104,6 +105,23 @@ func TestRestoreRefusals(t *testing.T) {
 	noOutput()
 	os.Remove(l0)
 	os.Rename(l0+".aside", l0)
+
+	// An output on a full filesystem: the restore says so at once, not
+	// after reading the whole replica, and leaves nothing behind.
+	full := filepath.Join(e.root, "full")
+	os.Mkdir(full, 0o755)
+	if err := syscall.Mount("tmpfs", full, "tmpfs", 0, "size=64k"); err != nil {
+		t.Fatal(err)
+	}
+	defer syscall.Unmount(full, syscall.MNT_DETACH)
+	os.WriteFile(filepath.Join(full, "filler"), make([]byte, 64<<10), 0o644) // fills it, fully or up to ENOSPC
+	fail("no room for the", "-o", filepath.Join(full, "out.db"), url)
+	if m, _ := filepath.Glob(filepath.Join(full, "*.db")); len(m) > 0 {
+		t.Fatalf("a restore to a full filesystem wrote %v", m)
+	}
+	if m, _ := filepath.Glob(filepath.Join(full, ".lfuse-restore-*")); len(m) > 0 {
+		t.Fatalf("a restore to a full filesystem left %v", m)
+	}
 
 	code, log := runLfuse(t, "restore", "-o", out, "-data", e.data, url)
 	if code != 2 {

@@ -6,6 +6,8 @@ import (
 	"io"
 	"os"
 
+	"golang.org/x/sys/unix"
+
 	"github.com/lfuse/lfuse/walcapture"
 	"github.com/superfly/ltx"
 )
@@ -30,6 +32,9 @@ type assembler struct {
 	written  []uint64 // bit per page: holds its final content
 	sum      ltx.Checksum
 	started  bool
+	// The snapshot's pages below this offset are already on their way to
+	// the disk (see writeBack).
+	flushed int64
 }
 
 func (a *assembler) isWritten(pgno uint32) bool {
@@ -59,8 +64,8 @@ func (a *assembler) apply(r io.Reader, snapshot bool) error {
 			a.lock = ltx.LockPgno(hdr.PageSize)
 			a.commit, a.limit = hdr.Commit, hdr.Commit
 			a.written = make([]uint64, (int(hdr.Commit)+63)/64)
-			if err := a.out.Truncate(int64(hdr.Commit) * int64(hdr.PageSize)); err != nil {
-				return err
+			if err := a.preallocate(int64(hdr.Commit) * int64(hdr.PageSize)); err != nil {
+				return outputError{err}
 			}
 		} else if int(hdr.PageSize) != a.pageSize {
 			return fmt.Errorf("page size %d, the newer files' %d", hdr.PageSize, a.pageSize)
@@ -90,7 +95,10 @@ func (a *assembler) apply(r io.Reader, snapshot bool) error {
 				j++
 			}
 			if _, err := a.out.WriteAt(data[i*pageSize:j*pageSize], int64(pgnos[i]-1)*int64(pageSize)); err != nil {
-				return err
+				return outputError{err}
+			}
+			if snapshot {
+				a.writeBack(int64(pgnos[j-1]) * int64(pageSize))
 			}
 			i = j
 		}
@@ -103,6 +111,49 @@ func (a *assembler) apply(r io.Reader, snapshot bool) error {
 		return fmt.Errorf("snapshot ends at page %d of %d", prev, hdr.Commit)
 	}
 	return nil
+}
+
+// outputError is a failure to write the restored database, as opposed to a
+// replica file that does not decode or fit: the restore reports it as such.
+type outputError struct{ err error }
+
+func (e outputError) Error() string { return e.err.Error() }
+func (e outputError) Unwrap() error { return e.err }
+
+// preallocate gives the output its final size. Allocating the blocks now,
+// rather than leaving a sparse file for the write-back to allocate, is what
+// made the write-back below pay (docs/BENCHMARKS.md). Unwritten blocks read
+// as zeros, as holes do. Where the filesystem cannot preallocate, the file
+// is left sparse; where it has no room, the restore stops here instead of
+// after the whole apply.
+func (a *assembler) preallocate(size int64) error {
+	err := unix.Fallocate(int(a.out.Fd()), 0, 0, size)
+	switch {
+	case err == nil:
+		return nil
+	case errors.Is(err, unix.ENOSPC):
+		return fmt.Errorf("no room for the %d bytes of the restored database (free some space or restore elsewhere): %w", size, err)
+	default:
+		return a.out.Truncate(size)
+	}
+}
+
+// writeBackEvery is how much of the snapshot is written before the kernel is
+// asked to start writing it to the disk (4 MB did better than 16 MB).
+const writeBackEvery = 4 << 20
+
+// writeBack starts writing the output up to end, which the snapshot has
+// just reached, to the disk. Otherwise the whole database is written by the
+// final fsync, after the apply, while the CPUs wait; this way the disk
+// writes while the decoder works and the fsync finds little left to do.
+// Below the snapshot's position every page is final: newer files were
+// applied first. Errors are left to that fsync, which reports them.
+func (a *assembler) writeBack(end int64) {
+	if end-a.flushed < writeBackEvery {
+		return
+	}
+	_ = unix.SyncFileRange(int(a.out.Fd()), a.flushed, end-a.flushed, unix.SYNC_FILE_RANGE_WRITE)
+	a.flushed = end
 }
 
 // finish accounts for the pages no file gave, which read as zeros, and

@@ -392,6 +392,9 @@ func Restore(ctx context.Context, client ReplicaClient, plan Plan, output string
 		if err == nil && f.Size > 0 && cr.n != f.Size {
 			err = fmt.Errorf("read %d bytes, the listing said %d", cr.n, f.Size)
 		}
+		if oe := (outputError{}); errors.As(err, &oe) {
+			return st, fmt.Errorf("write the restored database beside %s: %w", output, oe.err)
+		}
 		if err != nil {
 			return st, fmt.Errorf("%s: %s is corrupt or does not fit: %w", client, fileName(f), err)
 		}
