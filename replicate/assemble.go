@@ -35,6 +35,7 @@ type assembler struct {
 	// The snapshot's pages below this offset are already on their way to
 	// the disk (see writeBack).
 	flushed int64
+	bufs    *decodeBuffers // reused by every file of the restore
 }
 
 func (a *assembler) isWritten(pgno uint32) bool {
@@ -104,7 +105,10 @@ func (a *assembler) apply(r io.Reader, snapshot bool) error {
 		}
 		return nil
 	}
-	if err := decodeLTX(r, start, keep, emit); err != nil {
+	if a.bufs == nil {
+		a.bufs = newDecodeBuffers()
+	}
+	if err := decodeLTX(r, a.bufs, start, keep, emit); err != nil {
 		return err
 	}
 	if snapshot && prev != hdr.Commit && !(prev == a.lock-1 && hdr.Commit == a.lock) {
