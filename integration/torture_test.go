@@ -105,9 +105,7 @@ type trialResult struct {
 	faults []string
 	dur    time.Duration
 	failed bool
-	holds  int64   // checkpoints, WAL restarts and unlinks lfuse held back
-	held   float64 // seconds they waited in all
-	copies int64   // checkpoints that copied uncaptured frames aside
+	counts tortureCounts // summed over the trial's lfuse runs
 }
 
 // freeze is a moment when every application process was stopped: the
@@ -154,10 +152,19 @@ type trial struct {
 	counted map[*lfuse]tortureCounts
 }
 
+// tortureCounts is what lfuse status reports of the operations lfuse held
+// back: checkpoints, WAL restarts and unlinks, the seconds they waited in
+// all, and the checkpoints that copied uncaptured frames aside.
 type tortureCounts struct {
 	holds  int64
 	held   float64
 	copies int64
+}
+
+func (c *tortureCounts) add(o tortureCounts) {
+	c.holds += o.holds
+	c.held += o.held
+	c.copies += o.copies
 }
 
 type tortureProc struct {
@@ -282,9 +289,7 @@ func (tr *trial) fatalf(format string, args ...any) {
 func (tr *trial) result() trialResult {
 	r := trialResult{seed: tr.seed, faults: tr.faults, dur: time.Since(tr.start), failed: tr.t.Failed()}
 	for _, c := range tr.counted {
-		r.holds += c.holds
-		r.held += c.held
-		r.copies += c.copies
+		r.counts.add(c)
 	}
 	return r
 }
@@ -667,9 +672,7 @@ func (tr *trial) status() tortureStatus {
 	}
 	var c tortureCounts
 	for _, d := range st.Databases {
-		c.holds += d.Holds
-		c.held += d.Held
-		c.copies += d.Copies
+		c.add(tortureCounts{d.Holds, d.Held, d.Copies})
 	}
 	if tr.counted == nil {
 		tr.counted = map[*lfuse]tortureCounts{}
@@ -1282,10 +1285,8 @@ func tortureReport(results []trialResult, dur time.Duration, seed int64, paralle
 			continue
 		}
 		total += r.dur
-		counts.holds += r.holds
-		counts.held += r.held
-		counts.copies += r.copies
-		if r.copies > 0 {
+		counts.add(r.counts)
+		if r.counts.copies > 0 {
 			withCopies++
 		}
 		if r.failed {

@@ -195,9 +195,9 @@ func (d *DB) hold(checkpoint bool) (release func()) {
 	start := time.Now()
 	d.mu.Lock()
 	d.holds.Add(1)
+	defer func() { d.heldNanos.Add(int64(time.Since(start))) }()
 	if checkpoint && d.takeAside() {
 		d.copies.Add(1)
-		d.heldNanos.Add(int64(time.Since(start)))
 		return d.mu.Unlock
 	}
 	if d.status == statusTracking && d.log != nil {
@@ -205,9 +205,7 @@ func (d *DB) hold(checkpoint bool) (release func()) {
 			d.needSnapshot(fmt.Sprintf("capture failed before frames could be overwritten: %v", err))
 		}
 	}
-	waited := time.Since(start)
-	d.heldNanos.Add(int64(waited))
-	if waited > 100*time.Millisecond {
+	if waited := time.Since(start); waited > 100*time.Millisecond {
 		d.logger.Warn("held an operation on the database while capturing", "seconds", waited.Seconds())
 	}
 	return d.mu.Unlock

@@ -425,12 +425,12 @@ func (m *Manager) BeforeTruncate(rel string) func(ok bool) {
 		m.journalEnded(rel)
 		return nil
 	}
-	release := d.Hold
+	hold := d.Hold
 	if !isWAL {
-		release = d.HoldCheckpoint
+		hold = d.HoldCheckpoint
 	}
-	done := release()
-	return func(bool) { done() }
+	release := hold()
+	return func(bool) { release() }
 }
 
 // BeforeUnlink is called before a file is removed.
