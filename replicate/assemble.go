@@ -1,6 +1,7 @@
 package replicate
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"io"
@@ -49,7 +50,7 @@ func (a *assembler) markWritten(pgno uint32) {
 // apply reads one LTX file and writes the pages of it that are still the
 // final content of the database, coalescing runs of adjacent pages into one
 // write. decodeLTX spreads the decoding and hashing over the cores.
-func (a *assembler) apply(r io.Reader, snapshot bool) error {
+func (a *assembler) apply(ctx context.Context, r io.Reader, snapshot bool) error {
 	var hdr ltx.Header
 	start := func(h ltx.Header) error {
 		hdr = h
@@ -108,7 +109,7 @@ func (a *assembler) apply(r io.Reader, snapshot bool) error {
 	if a.bufs == nil {
 		a.bufs = newDecodeBuffers()
 	}
-	if err := decodeLTX(r, a.bufs, start, keep, emit); err != nil {
+	if err := decodeLTX(ctx, r, a.bufs, start, keep, emit); err != nil {
 		return err
 	}
 	if snapshot && prev != hdr.Commit && !(prev == a.lock-1 && hdr.Commit == a.lock) {

@@ -2,6 +2,7 @@ package replicate
 
 import (
 	"bufio"
+	"bytes"
 	"context"
 	"encoding/binary"
 	"errors"
@@ -34,21 +35,28 @@ import (
 // not normalised); data is reused after emit returns. Memory is a few
 // megabytes of frames in flight, taken from bufs (nil: buffers for this
 // file alone). If decoding or emit fails, r is closed when it is an
-// io.Closer.
-func decodeLTX(r io.Reader, bufs *decodeBuffers, start func(ltx.Header) error, keep func(pgno uint32) (bool, error),
-	emit func(pgnos []uint32, data []byte, sum ltx.Checksum) error) error {
+// io.Closer. A *mappedLTX is read in place, without copying its blocks,
+// and released from memory behind the decoder.
+func decodeLTX(ctx context.Context, r io.Reader, bufs *decodeBuffers, start func(ltx.Header) error, keep func(pgno uint32) (bool, error),
+	emit func(pgnos []uint32, data []byte, sum ltx.Checksum) error) (err error) {
 	if bufs == nil {
 		bufs = newDecodeBuffers()
 	}
-	br := bufs.br
-	if br == nil {
-		br = bufio.NewReaderSize(r, 1<<20)
-		bufs.br = br
+	d := &ltxSplitter{keep: keep, bufs: bufs}
+	if m, ok := r.(*mappedLTX); ok {
+		d.m, d.mapped, d.br = m, m.data, bytes.NewReader(m.data)
 	} else {
-		br.Reset(r)
+		br := bufs.br
+		if br == nil {
+			br = bufio.NewReaderSize(r, 1<<20)
+			bufs.br = br
+		} else {
+			br.Reset(r)
+		}
+		defer br.Reset(nil) // runs last, once the splitter has stopped
+		d.br = br
 	}
-	defer br.Reset(nil) // runs last, once the splitter has stopped
-	d := &ltxSplitter{br: br, keep: keep, bufs: bufs}
+	defer onFault(d.m)(&err)
 	head := make([]byte, ltx.HeaderSize)
 	if _, err := io.ReadFull(d.br, head); err != nil {
 		return fmt.Errorf("read header: %w", err)
@@ -68,13 +76,14 @@ func decodeLTX(r io.Reader, bufs *decodeBuffers, start func(ltx.Header) error, k
 	d.maxBlock = lz4.CompressBlockBound(d.pageSize)
 	d.lock = ltx.LockPgno(d.hdr.PageSize)
 
-	ctx, cancel := context.WithCancel(context.Background())
+	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 	work := make(chan *frameBatch, 4)
 	ordered := make(chan *frameBatch, 6)
 	go func() {
 		defer close(work)
 		defer close(ordered)
+		defer onFault(d.m)(&d.err)
 		d.err = d.split(ctx, work, ordered)
 	}()
 	workers := runtime.GOMAXPROCS(0)
@@ -85,8 +94,11 @@ func decodeLTX(r io.Reader, bufs *decodeBuffers, start func(ltx.Header) error, k
 			scratch := make([]byte, d.pageSize)
 			pageShift := crc64iso.Shift(int64(d.pageSize))
 			for b := range work {
-				b.decompress(scratch, pageShift)
-				close(b.done)
+				func() {
+					defer close(b.done)
+					defer onFault(d.m)(&b.err)
+					b.decompress(scratch, pageShift)
+				}()
 			}
 		}()
 	}
@@ -102,7 +114,7 @@ func decodeLTX(r io.Reader, bufs *decodeBuffers, start func(ltx.Header) error, k
 	}()
 
 	var all ltx.Checksum
-	var err error
+	var released int // the mapped bytes before this are done with
 	for b := range ordered {
 		<-b.done
 		if err == nil {
@@ -112,6 +124,9 @@ func decodeLTX(r io.Reader, bufs *decodeBuffers, start func(ltx.Header) error, k
 			fileCRC = crc64iso.Combine(fileCRC, b.crc, crc64iso.Shift(int64(len(b.pgnos))*int64(frameHead+d.pageSize)))
 			all ^= b.all
 			err = emit(b.keptN, b.data, b.sum)
+		}
+		if d.m != nil && len(b.ends) > 0 {
+			released = d.m.release(released, b.ends[len(b.ends)-1])
 		}
 		if err != nil && ctx.Err() == nil {
 			cancel()
@@ -148,7 +163,14 @@ const frameHead = ltx.PageHeaderSize + 4
 // ltxSplitter cuts an LTX stream into batches of page frames and reads what
 // follows the pages.
 type ltxSplitter struct {
-	br         *bufio.Reader
+	br interface {
+		io.Reader
+		io.ByteReader
+	}
+	// The whole file, when it is mapped: br then reads it, and the batches
+	// point into it instead of holding copies of their blocks.
+	m          *mappedLTX
+	mapped     []byte
 	hdr        ltx.Header
 	pageSize   int
 	batchPages int
@@ -173,7 +195,8 @@ type ltxSplitter struct {
 
 func (d *ltxSplitter) batch() *frameBatch {
 	if b := d.bufs.get(); b != nil && b.pageSize == d.pageSize {
-		b.pgnos, b.heads, b.ends, b.blocks = b.pgnos[:0], b.heads[:0], b.ends[:0], b.blocks[:0]
+		b.pgnos, b.heads, b.starts, b.ends, b.blocks = b.pgnos[:0], b.heads[:0], b.starts[:0], b.ends[:0], b.blocks[:0]
+		b.src = nil
 		b.kept, b.keptN, b.data = b.kept[:0], b.keptN[:0], b.data[:0]
 		b.crc, b.sum, b.all, b.err = 0, 0, 0, nil
 		return b
@@ -196,6 +219,10 @@ func (d *ltxSplitter) split(ctx context.Context, work, ordered chan<- *frameBatc
 	b := d.batch()
 	send := func() bool {
 		b.done = make(chan struct{})
+		b.src = b.blocks
+		if d.mapped != nil {
+			b.src = d.mapped
+		}
 		select {
 		case work <- b:
 		case <-ctx.Done():
@@ -250,19 +277,32 @@ func (d *ltxSplitter) split(ctx context.Context, work, ordered chan<- *frameBatc
 			}
 			b = d.batch()
 		}
-		at := len(b.blocks)
-		if cap(b.blocks)-at < n {
-			// At once to what a full batch can need, not in append's
-			// steps of a quarter, each a new allocation: a batch then
-			// allocates once for the whole restore.
-			b.blocks = slices.Grow(b.blocks, d.batchPages*d.maxBlock-at)
-		}
-		b.blocks = b.blocks[:at+n]
-		if _, err := io.ReadFull(d.br, b.blocks[at:]); err != nil {
-			return fmt.Errorf("page %d: read block: %w", ph.Pgno, unexpected(err))
+		var at int
+		if d.mapped != nil {
+			// The block stays where it is, in the mapping.
+			at = int(offset) + frameHead
+			if at+n > len(d.mapped) {
+				return fmt.Errorf("page %d: read block: %w", ph.Pgno, io.ErrUnexpectedEOF)
+			}
+			if _, err := d.br.(*bytes.Reader).Seek(int64(n), io.SeekCurrent); err != nil {
+				return err
+			}
+		} else {
+			at = len(b.blocks)
+			if cap(b.blocks)-at < n {
+				// At once to what a full batch can need, not in append's
+				// steps of a quarter, each a new allocation: a batch then
+				// allocates once for the whole restore.
+				b.blocks = slices.Grow(b.blocks, d.batchPages*d.maxBlock-at)
+			}
+			b.blocks = b.blocks[:at+n]
+			if _, err := io.ReadFull(d.br, b.blocks[at:]); err != nil {
+				return fmt.Errorf("page %d: read block: %w", ph.Pgno, unexpected(err))
+			}
 		}
 		b.pgnos = append(b.pgnos, ph.Pgno)
 		b.heads = append(b.heads, fh)
+		b.starts = append(b.starts, at)
 		b.ends = append(b.ends, at+n)
 		b.kept = append(b.kept, want)
 		size := int64(frameHead + n)
@@ -337,7 +377,6 @@ func (d *ltxSplitter) readTail(end []byte) error {
 func (b *frameBatch) decompress(scratch []byte, pageShift uint64) {
 	var crc uint64
 	var pgnoBuf [4]byte
-	start := 0
 	b.data = slices.Grow(b.data, len(b.pgnos)*b.pageSize) // once, not page by page
 	for i, pgno := range b.pgnos {
 		page := scratch
@@ -347,14 +386,13 @@ func (b *frameBatch) decompress(scratch []byte, pageShift uint64) {
 			page = b.data[at:]
 			b.keptN = append(b.keptN, pgno)
 		}
-		if n, err := lz4.UncompressBlock(b.blocks[start:b.ends[i]], page); err != nil || n != b.pageSize {
+		if n, err := lz4.UncompressBlock(b.src[b.starts[i]:b.ends[i]], page); err != nil || n != b.pageSize {
 			if err == nil {
 				err = fmt.Errorf("%d bytes, expected %d", n, b.pageSize)
 			}
 			b.err = fmt.Errorf("page %d: decompress: %w", pgno, err)
 			return
 		}
-		start = b.ends[i]
 		crcPage := crc64iso.Update(0, page)
 		crc = crc64iso.Combine(crc64iso.Update(crc, b.heads[i][:]), crcPage, pageShift)
 		binary.BigEndian.PutUint32(pgnoBuf[:], pgno)
@@ -374,7 +412,9 @@ type frameBatch struct {
 	pageSize int
 	pgnos    []uint32          // every page in the run
 	heads    [][frameHead]byte // each frame's page header and size, hashed as stored
-	ends     []int             // end of each frame's block in blocks
+	starts   []int             // where each frame's block is in src
+	ends     []int
+	src      []byte // blocks, or the mapped file
 	blocks   []byte
 	kept     []bool
 	keptN    []uint32 // the wanted pages, for emit

@@ -2,6 +2,7 @@ package replicate
 
 import (
 	"bytes"
+	"context"
 	"encoding/binary"
 	"errors"
 	"fmt"
@@ -109,11 +110,35 @@ func decodeWithLibrary(b []byte) (decoded, error) {
 	return d, dec.Close()
 }
 
-// decodeOurs runs decodeLTX, wanting the pages keep says.
+// decodeOurs runs decodeLTX, wanting the pages keep says, both ways it
+// reads a file: through a reader, and in place from memory (as from a
+// mapped file). The two must agree on whether b is accepted and on what it
+// holds.
 func decodeOurs(b []byte, keep func(uint32) bool) (decoded, error) {
+	streamed, err := decodeFrom(bytes.NewReader(b), keep)
+	inPlace, err2 := decodeFrom(newMappedLTX(b), keep)
+	switch {
+	case (err == nil) != (err2 == nil):
+		return decoded{}, fmt.Errorf("read, the decoder says %v; in place, %v", err, err2)
+	case err != nil:
+		return streamed, err
+	}
+	if len(streamed.pages) != len(inPlace.pages) || streamed.sum != inPlace.sum {
+		return decoded{}, fmt.Errorf("read, %d pages with checksum %s; in place, %d with %s",
+			len(streamed.pages), streamed.sum, len(inPlace.pages), inPlace.sum)
+	}
+	for pgno, page := range streamed.pages {
+		if !bytes.Equal(page, inPlace.pages[pgno]) {
+			return decoded{}, fmt.Errorf("page %d differs between read and in place", pgno)
+		}
+	}
+	return streamed, nil
+}
+
+func decodeFrom(r io.Reader, keep func(uint32) bool) (decoded, error) {
 	d := decoded{pages: map[uint32][]byte{}}
 	var pageSize int
-	err := decodeLTX(bytes.NewReader(b), nil,
+	err := decodeLTX(context.Background(), r, nil,
 		func(h ltx.Header) error { pageSize = int(h.PageSize); return nil },
 		func(pgno uint32) (bool, error) { return keep(pgno), nil },
 		func(pgnos []uint32, data []byte, sum ltx.Checksum) error {
@@ -253,7 +278,7 @@ func TestDecodeLTXStopsOnEmitError(t *testing.T) {
 	before := runtime.NumGoroutine()
 	calls := 0
 	stop := errors.New("disk full")
-	err := decodeLTX(bytes.NewReader(b), nil, func(ltx.Header) error { return nil },
+	err := decodeLTX(context.Background(), bytes.NewReader(b), nil, func(ltx.Header) error { return nil },
 		func(uint32) (bool, error) { return true, nil },
 		func([]uint32, []byte, ltx.Checksum) error {
 			if calls++; calls == 3 {
@@ -285,7 +310,7 @@ func TestDecodeLTXClosesStalledSourceOnError(t *testing.T) {
 	stop := errors.New("disk full")
 	done := make(chan error, 1)
 	go func() {
-		done <- decodeLTX(src, nil, func(ltx.Header) error { return nil },
+		done <- decodeLTX(context.Background(), src, nil, func(ltx.Header) error { return nil },
 			func(uint32) (bool, error) { return true, nil },
 			func([]uint32, []byte, ltx.Checksum) error {
 				<-src.stalled
@@ -424,7 +449,7 @@ func TestDecodeReusesBuffersAcrossCollections(t *testing.T) {
 	file := randomLTX(t, rng, 4096, 2000, true, true) // 8 MB of pages: 8 batches
 	bufs := newDecodeBuffers()
 	decode := func() {
-		err := decodeLTX(bytes.NewReader(file), bufs, func(ltx.Header) error { return nil },
+		err := decodeLTX(context.Background(), bytes.NewReader(file), bufs, func(ltx.Header) error { return nil },
 			func(uint32) (bool, error) { return true, nil },
 			func([]uint32, []byte, ltx.Checksum) error { return nil })
 		if err != nil {

@@ -387,7 +387,17 @@ func Restore(ctx context.Context, client ReplicaClient, plan Plan, output string
 		}
 		applyStart := time.Now()
 		cr := &countingReader{r: d.rc}
-		err := asm.apply(cr, k == n-1)
+		var body io.Reader = cr
+		var m *mappedLTX
+		if wf := wholeFile(d.rc); wf != nil {
+			if m, err = mapLTX(wf); err == nil {
+				body, cr.n = m, int64(len(m.data)) // decodeLTX reads all of it or fails
+			}
+		}
+		err = asm.apply(ctx, body, k == n-1)
+		if m != nil {
+			m.unmap()
+		}
 		d.rc.Close()
 		if err == nil && f.Size > 0 && cr.n != f.Size {
 			err = fmt.Errorf("read %d bytes, the listing said %d", cr.n, f.Size)
@@ -464,6 +474,18 @@ func (c *countingReader) Close() error {
 // localBody is a body read from local storage (a file replica), which a
 // restore reads in place rather than fetching a copy first.
 type localBody interface{ LocalFile() bool }
+
+// wholeFile is the file behind body when body reads a whole local file
+// (a file replica's, or a fetched copy), which a restore then maps.
+func wholeFile(body io.Reader) *os.File {
+	switch b := body.(type) {
+	case *os.File:
+		return b
+	case interface{ WholeFile() *os.File }:
+		return b.WholeFile()
+	}
+	return nil
+}
 
 // fetch copies a remote body into a temporary file at path (removed at
 // once: the open descriptor keeps it) and returns it for reading.

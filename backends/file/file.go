@@ -98,16 +98,26 @@ func (c *Client) OpenLTXFile(ctx context.Context, level int, min, max ltx.TXID, 
 	if size > 0 {
 		r = io.LimitReader(f, size)
 	}
-	return &localBody{Reader: backends.ContextReader(ctx, r), f: f}, nil
+	return &localBody{Reader: backends.ContextReader(ctx, r), f: f, whole: offset == 0 && size <= 0}, nil
 }
 
 type localBody struct {
 	io.Reader
-	f *os.File
+	f     *os.File
+	whole bool
 }
 
 func (b *localBody) Close() error    { return b.f.Close() }
 func (b *localBody) LocalFile() bool { return true }
+
+// WholeFile is the open file, when the body is all of it, for a reader
+// that would rather map it than read it.
+func (b *localBody) WholeFile() *os.File {
+	if b.whole {
+		return b.f
+	}
+	return nil
+}
 
 func (c *Client) rel(level int, min, max ltx.TXID) string {
 	return fmt.Sprintf("ltx/%d/%s", level, ltx.FormatFilename(min, max))
