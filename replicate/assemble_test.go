@@ -3,9 +3,11 @@ package replicate
 import (
 	"bytes"
 	"context"
+	"errors"
 	"math/rand"
 	"os"
 	"path/filepath"
+	"strings"
 	"testing"
 
 	"github.com/lfuse/lfuse/backends"
@@ -77,4 +79,56 @@ func TestRestoreMatchesSequentialApply(t *testing.T) {
 			t.Fatalf("trial %d (%d files): restored database differs from sequential apply", trial, len(files))
 		}
 	}
+}
+
+// A restore interrupted (Ctrl-C) says it was stopped: it used to blame
+// whichever replica file it was reading as corrupt. Nothing is left behind.
+func TestRestoreInterruptedIsNotCorruption(t *testing.T) {
+	dir := t.TempDir()
+	client := file.New(filepath.Join(dir, "replica"))
+	bg := context.Background()
+	pages := map[uint32]byte{}
+	for p := uint32(1); p <= 40; p++ {
+		pages[p] = byte(p)
+	}
+	var files [][]byte
+	for id := ltx.TXID(1); id <= 4; id++ {
+		level := 0
+		if id == 1 {
+			level = SnapshotLevel
+		}
+		b := encodeTest(t, id, id, 40, pages)
+		files = append(files, b)
+		sum, err := ltx.ChecksumReader(bytes.NewReader(applyAll(t, files)), 512)
+		if err != nil {
+			t.Fatal(err)
+		}
+		meta := backends.FileMeta{PostApplyChecksum: ltx.ChecksumFlag | sum}
+		if err := client.WriteLTXFile(bg, level, id, id, bytes.NewReader(b), int64(len(b)), meta); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if _, err := Restore(bg, client, mustPlan(t, client), filepath.Join(dir, "whole.db"), RestoreOptions{}); err != nil {
+		t.Fatalf("uninterrupted: %v", err)
+	}
+	os.Remove(filepath.Join(dir, "whole.db"))
+	ctx, cancel := context.WithCancelCause(bg)
+	stop := errors.New("interrupt signal received")
+	out := filepath.Join(dir, "restored.db")
+	_, err := Restore(ctx, client, mustPlan(t, client), out, RestoreOptions{Progress: func(done, total int64) { cancel(stop) }})
+	if !errors.Is(err, stop) || strings.Contains(err.Error(), "corrupt") {
+		t.Fatalf("interrupted restore: %v", err)
+	}
+	if left, _ := filepath.Glob(filepath.Join(dir, "*")); len(left) != 1 {
+		t.Fatalf("left behind: %v", left)
+	}
+}
+
+func mustPlan(t *testing.T, client ReplicaClient) Plan {
+	t.Helper()
+	plan, err := PlanRestore(context.Background(), client, Target{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return plan
 }

@@ -370,9 +370,15 @@ func Restore(ctx context.Context, client ReplicaClient, plan Plan, output string
 	}()
 
 	asm := &assembler{out: out}
+	// An interrupted restore (Ctrl-C) ends here, whichever file it was in:
+	// not the replica's fault.
+	stopped := func() error { return fmt.Errorf("restore stopped: %w", context.Cause(ctx)) }
 	var done int64
 	for k := 0; k < n; k++ {
 		f := order(k)
+		if ctx.Err() != nil {
+			return st, stopped()
+		}
 		waitStart := time.Now()
 		var d download
 		if k < n-1 {
@@ -382,6 +388,9 @@ func Restore(ctx context.Context, client ReplicaClient, plan Plan, output string
 			d.rc, d.err = client.OpenLTXFile(ctx, f.Level, f.MinTXID, f.MaxTXID, 0, 0)
 		}
 		st.Download += time.Since(waitStart)
+		if d.err != nil && ctx.Err() != nil {
+			return st, stopped()
+		}
 		if d.err != nil {
 			return st, fmt.Errorf("%s: download %s: %w", client, fileName(f), d.err)
 		}
@@ -401,6 +410,9 @@ func Restore(ctx context.Context, client ReplicaClient, plan Plan, output string
 		d.rc.Close()
 		if err == nil && f.Size > 0 && cr.n != f.Size {
 			err = fmt.Errorf("read %d bytes, the listing said %d", cr.n, f.Size)
+		}
+		if err != nil && ctx.Err() != nil {
+			return st, stopped()
 		}
 		if oe := (outputError{}); errors.As(err, &oe) {
 			return st, fmt.Errorf("write the restored database beside %s: %w", output, oe.err)
