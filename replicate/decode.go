@@ -138,6 +138,7 @@ func decodeLTX(ctx context.Context, r io.Reader, bufs *decodeBuffers, start func
 				c.Close()
 			}
 		}
+		b.src = nil // nothing in the pool points into a mapping
 		bufs.put(b)
 	}
 	if err != nil {

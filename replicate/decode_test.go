@@ -113,23 +113,25 @@ func decodeWithLibrary(b []byte) (decoded, error) {
 // decodeOurs runs decodeLTX, wanting the pages keep says, both ways it
 // reads a file: through a reader, and in place from memory (as from a
 // mapped file). The two must agree on whether b is accepted and on what it
-// holds.
-func decodeOurs(b []byte, keep func(uint32) bool) (decoded, error) {
+// holds; the test fails at once where they do not, whatever it expected
+// of b.
+func decodeOurs(t testing.TB, b []byte, keep func(uint32) bool) (decoded, error) {
+	t.Helper()
 	streamed, err := decodeFrom(bytes.NewReader(b), keep)
 	inPlace, err2 := decodeFrom(newMappedLTX(b), keep)
 	switch {
 	case (err == nil) != (err2 == nil):
-		return decoded{}, fmt.Errorf("read, the decoder says %v; in place, %v", err, err2)
+		t.Fatalf("read, the decoder says %v; in place, %v", err, err2)
 	case err != nil:
 		return streamed, err
 	}
 	if len(streamed.pages) != len(inPlace.pages) || streamed.sum != inPlace.sum {
-		return decoded{}, fmt.Errorf("read, %d pages with checksum %s; in place, %d with %s",
+		t.Fatalf("read, %d pages with checksum %s; in place, %d with %s",
 			len(streamed.pages), streamed.sum, len(inPlace.pages), inPlace.sum)
 	}
 	for pgno, page := range streamed.pages {
 		if !bytes.Equal(page, inPlace.pages[pgno]) {
-			return decoded{}, fmt.Errorf("page %d differs between read and in place", pgno)
+			t.Fatalf("page %d differs between read and in place", pgno)
 		}
 	}
 	return streamed, nil
@@ -193,7 +195,7 @@ func TestDecodeLTXMatchesLibrary(t *testing.T) {
 					if err != nil {
 						t.Fatal(err)
 					}
-					got, err := decodeOurs(b, func(uint32) bool { return true })
+					got, err := decodeOurs(t, b, func(uint32) bool { return true })
 					if err != nil {
 						t.Fatal(err)
 					}
@@ -208,7 +210,7 @@ func TestDecodeLTXMatchesLibrary(t *testing.T) {
 							picked.sum ^= ltx.ChecksumPage(pgno, page)
 						}
 					}
-					got, err = decodeOurs(b, func(pgno uint32) bool { return chosen[pgno] })
+					got, err = decodeOurs(t, b, func(pgno uint32) bool { return chosen[pgno] })
 					if err != nil {
 						t.Fatal(err)
 					}
@@ -228,7 +230,7 @@ func TestDecodeLTXRefusesDamage(t *testing.T) {
 	smallBatches(t, 8<<10)
 	rng := rand.New(rand.NewPCG(5, 6))
 	b := randomLTX(t, rng, 1024, 150, false, false) // 19 batches
-	want, err := decodeOurs(b, func(uint32) bool { return true })
+	want, err := decodeOurs(t, b, func(uint32) bool { return true })
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -243,7 +245,7 @@ func TestDecodeLTXRefusesDamage(t *testing.T) {
 	for _, i := range positions {
 		flip := byte(1 + rng.IntN(255))
 		b[i] ^= flip
-		got, err := decodeOurs(b, func(uint32) bool { return true })
+		got, err := decodeOurs(t, b, func(uint32) bool { return true })
 		var libErr error
 		if err == nil {
 			_, libErr = decodeWithLibrary(b)
@@ -259,11 +261,11 @@ func TestDecodeLTXRefusesDamage(t *testing.T) {
 	}
 	for range 200 {
 		n := rng.IntN(len(b))
-		if _, err := decodeOurs(b[:n], func(uint32) bool { return true }); err == nil {
+		if _, err := decodeOurs(t, b[:n], func(uint32) bool { return true }); err == nil {
 			t.Fatalf("file cut to %d of %d bytes was accepted", n, len(b))
 		}
 	}
-	if _, err := decodeOurs(append(bytes.Clone(b), 0), func(uint32) bool { return true }); err == nil {
+	if _, err := decodeOurs(t, append(bytes.Clone(b), 0), func(uint32) bool { return true }); err == nil {
 		t.Fatal("a byte after the trailer was accepted")
 	}
 	t.Logf("%d damaged copies tried", len(positions))
@@ -359,7 +361,7 @@ func FuzzDecodeLTX(f *testing.F) {
 	f.Add(randomLTX(f, rng, 512, 3, true, true))
 	f.Add(randomLTX(f, rng, 512, 5, false, false))
 	f.Fuzz(func(t *testing.T, b []byte) {
-		got, err := decodeOurs(b, func(uint32) bool { return true })
+		got, err := decodeOurs(t, b, func(uint32) bool { return true })
 		if err != nil {
 			return
 		}
@@ -417,7 +419,7 @@ func handLTX(t *testing.T, pageSize, commit uint32, pgnos []uint32) []byte {
 // caller keeps: a well-formed file whose pages lie outside the database,
 // repeat, go backwards or include SQLite's lock page is refused.
 func TestDecodeLTXChecksPageOrder(t *testing.T) {
-	if _, err := decodeOurs(handLTX(t, 512, 5, []uint32{1, 2, 3}), func(uint32) bool { return true }); err != nil {
+	if _, err := decodeOurs(t, handLTX(t, 512, 5, []uint32{1, 2, 3}), func(uint32) bool { return true }); err != nil {
 		t.Fatalf("a well-formed file: %v", err)
 	}
 	lock := ltx.LockPgno(512)
@@ -431,7 +433,7 @@ func TestDecodeLTXChecksPageOrder(t *testing.T) {
 		"the lock page":          {lock + 2, []uint32{1, lock}},
 	} {
 		b := handLTX(t, 512, c.commit, c.pgnos)
-		if _, err := decodeOurs(b, func(uint32) bool { return true }); err == nil || !strings.Contains(err.Error(), "out of order or outside") {
+		if _, err := decodeOurs(t, b, func(uint32) bool { return true }); err == nil || !strings.Contains(err.Error(), "out of order or outside") {
 			t.Errorf("%s: got %v, want a refusal naming the page order", name, err)
 		}
 		if _, err := decodeWithLibrary(b); err == nil && name != "the lock page" {

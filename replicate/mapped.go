@@ -90,9 +90,17 @@ func onFault(m *mappedLTX) func(*error) {
 			return
 		}
 		if f, ok := r.(interface{ Addr() uintptr }); ok && f.Addr()-base < size {
-			*err = fmt.Errorf("read byte %d of the file: an I/O error, or the file was cut short while being read", f.Addr()-base)
+			*err = mapFault{offset: int64(f.Addr() - base)}
 			return
 		}
 		panic(r)
 	}
+}
+
+// mapFault is a fault reading a mapped file: the file could not be read,
+// which says nothing of whether its content is sound.
+type mapFault struct{ offset int64 }
+
+func (e mapFault) Error() string {
+	return fmt.Sprintf("byte %d could not be read: an I/O error, or the file was cut short while being read", e.offset)
 }

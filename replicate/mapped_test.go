@@ -3,6 +3,7 @@ package replicate
 import (
 	"bufio"
 	"context"
+	"errors"
 	"math/rand/v2"
 	"os"
 	"path/filepath"
@@ -107,13 +108,35 @@ func TestMappedLTXCutShortIsAnError(t *testing.T) {
 	m, f := mapTestFile(t, b)
 	// At a page boundary: what follows faults (within the last page, the
 	// bytes past the end would read as zeros, a mere decoding error).
-	if err := os.Truncate(f.Name(), int64(len(b)/3)&^4095); err != nil {
+	if err := os.Truncate(f.Name(), int64(len(b)/3)&^int64(os.Getpagesize()-1)); err != nil {
 		t.Fatal(err)
 	}
 	err := decodeLTX(context.Background(), m, nil, func(ltx.Header) error { return nil },
 		func(uint32) (bool, error) { return true, nil },
 		func([]uint32, []byte, ltx.Checksum) error { return nil })
-	if err == nil || !strings.Contains(err.Error(), "cut short") {
+	if mf := (mapFault{}); !errors.As(err, &mf) || !strings.Contains(err.Error(), "cut short") {
 		t.Fatalf("decoding a file cut short while mapped: %v", err)
+	}
+}
+
+// Cancelling stops a mapped file in the middle: a restore interrupted
+// while it reads the snapshot stops there, not at the end of the file.
+func TestMappedLTXStopsWhenCancelled(t *testing.T) {
+	smallBatches(t, 64<<10)
+	rng := rand.New(rand.NewPCG(25, 26))
+	m, _ := mapTestFile(t, randomLTX(t, rng, 4096, 2000, true, true))
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	calls := 0
+	err := decodeLTX(ctx, m, nil, func(ltx.Header) error { return nil },
+		func(uint32) (bool, error) { return true, nil },
+		func([]uint32, []byte, ltx.Checksum) error {
+			if calls++; calls == 2 {
+				cancel()
+			}
+			return nil
+		})
+	if !errors.Is(err, context.Canceled) || calls > 2+10 {
+		t.Fatalf("cancelled after batch 2 of about 125: %v after %d batches", err, calls)
 	}
 }

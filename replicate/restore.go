@@ -414,6 +414,9 @@ func Restore(ctx context.Context, client ReplicaClient, plan Plan, output string
 		if err != nil && ctx.Err() != nil {
 			return st, stopped()
 		}
+		if mf := (mapFault{}); errors.As(err, &mf) {
+			return st, fmt.Errorf("%s: read %s: %w", client, fileName(f), mf)
+		}
 		if oe := (outputError{}); errors.As(err, &oe) {
 			return st, fmt.Errorf("write the restored database beside %s: %w", output, oe.err)
 		}
