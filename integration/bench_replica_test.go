@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"fmt"
+	"math/rand"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -103,13 +104,55 @@ func restoreDBMB() int {
 	return 1024
 }
 
+// restoreText says whether the restore benchmark's rows hold text
+// (LFUSE_BENCH_RESTORE_DATA=text): words in the proportions of prose, which
+// LZ4 compresses about as it does an application's text columns. By
+// default they hold random bytes, which it cannot compress: the most a
+// restore has to read for a database of that size.
+func restoreText() bool { return os.Getenv("LFUSE_BENCH_RESTORE_DATA") == "text" }
+
+// benchWords are the vocabulary of restoreText's rows, commonest first.
+var benchWords = strings.Fields(`the of and to a in is that it for was on with as by at be this
+	from or have an not are but which they all one their there been has
+	when more will would who so out up into time only some could them
+	than other new then its these two may first any like now over such our
+	after most also made many before must through back years where much
+	your way well down should because each just those people how too
+	little state good very make world still own see men work long get here
+	between both life being under never day same another know while last
+	might great old year off come since against go came right used take
+	three order payment account customer invoice status shipped pending
+	address street city total amount balance item quantity price note
+	created updated deleted user email message reply thread comment`)
+
+// benchText is n bytes of words drawn from benchWords with a Zipf
+// distribution, and a number now and then.
+func benchText(rng *rand.Rand, n int) string {
+	zipf := rand.NewZipf(rng, 1.2, 2, uint64(len(benchWords)-1))
+	var sb strings.Builder
+	for sb.Len() < n {
+		if rng.Intn(12) == 0 {
+			sb.WriteString(strconv.Itoa(rng.Intn(100000)))
+		} else {
+			sb.WriteString(benchWords[zipf.Uint64()])
+		}
+		sb.WriteByte(' ')
+	}
+	return sb.String()[:n]
+}
+
 // Restore of a ~1 GB database with ~100,000 transactions of history from a
 // file replica, against cp of the database file, page cache dropped before
 // each. Built once and kept in the benchmark directory; LFUSE_BENCH_RESTORE_MB
-// sets the size (1024 by default).
+// sets the size (1024 by default), LFUSE_BENCH_RESTORE_DATA what the rows
+// hold (restoreText).
 func BenchmarkReplicaRestore(b *testing.B) {
 	mb := restoreDBMB()
-	rb := newReplicaBench(b, fmt.Sprintf("restore-%d", mb))
+	name := fmt.Sprintf("restore-%d", mb)
+	if restoreText() {
+		name = fmt.Sprintf("restore-text-%d", mb)
+	}
+	rb := newReplicaBench(b, name)
 	db := filepath.Join(rb.mnt, "app.db")
 	rows := mb << 20 / 4096
 	if _, err := os.Stat(filepath.Join(rb.base, "built")); err != nil {
@@ -125,10 +168,32 @@ func BenchmarkReplicaRestore(b *testing.B) {
 		}
 		p := rb.mount("")
 		script := "PRAGMA journal_mode=WAL;\nCREATE TABLE t(id INTEGER PRIMARY KEY, n INTEGER, v BLOB);\n"
-		for i := 0; i < 10; i++ {
-			script += fmt.Sprintf("WITH RECURSIVE s(i) AS (SELECT 1 UNION ALL SELECT i+1 FROM s WHERE i < %d) INSERT INTO t(n, v) SELECT 0, randomblob(3900) FROM s;\nPRAGMA wal_checkpoint(TRUNCATE);\n", rows/10)
+		if restoreText() {
+			sqliteCLI(b, db, script)
+			conn := benchOpen(b, db)
+			rng := rand.New(rand.NewSource(1))
+			for i := 0; i < 10; i++ {
+				tx, err := conn.Begin()
+				if err != nil {
+					b.Fatal(err)
+				}
+				for j := 0; j < rows/10; j++ {
+					if _, err := tx.Exec("INSERT INTO t(n, v) VALUES(0, ?)", benchText(rng, 3900)); err != nil {
+						b.Fatal(err)
+					}
+				}
+				if err := tx.Commit(); err != nil {
+					b.Fatal(err)
+				}
+				benchExec(b, conn, "PRAGMA wal_checkpoint(TRUNCATE)")
+			}
+			conn.Close()
+		} else {
+			for i := 0; i < 10; i++ {
+				script += fmt.Sprintf("WITH RECURSIVE s(i) AS (SELECT 1 UNION ALL SELECT i+1 FROM s WHERE i < %d) INSERT INTO t(n, v) SELECT 0, randomblob(3900) FROM s;\nPRAGMA wal_checkpoint(TRUNCATE);\n", rows/10)
+			}
+			sqliteCLI(b, db, script)
 		}
-		sqliteCLI(b, db, script)
 		stop(p)
 		// A snapshot of the full database, as the daily one would be.
 		p = rb.mount(`snapshot-interval = "1s"`)
