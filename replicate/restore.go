@@ -12,6 +12,8 @@ import (
 	"sync"
 	"time"
 
+	"golang.org/x/sys/unix"
+
 	"github.com/lfuse/lfuse/backends"
 	"github.com/superfly/ltx"
 )
@@ -362,6 +364,8 @@ func Restore(ctx context.Context, client ReplicaClient, plan Plan, output string
 						// A remote body: fetch it now, while newer
 						// files are applied.
 						rc, err = fetch(rc, filepath.Join(tmpDir, fmt.Sprintf("%d.ltx", k)))
+					} else if wf := wholeFile(rc); wf != nil {
+						prefetch(wf, f.Size)
 					}
 				}
 				results[k] <- download{rc: rc, err: err}
@@ -489,6 +493,22 @@ func (c *countingReader) Close() error {
 // localBody is a body read from local storage (a file replica), which a
 // restore reads in place rather than fetching a copy first.
 type localBody interface{ LocalFile() bool }
+
+// prefetchBytes is how much of each file queued for a restore is read
+// ahead, up to Parallelism files ahead of the one being applied.
+const prefetchBytes = 16 << 20
+
+// prefetch asks the kernel to start reading the beginning of a local file
+// that a restore will apply shortly. Each history file used to start cold:
+// the decoder waited for the disk on its first pages while the cores sat
+// idle (a fifth of each file's time for the benchmark's 12 MB files). Only
+// a hint, bounded so that a small container's page cache is not flooded.
+func prefetch(f *os.File, size int64) {
+	if size <= 0 || size > prefetchBytes {
+		size = prefetchBytes
+	}
+	_ = unix.Fadvise(int(f.Fd()), 0, size, unix.FADV_WILLNEED)
+}
 
 // wholeFile is the file behind body when body reads a whole local file
 // (a file replica's, or a fetched copy), which a restore then maps.
