@@ -33,7 +33,9 @@ func mapLTX(f *os.File) (*mappedLTX, error) {
 	if err != nil {
 		return nil, err
 	}
-	if !fi.Mode().IsRegular() || fi.Size() == 0 || fi.Size() > 1<<40 {
+	// Where the size does not fit an int (a 32-bit build), or the address
+	// space has no room, the caller reads the file instead.
+	if !fi.Mode().IsRegular() || fi.Size() == 0 || fi.Size() > 1<<40 || int64(int(fi.Size())) != fi.Size() {
 		return nil, errors.New("not a mappable file")
 	}
 	if pos, err := f.Seek(0, io.SeekCurrent); err != nil || pos != 0 {
