@@ -7,6 +7,7 @@ import (
 	"io"
 	"os"
 
+	"github.com/lfuse/lfuse/walcapture"
 	"github.com/superfly/ltx"
 )
 
@@ -67,7 +68,10 @@ func mergeLTX(w io.Writer, inputs []io.Reader, spillDir string, checksums bool) 
 	if err != nil {
 		return hdr, 0, err
 	}
-	enc.SetSpillDir(spillDir)
+	if spillDir != "" {
+		enc.SetSpillDir(spillDir)
+		enc.SetSpillThreshold(walcapture.IndexSpillEntries)
+	}
 	defer enc.Cleanup()
 	if err := enc.EncodeHeader(hdr); err != nil {
 		return hdr, 0, err

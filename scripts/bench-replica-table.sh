@@ -25,6 +25,7 @@ a file replica on the same disk, the page cache dropped before each copy and eac
 | lag p99 | $(metric BenchmarkReplicaLag lag-p99-ms) ms | ≤ sync-interval + 50 ms = 1050 ms |
 | lag while snapshots of the $(metric BenchmarkReplicaRestore db-MB) MB database upload, one every 15 s ($(metric BenchmarkReplicaLagDuringSnapshot snapshots) in the minute, $(metric BenchmarkReplicaLagDuringSnapshot syncs) syncs): p50 / p99 / max | $(metric BenchmarkReplicaLagDuringSnapshot lag-p50-ms) / $(metric BenchmarkReplicaLagDuringSnapshot lag-p99-ms) / $(metric BenchmarkReplicaLagDuringSnapshot lag-max-ms) ms | |
 | files written per hour at 10 tx/s (PUT-equivalents, default intervals) | $(metric BenchmarkReplicaLag files-per-hour) | |
+| peak RSS of \`lfuse mount\` capturing and shipping that database (its load in ten transactions, a snapshot, the history): anonymous / total | $(metric BenchmarkReplicaRestore mount-peak-anon-MB) MB / $(metric BenchmarkReplicaRestore mount-peak-RSS-MB) MB | ≤ 64 MB above the page cache |
 | peak RSS of \`lfuse mount\` replicating at 10 tx/s: anonymous / total | $(metric BenchmarkReplicaLag lfuse-peak-anon-MB) MB / $(metric BenchmarkReplicaLag lfuse-peak-RSS-MB) MB | ≤ 64 MB above the page cache |
 | \`lfuse restore\` of the same database from S3 (versitygw on loopback) | $(metric BenchmarkReplicaRestoreS3 restore-s) s, $(metric BenchmarkReplicaRestoreS3 restore-MB/s) MB/s | |
 | parallel download of the same $(metric BenchmarkReplicaRestoreS3 objects-MB) MB of objects | $(metric BenchmarkReplicaRestoreS3 download-s) s | |

@@ -7,6 +7,8 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"os"
+	"path/filepath"
 	"slices"
 	"strings"
 	"testing"
@@ -756,4 +758,37 @@ func spillingLive(t *testing.T) (*liveDB, []byte, *MemSums) {
 	l.checkpoint("TRUNCATE")
 	base, _ := l.files()
 	return l, base, sumsOf(t, base, 4096)
+}
+
+// A snapshot of more pages than IndexSpillEntries keeps its page index in
+// SpillDir rather than in memory, and is the same database.
+func TestSnapshotSpillsLargeIndex(t *testing.T) {
+	l := openLive(t, 512)
+	l.exec("CREATE TABLE t(id INTEGER PRIMARY KEY, v BLOB)")
+	l.exec(insertN(IndexSpillEntries+1000, "zeroblob(400)")) // a row a page
+	l.checkpoint("TRUNCATE")
+	db, wal := l.files()
+	snapshot := func(dir string) ([]byte, error) {
+		c := Capturer{SpillDir: dir}
+		var a, b seekBuf
+		_, err := c.Snapshot(bytes.NewReader(db), bytes.NewReader(wal), int64(len(db)), &a, &b, 9, nowish, (&MemSums{}).Set)
+		return a.Bytes(), err
+	}
+	dir := t.TempDir()
+	got, err := snapshot(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	mustEqualDB(t, applyLTX(t, nil, got), recovered(t, db, wal))
+	if left, _ := os.ReadDir(dir); len(left) != 0 {
+		t.Fatalf("left in the spill directory: %v", left)
+	}
+	// A spill directory that cannot hold a file shows the index went there.
+	notDir := filepath.Join(t.TempDir(), "file")
+	if err := os.WriteFile(notDir, nil, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := snapshot(notDir); err == nil || !strings.Contains(err.Error(), "spill") {
+		t.Fatalf("snapshot with an unusable spill directory: %v", err)
+	}
 }

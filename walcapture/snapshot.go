@@ -230,6 +230,7 @@ func (c *Capturer) encodeSnapshot(w io.Writer, hdr ltx.Header, page func(pgno ui
 	defer enc.Cleanup()
 	if c.SpillDir != "" {
 		enc.SetSpillDir(c.SpillDir)
+		enc.SetSpillThreshold(IndexSpillEntries)
 	}
 	if err := enc.EncodeHeader(hdr); err != nil {
 		return 0, fmt.Errorf("encode snapshot header: %w", err)
