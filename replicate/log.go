@@ -430,9 +430,13 @@ func readRecordFile(path string) (Record, error) {
 	return readRecord(f)
 }
 
-// readRecord decodes a whole LTX file, verifying its checksums.
+// readRecord decodes a whole LTX file, verifying its checksums. The page
+// index is checked as it streams past but not kept: for a snapshot it would
+// be a map of every page of the database (tens of MB at 2 GB), built only
+// to be dropped.
 func readRecord(r io.Reader) (Record, error) {
 	dec := ltx.NewDecoder(bufio.NewReaderSize(r, 64<<10))
+	dec.SetRetainPageIndex(false)
 	if err := dec.Verify(); err != nil {
 		return Record{}, fmt.Errorf("invalid LTX file: %w", err)
 	}
