@@ -18,6 +18,7 @@ import (
 
 	"github.com/aws/aws-sdk-go-v2/aws"
 	awss3 "github.com/aws/aws-sdk-go-v2/service/s3"
+	"github.com/lfuse/lfuse/backends"
 	"github.com/lfuse/lfuse/backends/backendtest"
 	"github.com/lfuse/lfuse/backends/file"
 	"github.com/lfuse/lfuse/backends/s3"
@@ -437,15 +438,37 @@ func BenchmarkReplicaRestoreS3(b *testing.B) {
 	if err != nil {
 		b.Fatal(err)
 	}
-	// Copy the files the latest restore needs, once.
+	// Copy the files the latest restore needs, once. If the replica was
+	// built again since (same names, other content), the copy would mix
+	// the two builds: clear it and copy again.
+	var metas []backends.FileMeta
+	stale := false
 	for _, f := range plan.Files {
-		if _, err := dst.FileMeta(ctx, f.Level, f.MinTXID, f.MaxTXID); err == nil {
-			continue
-		}
 		meta, err := src.FileMeta(ctx, f.Level, f.MinTXID, f.MaxTXID)
 		if err != nil {
 			b.Fatal(err)
 		}
+		metas = append(metas, meta)
+		if got, err := dst.FileMeta(ctx, f.Level, f.MinTXID, f.MaxTXID); err == nil && !got.Timestamp.Equal(meta.Timestamp) {
+			stale = true
+		}
+	}
+	if stale {
+		for level := 0; level <= replicate.SnapshotLevel; level++ {
+			old, err := dst.LTXFiles(ctx, level)
+			if err == nil && len(old) > 0 {
+				err = dst.DeleteLTXFiles(ctx, old)
+			}
+			if err != nil {
+				b.Fatal(err)
+			}
+		}
+	}
+	for i, f := range plan.Files {
+		if _, err := dst.FileMeta(ctx, f.Level, f.MinTXID, f.MaxTXID); err == nil {
+			continue
+		}
+		meta := metas[i]
 		rc, err := src.OpenLTXFile(ctx, f.Level, f.MinTXID, f.MaxTXID, 0, 0)
 		if err != nil {
 			b.Fatal(err)
