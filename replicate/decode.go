@@ -44,7 +44,7 @@ func decodeLTX(ctx context.Context, r io.Reader, bufs *decodeBuffers, start func
 	}
 	d := &ltxSplitter{keep: keep, bufs: bufs}
 	if m, ok := r.(*mappedLTX); ok {
-		d.m, d.mapped, d.br = m, m.data, bytes.NewReader(m.data)
+		d.m, d.br = m, bytes.NewReader(m.data)
 	} else {
 		br := bufs.br
 		if br == nil {
@@ -171,7 +171,6 @@ type ltxSplitter struct {
 	// The whole file, when it is mapped: br then reads it, and the batches
 	// point into it instead of holding copies of their blocks.
 	m          *mappedLTX
-	mapped     []byte
 	hdr        ltx.Header
 	pageSize   int
 	batchPages int
@@ -221,8 +220,8 @@ func (d *ltxSplitter) split(ctx context.Context, work, ordered chan<- *frameBatc
 	send := func() bool {
 		b.done = make(chan struct{})
 		b.src = b.blocks
-		if d.mapped != nil {
-			b.src = d.mapped
+		if d.m != nil {
+			b.src = d.m.data
 		}
 		select {
 		case work <- b:
@@ -279,10 +278,10 @@ func (d *ltxSplitter) split(ctx context.Context, work, ordered chan<- *frameBatc
 			b = d.batch()
 		}
 		var at int
-		if d.mapped != nil {
+		if d.m != nil {
 			// The block stays where it is, in the mapping.
 			at = int(offset) + frameHead
-			if at+n > len(d.mapped) {
+			if at+n > len(d.m.data) {
 				return fmt.Errorf("page %d: read block: %w", ph.Pgno, io.ErrUnexpectedEOF)
 			}
 			if _, err := d.br.(*bytes.Reader).Seek(int64(n), io.SeekCurrent); err != nil {

@@ -360,12 +360,12 @@ func Restore(ctx context.Context, client ReplicaClient, plan Plan, output string
 				defer wg.Done()
 				rc, err := client.OpenLTXFile(ctx, f.Level, f.MinTXID, f.MaxTXID, 0, 0)
 				if err == nil {
-					if _, local := rc.(localBody); !local {
+					if wf := wholeFile(rc); wf != nil {
+						prefetch(wf, f.Size)
+					} else {
 						// A remote body: fetch it now, while newer
 						// files are applied.
 						rc, err = fetch(rc, filepath.Join(tmpDir, fmt.Sprintf("%d.ltx", k)))
-					} else if wf := wholeFile(rc); wf != nil {
-						prefetch(wf, f.Size)
 					}
 				}
 				results[k] <- download{rc: rc, err: err}
@@ -490,10 +490,6 @@ func (c *countingReader) Close() error {
 	return nil
 }
 
-// localBody is a body read from local storage (a file replica), which a
-// restore reads in place rather than fetching a copy first.
-type localBody interface{ LocalFile() bool }
-
 // prefetchBytes is how much of each file queued for a restore is read
 // ahead, up to Parallelism files ahead of the one being applied.
 const prefetchBytes = 16 << 20
@@ -511,7 +507,8 @@ func prefetch(f *os.File, size int64) {
 }
 
 // wholeFile is the file behind body when body reads a whole local file
-// (a file replica's, or a fetched copy), which a restore then maps.
+// (a file replica's, or a fetched copy), which a restore reads in place
+// (mapped) rather than fetching a copy first.
 func wholeFile(body io.Reader) *os.File {
 	switch b := body.(type) {
 	case *os.File:

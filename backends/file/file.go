@@ -81,8 +81,8 @@ func (c *Client) LTXFiles(ctx context.Context, level int) ([]ltx.FileInfo, error
 	return infos, nil
 }
 
-// OpenLTXFile's body says it is local (LocalFile), which lets a restore
-// read it in place instead of fetching a copy first.
+// OpenLTXFile's body of a whole file gives the open file (WholeFile), which
+// lets a restore read it in place instead of fetching a copy first.
 func (c *Client) OpenLTXFile(ctx context.Context, level int, min, max ltx.TXID, offset, size int64) (io.ReadCloser, error) {
 	f, err := os.Open(c.path(level, min, max))
 	if errors.Is(err, fs.ErrNotExist) {
@@ -107,8 +107,7 @@ type localBody struct {
 	whole bool
 }
 
-func (b *localBody) Close() error    { return b.f.Close() }
-func (b *localBody) LocalFile() bool { return true }
+func (b *localBody) Close() error { return b.f.Close() }
 
 // WholeFile is the open file, when the body is all of it, for a reader
 // that would rather map it than read it.
