@@ -470,7 +470,7 @@ func (d *DB) appendTxn(wal io.ReaderAt, t walcapture.Txn, commits int) error {
 	first := last.TXID() + 1
 	rec, err := d.log.Append(func(w io.Writer) error {
 		var err error
-		u, err = walcapture.EncodeTxn(w, wal, t, d.sums, first, first+ltx.TXID(commits-1), time.Now())
+		u, err = walcapture.EncodeTxn(w, wal, t, d.sums, first, first+ltx.TXID(commits-1), time.Now(), d.cap.SpillDir)
 		return err
 	})
 	if err != nil {

@@ -1,6 +1,7 @@
 package walcapture
 
 import (
+	"cmp"
 	"errors"
 	"fmt"
 	"io"
@@ -94,7 +95,7 @@ type partialTxn struct {
 	start  int64 // offset of the transaction's first frame
 	off    int64 // offset of the next frame to validate
 	s1, s2 uint32
-	pages  map[uint32]int64
+	pages  []Page // its frames so far, in log order
 	first  []byte
 	// unverified: the last scan resumed the transaction rather than
 	// validating it from its first frame, so a commit before off, over its
@@ -314,7 +315,11 @@ func (c *Capturer) scanFrames(r io.ReaderAt, emit func(Txn) error) (int, error) 
 	c.fr.reset(r, h)
 	off, s1, s2 := c.next, c.s1, c.s2
 	txnStart := off
-	pages := make(map[uint32]int64)
+	// The frames of the transaction being validated, in log order. A list
+	// rather than a map by page: a large transaction (a VACUUM, a bulk
+	// load) has hundreds of thousands, and a map of them cost twice the
+	// memory, then the sorted list on top.
+	var pages []Page
 	var first []byte
 	resumed := false
 	var stale []byte
@@ -329,7 +334,7 @@ func (c *Capturer) scanFrames(r io.ReaderAt, emit func(Txn) error) (int, error) 
 		c.fr.n = 0 // re-read: the buffered bytes may be the ones since rewritten
 		off, s1, s2 = c.next, c.s1, c.s2
 		txnStart = off
-		clear(pages)
+		pages = pages[:0]
 		first = first[:0]
 	}
 
@@ -356,7 +361,7 @@ func (c *Capturer) scanFrames(r io.ReaderAt, emit func(Txn) error) (int, error) 
 		if off == txnStart {
 			first = append(first[:0], frame[:FrameHeaderSize]...)
 		}
-		pages[fh.Pgno] = off + FrameHeaderSize
+		pages = append(pages, Page{Pgno: fh.Pgno, Offset: off + FrameHeaderSize})
 		off, s1, s2 = off+h.FrameSize(), n1, n2
 		progressed = resumed
 		if fh.Commit == 0 {
@@ -366,7 +371,13 @@ func (c *Capturer) scanFrames(r io.ReaderAt, emit func(Txn) error) (int, error) 
 			restart()
 			continue
 		}
-		t := Txn{Header: h, Offset: txnStart, Size: off - txnStart, Commit: fh.Commit, Pages: sortedPages(pages, fh.Commit, h.PageSize)}
+		final := finalPages(pages, fh.Commit, h.PageSize)
+		if cap(pages) >= handOver {
+			pages = nil // the transaction keeps the list
+		} else {
+			final, pages = slices.Clone(final), pages[:0]
+		}
+		t := Txn{Header: h, Offset: txnStart, Size: off - txnStart, Commit: fh.Commit, Pages: final}
 		if err := emit(t); err != nil {
 			return emitted, err
 		}
@@ -374,7 +385,6 @@ func (c *Capturer) scanFrames(r io.ReaderAt, emit func(Txn) error) (int, error) 
 		c.next, c.s1, c.s2 = off, s1, s2
 		c.lastOff, c.lastFirst = txnStart, slices.Clone(first)
 		txnStart = off
-		clear(pages)
 	}
 	if off-txnStart >= partialMin {
 		c.partial = &partialTxn{hdr: h, start: txnStart, off: off, s1: s1, s2: s2, pages: pages, first: first, unverified: resumed, stale: stale}
@@ -382,15 +392,35 @@ func (c *Capturer) scanFrames(r io.ReaderAt, emit func(Txn) error) (int, error) 
 	return emitted, nil
 }
 
-func sortedPages(m map[uint32]int64, commit, pageSize uint32) []Page {
+// handOver is the size from which a transaction's frame list becomes its
+// page list instead of being copied: a copy of a large list is memory the
+// size of the list again, and a small one saves growing a new list for the
+// next transaction.
+const handOver = 4096
+
+func byPageThenOffset(a, b Page) int {
+	if c := cmp.Compare(a.Pgno, b.Pgno); c != 0 {
+		return c
+	}
+	return cmp.Compare(a.Offset, b.Offset)
+}
+
+// finalPages sorts frames (in log order) by page and keeps, in place, the
+// last frame of each page: its final image in the transaction. Pages beyond
+// commit, and the lock page, are dropped.
+func finalPages(frames []Page, commit, pageSize uint32) []Page {
+	// A page's frames then stand in log order, the last written last.
+	slices.SortFunc(frames, byPageThenOffset)
 	lock := LockPgno(pageSize)
-	out := make([]Page, 0, len(m))
-	for pgno, off := range m {
-		if pgno <= commit && pgno != lock {
-			out = append(out, Page{Pgno: pgno, Offset: off})
+	out := frames[:0]
+	for i, p := range frames {
+		if i+1 < len(frames) && frames[i+1].Pgno == p.Pgno {
+			continue
+		}
+		if p.Pgno <= commit && p.Pgno != lock {
+			out = append(out, p)
 		}
 	}
-	slices.SortFunc(out, func(a, b Page) int { return int(a.Pgno) - int(b.Pgno) })
 	return out
 }
 

@@ -784,11 +784,60 @@ func TestSnapshotSpillsLargeIndex(t *testing.T) {
 		t.Fatalf("left in the spill directory: %v", left)
 	}
 	// A spill directory that cannot hold a file shows the index went there.
+	if _, err := snapshot(unusableDir(t)); err == nil || !strings.Contains(err.Error(), "spill") {
+		t.Fatalf("snapshot with an unusable spill directory: %v", err)
+	}
+}
+
+// unusableDir is a path where no file can be created: a file.
+func unusableDir(t *testing.T) string {
 	notDir := filepath.Join(t.TempDir(), "file")
 	if err := os.WriteFile(notDir, nil, 0o600); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := snapshot(notDir); err == nil || !strings.Contains(err.Error(), "spill") {
-		t.Fatalf("snapshot with an unusable spill directory: %v", err)
+	return notDir
+}
+
+// One transaction of more pages than IndexSpillEntries (a bulk load, a
+// VACUUM) keeps its LTX page index on disk while it is encoded, and the
+// file is the same as with the index in memory.
+func TestEncodeTxnSpillsLargeIndex(t *testing.T) {
+	l := openLive(t, 512)
+	l.exec("CREATE TABLE t(id INTEGER PRIMARY KEY, v BLOB)")
+	l.checkpoint("TRUNCATE")
+	base, _ := l.files()
+	l.exec(insertN(IndexSpillEntries+1000, "zeroblob(400)")) // a row a page
+	db, wal := l.files()
+	var c Capturer
+	var txn Txn
+	if _, err := c.Scan(bytes.NewReader(wal), func(t Txn) error { txn = t; return nil }); err != nil {
+		t.Fatal(err)
+	}
+	if len(txn.Pages) <= IndexSpillEntries {
+		t.Fatalf("the transaction has %d pages", len(txn.Pages))
+	}
+	encode := func(dir string) ([]byte, error) {
+		var buf bytes.Buffer
+		_, err := EncodeTxn(&buf, bytes.NewReader(wal), txn, sumsOf(t, base, 512), 2, 2, nowish, dir)
+		return buf.Bytes(), err
+	}
+	inMemory, err := encode("")
+	if err != nil {
+		t.Fatal(err)
+	}
+	dir := t.TempDir()
+	spilled, err := encode(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Equal(spilled, inMemory) {
+		t.Fatal("the file with its index spilled differs from the one in memory")
+	}
+	mustEqualDB(t, applyLTX(t, base, spilled), recovered(t, db, wal))
+	if left, _ := os.ReadDir(dir); len(left) != 0 {
+		t.Fatalf("left in the spill directory: %v", left)
+	}
+	if _, err := encode(unusableDir(t)); err == nil || !strings.Contains(err.Error(), "spill") {
+		t.Fatalf("encode with an unusable spill directory: %v", err)
 	}
 }

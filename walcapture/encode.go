@@ -1,9 +1,11 @@
 package walcapture
 
 import (
+	"cmp"
 	"encoding/binary"
 	"fmt"
 	"io"
+	"slices"
 	"time"
 
 	"github.com/lfuse/lfuse/internal/crc64iso"
@@ -48,8 +50,10 @@ func ChecksumPage(pgno uint32, data []byte) ltx.Checksum {
 // EncodeTxn writes t as one LTX file with TXIDs minID..maxID (one per
 // commit t holds, see Merge), reading page images from the log wal, and
 // returns how it changes sums. sums is not modified: the caller applies the
-// Update once the LTX file is safely stored.
-func EncodeTxn(w io.Writer, wal io.ReaderAt, t Txn, sums PageSums, minID, maxID ltx.TXID, ts time.Time) (Update, error) {
+// Update once the LTX file is safely stored. spillDir, if set, is where the
+// page index of a large transaction goes while it is written (see
+// IndexSpillEntries).
+func EncodeTxn(w io.Writer, wal io.ReaderAt, t Txn, sums PageSums, minID, maxID ltx.TXID, ts time.Time, spillDir string) (Update, error) {
 	if minID <= 1 || maxID < minID {
 		return Update{}, fmt.Errorf("transaction ids %d-%d: TXID 1 is reserved for snapshots", minID, maxID)
 	}
@@ -57,6 +61,11 @@ func EncodeTxn(w io.Writer, wal io.ReaderAt, t Txn, sums PageSums, minID, maxID 
 	enc, err := ltx.NewEncoder(w)
 	if err != nil {
 		return Update{}, err
+	}
+	defer enc.Cleanup()
+	if spillDir != "" {
+		enc.SetSpillDir(spillDir)
+		enc.SetSpillThreshold(IndexSpillEntries)
 	}
 	hdr := ltx.Header{
 		Version:          ltx.Version,
@@ -142,15 +151,32 @@ func Merge(txns []Txn) Txn {
 		return txns[0]
 	}
 	first, last := txns[0], txns[len(txns)-1]
-	pages := make(map[uint32]int64)
+	n := 0
 	for _, t := range txns {
-		for pgno := range pages {
-			if pgno > t.Commit {
-				delete(pages, pgno)
-			}
+		n += len(t.Pages)
+	}
+	all := make([]Page, 0, n)
+	for _, t := range txns {
+		all = append(all, t.Pages...)
+	}
+	// Later transactions sit later in the log, so sorted by page and then
+	// offset, a page's last entry is its final image. It survives only if
+	// no transaction after the one that wrote it cut the database below it.
+	laterMin := make([]uint32, len(txns)) // smallest commit size after txns[i]
+	m := last.Commit
+	for i := len(txns) - 1; i >= 0; i-- {
+		laterMin[i] = m
+		m = min(m, txns[i].Commit)
+	}
+	slices.SortFunc(all, byPageThenOffset)
+	out := all[:0]
+	for i, p := range all {
+		if i+1 < len(all) && all[i+1].Pgno == p.Pgno {
+			continue
 		}
-		for _, p := range t.Pages {
-			pages[p.Pgno] = p.Offset
+		k, _ := slices.BinarySearchFunc(txns, p.Offset, func(t Txn, off int64) int { return cmp.Compare(t.End(), off+1) })
+		if k < len(txns) && p.Pgno <= laterMin[k] {
+			out = append(out, p)
 		}
 	}
 	return Txn{
@@ -158,7 +184,7 @@ func Merge(txns []Txn) Txn {
 		Offset: first.Offset,
 		Size:   last.End() - first.Offset,
 		Commit: last.Commit,
-		Pages:  sortedPages(pages, last.Commit, first.Header.PageSize),
+		Pages:  out,
 	}
 }
 

@@ -50,7 +50,7 @@ func BenchmarkCaptureBulkTxn(b *testing.B) {
 			}
 			defer f.Close()
 			w := bufio.NewWriterSize(f, 64<<10) // as the local log writes
-			if _, err = EncodeTxn(w, wal, txn, sums, 2, 2, time.Now()); err == nil {
+			if _, err = EncodeTxn(w, wal, txn, sums, 2, 2, time.Now(), ""); err == nil {
 				err = w.Flush()
 			}
 			n++
@@ -74,6 +74,80 @@ func TestChecksumPageMatchesLTX(t *testing.T) {
 			if got, want := ChecksumPage(pgno, page), ltx.ChecksumPage(pgno, page); got != want {
 				t.Fatalf("page %d of %d bytes: got %s, want %s", pgno, size, got, want)
 			}
+		}
+	}
+}
+
+// Merge against the obvious model: apply the transactions one by one to a
+// map of page → offset, cutting it at each commit size. Sizes shrink and
+// grow again, pages repeat, and the lock page never appears.
+func TestMergeMatchesOneByOne(t *testing.T) {
+	rng := rand.New(rand.NewPCG(1, 2))
+	const pageSize = 512
+	lock := LockPgno(pageSize)
+	for round := 0; round < 500; round++ {
+		hdr := Header{PageSize: pageSize, Salt1: 7, Salt2: 9}
+		off := int64(HeaderSize)
+		var txns []Txn
+		model := map[uint32]int64{}
+		for range 1 + rng.IntN(6) {
+			commit := uint32(1 + rng.IntN(40))
+			if rng.IntN(8) == 0 {
+				commit = lock + uint32(rng.IntN(3)) // around the lock page
+			}
+			t := Txn{Header: hdr, Offset: off, Commit: commit}
+			var frames []Page
+			for range rng.IntN(30) {
+				pgno := uint32(1 + rng.IntN(int(commit)+5)) // some beyond commit
+				if rng.IntN(10) == 0 {
+					pgno = max(1, lock-1+uint32(rng.IntN(3)))
+				}
+				frames = append(frames, Page{Pgno: pgno, Offset: off + FrameHeaderSize})
+				off += hdr.FrameSize()
+			}
+			off += hdr.FrameSize() // the commit frame
+			frames = append(frames, Page{Pgno: 1, Offset: off - hdr.FrameSize() + FrameHeaderSize})
+			t.Size = off - t.Offset
+			t.Pages = finalPages(frames, commit, pageSize)
+			for pgno := range model {
+				if pgno > commit {
+					delete(model, pgno)
+				}
+			}
+			for _, p := range t.Pages {
+				model[p.Pgno] = p.Offset
+			}
+			txns = append(txns, t)
+		}
+		got := Merge(txns)
+		if got.Commit != txns[len(txns)-1].Commit || got.Offset != txns[0].Offset || got.End() != off {
+			t.Fatalf("round %d: merged commit %d at %d-%d", round, got.Commit, got.Offset, got.End())
+		}
+		if len(got.Pages) != len(model) {
+			t.Fatalf("round %d: merged %d pages, model %d", round, len(got.Pages), len(model))
+		}
+		for i, p := range got.Pages {
+			if i > 0 && got.Pages[i-1].Pgno >= p.Pgno {
+				t.Fatalf("round %d: pages out of order: %d then %d", round, got.Pages[i-1].Pgno, p.Pgno)
+			}
+			if p.Pgno == lock || model[p.Pgno] != p.Offset {
+				t.Fatalf("round %d: page %d at %d, model %d", round, p.Pgno, p.Offset, model[p.Pgno])
+			}
+		}
+	}
+}
+
+// A page written twice in one transaction is captured from its last frame.
+func TestFinalPagesKeepsLastFrame(t *testing.T) {
+	frames := []Page{{3, 100}, {1, 200}, {3, 300}, {9, 400}, {1, 500}, {2, 600}}
+	got := finalPages(frames, 8, 4096)
+	want := []Page{{1, 500}, {2, 600}, {3, 300}}
+	if len(got) != len(want) {
+		t.Fatalf("got %v, want %v", got, want)
+	}
+	for i := range want {
+		if got[i] != want[i] {
+			t.Fatalf("got %v, want %v", got, want)
 		}
 	}
 }

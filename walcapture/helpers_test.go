@@ -111,7 +111,7 @@ func captureAll(t *testing.T, c *Capturer, wal []byte, sums *MemSums, firstID lt
 	id := firstID
 	res, err := c.Scan(bytes.NewReader(wal), func(txn Txn) error {
 		var buf bytes.Buffer
-		u, err := EncodeTxn(&buf, bytes.NewReader(wal), txn, sums, id, id, time.Now())
+		u, err := EncodeTxn(&buf, bytes.NewReader(wal), txn, sums, id, id, time.Now(), "")
 		if err != nil {
 			return err
 		}
