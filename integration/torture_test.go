@@ -434,6 +434,10 @@ func (tr *trial) stopWorkers(kill bool) {
 			w.tolerate = true
 			w.cmd.Process.Kill()
 		} else {
+			// A process started a moment ago may not handle the
+			// signal yet, and would die of it: two trials in 120
+			// failed so after a restart.
+			w.out.wait(tortureReady, time.Minute, w.done)
 			w.cmd.Process.Signal(syscall.SIGTERM)
 		}
 	}

@@ -122,6 +122,10 @@ func contentDigest(ctx context.Context, q queryer) (string, error) {
 	return hex.EncodeToString(h.Sum(nil)[:12]), nil
 }
 
+// tortureReady is what a torture worker prints once SIGTERM asks it to stop
+// rather than killing it.
+const tortureReady = "ready for SIGTERM"
+
 // runTortureWriter commits random transactions until SIGTERM, which lets
 // the current one finish. Errors other than a full disk end it with
 // status 2 (3 if SQLite saw corruption).
@@ -134,6 +138,7 @@ func runTortureWriter() int {
 	sigs := make(chan os.Signal, 1)
 	signal.Notify(sigs, syscall.SIGTERM)
 	go func() { <-sigs; stopping.Store(true) }()
+	fmt.Println(tortureReady)
 
 	rec, err := os.OpenFile(os.Getenv("RECORD"), os.O_WRONLY|os.O_APPEND|os.O_CREATE, 0o644)
 	if err != nil {
@@ -275,6 +280,7 @@ func runTortureReader() int {
 	sigs := make(chan os.Signal, 1)
 	signal.Notify(sigs, syscall.SIGTERM)
 	go func() { <-sigs; stopping.Store(true) }()
+	fmt.Println(tortureReady)
 	db, err := sql.Open("sqlite3", os.Getenv("DB")+"?_busy_timeout=60000")
 	if err != nil {
 		return fail(err)
