@@ -64,13 +64,9 @@ func mergeLTX(w io.Writer, inputs []io.Reader, spillDir string, checksums bool) 
 			hdr.PreApplyChecksum = first.PreApplyChecksum
 		}
 	}
-	enc, err := ltx.NewEncoder(w)
+	enc, err := walcapture.NewEncoder(w, spillDir)
 	if err != nil {
 		return hdr, 0, err
-	}
-	if spillDir != "" {
-		enc.SetSpillDir(spillDir)
-		enc.SetSpillThreshold(walcapture.IndexSpillEntries)
 	}
 	defer enc.Cleanup()
 	if err := enc.EncodeHeader(hdr); err != nil {

@@ -6,6 +6,8 @@ import (
 	"fmt"
 	"io"
 	"slices"
+
+	"github.com/superfly/ltx"
 )
 
 // ErrDiverged means the log no longer holds a transaction this Capturer
@@ -41,6 +43,20 @@ func (t Txn) End() int64 { return t.Offset + t.Size }
 // beside it: a 2 GB database's snapshot held 12.6 MB of index per encoder,
 // and lfuse's anonymous memory peaked at 59-83 MB while it was taken.
 const IndexSpillEntries = 1 << 16
+
+// NewEncoder is an LTX encoder writing to w that, if spillDir is set, moves
+// its page index there past IndexSpillEntries.
+func NewEncoder(w io.Writer, spillDir string) (*ltx.Encoder, error) {
+	enc, err := ltx.NewEncoder(w)
+	if err != nil {
+		return nil, err
+	}
+	if spillDir != "" {
+		enc.SetSpillDir(spillDir)
+		enc.SetSpillThreshold(IndexSpillEntries)
+	}
+	return enc, nil
+}
 
 // Pos is a capture position: the log generation (by its salts) and the file
 // offset just past the last captured commit frame. Offset 0 means nothing of
@@ -398,26 +414,30 @@ func (c *Capturer) scanFrames(r io.ReaderAt, emit func(Txn) error) (int, error) 
 // next transaction.
 const handOver = 4096
 
-func byPageThenOffset(a, b Page) int {
-	if c := cmp.Compare(a.Pgno, b.Pgno); c != 0 {
-		return c
-	}
-	return cmp.Compare(a.Offset, b.Offset)
-}
-
 // finalPages sorts frames (in log order) by page and keeps, in place, the
 // last frame of each page: its final image in the transaction. Pages beyond
 // commit, and the lock page, are dropped.
 func finalPages(frames []Page, commit, pageSize uint32) []Page {
-	// A page's frames then stand in log order, the last written last.
-	slices.SortFunc(frames, byPageThenOffset)
 	lock := LockPgno(pageSize)
-	out := frames[:0]
-	for i, p := range frames {
-		if i+1 < len(frames) && frames[i+1].Pgno == p.Pgno {
+	return lastOfEach(frames, func(p Page) bool { return p.Pgno <= commit && p.Pgno != lock })
+}
+
+// lastOfEach sorts pages by page number and then offset, and keeps, in
+// place, the entry of each page with the highest offset (the last written)
+// if keep says so.
+func lastOfEach(pages []Page, keep func(Page) bool) []Page {
+	slices.SortFunc(pages, func(a, b Page) int {
+		if c := cmp.Compare(a.Pgno, b.Pgno); c != 0 {
+			return c
+		}
+		return cmp.Compare(a.Offset, b.Offset)
+	})
+	out := pages[:0]
+	for i, p := range pages {
+		if i+1 < len(pages) && pages[i+1].Pgno == p.Pgno {
 			continue
 		}
-		if p.Pgno <= commit && p.Pgno != lock {
+		if keep(p) {
 			out = append(out, p)
 		}
 	}

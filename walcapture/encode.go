@@ -58,15 +58,11 @@ func EncodeTxn(w io.Writer, wal io.ReaderAt, t Txn, sums PageSums, minID, maxID 
 		return Update{}, fmt.Errorf("transaction ids %d-%d: TXID 1 is reserved for snapshots", minID, maxID)
 	}
 	pre := sums.Total()
-	enc, err := ltx.NewEncoder(w)
+	enc, err := NewEncoder(w, spillDir)
 	if err != nil {
 		return Update{}, err
 	}
 	defer enc.Cleanup()
-	if spillDir != "" {
-		enc.SetSpillDir(spillDir)
-		enc.SetSpillThreshold(IndexSpillEntries)
-	}
 	hdr := ltx.Header{
 		Version:          ltx.Version,
 		PageSize:         t.Header.PageSize,
@@ -159,8 +155,8 @@ func Merge(txns []Txn) Txn {
 	for _, t := range txns {
 		all = append(all, t.Pages...)
 	}
-	// Later transactions sit later in the log, so sorted by page and then
-	// offset, a page's last entry is its final image. It survives only if
+	// Later transactions sit later in the log, so a page's entry with the
+	// highest offset is its final image. It survives only if
 	// no transaction after the one that wrote it cut the database below it.
 	laterMin := make([]uint32, len(txns)) // smallest commit size after txns[i]
 	m := last.Commit
@@ -168,17 +164,10 @@ func Merge(txns []Txn) Txn {
 		laterMin[i] = m
 		m = min(m, txns[i].Commit)
 	}
-	slices.SortFunc(all, byPageThenOffset)
-	out := all[:0]
-	for i, p := range all {
-		if i+1 < len(all) && all[i+1].Pgno == p.Pgno {
-			continue
-		}
+	out := lastOfEach(all, func(p Page) bool {
 		k, _ := slices.BinarySearchFunc(txns, p.Offset, func(t Txn, off int64) int { return cmp.Compare(t.End(), off+1) })
-		if k < len(txns) && p.Pgno <= laterMin[k] {
-			out = append(out, p)
-		}
-	}
+		return k < len(txns) && p.Pgno <= laterMin[k]
+	})
 	return Txn{
 		Header: first.Header,
 		Offset: first.Offset,

@@ -223,15 +223,11 @@ func (c *Capturer) snapshotHeader(pageSize, commit uint32, id ltx.TXID, ts time.
 // encodeSnapshot writes pages 1..hdr.Commit, each filled in by page, and
 // returns the database checksum.
 func (c *Capturer) encodeSnapshot(w io.Writer, hdr ltx.Header, page func(pgno uint32, buf []byte) error, setSum func(uint32, ltx.Checksum)) (ltx.Checksum, error) {
-	enc, err := ltx.NewEncoder(w)
+	enc, err := NewEncoder(w, c.SpillDir)
 	if err != nil {
 		return 0, err
 	}
 	defer enc.Cleanup()
-	if c.SpillDir != "" {
-		enc.SetSpillDir(c.SpillDir)
-		enc.SetSpillThreshold(IndexSpillEntries)
-	}
 	if err := enc.EncodeHeader(hdr); err != nil {
 		return 0, fmt.Errorf("encode snapshot header: %w", err)
 	}
