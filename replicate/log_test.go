@@ -183,7 +183,7 @@ func TestSumsPersistAndVerify(t *testing.T) {
 	u := walcapture.Update{Commit: 3}
 	for pgno := uint32(1); pgno <= 3; pgno++ {
 		sum := ltx.ChecksumPage(pgno, bytes.Repeat([]byte{byte(pgno)}, 512))
-		u.Pages = append(u.Pages, walcapture.PageSum{Pgno: pgno, Sum: sum})
+		u.Add(pgno, sum)
 		mem.Set(pgno, sum)
 	}
 	u.Total = mem.Total()
@@ -191,7 +191,7 @@ func TestSumsPersistAndVerify(t *testing.T) {
 		t.Fatal(err)
 	}
 	// Grow far beyond the first mapping, then shrink.
-	big := walcapture.Update{Commit: 100000, Pages: []walcapture.PageSum{{Pgno: 100000, Sum: ltx.ChecksumFlag | 5}}}
+	big := walcapture.Update{Commit: 100000, Pgnos: []uint32{100000}, Sums: []ltx.Checksum{ltx.ChecksumFlag | 5}}
 	mem.Set(100000, ltx.ChecksumFlag|5)
 	big.Total = mem.Total()
 	if err := s.Apply(big, 8); err != nil {

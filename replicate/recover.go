@@ -182,7 +182,7 @@ func applyRecordSums(s *Sums, rec Record, r io.Reader) error {
 		if hdr.IsSnapshot() {
 			s.Set(ph.Pgno, sum)
 		} else {
-			u.Pages = append(u.Pages, walcapture.PageSum{Pgno: ph.Pgno, Sum: sum})
+			u.Add(ph.Pgno, sum)
 		}
 	}
 	if err := dec.Close(); err != nil {

@@ -148,9 +148,12 @@ func (s *Sums) Apply(u walcapture.Update, txid ltx.TXID) error {
 	if err := s.resize(u.Commit); err != nil {
 		return err
 	}
-	for _, p := range u.Pages {
-		s.total ^= (s.Get(p.Pgno) ^ p.Sum) &^ ltx.ChecksumFlag
-		s.put(p.Pgno, p.Sum)
+	if len(u.Sums) != len(u.Pgnos) {
+		return fmt.Errorf("TXID %s: an update of %d pages with %d sums", txid, len(u.Pgnos), len(u.Sums))
+	}
+	for i, pgno := range u.Pgnos {
+		s.total ^= (s.Get(pgno) ^ u.Sums[i]) &^ ltx.ChecksumFlag
+		s.put(pgno, u.Sums[i])
 	}
 	if got := s.Total(); got != u.Total {
 		return fmt.Errorf("page checksum table disagrees with TXID %s: %s, want %s", txid, got, u.Total)

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"math"
 	"slices"
 
 	"github.com/superfly/ltx"
@@ -18,9 +19,13 @@ import (
 var ErrDiverged = errors.New("WAL no longer holds a transaction that was already captured")
 
 // Page locates the final image of one page of a transaction in the log.
+//
+// A frame index rather than a file offset: a bulk load or a VACUUM commits
+// every page of the database in one transaction, and capture holds its list
+// of pages in memory (8 bytes a page instead of 16).
 type Page struct {
-	Pgno   uint32
-	Offset int64 // file offset of the page data, just after its frame header
+	Pgno  uint32
+	Frame uint32 // index of its frame in the log; Header.PageOffset says where its data is
 }
 
 // Txn is one transaction SQLite committed to the log.
@@ -377,7 +382,11 @@ func (c *Capturer) scanFrames(r io.ReaderAt, emit func(Txn) error) (int, error) 
 		if off == txnStart {
 			first = append(first[:0], frame[:FrameHeaderSize]...)
 		}
-		pages = append(pages, Page{Pgno: fh.Pgno, Offset: off + FrameHeaderSize})
+		idx := (off - HeaderSize) / h.FrameSize()
+		if idx > math.MaxUint32 {
+			return emitted, fmt.Errorf("the log is longer than %d frames, which capture cannot index", uint64(math.MaxUint32)+1)
+		}
+		pages = append(pages, Page{Pgno: fh.Pgno, Frame: uint32(idx)})
 		off, s1, s2 = off+h.FrameSize(), n1, n2
 		progressed = resumed
 		if fh.Commit == 0 {
@@ -430,7 +439,7 @@ func lastOfEach(pages []Page, keep func(Page) bool) []Page {
 		if c := cmp.Compare(a.Pgno, b.Pgno); c != 0 {
 			return c
 		}
-		return cmp.Compare(a.Offset, b.Offset)
+		return cmp.Compare(a.Frame, b.Frame)
 	})
 	out := pages[:0]
 	for i, p := range pages {

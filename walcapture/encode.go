@@ -22,18 +22,21 @@ type PageSums interface {
 	Total() ltx.Checksum          // ltx.ChecksumFlag | XOR of every page's sum
 }
 
-// PageSum is the new checksum of one page.
-type PageSum struct {
-	Pgno uint32
-	Sum  ltx.Checksum
-}
-
 // Update is how one transaction changes a PageSums: pages beyond Commit are
-// dropped, Pages get new sums, and Total is the result.
+// dropped, page Pgnos[i] gets the sum Sums[i], and Total is the result.
+// Two lists rather than one of pairs, which padding makes 16 bytes a page:
+// a transaction can hold every page of the database.
 type Update struct {
 	Commit uint32
-	Pages  []PageSum
+	Pgnos  []uint32
+	Sums   []ltx.Checksum
 	Total  ltx.Checksum
+}
+
+// Add records the new sum of a page.
+func (u *Update) Add(pgno uint32, sum ltx.Checksum) {
+	u.Pgnos = append(u.Pgnos, pgno)
+	u.Sums = append(u.Sums, sum)
 }
 
 func rawSum(c ltx.Checksum) ltx.Checksum { return c &^ ltx.ChecksumFlag }
@@ -79,9 +82,9 @@ func EncodeTxn(w io.Writer, wal io.ReaderAt, t Txn, sums PageSums, minID, maxID 
 	if err := enc.EncodeHeader(hdr); err != nil {
 		return Update{}, fmt.Errorf("encode LTX header: %w", err)
 	}
-	u := Update{Commit: t.Commit, Pages: make([]PageSum, 0, len(t.Pages))}
+	u := Update{Commit: t.Commit, Pgnos: make([]uint32, 0, len(t.Pages)), Sums: make([]ltx.Checksum, 0, len(t.Pages))}
 	raw := rawSum(pre)
-	pr := pageReader{wal: wal, pageSize: int64(t.Header.PageSize), frameSize: t.Header.FrameSize()}
+	pr := pageReader{wal: wal, hdr: t.Header}
 	for i, p := range t.Pages {
 		buf, err := pr.page(t.Pages, i)
 		if err != nil {
@@ -89,7 +92,7 @@ func EncodeTxn(w io.Writer, wal io.ReaderAt, t Txn, sums PageSums, minID, maxID 
 		}
 		sum := ChecksumPage(p.Pgno, buf)
 		raw ^= rawSum(sums.Get(p.Pgno) ^ sum)
-		u.Pages = append(u.Pages, PageSum{Pgno: p.Pgno, Sum: sum})
+		u.Add(p.Pgno, sum)
 		if err := enc.EncodePage(ltx.PageHeader{Pgno: p.Pgno}, buf); err != nil {
 			return Update{}, fmt.Errorf("encode page %d: %w", p.Pgno, err)
 		}
@@ -110,22 +113,23 @@ func EncodeTxn(w io.Writer, wal io.ReaderAt, t Txn, sums PageSums, minID, maxID 
 // rewrites a table in order), it reads the run with one call rather than
 // one per page: a 6 MB insert took 1,400 reads.
 type pageReader struct {
-	wal                 io.ReaderAt
-	pageSize, frameSize int64
-	buf                 []byte
-	bufOff              int64 // log offset of buf[0]
+	wal    io.ReaderAt
+	hdr    Header
+	buf    []byte
+	bufOff int64 // log offset of buf[0]
 }
 
 const maxPageRun = 256 << 10
 
 func (r *pageReader) page(pages []Page, i int) ([]byte, error) {
-	off := pages[i].Offset
-	if rel := off - r.bufOff; r.buf != nil && rel >= 0 && rel+r.pageSize <= int64(len(r.buf)) {
-		return r.buf[rel : rel+r.pageSize], nil
+	pageSize := int64(r.hdr.PageSize)
+	off := r.hdr.PageOffset(pages[i].Frame)
+	if rel := off - r.bufOff; r.buf != nil && rel >= 0 && rel+pageSize <= int64(len(r.buf)) {
+		return r.buf[rel : rel+pageSize], nil
 	}
-	end := off + r.pageSize
-	for j := i + 1; j < len(pages) && pages[j].Offset == pages[j-1].Offset+r.frameSize && pages[j].Offset+r.pageSize-off <= maxPageRun; j++ {
-		end = pages[j].Offset + r.pageSize
+	end := off + pageSize
+	for j := i + 1; j < len(pages) && pages[j].Frame == pages[j-1].Frame+1 && r.hdr.PageOffset(pages[j].Frame)+pageSize-off <= maxPageRun; j++ {
+		end = r.hdr.PageOffset(pages[j].Frame) + pageSize
 	}
 	if int64(cap(r.buf)) < end-off {
 		r.buf = make([]byte, end-off)
@@ -135,7 +139,7 @@ func (r *pageReader) page(pages []Page, i int) ([]byte, error) {
 		r.buf = nil
 		return nil, err
 	}
-	return r.buf[:r.pageSize], nil
+	return r.buf[:pageSize], nil
 }
 
 // Merge combines consecutive transactions of one log generation into one:
@@ -165,7 +169,7 @@ func Merge(txns []Txn) Txn {
 		m = min(m, txns[i].Commit)
 	}
 	out := lastOfEach(all, func(p Page) bool {
-		k, _ := slices.BinarySearchFunc(txns, p.Offset, func(t Txn, off int64) int { return cmp.Compare(t.End(), off+1) })
+		k, _ := slices.BinarySearchFunc(txns, first.Header.PageOffset(p.Frame), func(t Txn, off int64) int { return cmp.Compare(t.End(), off+1) })
 		return k < len(txns) && p.Pgno <= laterMin[k]
 	})
 	return Txn{
@@ -228,7 +232,7 @@ func (m *MemSums) Truncate(n uint32) {
 // Apply applies a transaction's Update.
 func (m *MemSums) Apply(u Update) {
 	m.Truncate(u.Commit)
-	for _, p := range u.Pages {
-		m.Set(p.Pgno, p.Sum)
+	for i, pgno := range u.Pgnos {
+		m.Set(pgno, u.Sums[i])
 	}
 }

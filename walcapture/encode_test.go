@@ -89,7 +89,8 @@ func TestMergeMatchesOneByOne(t *testing.T) {
 		hdr := Header{PageSize: pageSize, Salt1: 7, Salt2: 9}
 		off := int64(HeaderSize)
 		var txns []Txn
-		model := map[uint32]int64{}
+		model := map[uint32]uint32{} // page: frame of its final image
+		frame := uint32(0)
 		for range 1 + rng.IntN(6) {
 			commit := uint32(1 + rng.IntN(40))
 			if rng.IntN(8) == 0 {
@@ -102,11 +103,13 @@ func TestMergeMatchesOneByOne(t *testing.T) {
 				if rng.IntN(10) == 0 {
 					pgno = max(1, lock-1+uint32(rng.IntN(3)))
 				}
-				frames = append(frames, Page{Pgno: pgno, Offset: off + FrameHeaderSize})
+				frames = append(frames, Page{Pgno: pgno, Frame: frame})
 				off += hdr.FrameSize()
+				frame++
 			}
-			off += hdr.FrameSize() // the commit frame
-			frames = append(frames, Page{Pgno: 1, Offset: off - hdr.FrameSize() + FrameHeaderSize})
+			frames = append(frames, Page{Pgno: 1, Frame: frame}) // the commit frame
+			off += hdr.FrameSize()
+			frame++
 			t.Size = off - t.Offset
 			t.Pages = finalPages(frames, commit, pageSize)
 			for pgno := range model {
@@ -115,7 +118,7 @@ func TestMergeMatchesOneByOne(t *testing.T) {
 				}
 			}
 			for _, p := range t.Pages {
-				model[p.Pgno] = p.Offset
+				model[p.Pgno] = p.Frame
 			}
 			txns = append(txns, t)
 		}
@@ -130,8 +133,8 @@ func TestMergeMatchesOneByOne(t *testing.T) {
 			if i > 0 && got.Pages[i-1].Pgno >= p.Pgno {
 				t.Fatalf("round %d: pages out of order: %d then %d", round, got.Pages[i-1].Pgno, p.Pgno)
 			}
-			if p.Pgno == lock || model[p.Pgno] != p.Offset {
-				t.Fatalf("round %d: page %d at %d, model %d", round, p.Pgno, p.Offset, model[p.Pgno])
+			if p.Pgno == lock || model[p.Pgno] != p.Frame {
+				t.Fatalf("round %d: page %d in frame %d, model %d", round, p.Pgno, p.Frame, model[p.Pgno])
 			}
 		}
 	}

@@ -40,8 +40,8 @@ func FuzzScan(f *testing.F) {
 				if p.Pgno <= prev || p.Pgno > txn.Commit {
 					t.Fatalf("page %d out of order or beyond commit %d", p.Pgno, txn.Commit)
 				}
-				if p.Offset+int64(txn.Header.PageSize) > int64(len(wal)) {
-					t.Fatalf("page %d data beyond the end of the file", p.Pgno)
+				if off := txn.Header.PageOffset(p.Frame); off < txn.Offset || off+int64(txn.Header.PageSize) > txn.End() {
+					t.Fatalf("page %d data outside its transaction's frames", p.Pgno)
 				}
 				prev = p.Pgno
 			}

@@ -200,7 +200,7 @@ func addTxnPages(m map[uint32]int64, t Txn) {
 		}
 	}
 	for _, p := range t.Pages {
-		m[p.Pgno] = p.Offset
+		m[p.Pgno] = t.Header.PageOffset(p.Frame)
 	}
 }
 

@@ -83,6 +83,9 @@ func (h Header) FrameSize() int64 { return FrameHeaderSize + int64(h.PageSize) }
 // FrameOffset is the file offset of the frame with 0-based index i.
 func (h Header) FrameOffset(i int64) int64 { return HeaderSize + i*h.FrameSize() }
 
+// PageOffset is the file offset of the page data of the frame with index i.
+func (h Header) PageOffset(i uint32) int64 { return h.FrameOffset(int64(i)) + FrameHeaderSize }
+
 // SameGeneration reports whether g is the same log generation as h: the
 // same header, byte for byte. Equal salts are not enough: a writer that
 // restarts the log and dies before committing leaves its salts in the WAL
