@@ -554,10 +554,6 @@ func (d *DB) snapshotLocked() error {
 		return err
 	}
 	defer db.Close()
-	st, err := db.Stat()
-	if err != nil {
-		return err
-	}
 	tmp1, err := os.CreateTemp(d.dir, "snapshot-*.tmp")
 	if err != nil {
 		return fmt.Errorf("create snapshot file: %w", err)
@@ -573,6 +569,7 @@ func (d *DB) snapshotLocked() error {
 	txid := max(last.TXID()+1, d.minTXID)
 	d.cap.SpillDir = d.dir
 	var res walcapture.SnapshotResult
+	var st os.FileInfo
 	for attempt := 1; ; attempt++ {
 		if err := d.sums.Reset(); err != nil {
 			return err

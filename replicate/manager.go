@@ -39,11 +39,10 @@ type Manager struct {
 	// every captured transaction. Default 30 s.
 	ShutdownTimeout time.Duration
 
-	mu      sync.RWMutex
-	dbs     map[string]*DB // by path relative to the mount root
-	noted   map[string]bool
-	closed  bool
-	closeWG sync.WaitGroup
+	mu     sync.RWMutex
+	dbs    map[string]*DB // by path relative to the mount root
+	noted  map[string]bool
+	closed bool
 }
 
 // NewManager returns a Manager for the databases under dataDir, keeping its
