@@ -685,36 +685,36 @@ func (d *DB) logDir() string { return filepath.Join(d.dir, "log") }
 // Replicas are the replicas this database is shipped to.
 func (d *DB) Replicas() []*Replica { return d.replicas }
 
-// prepareUpload returns the newest TXID in the local log after making it,
+// prepareUpload returns the newest record in the local log after making it,
 // and the WAL that also holds it, durable: a replica must never hold a
 // commit that this machine could lose in a power cut. ok is false while the
 // log holds nothing.
-func (d *DB) prepareUpload() (txid ltx.TXID, ok bool, err error) {
+func (d *DB) prepareUpload() (last Record, ok bool, err error) {
 	d.mu.Lock()
 	if d.log == nil {
 		d.mu.Unlock()
-		return 0, false, nil
+		return Record{}, false, nil
 	}
-	last, ok := d.log.Last()
+	last, ok = d.log.Last()
 	d.mu.Unlock()
 	if !ok {
-		return 0, false, nil
+		return Record{}, false, nil
 	}
 	// Fsync through fresh descriptors, outside the lock: capture and the
 	// application's checkpoints are not held up by a slow disk.
 	_, segs, err := (&Log{dir: d.logDir()}).files()
 	if err != nil {
-		return 0, false, fmt.Errorf("local log: %w", err)
+		return Record{}, false, fmt.Errorf("local log: %w", err)
 	}
 	if len(segs) > 0 {
 		if err := fsyncPath((&Log{dir: d.logDir()}).segmentPath(segs[len(segs)-1])); err != nil && !errors.Is(err, os.ErrNotExist) {
-			return 0, false, fmt.Errorf("sync local log: %w", err)
+			return Record{}, false, fmt.Errorf("sync local log: %w", err)
 		}
 	}
 	if err := fsyncPath(d.path + "-wal"); err != nil && !errors.Is(err, os.ErrNotExist) {
-		return 0, false, fmt.Errorf("sync WAL: %w", err)
+		return Record{}, false, fmt.Errorf("sync WAL: %w", err)
 	}
-	return last.TXID(), true, nil
+	return last, true, nil
 }
 
 // resnapshotAbove starts a new history for this database, from a snapshot

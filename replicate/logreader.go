@@ -54,6 +54,12 @@ func NewLogReader(dir string) *LogReader { return &LogReader{dir: dir} }
 // snapshot replaced them): start again from the snapshot.
 var errLogMoved = errors.New("the local log no longer holds those records")
 
+// errNotBoundary: a TXID asked for falls inside one of the local log's
+// records. Every TXID a replica got from this log ends a record, so the
+// replica holds another history (the state directory was lost, or another
+// lfuse wrote it).
+var errNotBoundary = errors.New("the local log has no record boundary there")
+
 // Snapshot returns the log's newest snapshot, held open until released.
 func (lr *LogReader) Snapshot() (Ref, error) {
 	l := &Log{dir: lr.dir}
@@ -134,6 +140,9 @@ func (lr *LogReader) Refs(after, upTo ltx.TXID) (_ []Ref, err error) {
 		if len(refs) > 0 && refs[len(refs)-1].TXID() >= upTo {
 			break
 		}
+	}
+	if len(refs) > 0 && refs[0].Header.MinTXID <= after {
+		return nil, fmt.Errorf("%w: local record %s..%s spans TXID %s", errNotBoundary, refs[0].Header.MinTXID, refs[0].TXID(), after)
 	}
 	if len(refs) == 0 || refs[0].Header.MinTXID != after+1 || refs[len(refs)-1].TXID() != upTo {
 		return nil, fmt.Errorf("local log: records %s..%s not found where expected", after+1, upTo)

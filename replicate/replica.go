@@ -390,10 +390,11 @@ func (r *Replica) syncLocked(ctx context.Context) error {
 			return err
 		}
 	}
-	upTo, ok, err := r.db.prepareUpload()
+	last, ok, err := r.db.prepareUpload()
 	if err != nil || !ok {
 		return err
 	}
+	upTo := last.TXID()
 	if upTo < r.pos.TXID {
 		// The database went back in time (restored from an older copy,
 		// a power cut): a second history must not reuse these TXIDs.
@@ -401,11 +402,20 @@ func (r *Replica) syncLocked(ctx context.Context) error {
 		return errResnapshot
 	}
 	if upTo == r.pos.TXID {
+		if post := last.Trailer.PostApplyChecksum; r.pos.PostApplyChecksum != 0 && post != r.pos.PostApplyChecksum {
+			r.db.resnapshotAbove(upTo, fmt.Sprintf("replica %s at TXID %s has checksum %s, the local log %s",
+				r.client, r.pos.TXID, r.pos.PostApplyChecksum, post))
+			return errResnapshot
+		}
 		r.syncedAt.Store(time.Now().UnixNano())
 		return nil
 	}
 	refs, err := r.reader.Refs(r.pos.TXID, upTo)
 	defer func() { releaseRefs(refs...) }()
+	if errors.Is(err, errNotBoundary) {
+		r.db.resnapshotAbove(upTo, fmt.Sprintf("replica %s holds TXID %s from another history: %v", r.client, r.pos.TXID, err))
+		return errResnapshot
+	}
 	if errors.Is(err, errLogMoved) || r.pos.TXID == 0 {
 		snap, err := r.reader.Snapshot()
 		if err != nil {
