@@ -624,7 +624,12 @@ func (d *DB) snapshotLocked() error {
 		return err
 	}
 	size, _ := out.Seek(0, io.SeekEnd)
-	if _, err := d.log.AddSnapshot(out.Name()); err != nil {
+	// Records some replica has not received stay (LogReader.Tail).
+	keepAfter := ltx.TXID(1<<63 - 1)
+	for _, r := range d.replicas {
+		keepAfter = min(keepAfter, r.Pos())
+	}
+	if _, err := d.log.AddSnapshot(out.Name(), keepAfter); err != nil {
 		return fmt.Errorf("store snapshot: %w", err)
 	}
 	d.snapshots.Add(1)

@@ -229,8 +229,10 @@ func (l *Log) openSegment() error {
 }
 
 // AddSnapshot moves a finished snapshot LTX file at tmpPath into the log. It
-// becomes the start of the log: older snapshots and segments are removed.
-func (l *Log) AddSnapshot(tmpPath string) (Record, error) {
+// becomes the start of the log: older snapshots are removed, and so are
+// older segments, except those holding records after keepAfter, which a
+// replica has not received yet (LogReader.Tail).
+func (l *Log) AddSnapshot(tmpPath string, keepAfter ltx.TXID) (Record, error) {
 	rec, err := readRecordFile(tmpPath)
 	if err != nil {
 		return Record{}, err
@@ -251,13 +253,16 @@ func (l *Log) AddSnapshot(tmpPath string) (Record, error) {
 		l.seg.Close()
 		l.seg = nil
 	}
+	oldLast := l.last.TXID()
 	l.snapshot, l.last, l.segFrom, l.segSize = rec.TXID(), rec, 0, 0
-	l.prune()
+	l.prune(keepAfter, oldLast)
 	return rec, nil
 }
 
-// prune removes files older than the newest snapshot.
-func (l *Log) prune() {
+// prune removes snapshots older than the newest, and the segments before it
+// except those holding records after keepAfter. oldLast is the newest
+// record before the snapshot: where the last of those segments ends.
+func (l *Log) prune(keepAfter, oldLast ltx.TXID) {
 	snaps, segs, err := l.files()
 	if err != nil {
 		return
@@ -267,8 +272,15 @@ func (l *Log) prune() {
 			_ = os.Remove(l.snapshotPath(id))
 		}
 	}
-	for _, from := range segs {
-		if from <= l.snapshot {
+	for i, from := range segs {
+		if from > l.snapshot {
+			break
+		}
+		end := oldLast
+		if i+1 < len(segs) && segs[i+1] <= l.snapshot {
+			end = segs[i+1] - 1
+		}
+		if end <= keepAfter {
 			_ = os.Remove(l.segmentPath(from))
 		}
 	}
@@ -548,6 +560,7 @@ func (l *Log) replaceStart(tmpPath string) error {
 	if l.last.TXID() == rec.TXID() {
 		l.last = rec
 	}
-	l.prune()
+	// Every replica holds the folded records, and so everything before.
+	l.prune(rec.TXID(), rec.TXID())
 	return nil
 }

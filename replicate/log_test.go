@@ -2,10 +2,12 @@ package replicate
 
 import (
 	"bytes"
+	"errors"
 	"io"
 	"os"
 	"path/filepath"
 	"runtime"
+	"slices"
 	"testing"
 	"time"
 
@@ -66,7 +68,7 @@ func TestLogAppendReopenAndTornTail(t *testing.T) {
 		t.Fatal("append before any snapshot succeeded")
 	}
 	pages := map[uint32]byte{1: 1, 2: 2}
-	if _, err := l.AddSnapshot(writeSnapshot(t, dir, 1, pages, 2)); err != nil {
+	if _, err := l.AddSnapshot(writeSnapshot(t, dir, 1, pages, 2), 0); err != nil {
 		t.Fatal(err)
 	}
 	for id := ltx.TXID(2); id <= 5; id++ {
@@ -123,15 +125,16 @@ func TestLogAppendReopenAndTornTail(t *testing.T) {
 		t.Fatalf("records after 3: %v", later)
 	}
 
-	// A new snapshot starts the log again; older files go.
-	if _, err := l.AddSnapshot(writeSnapshot(t, dir, 6, pages, 2)); err != nil {
+	// A new snapshot starts the log again; older files go, as every
+	// replica holds their records.
+	if _, err := l.AddSnapshot(writeSnapshot(t, dir, 6, pages, 2), 5); err != nil {
 		t.Fatal(err)
 	}
 	ents, _ := os.ReadDir(logDir)
 	if len(ents) != 1 {
 		t.Fatalf("after a new snapshot the log holds %d files", len(ents))
 	}
-	if _, err := l.AddSnapshot(writeSnapshot(t, dir, 6, pages, 2)); err == nil {
+	if _, err := l.AddSnapshot(writeSnapshot(t, dir, 6, pages, 2), 5); err == nil {
 		t.Fatal("accepted a snapshot that does not move forward")
 	}
 }
@@ -142,7 +145,7 @@ func TestLogCorruptLastRecord(t *testing.T) {
 	dir := t.TempDir()
 	logDir := filepath.Join(dir, "log")
 	l, _ := OpenLog(logDir)
-	l.AddSnapshot(writeSnapshot(t, dir, 1, map[uint32]byte{1: 1}, 1))
+	l.AddSnapshot(writeSnapshot(t, dir, 1, map[uint32]byte{1: 1}, 1), 0)
 	for id := ltx.TXID(2); id <= 3; id++ {
 		l.Append(func(w io.Writer) error {
 			testRecord(t, w, id, id, map[uint32]byte{1: byte(id)}, 1, ltx.ChecksumFlag|1)
@@ -248,5 +251,67 @@ func TestReadRecordKeepsNoPageIndex(t *testing.T) {
 	// Kept, the map took 19 MB here; the decoding itself allocates 4.5 MB.
 	if got := after.TotalAlloc - before.TotalAlloc; got > 10<<20 {
 		t.Fatalf("reading a record of %d pages allocated %d bytes", n, got)
+	}
+}
+
+// A snapshot keeps the segments holding records after keepAfter, and Tail
+// serves them from there on; the next snapshot or fold past them removes
+// them.
+func TestLogSnapshotKeepsTail(t *testing.T) {
+	dir := t.TempDir()
+	logDir := filepath.Join(dir, "log")
+	l, err := OpenLog(logDir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	pages := map[uint32]byte{1: 1, 2: 2}
+	if _, err := l.AddSnapshot(writeSnapshot(t, dir, 1, pages, 2), 0); err != nil {
+		t.Fatal(err)
+	}
+	for id := ltx.TXID(2); id <= 5; id++ {
+		if _, err := l.Append(func(w io.Writer) error {
+			testRecord(t, w, id, id, map[uint32]byte{2: byte(id)}, 2, ltx.ChecksumFlag|1)
+			return nil
+		}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if _, err := l.AddSnapshot(writeSnapshot(t, dir, 6, pages, 2), 3); err != nil {
+		t.Fatal(err)
+	}
+	lr := NewLogReader(logDir)
+	for _, tc := range []struct {
+		after ltx.TXID
+		want  []ltx.TXID
+	}{{1, []ltx.TXID{2, 3, 4, 5}}, {3, []ltx.TXID{4, 5}}, {5, nil}} {
+		refs, err := lr.Tail(tc.after, 6)
+		if err != nil {
+			t.Fatal(err)
+		}
+		var got []ltx.TXID
+		for _, r := range refs {
+			got = append(got, r.TXID())
+		}
+		releaseRefs(refs...)
+		if !slices.Equal(got, tc.want) {
+			t.Fatalf("Tail(%s): %v, want %v", tc.after, got, tc.want)
+		}
+	}
+	if _, err := lr.Refs(3, 6); !errors.Is(err, errLogMoved) {
+		t.Fatalf("Refs across the snapshot: %v, want errLogMoved", err)
+	}
+	// Reopened, the log starts at the snapshot and ignores the kept segment.
+	l.Close()
+	if l, err = OpenLog(logDir); err != nil {
+		t.Fatal(err)
+	}
+	if last, _ := l.Last(); last.TXID() != 6 {
+		t.Fatalf("reopened log ends at %s, want 6", last.TXID())
+	}
+	if _, err := l.AddSnapshot(writeSnapshot(t, dir, 7, pages, 2), 6); err != nil {
+		t.Fatal(err)
+	}
+	if ents, _ := os.ReadDir(logDir); len(ents) != 1 {
+		t.Fatalf("after a snapshot every replica follows, the log holds %d files", len(ents))
 	}
 }

@@ -150,6 +150,40 @@ func (lr *LogReader) Refs(after, upTo ltx.TXID) (_ []Ref, err error) {
 	return refs, nil
 }
 
+// Tail returns the records after+1 onwards that the log kept from before
+// its newest snapshot snap (Log.AddSnapshot keeps what a replica has not
+// received), as far as they run on without a gap, held open until released.
+// It returns nothing if the log does not hold TXID after+1 that way.
+func (lr *LogReader) Tail(after, snap ltx.TXID) ([]Ref, error) {
+	l := &Log{dir: lr.dir}
+	_, segs, err := l.files()
+	if err != nil {
+		return nil, fmt.Errorf("local log records: %w", err)
+	}
+	i := len(segs) - 1
+	for i >= 0 && (segs[i] >= snap || segs[i] > after+1) {
+		i--
+	}
+	if i < 0 {
+		return nil, nil
+	}
+	var refs []Ref
+	next := segs[i]
+	for ; i < len(segs) && segs[i] == next && next < snap; i++ {
+		more, _, end, err := readRefs(l.segmentPath(segs[i]), 0, segs[i], after, snap-1)
+		if err != nil {
+			break // removed since the listing, or unreadable: ship what runs on
+		}
+		refs = append(refs, more...)
+		next = end
+	}
+	if len(refs) == 0 || refs[0].Header.MinTXID != after+1 {
+		releaseRefs(refs...)
+		return nil, nil
+	}
+	return refs, nil
+}
+
 // readRefs walks a segment from off (where the record with TXID next
 // starts), returning the records within after+1..upTo, which hold the
 // segment open, and where it stopped.

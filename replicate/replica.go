@@ -429,6 +429,9 @@ func (r *Replica) syncLocked(ctx context.Context) error {
 			r.db.resnapshotAbove(r.pos.TXID, fmt.Sprintf("the local log cannot continue replica %s at TXID %s", r.client, r.pos.TXID))
 			return errResnapshot
 		}
+		if err := r.shipTail(ctx, snap.TXID()); err != nil {
+			return err
+		}
 		info, err := r.upload(ctx, SnapshotLevel, []source{refSource(snap)}, snap.Trailer.PostApplyChecksum)
 		if err != nil {
 			return err
@@ -463,6 +466,36 @@ func (r *Replica) syncLocked(ctx context.Context) error {
 		"lag_seconds", time.Since(time.UnixMilli(refs[0].Header.Timestamp)).Seconds())
 	r.syncs.Add(1)
 	r.syncedAt.Store(time.Now().UnixNano())
+	return nil
+}
+
+// shipTail ships the commits the replica lacks from before the local log's
+// newest snapshot snap: a snapshot taken while the replica was behind (a
+// capture that failed, a log that diverged) must not erase the history in
+// between from the replica, where a restore to a time among those commits
+// would otherwise give the state before them.
+func (r *Replica) shipTail(ctx context.Context, snap ltx.TXID) error {
+	if r.pos.TXID == 0 {
+		return nil
+	}
+	refs, err := r.reader.Tail(r.pos.TXID, snap)
+	if err != nil || len(refs) == 0 {
+		return err
+	}
+	defer releaseRefs(refs...)
+	if pre := refs[0].Header.PreApplyChecksum; r.pos.PostApplyChecksum != 0 && pre != r.pos.PostApplyChecksum {
+		return nil // another history: the snapshot alone follows
+	}
+	srcs := make([]source, len(refs))
+	for i, ref := range refs {
+		srcs[i] = refSource(ref)
+	}
+	info, err := r.upload(ctx, 0, srcs, refs[len(refs)-1].Trailer.PostApplyChecksum)
+	if err != nil {
+		return err
+	}
+	r.record(info)
+	r.logger.Info("shipped the commits from before a new local snapshot", "txids", fmt.Sprintf("%s-%s", info.MinTXID, info.MaxTXID))
 	return nil
 }
 
