@@ -10,6 +10,7 @@ import (
 	"os"
 	"path/filepath"
 	"regexp"
+	"slices"
 	"strings"
 	"time"
 
@@ -176,16 +177,27 @@ func loadConfig(path string, expand bool) (Config, error) {
 		}
 		return cfg, fmt.Errorf("config file %s: %w", path, err)
 	}
+	raw := data
 	if expand {
 		data = []byte(os.ExpandEnv(string(data)))
 	}
 	md, err := toml.NewDecoder(bytes.NewReader(data)).Decode(&cfg)
 	if err != nil {
 		var perr toml.ParseError
-		if errors.As(err, &perr) {
-			return cfg, fmt.Errorf("config file %s: line %d: %s", path, perr.Position.Line, perr.Message)
+		if !errors.As(err, &perr) {
+			return cfg, fmt.Errorf("config file %s: %s", path, oneLine(err.Error()))
 		}
-		return cfg, fmt.Errorf("config file %s: %s", path, oneLine(err.Error()))
+		// The parser quotes what it found, which may be a secret taken
+		// from the environment: report the file as written instead.
+		if expand {
+			var rawErr toml.ParseError
+			_, err := toml.NewDecoder(bytes.NewReader(raw)).Decode(&Config{})
+			if !errors.As(err, &rawErr) || rawErr.Position.Line == perr.Position.Line && bytes.Contains(lineOf(raw, perr.Position.Line), []byte("$")) {
+				return cfg, fmt.Errorf("config file %s: line %d: a value taken from the environment does not parse there: put the $VAR in quotes, like \"${VAR}\"", path, perr.Position.Line)
+			}
+			perr = rawErr
+		}
+		return cfg, fmt.Errorf("config file %s: line %d: %s", path, perr.Position.Line, perr.Message)
 	}
 	if undec := md.Undecoded(); len(undec) > 0 {
 		k := undec[0]
@@ -206,20 +218,45 @@ func loadConfig(path string, expand bool) (Config, error) {
 	return cfg, nil
 }
 
-// keyLine finds the line that defines key k, for error messages.
+// keyLine finds the line that defines key k, for error messages: a line
+// "name = ..." (dotted or quoted names too) under the table header that
+// makes up the rest of k, or the header of the table k itself.
 func keyLine(data []byte, k toml.Key) int {
 	if len(k) == 0 {
 		return 0
 	}
-	last := regexp.QuoteMeta(k[len(k)-1])
-	keyRe := regexp.MustCompile(`^\s*"?` + last + `"?\s*=`)
-	tableRe := regexp.MustCompile(`^\s*\[+\s*"?` + last + `"?\s*\]+`)
+	header := regexp.MustCompile(`^\s*\[\[?\s*([^\]]+?)\s*\]\]?\s*(#.*)?$`)
+	assign := regexp.MustCompile(`^\s*([A-Za-z0-9_."' -]+?)\s*=`)
+	split := func(name string) []string {
+		parts := strings.Split(name, ".")
+		for i, p := range parts {
+			parts[i] = strings.Trim(strings.TrimSpace(p), `"'`)
+		}
+		return parts
+	}
+	var table []string
 	for i, line := range strings.Split(string(data), "\n") {
-		if keyRe.MatchString(line) || tableRe.MatchString(line) {
-			return i + 1
+		if m := header.FindStringSubmatch(line); m != nil {
+			table = split(m[1])
+			if slices.Equal(table, k) {
+				return i + 1
+			}
+		} else if m := assign.FindStringSubmatch(line); m != nil {
+			if slices.Equal(append(slices.Clone(table), split(m[1])...), k) {
+				return i + 1
+			}
 		}
 	}
 	return 0
+}
+
+// lineOf returns line n (from 1) of data.
+func lineOf(data []byte, n int) []byte {
+	lines := bytes.Split(data, []byte("\n"))
+	if n < 1 || n > len(lines) {
+		return nil
+	}
+	return lines[n-1]
 }
 
 func oneLine(s string) string {
@@ -293,7 +330,7 @@ func (r ReplicaConfig) validate(db string) error {
 		return fmt.Errorf("%s: %w", where, err)
 	}
 	if len(r.CompactIntervals) > 8 {
-		return fmt.Errorf("%s %s: at most 8 compaction levels", where, r.URL)
+		return fmt.Errorf("%s %s: at most 8 compaction levels", where, redact(r.URL))
 	}
 	return nil
 }

@@ -39,6 +39,7 @@ addr = "127.0.0.1:9090"
 		{name: "unknown key in a table", text: "[log]\nlevel = \"info\"\nverbose = true\n", err: `line 3: unknown key "log.verbose"`},
 		{name: "unknown table", text: "[replica]\nurl = \"s3://x\"\n", err: `unknown key "replica`},
 		{name: "key in the wrong table", text: "[log]\npassthrough = \"on\"\n", err: `line 2: unknown key "log.passthrough"`},
+		{name: "key named like one of another table", text: "[[databases]]\npath = \"app.db\"\n\n[log]\nlevel = \"info\"\npath = \"x\"\n", err: `line 6: unknown key "log.path"`},
 		{name: "wrong type", text: "xattrs = \"yes\"\n", err: "xattrs"},
 		{name: "syntax error", text: "mount-dir = /data\n", err: "line 1"},
 		{name: "replicas", text: `
@@ -218,6 +219,14 @@ secret-access-key = "${LFUSE_TEST_SECRET}"
 	}
 	if cfg.Replicas[0].URL != "s3://bucket/${LFUSE_TEST_PREFIX}" {
 		t.Fatalf("-no-expand-env: url %q", cfg.Replicas[0].URL)
+	}
+
+	// A $VAR left unquoted: the parser's message would quote the secret.
+	os.WriteFile(path, []byte("[[replicas]]\nurl = \"sftp://u@h/p\"\npassword = ${LFUSE_TEST_SECRET}\n"), 0o600)
+	t.Setenv("LFUSE_TEST_SECRET", "correcthorse")
+	_, err = loadConfig(path, true)
+	if err == nil || strings.Contains(err.Error(), "correcthorse") || !strings.Contains(err.Error(), "line 3: a value taken from the environment") {
+		t.Fatalf("unquoted $VAR: %v", err)
 	}
 }
 

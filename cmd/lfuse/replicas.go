@@ -102,10 +102,48 @@ func parseReplicaURL(raw string) (replicaURL, error) {
 
 var queryKeys = []string{"endpoint", "region", "force-path-style", "skip-verify", "key-path", "host-key", "known-hosts"}
 
-var userinfo = regexp.MustCompile(`://([^/@:]*):[^/@]*@`)
+// redact hides what may be secret in a URL that a message repeats: the
+// password of every user:password@ in it (the URL's own, an endpoint's in
+// its query), which may hold '/' and '@', and the value of every query
+// parameter that is not one lfuse knows (someone trying secret-access-key=
+// or sig=).
+func redact(raw string) string {
+	base, query, hasQuery := strings.Cut(raw, "?")
+	base = redactUserinfo(base)
+	if !hasQuery {
+		return base
+	}
+	params := strings.Split(query, "&")
+	for i, p := range params {
+		k, v, ok := strings.Cut(p, "=")
+		if !ok {
+			continue
+		}
+		if name, err := url.QueryUnescape(k); err != nil || !slices.Contains(queryKeys, name) {
+			v = "***"
+		} else {
+			v = redactUserinfo(v)
+		}
+		params[i] = k + "=" + v
+	}
+	return base + "?" + strings.Join(params, "&")
+}
 
-// redact drops a password from a URL for messages.
-func redact(raw string) string { return userinfo.ReplaceAllString(raw, "://$1:***@") }
+// redactUserinfo hides the password between "scheme://user:" and the last
+// '@' of s: a password can hold both, so where it ends cannot be told, and
+// hiding too much is the safe side.
+func redactUserinfo(s string) string {
+	i := strings.Index(s, "://")
+	if i < 0 {
+		return s
+	}
+	auth := s[i+3:]
+	colon, first, last := strings.Index(auth, ":"), strings.Index(auth, "@"), strings.LastIndex(auth, "@")
+	if colon < 0 || first < 0 || colon > first {
+		return s // no password: user@host:port
+	}
+	return s[:i+3] + auth[:colon] + ":***" + auth[last:]
+}
 
 // replicaRoot is an opened replica URL: a client at its root that can check
 // the replica, find the databases under it, and give each its own client.
@@ -151,6 +189,10 @@ func openReplica(ctx context.Context, r ReplicaConfig) (*replicaRoot, error) {
 			return false, fmt.Errorf("replica URL %s: %s=%q: expected true or false", redact(r.URL), query, u.query.Get(query))
 		}
 		return b, nil
+	}
+	if strings.Contains(opt(r.Endpoint, "endpoint"), "@") {
+		// It would be repeated in every message that names the replica.
+		return nil, fmt.Errorf("replica URL %s: the endpoint holds credentials (user:password@); give them as the config keys or in the environment instead", redact(r.URL))
 	}
 	var root *replicaRoot
 	switch u.scheme {

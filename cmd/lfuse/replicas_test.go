@@ -22,12 +22,17 @@ func TestParseReplicaURL(t *testing.T) {
 		{"sftp://host/p", "sftp://USER@HOST"},
 		{"s3://bucket/x?regoin=eu", `unknown parameter "regoin"`},
 		{"ftp://host/x", `unknown scheme "ftp"`},
+		// Found by an audit: secrets a message repeated.
+		{"abs://acct:Eby8vd/K1SZ+secret==@container/app.db", "cannot be parsed"},
+		{"sftp://u:TOP/secret@127.0.0.1:2222/p", "cannot be parsed"},
+		{"sftp://u:TOP@secret@127.0.0.1:2222/p?bogus=1", `unknown parameter "bogus"`},
+		{"s3://bucket/x?sig=hunter2", `unknown parameter "sig"`},
 	} {
 		_, err := parseReplicaURL(c.url)
 		if c.err == "" && err != nil || c.err != "" && (err == nil || !strings.Contains(err.Error(), c.err)) {
 			t.Errorf("%s: %v, want %q", c.url, err, c.err)
 		}
-		if err != nil && (strings.Contains(err.Error(), "secret") || strings.Contains(err.Error(), ":pw@") || strings.Contains(err.Error(), ":key@")) {
+		if err != nil && (strings.Contains(err.Error(), "secret") || strings.Contains(err.Error(), "hunter2") || strings.Contains(err.Error(), ":pw@") || strings.Contains(err.Error(), ":key@")) {
 			t.Errorf("%s: the error shows a credential: %v", c.url, err)
 		}
 	}
@@ -38,6 +43,16 @@ func TestParseReplicaURL(t *testing.T) {
 	}
 	if s := root.client.String(); strings.Contains(s, "hunter2") {
 		t.Fatalf("client name %q shows the password", s)
+	}
+	// Nor credentials in an endpoint, which the client's name repeats.
+	for _, r := range []ReplicaConfig{
+		{URL: "s3://bucket/x?endpoint=http://AKIA:secret@127.0.0.1:7070"},
+		{URL: "s3://bucket/x", Endpoint: "http://AKIA:secret@127.0.0.1:7070"},
+	} {
+		_, err := openReplica(context.Background(), r)
+		if err == nil || !strings.Contains(err.Error(), "endpoint holds credentials") || strings.Contains(err.Error(), "secret") {
+			t.Errorf("%+v: %v", r, err)
+		}
 	}
 }
 
