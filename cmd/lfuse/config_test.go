@@ -180,6 +180,38 @@ func TestResolveStateDir(t *testing.T) {
 	}
 }
 
+// A file replica inside the data directory or the mount point is refused
+// (found by an audit: through the mount its files landed in the data
+// directory, and the URL's directory stayed empty).
+func TestReplicaPlaces(t *testing.T) {
+	base := t.TempDir()
+	data, mnt := filepath.Join(base, "data"), filepath.Join(base, "mnt")
+	os.MkdirAll(data, 0o755)
+	os.MkdirAll(mnt, 0o755)
+	os.Symlink(data, filepath.Join(base, "link"))
+	for _, c := range []struct {
+		url, err string
+	}{
+		{filepath.Join(base, "backups"), ""},
+		{"file://" + filepath.Join(base, "backups"), ""},
+		{filepath.Join(data, "rep"), "inside the data directory"},
+		{data, "inside the data directory"},
+		{filepath.Join(mnt, "rep"), "inside the mount point"},
+		{filepath.Join(base, "link", "rep"), "inside the data directory"},
+		{"s3://bucket/data", ""},
+	} {
+		for _, cfg := range []Config{
+			{Replicas: []ReplicaConfig{{URL: c.url}}},
+			{Databases: []DatabaseConfig{{Path: "app.db", Replicas: []ReplicaConfig{{URL: c.url}}}}},
+		} {
+			err := checkReplicaPlaces(cfg, data, mnt)
+			if c.err == "" && err != nil || c.err != "" && (err == nil || !strings.Contains(err.Error(), c.err)) {
+				t.Errorf("%s: %v, want %q", c.url, err, c.err)
+			}
+		}
+	}
+}
+
 // $VAR and ${VAR} come from the environment (so secrets need not be in the
 // file) unless -no-expand-env; LFUSE_CONFIG names the file when -config
 // does not.

@@ -13,6 +13,7 @@ import (
 	"os/exec"
 	"os/signal"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"syscall"
@@ -121,6 +122,9 @@ func mount(cfg Config, logger *slog.Logger, debugFUSE bool) error {
 	}
 	stateDir, hide, err := resolveStateDir(cfg.StateDir, dataDir, mountDir)
 	if err != nil {
+		return err
+	}
+	if err := checkReplicaPlaces(cfg, dataDir, mountDir); err != nil {
 		return err
 	}
 	if err := os.MkdirAll(stateDir, 0o700); err != nil {
@@ -311,6 +315,46 @@ func resolveStateDir(stateDir, dataDir, mountDir string) (dir, hide string, err 
 		return "", "", fmt.Errorf("state directory %s is inside the mount point %s: put it outside", dir, mountDir)
 	}
 	return dir, "", nil
+}
+
+// checkReplicaPlaces refuses a file replica inside the data directory or
+// the mount point: its backups would land beside the databases, on the same
+// disk and in the application's view, and (through the mount) not where
+// the URL says.
+func checkReplicaPlaces(cfg Config, dataDir, mountDir string) error {
+	all := slices.Clone(cfg.Replicas)
+	for _, d := range cfg.Databases {
+		all = append(all, d.Replicas...)
+	}
+	for _, r := range all {
+		u, err := parseReplicaURL(r.URL)
+		if err != nil || u.scheme != "file" {
+			continue
+		}
+		for _, place := range []struct{ dir, what string }{{dataDir, "data directory"}, {mountDir, "mount point"}} {
+			if inside(realPath(place.dir), realPath(u.path)) {
+				return fmt.Errorf("file replica %s is inside the %s %s: put it outside, on another disk if you can", u.path, place.what, place.dir)
+			}
+		}
+	}
+	return nil
+}
+
+// inside reports whether p is dir or under it.
+func inside(dir, p string) bool {
+	rel, err := filepath.Rel(dir, p)
+	return err == nil && rel != ".." && !strings.HasPrefix(rel, "../")
+}
+
+// realPath resolves the symbolic links in p, as far as p exists.
+func realPath(p string) string {
+	if r, err := filepath.EvalSymlinks(p); err == nil {
+		return r
+	}
+	if parent := filepath.Dir(p); parent != p {
+		return filepath.Join(realPath(parent), filepath.Base(p))
+	}
+	return p
 }
 
 // lockState makes sure one lfuse at a time uses a state directory.
