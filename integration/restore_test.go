@@ -168,6 +168,17 @@ func TestMountRestoresMissing(t *testing.T) {
 	}
 	seqWrite(t, e.path("app.db"), 51, 80)
 	checkpointTruncate(t, e.path("app.db"))
+
+	// A restore into the directory the running mount serves would be
+	// overwritten by its next checkpoint: refused, the database untouched.
+	before, _ := os.ReadFile(filepath.Join(e.data, "app.db"))
+	code, log := runLfuse(t, "restore", "-force", "-data", e.data, "-replica", "file://"+repl)
+	if code == 0 || !strings.Contains(lastLine(log), "served by a running lfuse mount") {
+		t.Fatalf("restore -force under a running mount: exit %d\n%s", code, log)
+	}
+	if after, _ := os.ReadFile(filepath.Join(e.data, "app.db")); !bytes.Equal(after, before) {
+		t.Fatal("a refused restore changed the database")
+	}
 	lf.stop()
 	restoreLatest(t, e, repl, liveBytes(t, e))
 	if k := seqRows(t, filepath.Join(e.data, "app.db")); k != 80 {

@@ -265,6 +265,9 @@ func oneLine(s string) string {
 
 // validate checks values that the types alone do not.
 func (c Config) validate() error {
+	if c.ShutdownTimeout.Duration < 0 {
+		return fmt.Errorf("shutdown-timeout %s: must not be negative", c.ShutdownTimeout.Duration)
+	}
 	switch c.Passthrough {
 	case "auto", "on", "off":
 	default:

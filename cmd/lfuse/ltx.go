@@ -6,6 +6,7 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	"os"
 	"text/tabwriter"
 	"time"
 
@@ -66,12 +67,22 @@ func runDatabases(args []string, stdout, stderr io.Writer) error {
 	if err := fl.Parse(args); err != nil {
 		return err
 	}
+	if fl.NArg() != 0 {
+		fl.Usage()
+		return fmt.Errorf("%w: unexpected argument %q; give replicas with -replica URL", errUsage, fl.Arg(0))
+	}
 	cfg, err := cf.load()
 	if err != nil {
 		return err
 	}
 	for _, r := range replicas {
 		cfg.Replicas = append(cfg.Replicas, ReplicaConfig{URL: r})
+		// A mistyped path would list nothing, as an empty replica does.
+		if u, err := parseReplicaURL(r); err == nil && u.scheme == "file" {
+			if _, err := os.Stat(u.path); err != nil {
+				return fmt.Errorf("replica %s: %w", u.path, err)
+			}
+		}
 	}
 	if len(cfg.Replicas) == 0 && len(cfg.Databases) == 0 {
 		fl.Usage()

@@ -2,8 +2,14 @@ package main
 
 import (
 	"context"
+	"io"
+	"log/slog"
+	"os"
+	"path/filepath"
 	"strings"
 	"testing"
+
+	"github.com/lfuse/lfuse/replicate"
 )
 
 func TestParseReplicaURL(t *testing.T) {
@@ -98,4 +104,44 @@ func FuzzParseReplicaURL(f *testing.F) {
 			t.Fatalf("error shows the password: %v", err)
 		}
 	})
+}
+
+// Where a restore writes is checked before anything is downloaded (found by
+// an audit: raw errors after the download, /dev/null replaced by a file,
+// and a restore under a running mount that the mount then overwrote).
+func TestRestoreOutputChecks(t *testing.T) {
+	dir := t.TempDir()
+	os.Mkdir(filepath.Join(dir, "sub"), 0o755)
+	f := restoreFlags{force: true, parallelism: 1}
+	for _, c := range []struct {
+		out, err string
+	}{
+		{filepath.Join(dir, "missing", "app.db"), "output directory " + filepath.Join(dir, "missing") + " does not exist"},
+		{filepath.Join(dir, "sub"), "is not a regular file (a directory)"},
+		{"/dev/null", "is not a regular file (a device)"},
+	} {
+		_, err := restoreOne(context.Background(), slog.New(slog.DiscardHandler), io.Discard, nil, c.out, replicate.Target{}, f)
+		if err == nil || !strings.Contains(err.Error(), c.err) {
+			t.Errorf("%s: %v, want %q", c.out, err, c.err)
+		}
+	}
+	if st, err := os.Stat("/dev/null"); err != nil || st.Mode().IsRegular() {
+		t.Fatalf("/dev/null: %v %v", st, err)
+	}
+
+	state := filepath.Join(dir, ".lfuse")
+	os.Mkdir(state, 0o700)
+	unlock, err := lockState(state) // as a running mount holds it
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := lockServed(dir, state); err == nil || !strings.Contains(err.Error(), "served by a running lfuse mount") {
+		t.Fatalf("restore into a served directory: %v", err)
+	}
+	unlock()
+	release, err := lockServed(dir, state)
+	if err != nil {
+		t.Fatalf("restore into a directory no mount serves: %v", err)
+	}
+	release()
 }

@@ -91,6 +91,11 @@ Flags:
 		if err != nil {
 			return err
 		}
+		unlock, err := lockServed(filepath.Dir(out), filepath.Join(filepath.Dir(out), defaultStateName))
+		if err != nil {
+			return err
+		}
+		defer unlock()
 		_, err = restoreOne(ctx, logger, stderr, []replicate.ReplicaClient{root.client}, out, target, f)
 		return err
 	}
@@ -121,8 +126,39 @@ Flags:
 	if err := cfg.validate(); err != nil {
 		return err
 	}
+	dataAbs, err := filepath.Abs(cfg.DataDir)
+	if err != nil {
+		return err
+	}
+	stateDir := filepath.Join(dataAbs, defaultStateName)
+	if cfg.StateDir != "" {
+		if stateDir, err = filepath.Abs(cfg.StateDir); err != nil {
+			return err
+		}
+	}
+	unlock, err := lockServed(dataAbs, stateDir)
+	if err != nil {
+		return err
+	}
+	defer unlock()
 	_, err = restoreAll(ctx, logger, stderr, cfg, target, f)
 	return err
+}
+
+// lockServed takes the lock of the state directory of the data directory a
+// restore writes into, if there is one: an lfuse mount serving that
+// directory holds it, and a database restored under a running mount would
+// be overwritten by the next checkpoint and never replicated. Holding it
+// also keeps a mount from starting until the restore is done.
+func lockServed(dataDir, stateDir string) (unlock func(), err error) {
+	if _, err := os.Stat(filepath.Join(stateDir, "lock")); err != nil {
+		return func() {}, nil
+	}
+	unlock, err = lockState(stateDir)
+	if err != nil {
+		return nil, fmt.Errorf("%s is served by a running lfuse mount (%w)", dataDir, err)
+	}
+	return unlock, nil
 }
 
 func (f restoreFlags) target() (replicate.Target, error) {
@@ -215,7 +251,22 @@ func restoreAll(ctx context.Context, logger *slog.Logger, stderr io.Writer, cfg 
 // restoreOne restores one database from the first of clients that holds a
 // backup of it. It reports whether it wrote output.
 func restoreOne(ctx context.Context, logger *slog.Logger, stderr io.Writer, clients []replicate.ReplicaClient, output string, target replicate.Target, f restoreFlags) (bool, error) {
-	if _, err := os.Stat(output); err == nil {
+	// The output's directory is checked before any download.
+	dir := filepath.Dir(output)
+	if st, err := os.Stat(dir); errors.Is(err, os.ErrNotExist) {
+		return false, fmt.Errorf("output directory %s does not exist: create it first", dir)
+	} else if err != nil {
+		return false, fmt.Errorf("output directory: %w", err)
+	} else if !st.IsDir() {
+		return false, fmt.Errorf("output directory %s is not a directory", dir)
+	}
+	if err := unix.Access(dir, unix.W_OK); err != nil {
+		return false, fmt.Errorf("output directory %s is not writable: %w", dir, err)
+	}
+	if st, err := os.Lstat(output); err == nil {
+		if !st.Mode().IsRegular() {
+			return false, fmt.Errorf("%s exists and is not a regular file (%s): give the path of a database file", output, fileKind(st.Mode()))
+		}
 		switch {
 		case f.ifDBNotExists:
 			logger.Info("database exists; not restoring", "path", output)
@@ -260,6 +311,19 @@ func restoreOne(ctx context.Context, logger *slog.Logger, stderr io.Writer, clie
 		return false, nil
 	}
 	return false, fmt.Errorf("%w (use -if-replica-exists to make this not an error)", errors.Join(errs...))
+}
+
+func fileKind(m os.FileMode) string {
+	switch {
+	case m.IsDir():
+		return "a directory"
+	case m&os.ModeSymlink != 0:
+		return "a symbolic link"
+	case m&os.ModeDevice != 0:
+		return "a device"
+	default:
+		return "not a plain file"
+	}
 }
 
 func isTerminal(w io.Writer) bool {
