@@ -11,7 +11,9 @@ package gs
 import (
 	"cmp"
 	"context"
+	"crypto/x509"
 	"encoding/json"
+	"encoding/pem"
 	"errors"
 	"fmt"
 	"golang.org/x/sync/errgroup"
@@ -115,10 +117,24 @@ func credentialsFile(name string) (option.ClientOption, error) {
 		return nil, fmt.Errorf("credentials file: %w", err)
 	}
 	var f struct {
-		Type string `json:"type"`
+		Type       string `json:"type"`
+		PrivateKey string `json:"private_key"`
 	}
 	if err := json.Unmarshal(b, &f); err != nil {
 		return nil, fmt.Errorf("credentials file %s: not JSON: %w", name, err)
+	}
+	if f.Type == "service_account" {
+		// The SDK parses the key only at the first request, and its error
+		// then looks like an outage; a broken key is the user's to fix now.
+		block, _ := pem.Decode([]byte(f.PrivateKey))
+		if block == nil {
+			return nil, backends.ConfigError(fmt.Errorf("credentials file %s: private_key holds no PEM private key: download the key file again", name))
+		}
+		if _, err := x509.ParsePKCS8PrivateKey(block.Bytes); err != nil {
+			if _, err1 := x509.ParsePKCS1PrivateKey(block.Bytes); err1 != nil {
+				return nil, backends.ConfigError(fmt.Errorf("credentials file %s: private_key cannot be read (%v): download the key file again", name, err))
+			}
+		}
 	}
 	types := map[string]option.CredentialsType{
 		"service_account":              option.ServiceAccount,

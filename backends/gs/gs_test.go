@@ -3,6 +3,11 @@ package gs
 import (
 	"bytes"
 	"context"
+	"crypto/rand"
+	"crypto/rsa"
+	"crypto/x509"
+	"encoding/json"
+	"encoding/pem"
 	"errors"
 	"fmt"
 	"io"
@@ -151,11 +156,29 @@ func TestCredentialsFile(t *testing.T) {
 	if err == nil || !strings.Contains(err.Error(), `unsupported type "something_else"`) || strings.Contains(err.Error(), "s3cr3t") {
 		t.Errorf("a file of an unknown type: %v", err)
 	}
-	if err := os.WriteFile(name, []byte(`{"type": "service_account"}`), 0o600); err != nil {
+	key, err := rsa.GenerateKey(rand.Reader, 2048)
+	if err != nil {
 		t.Fatal(err)
 	}
-	if _, err := credentialsFile(name); err != nil {
-		t.Errorf("a service account file: %v", err)
+	der, err := x509.MarshalPKCS8PrivateKey(key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	good := string(pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: der}))
+	garbled := strings.Replace(good, good[100:140], strings.Repeat("A", 40), 1)
+	for _, c := range []struct{ key, err string }{
+		{good, ""},
+		{"", "holds no PEM private key"},
+		{garbled, "private_key cannot be read"},
+	} {
+		b, _ := json.Marshal(map[string]string{"type": "service_account", "private_key": c.key, "client_email": "x@y"})
+		if err := os.WriteFile(name, b, 0o600); err != nil {
+			t.Fatal(err)
+		}
+		_, err := credentialsFile(name)
+		if c.err == "" && err != nil || c.err != "" && (err == nil || !strings.Contains(err.Error(), c.err) || !errors.Is(err, backends.ErrConfig) || strings.Contains(err.Error(), "AAAA")) {
+			t.Errorf("a service account file with key %.30q: %v, want %q", c.key, err, c.err)
+		}
 	}
 }
 
