@@ -1,6 +1,7 @@
 package replicate
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
@@ -340,6 +341,11 @@ func (r *Replica) listLocked(ctx context.Context) error {
 		if err != nil {
 			return fmt.Errorf("list level %d: %w", level, err)
 		}
+		// Snapshots all start at TXID 1: by their first TXID alone their
+		// order is the listing's, and the last must be the newest.
+		slices.SortStableFunc(infos, func(a, b ltx.FileInfo) int {
+			return cmp.Or(cmp.Compare(a.MinTXID, b.MinTXID), cmp.Compare(a.MaxTXID, b.MaxTXID))
+		})
 		files[level] = infos
 	}
 	r.files = files
@@ -354,10 +360,18 @@ func (r *Replica) listLocked(ctx context.Context) error {
 	}
 	if newest != nil {
 		meta, err := r.client.FileMeta(ctx, newest.Level, newest.MinTXID, newest.MaxTXID)
-		if err != nil {
+		if errors.Is(err, backends.ErrNotFound) {
+			// Not written by lfuse (Litestream writes no metadata file):
+			// nothing proves the local log continues it, so every check
+			// against it fails and a new history starts above it.
+			r.logger.Warn("the replica's newest file has no recorded checksum; a new snapshot will start a history above it",
+				"file", fmt.Sprintf("%d/%s-%s", newest.Level, newest.MinTXID, newest.MaxTXID))
+			meta.PostApplyChecksum = unknownChecksum
+		} else if err != nil {
 			return fmt.Errorf("read newest file: %w", err)
+		} else {
+			newest.PostApplyChecksum = meta.PostApplyChecksum
 		}
-		newest.PostApplyChecksum = meta.PostApplyChecksum
 		r.pos = ltx.Pos{TXID: newest.MaxTXID, PostApplyChecksum: meta.PostApplyChecksum}
 	}
 	r.listed = true
@@ -368,6 +382,10 @@ func (r *Replica) listLocked(ctx context.Context) error {
 	}
 	return nil
 }
+
+// unknownChecksum stands for a replica checksum that cannot be known. Real
+// LTX checksums have ltx.ChecksumFlag set, so it equals none of them.
+const unknownChecksum ltx.Checksum = 1
 
 // levels are the levels in use: 0, the compaction levels, snapshots.
 func (r *Replica) levels() []int {
@@ -728,7 +746,10 @@ func (r *Replica) snapshot(ctx context.Context, now time.Time) error {
 func (r *Replica) retain(ctx context.Context, now time.Time) error {
 	r.maintMu.Lock()
 	defer r.maintMu.Unlock()
-	cutoff := now.Add(-r.opts.Retention)
+	// A listing's CreatedAt can be cut to the second (S3's LastModified):
+	// a snapshot listed at the cutoff may have been made up to a second
+	// after it, holding a state newer than the window's start.
+	cutoff := now.Add(-r.opts.Retention - time.Second)
 	r.mu.Lock()
 	snaps := r.files[SnapshotLevel]
 	keep := -1

@@ -4,6 +4,7 @@ import (
 	"context"
 	"database/sql"
 	"errors"
+	"fmt"
 	"io"
 	"log/slog"
 	"os"
@@ -360,4 +361,68 @@ func TestSnapshotKeepsWhatReplicaLacks(t *testing.T) {
 			t.Fatalf("TXID %s: %d rows (%v), want 10", shipped+k, n, err)
 		}
 	}
+}
+
+// A replica whose newest file has no recorded checksum (Litestream writes
+// none) cannot be proved to hold the local history: it gets a new snapshot
+// above it instead of failing every sync. (Found in review: "read newest
+// file" failed each pass, for good.)
+func TestReplicaWithoutChecksumGetsSnapshot(t *testing.T) {
+	opts := ReplicaOptions{SyncInterval: time.Hour, SnapshotInterval: time.Hour, CompactIntervals: []time.Duration{time.Hour}}
+	rs := newReplicaSetup(t, opts)
+	if _, err := rs.db.Exec("CREATE TABLE t(v)"); err != nil {
+		t.Fatal(err)
+	}
+	rs.m.Opened("app.db-wal", true)
+	for i := 0; i < 5; i++ {
+		if _, err := rs.db.Exec("INSERT INTO t VALUES (randomblob(100))"); err != nil {
+			t.Fatal(err)
+		}
+		rs.m.SyncAll()
+	}
+	rs.db.Close()
+	if err := rs.m.Close(); err != nil {
+		t.Fatal(err)
+	}
+	client := file.New(filepath.Join(rs.repl, "app.db"))
+	l0 := mustList(t, client, 0)
+	newest := l0[len(l0)-1]
+	metas, _ := filepath.Glob(filepath.Join(rs.repl, "app.db", "ltx", "0", fmt.Sprintf("%s-%s.ltx.*", newest.MinTXID, newest.MaxTXID)))
+	if len(metas) != 1 {
+		t.Fatalf("metadata files of the newest file: %v", metas)
+	}
+	os.Remove(metas[0])
+
+	m := NewManager(filepath.Dir(rs.path), rs.state, slog.New(slog.NewTextHandler(&logBuffer{}, nil)))
+	m.Replicas = func(rel string) []ReplicaSpec {
+		return []ReplicaSpec{{Client: file.New(filepath.Join(rs.repl, rel)), Options: opts}}
+	}
+	if err := m.Open(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	db, err := sql.Open("sqlite3", rs.path+"?_journal_mode=WAL")
+	if err != nil {
+		t.Fatal(err)
+	}
+	db.SetMaxOpenConns(1)
+	m.Opened("app.db-wal", true)
+	if _, err := db.Exec("INSERT INTO t VALUES ('after')"); err != nil {
+		t.Fatal(err)
+	}
+	m.SyncAll()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if err := m.DB("app.db").Replicas()[0].Flush(ctx); err != nil {
+		t.Fatal(err)
+	}
+	checkpoint(t, m, db, "TRUNCATE")
+	db.Close()
+	if err := m.Close(); err != nil {
+		t.Fatal(err)
+	}
+	snaps := mustList(t, client, SnapshotLevel)
+	if last := snaps[len(snaps)-1]; last.MaxTXID <= newest.MaxTXID {
+		t.Fatalf("newest snapshot %s-%s, want one above %s", last.MinTXID, last.MaxTXID, newest.MaxTXID)
+	}
+	restoresToDatabase(t, rs, client)
 }
