@@ -101,7 +101,7 @@ func TestRestoreRefusals(t *testing.T) {
 	// An unreadable replica.
 	os.Rename(l0, l0+".aside")
 	os.WriteFile(l0, nil, 0o644)
-	fail("list level 0", "-o", out, url)
+	fail("ltx/0: not a directory", "-o", out, url)
 	noOutput()
 	os.Remove(l0)
 	os.Rename(l0+".aside", l0)

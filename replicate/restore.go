@@ -56,7 +56,7 @@ func PlanRestore(ctx context.Context, client ReplicaClient, target Target) (Plan
 	for level := range levels {
 		files, err := client.LTXFiles(ctx, level)
 		if err != nil {
-			return Plan{}, fmt.Errorf("list level %d of %s: %w", level, client, err)
+			return Plan{}, err // the backends' errors say what they were listing
 		}
 		levels[level] = files
 		for i := range files {

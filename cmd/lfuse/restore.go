@@ -281,10 +281,10 @@ func restoreOne(ctx context.Context, logger *slog.Logger, stderr io.Writer, clie
 	for _, client := range clients {
 		plan, err := replicate.PlanRestore(ctx, client, target)
 		if errors.Is(err, replicate.ErrNoBackup) {
-			errs = append(errs, fmt.Errorf("%s: %w", client, err))
+			errs = append(errs, namedError(client, err))
 			continue
 		} else if err != nil {
-			return false, fmt.Errorf("%s: %w", client, err)
+			return false, namedError(client, err)
 		}
 		logger.Info("restore plan", "replica", client.String(), "target", target.String(), "txid", plan.TXID.String(),
 			"committed", plan.Timestamp.Format(time.RFC3339Nano), "files", len(plan.Files), "bytes", plan.Bytes,
@@ -311,6 +311,15 @@ func restoreOne(ctx context.Context, logger *slog.Logger, stderr io.Writer, clie
 		return false, nil
 	}
 	return false, fmt.Errorf("%w (use -if-replica-exists to make this not an error)", errors.Join(errs...))
+}
+
+// namedError prefixes err with the replica's name unless the backend's
+// message already names it.
+func namedError(client replicate.ReplicaClient, err error) error {
+	if strings.Contains(err.Error(), client.String()) {
+		return err
+	}
+	return fmt.Errorf("%s: %w", client, err)
 }
 
 func fileKind(m os.FileMode) string {
