@@ -235,8 +235,13 @@ func TestRollbackJournalDatabase(t *testing.T) {
 // lfuse's own state is invisible and unreachable through the mount.
 func TestStateIsHidden(t *testing.T) {
 	e := newEnv(t)
-	e.mount()
+	lf := e.mount()
 	sqliteCLI(t, e.path("h.db"), "PRAGMA journal_mode=WAL; CREATE TABLE t(x);")
+	// The database's state is made when capture takes it up, after the
+	// command returned.
+	if err := lf.log.wait("snapshot taken", time.Minute, lf.done); err != nil {
+		t.Fatalf("%v\n%s", err, lf.log)
+	}
 	ents, err := os.ReadDir(e.mnt)
 	if err != nil {
 		t.Fatal(err)
