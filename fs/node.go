@@ -149,8 +149,12 @@ func (n *node) Rename(ctx context.Context, name string, newParent gofs.InodeEmbe
 	if n.m.obs == nil {
 		return n.LoopbackNode.Rename(ctx, name, newParent, newName, flags)
 	}
-	after := n.m.obs.BeforeRename(n.rel(name), np.rel(newName))
+	oldRel, newRel := n.rel(name), np.rel(newName)
+	after := n.m.obs.BeforeRename(oldRel, newRel)
 	errno := n.LoopbackNode.Rename(ctx, name, newParent, newName, flags)
+	if errno == 0 && n.m.watch != nil {
+		n.m.watch.renamed(oldRel, newRel)
+	}
 	if after != nil {
 		after(errno == 0)
 	}

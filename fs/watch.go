@@ -6,6 +6,7 @@ import (
 	"os"
 	"path"
 	"path/filepath"
+	"strings"
 	"sync"
 	"time"
 	"unsafe"
@@ -77,6 +78,25 @@ func (w *watcher) watchDir(dir string) {
 	}
 	w.dirs[dir] = wd
 	w.byWD[wd] = dir
+}
+
+// renamed follows a rename of the directory oldRel (and so of the
+// directories under it) to newRel: inotify watches the directories
+// themselves, and their events must be reported under the new names.
+func (w *watcher) renamed(oldRel, newRel string) {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	moved := map[string]int{}
+	for dir, wd := range w.dirs {
+		if rest, ok := strings.CutPrefix(dir, oldRel); ok && (rest == "" || rest[0] == '/') {
+			moved[newRel+rest] = wd
+			delete(w.dirs, dir)
+		}
+	}
+	for dir, wd := range moved {
+		w.dirs[dir] = wd
+		w.byWD[wd] = dir
+	}
 }
 
 func (w *watcher) run() {

@@ -458,8 +458,15 @@ func (m *Manager) BeforeRename(oldRel, newRel string) func(ok bool) {
 	src, srcWAL := m.dbFor(oldRel)
 	dst, dstWAL := m.dbFor(newRel)
 	if src == nil && dst == nil {
+		if moved := m.dbsUnder(oldRel); len(moved) > 0 {
+			return m.renameDir(moved, oldRel, newRel)
+		}
 		m.journalEnded(oldRel)
-		return nil
+		return func(ok bool) {
+			if ok {
+				m.foundAt(newRel)
+			}
+		}
 	}
 	// Hold both in path order, so two renames cannot deadlock.
 	var releases []func()
@@ -480,7 +487,59 @@ func (m *Manager) BeforeRename(oldRel, newRel string) func(ok bool) {
 		for i := len(releases) - 1; i >= 0; i-- {
 			releases[i]()
 		}
+		if ok {
+			m.foundAt(newRel)
+		}
 	}
+}
+
+// dbsUnder returns the databases captured under the directory dir, in path
+// order.
+func (m *Manager) dbsUnder(dir string) []*DB {
+	var out []*DB
+	for _, d := range m.DBs() {
+		if strings.HasPrefix(d.rel, dir+"/") {
+			out = append(out, d)
+		}
+	}
+	return out
+}
+
+// renameDir is BeforeRename for a directory holding captured databases. A
+// database keeps its history under the path it had (its replicas are by
+// path); at its new path it is a new database, which an application that
+// keeps it open goes on writing: it is taken up there at once, from a
+// snapshot, rather than when something next opens its WAL.
+func (m *Manager) renameDir(moved []*DB, oldRel, newRel string) func(ok bool) {
+	releases := make([]func(), len(moved))
+	for i, d := range moved {
+		releases[i] = d.Hold()
+	}
+	return func(ok bool) {
+		for i, d := range moved {
+			if ok {
+				d.gone("its directory was renamed to " + newRel)
+			}
+			releases[i]()
+		}
+		if ok {
+			for _, d := range moved {
+				m.foundAt(newRel + strings.TrimPrefix(d.rel, oldRel))
+			}
+		}
+	}
+}
+
+// foundAt takes up a database that a rename put at rel (rel being the
+// database or its WAL) if it is in WAL mode with its WAL beside it: one that
+// an application may have open and go on writing, where nothing would open
+// its WAL again to make it known.
+func (m *Manager) foundAt(rel string) {
+	rel = strings.TrimSuffix(rel, "-wal")
+	if _, err := os.Stat(filepath.Join(m.dataDir, rel+"-wal")); err != nil || !isWALMode(filepath.Join(m.dataDir, rel)) {
+		return
+	}
+	m.walOpened(rel)
 }
 
 func sortedDBs(a, b *DB) []*DB {
