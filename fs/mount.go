@@ -166,6 +166,10 @@ func New(opts Options) (*Mount, error) {
 		EntryTimeout:    &timeout,
 		AttrTimeout:     &timeout,
 		NegativeTimeout: &timeout,
+		// A mode without permission bits is a mode like any other: go-fuse
+		// would show 000 as 0644 (0755 for a directory), and with
+		// default_permissions the kernel would then let anyone read it.
+		NullPermissions: true,
 		MountOptions:    mo,
 		Logger:          mo.Logger,
 	})

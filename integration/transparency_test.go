@@ -173,6 +173,26 @@ func exerciseFS(t *testing.T, dir string) []string {
 	note("cat 0600 file as nobody", exitErr(cerr))
 	cmd = exec.Command("setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "touch", p("nobody-file"))
 	note("create in root-owned dir as nobody", exitErr(cmd.Run()))
+	// Mode 000 is a mode like any other (go-fuse shows it as 0644 unless
+	// told not to; found by an adversarial run).
+	os.WriteFile(p("nobits"), []byte("n"), 0o644)
+	os.Chmod(p("nobits"), 0)
+	os.MkdirAll(p("nobitsdir"), 0o755)
+	os.WriteFile(p("nobitsdir/in"), []byte("i"), 0o644)
+	os.Chmod(p("nobitsdir"), 0)
+	for _, name := range []string{"nobits", "nobitsdir"} {
+		st, err := os.Stat(p(name))
+		if err == nil {
+			note(fmt.Sprintf("stat %s mode=%v", name, st.Mode()), nil)
+		} else {
+			note("stat "+name, err)
+		}
+	}
+	cmd = exec.Command("setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "cat", p("nobits"))
+	note("cat mode 000 file as nobody", exitErr(cmd.Run()))
+	cmd = exec.Command("setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "cat", p("nobitsdir/in"))
+	note("cat in a mode 000 directory as nobody", exitErr(cmd.Run()))
+	os.Chmod(p("nobitsdir"), 0o755)
 
 	// Locks held by another process: POSIX record locks (as SQLite uses
 	// them), open file description locks, and flock.
