@@ -309,12 +309,13 @@ func (m *Mount) fileHandle(n *node, rel string, fh gofs.FileHandle, flags uint32
 	if !ok {
 		return fh, flags
 	}
-	f := &file{LoopbackFile: lf, rel: rel, obs: m.obs}
-	if m.passthrough && sidecar(rel) {
+	f := &file{LoopbackFile: lf, rel: rel, obs: m.obs, node: n}
+	if m.passthrough && sidecar(rel) && n.cachedOpens.Load() == 0 {
 		n.passthroughSeen.Store(true)
 		f.passthrough = true
 		return f, flags
 	}
+	n.cachedOpens.Add(1)
 	if !n.passthroughSeen.Load() {
 		// Nothing changes the backing file but this mount, so the page
 		// cache stays valid across opens.

@@ -24,6 +24,11 @@ type node struct {
 	// its writes then bypassed the kernel's page cache for this inode, so
 	// that cache must not be kept across a later cached open.
 	passthroughSeen atomic.Bool
+	// cachedOpens counts the file's open handles served through the page
+	// cache: the kernel refuses a passthrough open of an inode open that
+	// way (with EIO), as after a file open under one name is renamed to a
+	// name ending in -wal.
+	cachedOpens atomic.Int32
 }
 
 var (
@@ -197,6 +202,15 @@ type file struct {
 	passthrough bool
 	rel         string // as opened
 	obs         Observer
+	node        *node
+}
+
+// Release closes the file.
+func (f *file) Release(ctx context.Context) syscall.Errno {
+	if !f.passthrough {
+		f.node.cachedOpens.Add(-1)
+	}
+	return f.LoopbackFile.Release(ctx)
 }
 
 // PassthroughFd hands the backing file to the kernel, or declines to.

@@ -173,6 +173,20 @@ func exerciseFS(t *testing.T, dir string) []string {
 	note("cat 0600 file as nobody", exitErr(cerr))
 	cmd = exec.Command("setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "touch", p("nobody-file"))
 	note("create in root-owned dir as nobody", exitErr(cmd.Run()))
+	// A file still open under one name, reopened under a name SQLite
+	// gives its side files (found by an adversarial run: EIO).
+	for _, suffix := range []string{"-journal", "-wal", "-shm"} {
+		os.WriteFile(p("notes"), []byte("hello"), 0o644)
+		held, err := os.Open(p("notes"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		note("rename open file to *"+suffix, os.Rename(p("notes"), p("notes"+suffix)))
+		data, err := os.ReadFile(p("notes" + suffix))
+		note(fmt.Sprintf("reopen as *%s %q", suffix, data), err)
+		held.Close()
+		os.Remove(p("notes" + suffix))
+	}
 	// Mode 000 is a mode like any other (go-fuse shows it as 0644 unless
 	// told not to; found by an adversarial run).
 	os.WriteFile(p("nobits"), []byte("n"), 0o644)
