@@ -294,4 +294,21 @@ func TestRefusals(t *testing.T) {
 			t.Fatalf("exit %d, %q", code, out)
 		}
 	})
+
+	// With a state directory of its own it would still serve the same
+	// files to a second application, with locks neither mount sees (found
+	// by an audit: two writers corrupted the database).
+	t.Run("second lfuse on the same data", func(t *testing.T) {
+		e := newEnv(t)
+		e.mount()
+		other := mk(filepath.Join(e.root, "mnt2"))
+		code, out := runLfuse(t, "mount", "-data", e.data, "-state", filepath.Join(e.root, "state2"), other)
+		if code == 0 || !strings.Contains(lastLine(out), "another lfuse is serving the data directory") {
+			t.Fatalf("exit %d, %q", code, out)
+		}
+		if _, mounted := mountType(other); mounted {
+			syscall.Unmount(other, syscall.MNT_DETACH)
+			t.Fatal("a refused mount left a mount behind")
+		}
+	})
 }

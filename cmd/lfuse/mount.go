@@ -135,6 +135,11 @@ func mount(cfg Config, logger *slog.Logger, debugFUSE bool) error {
 		return err
 	}
 	defer unlock()
+	unlockData, err := lockData(dataDir)
+	if err != nil {
+		return err
+	}
+	defer unlockData()
 
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
 	defer stop()
@@ -355,6 +360,26 @@ func realPath(p string) string {
 		return filepath.Join(realPath(parent), filepath.Base(p))
 	}
 	return p
+}
+
+// lockData makes sure one lfuse at a time serves a data directory, whatever
+// state directory each is given: two mounts of one directory let two
+// applications write one database with locks that neither mount sees, and
+// corrupt it. A filesystem without flock (some network filesystems) cannot
+// be checked.
+func lockData(dir string) (func(), error) {
+	f, err := os.Open(dir)
+	if err != nil {
+		return nil, fmt.Errorf("data directory %s: %w", dir, err)
+	}
+	switch err := syscall.Flock(int(f.Fd()), syscall.LOCK_EX|syscall.LOCK_NB); {
+	case errors.Is(err, syscall.EWOULDBLOCK):
+		f.Close()
+		return nil, fmt.Errorf("another lfuse is serving the data directory %s (with its own state directory): stop it first", dir)
+	case err != nil:
+		slog.Debug("cannot lock the data directory", "dir", dir, "err", err)
+	}
+	return func() { f.Close() }, nil
 }
 
 // lockState makes sure one lfuse at a time uses a state directory.

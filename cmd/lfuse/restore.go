@@ -150,15 +150,22 @@ Flags:
 // directory holds it, and a database restored under a running mount would
 // be overwritten by the next checkpoint and never replicated. Holding it
 // also keeps a mount from starting until the restore is done.
-func lockServed(dataDir, stateDir string) (unlock func(), err error) {
-	if _, err := os.Stat(filepath.Join(stateDir, "lock")); err != nil {
-		return func() {}, nil
+func lockServed(dataDir, stateDir string) (func(), error) {
+	unlockData := func() {}
+	if _, err := os.Stat(dataDir); err == nil {
+		if unlockData, err = lockData(dataDir); err != nil {
+			return nil, fmt.Errorf("%s is served by a running lfuse mount: stop it first", dataDir)
+		}
 	}
-	unlock, err = lockState(stateDir)
+	if _, err := os.Stat(filepath.Join(stateDir, "lock")); err != nil {
+		return unlockData, nil
+	}
+	unlockState, err := lockState(stateDir)
 	if err != nil {
+		unlockData()
 		return nil, fmt.Errorf("%s is served by a running lfuse mount (%w)", dataDir, err)
 	}
-	return unlock, nil
+	return func() { unlockState(); unlockData() }, nil
 }
 
 func (f restoreFlags) target() (replicate.Target, error) {
