@@ -42,6 +42,7 @@ type DB struct {
 	logger *slog.Logger
 
 	mu       sync.Mutex
+	swept    bool // the leftovers of an earlier process are gone
 	log      *Log
 	sums     *Sums
 	cap      walcapture.Capturer

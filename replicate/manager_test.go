@@ -8,6 +8,7 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -360,5 +361,49 @@ func closeAndReplay(t *testing.T, m *Manager, logs *logBuffer, state, path strin
 	}
 	if strings.Contains(logs.String(), "needs a new snapshot") {
 		t.Fatalf("lost continuity:\n%s", logs)
+	}
+}
+
+// What a killed lfuse left of its temporary files (each up to the size of
+// the database) is removed when the database is next opened, and nothing
+// else is. (Found by an audit: eight kill -9 rounds left 900 MB of them.)
+func TestLeftoversSwept(t *testing.T) {
+	data, state := t.TempDir(), filepath.Join(t.TempDir(), "state")
+	m, _ := newTestManager(t, data, state)
+	db, err := sql.Open("sqlite3", filepath.Join(data, "app.db")+"?_journal_mode=WAL")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer db.Close()
+	if _, err := db.Exec("CREATE TABLE t(v)"); err != nil {
+		t.Fatal(err)
+	}
+	m.Opened("app.db-wal", true)
+	m.SyncAll()
+	if err := m.Close(); err != nil {
+		t.Fatal(err)
+	}
+	dir := filepath.Dir(LogDir(state, "app.db"))
+	before, _ := os.ReadDir(dir)
+	leftovers := []string{"snapshot-123.tmp", "fold-9.tmp", "upload-1.ltx", "download-2.ltx", "merge-3.ltx", ".ltx-page-index-4.tmp", "state.json.5.tmp"}
+	for _, name := range leftovers {
+		if err := os.WriteFile(filepath.Join(dir, name), []byte("x"), 0o600); err != nil {
+			t.Fatal(err)
+		}
+	}
+	m, _ = newTestManager(t, data, state)
+	defer m.Close()
+	m.Opened("app.db-wal", false)
+	m.SyncAll()
+	after, _ := os.ReadDir(dir)
+	var names, kept []string
+	for _, e := range after {
+		names = append(names, e.Name())
+	}
+	for _, e := range before {
+		kept = append(kept, e.Name())
+	}
+	if !slices.Equal(names, kept) {
+		t.Fatalf("state directory holds %v, want %v", names, kept)
 	}
 }

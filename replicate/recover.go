@@ -21,6 +21,10 @@ func (d *DB) openState() error {
 	if err := os.MkdirAll(d.dir, 0o700); err != nil {
 		return err
 	}
+	if !d.swept {
+		d.sweep()
+		d.swept = true
+	}
 	if _, err := os.Stat(d.statePath()); errors.Is(err, os.ErrNotExist) {
 		if err := d.writeState(stateFile{Path: d.rel}); err != nil {
 			return err
@@ -52,6 +56,27 @@ func (d *DB) openState() error {
 	}
 	d.sums = s
 	return nil
+}
+
+// tempPatterns are the temporary files lfuse makes in a database's state
+// directory, which a killed lfuse leaves behind.
+var tempPatterns = []string{"*.tmp", ".*.tmp", "upload-*.ltx", "download-*.ltx", "merge-*.ltx"}
+
+// sweep removes what a killed lfuse left of its temporary files: each can
+// be as large as the database, and nothing else would ever remove them.
+func (d *DB) sweep() {
+	n := 0
+	for _, pattern := range tempPatterns {
+		names, _ := filepath.Glob(filepath.Join(d.dir, pattern))
+		for _, name := range names {
+			if os.Remove(name) == nil {
+				n++
+			}
+		}
+	}
+	if n > 0 {
+		d.logger.Info("removed temporary files left by an earlier lfuse", "files", n)
+	}
 }
 
 // recoverLocked proves, at start, that the database on disk continues the
