@@ -79,6 +79,7 @@ type ReplicaStats struct {
 	Type, Name  string
 	TXID        ltx.TXID // newest in the replica
 	SyncedAt    int64    // unix nanoseconds of the last good sync; 0 before
+	StartedAt   int64    // unix nanoseconds when lfuse began shipping to it
 	Syncs, Errs int64
 	Failing     bool
 	Ops, Bytes  [numOps]int64
@@ -87,7 +88,7 @@ type ReplicaStats struct {
 // Stats reads the replica's counters.
 func (r *Replica) Stats() ReplicaStats {
 	st := ReplicaStats{Type: r.client.Type(), Name: r.client.String(), TXID: r.Pos(), SyncedAt: r.syncedAt.Load(),
-		Syncs: r.syncs.Load(), Errs: r.errs.Load()}
+		StartedAt: r.startedAt, Syncs: r.syncs.Load(), Errs: r.errs.Load()}
 	for i := range st.Ops {
 		st.Ops[i] = r.ops.ops[i].Load()
 		st.Bytes[i] = r.ops.bytes[i].Load()

@@ -96,6 +96,7 @@ type Replica struct {
 
 	synced    atomic.Uint64 // TXID the replica holds, for metrics and status
 	syncedAt  atomic.Int64  // unix nanoseconds of the last successful sync
+	startedAt int64         // unix nanoseconds of newReplica
 	syncs     atomic.Int64
 	errs      atomic.Int64
 	uploaded  atomic.Int64 // bytes
@@ -108,15 +109,16 @@ type Replica struct {
 func newReplica(d *DB, client ReplicaClient, opts ReplicaOptions, logger *slog.Logger) *Replica {
 	ops := &opCounter{ReplicaClient: client}
 	return &Replica{
-		db:     d,
-		client: ops,
-		ops:    ops,
-		opts:   opts.WithDefaults(),
-		logger: logger.With("replica", client.String()),
-		reader: NewLogReader(d.logDir()),
-		tmpDir: d.dir,
-		stop:   make(chan struct{}),
-		done:   make(chan struct{}),
+		db:        d,
+		client:    ops,
+		ops:       ops,
+		opts:      opts.WithDefaults(),
+		logger:    logger.With("replica", client.String()),
+		reader:    NewLogReader(d.logDir()),
+		tmpDir:    d.dir,
+		startedAt: time.Now().UnixNano(),
+		stop:      make(chan struct{}),
+		done:      make(chan struct{}),
 
 		maintReader: NewLogReader(d.logDir()),
 		maintKick:   make(chan struct{}, 1),

@@ -8,6 +8,7 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/lfuse/lfuse/replicate"
 )
@@ -144,4 +145,20 @@ func TestRestoreOutputChecks(t *testing.T) {
 		t.Fatalf("restore into a directory no mount serves: %v", err)
 	}
 	release()
+}
+
+// A replica that never synced lags since lfuse began shipping to it, not
+// 0 s (found by an audit: a replica unwritable from the start showed no
+// lag, so an alert on lfuse_replica_lag_seconds never fired).
+func TestReplicaLag(t *testing.T) {
+	start := time.Now().Add(-time.Minute).UnixNano()
+	if n, s := replicaLag(10, replicate.ReplicaStats{TXID: 10, StartedAt: start}); n != 0 || s != 0 {
+		t.Errorf("in sync: %d txids, %.0f s", n, s)
+	}
+	if n, s := replicaLag(10, replicate.ReplicaStats{TXID: 0, StartedAt: start}); n != 10 || s < 59 {
+		t.Errorf("never synced: %d txids, %.0f s, want 10 and about 60", n, s)
+	}
+	if _, s := replicaLag(10, replicate.ReplicaStats{TXID: 5, SyncedAt: time.Now().Add(-5 * time.Second).UnixNano(), StartedAt: start}); s < 4 || s > 30 {
+		t.Errorf("synced 5 s ago: %.0f s", s)
+	}
 }

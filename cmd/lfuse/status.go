@@ -172,8 +172,15 @@ func replicaLag(dbTXID ltx.TXID, rs replicate.ReplicaStats) (txids uint64, secon
 	if dbTXID <= rs.TXID {
 		return 0, 0
 	}
-	if rs.SyncedAt > 0 {
-		seconds = time.Since(time.Unix(0, rs.SyncedAt)).Seconds()
+	// Before its first good sync, a replica has lacked commits since
+	// lfuse began shipping to it (a replica unwritable from the start
+	// showed 0 s, and an alert on the lag never fired).
+	since := rs.SyncedAt
+	if since == 0 {
+		since = rs.StartedAt
+	}
+	if since > 0 {
+		seconds = time.Since(time.Unix(0, since)).Seconds()
 	}
 	return uint64(dbTXID - rs.TXID), seconds
 }
