@@ -29,6 +29,9 @@ type ReplicaOptions struct {
 	// CompactIntervals are the intervals of levels 1, 2, ...: each merges
 	// the files of the level below written since its last file.
 	CompactIntervals []time.Duration
+	// CheckInterval is how often the replica's snapshots are listed, to
+	// notice a replica deleted or replaced while lfuse runs (one LIST).
+	CheckInterval time.Duration
 }
 
 // Defaults of ReplicaOptions.
@@ -36,6 +39,7 @@ const (
 	DefaultSyncInterval     = time.Second
 	DefaultSnapshotInterval = 24 * time.Hour
 	DefaultRetention        = 24 * time.Hour
+	DefaultCheckInterval    = time.Hour
 )
 
 // DefaultCompactIntervals are the intervals of levels 1 to 3.
@@ -54,6 +58,9 @@ func (o ReplicaOptions) WithDefaults() ReplicaOptions {
 	}
 	if o.CompactIntervals == nil {
 		o.CompactIntervals = DefaultCompactIntervals
+	}
+	if o.CheckInterval <= 0 {
+		o.CheckInterval = DefaultCheckInterval
 	}
 	return o
 }
@@ -84,6 +91,7 @@ type Replica struct {
 	files       [SnapshotLevel + 1][]ltx.FileInfo
 	pos         ltx.Pos
 	lastCompact [SnapshotLevel + 1]time.Time
+	lastCheck   time.Time
 	syncOutage  outage
 
 	// maintMu makes compactions, snapshots and retention passes take
@@ -382,6 +390,7 @@ func (r *Replica) listLocked(ctx context.Context) error {
 	for i := range r.lastCompact {
 		r.lastCompact[i] = now
 	}
+	r.lastCheck = now
 	return nil
 }
 
@@ -592,6 +601,15 @@ func (r *Replica) maintain(ctx context.Context, now time.Time) error {
 	if !listed {
 		return nil // the first sync learns what the replica holds
 	}
+	if err := r.checkListing(ctx, now); err != nil {
+		return err
+	}
+	r.mu.Lock()
+	listed = r.listed
+	r.mu.Unlock()
+	if !listed {
+		return nil
+	}
 	for i, every := range r.opts.CompactIntervals {
 		level := i + 1
 		r.mu.Lock()
@@ -611,6 +629,38 @@ func (r *Replica) maintain(ctx context.Context, now time.Time) error {
 		return err
 	}
 	return r.retain(ctx, now)
+}
+
+// checkListing lists the replica's snapshots now and then: the steady state
+// lists nothing, so a replica deleted or replaced under lfuse would go on
+// receiving level-0 files that no restore can use (no snapshot under them).
+// If the newest snapshot lfuse knows is gone, the next sync lists the
+// replica again and takes it from what it holds.
+func (r *Replica) checkListing(ctx context.Context, now time.Time) error {
+	r.mu.Lock()
+	snaps := r.files[SnapshotLevel]
+	due := now.Sub(r.lastCheck) >= r.opts.CheckInterval && len(snaps) > 0
+	var newest ltx.FileInfo
+	if len(snaps) > 0 {
+		newest = snaps[len(snaps)-1]
+	}
+	r.mu.Unlock()
+	if !due {
+		return nil
+	}
+	infos, err := r.client.LTXFiles(ctx, SnapshotLevel)
+	if err != nil {
+		return fmt.Errorf("list level %d: %w", SnapshotLevel, err)
+	}
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.lastCheck = now
+	if !slices.ContainsFunc(infos, func(f ltx.FileInfo) bool { return f.MinTXID == newest.MinTXID && f.MaxTXID == newest.MaxTXID }) {
+		r.logger.Warn("the replica no longer holds its newest snapshot (deleted or replaced?); listing it again",
+			"file", fmt.Sprintf("%d/%s-%s", SnapshotLevel, newest.MinTXID, newest.MaxTXID))
+		r.listed = false
+	}
+	return nil
 }
 
 // compact merges the files of level-1 written since the last file of level
@@ -708,10 +758,12 @@ func (r *Replica) snapshot(ctx context.Context, now time.Time) error {
 		newest = snaps[len(snaps)-1]
 	}
 	r.mu.Unlock()
-	if len(snaps) == 0 {
+	if pos.TXID == 0 {
 		return nil // the first sync ships one
 	}
-	if newest.MaxTXID >= pos.TXID || now.Sub(newest.CreatedAt) < r.opts.SnapshotInterval {
+	// A replica without a snapshot (its files lost and listed again) gets
+	// one at once: no restore can use what it holds.
+	if len(snaps) > 0 && (newest.MaxTXID >= pos.TXID || now.Sub(newest.CreatedAt) < r.opts.SnapshotInterval) {
 		return nil
 	}
 	snap, err := r.maintReader.Snapshot()

@@ -9,6 +9,7 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"sync/atomic"
 	"testing"
@@ -425,4 +426,60 @@ func TestReplicaWithoutChecksumGetsSnapshot(t *testing.T) {
 		t.Fatalf("newest snapshot %s-%s, want one above %s", last.MinTXID, last.MaxTXID, newest.MaxTXID)
 	}
 	restoresToDatabase(t, rs, client)
+}
+
+// A replica deleted while lfuse runs, whole or only its snapshots: the
+// hourly check notices, the replica is listed again, and it gets a
+// snapshot, so that its latest state can be restored again. (Found by an
+// audit: it was never noticed, went on receiving level-0 files with no
+// snapshot under them, and after a restart too; nothing was restorable.)
+func TestReplicaDeletedWhileRunning(t *testing.T) {
+	for _, what := range []string{"the whole replica", "its snapshots"} {
+		t.Run(what, func(t *testing.T) {
+			opts := ReplicaOptions{SyncInterval: time.Hour, SnapshotInterval: 24 * time.Hour, CompactIntervals: []time.Duration{time.Hour}, CheckInterval: time.Hour}
+			rs := newReplicaSetup(t, opts)
+			defer rs.m.Close()
+			insert := func() {
+				t.Helper()
+				if _, err := rs.db.Exec("INSERT INTO t VALUES (randomblob(100))"); err != nil {
+					t.Fatal(err)
+				}
+				rs.m.SyncAll()
+			}
+			if _, err := rs.db.Exec("CREATE TABLE t(v)"); err != nil {
+				t.Fatal(err)
+			}
+			rs.m.Opened("app.db-wal", true)
+			insert()
+			r := rs.m.DB("app.db").Replicas()[0]
+			ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+			defer cancel()
+			if err := r.Flush(ctx); err != nil {
+				t.Fatal(err)
+			}
+			dir := filepath.Join(rs.repl, "app.db")
+			if what == "its snapshots" {
+				dir = filepath.Join(dir, "ltx", strconv.Itoa(SnapshotLevel))
+			}
+			if err := os.RemoveAll(dir); err != nil {
+				t.Fatal(err)
+			}
+			insert()
+			if err := r.maintain(ctx, time.Now().Add(2*time.Hour)); err != nil {
+				t.Fatal(err)
+			}
+			insert()
+			if err := r.Flush(ctx); err != nil {
+				t.Fatal(err)
+			}
+			if err := r.maintain(ctx, time.Now().Add(2*time.Hour)); err != nil {
+				t.Fatal(err)
+			}
+			if len(mustList(t, r.Client(), SnapshotLevel)) == 0 {
+				t.Fatal("the replica has no snapshot")
+			}
+			checkpoint(t, rs.m, rs.db, "TRUNCATE")
+			restoresToDatabase(t, rs, r.Client())
+		})
+	}
 }
