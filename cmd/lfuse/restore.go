@@ -41,7 +41,7 @@ func runRestore(args []string, stdout, stderr io.Writer) error {
 	fl.Var(&replicas, "replica", "replica URL to restore every database from, with -data (repeatable: the first that has a database wins)")
 	fl.StringVar(&f.output, "o", "", "output file, to restore the single database whose replica is REPLICA_URL")
 	fl.StringVar(&f.txid, "txid", "", "restore exactly this TXID (hex, as lfuse ltx prints it)")
-	fl.StringVar(&f.timestamp, "timestamp", "", "restore the newest state committed at or before this time (RFC 3339; to the millisecond)")
+	fl.StringVar(&f.timestamp, "timestamp", "", "restore the newest state the replica holds whose last commit is at or before this time (RFC 3339; the replica keeps a state per sync, 1 s by default)")
 	fl.BoolVar(&f.ifReplicaExists, "if-replica-exists", false, "exit 0 with a message when the replica holds no backup")
 	fl.BoolVar(&f.ifDBNotExists, "if-db-not-exists", false, "skip (exit 0) a database that already exists")
 	fl.IntVar(&f.parallelism, "parallelism", 8, "concurrent downloads")
