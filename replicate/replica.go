@@ -12,6 +12,7 @@ import (
 	"slices"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
 
 	"github.com/lfuse/lfuse/backends"
@@ -531,12 +532,26 @@ func (r *Replica) shipTail(ctx context.Context, snap ltx.TXID) error {
 // upload merges srcs into one file of the given level and stores it. It
 // needs no lock: the caller records the file.
 func (r *Replica) upload(ctx context.Context, level int, srcs []source, post ltx.Checksum) (ltx.FileInfo, error) {
-	tmp, err := os.CreateTemp(r.tmpDir, "upload-*.ltx")
+	info, err := r.uploadVia(ctx, r.tmpDir, level, srcs, post)
+	if level == 0 && (errors.Is(err, syscall.ENOSPC) || errors.Is(err, syscall.EDQUOT)) && os.TempDir() != r.tmpDir {
+		// The state directory's disk is full (often the database's own):
+		// commits already captured must still leave the machine. Only
+		// level 0, whose files hold recent commits: a snapshot could be
+		// as large as the database, and the temporary directory may be
+		// memory.
+		r.logger.Debug("state directory full; building the upload in the temporary directory", "dir", os.TempDir())
+		info, err = r.uploadVia(ctx, os.TempDir(), level, srcs, post)
+	}
+	return info, err
+}
+
+func (r *Replica) uploadVia(ctx context.Context, tmpDir string, level int, srcs []source, post ltx.Checksum) (ltx.FileInfo, error) {
+	tmp, err := os.CreateTemp(tmpDir, "upload-*.ltx")
 	if err != nil {
 		return ltx.FileInfo{}, err
 	}
 	defer func() { tmp.Close(); os.Remove(tmp.Name()) }()
-	hdr, err := mergeSources(tmp, srcs, r.tmpDir, false)
+	hdr, err := mergeSources(tmp, srcs, tmpDir, false)
 	if err != nil {
 		return ltx.FileInfo{}, fmt.Errorf("build level %d file: %w", level, err)
 	}
