@@ -784,6 +784,7 @@ func (d *DB) compactLog() error {
 		d.mu.Unlock()
 		return nil
 	}
+	d.log.DropKept(limit)
 	snapTXID := d.log.SnapshotTXID()
 	upTo, segBytes, err := d.log.closedSegments()
 	d.mu.Unlock()

@@ -35,6 +35,7 @@ type Log struct {
 	snapshot ltx.TXID // TXID of the newest snapshot, 0 if none
 	last     Record   // the newest record (snapshot or transaction)
 
+	kept    bool     // segments from before the snapshot are kept for a replica (prune)
 	seg     *os.File // segment being appended to, nil until the first append after a snapshot
 	segFrom ltx.TXID
 	segSize int64
@@ -89,6 +90,7 @@ func openLog(dir string, repair bool) (*Log, error) {
 	l.last = rec
 	for _, from := range segs {
 		if from <= l.snapshot {
+			l.kept = true
 			continue
 		}
 		if from != l.last.TXID()+1 {
@@ -272,6 +274,7 @@ func (l *Log) prune(keepAfter, oldLast ltx.TXID) {
 			_ = os.Remove(l.snapshotPath(id))
 		}
 	}
+	l.kept = false
 	for i, from := range segs {
 		if from > l.snapshot {
 			break
@@ -280,9 +283,17 @@ func (l *Log) prune(keepAfter, oldLast ltx.TXID) {
 		if i+1 < len(segs) && segs[i+1] <= l.snapshot {
 			end = segs[i+1] - 1
 		}
-		if end <= keepAfter {
-			_ = os.Remove(l.segmentPath(from))
+		if end > keepAfter || os.Remove(l.segmentPath(from)) != nil {
+			l.kept = true
 		}
+	}
+}
+
+// DropKept removes the segments kept from before the snapshot (prune) once
+// every replica holds the records after keepAfter.
+func (l *Log) DropKept(keepAfter ltx.TXID) {
+	if l.kept && keepAfter >= l.snapshot {
+		l.prune(keepAfter, l.snapshot)
 	}
 }
 

@@ -308,6 +308,14 @@ func TestLogSnapshotKeepsTail(t *testing.T) {
 	if last, _ := l.Last(); last.TXID() != 6 {
 		t.Fatalf("reopened log ends at %s, want 6", last.TXID())
 	}
+	l.DropKept(5)
+	if ents, _ := os.ReadDir(logDir); len(ents) != 2 {
+		t.Fatalf("with a replica still before the snapshot, the log holds %d files, want 2", len(ents))
+	}
+	l.DropKept(6)
+	if ents, _ := os.ReadDir(logDir); len(ents) != 1 {
+		t.Fatalf("once every replica holds the snapshot, the log holds %d files, want 1", len(ents))
+	}
 	if _, err := l.AddSnapshot(writeSnapshot(t, dir, 7, pages, 2), 6); err != nil {
 		t.Fatal(err)
 	}

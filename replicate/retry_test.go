@@ -336,6 +336,13 @@ func TestSnapshotKeepsWhatReplicaLacks(t *testing.T) {
 	if err := r.Flush(ctx); err != nil {
 		t.Fatal(err)
 	}
+	// Once the replica holds the snapshot, the kept records go.
+	if err := d.compactLog(); err != nil {
+		t.Fatal(err)
+	}
+	if _, segs, _ := (&Log{dir: d.logDir()}).files(); len(segs) > 0 && segs[0] <= d.log.SnapshotTXID() {
+		t.Fatalf("segments %v kept after every replica passed the snapshot %s", segs, d.log.SnapshotTXID())
+	}
 	// The outage's commits reach the replica as one batch, as after any
 	// outage, then the snapshot.
 	l0 := mustList(t, fw.ReplicaClient, 0)
