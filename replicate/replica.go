@@ -371,15 +371,17 @@ func (r *Replica) listLocked(ctx context.Context) error {
 	}
 	if newest != nil {
 		meta, err := r.client.FileMeta(ctx, newest.Level, newest.MinTXID, newest.MaxTXID)
-		if errors.Is(err, backends.ErrNotFound) {
-			// Not written by lfuse (Litestream writes no metadata file):
-			// nothing proves the local log continues it, so every check
-			// against it fails and a new history starts above it.
+		if err != nil && !errors.Is(err, backends.ErrNotFound) {
+			return fmt.Errorf("read newest file: %w", err)
+		}
+		if meta.PostApplyChecksum == 0 {
+			// Not written by lfuse (Litestream records no checksum: no
+			// metadata file, or object metadata without it): nothing
+			// proves the local log continues it, so every check against
+			// it fails and a new history starts above it.
 			r.logger.Warn("the replica's newest file has no recorded checksum; a new snapshot will start a history above it",
 				"file", fmt.Sprintf("%d/%s-%s", newest.Level, newest.MinTXID, newest.MaxTXID))
 			meta.PostApplyChecksum = unknownChecksum
-		} else if err != nil {
-			return fmt.Errorf("read newest file: %w", err)
 		} else {
 			newest.PostApplyChecksum = meta.PostApplyChecksum
 		}
