@@ -368,16 +368,29 @@ func realPath(p string) string {
 // corrupt it. A filesystem without flock (some network filesystems) cannot
 // be checked.
 func lockData(dir string) (func(), error) {
-	f, err := os.Open(dir)
-	if err != nil {
+	unlock, err := flockDir(dir, syscall.LOCK_EX)
+	if errors.Is(err, syscall.EWOULDBLOCK) {
+		return nil, fmt.Errorf("another lfuse is serving the data directory %s (with its own state directory): stop it first", dir)
+	} else if err != nil {
 		return nil, fmt.Errorf("data directory %s: %w", dir, err)
 	}
-	switch err := syscall.Flock(int(f.Fd()), syscall.LOCK_EX|syscall.LOCK_NB); {
+	return unlock, nil
+}
+
+// flockDir takes a flock of kind how on directory dir without waiting;
+// EWOULDBLOCK means another holds a conflicting one. A filesystem without
+// flock (some network filesystems) cannot be checked, and is not refused.
+func flockDir(dir string, how int) (func(), error) {
+	f, err := os.Open(dir)
+	if err != nil {
+		return nil, err
+	}
+	switch err := syscall.Flock(int(f.Fd()), how|syscall.LOCK_NB); {
 	case errors.Is(err, syscall.EWOULDBLOCK):
 		f.Close()
-		return nil, fmt.Errorf("another lfuse is serving the data directory %s (with its own state directory): stop it first", dir)
+		return nil, err
 	case err != nil:
-		slog.Debug("cannot lock the data directory", "dir", dir, "err", err)
+		slog.Debug("cannot lock a directory", "dir", dir, "err", err)
 	}
 	return func() { f.Close() }, nil
 }

@@ -51,8 +51,12 @@ func parseReplicaURL(raw string) (replicaURL, error) {
 	}
 	u, err := url.Parse(raw)
 	if err != nil {
-		// url's message repeats the URL, password and all.
-		return replicaURL{}, fmt.Errorf("replica URL %s: cannot be parsed (%s)", redact(raw), oneLine(errors.Unwrap(err).Error()))
+		// url's message repeats the URL, or a piece of it that can be a
+		// piece of a password.
+		if redact(raw) != raw {
+			return replicaURL{}, fmt.Errorf("replica URL %s: cannot be parsed (a password holding '/', '?', '#' or '@' must be percent-encoded)", redact(raw))
+		}
+		return replicaURL{}, fmt.Errorf("replica URL %s: cannot be parsed (%s)", raw, oneLine(errors.Unwrap(err).Error()))
 	}
 	r := replicaURL{scheme: u.Scheme, host: u.Host, path: strings.TrimPrefix(u.Path, "/"), query: u.Query()}
 	if u.User != nil {
@@ -108,8 +112,8 @@ var queryKeys = []string{"endpoint", "region", "force-path-style", "skip-verify"
 // parameter that is not one lfuse knows (someone trying secret-access-key=
 // or sig=).
 func redact(raw string) string {
-	base, query, hasQuery := strings.Cut(raw, "?")
-	base = redactUserinfo(base)
+	// The password first, on the whole URL: it may hold a '?'.
+	base, query, hasQuery := strings.Cut(redactUserinfo(raw), "?")
 	if !hasQuery {
 		return base
 	}
@@ -119,10 +123,11 @@ func redact(raw string) string {
 		if !ok {
 			continue
 		}
-		if name, err := url.QueryUnescape(k); err != nil || !slices.Contains(queryKeys, name) {
+		dec, derr := url.QueryUnescape(v)
+		if name, err := url.QueryUnescape(k); err != nil || !slices.Contains(queryKeys, name) || derr != nil {
 			v = "***"
-		} else {
-			v = redactUserinfo(v)
+		} else if strings.Contains(dec, "@") {
+			v = redactUserinfo(dec)
 		}
 		params[i] = k + "=" + v
 	}

@@ -34,6 +34,8 @@ func TestParseReplicaURL(t *testing.T) {
 		{"sftp://u:TOP/secret@127.0.0.1:2222/p", "cannot be parsed"},
 		{"sftp://u:TOP@secret@127.0.0.1:2222/p?bogus=1", `unknown parameter "bogus"`},
 		{"s3://bucket/x?sig=hunter2", `unknown parameter "sig"`},
+		{"sftp://u:hunter2/x@127.0.0.1:2222/p", "must be percent-encoded"},
+		{"sftp://u:hunter2?x@127.0.0.1:2222/p", "must be percent-encoded"},
 	} {
 		_, err := parseReplicaURL(c.url)
 		if c.err == "" && err != nil || c.err != "" && (err == nil || !strings.Contains(err.Error(), c.err)) {
@@ -55,6 +57,7 @@ func TestParseReplicaURL(t *testing.T) {
 	for _, r := range []ReplicaConfig{
 		{URL: "s3://bucket/x?endpoint=http://AKIA:secret@127.0.0.1:7070"},
 		{URL: "s3://bucket/x", Endpoint: "http://AKIA:secret@127.0.0.1:7070"},
+		{URL: "s3://bucket/x?endpoint=https%3A%2F%2FAKIA%3Asecret%40127.0.0.1"},
 	} {
 		_, err := openReplica(context.Background(), r)
 		if err == nil || !strings.Contains(err.Error(), "endpoint holds credentials") || strings.Contains(err.Error(), "secret") {
@@ -130,21 +133,30 @@ func TestRestoreOutputChecks(t *testing.T) {
 		t.Fatalf("/dev/null: %v %v", st, err)
 	}
 
-	state := filepath.Join(dir, ".lfuse")
-	os.Mkdir(state, 0o700)
-	unlock, err := lockState(state) // as a running mount holds it
+	unlock, err := lockData(dir) // as a running mount holds it
 	if err != nil {
 		t.Fatal(err)
 	}
-	if _, err := lockServed(dir, state); err == nil || !strings.Contains(err.Error(), "served by a running lfuse mount") {
-		t.Fatalf("restore into a served directory: %v", err)
+	for _, d := range []string{dir, filepath.Join(dir, "sub")} {
+		if _, err := lockServed(d); err == nil || !strings.Contains(err.Error(), dir+" is served by a running lfuse mount") {
+			t.Fatalf("restore into %s, served: %v", d, err)
+		}
 	}
 	unlock()
-	release, err := lockServed(dir, state)
+	// Restores share the directory; a mount waits for them.
+	release, err := lockServed(dir)
 	if err != nil {
 		t.Fatalf("restore into a directory no mount serves: %v", err)
 	}
+	release2, err := lockServed(dir)
+	if err != nil {
+		t.Fatalf("a second restore into the same directory: %v", err)
+	}
+	if _, err := lockData(dir); err == nil {
+		t.Fatal("a mount started during a restore into its data directory")
+	}
 	release()
+	release2()
 }
 
 // A replica that never synced lags since lfuse began shipping to it, not

@@ -91,7 +91,7 @@ Flags:
 		if err != nil {
 			return err
 		}
-		unlock, err := lockServed(filepath.Dir(out), filepath.Join(filepath.Dir(out), defaultStateName))
+		unlock, err := lockServed(filepath.Dir(out))
 		if err != nil {
 			return err
 		}
@@ -130,13 +130,7 @@ Flags:
 	if err != nil {
 		return err
 	}
-	stateDir := filepath.Join(dataAbs, defaultStateName)
-	if cfg.StateDir != "" {
-		if stateDir, err = filepath.Abs(cfg.StateDir); err != nil {
-			return err
-		}
-	}
-	unlock, err := lockServed(dataAbs, stateDir)
+	unlock, err := lockServed(dataAbs)
 	if err != nil {
 		return err
 	}
@@ -145,27 +139,37 @@ Flags:
 	return err
 }
 
-// lockServed takes the lock of the state directory of the data directory a
-// restore writes into, if there is one: an lfuse mount serving that
-// directory holds it, and a database restored under a running mount would
-// be overwritten by the next checkpoint and never replicated. Holding it
-// also keeps a mount from starting until the restore is done.
-func lockServed(dataDir, stateDir string) (func(), error) {
-	unlockData := func() {}
-	if _, err := os.Stat(dataDir); err == nil {
-		if unlockData, err = lockData(dataDir); err != nil {
-			return nil, fmt.Errorf("%s is served by a running lfuse mount: stop it first", dataDir)
+// lockServed refuses a restore into a directory that a running lfuse mount
+// serves, or under one (a mount holds an exclusive flock on its data
+// directory): the next checkpoint of the application there would write
+// over the restored database, which would never be replicated. It holds a
+// shared lock on dir itself, which other restores share and which keeps a
+// mount from starting there until the restore is done.
+func lockServed(dir string) (func(), error) {
+	var unlock func()
+	for d := dir; ; d = filepath.Dir(d) {
+		u, err := flockDir(d, syscall.LOCK_SH)
+		if errors.Is(err, syscall.EWOULDBLOCK) {
+			if unlock != nil {
+				unlock()
+			}
+			return nil, fmt.Errorf("%s is served by a running lfuse mount: stop it first", d)
+		}
+		if err == nil {
+			if unlock == nil {
+				unlock = u
+			} else {
+				u()
+			}
+		}
+		if filepath.Dir(d) == d {
+			break
 		}
 	}
-	if _, err := os.Stat(filepath.Join(stateDir, "lock")); err != nil {
-		return unlockData, nil
+	if unlock == nil {
+		unlock = func() {}
 	}
-	unlockState, err := lockState(stateDir)
-	if err != nil {
-		unlockData()
-		return nil, fmt.Errorf("%s is served by a running lfuse mount (%w)", dataDir, err)
-	}
-	return func() { unlockState(); unlockData() }, nil
+	return unlock, nil
 }
 
 func (f restoreFlags) target() (replicate.Target, error) {
@@ -267,22 +271,21 @@ func restoreOne(ctx context.Context, logger *slog.Logger, stderr io.Writer, clie
 	} else if !st.IsDir() {
 		return false, fmt.Errorf("output directory %s is not a directory", dir)
 	}
-	if err := unix.Access(dir, unix.W_OK); err != nil {
-		return false, fmt.Errorf("output directory %s is not writable: %w", dir, err)
-	}
 	if st, err := os.Lstat(output); err == nil {
-		if !st.Mode().IsRegular() {
-			return false, fmt.Errorf("%s exists and is not a regular file (%s): give the path of a database file", output, fileKind(st.Mode()))
-		}
 		switch {
 		case f.ifDBNotExists:
 			logger.Info("database exists; not restoring", "path", output)
 			return false, nil
 		case !f.force:
 			return false, fmt.Errorf("%s exists: use -force to overwrite it, or -if-db-not-exists to keep it", output)
+		case !st.Mode().IsRegular():
+			return false, fmt.Errorf("%s exists and is not a regular file (%s): give the path of a database file", output, fileKind(st.Mode()))
 		}
 	} else if !errors.Is(err, os.ErrNotExist) {
 		return false, err
+	}
+	if err := unix.Access(dir, unix.W_OK); err != nil {
+		return false, fmt.Errorf("output directory %s is not writable: %w", dir, err)
 	}
 	var errs []error
 	for _, client := range clients {
