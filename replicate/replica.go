@@ -534,40 +534,42 @@ func (r *Replica) shipTail(ctx context.Context, snap ltx.TXID) error {
 // upload merges srcs into one file of the given level and stores it. It
 // needs no lock: the caller records the file.
 func (r *Replica) upload(ctx context.Context, level int, srcs []source, post ltx.Checksum) (ltx.FileInfo, error) {
-	info, err := r.uploadVia(ctx, r.tmpDir, level, srcs, post)
-	if level == 0 && (errors.Is(err, syscall.ENOSPC) || errors.Is(err, syscall.EDQUOT)) && os.TempDir() != r.tmpDir {
+	info, built, err := r.uploadVia(ctx, r.tmpDir, level, srcs, post)
+	if level == 0 && !built && (errors.Is(err, syscall.ENOSPC) || errors.Is(err, syscall.EDQUOT)) && os.TempDir() != r.tmpDir {
 		// The state directory's disk is full (often the database's own):
 		// commits already captured must still leave the machine. Only
 		// level 0, whose files hold recent commits: a snapshot could be
 		// as large as the database, and the temporary directory may be
 		// memory.
 		r.logger.Debug("state directory full; building the upload in the temporary directory", "dir", os.TempDir())
-		info, err = r.uploadVia(ctx, os.TempDir(), level, srcs, post)
+		info, _, err = r.uploadVia(ctx, os.TempDir(), level, srcs, post)
 	}
 	return info, err
 }
 
-func (r *Replica) uploadVia(ctx context.Context, tmpDir string, level int, srcs []source, post ltx.Checksum) (ltx.FileInfo, error) {
+// uploadVia is upload building the file in tmpDir; built reports whether
+// the file was built (a later error is the storage's).
+func (r *Replica) uploadVia(ctx context.Context, tmpDir string, level int, srcs []source, post ltx.Checksum) (_ ltx.FileInfo, built bool, _ error) {
 	tmp, err := os.CreateTemp(tmpDir, "upload-*.ltx")
 	if err != nil {
-		return ltx.FileInfo{}, err
+		return ltx.FileInfo{}, false, err
 	}
 	defer func() { tmp.Close(); os.Remove(tmp.Name()) }()
 	hdr, err := mergeSources(tmp, srcs, tmpDir, false)
 	if err != nil {
-		return ltx.FileInfo{}, fmt.Errorf("build level %d file: %w", level, err)
+		return ltx.FileInfo{}, false, fmt.Errorf("build level %d file: %w", level, err)
 	}
 	size, err := tmp.Seek(0, io.SeekCurrent)
 	if err != nil {
-		return ltx.FileInfo{}, err
+		return ltx.FileInfo{}, false, err
 	}
 	if _, err := tmp.Seek(0, io.SeekStart); err != nil {
-		return ltx.FileInfo{}, err
+		return ltx.FileInfo{}, false, err
 	}
 	ts := time.UnixMilli(hdr.Timestamp).UTC()
 	if err := r.client.WriteLTXFile(ctx, level, hdr.MinTXID, hdr.MaxTXID, tmp, size,
 		backends.FileMeta{Timestamp: ts, PostApplyChecksum: post}); err != nil {
-		return ltx.FileInfo{}, fmt.Errorf("write level %d file %s: %w", level, ltx.FormatFilename(hdr.MinTXID, hdr.MaxTXID), err)
+		return ltx.FileInfo{}, true, fmt.Errorf("write level %d file %s: %w", level, ltx.FormatFilename(hdr.MinTXID, hdr.MaxTXID), err)
 	}
 	r.uploaded.Add(size)
 	if level == SnapshotLevel {
@@ -575,7 +577,7 @@ func (r *Replica) uploadVia(ctx context.Context, tmpDir string, level int, srcs 
 	} else {
 		r.logger.Debug("uploaded", "level", level, "min", hdr.MinTXID.String(), "max", hdr.MaxTXID.String(), "bytes", size)
 	}
-	return ltx.FileInfo{Level: level, MinTXID: hdr.MinTXID, MaxTXID: hdr.MaxTXID, PostApplyChecksum: post, Size: size, CreatedAt: ts}, nil
+	return ltx.FileInfo{Level: level, MinTXID: hdr.MinTXID, MaxTXID: hdr.MaxTXID, PostApplyChecksum: post, Size: size, CreatedAt: ts}, true, nil
 }
 
 // publish uploads a file built by maintenance and records it, taking mu
