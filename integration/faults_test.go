@@ -10,22 +10,30 @@ import (
 	"time"
 )
 
-// A full state directory must neither fail nor block the application:
-// lfuse logs it once, keeps the application running, and when space comes
-// back it starts again from a snapshot so the log is whole once more.
-func TestStateDirectoryFull(t *testing.T) {
-	e := newEnv(t)
-	state := filepath.Join(e.root, "state")
+// fullTmpfs mounts a 24 MB tmpfs as e's state directory and fills it to
+// 1 MB from full with a file that can be removed to make room.
+func fullTmpfs(t *testing.T, e *env) (state, filler string) {
+	t.Helper()
+	state = filepath.Join(e.root, "state")
 	os.MkdirAll(state, 0o755)
 	if out, err := exec.Command("mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", state).CombinedOutput(); err != nil {
 		t.Fatalf("mount tmpfs: %v %s", err, out)
 	}
 	t.Cleanup(func() { syscall.Unmount(state, syscall.MNT_DETACH) })
-	filler := filepath.Join(state, "filler")
+	filler = filepath.Join(state, "filler")
 	if out, err := exec.Command("dd", "if=/dev/zero", "of="+filler, "bs=1M", "count=23").CombinedOutput(); err != nil {
 		t.Fatalf("dd: %v %s", err, out)
 	}
 	e.state = state
+	return state, filler
+}
+
+// A full state directory must neither fail nor block the application:
+// lfuse logs it once, keeps the application running, and when space comes
+// back it starts again from a snapshot so the log is whole once more.
+func TestStateDirectoryFull(t *testing.T) {
+	e := newEnv(t)
+	state, filler := fullTmpfs(t, e)
 	lf := e.mount("-state", state)
 	dbPath := e.path("full.db")
 	sqliteCLI(t, dbPath, "PRAGMA journal_mode=WAL;\n"+bankSchema)
@@ -59,17 +67,7 @@ func TestStateDirectoryFull(t *testing.T) {
 // after its timeout.)
 func TestStateFullStillShips(t *testing.T) {
 	e := newEnv(t)
-	state := filepath.Join(e.root, "state")
-	os.MkdirAll(state, 0o755)
-	if out, err := exec.Command("mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", state).CombinedOutput(); err != nil {
-		t.Fatalf("mount tmpfs: %v %s", err, out)
-	}
-	t.Cleanup(func() { syscall.Unmount(state, syscall.MNT_DETACH) })
-	filler := filepath.Join(state, "filler")
-	if out, err := exec.Command("dd", "if=/dev/zero", "of="+filler, "bs=1M", "count=23").CombinedOutput(); err != nil {
-		t.Fatalf("dd: %v %s", err, out)
-	}
-	e.state = state
+	state, filler := fullTmpfs(t, e)
 	cfgPath, _ := e.replicaConfig("")
 	lf := e.mount("-config", cfgPath, "-state", state)
 	dbPath := e.path("full.db")

@@ -483,15 +483,9 @@ func (r *Replica) syncLocked(ctx context.Context) error {
 	if len(refs) == 0 {
 		return nil
 	}
-	srcs := make([]source, len(refs))
-	for i, ref := range refs {
-		srcs[i] = refSource(ref)
-	}
-	info, err := r.upload(ctx, 0, srcs, refs[len(refs)-1].Trailer.PostApplyChecksum)
-	if err != nil {
+	if _, err := r.shipRefs(ctx, refs); err != nil {
 		return err
 	}
-	r.record(info)
 	// From the first commit of the batch being captured to the batch
 	// being durable in the replica: the longest any of its commits waited.
 	r.logger.Debug("synced", "txid", upTo.String(), "commits", uint64(upTo-refs[0].Header.MinTXID+1),
@@ -518,17 +512,26 @@ func (r *Replica) shipTail(ctx context.Context, snap ltx.TXID) error {
 	if pre := refs[0].Header.PreApplyChecksum; r.pos.PostApplyChecksum != 0 && pre != r.pos.PostApplyChecksum {
 		return nil // another history: the snapshot alone follows
 	}
+	info, err := r.shipRefs(ctx, refs)
+	if err != nil {
+		return err
+	}
+	r.logger.Info("shipped the commits from before a new local snapshot", "txids", fmt.Sprintf("%s-%s", info.MinTXID, info.MaxTXID))
+	return nil
+}
+
+// shipRefs uploads local records as one level-0 file and records it.
+func (r *Replica) shipRefs(ctx context.Context, refs []Ref) (ltx.FileInfo, error) {
 	srcs := make([]source, len(refs))
 	for i, ref := range refs {
 		srcs[i] = refSource(ref)
 	}
 	info, err := r.upload(ctx, 0, srcs, refs[len(refs)-1].Trailer.PostApplyChecksum)
 	if err != nil {
-		return err
+		return info, err
 	}
 	r.record(info)
-	r.logger.Info("shipped the commits from before a new local snapshot", "txids", fmt.Sprintf("%s-%s", info.MinTXID, info.MaxTXID))
-	return nil
+	return info, nil
 }
 
 // upload merges srcs into one file of the given level and stores it. It

@@ -70,69 +70,19 @@ func TestRetryAfterFailingAgain(t *testing.T) {
 // it left. (Seen in CI: lfuse said every transaction was in every replica,
 // and a restore gave the old history.)
 func TestFlushShipsResnapshot(t *testing.T) {
-	opts := ReplicaOptions{SyncInterval: time.Hour, SnapshotInterval: time.Hour, CompactIntervals: []time.Duration{time.Hour}}
-	rs := newReplicaSetup(t, opts)
-	exec := func(db *sql.DB, q string) {
-		t.Helper()
-		if _, err := db.Exec(q); err != nil {
-			t.Fatalf("%s: %v", q, err)
+	rs, m, db, client := forkedHistory(t, func(m *Manager, db *sql.DB, _ ltx.TXID) {
+		if _, err := db.Exec("INSERT INTO t VALUES ('after')"); err != nil {
+			t.Fatal(err)
 		}
-	}
-	exec(rs.db, "CREATE TABLE t(v)")
-	exec(rs.db, "PRAGMA wal_checkpoint(TRUNCATE)")
-	old, err := os.ReadFile(rs.path)
-	if err != nil {
-		t.Fatal(err)
-	}
-	rs.m.Opened("app.db-wal", true)
-	for i := 0; i < 20; i++ {
-		exec(rs.db, "INSERT INTO t VALUES (randomblob(100))")
-		rs.m.SyncAll()
-	}
-	rs.db.Close()
-	if err := rs.m.Close(); err != nil {
-		t.Fatal(err)
-	}
-
-	// The old copy back, lfuse's state lost, a few new commits, and a stop
-	// before any replica pass.
-	os.WriteFile(rs.path, old, 0o644)
-	os.Remove(rs.path + "-wal")
-	os.Remove(rs.path + "-shm")
-	os.RemoveAll(rs.state)
-	m := NewManager(filepath.Dir(rs.path), rs.state, slog.New(slog.NewTextHandler(&logBuffer{}, nil)))
-	m.Replicas = func(rel string) []ReplicaSpec {
-		return []ReplicaSpec{{Client: file.New(filepath.Join(rs.repl, rel)), Options: opts}}
-	}
-	if err := m.Open(context.Background()); err != nil {
-		t.Fatal(err)
-	}
-	db, err := sql.Open("sqlite3", rs.path+"?_journal_mode=WAL")
-	if err != nil {
-		t.Fatal(err)
-	}
-	db.SetMaxOpenConns(1)
-	m.Opened("app.db-wal", true)
-	exec(db, "INSERT INTO t VALUES ('after')")
-	m.SyncAll()
+		m.SyncAll()
+	})
 	checkpoint(t, m, db, "TRUNCATE") // held until captured, as the mount does
 	db.Close()
+	client.down.Store(false) // reachable only for the stop's flush
 	if err := m.Close(); err != nil {
 		t.Fatal(err)
 	}
-
-	client := file.New(filepath.Join(rs.repl, "app.db"))
-	plan, err := PlanRestore(context.Background(), client, Target{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	out := filepath.Join(t.TempDir(), "restored.db")
-	if _, err := Restore(context.Background(), client, plan, out, RestoreOptions{}); err != nil {
-		t.Fatal(err)
-	}
-	if fileHash(t, out) != fileHash(t, rs.path) {
-		t.Fatal("the replica's latest state is not the database that was put back and written to")
-	}
+	restoresToDatabase(t, rs, client.ReplicaClient)
 }
 
 // unreachableList fails every listing while down is set: a replica that is
