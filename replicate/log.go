@@ -11,6 +11,7 @@ import (
 	"path/filepath"
 	"slices"
 	"strings"
+	"sync"
 
 	"github.com/superfly/ltx"
 )
@@ -39,7 +40,6 @@ type Log struct {
 	seg     *os.File // segment being appended to, nil until the first append after a snapshot
 	segFrom ltx.TXID
 	segSize int64
-	bw      *bufio.Writer // reused for every record
 }
 
 // Record describes one LTX file in the log.
@@ -150,6 +150,10 @@ func (l *Log) Last() (Record, bool) { return l.last, l.snapshot != 0 }
 // SnapshotTXID is the TXID of the newest snapshot, 0 if none.
 func (l *Log) SnapshotTXID() ltx.TXID { return l.snapshot }
 
+// writers are the buffers records are written through, shared by every
+// database's log rather than one kept by each (see walcapture's chunks).
+var writers sync.Pool
+
 // Append writes one transaction record with the next TXID. write encodes the
 // LTX file; if it fails, nothing is kept.
 func (l *Log) Append(write func(w io.Writer) error) (Record, error) {
@@ -167,11 +171,12 @@ func (l *Log) Append(write func(w io.Writer) error) (Record, error) {
 		return Record{}, l.cut(start, fmt.Errorf("write to local log: %w", err))
 	}
 	cw := &countingWriter{w: io.NewOffsetWriter(l.seg, start+8)}
-	if l.bw == nil {
-		l.bw = bufio.NewWriterSize(cw, 64<<10)
+	bw, _ := writers.Get().(*bufio.Writer)
+	if bw == nil {
+		bw = bufio.NewWriterSize(cw, 64<<10)
 	}
-	bw := l.bw
 	bw.Reset(cw)
+	defer func() { bw.Reset(nil); writers.Put(bw) }()
 	hw := &headTrailWriter{w: bw}
 	if err := write(hw); err != nil {
 		return Record{}, l.cut(start, err)

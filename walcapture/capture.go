@@ -7,6 +7,7 @@ import (
 	"io"
 	"math"
 	"slices"
+	"sync"
 
 	"github.com/superfly/ltx"
 )
@@ -140,11 +141,16 @@ func (c *Capturer) Recheck() {
 func (c *Capturer) Mark() Capturer {
 	m := *c
 	m.partial = nil
+	m.fr = frameReader{} // the buffer stays the Capturer's own
 	return m
 }
 
 // Rewind returns to a state from Mark.
-func (c *Capturer) Rewind(m Capturer) { *c = m }
+func (c *Capturer) Rewind(m Capturer) {
+	fr := c.fr
+	*c = m
+	c.fr = fr
+}
 
 // Pos returns the current capture position.
 func (c *Capturer) Pos() Pos {
@@ -201,6 +207,7 @@ func (c *Capturer) startGeneration(h Header) {
 // validate up to a commit ending exactly at pos, Resume returns ErrDiverged.
 func (c *Capturer) Resume(r io.ReaderAt, pos Pos) error {
 	*c = Capturer{SpillDir: c.SpillDir, fr: c.fr}
+	defer c.fr.release()
 	h, err := readHeader(r)
 	if errors.Is(err, ErrNoHeader) {
 		return nil
@@ -261,6 +268,7 @@ func readHeader(r io.ReaderAt) (Header, error) {
 // or still-being-written frame, or a leftover of an older generation. If emit
 // returns an error, Scan stops without advancing past that transaction.
 func (c *Capturer) Scan(r io.ReaderAt, emit func(Txn) error) (ScanResult, error) {
+	defer c.fr.release()
 	var res ScanResult
 	h, err := readHeader(r)
 	if errors.Is(err, ErrNoHeader) {
@@ -469,8 +477,24 @@ type frameReader struct {
 
 const frameChunk = 256 << 10
 
+// chunks holds the read buffers between scans: a mount can follow hundreds
+// of databases, most of them idle, and a buffer kept by each one was 256 KiB
+// of heap per database ever seen, with the garbage collector running nearly
+// nonstop once that passed lfuse's soft memory limit.
+var chunks sync.Pool
+
 func (fr *frameReader) reset(r io.ReaderAt, h Header) {
 	fr.r, fr.h, fr.n = r, h, 0
+}
+
+// release gives the buffer back for other scans; nothing read is kept
+// between scans.
+func (fr *frameReader) release() {
+	if fr.buf != nil {
+		b := fr.buf[:0]
+		chunks.Put(&b)
+	}
+	fr.r, fr.buf, fr.bufOff, fr.n = nil, nil, 0, 0
 }
 
 // frame returns the frame at off, or io.ErrUnexpectedEOF if the file ends
@@ -481,6 +505,11 @@ func (fr *frameReader) frame(off int64) ([]byte, error) {
 		return fr.buf[off-fr.bufOff : off-fr.bufOff+fs], nil
 	}
 	size := max(fs, frameChunk/fs*fs)
+	if fr.buf == nil {
+		if b, ok := chunks.Get().(*[]byte); ok {
+			fr.buf = *b
+		}
+	}
 	if int64(cap(fr.buf)) < size {
 		fr.buf = make([]byte, size)
 	}

@@ -160,6 +160,7 @@ func (c *Capturer) sameGeneration(wal io.ReaderAt) error {
 // size.
 func (c *Capturer) scanFromStart(db, wal io.ReaderAt, dbSize int64) (map[uint32]int64, uint32, uint32, error) {
 	*c = Capturer{SpillDir: c.SpillDir, fr: c.fr}
+	defer c.fr.release()
 	pages := make(map[uint32]int64)
 	var commit, pageSize uint32
 
