@@ -550,6 +550,10 @@ func (r *Replica) upload(ctx context.Context, level int, srcs []source, post ltx
 	return info, err
 }
 
+// uploadBaseTimeout is the time any upload may take, besides a second per
+// MB (a variable for tests).
+var uploadBaseTimeout = time.Minute
+
 // uploadVia is upload building the file in tmpDir; built reports whether
 // the file was built (a later error is the storage's).
 func (r *Replica) uploadVia(ctx context.Context, tmpDir string, level int, srcs []source, post ltx.Checksum) (_ ltx.FileInfo, built bool, _ error) {
@@ -570,7 +574,12 @@ func (r *Replica) uploadVia(ctx context.Context, tmpDir string, level int, srcs 
 		return ltx.FileInfo{}, false, err
 	}
 	ts := time.UnixMilli(hdr.Timestamp).UTC()
-	if err := r.client.WriteLTXFile(ctx, level, hdr.MinTXID, hdr.MaxTXID, tmp, size,
+	// A connection that stalls without breaking would hold the replica
+	// (and, for a sync, every later commit) for good, with nothing logged:
+	// an upload gets a minute plus a second per MB.
+	wctx, cancel := context.WithTimeout(ctx, uploadBaseTimeout+time.Duration(size>>20)*time.Second)
+	defer cancel()
+	if err := r.client.WriteLTXFile(wctx, level, hdr.MinTXID, hdr.MaxTXID, tmp, size,
 		backends.FileMeta{Timestamp: ts, PostApplyChecksum: post}); err != nil {
 		return ltx.FileInfo{}, true, fmt.Errorf("write level %d file %s: %w", level, ltx.FormatFilename(hdr.MinTXID, hdr.MaxTXID), err)
 	}

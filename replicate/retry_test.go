@@ -440,3 +440,50 @@ func TestReplicaDeletedWhileRunning(t *testing.T) {
 		})
 	}
 }
+
+// stallingWrites never answers an upload while stall is set, as a
+// connection that stops moving without breaking.
+type stallingWrites struct {
+	ReplicaClient
+	stall atomic.Bool
+}
+
+func (c *stallingWrites) WriteLTXFile(ctx context.Context, level int, min, max ltx.TXID, r io.Reader, size int64, meta backends.FileMeta) error {
+	if c.stall.Load() {
+		<-ctx.Done()
+		return ctx.Err()
+	}
+	return c.ReplicaClient.WriteLTXFile(ctx, level, min, max, r, size, meta)
+}
+
+// An upload that stalls gives up, so the sync fails, is retried and the
+// replica catches up once the storage answers again. (Found by an
+// adversarial run: a stalled connection to GCS held a replica for 14
+// minutes, until the stop, with nothing logged.)
+func TestStalledUploadGivesUp(t *testing.T) {
+	defer func(d time.Duration) { uploadBaseTimeout = d }(uploadBaseTimeout)
+	uploadBaseTimeout = 100 * time.Millisecond
+	sw := &stallingWrites{}
+	rs := newWrappedReplicaSetup(t, ReplicaOptions{SyncInterval: time.Hour, SnapshotInterval: time.Hour, CompactIntervals: []time.Duration{time.Hour}},
+		func(c ReplicaClient) ReplicaClient { sw.ReplicaClient = c; return sw })
+	defer rs.m.Close()
+	if _, err := rs.db.Exec("CREATE TABLE t(v)"); err != nil {
+		t.Fatal(err)
+	}
+	rs.m.Opened("app.db-wal", true)
+	rs.m.SyncAll()
+	r := rs.m.DB("app.db").Replicas()[0]
+	sw.stall.Store(true)
+	r.mu.Lock()
+	err := r.syncLocked(context.Background())
+	r.mu.Unlock()
+	if !errors.Is(err, context.DeadlineExceeded) {
+		t.Fatalf("a stalled sync returned %v, want it to give up", err)
+	}
+	sw.stall.Store(false)
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if err := r.Flush(ctx); err != nil {
+		t.Fatal(err)
+	}
+}
