@@ -754,7 +754,7 @@ func (r *Replica) compact(ctx context.Context, level int) error {
 // removed when the merge closes it.
 func (r *Replica) remoteSource(ctx context.Context, f ltx.FileInfo) source {
 	return func() (io.ReadCloser, error) {
-		rc, err := r.client.OpenLTXFile(ctx, f.Level, f.MinTXID, f.MaxTXID, 0, 0)
+		rc, err := openDownload(ctx, r.client, f, r.logger)
 		if err != nil {
 			return nil, err
 		}

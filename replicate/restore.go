@@ -342,7 +342,9 @@ func Restore(ctx context.Context, client ReplicaClient, plan Plan, output string
 			}
 		}
 	}()
+	wg.Add(1) // so that the deferred Wait also waits for every download this starts
 	go func() {
+		defer wg.Done()
 		// The snapshot is opened when its turn comes: a remote body left
 		// unread while the history is applied could time out.
 		for k := 0; k < n-1; k++ {
@@ -358,7 +360,7 @@ func Restore(ctx context.Context, client ReplicaClient, plan Plan, output string
 			wg.Add(1)
 			go func() {
 				defer wg.Done()
-				rc, err := client.OpenLTXFile(ctx, f.Level, f.MinTXID, f.MaxTXID, 0, 0)
+				rc, err := openDownload(ctx, client, f, opts.Logger)
 				if err == nil {
 					if wf := wholeFile(rc); wf != nil {
 						prefetch(wf, f.Size)
@@ -389,7 +391,7 @@ func Restore(ctx context.Context, client ReplicaClient, plan Plan, output string
 			d = <-results[k]
 			<-sem
 		} else {
-			d.rc, d.err = client.OpenLTXFile(ctx, f.Level, f.MinTXID, f.MaxTXID, 0, 0)
+			d.rc, d.err = openDownload(ctx, client, f, opts.Logger)
 		}
 		st.Download += time.Since(waitStart)
 		if d.err != nil && ctx.Err() != nil {
@@ -417,6 +419,9 @@ func Restore(ctx context.Context, client ReplicaClient, plan Plan, output string
 		}
 		if err != nil && ctx.Err() != nil {
 			return st, stopped()
+		}
+		if de := (downloadError{}); errors.As(err, &de) {
+			return st, fmt.Errorf("%s: download %s: %w", client, fileName(f), de)
 		}
 		if mf := (mapFault{}); errors.As(err, &mf) {
 			return st, fmt.Errorf("%s: read %s: %w", client, fileName(f), mf)

@@ -1,0 +1,186 @@
+package replicate
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"io"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/lfuse/lfuse/backends"
+	"github.com/lfuse/lfuse/backends/file"
+	"github.com/superfly/ltx"
+)
+
+// flakyReads serves a replica's files as a network store with a bad
+// connection would: each body gives at most cut bytes and then fails (or,
+// with stall, hangs until its context ends), and the first failOpens opens
+// fail.
+type flakyReads struct {
+	ReplicaClient
+	cut   int64
+	stall bool
+
+	mu        sync.Mutex
+	failOpens int
+	opens     int
+}
+
+func (c *flakyReads) OpenLTXFile(ctx context.Context, level int, min, max ltx.TXID, offset, size int64) (io.ReadCloser, error) {
+	c.mu.Lock()
+	c.opens++
+	fail := c.failOpens > 0
+	if fail {
+		c.failOpens--
+	}
+	c.mu.Unlock()
+	if fail {
+		return nil, syscall.ECONNREFUSED
+	}
+	rc, err := c.ReplicaClient.OpenLTXFile(ctx, level, min, max, offset, size)
+	if err != nil {
+		return nil, err
+	}
+	return &flakyBody{ctx: ctx, rc: rc, left: c.cut, stall: c.stall}, nil
+}
+
+type flakyBody struct {
+	ctx   context.Context
+	rc    io.ReadCloser
+	left  int64
+	stall bool
+}
+
+func (b *flakyBody) Read(p []byte) (int, error) {
+	if b.left <= 0 {
+		if b.stall {
+			<-b.ctx.Done()
+			return 0, b.ctx.Err()
+		}
+		return 0, syscall.ECONNRESET
+	}
+	if int64(len(p)) > b.left {
+		p = p[:b.left]
+	}
+	n, err := b.rc.Read(p)
+	b.left -= int64(n)
+	return n, err
+}
+
+func (b *flakyBody) Close() error { return b.rc.Close() }
+
+// flakySetup writes a replica of a snapshot and three later files, and
+// returns it with the database they restore to.
+func flakySetup(t *testing.T) (ReplicaClient, []byte) {
+	t.Helper()
+	client := file.New(filepath.Join(t.TempDir(), "replica"))
+	var files [][]byte
+	for id := ltx.TXID(1); id <= 4; id++ {
+		pages := map[uint32]byte{}
+		for p := uint32(1); p <= 30; p++ {
+			if id == 1 || p%uint32(id) == 0 {
+				pages[p] = byte(int(p)*7 + int(id))
+			}
+		}
+		level := 0
+		if id == 1 {
+			level = SnapshotLevel
+		}
+		b := encodeTest(t, id, id, 30, pages)
+		files = append(files, b)
+		sum, err := ltx.ChecksumReader(bytes.NewReader(applyAll(t, files)), 512)
+		if err != nil {
+			t.Fatal(err)
+		}
+		meta := backends.FileMeta{PostApplyChecksum: ltx.ChecksumFlag | sum}
+		if err := client.WriteLTXFile(context.Background(), level, id, id, bytes.NewReader(b), int64(len(b)), meta); err != nil {
+			t.Fatal(err)
+		}
+	}
+	return client, applyAll(t, files)
+}
+
+func fastRetries(t *testing.T) {
+	oldIdle, oldBackoff := readIdleTimeout, downloadBackoff
+	readIdleTimeout, downloadBackoff = 200*time.Millisecond, time.Millisecond
+	t.Cleanup(func() { readIdleTimeout, downloadBackoff = oldIdle, oldBackoff })
+}
+
+// A connection that breaks every few bytes, or hangs, or refuses the first
+// opens, slows a restore down but does not fail it: each file is opened
+// again where it broke off. A restore used to end at the first reset,
+// calling the file corrupt.
+func TestRestoreResumesDownloads(t *testing.T) {
+	fastRetries(t)
+	for _, c := range []struct {
+		name   string
+		client *flakyReads
+	}{
+		{"reset", &flakyReads{cut: 40}},
+		{"stall", &flakyReads{cut: 100, stall: true}},
+		{"refused", &flakyReads{cut: 1 << 30, failOpens: downloadAttempts - 1}},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			inner, want := flakySetup(t)
+			client := c.client
+			client.ReplicaClient = inner
+			out := filepath.Join(t.TempDir(), "restored.db")
+			if _, err := Restore(context.Background(), client, mustPlan(t, inner), out, RestoreOptions{Parallelism: 2}); err != nil {
+				t.Fatal(err)
+			}
+			got, err := os.ReadFile(out)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if !bytes.Equal(got, want) {
+				t.Fatal("restored database differs")
+			}
+			if client.opens <= 4 {
+				t.Fatalf("%d opens for 4 files: the faults were not hit", client.opens)
+			}
+		})
+	}
+}
+
+// A replica that cannot be read at all fails the restore as a download,
+// naming the file, after a bounded number of attempts; nothing is written.
+func TestRestoreGivesUpOnDeadReplica(t *testing.T) {
+	fastRetries(t)
+	inner, _ := flakySetup(t)
+	for _, c := range []*flakyReads{{cut: 0}, {failOpens: 1 << 30}} {
+		c.ReplicaClient = inner
+		dir := t.TempDir()
+		out := filepath.Join(dir, "restored.db")
+		_, err := Restore(context.Background(), c, mustPlan(t, inner), out, RestoreOptions{Parallelism: 1})
+		if err == nil || !strings.Contains(err.Error(), "download level") || strings.Contains(err.Error(), "corrupt") ||
+			!errors.Is(err, syscall.ECONNRESET) && !errors.Is(err, syscall.ECONNREFUSED) {
+			t.Fatalf("got %v, want a download error", err)
+		}
+		c.mu.Lock()
+		opens := c.opens
+		c.mu.Unlock()
+		if opens > 4*downloadAttempts {
+			t.Fatalf("%d opens: retries are not bounded", opens)
+		}
+		if left, _ := os.ReadDir(dir); len(left) != 0 {
+			t.Fatalf("left behind: %v", left)
+		}
+	}
+}
+
+// A missing file is not retried.
+func TestDownloadMissingNotRetried(t *testing.T) {
+	fastRetries(t)
+	inner, _ := flakySetup(t)
+	c := &flakyReads{ReplicaClient: inner, cut: 1 << 30}
+	_, err := openDownload(context.Background(), c, ltx.FileInfo{Level: 0, MinTXID: 7, MaxTXID: 7}, nil)
+	if !errors.Is(err, backends.ErrNotFound) || c.opens != 1 {
+		t.Fatalf("got %v after %d opens, want not found after one", err, c.opens)
+	}
+}
