@@ -27,6 +27,23 @@ type FileMeta struct {
 	PostApplyChecksum ltx.Checksum
 }
 
+// TempPrefix starts the names of the temporary files that the file and SFTP
+// backends write beside a level's files and rename into place.
+const TempPrefix = ".tmp-"
+
+// staleTemp is how long a temporary file goes unwritten before it counts
+// as abandoned. An upload in progress writes it continually, so only a
+// writer that was killed or cut off leaves one this old. (The file's time
+// is set to the commit time just before its rename: a listing at that
+// instant can take it, and the upload fails and is retried.)
+const staleTemp = time.Hour
+
+// StaleTemp says whether a level's entry is a temporary file left behind by
+// a writer that was killed or lost its connection, which a listing removes.
+func StaleTemp(name string, mtime, now time.Time) bool {
+	return strings.HasPrefix(name, TempPrefix) && now.Sub(mtime) > staleTemp
+}
+
 // ErrNotFound is returned for a file that does not exist.
 var ErrNotFound = errors.New("not found")
 

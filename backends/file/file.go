@@ -53,6 +53,7 @@ func (c *Client) path(level int, min, max ltx.TXID) string {
 const metaSuffix = ".meta"
 
 // LTXFiles lists one level. A level that does not exist yet is empty.
+// Temporary files that a killed writer left there are removed.
 func (c *Client) LTXFiles(ctx context.Context, level int) ([]ltx.FileInfo, error) {
 	ents, err := os.ReadDir(c.levelDir(level))
 	if errors.Is(err, fs.ErrNotExist) {
@@ -61,12 +62,16 @@ func (c *Client) LTXFiles(ctx context.Context, level int) ([]ltx.FileInfo, error
 		return nil, err
 	}
 	var infos []ltx.FileInfo
+	now := time.Now()
 	for _, e := range ents {
 		if !e.Type().IsRegular() {
 			continue // not ours; a symlink could point anywhere
 		}
 		min, max, err := ltx.ParseFilename(e.Name())
 		if err != nil {
+			if fi, err := e.Info(); err == nil && backends.StaleTemp(e.Name(), fi.ModTime(), now) {
+				os.Remove(filepath.Join(c.levelDir(level), e.Name())) // a read-only replica keeps it
+			}
 			continue
 		}
 		fi, err := e.Info()
@@ -195,7 +200,7 @@ func (c *Client) DeleteLTXFiles(ctx context.Context, files []ltx.FileInfo) error
 // size bytes (unless size < 0), fsyncs it, sets its mtime (unless zero) and
 // renames it into place.
 func writeAtomic(path string, r io.Reader, size int64, mtime time.Time) (err error) {
-	f, err := os.CreateTemp(filepath.Dir(path), ".tmp-*")
+	f, err := os.CreateTemp(filepath.Dir(path), backends.TempPrefix+"*")
 	if err != nil {
 		return err
 	}

@@ -80,3 +80,29 @@ func TestClient(t *testing.T) {
 		t.Fatalf("temporary files left: %v", m)
 	}
 }
+
+// A temporary file nothing has written for over an hour was left by a
+// killed writer, and a listing removes it; a fresh one may be an upload in
+// progress and stays.
+func TestStaleTempsRemoved(t *testing.T) {
+	c := New(filepath.Join(t.TempDir(), "replica"))
+	dir := filepath.Join(c.Root(), "ltx", "9")
+	os.MkdirAll(dir, 0o755)
+	old, fresh := filepath.Join(dir, backends.TempPrefix+"old"), filepath.Join(dir, backends.TempPrefix+"fresh")
+	for _, p := range []string{old, fresh} {
+		if err := os.WriteFile(p, []byte("partial"), 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	ago := time.Now().Add(-2 * time.Hour)
+	os.Chtimes(old, ago, ago)
+	if _, err := c.LTXFiles(context.Background(), 9); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := os.Stat(old); !errors.Is(err, os.ErrNotExist) {
+		t.Fatalf("stale temporary file: %v", err)
+	}
+	if _, err := os.Stat(fresh); err != nil {
+		t.Fatalf("fresh temporary file: %v", err)
+	}
+}

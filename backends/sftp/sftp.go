@@ -52,7 +52,6 @@ type Config struct {
 
 const (
 	metaSuffix = ".meta"
-	tmpPrefix  = ".tmp-"
 
 	// 32 KiB is the packet size every server must accept; 64 of them in
 	// flight per file keep a 2 MiB window busy, enough for a fast WAN link.
@@ -284,6 +283,7 @@ func (c *Client) Databases(ctx context.Context) ([]string, error) {
 // cached as written; others have their sidecars read once, parallelOps at a
 // time. In steady state a listing is one READDIR; a new process pays about
 // 3×files/parallelOps round trips for its first listing of a level.
+// Temporary files that a writer cut off or killed left there are removed.
 func (c *Client) LTXFiles(ctx context.Context, level int) ([]ltx.FileInfo, error) {
 	dir := c.levelDir(level)
 	var infos []ltx.FileInfo
@@ -293,9 +293,17 @@ func (c *Client) LTXFiles(ctx context.Context, level int) ([]ltx.FileInfo, error
 			return err
 		}
 		metaSize := map[string]int64{} // by the name of the file it describes
+		now := time.Now()
 		for _, e := range ents {
 			if e.Mode().IsRegular() && strings.HasSuffix(e.Name(), metaSuffix) {
 				metaSize[strings.TrimSuffix(e.Name(), metaSuffix)] = e.Size()
+			}
+			if e.Mode().IsRegular() && backends.StaleTemp(e.Name(), e.ModTime(), now) {
+				// Left by a writer that was cut off or killed. A
+				// read-only account keeps it.
+				if err := cl.Remove(path.Join(dir, e.Name())); isConnErr(err) {
+					return err
+				}
 			}
 		}
 		known := c.s.cached(dir)
@@ -426,7 +434,7 @@ func (c *Client) WriteLTXFile(ctx context.Context, level int, min, max ltx.TXID,
 // it, sets its mtime (unless zero) and renames it onto p. On failure it removes the
 // temporary file.
 func writeAtomic(cl *pkgsftp.Client, p string, r io.Reader, size int64, mtime time.Time) (err error) {
-	tmp := path.Join(path.Dir(p), tmpPrefix+rand.Text())
+	tmp := path.Join(path.Dir(p), backends.TempPrefix+rand.Text())
 	const flags = os.O_WRONLY | os.O_CREATE | os.O_EXCL
 	f, err := cl.OpenFile(tmp, flags)
 	if errors.Is(err, os.ErrNotExist) {

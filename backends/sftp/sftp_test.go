@@ -8,6 +8,7 @@ import (
 	"crypto/rand"
 	"encoding/pem"
 	"errors"
+	"fmt"
 	"io"
 	"net"
 	"os"
@@ -510,4 +511,44 @@ func TestConformanceInProcess(t *testing.T) {
 		Secrets: []string{password},
 		Many:    300,
 	})
+}
+
+// A temporary file nothing has written for over an hour was left by a
+// writer that was cut off, and a listing removes it; a fresh one may be an
+// upload in progress and stays.
+func TestStaleTempsRemoved(t *testing.T) {
+	env := backendtest.Servers(t)
+	ctx := context.Background()
+	c := open(t, config(t, env, "key"))
+	write(t, c, 9, 1, 1, time.Now())
+	dir := c.levelDir(9)
+	old, fresh := path.Join(dir, backends.TempPrefix+"old"), path.Join(dir, backends.TempPrefix+"fresh")
+	ago := time.Now().Add(-2 * time.Hour)
+	err := c.do(ctx, true, func(cl *pkgsftp.Client) error {
+		for _, p := range []string{old, fresh} {
+			f, err := cl.Create(p)
+			if err != nil {
+				return err
+			}
+			f.Write([]byte("partial"))
+			f.Close()
+		}
+		return cl.Chtimes(old, ago, ago)
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if files, err := c.LTXFiles(ctx, 9); err != nil || len(files) != 1 {
+		t.Fatalf("listing: %v, %v", files, err)
+	}
+	err = c.do(ctx, true, func(cl *pkgsftp.Client) error {
+		if _, err := cl.Stat(old); !errors.Is(err, os.ErrNotExist) {
+			return fmt.Errorf("stale temporary file: %v", err)
+		}
+		_, err := cl.Stat(fresh)
+		return err
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
 }
