@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"strings"
 	"testing"
 	"time"
 
@@ -193,4 +194,58 @@ func TestReplicaOutage(t *testing.T) {
 		t.Fatalf("outage logged %d times and its end %d times, want once each:\n%s", a, b, lf.log)
 	}
 	restoreLatest(t, e, repl, liveBytes(t, e))
+}
+
+// Databases that an application makes and deletes do not pile up in lfuse:
+// once the replica holds all of one, its open files and its state are
+// released, and a restart does not load it again. The replica still
+// restores it. (Each used to keep two descriptors, two goroutines and its
+// local log for as long as lfuse ran, and to be loaded at every start.)
+func TestDeletedDatabasesReleased(t *testing.T) {
+	e := newEnv(t)
+	repl := filepath.Join(e.root, "replica")
+	lf := e.mount("-replica", "file://"+repl)
+	const n = 12
+	for i := range n {
+		sqliteCLI(t, e.path(fmt.Sprintf("tmp%d.db", i)), fmt.Sprintf("PRAGMA journal_mode=WAL; CREATE TABLE t(v); INSERT INTO t VALUES (%d);", i))
+	}
+	if err := lf.log.waitCount("snapshot uploaded", n, time.Minute, lf.done); err != nil {
+		t.Fatal(err)
+	}
+	fds := func() int {
+		ents, err := os.ReadDir(fmt.Sprintf("/proc/%d/fd", lf.cmd.Process.Pid))
+		if err != nil {
+			t.Fatal(err)
+		}
+		return len(ents)
+	}
+	before := fds()
+	for i := range n {
+		for _, suffix := range []string{"-wal", "-shm", ""} {
+			if err := os.Remove(e.path(fmt.Sprintf("tmp%d.db%s", i, suffix))); err != nil && !os.IsNotExist(err) {
+				t.Fatal(err)
+			}
+		}
+	}
+	if err := lf.log.waitCount("released deleted database", n, time.Minute, lf.done); err != nil {
+		t.Fatal(err)
+	}
+	if after := fds(); after > before-n {
+		t.Errorf("lfuse holds %d descriptors after %d databases were released, %d before", after, n, before)
+	}
+	if left, _ := os.ReadDir(filepath.Join(e.state, "dbs")); len(left) != 0 {
+		t.Errorf("state left for deleted databases: %v", left)
+	}
+	lf.stop()
+	lf = e.mount("-replica", "file://"+repl)
+	if c := lf.log.count("db=tmp"); c != 0 {
+		t.Errorf("a restart loaded deleted databases:\n%s", lf.log)
+	}
+	out := filepath.Join(e.root, "tmp5.db")
+	if code, log := runLfuse(t, "restore", "-o", out, "file://"+filepath.Join(repl, "tmp5.db")); code != 0 {
+		t.Fatalf("restore exited %d:\n%s", code, log)
+	}
+	if got := sqliteCLI(t, out, "SELECT v FROM t;"); strings.TrimSpace(got) != "5" {
+		t.Fatalf("restored a deleted database with %q, want 5", got)
+	}
 }

@@ -77,8 +77,12 @@ type DB struct {
 
 	// minTXID is the lowest TXID the next snapshot may take: above what a
 	// replica holds of a history this database no longer continues.
-	minTXID   ltx.TXID
-	replicas  []*Replica
+	minTXID  ltx.TXID
+	replicas []*Replica
+	// onGone is called (with mu held) when the database becomes gone;
+	// retired is made when its release starts and closed when it ends.
+	onGone    func()
+	retired   chan struct{}
 	compactMu sync.Mutex  // one fold of the local log at a time
 	folding   atomic.Bool // a foldLog goroutine is running
 
@@ -644,6 +648,9 @@ func (d *DB) snapshotLocked() error {
 func (d *DB) gone(why string) {
 	if d.status != statusGone {
 		d.logger.Info("stopped capturing database", "reason", why)
+		if d.onGone != nil {
+			d.onGone()
+		}
 	}
 	d.status, d.reason = statusGone, why
 	d.dropAside()

@@ -43,6 +43,11 @@ type Manager struct {
 	dbs    map[string]*DB // by path relative to the mount root
 	noted  map[string]bool
 	closed bool
+
+	// Databases gone from the mount waiting to be released (retire.go),
+	// and what stops their waiting at Close.
+	retiring sync.WaitGroup
+	closing  chan struct{}
 }
 
 // NewManager returns a Manager for the databases under dataDir, keeping its
@@ -57,6 +62,7 @@ func NewManager(dataDir, stateDir string, logger *slog.Logger) *Manager {
 		logger:   logger,
 		dbs:      make(map[string]*DB),
 		noted:    make(map[string]bool),
+		closing:  make(chan struct{}),
 	}
 }
 
@@ -103,6 +109,7 @@ func (m *Manager) newDB(rel string) *DB {
 		dir:    filepath.Join(m.stateDir, "dbs", stateName(rel)),
 		logger: m.logger.With("db", rel),
 	}
+	d.onGone = func() { m.retireWhenShipped(d) }
 	if m.Replicas != nil {
 		for _, spec := range m.Replicas(rel) {
 			d.replicas = append(d.replicas, newReplica(d, spec.Client, spec.Options, d.logger))
@@ -172,7 +179,13 @@ func (m *Manager) Close() error { return m.CloseContext(context.Background()) }
 // CloseContext is Close with a context that cuts the wait for replicas short.
 func (m *Manager) CloseContext(ctx context.Context) error {
 	m.mu.Lock()
+	if !m.closed {
+		close(m.closing)
+	}
 	m.closed = true
+	m.mu.Unlock()
+	m.retiring.Wait() // a release under way finishes; the rest are flushed below
+	m.mu.Lock()
 	dbs := make([]*DB, 0, len(m.dbs))
 	for _, d := range m.dbs {
 		dbs = append(dbs, d)
@@ -288,6 +301,13 @@ func (m *Manager) walOpened(rel string) {
 	}
 	if d != nil {
 		d.mu.Lock()
+		if retired := d.retired; retired != nil {
+			// Being released: wait, then take it up as a new database.
+			d.mu.Unlock()
+			<-retired
+			m.walOpened(rel)
+			return
+		}
 		if d.status == statusGone {
 			d.status = statusTracking
 			d.needSnapshot("database file was created again")

@@ -1,0 +1,139 @@
+package replicate
+
+import (
+	"context"
+	"database/sql"
+	"os"
+	"path/filepath"
+	"testing"
+	"time"
+
+	"github.com/lfuse/lfuse/backends/file"
+	"github.com/superfly/ltx"
+)
+
+// A deleted database is released once its replica holds all of it: its
+// state directory goes, and it is not loaded again at the next start. Until
+// then (the replica unreachable) it stays. A database made again at the
+// same path is a new one whose history continues the replica above the
+// old, and both stay restorable.
+func TestDeletedDatabaseReleased(t *testing.T) {
+	old := retireEvery
+	retireEvery = 10 * time.Millisecond
+	t.Cleanup(func() { retireEvery = old })
+	var client *failingWrites
+	rs := newWrappedReplicaSetup(t, ReplicaOptions{SyncInterval: 10 * time.Millisecond},
+		func(c ReplicaClient) ReplicaClient { client = &failingWrites{ReplicaClient: c}; return client })
+	exec := func(db *sql.DB, q string) {
+		t.Helper()
+		if _, err := db.Exec(q); err != nil {
+			t.Fatalf("%s: %v", q, err)
+		}
+	}
+	exec(rs.db, "CREATE TABLE t(v)")
+	rs.m.Opened("app.db-wal", true)
+	for i := 0; i < 5; i++ {
+		exec(rs.db, "INSERT INTO t VALUES (randomblob(300))")
+	}
+	rs.m.SyncAll()
+	client.down.Store(true)
+	exec(rs.db, "INSERT INTO t VALUES ('last before the delete')")
+	checkpoint(t, rs.m, rs.db, "TRUNCATE")
+	rs.db.Close()
+	before, err := os.ReadFile(rs.path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, name := range []string{"app.db-wal", "app.db-shm", "app.db"} {
+		release := rs.m.BeforeUnlink(name)
+		err := os.Remove(filepath.Join(filepath.Dir(rs.path), name))
+		if release != nil {
+			release(err == nil)
+		}
+	}
+	stateDir := filepath.Join(rs.state, "dbs", "app.db")
+
+	// Its last commit is not in the replica yet: nothing is released.
+	time.Sleep(20 * retireEvery) // the absence of an event: given time to happen, it must not
+	if rs.m.DB("app.db") == nil {
+		t.Fatal("released before the replica held its last commit")
+	}
+	if _, err := os.Stat(stateDir); err != nil {
+		t.Fatalf("state removed before the replica held its last commit: %v", err)
+	}
+
+	client.down.Store(false)
+	deadline := time.Now().Add(10 * time.Second)
+	for rs.m.DB("app.db") != nil {
+		if time.Now().After(deadline) {
+			t.Fatal("deleted database not released after its replica caught up")
+		}
+		time.Sleep(retireEvery)
+	}
+	if _, err := os.Stat(stateDir); !os.IsNotExist(err) {
+		t.Fatalf("state directory left: %v", err)
+	}
+	replica := file.New(filepath.Join(rs.repl, "app.db"))
+	oldPlan := mustPlan(t, replica)
+	out := filepath.Join(t.TempDir(), "old.db")
+	if _, err := Restore(context.Background(), replica, oldPlan, out, RestoreOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	if got, _ := os.ReadFile(out); string(got) != string(before) {
+		t.Fatal("the replica does not restore the deleted database as it was")
+	}
+
+	// Made again: a new history above the old one.
+	db, err := sql.Open("sqlite3", rs.path+"?_journal_mode=WAL")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer db.Close()
+	db.SetMaxOpenConns(1)
+	exec(db, "CREATE TABLE u(w)")
+	rs.m.Opened("app.db-wal", true)
+	exec(db, "INSERT INTO u VALUES ('new')")
+	rs.m.SyncAll()
+	d := rs.m.DB("app.db")
+	if d == nil {
+		t.Fatal("the new database is not captured")
+	}
+	checkpoint(t, rs.m, db, "TRUNCATE")
+	// The replica finds the new database's first TXIDs taken by the old
+	// history, and it starts a new one above.
+	lastTXID := func() ltx.TXID {
+		d.Sync()
+		d.mu.Lock()
+		defer d.mu.Unlock()
+		if rec, ok := d.log.Last(); ok {
+			return rec.TXID()
+		}
+		return 0
+	}
+	for pos := d.replicas[0].Pos(); pos <= oldPlan.TXID || pos < lastTXID(); pos = d.replicas[0].Pos() {
+		if time.Now().After(deadline.Add(10 * time.Second)) {
+			t.Fatalf("replica at %s, local log at %s; the old history ends at %s", pos, lastTXID(), oldPlan.TXID)
+		}
+		time.Sleep(retireEvery)
+	}
+	restoresToDatabase(t, rs, replica)
+	out2 := filepath.Join(t.TempDir(), "old-again.db")
+	if _, err := Restore(context.Background(), replica, mustPlanAt(t, replica, oldPlan.TXID), out2, RestoreOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	if got, _ := os.ReadFile(out2); string(got) != string(before) {
+		t.Fatal("the old database is no longer restorable at its last TXID")
+	}
+	if err := rs.m.Close(); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func mustPlanAt(t *testing.T, client ReplicaClient, txid ltx.TXID) Plan {
+	t.Helper()
+	plan, err := PlanRestore(context.Background(), client, Target{TXID: txid})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return plan
+}
