@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"os"
 	"sync"
 	"time"
 
@@ -41,31 +42,50 @@ func (e downloadError) Unwrap() error { return e.err }
 
 // openDownload opens a replica file for reading from its start, retrying
 // failed opens and resuming failed reads. A missing file or a
-// configuration error is returned at once. A local file's body is returned
-// as it is (restore maps it); others are wrapped.
+// configuration error is returned at once. A local file's body keeps its
+// WholeFile (restore maps it). Close may be called while a Read is under
+// way, and ends it.
 func openDownload(ctx context.Context, client ReplicaClient, f ltx.FileInfo, logger *slog.Logger) (io.ReadCloser, error) {
-	d := &download{ctx: ctx, client: client, f: f, logger: logger}
+	ctx, cancel := context.WithCancel(ctx)
+	d := &download{ctx: ctx, cancelAll: cancel, client: client, f: f, logger: logger}
 	if err := d.open(); err != nil {
+		cancel()
 		return nil, err
 	}
 	if wholeFile(d.rc) != nil {
-		return d.rc, nil
+		return &wholeBody{ReadCloser: d.rc, cancel: cancel}, nil
 	}
 	return d, nil
 }
 
-type download struct {
-	ctx    context.Context
-	client ReplicaClient
-	f      ltx.FileInfo
-	logger *slog.Logger
+// wholeBody is a local file's body, read in place rather than resumed.
+type wholeBody struct {
+	io.ReadCloser
+	cancel context.CancelFunc
+}
 
-	off    int64 // bytes handed to the caller
+func (b *wholeBody) WholeFile() *os.File { return wholeFile(b.ReadCloser) }
+
+func (b *wholeBody) Close() error {
+	b.cancel()
+	return b.ReadCloser.Close()
+}
+
+type download struct {
+	ctx       context.Context
+	cancelAll context.CancelFunc // ends the download: Close
+	client    ReplicaClient
+	f         ltx.FileInfo
+	logger    *slog.Logger
+
+	off   int64 // bytes handed to the caller
+	fails int   // failures since the last byte read
+	err   error
+
+	mu     sync.Mutex // the current attempt, which Close ends from any goroutine
 	rc     io.ReadCloser
 	cancel context.CancelFunc // ends the current attempt
 	stall  *stallWatch
-	fails  int // failures since the last byte read
-	err    error
 }
 
 // open opens the file at d.off, retrying errors that retrying may cure.
@@ -74,8 +94,10 @@ func (d *download) open() error {
 		actx, cancel := context.WithCancel(d.ctx)
 		rc, err := d.client.OpenLTXFile(actx, d.f.Level, d.f.MinTXID, d.f.MaxTXID, d.off, 0)
 		if err == nil {
+			d.mu.Lock()
 			d.rc, d.cancel = rc, cancel
 			d.stall = &stallWatch{cancel: cancel, rc: rc}
+			d.mu.Unlock()
 			return nil
 		}
 		cancel()
@@ -116,6 +138,10 @@ func (d *download) log() *slog.Logger {
 
 func (d *download) Read(p []byte) (int, error) {
 	for {
+		if d.err == nil && d.ctx.Err() != nil {
+			d.err = d.ctx.Err()
+			d.drop()
+		}
 		if d.err != nil {
 			return 0, d.err
 		}
@@ -140,6 +166,7 @@ func (d *download) Read(p []byte) (int, error) {
 		}
 		if d.ctx.Err() != nil {
 			d.err = d.ctx.Err()
+			d.drop()
 			return n, d.err
 		}
 		if stalled {
@@ -161,17 +188,25 @@ func (d *download) Read(p []byte) (int, error) {
 
 // drop ends the current attempt.
 func (d *download) drop() {
+	d.mu.Lock()
+	defer d.mu.Unlock()
 	if d.rc != nil {
 		d.cancel()
 		d.stall.close()
-		d.rc, d.cancel = nil, nil
+		d.rc, d.cancel, d.stall = nil, nil, nil
 	}
 }
 
+// Close ends the download. Called while a Read waits (a decoder that
+// failed closes its source to end a stalled read), it cancels that read;
+// the Read then lets the body go.
 func (d *download) Close() error {
-	d.drop()
-	if d.err == nil {
-		d.err = errors.New("download closed")
+	d.cancelAll()
+	d.mu.Lock()
+	w := d.stall
+	d.mu.Unlock()
+	if w != nil {
+		go w.close() // a body that ignores its context; Close may wait for the read
 	}
 	return nil
 }

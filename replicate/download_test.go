@@ -184,3 +184,30 @@ func TestDownloadMissingNotRetried(t *testing.T) {
 		t.Fatalf("got %v after %d opens, want not found after one", err, c.opens)
 	}
 }
+
+// Close from another goroutine ends a read that is waiting on a stalled
+// body (a decoder that failed does this to its source), well before the
+// idle timeout.
+func TestDownloadCloseEndsRead(t *testing.T) {
+	inner, _ := flakySetup(t)
+	c := &flakyReads{ReplicaClient: inner, cut: 10, stall: true}
+	rc, err := openDownload(context.Background(), c, mustPlan(t, inner).Files[0], nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan error, 1)
+	go func() {
+		_, err := io.ReadAll(rc)
+		done <- err
+	}()
+	time.Sleep(50 * time.Millisecond) // let the read reach the stall; a Close before it works too
+	rc.Close()
+	select {
+	case err := <-done:
+		if !errors.Is(err, context.Canceled) {
+			t.Fatalf("read ended with %v, want context.Canceled", err)
+		}
+	case <-time.After(readIdleTimeout / 2):
+		t.Fatal("Close did not end the read")
+	}
+}
