@@ -33,10 +33,11 @@ const TempPrefix = ".tmp-"
 
 // staleTemp is how long a temporary file goes unwritten before it counts
 // as abandoned. An upload in progress writes it continually, so only a
-// writer that was killed or cut off leaves one this old. (The file's time
+// writer that was killed or cut off leaves one this old. A day, not less:
+// an SFTP server's clock is compared with this machine's. (The file's time
 // is set to the commit time just before its rename: a listing at that
 // instant can take it, and the upload fails and is retried.)
-const staleTemp = time.Hour
+const staleTemp = 24 * time.Hour
 
 // StaleTemp says whether a level's entry is a temporary file left behind by
 // a writer that was killed or lost its connection, which a listing removes.

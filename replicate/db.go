@@ -79,12 +79,14 @@ type DB struct {
 	// replica holds of a history this database no longer continues.
 	minTXID  ltx.TXID
 	replicas []*Replica
-	// onGone is called (with mu held) when the database becomes gone;
-	// retired is made when its release starts and closed when it ends.
-	onGone    func()
-	retired   chan struct{}
-	compactMu sync.Mutex  // one fold of the local log at a time
-	folding   atomic.Bool // a foldLog goroutine is running
+	// onGone is called (with mu held) when the database becomes gone; a
+	// goroutine then waits to release it (retireArmed), and retired is set
+	// once the Manager has forgotten it.
+	onGone      func()
+	retireArmed bool
+	retired     bool
+	compactMu   sync.Mutex  // one fold of the local log at a time
+	folding     atomic.Bool // a foldLog goroutine is running
 
 	captured      atomic.Int64 // transactions captured since start
 	capturedBytes atomic.Int64

@@ -52,8 +52,8 @@ func openDownload(ctx context.Context, client ReplicaClient, f ltx.FileInfo, log
 		cancel()
 		return nil, err
 	}
-	if wholeFile(d.rc) != nil {
-		return &wholeBody{ReadCloser: d.rc, cancel: cancel}, nil
+	if wholeFile(d.a.rc) != nil {
+		return &wholeBody{ReadCloser: d.a.rc, cancel: cancel}, nil
 	}
 	return d, nil
 }
@@ -82,10 +82,34 @@ type download struct {
 	fails int   // failures since the last byte read
 	err   error
 
-	mu     sync.Mutex // the current attempt, which Close ends from any goroutine
+	mu sync.Mutex // a, which Close ends from any goroutine
+	a  *attempt   // the current attempt, or nil
+}
+
+// attempt is one open of the file. Its body is read on a goroutine of its
+// own, into a buffer of its own, so that a read that never returns (an
+// SFTP file's read holds its lock, and its Close waits for it; a hung
+// network file system) is abandoned rather than waited for.
+type attempt struct {
 	rc     io.ReadCloser
-	cancel context.CancelFunc // ends the current attempt
-	stall  *stallWatch
+	cancel context.CancelFunc
+	buf    []byte
+	res    chan readResult
+	once   sync.Once
+}
+
+type readResult struct {
+	n   int
+	err error
+}
+
+// end cancels the attempt and closes its body, on another goroutine: a
+// body's Close may wait for the read it ends.
+func (a *attempt) end() {
+	a.once.Do(func() {
+		a.cancel()
+		go a.rc.Close()
+	})
 }
 
 // open opens the file at d.off, retrying errors that retrying may cure.
@@ -95,8 +119,7 @@ func (d *download) open() error {
 		rc, err := d.client.OpenLTXFile(actx, d.f.Level, d.f.MinTXID, d.f.MaxTXID, d.off, 0)
 		if err == nil {
 			d.mu.Lock()
-			d.rc, d.cancel = rc, cancel
-			d.stall = &stallWatch{cancel: cancel, rc: rc}
+			d.a = &attempt{rc: rc, cancel: cancel, res: make(chan readResult, 1)}
 			d.mu.Unlock()
 			return nil
 		}
@@ -136,6 +159,35 @@ func (d *download) log() *slog.Logger {
 	return slog.Default()
 }
 
+// read reads the attempt's body into p, giving up after readIdleTimeout
+// without an answer or when the download is closed.
+func (d *download) read(p []byte) (int, error) {
+	a := d.a
+	// Small enough that a slow link (down to about 5 KB/s) fills one
+	// read within readIdleTimeout.
+	if len(p) > 256<<10 {
+		p = p[:256<<10]
+	}
+	if cap(a.buf) < len(p) {
+		a.buf = make([]byte, len(p))
+	}
+	buf := a.buf[:len(p)]
+	go func() {
+		n, err := a.rc.Read(buf)
+		a.res <- readResult{n, err}
+	}()
+	t := time.NewTimer(readIdleTimeout)
+	defer t.Stop()
+	select {
+	case r := <-a.res:
+		return copy(p, buf[:r.n]), r.err
+	case <-t.C:
+		return 0, fmt.Errorf("no data for %s", readIdleTimeout)
+	case <-d.ctx.Done():
+		return 0, d.ctx.Err()
+	}
+}
+
 func (d *download) Read(p []byte) (int, error) {
 	for {
 		if d.err == nil && d.ctx.Err() != nil {
@@ -145,23 +197,27 @@ func (d *download) Read(p []byte) (int, error) {
 		if d.err != nil {
 			return 0, d.err
 		}
-		if d.rc == nil {
+		if d.a == nil {
 			if err := d.open(); err != nil {
+				// A file gone or credentials revoked midway is still a
+				// download that failed, not a corrupt file.
+				if d.ctx.Err() == nil && !errors.As(err, &downloadError{}) {
+					err = downloadError{err}
+				}
 				d.err = err
 				return 0, err
 			}
 		}
-		d.stall.arm()
-		n, err := d.rc.Read(p)
-		stalled := d.stall.disarm()
+		n, err := d.read(p)
 		d.off += int64(n)
 		if n > 0 {
 			d.fails = 0
 		}
-		if err == io.EOF && !stalled && d.f.Size > 0 && d.off < d.f.Size {
+		complete := d.f.Size > 0 && d.off >= d.f.Size
+		if err == io.EOF && !complete && d.f.Size > 0 {
 			err = fmt.Errorf("the body ended at byte %d of %d", d.off, d.f.Size)
 		}
-		if err == nil || (err == io.EOF && !stalled) {
+		if err == nil || err == io.EOF {
 			return n, err
 		}
 		if d.ctx.Err() != nil {
@@ -169,10 +225,14 @@ func (d *download) Read(p []byte) (int, error) {
 			d.drop()
 			return n, d.err
 		}
-		if stalled {
-			err = fmt.Errorf("no data for %s", readIdleTimeout)
+		d.drop() // a stalled read is abandoned with its attempt
+		if complete {
+			// Every byte the listing promised arrived, and what failed was
+			// the end (a stall before EOF, a transfer check): nothing is
+			// left to read, and the decoder checks what was.
+			d.err = io.EOF
+			return n, nil
 		}
-		d.drop()
 		if n > 0 {
 			// Hand over what arrived; the next call resumes after it.
 			d.fails++
@@ -190,66 +250,21 @@ func (d *download) Read(p []byte) (int, error) {
 func (d *download) drop() {
 	d.mu.Lock()
 	defer d.mu.Unlock()
-	if d.rc != nil {
-		d.cancel()
-		d.stall.close()
-		d.rc, d.cancel, d.stall = nil, nil, nil
+	if d.a != nil {
+		d.a.end()
+		d.a = nil
 	}
 }
 
-// Close ends the download. Called while a Read waits (a decoder that
-// failed closes its source to end a stalled read), it cancels that read;
-// the Read then lets the body go.
+// Close ends the download. Called while a Read waits on another goroutine
+// (a decoder that failed closes its source to end a stalled read), it ends
+// that read at once.
 func (d *download) Close() error {
 	d.cancelAll()
 	d.mu.Lock()
-	w := d.stall
-	d.mu.Unlock()
-	if w != nil {
-		go w.close() // a body that ignores its context; Close may wait for the read
+	defer d.mu.Unlock()
+	if d.a != nil {
+		d.a.end()
 	}
 	return nil
 }
-
-// stallWatch ends an attempt whose read gives nothing for readIdleTimeout:
-// it cancels the attempt's context (an HTTP body's read then returns) and
-// closes the body (for bodies that do not watch their context).
-type stallWatch struct {
-	cancel context.CancelFunc
-	rc     io.Closer
-
-	mu      sync.Mutex
-	timer   *time.Timer
-	stalled bool
-	once    sync.Once
-}
-
-func (w *stallWatch) arm() {
-	w.mu.Lock()
-	defer w.mu.Unlock()
-	if w.timer == nil {
-		w.timer = time.AfterFunc(readIdleTimeout, w.fire)
-	} else {
-		w.timer.Reset(readIdleTimeout)
-	}
-}
-
-func (w *stallWatch) fire() {
-	w.mu.Lock()
-	w.stalled = true
-	w.mu.Unlock()
-	w.cancel()
-	// A body's Close may wait for the read it ends: not on this goroutine's
-	// caller, which is the timer's.
-	go w.close()
-}
-
-// disarm stops the timer and says whether it fired.
-func (w *stallWatch) disarm() bool {
-	w.mu.Lock()
-	defer w.mu.Unlock()
-	w.timer.Stop()
-	return w.stalled
-}
-
-func (w *stallWatch) close() { w.once.Do(func() { w.rc.Close() }) }

@@ -26,6 +26,10 @@ type flakyReads struct {
 	ReplicaClient
 	cut   int64
 	stall bool
+	// deaf: a stalled read ignores its context and Close waits for it, as
+	// an SFTP file's does, until release is closed.
+	deaf    bool
+	release chan struct{}
 
 	mu        sync.Mutex
 	failOpens int
@@ -47,19 +51,28 @@ func (c *flakyReads) OpenLTXFile(ctx context.Context, level int, min, max ltx.TX
 	if err != nil {
 		return nil, err
 	}
-	return &flakyBody{ctx: ctx, rc: rc, left: c.cut, stall: c.stall}, nil
+	return &flakyBody{ctx: ctx, rc: rc, left: c.cut, stall: c.stall, deaf: c.deaf, release: c.release}, nil
 }
 
 type flakyBody struct {
-	ctx   context.Context
-	rc    io.ReadCloser
-	left  int64
-	stall bool
+	ctx     context.Context
+	rc      io.ReadCloser
+	left    int64
+	stall   bool
+	deaf    bool
+	release chan struct{}
+	mu      sync.Mutex // held by a read, and taken by Close
 }
 
 func (b *flakyBody) Read(p []byte) (int, error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
 	if b.left <= 0 {
-		if b.stall {
+		switch {
+		case b.deaf:
+			<-b.release
+			return 0, io.ErrClosedPipe
+		case b.stall:
 			<-b.ctx.Done()
 			return 0, b.ctx.Err()
 		}
@@ -73,7 +86,11 @@ func (b *flakyBody) Read(p []byte) (int, error) {
 	return n, err
 }
 
-func (b *flakyBody) Close() error { return b.rc.Close() }
+func (b *flakyBody) Close() error {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.rc.Close()
+}
 
 // flakySetup writes a replica of a snapshot and three later files, and
 // returns it with the database they restore to.
@@ -124,12 +141,16 @@ func TestRestoreResumesDownloads(t *testing.T) {
 	}{
 		{"reset", &flakyReads{cut: 40}},
 		{"stall", &flakyReads{cut: 100, stall: true}},
+		{"deaf stall", &flakyReads{cut: 100, stall: true, deaf: true, release: make(chan struct{})}},
 		{"refused", &flakyReads{cut: 1 << 30, failOpens: downloadAttempts - 1}},
 	} {
 		t.Run(c.name, func(t *testing.T) {
 			inner, want := flakySetup(t)
 			client := c.client
 			client.ReplicaClient = inner
+			if client.release != nil {
+				defer close(client.release)
+			}
 			out := filepath.Join(t.TempDir(), "restored.db")
 			if _, err := Restore(context.Background(), client, mustPlan(t, inner), out, RestoreOptions{Parallelism: 2}); err != nil {
 				t.Fatal(err)

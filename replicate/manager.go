@@ -4,6 +4,7 @@
 package replicate
 
 import (
+	"cmp"
 	"context"
 	"crypto/sha256"
 	"encoding/binary"
@@ -70,6 +71,7 @@ func NewManager(dataDir, stateDir string, logger *slog.Logger) *Manager {
 // continues its local log, capturing what its WAL still holds. It must run
 // before the mount serves the application.
 func (m *Manager) Open(ctx context.Context) error {
+	sweepReleased(filepath.Join(m.stateDir, "dbs"))
 	rels, err := Databases(m.stateDir)
 	if err != nil {
 		return err
@@ -184,7 +186,12 @@ func (m *Manager) CloseContext(ctx context.Context) error {
 	}
 	m.closed = true
 	m.mu.Unlock()
-	m.retiring.Wait() // a release under way finishes; the rest are flushed below
+	// Releases under way finish (a compaction of a released database may
+	// take a while to notice the stop; its directory is swept at the next
+	// start otherwise); databases waiting for release are flushed below.
+	waitCtx, cancelWait := context.WithTimeout(ctx, cmp.Or(m.ShutdownTimeout, 30*time.Second))
+	waitGroupContext(waitCtx, &m.retiring)
+	cancelWait()
 	m.mu.Lock()
 	dbs := make([]*DB, 0, len(m.dbs))
 	for _, d := range m.dbs {
@@ -301,10 +308,9 @@ func (m *Manager) walOpened(rel string) {
 	}
 	if d != nil {
 		d.mu.Lock()
-		if retired := d.retired; retired != nil {
-			// Being released: wait, then take it up as a new database.
+		if d.retired {
+			// Released as this ran (and gone from m.dbs): a new database.
 			d.mu.Unlock()
-			<-retired
 			m.walOpened(rel)
 			return
 		}

@@ -1,7 +1,12 @@
 package replicate
 
 import (
+	"context"
+	"fmt"
 	"os"
+	"path/filepath"
+	"strings"
+	"sync"
 	"time"
 
 	"github.com/superfly/ltx"
@@ -11,19 +16,31 @@ import (
 // replica holds all of it yet.
 var retireEvery = time.Second
 
+// releasedPrefix starts the name a released database's state directory is
+// renamed to before it is removed. stateName never makes such a name (it
+// writes '%' as "%25"), and Open removes what a stopped lfuse left of them.
+const releasedPrefix = "%released-"
+
 // retireWhenShipped releases a database that is gone (deleted, or renamed
 // away) once every replica holds everything captured from it: its local
 // log and page checksums (two descriptors and their disk space), its
 // replicas' goroutines, and its state directory. Before, each database an
 // application deleted kept all of that for as long as lfuse ran and was
 // loaded again at every start: an application that made and deleted
-// databases filled the state directory. It is called with d.mu held.
+// databases filled the state directory. It is called with d.mu held; one
+// waiting goroutine per database at most.
 func (m *Manager) retireWhenShipped(d *DB) {
+	if d.retireArmed || d.retired {
+		return
+	}
+	// Under m.mu, so that Close, which sets closed under it before waiting,
+	// never waits while this adds.
 	m.mu.RLock()
 	defer m.mu.RUnlock()
 	if m.closed {
 		return
 	}
+	d.retireArmed = true
 	m.retiring.Add(1)
 	go func() {
 		defer m.retiring.Done()
@@ -32,94 +49,148 @@ func (m *Manager) retireWhenShipped(d *DB) {
 		for {
 			select {
 			case <-m.closing:
+				d.disarmRetire()
 				return
 			case <-t.C:
 			}
 			ready, abort := m.shippedWhileGone(d)
 			if abort {
+				d.disarmRetire()
 				return
 			}
-			if ready {
-				m.retire(d)
+			if ready && m.retire(d) {
 				return
 			}
 		}
 	}()
 }
 
-// shippedWhileGone says whether d is gone and every replica holds its last
-// record, or whether it is no longer gone (made again at its path).
-func (m *Manager) shippedWhileGone(d *DB) (ready, abort bool) {
-	m.mu.RLock()
-	known := m.dbs[d.rel] == d
-	m.mu.RUnlock()
-	if !known {
-		return false, false // Open has not added it yet
-	}
+func (d *DB) disarmRetire() {
 	d.mu.Lock()
-	if d.status != statusGone {
+	d.retireArmed = false
+	d.mu.Unlock()
+}
+
+// shippedWhileGone says whether d is gone and every replica holds its last
+// record, or whether to stop waiting: d is no longer gone (made again at
+// its path), or its local log cannot be read, which leaves it in place
+// for an operator (its commits may be nowhere else).
+func (m *Manager) shippedWhileGone(d *DB) (ready, abort bool) {
+	d.mu.Lock()
+	if d.status != statusGone || d.retired {
 		d.mu.Unlock()
 		return false, true
 	}
-	var last ltx.TXID
+	var last Record
+	var haveLast bool
 	if d.log != nil {
-		if rec, ok := d.log.Last(); ok {
-			last = rec.TXID()
-		}
+		last, haveLast = d.log.Last()
+	} else if _, err := os.Stat(d.dir); err == nil || !os.IsNotExist(err) {
+		d.mu.Unlock()
+		return false, true
 	}
 	d.mu.Unlock()
+	if !haveLast {
+		return true, false // nothing was ever captured
+	}
 	for _, r := range d.replicas {
-		if r.Pos() < last {
+		if !r.holds(last.TXID(), last.Trailer.PostApplyChecksum) {
 			return false, false
 		}
 	}
 	return true, false
 }
 
-// retire stops d's replicas and capture, removes its state directory and
-// forgets it. Until it is done, an application making a new database at
-// the same path waits in walOpened.
-func (m *Manager) retire(d *DB) {
+// holds says whether the replica is known to end exactly at txid with the
+// database checksum post: the same history, not just as far.
+func (r *Replica) holds(txid ltx.TXID, post ltx.Checksum) bool {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return r.listed && r.pos.TXID == txid && r.pos.PostApplyChecksum == post
+}
+
+// retire forgets d and moves its state directory aside, at once, so that a
+// database made again at the same path starts afresh without waiting;
+// then it stops d's replicas and removes the directory. It says whether d
+// was released.
+//
+// Everything of d that writes to its state directory by path stops first:
+// its capture loop and any fold of its log (compactMu, closed), which
+// could otherwise write into the new database's directory. Its replicas
+// only read there and upload; they are stopped right after, and an upload
+// after Stop fails.
+func (m *Manager) retire(d *DB) bool {
+	d.compactMu.Lock() // waits for a fold under way; none starts while held
+	defer d.compactMu.Unlock()
 	d.mu.Lock()
-	if d.status != statusGone || d.retired != nil {
+	if d.status != statusGone || d.retired {
 		d.mu.Unlock()
-		return
+		return false
 	}
-	d.retired = make(chan struct{})
+	aside := filepath.Join(filepath.Dir(d.dir), fmt.Sprintf("%s%d-%s", releasedPrefix, time.Now().UnixNano(), filepath.Base(d.dir)))
+	if err := os.Rename(d.dir, aside); err != nil && !os.IsNotExist(err) {
+		d.mu.Unlock()
+		d.logger.Warn("cannot release deleted database: its state directory cannot be moved", "err", err)
+		return false
+	}
+	d.kickMu.Lock()
+	d.closed = true
+	d.kickMu.Unlock()
 	var last ltx.TXID
 	if d.log != nil {
 		if rec, ok := d.log.Last(); ok {
 			last = rec.TXID()
 		}
 	}
-	d.mu.Unlock()
-	defer close(d.retired)
-	for _, r := range d.replicas {
-		r.Stop()
-		r.waitMaintenance()
-	}
-	d.kickMu.Lock()
-	d.closed = true
-	d.kickMu.Unlock()
-	d.wg.Wait()
-	d.mu.Lock()
-	err := d.closeLocked()
-	if err == nil {
-		// Without its state file the directory is no database's, should
-		// the removal be cut short.
-		if err = os.Remove(d.statePath()); err == nil || os.IsNotExist(err) {
-			err = os.RemoveAll(d.dir)
-		}
-	}
-	d.mu.Unlock()
+	d.retired = true
 	m.mu.Lock()
 	if m.dbs[d.rel] == d {
 		delete(m.dbs, d.rel)
 	}
 	m.mu.Unlock()
+	d.mu.Unlock()
+
+	for _, r := range d.replicas {
+		r.Stop()
+	}
+	for _, r := range d.replicas {
+		r.waitMaintenance()
+	}
+	d.wg.Wait()
+	d.mu.Lock()
+	err := d.closeLocked()
+	d.mu.Unlock()
+	if rerr := os.RemoveAll(aside); err == nil {
+		err = rerr
+	}
 	if err != nil {
-		d.logger.Warn("released a deleted database, but could not remove its state", "dir", d.dir, "err", err)
-		return
+		d.logger.Warn("released deleted database, but could not remove its state", "dir", aside, "err", err)
+		return true
 	}
 	d.logger.Info("released deleted database: every replica holds its last transaction", "txid", last.String())
+	return true
+}
+
+// sweepReleased removes the state directories of released databases that a
+// stopped lfuse had not finished removing.
+func sweepReleased(dbsDir string) {
+	ents, _ := os.ReadDir(dbsDir)
+	for _, e := range ents {
+		if strings.HasPrefix(e.Name(), releasedPrefix) {
+			os.RemoveAll(filepath.Join(dbsDir, e.Name()))
+		}
+	}
+}
+
+// waitGroupContext waits for wg until ctx ends.
+func waitGroupContext(ctx context.Context, wg *sync.WaitGroup) {
+	done := make(chan struct{})
+	go func() {
+		wg.Wait()
+		close(done)
+	}()
+	select {
+	case <-done:
+	case <-ctx.Done():
+	}
 }

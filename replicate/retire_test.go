@@ -3,8 +3,11 @@ package replicate
 import (
 	"context"
 	"database/sql"
+	"log/slog"
 	"os"
 	"path/filepath"
+	"runtime/pprof"
+	"strings"
 	"testing"
 	"time"
 
@@ -136,4 +139,127 @@ func mustPlanAt(t *testing.T, client ReplicaClient, txid ltx.TXID) Plan {
 		t.Fatal(err)
 	}
 	return plan
+}
+
+// goneSetup is a data directory, a state directory and a file replica
+// (behind failingWrites) for tests of databases that go away.
+type goneSetup struct {
+	t                 *testing.T
+	data, state, repl string
+	fw                *failingWrites
+}
+
+func newGoneSetup(t *testing.T, every time.Duration) *goneSetup {
+	old := retireEvery
+	retireEvery = every
+	t.Cleanup(func() { retireEvery = old })
+	return &goneSetup{t, t.TempDir(), t.TempDir(), t.TempDir(), &failingWrites{}}
+}
+
+func (s *goneSetup) manager(replicas bool) *Manager {
+	m := NewManager(s.data, s.state, slog.New(slog.NewTextHandler(&logBuffer{}, nil)))
+	m.ShutdownTimeout = 100 * time.Millisecond
+	if replicas {
+		m.Replicas = func(rel string) []ReplicaSpec {
+			s.fw.ReplicaClient = file.New(filepath.Join(s.repl, rel))
+			return []ReplicaSpec{{Client: s.fw, Options: ReplicaOptions{SyncInterval: 10 * time.Millisecond}}}
+		}
+	}
+	if err := m.Open(context.Background()); err != nil {
+		s.t.Fatal(err)
+	}
+	return m
+}
+
+func (s *goneSetup) write(m *Manager, q string) {
+	db, _ := sql.Open("sqlite3", filepath.Join(s.data, "app.db")+"?_journal_mode=WAL")
+	defer db.Close()
+	db.SetMaxOpenConns(1)
+	if _, err := db.Exec(q); err != nil {
+		s.t.Fatal(err)
+	}
+	m.Opened("app.db-wal", true)
+	m.SyncAll()
+}
+
+func (s *goneSetup) del(m *Manager) {
+	for _, name := range []string{"app.db-wal", "app.db-shm", "app.db"} {
+		release := m.BeforeUnlink(name)
+		err := os.Remove(filepath.Join(s.data, name))
+		if release != nil {
+			release(err == nil)
+		}
+	}
+}
+
+func (s *goneSetup) logGone() bool {
+	_, err := os.Stat(filepath.Join(s.state, "dbs", "app.db", "log"))
+	return os.IsNotExist(err)
+}
+
+// Deleted, made again and deleted again within one retireEvery: two release
+// goroutines; the loser sees m.dbs[rel] != d forever and never returns.
+func TestScratchRetireGoroutineLeak(t *testing.T) {
+	s := newGoneSetup(t, 300*time.Millisecond)
+	m := s.manager(false)
+	defer m.Close()
+	s.write(m, "CREATE TABLE t(v)")
+	s.del(m)
+	s.write(m, "CREATE TABLE u(w)") // revives the same *DB
+	s.del(m)
+	for deadline := time.Now().Add(5 * time.Second); m.DB("app.db") != nil; time.Sleep(10 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatal("not released")
+		}
+	}
+	time.Sleep(5 * retireEvery)
+	var b strings.Builder
+	pprof.Lookup("goroutine").WriteTo(&b, 1)
+	if n := strings.Count(b.String(), "retireWhenShipped.func1"); n != 0 {
+		t.Errorf("%d release goroutine(s) left after the release", n)
+	}
+}
+
+// State directory unusable at start (d.log nil): last is taken as 0 and the
+// log with commits no replica has is removed.
+func TestScratchRetireWithoutLog(t *testing.T) {
+	s := newGoneSetup(t, 10*time.Millisecond)
+	s.fw.down.Store(true) // nothing ever reaches the replica
+	m := s.manager(true)
+	s.write(m, "CREATE TABLE t(v); INSERT INTO t VALUES ('only copy')")
+	m.Close()
+	sums := filepath.Join(s.state, "dbs", "app.db", "sums")
+	os.Remove(sums)
+	os.Mkdir(sums, 0o700) // OpenSums fails: openState fails at Open
+	m = s.manager(true)
+	defer m.Close()
+	s.del(m)
+	time.Sleep(50 * retireEvery) // the absence of an event: given time to happen, it must not
+	if s.logGone() {
+		t.Fatal("local log with unshipped commits removed")
+	}
+}
+
+// Pos() compared by TXID only: a replica holding another history at a TXID
+// >= the local last (here a checksum-less file, as Litestream writes) counts
+// as holding everything, and the deleted database's only copy goes.
+func TestScratchRetireForeignHistory(t *testing.T) {
+	s := newGoneSetup(t, 10*time.Millisecond)
+	s.fw.down.Store(true)
+	m := s.manager(true)
+	s.write(m, "CREATE TABLE t(v); INSERT INTO t VALUES ('mine')")
+	m.Close()
+	for _, n := range []string{"app.db", "app.db-wal", "app.db-shm"} {
+		os.Remove(filepath.Join(s.data, n)) // deleted while lfuse is down
+	}
+	lvl := filepath.Join(s.repl, "app.db", "ltx", "9")
+	os.MkdirAll(lvl, 0o700)
+	os.WriteFile(filepath.Join(lvl, ltx.FormatFilename(1, 100)), []byte("other history"), 0o600)
+	s.fw.down.Store(false)
+	m = s.manager(true)
+	defer m.Close()
+	time.Sleep(50 * retireEvery) // the absence of an event: given time to happen, it must not
+	if files, _ := os.ReadDir(filepath.Join(s.repl, "app.db", "ltx", "0")); s.logGone() {
+		t.Fatalf("local log removed; replica level 0 holds %d files of it", len(files))
+	}
 }

@@ -81,7 +81,7 @@ func TestClient(t *testing.T) {
 	}
 }
 
-// A temporary file nothing has written for over an hour was left by a
+// A temporary file nothing has written for over a day was left by a
 // killed writer, and a listing removes it; a fresh one may be an upload in
 // progress and stays.
 func TestStaleTempsRemoved(t *testing.T) {
@@ -94,7 +94,7 @@ func TestStaleTempsRemoved(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	ago := time.Now().Add(-2 * time.Hour)
+	ago := time.Now().Add(-25 * time.Hour)
 	os.Chtimes(old, ago, ago)
 	if _, err := c.LTXFiles(context.Background(), 9); err != nil {
 		t.Fatal(err)

@@ -513,7 +513,7 @@ func TestConformanceInProcess(t *testing.T) {
 	})
 }
 
-// A temporary file nothing has written for over an hour was left by a
+// A temporary file nothing has written for over a day was left by a
 // writer that was cut off, and a listing removes it; a fresh one may be an
 // upload in progress and stays.
 func TestStaleTempsRemoved(t *testing.T) {
@@ -523,7 +523,7 @@ func TestStaleTempsRemoved(t *testing.T) {
 	write(t, c, 9, 1, 1, time.Now())
 	dir := c.levelDir(9)
 	old, fresh := path.Join(dir, backends.TempPrefix+"old"), path.Join(dir, backends.TempPrefix+"fresh")
-	ago := time.Now().Add(-2 * time.Hour)
+	ago := time.Now().Add(-25 * time.Hour)
 	err := c.do(ctx, true, func(cl *pkgsftp.Client) error {
 		for _, p := range []string{old, fresh} {
 			f, err := cl.Create(p)
