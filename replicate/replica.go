@@ -116,7 +116,7 @@ type Replica struct {
 }
 
 func newReplica(d *DB, client ReplicaClient, opts ReplicaOptions, logger *slog.Logger) *Replica {
-	ops := &opCounter{ReplicaClient: client}
+	ops := &opCounter{ReplicaClient: withTimeouts(client)}
 	return &Replica{
 		db:        d,
 		client:    ops,

@@ -50,6 +50,7 @@ var ErrNoBackup = errors.New("the replica holds no backup of this database")
 // PlanRestore lists every level of the replica once and picks the files that
 // restore target.
 func PlanRestore(ctx context.Context, client ReplicaClient, target Target) (Plan, error) {
+	client = withTimeouts(client)
 	start := time.Now()
 	var levels [SnapshotLevel + 1][]ltx.FileInfo
 	var newest *ltx.FileInfo
@@ -287,6 +288,7 @@ type RestoreStats struct {
 // removed. Memory is bounded: files stream through temporary files.
 func Restore(ctx context.Context, client ReplicaClient, plan Plan, output string, opts RestoreOptions) (RestoreStats, error) {
 	var st RestoreStats
+	client = withTimeouts(client)
 	if opts.Parallelism <= 0 {
 		opts.Parallelism = 8
 	}
