@@ -55,7 +55,6 @@ func (m *Manager) retireWhenShipped(d *DB) {
 			}
 			ready, abort := m.shippedWhileGone(d)
 			if abort {
-				d.disarmRetire()
 				return
 			}
 			if ready && m.retire(d) {
@@ -74,10 +73,12 @@ func (d *DB) disarmRetire() {
 // shippedWhileGone says whether d is gone and every replica holds its last
 // record, or whether to stop waiting: d is no longer gone (made again at
 // its path), or its local log cannot be read, which leaves it in place
-// for an operator (its commits may be nowhere else).
+// for an operator (its commits may be nowhere else). Stopping disarms in
+// the same hold of d.mu, so that a gone() right after arms a new wait.
 func (m *Manager) shippedWhileGone(d *DB) (ready, abort bool) {
 	d.mu.Lock()
 	if d.status != statusGone || d.retired {
+		d.retireArmed = false
 		d.mu.Unlock()
 		return false, true
 	}
@@ -86,6 +87,7 @@ func (m *Manager) shippedWhileGone(d *DB) (ready, abort bool) {
 	if d.log != nil {
 		last, haveLast = d.log.Last()
 	} else if _, err := os.Stat(d.dir); err == nil || !os.IsNotExist(err) {
+		d.retireArmed = false
 		d.mu.Unlock()
 		return false, true
 	}
