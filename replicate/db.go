@@ -234,7 +234,12 @@ func (d *DB) syncLocked(strict bool) {
 		}
 	}
 	switch d.status {
-	case statusGone, statusRollback:
+	case statusGone:
+		if err := d.snapshotGoneLocked(); err != nil {
+			d.fail(err)
+		}
+		return
+	case statusRollback:
 		return
 	case statusNeedSnapshot:
 		if err := d.snapshotLocked(); err != nil {
@@ -644,6 +649,64 @@ func (d *DB) snapshotLocked() error {
 		"bytes", size, "seconds", time.Since(start).Seconds(), "reason", d.reason)
 	d.status, d.reason = statusTracking, ""
 	d.recovered()
+	return nil
+}
+
+// snapshotGoneLocked gives a gone database's history a snapshot at
+// minTXID when a replica asked for one above the log (resnapshotAbove),
+// made from the local log since the database file is gone. This happens
+// to a database made again at a released path and deleted before its
+// replica had listed: the replica held the old history under the TXIDs
+// the new one started with. Without it, those commits reached no replica,
+// the database was never released, and every stop failed waiting for a
+// snapshot that could not be taken.
+func (d *DB) snapshotGoneLocked() error {
+	if d.log == nil {
+		return nil
+	}
+	last, ok := d.log.Last()
+	if !ok || d.minTXID <= last.TXID() {
+		return nil
+	}
+	var files [3]*os.File
+	for i := range files {
+		f, err := os.CreateTemp(d.dir, "snapshot-*.tmp")
+		if err != nil {
+			return fmt.Errorf("create snapshot file: %w", err)
+		}
+		defer func() { f.Close(); os.Remove(f.Name()) }()
+		files[i] = f
+	}
+	img, tmp1, tmp2 := files[0], files[1], files[2]
+	if _, err := d.log.Restore(img); err != nil {
+		return fmt.Errorf("rebuild the deleted database from the local log: %w", err)
+	}
+	st, err := img.Stat()
+	if err != nil {
+		return err
+	}
+	c := walcapture.Capturer{SpillDir: d.dir}
+	ts := time.UnixMilli(last.Header.Timestamp)
+	res, err := c.Snapshot(img, emptyReader{}, st.Size(), tmp1, tmp2, d.minTXID, ts, func(uint32, ltx.Checksum) {})
+	if err != nil {
+		return fmt.Errorf("snapshot of the deleted database: %w", err)
+	}
+	out := tmp1
+	if res.Merged {
+		out = tmp2
+	}
+	if err := out.Sync(); err != nil {
+		return err
+	}
+	keepAfter := ltx.TXID(1<<63 - 1)
+	for _, r := range d.replicas {
+		keepAfter = min(keepAfter, r.Pos())
+	}
+	if _, err := d.log.AddSnapshot(out.Name(), keepAfter); err != nil {
+		return fmt.Errorf("store snapshot: %w", err)
+	}
+	d.snapshots.Add(1)
+	d.logger.Info("snapshot taken of a deleted database from its local log", "txid", d.minTXID.String(), "pages", res.Commit)
 	return nil
 }
 

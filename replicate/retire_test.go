@@ -197,9 +197,10 @@ func (s *goneSetup) logGone() bool {
 	return os.IsNotExist(err)
 }
 
-// Deleted, made again and deleted again within one retireEvery: two release
-// goroutines; the loser sees m.dbs[rel] != d forever and never returns.
-func TestScratchRetireGoroutineLeak(t *testing.T) {
+// A database deleted, made again and deleted again before its release has
+// one goroutine waiting to release it, which ends with the release. (Found
+// in review: a second one waited forever, holding the database.)
+func TestReleaseWaitsOnce(t *testing.T) {
 	s := newGoneSetup(t, 300*time.Millisecond)
 	m := s.manager(false)
 	defer m.Close()
@@ -220,9 +221,10 @@ func TestScratchRetireGoroutineLeak(t *testing.T) {
 	}
 }
 
-// State directory unusable at start (d.log nil): last is taken as 0 and the
-// log with commits no replica has is removed.
-func TestScratchRetireWithoutLog(t *testing.T) {
+// A deleted database whose local state could not be opened is not
+// released: its log may hold the only copy of commits. (Found in review:
+// it counted as shipped and its log was removed.)
+func TestReleaseKeepsUnreadableLog(t *testing.T) {
 	s := newGoneSetup(t, 10*time.Millisecond)
 	s.fw.down.Store(true) // nothing ever reaches the replica
 	m := s.manager(true)
@@ -240,10 +242,13 @@ func TestScratchRetireWithoutLog(t *testing.T) {
 	}
 }
 
-// Pos() compared by TXID only: a replica holding another history at a TXID
-// >= the local last (here a checksum-less file, as Litestream writes) counts
-// as holding everything, and the deleted database's only copy goes.
-func TestScratchRetireForeignHistory(t *testing.T) {
+// A replica that ends beyond the local log's TXID, in another history
+// (here a file without a recorded checksum, as Litestream writes), does not
+// hold a database deleted while lfuse was stopped: its local log is first
+// shipped as a snapshot above that history, and only then released.
+// (Found in review: TXIDs alone were compared, and the only copy of the
+// commits went.)
+func TestReleaseNeedsSameHistory(t *testing.T) {
 	s := newGoneSetup(t, 10*time.Millisecond)
 	s.fw.down.Store(true)
 	m := s.manager(true)
@@ -258,8 +263,107 @@ func TestScratchRetireForeignHistory(t *testing.T) {
 	s.fw.down.Store(false)
 	m = s.manager(true)
 	defer m.Close()
-	time.Sleep(50 * retireEvery) // the absence of an event: given time to happen, it must not
-	if files, _ := os.ReadDir(filepath.Join(s.repl, "app.db", "ltx", "0")); s.logGone() {
-		t.Fatalf("local log removed; replica level 0 holds %d files of it", len(files))
+	for deadline := time.Now().Add(10 * time.Second); m.DB("app.db") != nil; time.Sleep(retireEvery) {
+		if time.Now().After(deadline) {
+			t.Fatal("not released")
+		}
+	}
+	replica := file.New(filepath.Join(s.repl, "app.db"))
+	plan := mustPlan(t, replica)
+	if plan.TXID <= 100 {
+		t.Fatalf("newest restorable TXID %s: the local history was not shipped above the other one", plan.TXID)
+	}
+	out := filepath.Join(t.TempDir(), "restored.db")
+	if _, err := Restore(context.Background(), replica, plan, out, RestoreOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	db, err := sql.Open("sqlite3", out)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer db.Close()
+	var v string
+	if err := db.QueryRow("SELECT v FROM t").Scan(&v); err != nil || v != "mine" {
+		t.Fatalf("restored %q, %v; want the deleted database's row", v, err)
+	}
+}
+
+// A database made again at a released path starts its local log at TXID 1,
+// under the old history its replica holds, and takes a new snapshot above
+// it once the replica has listed. Deleted before that, it gets that
+// snapshot from its local log: its commits reach the replica, it is
+// released, and Close succeeds. (Found by an adversarial run: its commits
+// reached no replica, it was never released, and every stop failed.)
+func TestRecreatedThenDeletedBeforeListing(t *testing.T) {
+	old := retireEvery
+	retireEvery = 10 * time.Millisecond
+	t.Cleanup(func() { retireEvery = old })
+	var client *unreachableList
+	rs := newWrappedReplicaSetup(t, ReplicaOptions{SyncInterval: 10 * time.Millisecond},
+		func(c ReplicaClient) ReplicaClient { client = &unreachableList{ReplicaClient: c}; return client })
+	exec := func(db *sql.DB, q string) {
+		t.Helper()
+		if _, err := db.Exec(q); err != nil {
+			t.Fatalf("%s: %v", q, err)
+		}
+	}
+	del := func() {
+		for _, name := range []string{"app.db-wal", "app.db-shm", "app.db"} {
+			release := rs.m.BeforeUnlink(name)
+			err := os.Remove(filepath.Join(filepath.Dir(rs.path), name))
+			if release != nil {
+				release(err == nil)
+			}
+		}
+	}
+	waitReleased := func() {
+		t.Helper()
+		for deadline := time.Now().Add(10 * time.Second); rs.m.DB("app.db") != nil; time.Sleep(retireEvery) {
+			if time.Now().After(deadline) {
+				t.Fatal("deleted database not released")
+			}
+		}
+	}
+	exec(rs.db, "CREATE TABLE t(v)")
+	rs.m.Opened("app.db-wal", true)
+	for i := 0; i < 12; i++ {
+		exec(rs.db, "INSERT INTO t VALUES ('first')")
+		rs.m.SyncAll()
+	}
+	rs.db.Close()
+	del()
+	waitReleased()
+
+	client.down.Store(true) // the new database's replica cannot list yet
+	db, err := sql.Open("sqlite3", rs.path+"?_journal_mode=WAL")
+	if err != nil {
+		t.Fatal(err)
+	}
+	db.SetMaxOpenConns(1)
+	exec(db, "CREATE TABLE u(w)")
+	rs.m.Opened("app.db-wal", true)
+	exec(db, "INSERT INTO u VALUES ('second')")
+	rs.m.SyncAll()
+	checkpoint(t, rs.m, db, "TRUNCATE")
+	db.Close()
+	want, err := os.ReadFile(rs.path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	del()
+	client.down.Store(false)
+	waitReleased()
+
+	replica := file.New(filepath.Join(rs.repl, "app.db"))
+	out := filepath.Join(t.TempDir(), "restored.db")
+	if _, err := Restore(context.Background(), replica, mustPlan(t, replica), out, RestoreOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	if got, _ := os.ReadFile(out); string(got) != string(want) {
+		t.Fatal("the replica does not restore the second database as it was deleted")
+	}
+	rs.m.ShutdownTimeout = time.Second
+	if err := rs.m.Close(); err != nil {
+		t.Fatal(err)
 	}
 }
