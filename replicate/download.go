@@ -268,3 +268,11 @@ func (d *download) Close() error {
 	}
 	return nil
 }
+
+// copyBody copies a download into f in reads of 1 MiB: io.Copy would read
+// 32 KiB at a time (os.File's ReadFrom falls back to that), and each read
+// of a download costs a goroutine's start and a timer.
+func copyBody(f *os.File, body io.Reader) error {
+	_, err := io.CopyBuffer(struct{ io.Writer }{f}, body, make([]byte, 1<<20))
+	return err
+}

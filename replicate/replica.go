@@ -764,7 +764,7 @@ func (r *Replica) remoteSource(ctx context.Context, f ltx.FileInfo) source {
 			return nil, err
 		}
 		os.Remove(tmp.Name())
-		if _, err := io.Copy(tmp, rc); err != nil {
+		if err := copyBody(tmp, rc); err != nil {
 			tmp.Close()
 			return nil, err
 		}

@@ -535,7 +535,7 @@ func fetch(body io.ReadCloser, path string) (io.ReadCloser, error) {
 		return nil, err
 	}
 	os.Remove(path)
-	if _, err := io.Copy(f, body); err != nil {
+	if err := copyBody(f, body); err != nil {
 		f.Close()
 		return nil, err
 	}
