@@ -636,15 +636,9 @@ func (d *DB) snapshotLocked() error {
 		return err
 	}
 	size, _ := out.Seek(0, io.SeekEnd)
-	// Records some replica has not received stay (LogReader.Tail).
-	keepAfter := ltx.TXID(1<<63 - 1)
-	for _, r := range d.replicas {
-		keepAfter = min(keepAfter, r.Pos())
+	if err := d.storeSnapshot(out.Name()); err != nil {
+		return err
 	}
-	if _, err := d.log.AddSnapshot(out.Name(), keepAfter); err != nil {
-		return fmt.Errorf("store snapshot: %w", err)
-	}
-	d.snapshots.Add(1)
 	d.logger.Info("snapshot taken", "txid", txid.String(), "pages", res.Commit, "page_size", res.PageSize,
 		"bytes", size, "seconds", time.Since(start).Seconds(), "reason", d.reason)
 	d.status, d.reason = statusTracking, ""
@@ -698,16 +692,31 @@ func (d *DB) snapshotGoneLocked() error {
 	if err := out.Sync(); err != nil {
 		return err
 	}
-	keepAfter := ltx.TXID(1<<63 - 1)
-	for _, r := range d.replicas {
-		keepAfter = min(keepAfter, r.Pos())
+	if err := d.storeSnapshot(out.Name()); err != nil {
+		return err
 	}
-	if _, err := d.log.AddSnapshot(out.Name(), keepAfter); err != nil {
+	d.logger.Info("snapshot taken of a deleted database from its local log", "txid", d.minTXID.String(), "pages", res.Commit)
+	return nil
+}
+
+// storeSnapshot moves a finished snapshot file into the local log. Records
+// some replica has not received stay (LogReader.Tail).
+func (d *DB) storeSnapshot(path string) error {
+	if _, err := d.log.AddSnapshot(path, d.shippedEverywhere()); err != nil {
 		return fmt.Errorf("store snapshot: %w", err)
 	}
 	d.snapshots.Add(1)
-	d.logger.Info("snapshot taken of a deleted database from its local log", "txid", d.minTXID.String(), "pages", res.Commit)
 	return nil
+}
+
+// shippedEverywhere is the newest TXID every replica holds (all of them,
+// without replicas).
+func (d *DB) shippedEverywhere() ltx.TXID {
+	txid := ltx.TXID(1<<63 - 1)
+	for _, r := range d.replicas {
+		txid = min(txid, r.Pos())
+	}
+	return txid
 }
 
 func (d *DB) gone(why string) {
@@ -847,10 +856,7 @@ func (d *DB) compactLog() error {
 		return nil
 	}
 	defer d.compactMu.Unlock()
-	limit := ltx.TXID(1<<63 - 1)
-	for _, r := range d.replicas {
-		limit = min(limit, r.Pos())
-	}
+	limit := d.shippedEverywhere()
 	d.mu.Lock()
 	if d.log == nil {
 		d.mu.Unlock()
