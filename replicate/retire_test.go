@@ -21,9 +21,7 @@ import (
 // same path is a new one whose history continues the replica above the
 // old, and both stay restorable.
 func TestDeletedDatabaseReleased(t *testing.T) {
-	old := retireEvery
-	retireEvery = 10 * time.Millisecond
-	t.Cleanup(func() { retireEvery = old })
+	fastRetire(t, 10*time.Millisecond)
 	var client *failingWrites
 	rs := newWrappedReplicaSetup(t, ReplicaOptions{SyncInterval: 10 * time.Millisecond},
 		func(c ReplicaClient) ReplicaClient { client = &failingWrites{ReplicaClient: c}; return client })
@@ -47,13 +45,7 @@ func TestDeletedDatabaseReleased(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	for _, name := range []string{"app.db-wal", "app.db-shm", "app.db"} {
-		release := rs.m.BeforeUnlink(name)
-		err := os.Remove(filepath.Join(filepath.Dir(rs.path), name))
-		if release != nil {
-			release(err == nil)
-		}
-	}
+	deleteDB(rs.m, filepath.Dir(rs.path))
 	stateDir := filepath.Join(rs.state, "dbs", "app.db")
 
 	// Its last commit is not in the replica yet: nothing is released.
@@ -150,9 +142,7 @@ type goneSetup struct {
 }
 
 func newGoneSetup(t *testing.T, every time.Duration) *goneSetup {
-	old := retireEvery
-	retireEvery = every
-	t.Cleanup(func() { retireEvery = old })
+	fastRetire(t, every)
 	return &goneSetup{t, t.TempDir(), t.TempDir(), t.TempDir(), &failingWrites{}}
 }
 
@@ -182,10 +172,21 @@ func (s *goneSetup) write(m *Manager, q string) {
 	m.SyncAll()
 }
 
-func (s *goneSetup) del(m *Manager) {
+func (s *goneSetup) del(m *Manager) { deleteDB(m, s.data) }
+
+// fastRetire checks deleted databases every period during the test.
+func fastRetire(t *testing.T, period time.Duration) {
+	old := retireEvery
+	retireEvery = period
+	t.Cleanup(func() { retireEvery = old })
+}
+
+// deleteDB removes app.db and its WAL and shared memory under data, as the
+// FUSE layer would: each unlink reported to m.
+func deleteDB(m *Manager, data string) {
 	for _, name := range []string{"app.db-wal", "app.db-shm", "app.db"} {
 		release := m.BeforeUnlink(name)
-		err := os.Remove(filepath.Join(s.data, name))
+		err := os.Remove(filepath.Join(data, name))
 		if release != nil {
 			release(err == nil)
 		}
@@ -295,9 +296,7 @@ func TestReleaseNeedsSameHistory(t *testing.T) {
 // released, and Close succeeds. (Found by an adversarial run: its commits
 // reached no replica, it was never released, and every stop failed.)
 func TestRecreatedThenDeletedBeforeListing(t *testing.T) {
-	old := retireEvery
-	retireEvery = 10 * time.Millisecond
-	t.Cleanup(func() { retireEvery = old })
+	fastRetire(t, 10*time.Millisecond)
 	var client *unreachableList
 	rs := newWrappedReplicaSetup(t, ReplicaOptions{SyncInterval: 10 * time.Millisecond},
 		func(c ReplicaClient) ReplicaClient { client = &unreachableList{ReplicaClient: c}; return client })
@@ -307,15 +306,7 @@ func TestRecreatedThenDeletedBeforeListing(t *testing.T) {
 			t.Fatalf("%s: %v", q, err)
 		}
 	}
-	del := func() {
-		for _, name := range []string{"app.db-wal", "app.db-shm", "app.db"} {
-			release := rs.m.BeforeUnlink(name)
-			err := os.Remove(filepath.Join(filepath.Dir(rs.path), name))
-			if release != nil {
-				release(err == nil)
-			}
-		}
-	}
+	del := func() { deleteDB(rs.m, filepath.Dir(rs.path)) }
 	waitReleased := func() {
 		t.Helper()
 		for deadline := time.Now().Add(10 * time.Second); rs.m.DB("app.db") != nil; time.Sleep(retireEvery) {
