@@ -49,6 +49,9 @@ type Observer interface {
 	BeforeTruncate(rel string) func(ok bool)
 	BeforeUnlink(rel string) func(ok bool)
 	BeforeRename(oldRel, newRel string) func(ok bool)
+	// BeforeExchange is called before two paths swap what they hold
+	// (renameat2 with RENAME_EXCHANGE).
+	BeforeExchange(aRel, bRel string) func(ok bool)
 }
 
 // Passthrough modes.

@@ -155,10 +155,16 @@ func (n *node) Rename(ctx context.Context, name string, newParent gofs.InodeEmbe
 		return n.LoopbackNode.Rename(ctx, name, newParent, newName, flags)
 	}
 	oldRel, newRel := n.rel(name), np.rel(newName)
-	after := n.m.obs.BeforeRename(oldRel, newRel)
+	exchange := flags&gofs.RENAME_EXCHANGE != 0
+	var after func(ok bool)
+	if exchange {
+		after = n.m.obs.BeforeExchange(oldRel, newRel)
+	} else {
+		after = n.m.obs.BeforeRename(oldRel, newRel)
+	}
 	errno := n.LoopbackNode.Rename(ctx, name, newParent, newName, flags)
 	if errno == 0 && n.m.watch != nil {
-		n.m.watch.renamed(oldRel, newRel)
+		n.m.watch.renamed(oldRel, newRel, exchange)
 	}
 	if after != nil {
 		after(errno == 0)

@@ -81,15 +81,19 @@ func (w *watcher) watchDir(dir string) {
 }
 
 // renamed follows a rename of the directory oldRel (and so of the
-// directories under it) to newRel: inotify watches the directories
-// themselves, and their events must be reported under the new names.
-func (w *watcher) renamed(oldRel, newRel string) {
+// directories under it) to newRel, or with exchange an exchange of the two:
+// inotify watches the directories themselves, and their events must be
+// reported under the new names.
+func (w *watcher) renamed(oldRel, newRel string, exchange bool) {
 	w.mu.Lock()
 	defer w.mu.Unlock()
 	moved := map[string]int{}
 	for dir, wd := range w.dirs {
-		if rest, ok := strings.CutPrefix(dir, oldRel); ok && (rest == "" || rest[0] == '/') {
+		if rest, ok := cutDir(dir, oldRel); ok {
 			moved[newRel+rest] = wd
+			delete(w.dirs, dir)
+		} else if rest, ok := cutDir(dir, newRel); ok && exchange {
+			moved[oldRel+rest] = wd
 			delete(w.dirs, dir)
 		}
 	}
@@ -97,6 +101,12 @@ func (w *watcher) renamed(oldRel, newRel string) {
 		w.dirs[dir] = wd
 		w.byWD[wd] = dir
 	}
+}
+
+// cutDir returns what follows dir in path, if path is dir or under it.
+func cutDir(path, dir string) (rest string, ok bool) {
+	rest, ok = strings.CutPrefix(path, dir)
+	return rest, ok && (rest == "" || rest[0] == '/')
 }
 
 func (w *watcher) run() {

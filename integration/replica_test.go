@@ -16,6 +16,7 @@ import (
 	"github.com/lfuse/lfuse/backends/file"
 	"github.com/lfuse/lfuse/replicate"
 	"github.com/superfly/ltx"
+	"golang.org/x/sys/unix"
 )
 
 // replicaConfig writes a config that ships every database to a file replica
@@ -224,33 +225,6 @@ func TestRenameWhileOpen(t *testing.T) {
 	e := newEnv(t)
 	cfgPath, repl := e.replicaConfig("")
 	lf := e.mount("-config", cfgPath)
-	restore := func(rel string) string {
-		t.Helper()
-		out := filepath.Join(e.root, fmt.Sprintf("restored-%d.db", time.Now().UnixNano()))
-		if code, log := runLfuse(t, "restore", "-o", out, "file://"+filepath.Join(repl, rel)); code != 0 {
-			t.Fatalf("restore of %s exited %d:\n%s", rel, code, log)
-		}
-		return out
-	}
-	count := func(path string) int {
-		t.Helper()
-		db := openDB(t, path, "mode=ro")
-		defer db.Close()
-		var n int
-		if err := db.QueryRow("SELECT count(*) FROM t").Scan(&n); err != nil {
-			t.Fatal(err)
-		}
-		return n
-	}
-	insert := func(db *sql.DB, n int) {
-		t.Helper()
-		for i := 0; i < n; i++ {
-			if _, err := db.Exec("INSERT INTO t VALUES (randomblob(50))"); err != nil {
-				t.Fatal(err)
-			}
-		}
-	}
-
 	// The directory.
 	if err := os.Mkdir(e.path("d1"), 0o755); err != nil {
 		t.Fatal(err)
@@ -260,7 +234,7 @@ func TestRenameWhileOpen(t *testing.T) {
 	if _, err := db.Exec("CREATE TABLE t(v)"); err != nil {
 		t.Fatal(err)
 	}
-	insert(db, 1)
+	insertRows(t, db, 1)
 	shipped := func(rel string) {
 		t.Helper()
 		if err := lf.log.wait(`msg="snapshot uploaded" db=`+rel+" ", time.Minute, lf.done); err != nil {
@@ -271,7 +245,7 @@ func TestRenameWhileOpen(t *testing.T) {
 	if err := os.Rename(e.path("d1"), e.path("d2")); err != nil {
 		t.Fatal(err)
 	}
-	insert(db, 100)
+	insertRows(t, db, 100)
 
 	// The database file and its WAL, in the two orders.
 	other := openDB(t, e.path("a.db"))
@@ -279,37 +253,133 @@ func TestRenameWhileOpen(t *testing.T) {
 	if _, err := other.Exec("CREATE TABLE t(v)"); err != nil {
 		t.Fatal(err)
 	}
-	insert(other, 1)
+	insertRows(t, other, 1)
 	shipped("a.db")
 	for _, suffix := range []string{"", "-wal", "-shm"} {
 		if err := os.Rename(e.path("a.db"+suffix), e.path("b.db"+suffix)); err != nil {
 			t.Fatal(err)
 		}
 	}
-	insert(other, 50)
+	insertRows(t, other, 50)
 	for _, suffix := range []string{"-wal", "", "-shm"} {
 		if err := os.Rename(e.path("b.db"+suffix), e.path("c.db"+suffix)); err != nil {
 			t.Fatal(err)
 		}
 	}
-	insert(other, 50)
+	insertRows(t, other, 50)
 	db.Close()
 	other.Close()
 	lf.stop()
 
-	if n := count(restore("d1/app.db")); n != 1 {
+	if n := countRows(t, restoreRel(t, e, repl, "d1/app.db")); n != 1 {
 		t.Errorf("d1/app.db restored with %d rows, want the 1 before the rename", n)
 	}
-	if n := count(restore("d2/app.db")); n != 101 {
+	if n := countRows(t, restoreRel(t, e, repl, "d2/app.db")); n != 101 {
 		t.Errorf("d2/app.db restored with %d rows, want 101", n)
 	}
-	if n := count(restore("a.db")); n != 1 {
+	if n := countRows(t, restoreRel(t, e, repl, "a.db")); n != 1 {
 		t.Errorf("a.db restored with %d rows, want the 1 before the renames", n)
 	}
-	if n := count(restore("c.db")); n != 101 {
+	if n := countRows(t, restoreRel(t, e, repl, "c.db")); n != 101 {
 		t.Errorf("c.db restored with %d rows, want 101", n)
 	}
-	if n := count(filepath.Join(e.data, "d2", "app.db")); n != 101 {
+	if n := countRows(t, filepath.Join(e.data, "d2", "app.db")); n != 101 {
 		t.Errorf("the live d2/app.db has %d rows", n)
+	}
+}
+
+// Two open databases swap places with renameat2(RENAME_EXCHANGE), as
+// `mv --exchange` does: their directories, or the files themselves one
+// after another. Each path's replica must go on with what the path now
+// holds, not append the other database's pages to its old history.
+func TestExchangeWhileOpen(t *testing.T) {
+	e := newEnv(t)
+	cfgPath, repl := e.replicaConfig("")
+	lf := e.mount("-config", cfgPath)
+	exchange := func(a, b string) {
+		t.Helper()
+		if err := unix.Renameat2(unix.AT_FDCWD, e.path(a), unix.AT_FDCWD, e.path(b), unix.RENAME_EXCHANGE); err != nil {
+			t.Fatalf("exchange %s and %s: %v", a, b, err)
+		}
+	}
+	open := func(rel string, rows int) *sql.DB {
+		t.Helper()
+		db := openDB(t, e.path(rel))
+		db.SetMaxOpenConns(1)
+		mustExec(t, db, "CREATE TABLE t(v)")
+		insertRows(t, db, rows)
+		if err := lf.log.wait(`msg="snapshot uploaded" db=`+rel+" ", time.Minute, lf.done); err != nil {
+			t.Fatalf("%v\n%s", err, lf.log)
+		}
+		// The WAL then holds only what comes after the exchange.
+		mustExec(t, db, "PRAGMA wal_checkpoint(TRUNCATE)")
+		return db
+	}
+	for _, dir := range []string{"d1", "d2"} {
+		if err := os.Mkdir(e.path(dir), 0o755); err != nil {
+			t.Fatal(err)
+		}
+	}
+	// Large enough that a path's replica taking the other database's
+	// changed pages onto its own history would restore a mix.
+	d1, d2 := open("d1/app.db", 400), open("d2/app.db", 300)
+	a, b := open("a.db", 200), open("b.db", 100)
+
+	exchange("d1", "d2")
+	insertRows(t, d1, 10) // d1's database, now at d2/app.db
+	insertRows(t, d2, 20)
+	for _, suffix := range []string{"", "-wal", "-shm"} {
+		exchange("a.db"+suffix, "b.db"+suffix)
+	}
+	insertRows(t, a, 30) // a's database, now at b.db
+	insertRows(t, b, 40)
+	for _, db := range []*sql.DB{d1, d2, a, b} {
+		db.Close()
+	}
+	lf.stop()
+
+	for rel, want := range map[string]int{"d2/app.db": 410, "d1/app.db": 320, "b.db": 230, "a.db": 140} {
+		live := filepath.Join(e.data, rel)
+		if n := countRows(t, live); n != want {
+			t.Errorf("the live %s has %d rows, want %d", rel, n, want)
+		}
+		restored := restoreRel(t, e, repl, rel)
+		if n := countRows(t, restored); n != want {
+			t.Errorf("%s restored with %d rows, want %d", rel, n, want)
+		}
+		got, err := os.ReadFile(restored)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if wantBytes, _ := os.ReadFile(live); !bytes.Equal(got, wantBytes) {
+			t.Errorf("restored %s differs from the live file: %s", rel, firstDiff(got, wantBytes))
+		}
+	}
+}
+
+func restoreRel(t *testing.T, e *env, repl, rel string) string {
+	t.Helper()
+	out := filepath.Join(e.root, fmt.Sprintf("restored-%d.db", time.Now().UnixNano()))
+	if code, log := runLfuse(t, "restore", "-o", out, "file://"+filepath.Join(repl, rel)); code != 0 {
+		t.Fatalf("restore of %s exited %d:\n%s", rel, code, log)
+	}
+	return out
+}
+
+func countRows(t *testing.T, path string) int {
+	t.Helper()
+	db := openDB(t, path, "mode=ro")
+	defer db.Close()
+	var n int
+	if err := db.QueryRow("SELECT count(*) FROM t").Scan(&n); err != nil {
+		t.Fatal(err)
+	}
+	return n
+}
+
+func insertRows(t *testing.T, db *sql.DB, n int) {
+	t.Helper()
+	for i := 0; i < n; i++ {
+		mustExec(t, db, "INSERT INTO t VALUES (randomblob(50))")
 	}
 }

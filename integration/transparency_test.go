@@ -129,6 +129,16 @@ func exerciseFS(t *testing.T, dir string) []string {
 	note("rename over file", os.Rename(p("log2"), p("victim")))
 	data, _ = os.ReadFile(p("victim"))
 	note(fmt.Sprintf("renamed content %q", data), nil)
+	renameat2 := func(a, b string, flags uint) error {
+		return unix.Renameat2(unix.AT_FDCWD, p(a), unix.AT_FDCWD, p(b), flags)
+	}
+	note("rename noreplace", renameat2("a", "victim", unix.RENAME_NOREPLACE))
+	note("exchange", renameat2("a", "victim", unix.RENAME_EXCHANGE))
+	data, _ = os.ReadFile(p("a"))
+	note(fmt.Sprintf("exchanged content %q", data), nil)
+	note("exchange with missing", renameat2("a", "missing", unix.RENAME_EXCHANGE))
+	note("exchange dir and file", renameat2("d", "a", unix.RENAME_EXCHANGE))
+	note("exchange back", renameat2("a", "d", unix.RENAME_EXCHANGE))
 	note("symlink", os.Symlink("victim", p("sl")))
 	target, err := os.Readlink(p("sl"))
 	note("readlink "+target, err)

@@ -519,6 +519,63 @@ func (m *Manager) BeforeRename(oldRel, newRel string) func(ok bool) {
 	}
 }
 
+// BeforeExchange is called before aRel and bRel swap what they hold
+// (renameat2 with RENAME_EXCHANGE, `mv --exchange`). Every database
+// captured at either path or under it, or whose WAL is one of them, then
+// has another file at its path (or another WAL beside it): its history
+// there ends, as after a rename, and what each path holds now is taken up
+// from a snapshot. Without this a path's replica went on from its old
+// history with the other database's pages.
+func (m *Manager) BeforeExchange(aRel, bRel string) func(ok bool) {
+	var moved []*DB
+	add := func(d *DB) {
+		if d != nil && !slices.Contains(moved, d) {
+			moved = append(moved, d)
+		}
+	}
+	for _, rel := range []string{aRel, bRel} {
+		d, _ := m.dbFor(rel)
+		add(d)
+		for _, d := range m.dbsUnder(rel) {
+			add(d)
+		}
+		m.journalEnded(rel)
+	}
+	// Held in path order, so that two renames cannot deadlock.
+	slices.SortFunc(moved, func(x, y *DB) int { return strings.Compare(x.rel, y.rel) })
+	releases := make([]func(), len(moved))
+	for i, d := range moved {
+		releases[i] = d.Hold()
+	}
+	return func(ok bool) {
+		for i, d := range moved {
+			if ok {
+				d.gone("exchanged with another file by a rename")
+			}
+			releases[i]()
+		}
+		if !ok {
+			return
+		}
+		m.foundAt(aRel)
+		m.foundAt(bRel)
+		for _, d := range moved {
+			m.foundAt(d.rel)
+			if rest, under := cutDir(d.rel, aRel); under {
+				m.foundAt(bRel + rest)
+			} else if rest, under := cutDir(d.rel, bRel); under {
+				m.foundAt(aRel + rest)
+			}
+		}
+	}
+}
+
+// cutDir returns what follows dir in path, if path is dir or under it.
+func cutDir(path, dir string) (rest string, ok bool) {
+	rest, ok = strings.CutPrefix(path, dir)
+	return rest, ok && (rest == "" || rest[0] == '/')
+}
+
 // dbsUnder returns the databases captured under the directory dir, in path
 // order.
 func (m *Manager) dbsUnder(dir string) []*DB {
