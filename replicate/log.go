@@ -30,13 +30,17 @@ import (
 // then one complete LTX file. A record is appended with a zero length, which
 // is filled in only once the whole file is written, so a torn tail is
 // recognised on open and cut off.
+//
+// Older snapshots and segments from before the newest snapshot stay only
+// while a replica lacks what they hold (prune); reading the log starts at
+// the newest snapshot.
 type Log struct {
 	dir string
 
 	snapshot ltx.TXID // TXID of the newest snapshot, 0 if none
 	last     Record   // the newest record (snapshot or transaction)
 
-	kept    bool     // segments from before the snapshot are kept for a replica (prune)
+	kept    bool     // snapshots or segments from before the snapshot are kept for a replica (prune)
 	seg     *os.File // segment being appended to, nil until the first append after a snapshot
 	segFrom ltx.TXID
 	segSize int64
@@ -88,6 +92,7 @@ func openLog(dir string, repair bool) (*Log, error) {
 		return nil, fmt.Errorf("snapshot %s: %w", l.snapshot, err)
 	}
 	l.last = rec
+	l.kept = len(snaps) > 1
 	for _, from := range segs {
 		if from <= l.snapshot {
 			l.kept = true
@@ -236,9 +241,9 @@ func (l *Log) openSegment() error {
 }
 
 // AddSnapshot moves a finished snapshot LTX file at tmpPath into the log. It
-// becomes the start of the log: older snapshots are removed, and so are
-// older segments, except those holding records after keepAfter, which a
-// replica has not received yet (LogReader.Tail).
+// becomes the start of the log: older snapshots and segments are removed,
+// except those holding records after keepAfter, which a replica has not
+// received yet (LogReader.SnapshotAbove, LogReader.Tail).
 func (l *Log) AddSnapshot(tmpPath string, keepAfter ltx.TXID) (Record, error) {
 	rec, err := readRecordFile(tmpPath)
 	if err != nil {
@@ -266,20 +271,29 @@ func (l *Log) AddSnapshot(tmpPath string, keepAfter ltx.TXID) (Record, error) {
 	return rec, nil
 }
 
-// prune removes snapshots older than the newest, and the segments before it
-// except those holding records after keepAfter. oldLast is the newest
-// record before the snapshot: where the last of those segments ends.
+// maxKeptSnapshots is how many snapshots older than the newest the log
+// keeps for a replica that lacks them. Each is the size of the database,
+// and a lfuse restarted again and again while a replica is down may take
+// one at every start: past this, the oldest go, and with them the
+// points in time between them in that replica.
+const maxKeptSnapshots = 2
+
+// prune removes the snapshots older than the newest, and the segments
+// before it, except those holding records after keepAfter (at most
+// maxKeptSnapshots snapshots). oldLast is the newest record before the
+// snapshot: where the last of those segments ends.
 func (l *Log) prune(keepAfter, oldLast ltx.TXID) {
 	snaps, segs, err := l.files()
 	if err != nil {
 		return
 	}
-	for _, id := range snaps {
-		if id < l.snapshot {
-			_ = os.Remove(l.snapshotPath(id))
+	l.kept = false
+	older := snaps[:max(0, len(snaps)-1)]
+	for i, id := range older {
+		if id > keepAfter && len(older)-i <= maxKeptSnapshots || os.Remove(l.snapshotPath(id)) != nil {
+			l.kept = true
 		}
 	}
-	l.kept = false
 	for i, from := range segs {
 		if from > l.snapshot {
 			break
@@ -294,10 +308,11 @@ func (l *Log) prune(keepAfter, oldLast ltx.TXID) {
 	}
 }
 
-// DropKept removes the segments kept from before the snapshot (prune) once
-// every replica holds the records after keepAfter.
+// DropKept removes the snapshots and segments kept from before the newest
+// snapshot (prune) that every replica now holds: all records up to
+// keepAfter.
 func (l *Log) DropKept(keepAfter ltx.TXID) {
-	if l.kept && keepAfter >= l.snapshot {
+	if l.kept {
 		l.prune(keepAfter, l.snapshot)
 	}
 }

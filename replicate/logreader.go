@@ -62,33 +62,48 @@ var errNotBoundary = errors.New("the local log has no record boundary there")
 
 // Snapshot returns the log's newest snapshot, held open until released.
 func (lr *LogReader) Snapshot() (Ref, error) {
+	ref, _, err := lr.SnapshotAbove(0)
+	return ref, err
+}
+
+// SnapshotAbove returns the oldest snapshot the log holds with a TXID
+// above after (the log keeps older ones for a replica that lacks them:
+// Log.prune), or the newest if after is 0 or none is above it, held open
+// until released; newest says which.
+func (lr *LogReader) SnapshotAbove(after ltx.TXID) (_ Ref, newest bool, _ error) {
 	l := &Log{dir: lr.dir}
 	for attempt := 0; ; attempt++ {
 		snaps, _, err := l.files()
 		if err != nil {
-			return Ref{}, fmt.Errorf("local log snapshot: %w", err)
+			return Ref{}, false, fmt.Errorf("local log snapshot: %w", err)
 		}
 		if len(snaps) == 0 {
-			return Ref{}, errNoSnapshot
+			return Ref{}, false, errNoSnapshot
 		}
-		path := l.snapshotPath(snaps[len(snaps)-1])
+		i := len(snaps) - 1
+		if after > 0 {
+			for i > 0 && snaps[i-1] > after {
+				i--
+			}
+		}
+		path := l.snapshotPath(snaps[i])
 		f, err := os.Open(path)
 		if errors.Is(err, os.ErrNotExist) && attempt < 3 {
 			continue // a newer snapshot replaced it since the listing
 		} else if err != nil {
-			return Ref{}, err
+			return Ref{}, false, err
 		}
 		st, err := f.Stat()
 		if err != nil {
 			f.Close()
-			return Ref{}, err
+			return Ref{}, false, err
 		}
 		rec, err := peekRecord(f, 0, st.Size())
 		if err != nil {
 			f.Close()
-			return Ref{}, fmt.Errorf("%s: %w", path, err)
+			return Ref{}, false, fmt.Errorf("%s: %w", path, err)
 		}
-		return Ref{Record: rec, Path: path, Size: st.Size(), file: f}, nil
+		return Ref{Record: rec, Path: path, Size: st.Size(), file: f}, i == len(snaps)-1, nil
 	}
 }
 

@@ -449,28 +449,12 @@ func (r *Replica) syncLocked(ctx context.Context) error {
 		return errResnapshot
 	}
 	if errors.Is(err, errLogMoved) || r.pos.TXID == 0 {
-		snap, err := r.reader.Snapshot()
-		if err != nil {
+		snap, err := r.shipSnapshots(ctx, upTo)
+		if err != nil || snap == 0 {
 			return err
 		}
-		defer releaseRefs(snap)
-		if snap.TXID() > upTo {
-			return nil // a snapshot newer than what the DB reported; next pass
-		}
-		if snap.TXID() <= r.pos.TXID {
-			r.db.resnapshotAbove(r.pos.TXID, fmt.Sprintf("the local log cannot continue replica %s at TXID %s", r.client, r.pos.TXID))
-			return errResnapshot
-		}
-		if err := r.shipTail(ctx, snap.TXID()); err != nil {
-			return err
-		}
-		info, err := r.upload(ctx, SnapshotLevel, []source{refSource(snap)}, snap.Trailer.PostApplyChecksum)
-		if err != nil {
-			return err
-		}
-		r.record(info)
 		releaseRefs(refs...)
-		if refs, err = r.reader.Refs(snap.TXID(), upTo); err != nil {
+		if refs, err = r.reader.Refs(snap, upTo); err != nil {
 			return err
 		}
 	} else if err != nil {
@@ -495,11 +479,53 @@ func (r *Replica) syncLocked(ctx context.Context) error {
 	return nil
 }
 
-// shipTail ships the commits the replica lacks from before the local log's
-// newest snapshot snap: a snapshot taken while the replica was behind (a
-// capture that failed, a log that diverged) must not erase the history in
-// between from the replica, where a restore to a time among those commits
-// would otherwise give the state before them.
+// shipSnapshots ships the local snapshots the replica lacks, oldest first,
+// each after the commits before it that the log kept, and returns the
+// newest one's TXID (0 if it is not ready to ship yet). A snapshot taken
+// while the replica was behind (a capture that failed, a log that
+// diverged, a restart that could not prove continuity) must not erase the
+// history before it from the replica, where a restore to a time among
+// those commits would otherwise give the state before them. A replica that
+// holds nothing gets the newest alone.
+func (r *Replica) shipSnapshots(ctx context.Context, upTo ltx.TXID) (ltx.TXID, error) {
+	for {
+		snap, newest, err := r.reader.SnapshotAbove(r.pos.TXID)
+		if err != nil {
+			return 0, err
+		}
+		txid := snap.TXID()
+		err = r.shipSnapshot(ctx, snap, upTo)
+		releaseRefs(snap)
+		if err != nil || txid > upTo {
+			return 0, err // past upTo: newer than what the DB reported; next pass
+		}
+		if newest {
+			return txid, nil
+		}
+	}
+}
+
+func (r *Replica) shipSnapshot(ctx context.Context, snap Ref, upTo ltx.TXID) error {
+	if snap.TXID() > upTo {
+		return nil
+	}
+	if snap.TXID() <= r.pos.TXID {
+		r.db.resnapshotAbove(r.pos.TXID, fmt.Sprintf("the local log cannot continue replica %s at TXID %s", r.client, r.pos.TXID))
+		return errResnapshot
+	}
+	if err := r.shipTail(ctx, snap.TXID()); err != nil {
+		return err
+	}
+	info, err := r.upload(ctx, SnapshotLevel, []source{refSource(snap)}, snap.Trailer.PostApplyChecksum)
+	if err != nil {
+		return err
+	}
+	r.record(info)
+	return nil
+}
+
+// shipTail ships the commits the replica lacks from before the local
+// snapshot snap (see shipSnapshots).
 func (r *Replica) shipTail(ctx context.Context, snap ltx.TXID) error {
 	if r.pos.TXID == 0 {
 		return nil

@@ -300,24 +300,108 @@ func TestSnapshotKeepsWhatReplicaLacks(t *testing.T) {
 		t.Fatalf("newest level-0 file %s-%s, want %s-%s", last.MinTXID, last.MaxTXID, shipped+1, shipped+10)
 	}
 	for _, k := range []ltx.TXID{10, 11} {
-		plan, err := PlanRestore(context.Background(), fw.ReplicaClient, Target{TXID: shipped + k})
-		if err != nil {
-			t.Fatalf("TXID %s: %v", shipped+k, err)
+		if n := restoredRows(t, fw.ReplicaClient, shipped+k); n != 10 {
+			t.Fatalf("TXID %s: %d rows, want 10", shipped+k, n)
 		}
-		out := filepath.Join(t.TempDir(), "restored.db")
-		if _, err := Restore(context.Background(), fw.ReplicaClient, plan, out, RestoreOptions{}); err != nil {
-			t.Fatal(err)
-		}
-		db, err := sql.Open("sqlite3", out)
-		if err != nil {
-			t.Fatal(err)
-		}
-		var n int
-		err = db.QueryRow("SELECT count(*) FROM t").Scan(&n)
-		db.Close()
-		if err != nil || n != 10 {
-			t.Fatalf("TXID %s: %d rows (%v), want 10", shipped+k, n, err)
-		}
+	}
+}
+
+// restoredRows restores the replica at txid and counts the rows of t.
+func restoredRows(t *testing.T, c ReplicaClient, txid ltx.TXID) int {
+	t.Helper()
+	plan, err := PlanRestore(context.Background(), c, Target{TXID: txid})
+	if err != nil {
+		t.Fatalf("TXID %s: %v", txid, err)
+	}
+	out := filepath.Join(t.TempDir(), "restored.db")
+	if _, err := Restore(context.Background(), c, plan, out, RestoreOptions{}); err != nil {
+		t.Fatalf("TXID %s: %v", txid, err)
+	}
+	db, err := sql.Open("sqlite3", out)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer db.Close()
+	var n int
+	if err := db.QueryRow("SELECT count(*) FROM t").Scan(&n); err != nil {
+		t.Fatalf("TXID %s: %v", txid, err)
+	}
+	return n
+}
+
+// Several local snapshots during one outage of a replica (a lfuse
+// restarted again and again without being able to prove continuity does
+// this): the log keeps the older ones, and the replica gets each with the
+// commits around it, so every point in the outage stays restorable there.
+// Past maxKeptSnapshots the oldest go. (Before, only the newest snapshot
+// was kept: the commits between the first and the last were lost from the
+// replica.)
+func TestSnapshotsDuringOutageKept(t *testing.T) {
+	for _, snapshots := range []int{2, maxKeptSnapshots + 1, maxKeptSnapshots + 2} {
+		t.Run(fmt.Sprint(snapshots), func(t *testing.T) {
+			fw := &failingWrites{}
+			rs := newWrappedReplicaSetup(t, ReplicaOptions{SyncInterval: time.Hour, SnapshotInterval: time.Hour, CompactIntervals: []time.Duration{time.Hour}},
+				func(c ReplicaClient) ReplicaClient { fw.ReplicaClient = c; return fw })
+			defer rs.m.Close()
+			if _, err := rs.db.Exec("CREATE TABLE t(v)"); err != nil {
+				t.Fatal(err)
+			}
+			rs.m.Opened("app.db-wal", true)
+			rs.m.SyncAll()
+			d := rs.m.DB("app.db")
+			r := d.Replicas()[0]
+			if err := r.Flush(context.Background()); err != nil {
+				t.Fatal(err)
+			}
+			fw.down.Store(true)
+			rows := map[ltx.TXID]int{} // at the end of each file the replica will get
+			var snaps []ltx.TXID
+			n := 0
+			for s := 0; s < snapshots; s++ {
+				for i := 0; i < 3; i++ {
+					n++
+					if _, err := rs.db.Exec("INSERT INTO t VALUES (?)", n); err != nil {
+						t.Fatal(err)
+					}
+					rs.m.SyncAll()
+				}
+				rows[d.Stats().TXID] = n
+				d.mu.Lock()
+				d.needSnapshot("test")
+				d.mu.Unlock()
+				rs.m.SyncAll()
+				snaps = append(snaps, d.log.SnapshotTXID())
+				rows[snaps[s]] = n
+			}
+			if ents, _ := filepath.Glob(filepath.Join(d.logDir(), "*"+snapshotSuffix)); len(ents) != min(snapshots, maxKeptSnapshots+1) {
+				t.Fatalf("the log holds %d snapshots, want %d", len(ents), min(snapshots, maxKeptSnapshots+1))
+			}
+			fw.down.Store(false)
+			ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+			defer cancel()
+			if err := r.Flush(ctx); err != nil {
+				t.Fatal(err)
+			}
+			if got := mustList(t, fw.ReplicaClient, SnapshotLevel); len(got) != 1+min(snapshots, maxKeptSnapshots+1) {
+				t.Fatalf("the replica holds %d snapshots, want its first and %d", len(got), min(snapshots, maxKeptSnapshots+1))
+			}
+			lost := snaps[max(0, snapshots-maxKeptSnapshots-1)]
+			for txid, want := range rows {
+				if txid < lost {
+					continue // the oldest snapshots went: past the bound
+				}
+				if got := restoredRows(t, fw.ReplicaClient, txid); got != want {
+					t.Errorf("TXID %s: %d rows, want %d", txid, got, want)
+				}
+			}
+			// Once the replica holds them all, the log lets them go.
+			if err := d.compactLog(); err != nil {
+				t.Fatal(err)
+			}
+			if ents, _ := os.ReadDir(d.logDir()); len(ents) > 2 {
+				t.Fatalf("after the replica caught up the log holds %d files", len(ents))
+			}
+		})
 	}
 }
 
