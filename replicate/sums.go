@@ -169,11 +169,16 @@ func (s *Sums) setTXID(txid ltx.TXID) {
 	binary.BigEndian.PutUint64(s.m[16:], uint64(txid))
 }
 
-// Reset empties the table before a snapshot refills it with Set.
+// Reset empties the table before a snapshot refills it with Set. It starts
+// from nothing rather than removing the entries one by one from the total:
+// a stop or crash between a Reset and its Finish leaves entries on disk
+// that are partly the new snapshot's, and removing those from the old
+// total left a residue that failed every later snapshot, across restarts,
+// so that the database was never replicated again.
 func (s *Sums) Reset() error {
-	s.txid = 0
-	binary.BigEndian.PutUint64(s.m[16:], 0)
-	return s.resize(0)
+	s.n, s.total = 0, 0
+	s.setTXID(0)
+	return nil
 }
 
 // Set replaces one page's checksum during a snapshot (0 drops the page).
