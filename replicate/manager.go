@@ -543,17 +543,9 @@ func (m *Manager) BeforeExchange(aRel, bRel string) func(ok bool) {
 	}
 	// Held in path order, so that two renames cannot deadlock.
 	slices.SortFunc(moved, func(x, y *DB) int { return strings.Compare(x.rel, y.rel) })
-	releases := make([]func(), len(moved))
-	for i, d := range moved {
-		releases[i] = d.Hold()
-	}
+	done := holdUntilGone(moved, "exchanged with another file by a rename")
 	return func(ok bool) {
-		for i, d := range moved {
-			if ok {
-				d.gone("exchanged with another file by a rename")
-			}
-			releases[i]()
-		}
+		done(ok)
 		if !ok {
 			return
 		}
@@ -576,6 +568,24 @@ func cutDir(path, dir string) (rest string, ok bool) {
 	return rest, ok && (rest == "" || rest[0] == '/')
 }
 
+// holdUntilGone holds each database, in the order given, until the
+// operation that moves them away is done; if it succeeded they are gone,
+// for why.
+func holdUntilGone(ds []*DB, why string) func(ok bool) {
+	releases := make([]func(), len(ds))
+	for i, d := range ds {
+		releases[i] = d.Hold()
+	}
+	return func(ok bool) {
+		for i, d := range ds {
+			if ok {
+				d.gone(why)
+			}
+			releases[i]()
+		}
+	}
+}
+
 // dbsUnder returns the databases captured under the directory dir, in path
 // order.
 func (m *Manager) dbsUnder(dir string) []*DB {
@@ -594,17 +604,9 @@ func (m *Manager) dbsUnder(dir string) []*DB {
 // keeps it open goes on writing: it is taken up there at once, from a
 // snapshot, rather than when something next opens its WAL.
 func (m *Manager) renameDir(moved []*DB, oldRel, newRel string) func(ok bool) {
-	releases := make([]func(), len(moved))
-	for i, d := range moved {
-		releases[i] = d.Hold()
-	}
+	done := holdUntilGone(moved, "its directory was renamed to "+newRel)
 	return func(ok bool) {
-		for i, d := range moved {
-			if ok {
-				d.gone("its directory was renamed to " + newRel)
-			}
-			releases[i]()
-		}
+		done(ok)
 		if ok {
 			for _, d := range moved {
 				m.foundAt(newRel + strings.TrimPrefix(d.rel, oldRel))
