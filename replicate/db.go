@@ -50,6 +50,7 @@ type DB struct {
 	reason   string
 	noWAL    *fileID // the database file when its WAL was removed
 	failing  bool    // an error was logged and recovery not yet
+	lastErr  error   // the latest failure, while failing
 	backoff  time.Duration
 	retryAt  time.Time
 	retrying bool
@@ -510,6 +511,7 @@ func (d *DB) needSnapshot(reason string) {
 // fail logs the first error of an outage and schedules a retry.
 func (d *DB) fail(err error) {
 	d.captureErrs.Add(1)
+	d.lastErr = err
 	if !d.failing {
 		d.logger.Error("capture failed; will retry", "err", err)
 		d.failing = true
@@ -550,7 +552,28 @@ func (d *DB) recovered() {
 		d.logger.Info("capture recovered")
 		d.failing = false
 	}
-	d.backoff = 0
+	d.backoff, d.lastErr = 0, nil
+}
+
+// finalSync is the capture pass at a stop. It does not wait out a retry's
+// backoff, which nothing would come back for, and it reports a database
+// whose commits it still could not capture: they reached no replica, and
+// lfuse stopped as if all were well (exit 0, "every captured transaction
+// is in every replica").
+func (d *DB) finalSync() error {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	d.retryAt = time.Time{}
+	d.syncLocked(true)
+	if !d.failing || d.status == statusGone {
+		return nil
+	}
+	var txid ltx.TXID
+	if d.log != nil {
+		last, _ := d.log.Last()
+		txid = last.TXID()
+	}
+	return fmt.Errorf("%s: commits after TXID %s could not be captured (%v): they are in the database file but in no replica until lfuse captures them at its next start", d.rel, txid, d.lastErr)
 }
 
 // snapshotLocked writes the whole database to the log as a new snapshot.
@@ -598,14 +621,16 @@ func (d *DB) snapshotLocked() error {
 			return err
 		}
 		var wal io.ReaderAt = emptyReader{}
-		f, err := os.Open(d.path + "-wal")
-		if err == nil {
-			defer f.Close()
+		f, openErr := os.Open(d.path + "-wal")
+		if openErr == nil {
 			wal = f
-		} else if !errors.Is(err, os.ErrNotExist) {
-			return err
+		} else if !errors.Is(openErr, os.ErrNotExist) {
+			return openErr
 		}
 		res, err = d.cap.Snapshot(db, wal, st.Size(), tmp1, tmp2, txid, time.Now(), d.sums.Set)
+		if f != nil {
+			f.Close()
+		}
 		if err == nil && f == nil {
 			// No log when the read began: one created since may have been
 			// checkpointed into pages already read.

@@ -198,14 +198,17 @@ func (m *Manager) CloseContext(ctx context.Context) error {
 		dbs = append(dbs, d)
 	}
 	m.mu.Unlock()
+	var errs []error
 	for _, d := range dbs {
 		d.kickMu.Lock()
 		d.closed = true
 		d.kickMu.Unlock()
 		d.wg.Wait()
-		d.Sync()
+		if err := d.finalSync(); err != nil {
+			errs = append(errs, err)
+		}
 	}
-	errs := m.flush(ctx, dbs)
+	errs = append(errs, m.flush(ctx, dbs)...)
 	for _, d := range dbs {
 		d.mu.Lock()
 		if err := d.closeLocked(); err != nil {
