@@ -339,10 +339,18 @@ func (m *Mount) opened(rel string, created bool) {
 	if m.obs == nil {
 		return
 	}
-	if strings.HasSuffix(rel, "-wal") {
+	m.arrived(rel)
+	m.obs.Opened(rel, created)
+}
+
+// arrived watches the directory of a WAL that was opened, or that a rename
+// put at rel: an application may have it open and go on writing it there. (A WAL moved into a directory where none had been opened went
+// unwatched, and its commits reached the replica only at the next
+// checkpoint or stop.)
+func (m *Mount) arrived(rel string) {
+	if m.watch != nil && strings.HasSuffix(rel, "-wal") {
 		m.watch.watchDir(path.Dir(rel))
 	}
-	m.obs.Opened(rel, created)
 }
 
 // CheckDirs refuses directory layouts that cannot work: a missing or

@@ -165,6 +165,10 @@ func (n *node) Rename(ctx context.Context, name string, newParent gofs.InodeEmbe
 	errno := n.LoopbackNode.Rename(ctx, name, newParent, newName, flags)
 	if errno == 0 && n.m.watch != nil {
 		n.m.watch.renamed(oldRel, newRel, exchange)
+		n.m.arrived(newRel)
+		if exchange {
+			n.m.arrived(oldRel)
+		}
 	}
 	if after != nil {
 		after(errno == 0)

@@ -383,3 +383,47 @@ func insertRows(t *testing.T, db *sql.DB, n int) {
 		mustExec(t, db, "INSERT INTO t VALUES (randomblob(50))")
 	}
 }
+
+// A database moved into a directory where no WAL had been opened while the
+// application goes on writing: its commits reach the replica while lfuse
+// runs. (Found by an adversarial run: nothing watched the new directory,
+// so they were captured only at the next checkpoint or stop.)
+func TestMoveIntoNewDirectory(t *testing.T) {
+	e := newEnv(t)
+	cfgPath, repl := e.replicaConfig("")
+	lf := e.mount("-config", cfgPath)
+	db := openDB(t, e.path("app.db"))
+	db.SetMaxOpenConns(1)
+	mustExec(t, db, "CREATE TABLE t(v)")
+	insertRows(t, db, 3)
+	if err := lf.log.wait(`msg="snapshot uploaded" db=app.db `, time.Minute, lf.done); err != nil {
+		t.Fatalf("%v\n%s", err, lf.log)
+	}
+	if err := os.Mkdir(e.path("new"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	for _, suffix := range []string{"", "-wal", "-shm"} {
+		if err := os.Rename(e.path("app.db"+suffix), e.path("new/app.db"+suffix)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := lf.log.wait(`msg="snapshot uploaded" db=new/app.db `, time.Minute, lf.done); err != nil {
+		t.Fatalf("new/app.db was not taken up at its new path: %v\n%s", err, lf.log)
+	}
+	insertRows(t, db, 20)
+	out := filepath.Join(e.root, "restored.db")
+	// Each sync of the moved database may be the one with every row.
+	for synced := 1; ; synced++ {
+		if err := lf.log.waitCount(`msg=synced db=new/app.db `, synced, 30*time.Second, lf.done); err != nil {
+			t.Fatalf("the commits after the move did not reach the replica: %v\n%s", err, lf.log)
+		}
+		// A compaction may remove a file the restore listed: then the
+		// next sync's restore.
+		os.Remove(out)
+		if code, _ := runLfuse(t, "restore", "-o", out, "file://"+filepath.Join(repl, "new/app.db")); code == 0 && countRows(t, out) == 23 {
+			break
+		}
+	}
+	db.Close()
+	lf.stop()
+}
