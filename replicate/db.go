@@ -7,6 +7,7 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -577,7 +578,37 @@ func (d *DB) finalSync() error {
 }
 
 // snapshotLocked writes the whole database to the log as a new snapshot.
+// If the disk is full and the log keeps older snapshots for a replica that
+// is behind, those go first: each is the database's size, and a capture
+// that cannot take its snapshot leaves every commit unreplicated, not only
+// the points in time between them.
 func (d *DB) snapshotLocked() error {
+	err := d.takeSnapshotLocked()
+	if !errors.Is(err, syscall.ENOSPC) && !errors.Is(err, syscall.EDQUOT) || d.log == nil {
+		return err
+	}
+	if len(d.log.dropKeptSnapshots()) == 0 {
+		return err
+	}
+	d.logger.Warn("disk full: dropping the local snapshots kept for a replica that is behind; its points in time before the newest are lost", "err", err)
+	if err := d.takeSnapshotLocked(); err != nil {
+		return err
+	}
+	// Nor does the one this replaced stay: the disk was full.
+	d.log.dropKeptSnapshots()
+	return nil
+}
+
+// snapshotFault, if set (by tests), fails a snapshot before it starts.
+var snapshotFault func() error
+
+// takeSnapshotLocked is snapshotLocked, once.
+func (d *DB) takeSnapshotLocked() error {
+	if snapshotFault != nil {
+		if err := snapshotFault(); err != nil {
+			return err
+		}
+	}
 	start := time.Now()
 	// The snapshot holds what the copy's commits changed.
 	d.dropAside()
@@ -725,12 +756,22 @@ func (d *DB) snapshotGoneLocked() error {
 }
 
 // storeSnapshot moves a finished snapshot file into the local log. Records
-// some replica has not received stay (LogReader.Tail).
+// and snapshots some replica has not received stay (LogReader.Tail,
+// LogReader.SnapshotAbove), up to maxKeptSnapshots snapshots.
 func (d *DB) storeSnapshot(path string) error {
-	if _, err := d.log.AddSnapshot(path, d.shippedEverywhere()); err != nil {
+	keepAfter := d.shippedEverywhere()
+	before, _, _ := d.log.files()
+	if _, err := d.log.AddSnapshot(path, keepAfter); err != nil {
 		return fmt.Errorf("store snapshot: %w", err)
 	}
 	d.snapshots.Add(1)
+	after, _, _ := d.log.files()
+	for _, id := range before {
+		if id > keepAfter && !slices.Contains(after, id) {
+			d.logger.Warn("dropped a local snapshot a replica has not received: too many snapshots while it is behind; points in time before the next one are lost there",
+				"snapshot_txid", id.String(), "replica_txid", keepAfter.String())
+		}
+	}
 	return nil
 }
 

@@ -255,6 +255,11 @@ func (l *Log) AddSnapshot(tmpPath string, keepAfter ltx.TXID) (Record, error) {
 	if err := fsyncPath(tmpPath); err != nil {
 		return Record{}, err
 	}
+	// The segment may be kept for a replica, and a log is repaired on
+	// open only after its newest snapshot: its records must be whole.
+	if err := l.Sync(); err != nil {
+		return Record{}, err
+	}
 	if err := os.Rename(tmpPath, l.snapshotPath(rec.TXID())); err != nil {
 		return Record{}, err
 	}
@@ -306,6 +311,22 @@ func (l *Log) prune(keepAfter, oldLast ltx.TXID) {
 			l.kept = true
 		}
 	}
+}
+
+// dropKeptSnapshots removes the snapshots older than the newest, even
+// those a replica lacks, and returns their TXIDs.
+func (l *Log) dropKeptSnapshots() []ltx.TXID {
+	snaps, _, err := l.files()
+	if err != nil {
+		return nil
+	}
+	var dropped []ltx.TXID
+	for _, id := range snaps {
+		if id < l.snapshot && os.Remove(l.snapshotPath(id)) == nil {
+			dropped = append(dropped, id)
+		}
+	}
+	return dropped
 }
 
 // DropKept removes the snapshots and segments kept from before the newest

@@ -166,8 +166,9 @@ func (lr *LogReader) Refs(after, upTo ltx.TXID) (_ []Ref, err error) {
 }
 
 // Tail returns the records after+1 onwards that the log kept from before
-// its newest snapshot snap (Log.AddSnapshot keeps what a replica has not
-// received), as far as they run on without a gap, held open until released.
+// its snapshot snap, the newest or an older one it kept (Log.AddSnapshot
+// keeps what a replica has not received), as far as they run on without a
+// gap, held open until released.
 // It returns nothing if the log does not hold TXID after+1 that way.
 func (lr *LogReader) Tail(after, snap ltx.TXID) ([]Ref, error) {
 	l := &Log{dir: lr.dir}

@@ -12,6 +12,7 @@ import (
 	"strconv"
 	"strings"
 	"sync/atomic"
+	"syscall"
 	"testing"
 	"time"
 
@@ -393,14 +394,18 @@ func TestSnapshotFailureAtStop(t *testing.T) {
 
 // Several local snapshots during one outage of a replica (a lfuse
 // restarted again and again without being able to prove continuity does
-// this): the log keeps the older ones, and the replica gets each with the
-// commits around it, so every point in the outage stays restorable there.
-// Past maxKeptSnapshots the oldest go. (Before, only the newest snapshot
-// was kept: the commits between the first and the last were lost from the
-// replica.)
+// this): the log keeps the older ones, and the replica gets each, after
+// the commits before it: the last commit before each snapshot and each
+// snapshot stay restorable there (commits inside one shipped batch are
+// not, as after any outage). Past maxKeptSnapshots the oldest go, and all
+// go when the disk is full. (Before, only the newest snapshot was kept:
+// everything between the first and the last was lost from the replica.)
 func TestSnapshotsDuringOutageKept(t *testing.T) {
-	for _, snapshots := range []int{2, maxKeptSnapshots + 1, maxKeptSnapshots + 2} {
-		t.Run(fmt.Sprint(snapshots), func(t *testing.T) {
+	for _, tc := range []struct {
+		snapshots int
+		diskFull  bool
+	}{{2, false}, {maxKeptSnapshots + 1, false}, {maxKeptSnapshots + 2, false}, {maxKeptSnapshots + 1, true}} {
+		t.Run(fmt.Sprintf("%d-full=%v", tc.snapshots, tc.diskFull), func(t *testing.T) {
 			fw := &failingWrites{}
 			rs := newWrappedReplicaSetup(t, ReplicaOptions{SyncInterval: time.Hour, SnapshotInterval: time.Hour, CompactIntervals: []time.Duration{time.Hour}},
 				func(c ReplicaClient) ReplicaClient { fw.ReplicaClient = c; return fw })
@@ -419,7 +424,7 @@ func TestSnapshotsDuringOutageKept(t *testing.T) {
 			rows := map[ltx.TXID]int{} // at the end of each file the replica will get
 			var snaps []ltx.TXID
 			n := 0
-			for s := 0; s < snapshots; s++ {
+			for s := 0; s < tc.snapshots; s++ {
 				for i := 0; i < 3; i++ {
 					n++
 					if _, err := rs.db.Exec("INSERT INTO t VALUES (?)", n); err != nil {
@@ -428,6 +433,17 @@ func TestSnapshotsDuringOutageKept(t *testing.T) {
 					rs.m.SyncAll()
 				}
 				rows[d.Stats().TXID] = n
+				if tc.diskFull && s == tc.snapshots-1 {
+					fault := syscall.ENOSPC
+					snapshotFault = func() error {
+						defer func() { fault = 0 }()
+						if fault != 0 {
+							return fault
+						}
+						return nil
+					}
+					defer func() { snapshotFault = nil }()
+				}
 				d.mu.Lock()
 				d.needSnapshot("test")
 				d.mu.Unlock()
@@ -435,8 +451,12 @@ func TestSnapshotsDuringOutageKept(t *testing.T) {
 				snaps = append(snaps, d.log.SnapshotTXID())
 				rows[snaps[s]] = n
 			}
-			if ents, _ := filepath.Glob(filepath.Join(d.logDir(), "*"+snapshotSuffix)); len(ents) != min(snapshots, maxKeptSnapshots+1) {
-				t.Fatalf("the log holds %d snapshots, want %d", len(ents), min(snapshots, maxKeptSnapshots+1))
+			kept := min(tc.snapshots, maxKeptSnapshots+1)
+			if tc.diskFull {
+				kept = 1
+			}
+			if ents, _ := filepath.Glob(filepath.Join(d.logDir(), "*"+snapshotSuffix)); len(ents) != kept {
+				t.Fatalf("the log holds %d snapshots, want %d", len(ents), kept)
 			}
 			fw.down.Store(false)
 			ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
@@ -444,13 +464,14 @@ func TestSnapshotsDuringOutageKept(t *testing.T) {
 			if err := r.Flush(ctx); err != nil {
 				t.Fatal(err)
 			}
-			if got := mustList(t, fw.ReplicaClient, SnapshotLevel); len(got) != 1+min(snapshots, maxKeptSnapshots+1) {
-				t.Fatalf("the replica holds %d snapshots, want its first and %d", len(got), min(snapshots, maxKeptSnapshots+1))
+			if got := mustList(t, fw.ReplicaClient, SnapshotLevel); len(got) != 1+kept {
+				t.Fatalf("the replica holds %d snapshots, want its first and %d", len(got), kept)
 			}
-			lost := snaps[max(0, snapshots-maxKeptSnapshots-1)]
+			// The snapshots that went, and the commits after them.
+			dropped := tc.snapshots - kept
 			for txid, want := range rows {
-				if txid < lost {
-					continue // the oldest snapshots went: past the bound
+				if dropped > 0 && txid >= snaps[0] && txid < snaps[dropped] {
+					continue
 				}
 				if got := restoredRows(t, fw.ReplicaClient, Target{TXID: txid}); got != want {
 					t.Errorf("TXID %s: %d rows, want %d", txid, got, want)
@@ -460,8 +481,9 @@ func TestSnapshotsDuringOutageKept(t *testing.T) {
 			if err := d.compactLog(); err != nil {
 				t.Fatal(err)
 			}
-			if ents, _ := os.ReadDir(d.logDir()); len(ents) > 2 {
-				t.Fatalf("after the replica caught up the log holds %d files", len(ents))
+			newest := snaps[len(snaps)-1].String() + snapshotSuffix
+			if ents, _ := os.ReadDir(d.logDir()); len(ents) != 1 || ents[0].Name() != newest {
+				t.Fatalf("after the replica caught up the log holds %v, want only %s", ents, newest)
 			}
 		})
 	}
