@@ -87,8 +87,11 @@ type DB struct {
 	onGone      func()
 	retireArmed bool
 	retired     bool
-	compactMu   sync.Mutex  // one fold of the local log at a time
-	folding     atomic.Bool // a foldLog goroutine is running
+	// releasing is retired for the replicas, which read it without mu
+	// while their state directory is being moved aside under them.
+	releasing atomic.Bool
+	compactMu sync.Mutex  // one fold of the local log at a time
+	folding   atomic.Bool // a foldLog goroutine is running
 
 	captured      atomic.Int64 // transactions captured since start
 	capturedBytes atomic.Int64

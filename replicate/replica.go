@@ -284,6 +284,9 @@ func (o *outage) result(r *Replica, err error, failed, still, recovered string, 
 			r.logger.Info(recovered, append([]any{"outage_seconds", time.Since(o.since).Seconds()}, recoveredAttrs...)...)
 		}
 	case errors.Is(err, context.Canceled):
+	case r.db.releasing.Load():
+		// Its state directory was moved aside under a pass in progress
+		// (a release stops its replicas right after): not an outage.
 	default:
 		r.errs.Add(1)
 		if !o.failing {

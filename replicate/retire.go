@@ -145,6 +145,7 @@ func (m *Manager) retire(d *DB) bool {
 		}
 	}
 	d.retired = true
+	d.releasing.Store(true)
 	m.mu.Lock()
 	if m.dbs[d.rel] == d {
 		delete(m.dbs, d.rel)

@@ -3,6 +3,7 @@ package replicate
 import (
 	"context"
 	"database/sql"
+	"fmt"
 	"log/slog"
 	"os"
 	"path/filepath"
@@ -45,6 +46,7 @@ func TestDeletedDatabaseReleased(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	old := rs.m.DB("app.db")
 	deleteDB(rs.m, filepath.Dir(rs.path))
 	stateDir := filepath.Join(rs.state, "dbs", "app.db")
 
@@ -67,6 +69,17 @@ func TestDeletedDatabaseReleased(t *testing.T) {
 	}
 	if _, err := os.Stat(stateDir); !os.IsNotExist(err) {
 		t.Fatalf("state directory left: %v", err)
+	}
+	// A sync that was under way as its state directory moved aside fails
+	// without counting (or logging) as an outage. (An adversarial run saw
+	// "replica sync failed" errors logged at releases.)
+	r := old.Replicas()[0]
+	errs := r.errs.Load()
+	r.mu.Lock()
+	r.syncResult(fmt.Errorf("local log: open %s: %w", stateDir, os.ErrNotExist))
+	r.mu.Unlock()
+	if r.errs.Load() != errs {
+		t.Fatal("a sync failing under a release counted as a replica error")
 	}
 	replica := file.New(filepath.Join(rs.repl, "app.db"))
 	oldPlan := mustPlan(t, replica)
