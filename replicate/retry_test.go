@@ -242,17 +242,14 @@ func (c *failingWrites) WriteLTXFile(ctx context.Context, level int, min, max lt
 	return c.ReplicaClient.WriteLTXFile(ctx, level, min, max, r, size, meta)
 }
 
-// A new local snapshot taken while a replica is behind (here asked for
-// directly; a capture that fails under a hold or a log that diverged do
-// it) keeps the records the replica lacks, and the replica gets them
-// before the snapshot: every commit made during its outage stays
-// restorable there. (Found in review: the snapshot removed them, and a
-// restore to a time among them gave the state before the outage.)
-func TestSnapshotKeepsWhatReplicaLacks(t *testing.T) {
+// shippedTable sets up a database with an empty table t, captured and
+// shipped to a replica whose writes fw can fail, on intervals long enough
+// that nothing happens unless asked.
+func shippedTable(t *testing.T) (*replicaSetup, *failingWrites, *DB, *Replica) {
+	t.Helper()
 	fw := &failingWrites{}
 	rs := newWrappedReplicaSetup(t, ReplicaOptions{SyncInterval: time.Hour, SnapshotInterval: time.Hour, CompactIntervals: []time.Duration{time.Hour}},
 		func(c ReplicaClient) ReplicaClient { fw.ReplicaClient = c; return fw })
-	defer rs.m.Close()
 	if _, err := rs.db.Exec("CREATE TABLE t(v)"); err != nil {
 		t.Fatal(err)
 	}
@@ -263,6 +260,18 @@ func TestSnapshotKeepsWhatReplicaLacks(t *testing.T) {
 	if err := r.Flush(context.Background()); err != nil {
 		t.Fatal(err)
 	}
+	return rs, fw, d, r
+}
+
+// A new local snapshot taken while a replica is behind (here asked for
+// directly; a capture that fails under a hold or a log that diverged do
+// it) keeps the records the replica lacks, and the replica gets them
+// before the snapshot: every commit made during its outage stays
+// restorable there. (Found in review: the snapshot removed them, and a
+// restore to a time among them gave the state before the outage.)
+func TestSnapshotKeepsWhatReplicaLacks(t *testing.T) {
+	rs, fw, d, r := shippedTable(t)
+	defer rs.m.Close()
 	shipped := r.Pos()
 	fw.down.Store(true)
 	for i := 1; i <= 10; i++ {
@@ -406,20 +415,8 @@ func TestSnapshotsDuringOutageKept(t *testing.T) {
 		diskFull  bool
 	}{{2, false}, {maxKeptSnapshots + 1, false}, {maxKeptSnapshots + 2, false}, {maxKeptSnapshots + 1, true}} {
 		t.Run(fmt.Sprintf("%d-full=%v", tc.snapshots, tc.diskFull), func(t *testing.T) {
-			fw := &failingWrites{}
-			rs := newWrappedReplicaSetup(t, ReplicaOptions{SyncInterval: time.Hour, SnapshotInterval: time.Hour, CompactIntervals: []time.Duration{time.Hour}},
-				func(c ReplicaClient) ReplicaClient { fw.ReplicaClient = c; return fw })
+			rs, fw, d, r := shippedTable(t)
 			defer rs.m.Close()
-			if _, err := rs.db.Exec("CREATE TABLE t(v)"); err != nil {
-				t.Fatal(err)
-			}
-			rs.m.Opened("app.db-wal", true)
-			rs.m.SyncAll()
-			d := rs.m.DB("app.db")
-			r := d.Replicas()[0]
-			if err := r.Flush(context.Background()); err != nil {
-				t.Fatal(err)
-			}
 			fw.down.Store(true)
 			rows := map[ltx.TXID]int{} // at the end of each file the replica will get
 			var snaps []ltx.TXID
