@@ -771,7 +771,7 @@ func (d *DB) storeSnapshot(path string) error {
 	after, _, _ := d.log.files()
 	for _, id := range before {
 		if id > keepAfter && !slices.Contains(after, id) {
-			d.logger.Warn("dropped a local snapshot a replica has not received: too many snapshots while it is behind; points in time before the next one are lost there",
+			d.logger.Info("dropped a local snapshot a replica has not received: too many snapshots while it is behind; points in time before the next one are lost there",
 				"snapshot_txid", id.String(), "replica_txid", keepAfter.String())
 		}
 	}

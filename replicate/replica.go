@@ -420,6 +420,19 @@ var errResnapshot = errors.New("a new snapshot is needed before this replica can
 
 // syncLocked ships every transaction captured so far.
 func (r *Replica) syncLocked(ctx context.Context) error {
+	for attempt := 1; ; attempt++ {
+		err := r.syncPass(ctx)
+		// A newer local snapshot replaced the log while this pass shipped
+		// the one before (a database renamed or exchanged again at once):
+		// ship that too. Not an outage of the replica, and a flush must
+		// not stop short of it.
+		if !errors.Is(err, errLogMoved) || attempt == 3 {
+			return err
+		}
+	}
+}
+
+func (r *Replica) syncPass(ctx context.Context) error {
 	if !r.listed {
 		if err := r.listLocked(ctx); err != nil {
 			return err
