@@ -106,7 +106,7 @@ func TestRestartContinuity(t *testing.T) {
 	// Changed behind lfuse's back (directly in the backing directory).
 	sqliteCLI(t, filepath.Join(e.data, "app.db"), "INSERT INTO t VALUES(3);")
 	lf = e.mount()
-	if lf.log.count("needs a new snapshot") != 1 || lf.log.count("changed while lfuse was not running") != 2 || lf.log.count("snapshot taken") != 1 {
+	if lf.log.count("needs a new snapshot") != 1 || lf.log.count("changed without lfuse seeing it") != 2 || lf.log.count("snapshot taken") != 1 {
 		t.Fatalf("a database changed while lfuse was stopped was not detected and re-snapshotted:\n%s", lf.log)
 	}
 	checkpointTruncate(t, dbPath)

@@ -157,7 +157,7 @@ func (d *DB) recoverLocked() error {
 	}
 	last, _ = d.log.Last()
 	if total != d.sums.Total() || commit != d.sums.Len() || gotPos != d.cap.Pos() {
-		d.needSnapshot(fmt.Sprintf("database file does not match the local log at TXID %s (checksum %s, log has %s): it was changed while lfuse was not running", last.TXID(), total, d.sums.Total()))
+		d.needSnapshot(fmt.Sprintf("database file does not match the local log at TXID %s (checksum %s, log has %s): it was changed without lfuse seeing it (while lfuse was not running, outside the mount, or through a WAL moved away)", last.TXID(), total, d.sums.Total()))
 		return nil
 	}
 	d.logger.Info("verified database against the local log", "txid", last.TXID().String(), "pages", commit,
