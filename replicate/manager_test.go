@@ -161,7 +161,7 @@ func TestManagerCaptureAndRestart(t *testing.T) {
 	db.Close()
 	m4, logs4 := newTestManager(t, data, state)
 	s := logs4.String()
-	if !strings.Contains(s, "changed while lfuse was not running") || !strings.Contains(s, "snapshot taken") {
+	if !strings.Contains(s, "changed without lfuse seeing it") || !strings.Contains(s, "snapshot taken") {
 		t.Fatalf("a database changed behind lfuse's back was not re-snapshotted:\n%s", s)
 	}
 	m4.Close()
