@@ -42,19 +42,22 @@ type DB struct {
 	dir    string // this database's state directory
 	logger *slog.Logger
 
-	mu       sync.Mutex
-	swept    bool // the leftovers of an earlier process are gone
-	log      *Log
-	sums     *Sums
-	cap      walcapture.Capturer
-	status   dbStatus
-	reason   string
-	noWAL    *fileID // the database file when its WAL was removed
-	failing  bool    // an error was logged and recovery not yet
-	lastErr  error   // the latest failure, while failing
-	backoff  time.Duration
-	retryAt  time.Time
-	retrying bool
+	mu      sync.Mutex
+	swept   bool // the leftovers of an earlier process are gone
+	log     *Log
+	sums    *Sums
+	cap     walcapture.Capturer
+	status  dbStatus
+	reason  string
+	noWAL   *fileID // the database file when its WAL was removed
+	failing bool    // an error was logged and recovery not yet
+	lastErr error   // the latest failure, while failing
+	// lostAtGone is the failure under way when the database was deleted
+	// or renamed away: the commits it kept from the log went with it.
+	lostAtGone error
+	backoff    time.Duration
+	retryAt    time.Time
+	retrying   bool
 	// A long unfinished transaction left unverified by the capture passes
 	// (see noteUnverified): since when (zero: none), how long it may stay
 	// so, and whether the recheck timer is armed.
@@ -242,6 +245,8 @@ func (d *DB) syncLocked(strict bool) {
 	case statusGone:
 		if err := d.snapshotGoneLocked(); err != nil {
 			d.fail(err)
+		} else {
+			d.recovered()
 		}
 		return
 	case statusRollback:
@@ -569,7 +574,7 @@ func (d *DB) finalSync() error {
 	defer d.mu.Unlock()
 	d.retryAt = time.Time{}
 	d.syncLocked(true)
-	if !d.failing || d.status == statusGone {
+	if d.retired {
 		return nil
 	}
 	var txid ltx.TXID
@@ -577,7 +582,16 @@ func (d *DB) finalSync() error {
 		last, _ := d.log.Last()
 		txid = last.TXID()
 	}
-	return fmt.Errorf("%s: commits after TXID %s could not be captured (%v): they are in the database file but in no replica until lfuse captures them at its next start", d.rel, txid, d.lastErr)
+	var errs []error
+	if d.lostAtGone != nil {
+		errs = append(errs, fmt.Errorf("%s: commits after TXID %s could not be captured before the file was deleted or renamed (%v): they are in no replica", d.rel, txid, d.lostAtGone))
+	}
+	if d.failing && d.status != statusGone {
+		errs = append(errs, fmt.Errorf("%s: commits after TXID %s could not be captured (%v): they are in the database file but in no replica until lfuse captures them at its next start", d.rel, txid, d.lastErr))
+	} else if d.failing {
+		errs = append(errs, fmt.Errorf("%s: %v", d.rel, d.lastErr))
+	}
+	return errors.Join(errs...)
 }
 
 // snapshotLocked writes the whole database to the log as a new snapshot.
@@ -681,6 +695,11 @@ func (d *DB) takeSnapshotLocked() error {
 	}
 	if errors.Is(err, walcapture.ErrEmptyDatabase) {
 		return nil // nothing to capture until something is committed
+	} else if errors.Is(err, walcapture.ErrNotDatabase) {
+		// Replaced by another kind of file: its history here ends, as if
+		// deleted. Not a failure to capture: there is nothing to capture.
+		d.gone("the file is no longer a SQLite database")
+		return nil
 	} else if err != nil {
 		return fmt.Errorf("snapshot: %w", err)
 	}
@@ -789,6 +808,11 @@ func (d *DB) shippedEverywhere() ltx.TXID {
 }
 
 func (d *DB) gone(why string) {
+	if d.failing && d.status != statusGone {
+		// What was failing was capture of a file no longer here.
+		d.lostAtGone = d.lastErr
+		d.failing, d.backoff, d.lastErr = false, 0, nil
+	}
 	if d.status != statusGone {
 		d.logger.Info("stopped capturing database", "reason", why)
 		if d.onGone != nil {

@@ -14,6 +14,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/lfuse/lfuse/backends/file"
 	_ "github.com/mattn/go-sqlite3"
 )
 
@@ -170,6 +171,21 @@ func TestManagerCaptureAndRestart(t *testing.T) {
 		t.Fatal("log after the re-snapshot does not rebuild the database")
 	}
 
+	// Cut to less than a header, then replaced by a file that is not a
+	// database, while lfuse was stopped: nothing to capture, and neither
+	// a failure nor a crash. (Found by an adversarial run: the start
+	// divided by zero, and a replaced database made every stop fail.)
+	for _, content := range []string{"short", strings.Repeat("not a database\n", 300)} {
+		if err := os.WriteFile(path, []byte(content), 0o644); err != nil {
+			t.Fatal(err)
+		}
+		os.Remove(path + "-wal")
+		m6, logs6 := newTestManager(t, data, state)
+		if err := m6.Close(); err != nil {
+			t.Fatalf("stop with a %d-byte non-database at a captured path: %v\n%s", len(content), err, logs6)
+		}
+	}
+
 	// Deleted while lfuse was stopped.
 	os.Remove(path)
 	m5, logs5 := newTestManager(t, data, state)
@@ -177,6 +193,31 @@ func TestManagerCaptureAndRestart(t *testing.T) {
 		t.Fatalf("deletion not noticed:\n%s", logs5)
 	}
 	m5.Close()
+}
+
+// A stop whose clean-stop marker cannot be written (a full state
+// directory) has still shipped everything: it succeeds, and the next start
+// verifies the database instead of trusting it. (Found by an adversarial
+// run: the stop exited 1 after "every captured transaction is in every
+// replica".)
+func TestStopWithoutCleanMarker(t *testing.T) {
+	rs := newReplicaSetup(t, ReplicaOptions{})
+	if _, err := rs.db.Exec("CREATE TABLE t(v); INSERT INTO t VALUES (1)"); err != nil {
+		t.Fatal(err)
+	}
+	rs.m.Opened("app.db-wal", true)
+	rs.m.SyncAll()
+	marker := rs.m.DB("app.db").statePath()
+	os.Remove(marker)
+	if err := os.MkdirAll(filepath.Join(marker, "in the way"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := rs.m.Close(); err != nil {
+		t.Fatalf("stop: %v", err)
+	}
+	if n := restoredRows(t, file.New(filepath.Join(rs.repl, "app.db")), Target{}); n != 1 {
+		t.Fatalf("restored %d rows, want 1", n)
+	}
 }
 
 // Files that are not databases cost nothing and are left alone.

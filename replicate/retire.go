@@ -146,6 +146,7 @@ func (m *Manager) retire(d *DB) bool {
 	}
 	d.retired = true
 	d.releasing.Store(true)
+	lost := d.lostAtGone
 	m.mu.Lock()
 	if m.dbs[d.rel] == d {
 		delete(m.dbs, d.rel)
@@ -168,6 +169,11 @@ func (m *Manager) retire(d *DB) bool {
 	}
 	if err != nil {
 		d.logger.Warn("released deleted database, but could not remove its state", "dir", aside, "err", err)
+		return true
+	}
+	if lost != nil {
+		d.logger.Error("released deleted database, but its last commits before it went could not be captured and are in no replica",
+			"txid", last.String(), "err", lost)
 		return true
 	}
 	d.logger.Info("released deleted database: every replica holds its last transaction", "txid", last.String())

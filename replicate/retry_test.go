@@ -1,6 +1,7 @@
 package replicate
 
 import (
+	"bytes"
 	"context"
 	"database/sql"
 	"errors"
@@ -396,13 +397,16 @@ func restoredRows(t *testing.T, c ReplicaClient, target Target) int {
 // A snapshot that fails reports why, and a stop does not wait out the
 // retry's backoff: it tries once more, so that commits made meanwhile
 // reach the replica, and if that fails too the stop says so rather than
-// report success. (Found by an adversarial run: the snapshot's own error
-// was dropped, "page checksum table disagrees ... want 0000000000000000"
+// report success, also when the database was renamed away meanwhile. A
+// database replaced by a file that is not one has nothing to capture: not
+// a failure. (Found by adversarial runs: the snapshot's own error was
+// dropped, "page checksum table disagrees ... want 0000000000000000"
 // logged in its place, and a stop within the backoff shipped nothing and
-// exited 0.)
+// exited 0; a rename while failing exited 0 too; a replaced database made
+// every stop exit 1.)
 func TestSnapshotFailureAtStop(t *testing.T) {
-	for _, healed := range []bool{true, false} {
-		t.Run(fmt.Sprintf("healed=%v", healed), func(t *testing.T) {
+	for _, how := range []string{"healed", "failing", "renamed", "not a database"} {
+		t.Run(how, func(t *testing.T) {
 			rs := newReplicaSetup(t, ReplicaOptions{SyncInterval: time.Hour, SnapshotInterval: time.Hour, CompactIntervals: []time.Duration{time.Hour}})
 			defer rs.m.Close()
 			if _, err := rs.db.Exec("CREATE TABLE t(v); INSERT INTO t VALUES (1)"); err != nil {
@@ -411,45 +415,62 @@ func TestSnapshotFailureAtStop(t *testing.T) {
 			rs.m.Opened("app.db-wal", true)
 			rs.m.SyncAll()
 			d := rs.m.DB("app.db")
-			f, err := os.OpenFile(rs.path, os.O_RDWR, 0)
-			if err != nil {
-				t.Fatal(err)
-			}
-			defer f.Close()
-			header := make([]byte, 16)
-			if _, err := f.ReadAt(header, 0); err != nil {
-				t.Fatal(err)
-			}
-			if _, err := f.WriteAt([]byte("not a database!!"), 0); err != nil {
-				t.Fatal(err)
+			injected := errors.New("injected snapshot failure")
+			snapshotFault = func() error { return injected }
+			defer func() { snapshotFault = nil }()
+			if how == "not a database" {
+				snapshotFault = nil
+				if err := os.WriteFile(rs.path, bytes.Repeat([]byte("not a database\n"), 300), 0o644); err != nil {
+					t.Fatal(err)
+				}
 			}
 			d.mu.Lock()
 			d.needSnapshot("test")
 			d.mu.Unlock()
 			rs.m.SyncAll()
-			if st := d.Stats(); st.Errors == 0 || st.Status != statusNeedSnapshot.String() {
-				t.Fatalf("after a snapshot of a damaged file: %+v", st)
-			}
-			if healed {
-				if _, err := f.WriteAt(header, 0); err != nil {
-					t.Fatal(err)
+			st := d.Stats()
+			if how == "not a database" {
+				if st.Errors != 0 || st.Status != statusGone.String() {
+					t.Fatalf("after a snapshot of a file that is not a database: %+v", st)
 				}
+			} else if st.Errors == 0 || st.Status != statusNeedSnapshot.String() {
+				t.Fatalf("after a failed snapshot: %+v", st)
+			}
+			switch how {
+			case "healed":
+				snapshotFault = nil
 				if _, err := rs.db.Exec("INSERT INTO t VALUES (2)"); err != nil {
 					t.Fatal(err)
 				}
+			case "renamed":
+				release := rs.m.BeforeRename("app.db", "other.db")
+				err := os.Rename(rs.path, filepath.Join(filepath.Dir(rs.path), "other.db"))
+				release(err == nil)
+				if err != nil {
+					t.Fatal(err)
+				}
 			}
-			err = rs.m.Close() // within the retry's backoff of a second
-			if !healed {
-				if err == nil || !strings.Contains(err.Error(), "app.db: commits after") || !strings.Contains(err.Error(), "not a SQLite database") {
+			err := rs.m.Close() // within the retry's backoff of a second
+			switch how {
+			case "failing":
+				if err == nil || !strings.Contains(err.Error(), "app.db: commits after") || !strings.Contains(err.Error(), injected.Error()) {
 					t.Fatalf("stop with a snapshot failing: %v", err)
 				}
-				return
-			}
-			if err != nil {
-				t.Fatal(err)
-			}
-			if n := restoredRows(t, file.New(filepath.Join(rs.repl, "app.db")), Target{}); n != 2 {
-				t.Fatalf("restored %d rows, want the 2 committed before the stop", n)
+			case "renamed":
+				if err == nil || !strings.Contains(err.Error(), "before the file was deleted or renamed") || !strings.Contains(err.Error(), injected.Error()) {
+					t.Fatalf("stop after a database whose snapshot failed was renamed: %v", err)
+				}
+			case "not a database":
+				if err != nil {
+					t.Fatalf("stop after a database was replaced by another file: %v", err)
+				}
+			case "healed":
+				if err != nil {
+					t.Fatal(err)
+				}
+				if n := restoredRows(t, file.New(filepath.Join(rs.repl, "app.db")), Target{}); n != 2 {
+					t.Fatalf("restored %d rows, want the 2 committed before the stop", n)
+				}
 			}
 		})
 	}

@@ -841,3 +841,19 @@ func TestEncodeTxnSpillsLargeIndex(t *testing.T) {
 		t.Fatalf("encode with an unusable spill directory: %v", err)
 	}
 }
+
+// A database file shorter than its header, with no log, has no page size
+// to read by: an error, not a division by zero. (Found by an adversarial
+// run: a captured database truncated to nothing crashed lfuse's start.)
+func TestDatabaseChecksumOfShortFile(t *testing.T) {
+	for _, n := range []int{0, 5, 99} {
+		db := bytes.NewReader(make([]byte, n))
+		if _, _, _, err := DatabaseChecksum(db, bytes.NewReader(nil), int64(n)); !errors.Is(err, ErrEmptyDatabase) {
+			t.Fatalf("%d bytes: %v, want ErrEmptyDatabase", n, err)
+		}
+	}
+	db := bytes.NewReader(bytes.Repeat([]byte("x"), 4096))
+	if _, _, _, err := DatabaseChecksum(db, bytes.NewReader(nil), 4096); !errors.Is(err, ErrNotDatabase) {
+		t.Fatalf("a file that is not a database: %v, want ErrNotDatabase", err)
+	}
+}

@@ -13,6 +13,10 @@ import (
 // is empty and its log holds no commit.
 var ErrEmptyDatabase = errors.New("database is empty")
 
+// ErrNotDatabase means the database file does not start with a SQLite
+// header (and no log holds its first page).
+var ErrNotDatabase = errors.New("not a SQLite database: bad header")
+
 // ErrLogRestarted means the log was restarted while Snapshot read it: the
 // frames it read from may be gone. Take the snapshot again.
 var ErrLogRestarted = errors.New("WAL restarted during the snapshot")
@@ -170,7 +174,7 @@ func (c *Capturer) scanFromStart(db, wal io.ReaderAt, dbSize int64) (map[uint32]
 			return nil, 0, 0, fmt.Errorf("read database header: %w", err)
 		}
 		if pageSize = DBHeaderPageSize(dbHdr[:]); pageSize == 0 {
-			return nil, 0, 0, errors.New("not a SQLite database: bad header")
+			return nil, 0, 0, ErrNotDatabase
 		}
 		commit = uint32(dbSize / int64(pageSize))
 	}
@@ -266,6 +270,10 @@ func DatabaseChecksum(db, wal io.ReaderAt, dbSize int64) (Pos, uint32, ltx.Check
 	pages, commit, pageSize, err := c.scanFromStart(db, wal, dbSize)
 	if err != nil {
 		return Pos{}, 0, 0, err
+	}
+	if commit == 0 {
+		// Shorter than a header with no log: no page size to read by.
+		return Pos{}, 0, 0, ErrEmptyDatabase
 	}
 	lock := LockPgno(pageSize)
 	buf := make([]byte, pageSize)
