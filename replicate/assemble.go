@@ -50,11 +50,15 @@ func (a *assembler) markWritten(pgno uint32) {
 // apply reads one LTX file and writes the pages of it that are still the
 // final content of the database, coalescing runs of adjacent pages into one
 // write. decodeLTX spreads the decoding and hashing over the cores.
-func (a *assembler) apply(ctx context.Context, r io.Reader, snapshot bool) error {
+func (a *assembler) apply(ctx context.Context, r io.Reader, f ltx.FileInfo, snapshot bool) error {
 	var hdr ltx.Header
 	start := func(h ltx.Header) error {
 		hdr = h
 		switch {
+		case hdr.MinTXID != f.MinTXID || hdr.MaxTXID != f.MaxTXID:
+			// Another file's content under this name (a copy, a bad
+			// sync) would restore another TXID's state as this one's.
+			return fmt.Errorf("it holds TXIDs %s-%s, not the %s-%s of its name", hdr.MinTXID, hdr.MaxTXID, f.MinTXID, f.MaxTXID)
 		case snapshot && !hdr.IsSnapshot():
 			return errors.New("the first file of a restore must be a snapshot")
 		case !snapshot && hdr.IsSnapshot():

@@ -85,29 +85,8 @@ func TestRestoreMatchesSequentialApply(t *testing.T) {
 // whichever replica file it was reading as corrupt. Nothing is left behind.
 func TestRestoreInterruptedIsNotCorruption(t *testing.T) {
 	dir := t.TempDir()
-	client := file.New(filepath.Join(dir, "replica"))
+	client, _ := fourFileReplica(t, dir)
 	bg := context.Background()
-	pages := map[uint32]byte{}
-	for p := uint32(1); p <= 40; p++ {
-		pages[p] = byte(p)
-	}
-	var files [][]byte
-	for id := ltx.TXID(1); id <= 4; id++ {
-		level := 0
-		if id == 1 {
-			level = SnapshotLevel
-		}
-		b := encodeTest(t, id, id, 40, pages)
-		files = append(files, b)
-		sum, err := ltx.ChecksumReader(bytes.NewReader(applyAll(t, files)), 512)
-		if err != nil {
-			t.Fatal(err)
-		}
-		meta := backends.FileMeta{PostApplyChecksum: ltx.ChecksumFlag | sum}
-		if err := client.WriteLTXFile(bg, level, id, id, bytes.NewReader(b), int64(len(b)), meta); err != nil {
-			t.Fatal(err)
-		}
-	}
 	if _, err := Restore(bg, client, mustPlan(t, client), filepath.Join(dir, "whole.db"), RestoreOptions{}); err != nil {
 		t.Fatalf("uninterrupted: %v", err)
 	}
@@ -121,6 +100,77 @@ func TestRestoreInterruptedIsNotCorruption(t *testing.T) {
 	}
 	if left, _ := filepath.Glob(filepath.Join(dir, "*")); len(left) != 1 {
 		t.Fatalf("left behind: %v", left)
+	}
+}
+
+// fourFileReplica writes a replica of a snapshot (TXID 1) and three
+// transactions, each rewriting every page with its TXID, and returns it
+// with each file's bytes and recorded checksum.
+func fourFileReplica(t *testing.T, dir string) (ReplicaClient, []replicaFile) {
+	t.Helper()
+	client := file.New(filepath.Join(dir, "replica"))
+	var files [][]byte
+	var out []replicaFile
+	for id := ltx.TXID(1); id <= 4; id++ {
+		level := 0
+		if id == 1 {
+			level = SnapshotLevel
+		}
+		pages := map[uint32]byte{}
+		for p := uint32(1); p <= 40; p++ {
+			pages[p] = byte(id)
+		}
+		b := encodeTest(t, id, id, 40, pages)
+		files = append(files, b)
+		sum, err := ltx.ChecksumReader(bytes.NewReader(applyAll(t, files)), 512)
+		if err != nil {
+			t.Fatal(err)
+		}
+		meta := backends.FileMeta{PostApplyChecksum: ltx.ChecksumFlag | sum}
+		if err := client.WriteLTXFile(context.Background(), level, id, id, bytes.NewReader(b), int64(len(b)), meta); err != nil {
+			t.Fatal(err)
+		}
+		out = append(out, replicaFile{b, meta})
+	}
+	return client, out
+}
+
+type replicaFile struct {
+	data []byte
+	meta backends.FileMeta
+}
+
+// A file whose content is another file's (a copy under the wrong name, with
+// its checksum) is refused, not restored as the TXID its name says; and the
+// old database's WAL goes before the restored file takes its place, or
+// nothing is written. (Found by an adversarial run: a copy of TXID 3 named
+// 4 restored TXID 3's state as 4's; an old WAL that could not be removed
+// was left beside the restored database, which SQLite replayed onto it.)
+func TestRestoreRefusesMisnamedFileAndStaleWAL(t *testing.T) {
+	ctx := context.Background()
+	dir := t.TempDir()
+	client, files := fourFileReplica(t, dir)
+	out := filepath.Join(dir, "restored.db")
+	if err := os.WriteFile(out, []byte("the old database"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.MkdirAll(filepath.Join(out+"-wal", "cannot be removed"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := Restore(ctx, client, mustPlan(t, client), out, RestoreOptions{}); err == nil || !strings.Contains(err.Error(), "remove stale") {
+		t.Fatalf("restore beside a WAL that cannot be removed: %v", err)
+	}
+	if got, _ := os.ReadFile(out); string(got) != "the old database" {
+		t.Fatal("the restored database was put in place beside the old WAL")
+	}
+	os.RemoveAll(out + "-wal")
+
+	third := files[2]
+	if err := client.WriteLTXFile(ctx, 0, 4, 4, bytes.NewReader(third.data), int64(len(third.data)), third.meta); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := Restore(ctx, client, mustPlan(t, client), out, RestoreOptions{}); err == nil || !strings.Contains(err.Error(), "holds TXIDs 0000000000000003-0000000000000003") {
+		t.Fatalf("restore of a file holding another's content: %v", err)
 	}
 }
 

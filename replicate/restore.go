@@ -411,7 +411,7 @@ func Restore(ctx context.Context, client ReplicaClient, plan Plan, output string
 				body, cr.n = m, int64(len(m.data)) // decodeLTX reads all of it or fails
 			}
 		}
-		err = asm.apply(ctx, body, k == n-1)
+		err = asm.apply(ctx, body, f, k == n-1)
 		if m != nil {
 			m.unmap()
 		}
@@ -459,13 +459,16 @@ func Restore(ctx context.Context, client ReplicaClient, plan Plan, output string
 	if err := out.Close(); err != nil {
 		return st, err
 	}
-	if err := os.Rename(out.Name(), output); err != nil {
-		return st, err
-	}
+	// The old database's WAL and shared memory go before the restored
+	// file takes its place: SQLite would replay an old WAL onto it, giving
+	// a state the replica never held.
 	for _, suffix := range []string{"-wal", "-shm"} {
 		if err := os.Remove(output + suffix); err != nil && !errors.Is(err, os.ErrNotExist) {
-			return st, fmt.Errorf("remove stale %s: %w", output+suffix, err)
+			return st, fmt.Errorf("remove stale %s before putting the restored database in place: %w", output+suffix, err)
 		}
+	}
+	if err := os.Rename(out.Name(), output); err != nil {
+		return st, err
 	}
 	if err := syncDir(dir); err != nil {
 		return st, err
