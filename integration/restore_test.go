@@ -106,6 +106,17 @@ func TestRestoreRefusals(t *testing.T) {
 	os.Remove(l0)
 	os.Rename(l0+".aside", l0)
 
+	// A history without its snapshot: an error even with
+	// -if-replica-exists, which would start the application on an empty
+	// database. (Found by an adversarial run: "no backup", and
+	// restore-if-missing mounted an empty directory without a word.)
+	l9 := filepath.Join(repl, "app.db", "ltx", "9")
+	os.Rename(l9, l9+".aside")
+	fail("no snapshot to apply them to", "-o", out, url)
+	fail("no snapshot to apply them to", "-o", out, "-if-replica-exists", url)
+	noOutput()
+	os.Rename(l9+".aside", l9)
+
 	// An output on a full filesystem: the restore says so at once, not
 	// after reading the whole replica, and leaves nothing behind.
 	full := filepath.Join(e.root, "full")

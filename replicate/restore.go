@@ -47,6 +47,12 @@ type Plan struct {
 // ErrNoBackup is returned when a replica holds nothing for a database.
 var ErrNoBackup = errors.New("the replica holds no backup of this database")
 
+// errNoReplicaSnapshot: the replica holds a history with no snapshot under it.
+// Not ErrNoBackup: restoring nothing there (-if-replica-exists,
+// restore-if-missing) would start the application on an empty database
+// while its history sits in the replica.
+var errNoReplicaSnapshot = errors.New("the replica holds transaction files but no snapshot to apply them to (were its level-9 files deleted?): nothing can be restored from it; restore from another replica, or remove this one's files to start afresh")
+
 // PlanRestore lists every level of the replica once and picks the files that
 // restore target.
 func PlanRestore(ctx context.Context, client ReplicaClient, target Target) (Plan, error) {
@@ -133,6 +139,11 @@ func PlanRestore(ctx context.Context, client ReplicaClient, target Target) (Plan
 func planFrom(levels *[SnapshotLevel + 1][]ltx.FileInfo, newest *ltx.FileInfo, target Target, plan Plan) (Plan, error) {
 	snaps := levels[SnapshotLevel]
 	if len(snaps) == 0 {
+		for _, files := range levels {
+			if len(files) > 0 {
+				return plan, errNoReplicaSnapshot
+			}
+		}
 		return plan, ErrNoBackup
 	}
 	within := func(f ltx.FileInfo) bool {
