@@ -74,6 +74,19 @@ func TestRestoreRefusals(t *testing.T) {
 	if again, _ := os.ReadFile(out); !bytes.Equal(again, first) {
 		t.Fatal("restore -force gave a different database")
 	}
+	// An empty file with no WAL beside it holds nothing to keep: it is
+	// restored over, also with -if-db-not-exists (as restore-if-missing
+	// runs). (Found by an adversarial run: it was kept, and the
+	// application's first write started a near-empty history.)
+	os.WriteFile(out, nil, 0o644)
+	ok("-o", out, "-if-db-not-exists", url)
+	if again, _ := os.ReadFile(out); !bytes.Equal(again, first) {
+		t.Fatal("an empty database file was not restored over")
+	}
+	os.WriteFile(out, nil, 0o644)
+	os.WriteFile(out+"-wal", []byte("frames"), 0o644)
+	fail("exists: use -force", "-o", out, url)
+	os.Remove(out + "-wal")
 	os.Remove(out)
 
 	// A gap: a level-0 file in the middle is missing and nothing else

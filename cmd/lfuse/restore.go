@@ -259,6 +259,16 @@ func restoreAll(ctx context.Context, logger *slog.Logger, stderr io.Writer, cfg 
 	return n, nil
 }
 
+// emptyDB reports whether the file at path, described by st, is an empty
+// database: zero bytes, with no WAL holding commits beside it.
+func emptyDB(path string, st os.FileInfo) bool {
+	if !st.Mode().IsRegular() || st.Size() != 0 {
+		return false
+	}
+	wal, err := os.Stat(path + "-wal")
+	return errors.Is(err, os.ErrNotExist) || err == nil && wal.Size() == 0
+}
+
 // restoreOne restores one database from the first of clients that holds a
 // backup of it. It reports whether it wrote output.
 func restoreOne(ctx context.Context, logger *slog.Logger, stderr io.Writer, clients []replicate.ReplicaClient, output string, target replicate.Target, f restoreFlags) (bool, error) {
@@ -271,7 +281,13 @@ func restoreOne(ctx context.Context, logger *slog.Logger, stderr io.Writer, clie
 	} else if !st.IsDir() {
 		return false, fmt.Errorf("output directory %s is not a directory", dir)
 	}
-	if st, err := os.Lstat(output); err == nil {
+	if st, err := os.Lstat(output); err == nil && emptyDB(output, st) {
+		// Nothing to keep (an application or a script touched the file
+		// before its data was restored): as if missing. Kept, it made
+		// restore-if-missing skip the database, and the application's
+		// first write start a near-empty history above the replica's.
+		logger.Info("database file is empty; restoring over it", "path", output)
+	} else if err == nil {
 		switch {
 		case f.ifDBNotExists:
 			logger.Info("database exists; not restoring", "path", output)
