@@ -204,6 +204,21 @@ func TestMountRestoresMissing(t *testing.T) {
 		t.Fatal("a refused restore changed the database")
 	}
 	lf.stop()
+
+	// Into a directory that already holds one of the databases: refused
+	// before any is written. (Found by an adversarial run: the databases
+	// listed before it were restored, then the restore stopped.)
+	partial := filepath.Join(e.root, "partial")
+	os.MkdirAll(filepath.Join(partial, "sub"), 0o755)
+	os.WriteFile(filepath.Join(partial, "sub", "other.db"), []byte("kept"), 0o644)
+	code, log = runLfuse(t, "restore", "-data", partial, "-replica", "file://"+repl)
+	if code == 0 || !strings.Contains(lastLine(log), "sub/other.db already in") {
+		t.Fatalf("restore -data over an existing database: exit %d\n%s", code, log)
+	}
+	if _, err := os.Stat(filepath.Join(partial, "app.db")); err == nil {
+		t.Fatal("a refused restore -data wrote app.db")
+	}
+
 	restoreLatest(t, e, repl, liveBytes(t, e))
 	if k := seqRows(t, filepath.Join(e.data, "app.db")); k != 80 {
 		t.Fatalf("%d rows after restore, mount and more writes", k)

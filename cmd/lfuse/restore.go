@@ -238,6 +238,20 @@ func restoreAll(ctx context.Context, logger *slog.Logger, stderr io.Writer, cfg 
 		}
 		return 0, errors.New("the replicas hold no database (use -if-replica-exists to make this not an error)")
 	}
+	// Every output is checked before any is written: one that exists
+	// used to stop the restore after the databases before it.
+	if !f.force && !f.ifDBNotExists {
+		var exist []string
+		for _, rel := range rels {
+			out := filepath.Join(dataDir, filepath.FromSlash(rel))
+			if st, err := os.Lstat(out); err == nil && !emptyDB(out, st) {
+				exist = append(exist, rel)
+			}
+		}
+		if len(exist) > 0 {
+			return 0, fmt.Errorf("%s already in %s: use -force to overwrite, or -if-db-not-exists to keep them", strings.Join(exist, ", "), dataDir)
+		}
+	}
 	n := 0
 	for _, rel := range rels {
 		var clients []replicate.ReplicaClient
