@@ -344,9 +344,9 @@ func (m *Mount) opened(rel string, created bool) {
 }
 
 // arrived watches the directory of a WAL that was opened, or that a rename
-// put at rel: an application may have it open and go on writing it there. (A WAL moved into a directory where none had been opened went
-// unwatched, and its commits reached the replica only at the next
-// checkpoint or stop.)
+// put at rel: an application may have it open and go on writing it there.
+// (A WAL moved into a directory where none had been opened went unwatched,
+// and its commits reached the replica only at the next checkpoint or stop.)
 func (m *Mount) arrived(rel string) {
 	if m.watch != nil && strings.HasSuffix(rel, "-wal") {
 		m.watch.watchDir(path.Dir(rel))

@@ -604,7 +604,7 @@ func (d *DB) snapshotLocked() error {
 	if !errors.Is(err, syscall.ENOSPC) && !errors.Is(err, syscall.EDQUOT) || d.log == nil {
 		return err
 	}
-	if len(d.log.dropKeptSnapshots()) == 0 {
+	if d.log.dropKeptSnapshots() == 0 {
 		return err
 	}
 	d.logger.Warn("disk full: dropping the local snapshots kept for a replica that is behind; its points in time before the newest are lost", "err", err)

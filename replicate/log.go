@@ -314,19 +314,19 @@ func (l *Log) prune(keepAfter, oldLast ltx.TXID) {
 }
 
 // dropKeptSnapshots removes the snapshots older than the newest, even
-// those a replica lacks, and returns their TXIDs.
-func (l *Log) dropKeptSnapshots() []ltx.TXID {
+// those a replica lacks, and says how many it removed.
+func (l *Log) dropKeptSnapshots() int {
 	snaps, _, err := l.files()
 	if err != nil {
-		return nil
+		return 0
 	}
-	var dropped []ltx.TXID
+	n := 0
 	for _, id := range snaps {
 		if id < l.snapshot && os.Remove(l.snapshotPath(id)) == nil {
-			dropped = append(dropped, id)
+			n++
 		}
 	}
-	return dropped
+	return n
 }
 
 // DropKept removes the snapshots and segments kept from before the newest

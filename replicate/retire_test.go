@@ -26,20 +26,14 @@ func TestDeletedDatabaseReleased(t *testing.T) {
 	var client *failingWrites
 	rs := newWrappedReplicaSetup(t, ReplicaOptions{SyncInterval: 10 * time.Millisecond},
 		func(c ReplicaClient) ReplicaClient { client = &failingWrites{ReplicaClient: c}; return client })
-	exec := func(db *sql.DB, q string) {
-		t.Helper()
-		if _, err := db.Exec(q); err != nil {
-			t.Fatalf("%s: %v", q, err)
-		}
-	}
-	exec(rs.db, "CREATE TABLE t(v)")
+	execSQL(t, rs.db, "CREATE TABLE t(v)")
 	rs.m.Opened("app.db-wal", true)
 	for i := 0; i < 5; i++ {
-		exec(rs.db, "INSERT INTO t VALUES (randomblob(300))")
+		execSQL(t, rs.db, "INSERT INTO t VALUES (randomblob(300))")
 	}
 	rs.m.SyncAll()
 	client.down.Store(true)
-	exec(rs.db, "INSERT INTO t VALUES ('last before the delete')")
+	execSQL(t, rs.db, "INSERT INTO t VALUES ('last before the delete')")
 	checkpoint(t, rs.m, rs.db, "TRUNCATE")
 	rs.db.Close()
 	before, err := os.ReadFile(rs.path)
@@ -98,9 +92,9 @@ func TestDeletedDatabaseReleased(t *testing.T) {
 	}
 	defer db.Close()
 	db.SetMaxOpenConns(1)
-	exec(db, "CREATE TABLE u(w)")
+	execSQL(t, db, "CREATE TABLE u(w)")
 	rs.m.Opened("app.db-wal", true)
-	exec(db, "INSERT INTO u VALUES ('new')")
+	execSQL(t, db, "INSERT INTO u VALUES ('new')")
 	rs.m.SyncAll()
 	d := rs.m.DB("app.db")
 	if d == nil {
@@ -313,12 +307,6 @@ func TestRecreatedThenDeletedBeforeListing(t *testing.T) {
 	var client *unreachableList
 	rs := newWrappedReplicaSetup(t, ReplicaOptions{SyncInterval: 10 * time.Millisecond},
 		func(c ReplicaClient) ReplicaClient { client = &unreachableList{ReplicaClient: c}; return client })
-	exec := func(db *sql.DB, q string) {
-		t.Helper()
-		if _, err := db.Exec(q); err != nil {
-			t.Fatalf("%s: %v", q, err)
-		}
-	}
 	del := func() { deleteDB(rs.m, filepath.Dir(rs.path)) }
 	waitReleased := func() {
 		t.Helper()
@@ -328,10 +316,10 @@ func TestRecreatedThenDeletedBeforeListing(t *testing.T) {
 			}
 		}
 	}
-	exec(rs.db, "CREATE TABLE t(v)")
+	execSQL(t, rs.db, "CREATE TABLE t(v)")
 	rs.m.Opened("app.db-wal", true)
 	for i := 0; i < 12; i++ {
-		exec(rs.db, "INSERT INTO t VALUES ('first')")
+		execSQL(t, rs.db, "INSERT INTO t VALUES ('first')")
 		rs.m.SyncAll()
 	}
 	rs.db.Close()
@@ -344,9 +332,9 @@ func TestRecreatedThenDeletedBeforeListing(t *testing.T) {
 		t.Fatal(err)
 	}
 	db.SetMaxOpenConns(1)
-	exec(db, "CREATE TABLE u(w)")
+	execSQL(t, db, "CREATE TABLE u(w)")
 	rs.m.Opened("app.db-wal", true)
-	exec(db, "INSERT INTO u VALUES ('second')")
+	execSQL(t, db, "INSERT INTO u VALUES ('second')")
 	rs.m.SyncAll()
 	checkpoint(t, rs.m, db, "TRUNCATE")
 	db.Close()
@@ -369,5 +357,13 @@ func TestRecreatedThenDeletedBeforeListing(t *testing.T) {
 	rs.m.ShutdownTimeout = time.Second
 	if err := rs.m.Close(); err != nil {
 		t.Fatal(err)
+	}
+}
+
+// execSQL runs q on db or fails the test.
+func execSQL(t *testing.T, db *sql.DB, q string) {
+	t.Helper()
+	if _, err := db.Exec(q); err != nil {
+		t.Fatalf("%s: %v", q, err)
 	}
 }

@@ -110,21 +110,15 @@ func forkedHistory(t *testing.T, commits func(m *Manager, db *sql.DB, held ltx.T
 	t.Helper()
 	opts := ReplicaOptions{SyncInterval: time.Hour, SnapshotInterval: time.Hour, CompactIntervals: []time.Duration{time.Hour}}
 	rs := newReplicaSetup(t, opts)
-	exec := func(db *sql.DB, q string) {
-		t.Helper()
-		if _, err := db.Exec(q); err != nil {
-			t.Fatalf("%s: %v", q, err)
-		}
-	}
-	exec(rs.db, "CREATE TABLE t(v)")
-	exec(rs.db, "PRAGMA wal_checkpoint(TRUNCATE)")
+	execSQL(t, rs.db, "CREATE TABLE t(v)")
+	execSQL(t, rs.db, "PRAGMA wal_checkpoint(TRUNCATE)")
 	old, err := os.ReadFile(rs.path)
 	if err != nil {
 		t.Fatal(err)
 	}
 	rs.m.Opened("app.db-wal", true)
 	for i := 0; i < 10; i++ {
-		exec(rs.db, "INSERT INTO t VALUES (randomblob(100))")
+		execSQL(t, rs.db, "INSERT INTO t VALUES (randomblob(100))")
 		rs.m.SyncAll()
 	}
 	rs.db.Close()
@@ -150,7 +144,7 @@ func forkedHistory(t *testing.T, commits func(m *Manager, db *sql.DB, held ltx.T
 		t.Fatal(err)
 	}
 	db.SetMaxOpenConns(1)
-	exec(db, "PRAGMA wal_autocheckpoint=0")
+	execSQL(t, db, "PRAGMA wal_autocheckpoint=0")
 	m.Opened("app.db-wal", true)
 	m.SyncAll()
 	commits(m, db, held)
