@@ -2,6 +2,7 @@ package integration
 
 import (
 	"bytes"
+	"errors"
 	"fmt"
 	"os"
 	"path/filepath"
@@ -69,7 +70,19 @@ func TestRestoreRefusals(t *testing.T) {
 	ok("-o", out, url)
 	first, _ := os.ReadFile(out)
 	fail("exists: use -force", "-o", out, url)
-	ok("-o", out, "-if-db-not-exists", url)
+	// What a restore killed with SIGKILL left goes at the next restore
+	// beside it, even one that restores nothing.
+	killed := filepath.Join(e.root, ".lfuse-restore-123")
+	os.Mkdir(killed, 0o700)
+	os.WriteFile(filepath.Join(killed, "db"), first, 0o600)
+	long := time.Now().Add(-time.Hour)
+	os.Chtimes(killed, long, long)
+	if log := ok("-o", out, "-if-db-not-exists", url); !strings.Contains(log, "removed what an interrupted restore left behind") {
+		t.Fatalf("-if-db-not-exists beside a killed restore's directory said:\n%s", log)
+	}
+	if _, err := os.Stat(killed); !errors.Is(err, os.ErrNotExist) {
+		t.Fatalf("a killed restore's directory is still there: %v", err)
+	}
 	ok("-o", out, "-force", url)
 	if again, _ := os.ReadFile(out); !bytes.Equal(again, first) {
 		t.Fatal("restore -force gave a different database")

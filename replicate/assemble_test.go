@@ -4,11 +4,13 @@ import (
 	"bytes"
 	"context"
 	"errors"
+	"log/slog"
 	"math/rand"
 	"os"
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/lfuse/lfuse/backends"
 	"github.com/lfuse/lfuse/backends/file"
@@ -181,4 +183,52 @@ func mustPlan(t *testing.T, client ReplicaClient) Plan {
 		t.Fatal(err)
 	}
 	return plan
+}
+
+// A restore killed with SIGKILL leaves its directory, up to a whole
+// database; the next restore beside it removes it, but not the directory
+// of a restore still running (it holds the lock) nor one just created.
+func TestRestoreSweepsLeftovers(t *testing.T) {
+	dir := t.TempDir()
+	client, _ := fourFileReplica(t, dir)
+	old := time.Now().Add(-2 * leftoverMinAge)
+	mk := func(name string, mtime time.Time) string {
+		p := filepath.Join(dir, name)
+		if err := os.MkdirAll(p, 0o700); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.WriteFile(filepath.Join(p, "db"), make([]byte, 4096), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.Chtimes(p, mtime, mtime); err != nil {
+			t.Fatal(err)
+		}
+		return p
+	}
+	killed := mk(".lfuse-restore-111", old)
+	running := mk(".lfuse-restore-222", old)
+	young := mk(".lfuse-restore-333", time.Now())
+	other := mk(".lfuse-restored-by-hand", old)
+	lock := lockRestoreDir(running)
+	if lock == nil {
+		t.Skip("no flock on this filesystem")
+	}
+	defer lock.Close()
+
+	var logs bytes.Buffer
+	logger := slog.New(slog.NewTextHandler(&logs, nil))
+	if _, err := Restore(context.Background(), client, mustPlan(t, client), filepath.Join(dir, "restored.db"), RestoreOptions{Logger: logger}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := os.Stat(killed); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("a killed restore's directory is still there: %v", err)
+	}
+	for _, p := range []string{running, young, other} {
+		if _, err := os.Stat(filepath.Join(p, "db")); err != nil {
+			t.Errorf("%s was removed: %v", filepath.Base(p), err)
+		}
+	}
+	if !strings.Contains(logs.String(), "removed what an interrupted restore left behind") || !strings.Contains(logs.String(), "bytes=4096") {
+		t.Errorf("the removal was not logged:\n%s", logs.String())
+	}
 }

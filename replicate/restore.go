@@ -313,11 +313,22 @@ func Restore(ctx context.Context, client ReplicaClient, plan Plan, output string
 	}
 
 	dir := filepath.Dir(output)
-	tmpDir, err := os.MkdirTemp(dir, ".lfuse-restore-*")
+	logger := opts.Logger
+	if logger == nil {
+		logger = slog.Default()
+	}
+	SweepLeftovers(dir, logger)
+	tmpDir, err := os.MkdirTemp(dir, restoreTempPattern)
 	if err != nil {
 		return st, err
 	}
-	defer os.RemoveAll(tmpDir)
+	lock := lockRestoreDir(tmpDir) // tells a later restore's sweep that this one runs
+	defer func() {
+		os.RemoveAll(tmpDir)
+		if lock != nil {
+			lock.Close()
+		}
+	}()
 	out, err := os.Create(filepath.Join(tmpDir, "db"))
 	if err != nil {
 		return st, err

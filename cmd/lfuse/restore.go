@@ -295,6 +295,9 @@ func restoreOne(ctx context.Context, logger *slog.Logger, stderr io.Writer, clie
 	} else if !st.IsDir() {
 		return false, fmt.Errorf("output directory %s is not a directory", dir)
 	}
+	// Also where nothing is restored: a directory that a killed
+	// restore-if-missing left in the data directory would stay there.
+	replicate.SweepLeftovers(dir, logger)
 	if st, err := os.Lstat(output); err == nil && emptyDB(output, st) {
 		// Nothing to keep (an application or a script touched the file
 		// before its data was restored): as if missing. Kept, it made
