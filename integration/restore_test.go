@@ -1,10 +1,12 @@
 package integration
 
 import (
+	"bufio"
 	"bytes"
 	"errors"
 	"fmt"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
 	"syscall"
@@ -83,6 +85,37 @@ func TestRestoreRefusals(t *testing.T) {
 	if _, err := os.Stat(killed); !errors.Is(err, os.ErrNotExist) {
 		t.Fatalf("a killed restore's directory is still there: %v", err)
 	}
+	// Not over a database an application has open: it would go on
+	// writing to the replaced file. Seen by its -shm lock in WAL mode, by
+	// the database file's locks in exclusive locking mode.
+	held := filepath.Join(e.root, "held")
+	os.Mkdir(held, 0o755)
+	heldDB := filepath.Join(held, "app.db")
+	os.WriteFile(heldDB, first, 0o644)
+	for _, pragma := range []string{"", "PRAGMA locking_mode=EXCLUSIVE;"} {
+		app := exec.Command("sqlite3", heldDB)
+		in, _ := app.StdinPipe()
+		stdout, _ := app.StdoutPipe()
+		if err := app.Start(); err != nil {
+			t.Fatal(err)
+		}
+		fmt.Fprintf(in, "%s select count(*) > 0 from sqlite_master;\n", pragma)
+		r := bufio.NewReader(stdout)
+		for line := ""; strings.TrimSpace(line) != "1"; { // after the pragma's own output
+			var err error
+			if line, err = r.ReadString('\n'); err != nil {
+				t.Fatalf("sqlite3 %q: %v", pragma, err)
+			}
+		}
+		fail(fmt.Sprintf("is open by process %d (sqlite3): stop the application", app.Process.Pid), "-o", heldDB, "-force", url)
+		fail(fmt.Sprintf("is open by process %d", app.Process.Pid), "-data", held, "-replica", "file://"+repl, "-force")
+		if m, _ := filepath.Glob(filepath.Join(held, ".lfuse-restore-*")); len(m) > 0 {
+			t.Fatalf("a refused restore left %v", m)
+		}
+		in.Close()
+		app.Wait()
+	}
+	ok("-o", heldDB, "-force", url)
 	ok("-o", out, "-force", url)
 	if again, _ := os.ReadFile(out); !bytes.Equal(again, first) {
 		t.Fatal("restore -force gave a different database")

@@ -252,6 +252,13 @@ func restoreAll(ctx context.Context, logger *slog.Logger, stderr io.Writer, cfg 
 			return 0, fmt.Errorf("%s already in %s: use -force to overwrite, or -if-db-not-exists to keep them", strings.Join(exist, ", "), dataDir)
 		}
 	}
+	if f.force {
+		for _, rel := range rels {
+			if err := inUse(filepath.Join(dataDir, filepath.FromSlash(rel))); err != nil {
+				return 0, err
+			}
+		}
+	}
 	n := 0
 	for _, rel := range rels {
 		var clients []replicate.ReplicaClient
@@ -319,6 +326,9 @@ func restoreOne(ctx context.Context, logger *slog.Logger, stderr io.Writer, clie
 	}
 	if err := unix.Access(dir, unix.W_OK); err != nil {
 		return false, fmt.Errorf("output directory %s is not writable: %w", dir, err)
+	}
+	if err := inUse(output); err != nil {
+		return false, err
 	}
 	var errs []error
 	for _, client := range clients {
@@ -408,4 +418,47 @@ func (m *multiFlag) Set(v string) error { *m = append(*m, v); return nil }
 // the data directory once joined to it: relative, no "..", no NUL.
 func localDBPath(rel string) bool {
 	return rel != "" && !strings.ContainsRune(rel, 0) && filepath.IsLocal(filepath.FromSlash(rel)) && !strings.Contains(rel, "\\")
+}
+
+// inUse refuses a restore over a database that a process has open: its
+// application would go on writing to the replaced file (and to its WAL,
+// which the restore removes) while every later reader sees the restored
+// one. A connection in WAL mode holds a read lock on the -shm's DMS byte
+// and a shared lock on the database file for as long as it is open; one in
+// exclusive locking mode holds the database file's lock bytes. A
+// rollback-mode connection between transactions holds nothing, and cannot
+// be seen.
+func inUse(path string) error {
+	probe := func(name string, start, length int64) (int32, bool) {
+		f, err := os.Open(name)
+		if err != nil {
+			return 0, false
+		}
+		defer f.Close()
+		lk := unix.Flock_t{Type: unix.F_WRLCK, Whence: io.SeekStart, Start: start, Len: length}
+		if err := unix.FcntlFlock(f.Fd(), unix.F_GETLK, &lk); err != nil || lk.Type == unix.F_UNLCK {
+			return 0, false
+		}
+		return lk.Pid, true
+	}
+	const (
+		shmDMS      = 128        // the byte after the WAL index's eight locks
+		pendingByte = 0x40000000 // the first of SQLite's lock bytes in a database file
+		lockBytes   = 512
+	)
+	pid, open := probe(path+"-shm", shmDMS, 1)
+	if !open {
+		pid, open = probe(path, pendingByte, lockBytes)
+	}
+	if !open {
+		return nil
+	}
+	who := "another process"
+	if pid > 0 {
+		who = fmt.Sprintf("process %d", pid)
+		if comm, err := os.ReadFile(fmt.Sprintf("/proc/%d/comm", pid)); err == nil {
+			who += " (" + strings.TrimSpace(string(comm)) + ")"
+		}
+	}
+	return fmt.Errorf("%s is open by %s: stop the application before restoring over it", path, who)
 }
