@@ -218,6 +218,12 @@ func (d *DB) hold(checkpoint bool) (release func()) {
 	if d.status == statusTracking && d.log != nil {
 		if err := d.captureLocked(); err != nil {
 			d.needSnapshot(fmt.Sprintf("capture failed before frames could be overwritten: %v", err))
+			if !errors.Is(err, walcapture.ErrDiverged) {
+				// A failure, not a new history: if the file goes before
+				// a snapshot succeeds, the stop must say these commits
+				// reached no replica (gone sets lostAtGone).
+				d.fail(err)
+			}
 		}
 	}
 	if waited := time.Since(start); waited > 100*time.Millisecond {
@@ -294,6 +300,11 @@ func (d *DB) captureLocked() error { return d.capturePass(true) }
 // commit for an application doing tens of thousands of them a second. At
 // ordinary rates a pass finds one commit, so a record is one commit.
 func (d *DB) capturePass(strict bool) error {
+	if captureFault != nil {
+		if err := captureFault(); err != nil {
+			return err
+		}
+	}
 	var wal io.ReaderAt = emptyReader{}
 	f, err := os.Open(d.path + "-wal")
 	if errors.Is(err, os.ErrNotExist) {
@@ -616,8 +627,9 @@ func (d *DB) snapshotLocked() error {
 	return nil
 }
 
-// snapshotFault, if set (by tests), fails a snapshot before it starts.
-var snapshotFault func() error
+// snapshotFault and captureFault, if set (by tests), fail a snapshot or a
+// capture pass before it starts.
+var snapshotFault, captureFault func() error
 
 // takeSnapshotLocked is snapshotLocked, once.
 func (d *DB) takeSnapshotLocked() error {

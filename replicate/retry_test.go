@@ -470,6 +470,49 @@ func TestSnapshotFailureAtStop(t *testing.T) {
 	}
 }
 
+// A capture that fails inside a hold lets the operation destroy the frames
+// it could not capture. If the database is then deleted before a snapshot
+// succeeds, those commits reached no replica: the stop must say so and
+// exit 1. (It said every captured transaction was in every replica: the
+// hold only marked the database as needing a snapshot, which deletion
+// ended without a word.)
+func TestHoldFailureThenDeleted(t *testing.T) {
+	rs := newReplicaSetup(t, ReplicaOptions{SyncInterval: time.Hour, SnapshotInterval: time.Hour, CompactIntervals: []time.Duration{time.Hour}})
+	defer rs.m.Close()
+	if _, err := rs.db.Exec("CREATE TABLE t(v); INSERT INTO t VALUES (1)"); err != nil {
+		t.Fatal(err)
+	}
+	rs.m.Opened("app.db-wal", true)
+	rs.m.SyncAll()
+	d := rs.m.DB("app.db")
+	if _, err := rs.db.Exec("INSERT INTO t VALUES (2)"); err != nil {
+		t.Fatal(err)
+	}
+	injected := errors.New("injected capture failure")
+	setFault := func(f func() error) { // under d.mu, which every capture holds
+		d.mu.Lock()
+		captureFault = f
+		d.mu.Unlock()
+	}
+	setFault(func() error { return injected })
+	release := rs.m.BeforeTruncate("app.db-wal")
+	release(true)
+	setFault(nil)
+	if st := d.Stats(); st.Errors == 0 || st.Status != statusNeedSnapshot.String() {
+		t.Fatalf("after a capture failed in a hold: %+v", st)
+	}
+	rs.db.Close()
+	release = rs.m.BeforeUnlink("app.db")
+	if err := os.Remove(rs.path); err != nil {
+		t.Fatal(err)
+	}
+	release(true)
+	err := rs.m.Close()
+	if err == nil || !strings.Contains(err.Error(), "app.db: commits after TXID") || !strings.Contains(err.Error(), "could not be captured before the file was deleted") || !strings.Contains(err.Error(), injected.Error()) {
+		t.Fatalf("stop after a database whose capture failed in a hold was deleted: %v", err)
+	}
+}
+
 // Several local snapshots during one outage of a replica (a lfuse
 // restarted again and again without being able to prove continuity does
 // this): the log keeps the older ones, and the replica gets each, after
