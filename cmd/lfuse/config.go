@@ -77,7 +77,10 @@ type DatabaseConfig struct {
 }
 
 // Duration is a time.Duration written as "1s", "5m", "24h" in the file.
-type Duration struct{ time.Duration }
+type Duration struct {
+	time.Duration
+	set bool // written in the file, so "0s" is told from a key left out
+}
 
 func (d *Duration) UnmarshalText(b []byte) error {
 	v, err := time.ParseDuration(string(b))
@@ -87,7 +90,7 @@ func (d *Duration) UnmarshalText(b []byte) error {
 	if v < 0 {
 		return fmt.Errorf("bad duration %q: must not be negative", b)
 	}
-	d.Duration = v
+	d.Duration, d.set = v, true
 	return nil
 }
 
@@ -334,6 +337,29 @@ func (r ReplicaConfig) validate(db string) error {
 	}
 	if len(r.CompactIntervals) > 8 {
 		return fmt.Errorf("%s %s: at most 8 compaction levels", where, redact(r.URL))
+	}
+	// Zero used to mean the default, silently: retention = "0s" written
+	// to keep every backup kept 24 hours of them.
+	for _, d := range []struct {
+		key   string
+		value Duration
+		def   time.Duration
+	}{
+		{"sync-interval", r.SyncInterval, replicate.DefaultSyncInterval},
+		{"snapshot-interval", r.SnapshotInterval, replicate.DefaultSnapshotInterval},
+		{"retention", r.Retention, replicate.DefaultRetention},
+	} {
+		if d.value.set && d.value.Duration == 0 {
+			return fmt.Errorf("%s %s: %s is zero: it must be more than zero (leave the key out for the default, %s)", where, redact(r.URL), d.key, d.def)
+		}
+	}
+	for i, d := range r.CompactIntervals {
+		if d.Duration == 0 {
+			return fmt.Errorf("%s %s: compact-intervals: level %d is zero: each must be more than zero (an empty list turns compaction off)", where, redact(r.URL), i+1)
+		}
+		if i > 0 && d.Duration <= r.CompactIntervals[i-1].Duration {
+			return fmt.Errorf("%s %s: compact-intervals: level %d (%s) must be longer than level %d (%s): each level merges the files of the one below", where, redact(r.URL), i+1, d.Duration, i, r.CompactIntervals[i-1].Duration)
+		}
 	}
 	return nil
 }

@@ -137,6 +137,36 @@ func TestValidate(t *testing.T) {
 	}
 }
 
+// A replica's duration written as zero, or compaction levels out of order,
+// are refused: zero used to mean the default, so retention = "0s" kept a
+// day of backups rather than all of them.
+func TestReplicaDurations(t *testing.T) {
+	dir := t.TempDir()
+	for _, c := range []struct{ text, err string }{
+		{`retention = "0h"`, `retention is zero: it must be more than zero (leave the key out for the default, 24h0m0s)`},
+		{`sync-interval = "0s"`, `sync-interval is zero`},
+		{`snapshot-interval = "0m"`, `snapshot-interval is zero`},
+		{`compact-intervals = ["30s", "0s"]`, `compact-intervals: level 2 is zero`},
+		{`compact-intervals = ["5m", "30s"]`, `level 2 (30s) must be longer than level 1 (5m0s)`},
+		{`compact-intervals = ["1m", "1m"]`, `level 2 (1m0s) must be longer than level 1 (1m0s)`},
+		{`compact-intervals = []`, ``},
+		{`retention = "1h"` + "\n" + `sync-interval = "10ms"`, ``},
+		{``, ``},
+	} {
+		path := filepath.Join(dir, "c.toml")
+		if err := os.WriteFile(path, []byte("[[replicas]]\nurl = \"/r\"\n"+c.text+"\n"), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		cfg, err := loadConfig(path, false)
+		if err == nil {
+			err = cfg.validate()
+		}
+		if c.err == "" && err != nil || c.err != "" && (err == nil || !strings.Contains(err.Error(), c.err)) {
+			t.Errorf("%s: %v, want %q", c.text, err, c.err)
+		}
+	}
+}
+
 func TestCommandLine(t *testing.T) {
 	var out, errOut bytes.Buffer
 	if code := run([]string{"frobnicate"}, &out, &errOut); code != 2 || !strings.Contains(errOut.String(), `unknown command "frobnicate"`) {
