@@ -12,6 +12,7 @@ import (
 	"sync"
 	"time"
 
+	"golang.org/x/sync/errgroup"
 	"golang.org/x/sys/unix"
 
 	"github.com/lfuse/lfuse/backends"
@@ -59,16 +60,24 @@ func PlanRestore(ctx context.Context, client ReplicaClient, target Target) (Plan
 	client = withTimeouts(client)
 	start := time.Now()
 	var levels [SnapshotLevel + 1][]ltx.FileInfo
+	// The levels are listed at once: one after another cost ten round
+	// trips to a cloud store before the first download could start.
+	g, gctx := errgroup.WithContext(ctx)
+	for level := range levels {
+		g.Go(func() error {
+			files, err := client.LTXFiles(gctx, level)
+			levels[level] = files
+			return err // the backends' errors say what they were listing
+		})
+	}
+	if err := g.Wait(); err != nil {
+		return Plan{}, err
+	}
 	var newest *ltx.FileInfo
 	for level := range levels {
-		files, err := client.LTXFiles(ctx, level)
-		if err != nil {
-			return Plan{}, err // the backends' errors say what they were listing
-		}
-		levels[level] = files
-		for i := range files {
-			if newest == nil || files[i].MaxTXID > newest.MaxTXID {
-				newest = &files[i]
+		for i := range levels[level] {
+			if f := &levels[level][i]; newest == nil || f.MaxTXID > newest.MaxTXID {
+				newest = f
 			}
 		}
 	}
