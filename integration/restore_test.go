@@ -270,3 +270,54 @@ func TestMountRestoresMissing(t *testing.T) {
 		t.Fatalf("%d rows after restore, mount and more writes", k)
 	}
 }
+
+// restore -data brings back many databases at once (several at a time);
+// each is the database that was lost, and one that cannot be restored
+// fails the command, naming it.
+func TestRestoreManyDatabases(t *testing.T) {
+	e := newEnv(t)
+	cfgPath, repl := e.replicaConfig("")
+	os.WriteFile(cfgPath, []byte(fmt.Sprintf("[[replicas]]\nurl = %q\nsync-interval = \"50ms\"\n", "file://"+repl)), 0o644)
+	lf := e.mount("-config", cfgPath)
+	var rels []string
+	for i := range 12 {
+		rel := fmt.Sprintf("tenant-%d/db-%d.db", i%3, i)
+		os.MkdirAll(e.path(filepath.Dir(rel)), 0o755)
+		createSeq(t, e.path(rel))
+		seqWrite(t, e.path(rel), 1, 5+i)
+		checkpointTruncate(t, e.path(rel))
+		rels = append(rels, rel)
+	}
+	lf.stop()
+
+	out := filepath.Join(e.root, "restored")
+	code, log := runLfuse(t, "restore", "-data", out, "-replica", "file://"+repl)
+	if code != 0 {
+		t.Fatalf("restore -data: exit %d\n%s", code, log)
+	}
+	if n := strings.Count(log, `msg=restored `); n != len(rels) {
+		t.Fatalf("%d databases restored, want %d:\n%s", n, len(rels), log)
+	}
+	for _, rel := range rels {
+		want, _ := os.ReadFile(filepath.Join(e.data, filepath.FromSlash(rel)))
+		got, err := os.ReadFile(filepath.Join(out, filepath.FromSlash(rel)))
+		if err != nil || !bytes.Equal(got, want) {
+			t.Fatalf("%s restored differs from the live database (%v)", rel, err)
+		}
+	}
+
+	snaps, _ := filepath.Glob(filepath.Join(repl, "tenant-1", "db-7.db", "ltx", "9", "*.ltx"))
+	if len(snaps) == 0 {
+		t.Fatal("no snapshot of tenant-1/db-7.db")
+	}
+	b, _ := os.ReadFile(snaps[0])
+	b[len(b)/2] ^= 0x55
+	os.WriteFile(snaps[0], b, 0o644)
+	code, log = runLfuse(t, "restore", "-data", filepath.Join(e.root, "again"), "-replica", "file://"+repl)
+	if code == 0 || !strings.Contains(lastLine(log), "tenant-1/db-7.db: ") || !strings.Contains(lastLine(log), filepath.Base(snaps[0])) {
+		t.Fatalf("restore -data with a corrupt snapshot: exit %d\n%s", code, log)
+	}
+	if _, err := os.Stat(filepath.Join(e.root, "again", "tenant-1", "db-7.db")); err == nil {
+		t.Fatal("the database with a corrupt snapshot was written")
+	}
+}

@@ -12,10 +12,12 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+	"sync/atomic"
 	"syscall"
 	"time"
 
 	"github.com/superfly/ltx"
+	"golang.org/x/sync/errgroup"
 	"golang.org/x/sys/unix"
 
 	"github.com/lfuse/lfuse/replicate"
@@ -29,6 +31,7 @@ type restoreFlags struct {
 	ifDBNotExists   bool
 	parallelism     int
 	force           bool
+	noProgress      bool
 }
 
 func runRestore(args []string, stdout, stderr io.Writer) error {
@@ -259,26 +262,43 @@ func restoreAll(ctx context.Context, logger *slog.Logger, stderr io.Writer, cfg 
 			}
 		}
 	}
-	n := 0
+	// Databases are restored dbsAtOnce at a time: a small one costs a few
+	// round trips to the store and little else, so a mount of many
+	// tenants' databases came back at a few round trips per database.
+	// The first failure stops the others.
+	if len(rels) > 1 {
+		f.noProgress = true // one bar per database would be drawn over each other
+	}
+	var n atomic.Int64
+	g, gctx := errgroup.WithContext(ctx)
+	g.SetLimit(dbsAtOnce)
 	for _, rel := range rels {
 		var clients []replicate.ReplicaClient
 		for _, t := range replicaTargets(cfg, rel) {
 			clients = append(clients, t.client)
 		}
 		out := filepath.Join(dataDir, filepath.FromSlash(rel))
-		if err := os.MkdirAll(filepath.Dir(out), 0o755); err != nil {
-			return n, err
-		}
-		ok, err := restoreOne(ctx, logger.With("db", rel), stderr, clients, out, target, f)
-		if err != nil {
-			return n, fmt.Errorf("%s: %w", rel, err)
-		}
-		if ok {
-			n++
-		}
+		g.Go(func() error {
+			if err := os.MkdirAll(filepath.Dir(out), 0o755); err != nil {
+				return err
+			}
+			ok, err := restoreOne(gctx, logger.With("db", rel), stderr, clients, out, target, f)
+			if err != nil {
+				return fmt.Errorf("%s: %w", rel, err)
+			}
+			if ok {
+				n.Add(1)
+			}
+			return nil
+		})
 	}
-	return n, nil
+	err = g.Wait()
+	return int(n.Load()), err
 }
+
+// dbsAtOnce is how many databases restoreAll restores at the same time,
+// each with its own -parallelism downloads.
+const dbsAtOnce = 4
 
 // emptyDB reports whether the file at path, described by st, is an empty
 // database: zero bytes, with no WAL holding commits beside it.
@@ -343,7 +363,7 @@ func restoreOne(ctx context.Context, logger *slog.Logger, stderr io.Writer, clie
 			"committed", plan.Timestamp.Format(time.RFC3339Nano), "files", len(plan.Files), "bytes", plan.Bytes,
 			"list_seconds", plan.ListTime.Seconds())
 		opts := replicate.RestoreOptions{Parallelism: f.parallelism, Logger: logger}
-		if isTerminal(stderr) {
+		if isTerminal(stderr) && !f.noProgress {
 			opts.Progress = progressBar(stderr)
 		}
 		start := time.Now()
