@@ -43,6 +43,8 @@ type Plan struct {
 	Timestamp time.Time
 	Bytes     int64
 	ListTime  time.Duration
+
+	lastMeta *backends.FileMeta // of the last file, if planning read it: Restore need not again
 }
 
 // ErrNoBackup is returned when a replica holds nothing for a database.
@@ -102,7 +104,7 @@ func PlanRestore(ctx context.Context, client ReplicaClient, target Target) (Plan
 			if err != nil {
 				return plan, fmt.Errorf("%s: read the time of %s: %w", client, fileName(cur), err)
 			}
-			plan.Timestamp = meta.Timestamp
+			plan.Timestamp, plan.lastMeta = meta.Timestamp, &meta
 		}
 		return plan, err
 	}
@@ -129,6 +131,9 @@ func PlanRestore(ctx context.Context, client ReplicaClient, target Target) (Plan
 				return p, fmt.Errorf("%s: read the time of %s: %w", client, fileName(f), err)
 			}
 			p.Timestamp = meta.Timestamp
+			if i == len(p.Files)-1 {
+				p.lastMeta = &meta
+			}
 			if meta.Timestamp.After(target.Time) {
 				for i := range levels[f.Level] {
 					if g := &levels[f.Level][i]; g.MinTXID == f.MinTXID && g.MaxTXID == f.MaxTXID {
@@ -316,9 +321,14 @@ func Restore(ctx context.Context, client ReplicaClient, plan Plan, output string
 		return st, ErrNoBackup
 	}
 	last := plan.Files[len(plan.Files)-1]
-	meta, err := client.FileMeta(ctx, last.Level, last.MinTXID, last.MaxTXID)
-	if err != nil {
-		return st, fmt.Errorf("%s: read the checksum recorded with %s: %w", client, fileName(last), err)
+	var meta backends.FileMeta
+	if plan.lastMeta != nil {
+		meta = *plan.lastMeta // a round trip less per database
+	} else {
+		var err error
+		if meta, err = client.FileMeta(ctx, last.Level, last.MinTXID, last.MaxTXID); err != nil {
+			return st, fmt.Errorf("%s: read the checksum recorded with %s: %w", client, fileName(last), err)
+		}
 	}
 
 	dir := filepath.Dir(output)
