@@ -10,6 +10,8 @@ import (
 	"text/tabwriter"
 	"time"
 
+	"golang.org/x/sync/errgroup"
+
 	"github.com/lfuse/lfuse/replicate"
 )
 
@@ -94,16 +96,26 @@ func runDatabases(args []string, stdout, stderr io.Writer) error {
 	ctx := context.Background()
 	tw := tabwriter.NewWriter(stdout, 0, 8, 2, ' ', 0)
 	fmt.Fprintln(tw, "DATABASE\tREPLICA\tTXID\tCOMMITTED")
+	// Each database's newest TXID is a plan of its own, a few round trips
+	// to the store: planned eight at a time, printed in order.
+	var rows []*string
+	g := new(errgroup.Group)
+	g.SetLimit(8)
 	show := func(rel string, client replicate.ReplicaClient) {
-		plan, err := replicate.PlanRestore(ctx, client, replicate.Target{})
-		switch {
-		case errors.Is(err, replicate.ErrNoBackup):
-			fmt.Fprintf(tw, "%s\t%s\t-\tno backup\n", rel, client)
-		case err != nil:
-			fmt.Fprintf(tw, "%s\t%s\t-\terror: %v\n", rel, client, err)
-		default:
-			fmt.Fprintf(tw, "%s\t%s\t%s\t%s\n", rel, client, plan.TXID, plan.Timestamp.Format(time.RFC3339))
-		}
+		row := new(string)
+		rows = append(rows, row)
+		g.Go(func() error {
+			plan, err := replicate.PlanRestore(ctx, client, replicate.Target{})
+			switch {
+			case errors.Is(err, replicate.ErrNoBackup):
+				*row = fmt.Sprintf("%s\t%s\t-\tno backup\n", rel, client)
+			case err != nil:
+				*row = fmt.Sprintf("%s\t%s\t-\terror: %v\n", rel, client, err)
+			default:
+				*row = fmt.Sprintf("%s\t%s\t%s\t%s\n", rel, client, plan.TXID, plan.Timestamp.Format(time.RFC3339))
+			}
+			return nil
+		})
 	}
 	for _, d := range cfg.Databases {
 		for _, t := range replicaTargets(cfg, d.Path) {
@@ -122,6 +134,10 @@ func runDatabases(args []string, stdout, stderr io.Writer) error {
 		for _, rel := range rels {
 			show(rel, root.sub(rel))
 		}
+	}
+	g.Wait()
+	for _, row := range rows {
+		fmt.Fprint(tw, *row)
 	}
 	return tw.Flush()
 }
