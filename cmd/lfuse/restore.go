@@ -450,7 +450,7 @@ func localDBPath(rel string) bool {
 // be seen.
 func inUse(path string) error {
 	probe := func(name string, start, length int64) (int32, bool) {
-		f, err := os.Open(name)
+		f, err := os.OpenFile(name, os.O_RDONLY|unix.O_NONBLOCK, 0) // a FIFO there must not hang the restore
 		if err != nil {
 			return 0, false
 		}
