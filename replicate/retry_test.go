@@ -401,14 +401,8 @@ func restoredRows(t *testing.T, c ReplicaClient, target Target) int {
 func TestSnapshotFailureAtStop(t *testing.T) {
 	for _, how := range []string{"healed", "failing", "renamed", "not a database"} {
 		t.Run(how, func(t *testing.T) {
-			rs := newReplicaSetup(t, ReplicaOptions{SyncInterval: time.Hour, SnapshotInterval: time.Hour, CompactIntervals: []time.Duration{time.Hour}})
+			rs, d := quietCapturedSetup(t)
 			defer rs.m.Close()
-			if _, err := rs.db.Exec("CREATE TABLE t(v); INSERT INTO t VALUES (1)"); err != nil {
-				t.Fatal(err)
-			}
-			rs.m.Opened("app.db-wal", true)
-			rs.m.SyncAll()
-			d := rs.m.DB("app.db")
 			injected := errors.New("injected snapshot failure")
 			snapshotFault = func() error { return injected }
 			defer func() { snapshotFault = nil }()
@@ -477,14 +471,8 @@ func TestSnapshotFailureAtStop(t *testing.T) {
 // hold only marked the database as needing a snapshot, which deletion
 // ended without a word.)
 func TestHoldFailureThenDeleted(t *testing.T) {
-	rs := newReplicaSetup(t, ReplicaOptions{SyncInterval: time.Hour, SnapshotInterval: time.Hour, CompactIntervals: []time.Duration{time.Hour}})
+	rs, d := quietCapturedSetup(t)
 	defer rs.m.Close()
-	if _, err := rs.db.Exec("CREATE TABLE t(v); INSERT INTO t VALUES (1)"); err != nil {
-		t.Fatal(err)
-	}
-	rs.m.Opened("app.db-wal", true)
-	rs.m.SyncAll()
-	d := rs.m.DB("app.db")
 	if _, err := rs.db.Exec("INSERT INTO t VALUES (2)"); err != nil {
 		t.Fatal(err)
 	}
@@ -511,6 +499,19 @@ func TestHoldFailureThenDeleted(t *testing.T) {
 	if err == nil || !strings.Contains(err.Error(), "app.db: commits after TXID") || !strings.Contains(err.Error(), "could not be captured before the file was deleted") || !strings.Contains(err.Error(), injected.Error()) {
 		t.Fatalf("stop after a database whose capture failed in a hold was deleted: %v", err)
 	}
+}
+
+// quietCapturedSetup is a replica setup whose timers never fire during a
+// test, with one committed row captured.
+func quietCapturedSetup(t *testing.T) (*replicaSetup, *DB) {
+	t.Helper()
+	rs := newReplicaSetup(t, ReplicaOptions{SyncInterval: time.Hour, SnapshotInterval: time.Hour, CompactIntervals: []time.Duration{time.Hour}})
+	if _, err := rs.db.Exec("CREATE TABLE t(v); INSERT INTO t VALUES (1)"); err != nil {
+		t.Fatal(err)
+	}
+	rs.m.Opened("app.db-wal", true)
+	rs.m.SyncAll()
+	return rs, rs.m.DB("app.db")
 }
 
 // Several local snapshots during one outage of a replica (a lfuse
