@@ -221,7 +221,7 @@ func restoreAll(ctx context.Context, logger *slog.Logger, stderr io.Writer, cfg 
 		}
 		found, err := root.databases(ctx)
 		if err != nil {
-			return 0, fmt.Errorf("list the databases of %s: %w", root.client, err)
+			return 0, fmt.Errorf("list the databases: %w", namedError(root.client, err))
 		}
 		for _, rel := range found {
 			if !localDBPath(rel) {
