@@ -93,6 +93,11 @@ type Mount struct {
 	counts      *counters
 	logger      *slog.Logger
 	unmountOnce sync.Once
+	// rootFd is the backing directory, which every operation starts from
+	// (at.go); asRoot: lfuse runs as root, and gives what it creates to
+	// the caller.
+	rootFd int
+	asRoot bool
 }
 
 // New checks the directories, mounts the filesystem and starts serving it.
@@ -125,24 +130,28 @@ func New(opts Options) (*Mount, error) {
 		return nil, err
 	}
 
-	m := &Mount{opts: opts, obs: opts.Observer, hide: opts.Hide, logger: opts.Logger, counts: &counters{}}
+	m := &Mount{opts: opts, obs: opts.Observer, hide: opts.Hide, logger: opts.Logger, counts: &counters{}, asRoot: os.Geteuid() == 0}
+	if m.rootFd, err = unix.Open(opts.DataDir, unix.O_PATH|unix.O_DIRECTORY|unix.O_CLOEXEC, 0); err != nil {
+		return nil, fmt.Errorf("backing directory: %w", err)
+	}
 	if m.obs != nil {
 		w, err := newWatcher(opts.DataDir, m.obs, opts.Logger)
 		if err != nil {
+			unix.Close(m.rootFd)
 			return nil, err
 		}
 		m.watch = w
 	}
 
 	var st syscall.Stat_t
-	if err := syscall.Stat(opts.DataDir, &st); err != nil {
+	if err := syscall.Fstat(m.rootFd, &st); err != nil {
+		m.closeWatch()
 		return nil, err
 	}
+	// Every node is made by node.child (at.go), which go-fuse's loopback
+	// never calls: its own operations that make nodes are all replaced.
 	root := &gofs.LoopbackRoot{Path: opts.DataDir, Dev: uint64(st.Dev)}
-	root.NewNode = func(r *gofs.LoopbackRoot, _ *gofs.Inode, _ string, _ *syscall.Stat_t) gofs.InodeEmbedder {
-		return &node{LoopbackNode: gofs.LoopbackNode{RootData: r}, m: m}
-	}
-	rootNode := root.NewNode(root, nil, "", &st)
+	rootNode := &node{LoopbackNode: gofs.LoopbackNode{RootData: root}, m: m}
 	root.RootNode = rootNode
 
 	timeout := opts.AttrTimeout
@@ -273,10 +282,12 @@ func (m *Mount) Wait() {
 	m.closeWatch()
 }
 
+// closeWatch releases what New opened besides the mount itself.
 func (m *Mount) closeWatch() {
 	if m.watch != nil {
 		m.watch.close()
 	}
+	unix.Close(m.rootFd)
 }
 
 // Unmount unmounts the filesystem. If files are still open it detaches the
@@ -313,6 +324,12 @@ func (m *Mount) fileHandle(n *node, rel string, fh gofs.FileHandle, flags uint32
 		return fh, flags
 	}
 	f := &file{LoopbackFile: lf, rel: rel, obs: m.obs, node: n}
+	n.openMu.Lock()
+	if n.open == nil {
+		n.open = map[*file]struct{}{}
+	}
+	n.open[f] = struct{}{}
+	n.openMu.Unlock()
 	if m.passthrough && sidecar(rel) && n.cachedOpens.Load() == 0 {
 		n.passthroughSeen.Store(true)
 		f.passthrough = true

@@ -3,6 +3,7 @@ package fs
 import (
 	"context"
 	"path"
+	"sync"
 	"sync/atomic"
 	"syscall"
 
@@ -29,6 +30,11 @@ type node struct {
 	// way (with EIO), as after a file open under one name is renamed to a
 	// name ending in -wal.
 	cachedOpens atomic.Int32
+
+	// open is the node's open files: a file deleted while open has no
+	// name left, and is then reached through one of them.
+	openMu sync.Mutex
+	open   map[*file]struct{}
 }
 
 var (
@@ -60,15 +66,109 @@ func (n *node) Lookup(ctx context.Context, name string, out *fuse.EntryOut) (*go
 	if n.hidden(name) {
 		return nil, syscall.ENOENT
 	}
-	return n.LoopbackNode.Lookup(ctx, name, out)
+	dfd, errno := n.dir()
+	if errno != 0 {
+		return nil, errno
+	}
+	defer unix.Close(dfd)
+	var st syscall.Stat_t
+	gen, errno := statAt(dfd, name, 0, &st)
+	if errno != 0 {
+		return nil, errno
+	}
+	out.Attr.FromStat(&st)
+	return n.child(ctx, name, &st, gen), 0
+}
+
+func (n *node) Getattr(ctx context.Context, f gofs.FileHandle, out *fuse.AttrOut) syscall.Errno {
+	if fga, ok := f.(gofs.FileGetattrer); ok && fga != nil {
+		return fga.Getattr(ctx, out)
+	}
+	fd, errno := n.pin()
+	if errno != 0 {
+		return errno
+	}
+	defer unix.Close(fd)
+	var st syscall.Stat_t
+	if _, errno := statAt(fd, "", unix.AT_EMPTY_PATH, &st); errno != 0 {
+		return errno
+	}
+	out.FromStat(&st)
+	return 0
+}
+
+func (n *node) Statx(ctx context.Context, f gofs.FileHandle, flags, mask uint32, out *fuse.StatxOut) syscall.Errno {
+	if fsx, ok := f.(gofs.FileStatxer); ok && fsx != nil {
+		return fsx.Statx(ctx, flags, mask, out)
+	}
+	fd, errno := n.pin()
+	if errno != 0 {
+		return errno
+	}
+	defer unix.Close(fd)
+	var x unix.Statx_t
+	if err := unix.Statx(fd, "", int(flags)|unix.AT_EMPTY_PATH|unix.AT_SYMLINK_NOFOLLOW, int(mask), &x); err != nil {
+		return gofs.ToErrno(err)
+	}
+	out.FromStatx(&x)
+	return 0
+}
+
+func (n *node) Readlink(ctx context.Context) ([]byte, syscall.Errno) {
+	dfd, name, errno := n.where()
+	if errno != 0 {
+		return nil, errno
+	}
+	defer unix.Close(dfd)
+	for size := 256; ; size *= 2 {
+		buf := make([]byte, size)
+		k, err := unix.Readlinkat(dfd, name, buf)
+		if err != nil {
+			return nil, gofs.ToErrno(err)
+		}
+		if k < size {
+			return buf[:k], 0
+		}
+	}
+}
+
+func (n *node) Statfs(ctx context.Context, out *fuse.StatfsOut) syscall.Errno {
+	fd, errno := n.pin()
+	if errno != 0 {
+		return errno
+	}
+	defer unix.Close(fd)
+	var st syscall.Statfs_t
+	if err := syscall.Fstatfs(fd, &st); err != nil {
+		return gofs.ToErrno(err)
+	}
+	out.FromStatfsT(&st)
+	return 0
 }
 
 func (n *node) OpendirHandle(ctx context.Context, flags uint32) (gofs.FileHandle, uint32, syscall.Errno) {
-	fh, fl, errno := n.LoopbackNode.OpendirHandle(ctx, flags)
-	if errno == 0 && n.IsRoot() && n.m.hide != "" {
+	ds, errno := n.Readdir(ctx)
+	if errno != 0 {
+		return nil, 0, errno
+	}
+	fh := gofs.FileHandle(ds)
+	if n.IsRoot() && n.m.hide != "" {
 		fh = &hidingDir{FileHandle: fh, hide: n.m.hide}
 	}
-	return fh, fl, errno
+	return fh, 0, 0
+}
+
+func (n *node) Readdir(ctx context.Context) (gofs.DirStream, syscall.Errno) {
+	dfd, name, errno := n.where()
+	if errno != 0 {
+		return nil, errno
+	}
+	defer unix.Close(dfd)
+	fd, err := unix.Openat(dfd, name, unix.O_RDONLY|unix.O_DIRECTORY|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return nil, gofs.ToErrno(err)
+	}
+	return gofs.NewLoopbackDirStreamFd(fd)
 }
 
 func (n *node) Open(ctx context.Context, flags uint32) (gofs.FileHandle, uint32, syscall.Errno) {
@@ -98,7 +198,7 @@ func (n *node) Create(ctx context.Context, name string, flags, mode uint32, out 
 	if flags&syscall.O_TRUNC != 0 && n.m.obs != nil {
 		after = n.m.obs.BeforeTruncate(rel)
 	}
-	in, fh, fl, errno := n.LoopbackNode.Create(ctx, name, flags, mode, out)
+	in, fh, fl, errno := n.create(ctx, name, flags, mode, out)
 	if after != nil {
 		after(errno == 0)
 	}
@@ -110,15 +210,135 @@ func (n *node) Create(ctx context.Context, name string, flags, mode uint32, out 
 	return in, fh, fl, 0
 }
 
+func (n *node) create(ctx context.Context, name string, flags, mode uint32, out *fuse.EntryOut) (*gofs.Inode, gofs.FileHandle, uint32, syscall.Errno) {
+	dfd, errno := n.dir()
+	if errno != 0 {
+		return nil, nil, 0, errno
+	}
+	defer unix.Close(dfd)
+	// Writes come with their offsets: O_APPEND would move them.
+	fd, err := unix.Openat(dfd, name, int(flags&^syscall.O_APPEND)|unix.O_CREAT|unix.O_NOFOLLOW|unix.O_CLOEXEC, mode)
+	if err != nil {
+		return nil, nil, 0, gofs.ToErrno(err)
+	}
+	in, errno := n.made(ctx, dfd, name, fd, mode, out)
+	if errno != 0 {
+		unix.Close(fd)
+		return nil, nil, 0, errno
+	}
+	return in, gofs.NewLoopbackFile(fd), 0, 0
+}
+
+// Tmpfile is open(O_TMPFILE): a file with no name, which linkat can give one.
+func (n *node) Tmpfile(ctx context.Context, flags, mode uint32, out *fuse.EntryOut) (*gofs.Inode, gofs.FileHandle, uint32, syscall.Errno) {
+	dfd, errno := n.dir()
+	if errno != 0 {
+		return nil, nil, 0, errno
+	}
+	defer unix.Close(dfd)
+	fd, err := unix.Openat(dfd, ".", int(flags&^syscall.O_APPEND)|unix.O_TMPFILE|unix.O_CLOEXEC, mode)
+	if err != nil {
+		return nil, nil, 0, gofs.ToErrno(err)
+	}
+	in, errno := n.made(ctx, dfd, "", fd, mode, out)
+	if errno != 0 {
+		unix.Close(fd)
+		return nil, nil, 0, errno
+	}
+	fh, fl := n.m.fileHandle(in.Operations().(*node), "", gofs.NewLoopbackFile(fd), 0)
+	return in, fh, fl, 0
+}
+
 func (n *node) Setattr(ctx context.Context, f gofs.FileHandle, in *fuse.SetAttrIn, out *fuse.AttrOut) syscall.Errno {
 	if _, ok := in.GetSize(); ok && n.m.obs != nil {
 		if after := n.m.obs.BeforeTruncate(n.Path(nil)); after != nil {
-			errno := n.LoopbackNode.Setattr(ctx, f, in, out)
+			errno := n.setattr(ctx, f, in, out)
 			after(errno == 0)
 			return errno
 		}
 	}
-	return n.LoopbackNode.Setattr(ctx, f, in, out)
+	return n.setattr(ctx, f, in, out)
+}
+
+// setattr is chmod, chown, truncate and utimens, all on the one inode
+// pin gives, or on the open file the kernel names.
+func (n *node) setattr(ctx context.Context, f gofs.FileHandle, in *fuse.SetAttrIn, out *fuse.AttrOut) syscall.Errno {
+	if fsa, ok := f.(gofs.FileSetattrer); ok && fsa != nil {
+		return fsa.Setattr(ctx, in, out)
+	}
+	fd, errno := n.pin()
+	if errno != 0 {
+		return errno
+	}
+	defer unix.Close(fd)
+	var st syscall.Stat_t
+	if _, errno := statAt(fd, "", unix.AT_EMPTY_PATH, &st); errno != 0 {
+		return errno
+	}
+	link := st.Mode&syscall.S_IFMT == syscall.S_IFLNK
+	if mode, ok := in.GetMode(); ok {
+		if link {
+			return syscall.EOPNOTSUPP // as chmod of a symlink itself
+		}
+		if err := unix.Chmod(procPath(fd), mode); err != nil {
+			return gofs.ToErrno(err)
+		}
+	}
+	uid, uok := in.GetUID()
+	gid, gok := in.GetGID()
+	if uok || gok {
+		u, g := -1, -1
+		if uok {
+			u = int(uid)
+		}
+		if gok {
+			g = int(gid)
+		}
+		if err := unix.Fchownat(fd, "", u, g, unix.AT_EMPTY_PATH|unix.AT_SYMLINK_NOFOLLOW); err != nil {
+			return gofs.ToErrno(err)
+		}
+	}
+	// Truncate before the times, so that an explicit mtime stays.
+	if size, ok := in.GetSize(); ok {
+		if link {
+			return syscall.EINVAL
+		}
+		if err := unix.Truncate(procPath(fd), int64(size)); err != nil {
+			return gofs.ToErrno(err)
+		}
+	}
+	mtime, mok := in.GetMTime()
+	atime, aok := in.GetATime()
+	if mok || aok {
+		ts := []unix.Timespec{{Nsec: unix.UTIME_OMIT}, {Nsec: unix.UTIME_OMIT}}
+		if aok {
+			ts[0] = unix.NsecToTimespec(atime.UnixNano())
+		}
+		if mok {
+			ts[1] = unix.NsecToTimespec(mtime.UnixNano())
+		}
+		var err error
+		if link {
+			// A symlink's own times: through its directory, by name,
+			// without following it.
+			dfd, name, errno := n.where()
+			if errno != 0 {
+				return errno
+			}
+			err = unix.UtimesNanoAt(dfd, name, ts, unix.AT_SYMLINK_NOFOLLOW)
+			unix.Close(dfd)
+		} else {
+			err = unix.UtimesNanoAt(unix.AT_FDCWD, procPath(fd), ts, 0)
+		}
+		if err != nil {
+			return gofs.ToErrno(err)
+		}
+	}
+	if _, errno := statAt(fd, "", unix.AT_EMPTY_PATH, &st); errno != 0 {
+		return errno
+	}
+	out.FromStat(&st)
+	return 0
 }
 
 func (n *node) Unlink(ctx context.Context, name string) syscall.Errno {
@@ -126,10 +346,10 @@ func (n *node) Unlink(ctx context.Context, name string) syscall.Errno {
 		return syscall.ENOENT
 	}
 	if n.m.obs == nil {
-		return n.LoopbackNode.Unlink(ctx, name)
+		return n.unlinkat(name, 0)
 	}
 	after := n.m.obs.BeforeUnlink(n.rel(name))
-	errno := n.LoopbackNode.Unlink(ctx, name)
+	errno := n.unlinkat(name, 0)
 	if after != nil {
 		after(errno == 0)
 	}
@@ -140,7 +360,16 @@ func (n *node) Rmdir(ctx context.Context, name string) syscall.Errno {
 	if n.hidden(name) {
 		return syscall.ENOENT
 	}
-	return n.LoopbackNode.Rmdir(ctx, name)
+	return n.unlinkat(name, unix.AT_REMOVEDIR)
+}
+
+func (n *node) unlinkat(name string, flags int) syscall.Errno {
+	dfd, errno := n.dir()
+	if errno != 0 {
+		return errno
+	}
+	defer unix.Close(dfd)
+	return gofs.ToErrno(unix.Unlinkat(dfd, name, flags))
 }
 
 func (n *node) Rename(ctx context.Context, name string, newParent gofs.InodeEmbedder, newName string, flags uint32) syscall.Errno {
@@ -152,7 +381,7 @@ func (n *node) Rename(ctx context.Context, name string, newParent gofs.InodeEmbe
 		return syscall.EPERM
 	}
 	if n.m.obs == nil {
-		return n.LoopbackNode.Rename(ctx, name, newParent, newName, flags)
+		return n.renameat(name, np, newName, flags)
 	}
 	oldRel, newRel := n.rel(name), np.rel(newName)
 	exchange := flags&gofs.RENAME_EXCHANGE != 0
@@ -162,7 +391,7 @@ func (n *node) Rename(ctx context.Context, name string, newParent gofs.InodeEmbe
 	} else {
 		after = n.m.obs.BeforeRename(oldRel, newRel)
 	}
-	errno := n.LoopbackNode.Rename(ctx, name, newParent, newName, flags)
+	errno := n.renameat(name, np, newName, flags)
 	if errno == 0 && n.m.watch != nil {
 		n.m.watch.renamed(oldRel, newRel, exchange)
 		n.m.arrived(newRel)
@@ -176,32 +405,102 @@ func (n *node) Rename(ctx context.Context, name string, newParent gofs.InodeEmbe
 	return errno
 }
 
+func (n *node) renameat(name string, np *node, newName string, flags uint32) syscall.Errno {
+	dfd, errno := n.dir()
+	if errno != 0 {
+		return errno
+	}
+	defer unix.Close(dfd)
+	ndfd, errno := np.dir()
+	if errno != 0 {
+		return errno
+	}
+	defer unix.Close(ndfd)
+	return gofs.ToErrno(unix.Renameat2(dfd, name, ndfd, newName, uint(flags)))
+}
+
 func (n *node) Mkdir(ctx context.Context, name string, mode uint32, out *fuse.EntryOut) (*gofs.Inode, syscall.Errno) {
 	if n.hidden(name) {
 		return nil, syscall.EPERM
 	}
-	return n.LoopbackNode.Mkdir(ctx, name, mode, out)
+	return n.makeAt(ctx, name, mode, out, unix.AT_REMOVEDIR, func(dfd int) error { return unix.Mkdirat(dfd, name, mode) })
 }
 
 func (n *node) Mknod(ctx context.Context, name string, mode, rdev uint32, out *fuse.EntryOut) (*gofs.Inode, syscall.Errno) {
 	if n.hidden(name) {
 		return nil, syscall.EPERM
 	}
-	return n.LoopbackNode.Mknod(ctx, name, mode, rdev, out)
+	return n.makeAt(ctx, name, mode, out, 0, func(dfd int) error { return unix.Mknodat(dfd, name, mode, int(rdev)) })
 }
 
 func (n *node) Symlink(ctx context.Context, target, name string, out *fuse.EntryOut) (*gofs.Inode, syscall.Errno) {
 	if n.hidden(name) {
 		return nil, syscall.EPERM
 	}
-	return n.LoopbackNode.Symlink(ctx, target, name, out)
+	return n.makeAt(ctx, name, 0, out, 0, func(dfd int) error { return unix.Symlinkat(target, dfd, name) })
+}
+
+// makeAt runs mk to make name in n, then gives it to its caller (made);
+// if that fails, the name goes again (unlinkat with undo's flags).
+func (n *node) makeAt(ctx context.Context, name string, mode uint32, out *fuse.EntryOut, undo int, mk func(dfd int) error) (*gofs.Inode, syscall.Errno) {
+	dfd, errno := n.dir()
+	if errno != 0 {
+		return nil, errno
+	}
+	defer unix.Close(dfd)
+	if err := mk(dfd); err != nil {
+		return nil, gofs.ToErrno(err)
+	}
+	in, errno := n.made(ctx, dfd, name, -1, mode, out)
+	if errno != 0 {
+		unix.Unlinkat(dfd, name, undo)
+	}
+	return in, errno
 }
 
 func (n *node) Link(ctx context.Context, target gofs.InodeEmbedder, name string, out *fuse.EntryOut) (*gofs.Inode, syscall.Errno) {
 	if n.hidden(name) {
 		return nil, syscall.EPERM
 	}
-	return n.LoopbackNode.Link(ctx, target, name, out)
+	t, ok := target.(*node)
+	if !ok {
+		return nil, syscall.EXDEV
+	}
+	dfd, errno := n.dir()
+	if errno != 0 {
+		return nil, errno
+	}
+	defer unix.Close(dfd)
+	var err error
+	if tdfd, tname, errno := t.where(); errno == 0 {
+		err = unix.Linkat(tdfd, tname, dfd, name, 0)
+		unix.Close(tdfd)
+	} else if fd, ok := t.openFd(); ok {
+		// No name: a file made with O_TMPFILE, named now.
+		err = unix.Linkat(fd, "", dfd, name, unix.AT_EMPTY_PATH)
+	} else {
+		return nil, errno
+	}
+	if err != nil {
+		return nil, gofs.ToErrno(err)
+	}
+	var st syscall.Stat_t
+	gen, errno := statAt(dfd, name, 0, &st)
+	if errno != 0 {
+		return nil, errno
+	}
+	out.Attr.FromStat(&st)
+	return n.child(ctx, name, &st, gen), 0
+}
+
+// openFd is the descriptor of one of the node's open files.
+func (n *node) openFd() (int, bool) {
+	n.openMu.Lock()
+	defer n.openMu.Unlock()
+	for f := range n.open {
+		return f.LoopbackFile.PassthroughFd()
+	}
+	return -1, false
 }
 
 // file is an open file. In passthrough mode the kernel reads and writes the
@@ -220,6 +519,9 @@ func (f *file) Release(ctx context.Context) syscall.Errno {
 	if !f.passthrough {
 		f.node.cachedOpens.Add(-1)
 	}
+	f.node.openMu.Lock()
+	delete(f.node.open, f)
+	f.node.openMu.Unlock()
 	return f.LoopbackFile.Release(ctx)
 }
 

@@ -249,7 +249,71 @@ func exerciseFS(t *testing.T, dir string) []string {
 	holder.stop()
 	note("flock after holder exit", unix.Flock(int(lf.Fd()), unix.LOCK_EX|unix.LOCK_NB))
 	lf.Close()
+
+	exerciseModes(p, note)
 	return out
+}
+
+// exerciseModes covers what a new file's mode and owner become, and the
+// calls on a file deleted while open. (Found by an adversarial run: lfuse's
+// own umask was applied on top of the caller's, setuid, setgid and sticky
+// bits were dropped, a setgid directory did not pass its group on,
+// O_TMPFILE then linkat failed with EXDEV, and fchmod, fchown, futimens and
+// fstatfs of a deleted open file failed with ENOENT.)
+func exerciseModes(p func(string) string, note func(string, error)) {
+	mode := func(name string) string {
+		var st unix.Stat_t
+		if err := unix.Lstat(p(name), &st); err != nil {
+			return errName(err)
+		}
+		return fmt.Sprintf("%o gid %d", st.Mode&0o7777, st.Gid)
+	}
+	old := unix.Umask(0)
+	defer unix.Umask(old)
+	fd, err := unix.Open(p("m666"), unix.O_CREAT|unix.O_WRONLY, 0o666)
+	unix.Close(fd)
+	note("create 0666 with umask 0: "+mode("m666"), err)
+	fd, err = unix.Open(p("m4755"), unix.O_CREAT|unix.O_WRONLY, 0o4755)
+	unix.Close(fd)
+	note("create 04755: "+mode("m4755"), err)
+	note("mknod 02755: "+mode("n2755"), unix.Mknod(p("n2755"), unix.S_IFREG|0o2755, 0))
+	note("mkdir 01777: "+mode("d1777"), unix.Mkdir(p("d1777"), 0o1777))
+	note("mkfifo 0666: "+mode("fifo"), unix.Mkfifo(p("fifo"), 0o666))
+	unix.Umask(0o22)
+	note("mkdir 0775", unix.Mkdir(p("sgid"), 0o775))
+	note("chown dir group", os.Chown(p("sgid"), 0, 1234))
+	note("chmod g+s", os.Chmod(p("sgid"), 0o2775|os.ModeSetgid))
+	note("setgid dir: "+mode("sgid"), nil)
+	fd, err = unix.Open(p("sgid/f"), unix.O_CREAT|unix.O_WRONLY, 0o644)
+	unix.Close(fd)
+	note("create in setgid dir: "+mode("sgid/f"), err)
+	note("mkdir in setgid dir: "+mode("sgid/sub"), unix.Mkdir(p("sgid/sub"), 0o755))
+	note("symlink in setgid dir", unix.Symlink("f", p("sgid/link")))
+	note("symlink: "+mode("sgid/link"), nil)
+
+	fd, err = unix.Open(p(""), unix.O_TMPFILE|unix.O_RDWR, 0o640)
+	note("open O_TMPFILE", err)
+	if err == nil {
+		unix.Write(fd, []byte("anonymous"))
+		note("linkat AT_EMPTY_PATH", unix.Linkat(fd, "", unix.AT_FDCWD, p("named"), unix.AT_EMPTY_PATH))
+		unix.Close(fd)
+		b, err := os.ReadFile(p("named"))
+		note(fmt.Sprintf("read linked tmpfile %q, mode %s", b, mode("named")), err)
+	}
+
+	f, err := os.Create(p("orphan"))
+	note("create orphan", err)
+	if err == nil {
+		note("unlink while open", os.Remove(p("orphan")))
+		note("fchmod deleted", f.Chmod(0o604))
+		note("fchown deleted", f.Chown(0, 1234))
+		note("futimens deleted", unix.UtimesNanoAt(int(f.Fd()), "", []unix.Timespec{{Sec: 1}, {Sec: 2}}, unix.AT_EMPTY_PATH))
+		var sfs unix.Statfs_t
+		note("fstatfs deleted", unix.Fstatfs(int(f.Fd()), &sfs))
+		st, err := f.Stat()
+		note(fmt.Sprintf("fstat deleted mode %v mtime %d", st.Mode(), st.ModTime().Unix()), err)
+		f.Close()
+	}
 }
 
 func openErr(path string, flag int) error {

@@ -36,6 +36,9 @@ func runWorker(mode string) int {
 	if mode == "lock-holder" {
 		return runLockHolder()
 	}
+	if mode == "symlink-racer" {
+		return runSymlinkRacer()
+	}
 	if mode == "seq-writer" {
 		return runSeqWriter()
 	}

@@ -1,0 +1,290 @@
+package fs
+
+import (
+	"context"
+	"errors"
+	"strconv"
+	"strings"
+	"syscall"
+	"unsafe"
+
+	"golang.org/x/sys/unix"
+
+	gofs "github.com/hanwen/go-fuse/v2/fs"
+	"github.com/hanwen/go-fuse/v2/fuse"
+)
+
+// Every operation on a name in the backing directory goes through the
+// descriptor of its directory, opened beneath the backing root without
+// following any symlink, and a system call relative to it that does not
+// follow the name itself. go-fuse's loopback instead joins the names of its
+// tree into an absolute path and lets the kernel follow it, as root. Its
+// tree lags behind a rename in progress, so a user who swapped a directory
+// of theirs with a symlink (renameat2 RENAME_EXCHANGE, in a loop) while
+// asking for an operation under it had it done, as root, under the
+// symlink's target anywhere on the machine. An adversarial run chmodded,
+// truncated, deleted and took ownership of root's files that way as
+// nobody.
+
+// openDir opens the directory at rel (relative to the backing root, "" for
+// the root) as an O_PATH descriptor, refusing any symlink on the way.
+func (m *Mount) openDir(rel string) (int, syscall.Errno) {
+	if rel == "" {
+		rel = "."
+	}
+	how := unix.OpenHow{Flags: unix.O_PATH | unix.O_DIRECTORY | unix.O_CLOEXEC, Resolve: unix.RESOLVE_BENEATH | unix.RESOLVE_NO_SYMLINKS}
+	for attempt := 0; ; attempt++ {
+		fd, err := unix.Openat2(m.rootFd, rel, &how)
+		switch {
+		case err == nil:
+			return fd, 0
+		case errors.Is(err, unix.ENOSYS):
+			return walkDir(m.rootFd, rel) // kernels before 5.6
+		case errors.Is(err, unix.EAGAIN) && attempt < 3:
+			continue // a rename raced with the lookup
+		}
+		return -1, gofs.ToErrno(err)
+	}
+}
+
+// walkDir is openDir one name at a time, for kernels without openat2.
+func walkDir(root int, rel string) (int, syscall.Errno) {
+	fd, err := unix.Openat(root, ".", unix.O_PATH|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return -1, gofs.ToErrno(err)
+	}
+	for _, name := range strings.Split(rel, "/") {
+		if name == "" || name == "." {
+			continue
+		}
+		next, err := unix.Openat(fd, name, unix.O_PATH|unix.O_DIRECTORY|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0)
+		unix.Close(fd)
+		if err != nil {
+			return -1, gofs.ToErrno(err)
+		}
+		fd = next
+	}
+	return fd, 0
+}
+
+// dir opens n, a directory, for operations on the names in it.
+func (n *node) dir() (int, syscall.Errno) { return n.m.openDir(n.Path(nil)) }
+
+// where opens the directory that holds n and gives n's name in it (the
+// root is "." in itself). A node deleted while open has neither.
+func (n *node) where() (int, string, syscall.Errno) {
+	if n.IsRoot() {
+		fd, errno := n.m.openDir("")
+		return fd, ".", errno
+	}
+	name, parent := n.Parent()
+	if parent == nil {
+		return -1, "", syscall.ENOENT
+	}
+	fd, errno := n.m.openDir(parent.Path(nil))
+	return fd, name, errno
+}
+
+// pin opens n itself as an O_PATH descriptor, so that every step of an
+// operation acts on that one inode whatever happens to its name. A file
+// deleted while open is reached through one of its open descriptors.
+func (n *node) pin() (int, syscall.Errno) {
+	dfd, name, errno := n.where()
+	if errno == syscall.ENOENT && !n.IsRoot() {
+		if fd, ok := n.openFd(); ok {
+			nfd, err := unix.Dup(fd)
+			return nfd, gofs.ToErrno(err)
+		}
+	}
+	if errno != 0 {
+		return -1, errno
+	}
+	defer unix.Close(dfd)
+	fd, err := unix.Openat(dfd, name, unix.O_PATH|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0)
+	return fd, gofs.ToErrno(err)
+}
+
+// procPath names the inode behind fd for the calls that only take a path:
+// the kernel resolves it to that inode, not through any name.
+func procPath(fd int) string { return "/proc/self/fd/" + strconv.Itoa(fd) }
+
+// statAt is fstatat without following name, with the birth time go-fuse
+// uses to tell a reused inode number from the file it had.
+func statAt(dfd int, name string, flags int, st *syscall.Stat_t) (gen uint64, errno syscall.Errno) {
+	var x unix.Statx_t
+	err := unix.Statx(dfd, name, flags|unix.AT_SYMLINK_NOFOLLOW, unix.STATX_BASIC_STATS|unix.STATX_BTIME, &x)
+	if errors.Is(err, unix.ENOSYS) {
+		// A seccomp filter without statx: struct stat is the kernel's
+		// either way.
+		err = unix.Fstatat(dfd, name, (*unix.Stat_t)(unsafe.Pointer(st)), flags|unix.AT_SYMLINK_NOFOLLOW)
+		return 1, gofs.ToErrno(err)
+	}
+	if err != nil {
+		return 0, gofs.ToErrno(err)
+	}
+	setNum(&st.Dev, uint64(unix.Mkdev(x.Dev_major, x.Dev_minor)))
+	setNum(&st.Ino, x.Ino)
+	setNum(&st.Nlink, uint64(x.Nlink))
+	setNum(&st.Mode, uint64(x.Mode))
+	setNum(&st.Uid, uint64(x.Uid))
+	setNum(&st.Gid, uint64(x.Gid))
+	setNum(&st.Rdev, uint64(unix.Mkdev(x.Rdev_major, x.Rdev_minor)))
+	setNum(&st.Size, x.Size)
+	setNum(&st.Blksize, uint64(x.Blksize))
+	setNum(&st.Blocks, x.Blocks)
+	st.Atim = timespec(x.Atime)
+	st.Mtim = timespec(x.Mtime)
+	st.Ctim = timespec(x.Ctime)
+	gen = 1
+	if x.Mask&unix.STATX_BTIME != 0 && (x.Btime.Sec != 0 || x.Btime.Nsec != 0) {
+		gen = uint64(x.Btime.Sec)*1e9 + uint64(x.Btime.Nsec)
+	}
+	return gen, 0
+}
+
+// setNum stores v in a Stat_t field, whose width differs between
+// architectures.
+func setNum[T ~int32 | ~int64 | ~uint16 | ~uint32 | ~uint64](p *T, v uint64) { *p = T(v) }
+
+func timespec(t unix.StatxTimestamp) syscall.Timespec {
+	return syscall.Timespec(unix.NsecToTimespec(t.Sec*1e9 + int64(t.Nsec)))
+}
+
+// child makes the inode for name, a file in directory n described by st.
+func (n *node) child(ctx context.Context, name string, st *syscall.Stat_t, gen uint64) *gofs.Inode {
+	r := n.RootData
+	ops := &node{LoopbackNode: gofs.LoopbackNode{RootData: r}, m: n.m}
+	// The inode number go-fuse gives every loopback file: the backing one,
+	// with the device mixed in for files on other filesystems.
+	swapped := uint64(st.Dev)<<32 | uint64(st.Dev)>>32
+	rootSwapped := r.Dev<<32 | r.Dev>>32
+	return n.NewInode(ctx, ops, gofs.StableAttr{Mode: uint32(st.Mode), Gen: gen, Ino: swapped ^ rootSwapped ^ uint64(st.Ino)})
+}
+
+// made finishes a name just created in directory dfd: owned by the caller
+// (lfuse creates it as root) and with exactly the mode asked for, then
+// described in out.
+//
+// The mode asked for already has the caller's umask applied by the kernel;
+// lfuse's own umask then took more bits away, and the chown that gives the
+// file to its caller clears setuid and setgid. In a setgid directory the
+// new name keeps the group it inherited there, as on any filesystem.
+func (n *node) made(ctx context.Context, dfd int, name string, fd int, mode uint32, out *fuse.EntryOut) (*gofs.Inode, syscall.Errno) {
+	if caller, ok := fuse.FromContext(ctx); ok && n.m.asRoot {
+		gid := int(caller.Gid)
+		var dst unix.Stat_t
+		if unix.Fstat(dfd, &dst) == nil && dst.Mode&unix.S_ISGID != 0 {
+			gid = -1
+		}
+		var err error
+		if fd >= 0 {
+			err = unix.Fchown(fd, int(caller.Uid), gid)
+		} else {
+			err = unix.Fchownat(dfd, name, int(caller.Uid), gid, unix.AT_SYMLINK_NOFOLLOW)
+		}
+		if err != nil {
+			return nil, gofs.ToErrno(err)
+		}
+	}
+	var st syscall.Stat_t
+	var gen uint64
+	var errno syscall.Errno
+	if fd >= 0 {
+		gen, errno = statAt(fd, "", unix.AT_EMPTY_PATH, &st)
+	} else {
+		gen, errno = statAt(dfd, name, 0, &st)
+	}
+	if errno != 0 {
+		return nil, errno
+	}
+	if missing := mode & 0o7777 &^ uint32(st.Mode); missing != 0 && st.Mode&syscall.S_IFMT != syscall.S_IFLNK {
+		pfd := fd
+		if fd < 0 {
+			var err error
+			if pfd, err = unix.Openat(dfd, name, unix.O_PATH|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0); err != nil {
+				return nil, gofs.ToErrno(err)
+			}
+			defer unix.Close(pfd)
+		}
+		perm := uint32(st.Mode)&0o7777 | missing
+		if err := unix.Chmod(procPath(pfd), perm); err != nil {
+			return nil, gofs.ToErrno(err)
+		}
+		st.Mode = st.Mode&^0o7777 | perm
+	}
+	out.Attr.FromStat(&st)
+	return n.child(ctx, name, &st, gen), 0
+}
+
+// xattrPath names n for the xattr calls, which take only paths: its
+// directory's descriptor through /proc, then its name, which the l-variants
+// do not follow.
+func (n *node) xattrPath() (string, func(), syscall.Errno) {
+	dfd, name, errno := n.where()
+	if errno != 0 {
+		return "", nil, errno
+	}
+	return procPath(dfd) + "/" + name, func() { unix.Close(dfd) }, 0
+}
+
+func (n *node) Getxattr(ctx context.Context, attr string, dest []byte) (uint32, syscall.Errno) {
+	p, done, errno := n.xattrPath()
+	if errno != 0 {
+		return 0, errno
+	}
+	defer done()
+	k, err := unix.Lgetxattr(p, attr, dest)
+	return uint32(k), gofs.ToErrno(err)
+}
+
+func (n *node) Setxattr(ctx context.Context, attr string, data []byte, flags uint32) syscall.Errno {
+	p, done, errno := n.xattrPath()
+	if errno != 0 {
+		return errno
+	}
+	defer done()
+	return gofs.ToErrno(unix.Lsetxattr(p, attr, data, int(flags)))
+}
+
+func (n *node) Removexattr(ctx context.Context, attr string) syscall.Errno {
+	p, done, errno := n.xattrPath()
+	if errno != 0 {
+		return errno
+	}
+	defer done()
+	return gofs.ToErrno(unix.Lremovexattr(p, attr))
+}
+
+func (n *node) Listxattr(ctx context.Context, dest []byte) (uint32, syscall.Errno) {
+	p, done, errno := n.xattrPath()
+	if errno != 0 {
+		return 0, errno
+	}
+	defer done()
+	k, err := unix.Llistxattr(p, dest)
+	return uint32(k), gofs.ToErrno(err)
+}
+
+// Ioctl passes on only the ioctls that read a file's attribute flags. lfuse
+// would run any other as root on the backing file, whoever asked: an
+// unprivileged user's FITRIM got past ext4's CAP_SYS_ADMIN check (an
+// adversarial run), and EXT4_IOC_SHUTDOWN would have done the same. A
+// caller that is root gets them all, as it would natively.
+func (n *node) Ioctl(ctx context.Context, f gofs.FileHandle, cmd uint32, arg uint64, input, output []byte) (int32, syscall.Errno) {
+	io, ok := f.(gofs.FileIoctler)
+	if !ok {
+		return 0, syscall.ENOTTY
+	}
+	caller, ok := fuse.FromContext(ctx)
+	reads := cmd == unix.FS_IOC_GETFLAGS || cmd == fsIOC32GetFlags || cmd == fsIOCFSGetXattr // one value on 32-bit targets
+	if (!ok || caller.Uid != 0) && !reads {
+		return 0, syscall.ENOTTY
+	}
+	return io.Ioctl(ctx, cmd, arg, input, output)
+}
+
+// The read-only attribute ioctls x/sys/unix does not name (linux/fs.h).
+const (
+	fsIOC32GetFlags = 0x80046601 // FS_IOC32_GETFLAGS
+	fsIOCFSGetXattr = 0x801c581f // FS_IOC_FSGETXATTR
+)
