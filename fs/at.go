@@ -38,8 +38,10 @@ func (m *Mount) openDir(rel string) (int, syscall.Errno) {
 		switch {
 		case err == nil:
 			return fd, 0
-		case errors.Is(err, unix.ENOSYS):
-			return walkDir(m.rootFd, rel) // kernels before 5.6
+		case errors.Is(err, unix.ENOSYS), errors.Is(err, unix.ENAMETOOLONG):
+			// Kernels before 5.6; a path past PATH_MAX, which a deep
+			// tree made with mkdirat reaches.
+			return walkDir(m.rootFd, rel)
 		case errors.Is(err, unix.EAGAIN) && attempt < 3:
 			continue // a rename raced with the lookup
 		}

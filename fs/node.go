@@ -177,7 +177,7 @@ func (n *node) Open(ctx context.Context, flags uint32) (gofs.FileHandle, uint32,
 	if flags&syscall.O_TRUNC != 0 && n.m.obs != nil {
 		after = n.m.obs.BeforeTruncate(rel)
 	}
-	fh, fl, errno := n.LoopbackNode.Open(ctx, flags)
+	fh, fl, errno := n.openat(flags)
 	if after != nil {
 		after(errno == 0)
 	}
@@ -208,6 +208,34 @@ func (n *node) Create(ctx context.Context, name string, flags, mode uint32, out 
 	fh, fl = n.m.fileHandle(in.Operations().(*node), rel, fh, fl)
 	n.m.opened(rel, true)
 	return in, fh, fl, 0
+}
+
+// openat opens n's backing file, never through a symlink. A file deleted
+// while open (reopened through /proc/PID/fd) is reopened from one of its
+// open descriptors.
+func (n *node) openat(flags uint32) (gofs.FileHandle, uint32, syscall.Errno) {
+	// Writes come with their offsets: O_APPEND would move them.
+	flags &^= syscall.O_APPEND | fuse.FMODE_EXEC
+	var fd int
+	var err error
+	dfd, name, errno := n.where()
+	switch {
+	case errno == 0:
+		fd, err = unix.Openat(dfd, name, int(flags)|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0)
+		unix.Close(dfd)
+	case errno == syscall.ENOENT:
+		ofd, ok := n.openFd()
+		if !ok {
+			return nil, 0, errno
+		}
+		fd, err = unix.Open(procPath(ofd), int(flags)|unix.O_CLOEXEC, 0)
+	default:
+		return nil, 0, errno
+	}
+	if err != nil {
+		return nil, 0, gofs.ToErrno(err)
+	}
+	return gofs.NewLoopbackFile(fd), 0, 0
 }
 
 func (n *node) create(ctx context.Context, name string, flags, mode uint32, out *fuse.EntryOut) (*gofs.Inode, gofs.FileHandle, uint32, syscall.Errno) {

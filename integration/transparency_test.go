@@ -301,6 +301,29 @@ func exerciseModes(p func(string) string, note func(string, error)) {
 		note(fmt.Sprintf("read linked tmpfile %q, mode %s", b, mode("named")), err)
 	}
 
+	// A tree deeper than PATH_MAX, made and used relative to descriptors
+	// (the mount failed past 4,096 bytes of path).
+	dfd, err := unix.Open(p(""), unix.O_RDONLY|unix.O_DIRECTORY, 0)
+	depth := 0
+	for ; err == nil && depth < 30; depth++ {
+		name := strings.Repeat("d", 200)
+		if err = unix.Mkdirat(dfd, name, 0o755); err == nil {
+			var next int
+			next, err = unix.Openat(dfd, name, unix.O_RDONLY|unix.O_DIRECTORY, 0)
+			unix.Close(dfd)
+			dfd = next
+		}
+	}
+	if err == nil {
+		var leaf int
+		if leaf, err = unix.Openat(dfd, "leaf", unix.O_CREAT|unix.O_RDWR, 0o644); err == nil {
+			unix.Close(leaf)
+			err = unix.Fchmodat(dfd, "leaf", 0o600, 0)
+		}
+		unix.Close(dfd)
+	}
+	note(fmt.Sprintf("deep tree: depth %d", depth), err)
+
 	f, err := os.Create(p("orphan"))
 	note("create orphan", err)
 	if err == nil {
