@@ -9,6 +9,7 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"strings"
 	"runtime/debug"
 )
 
@@ -90,7 +91,11 @@ func run(args []string, stdout, stderr io.Writer) int {
 		errors.As(err, &c)
 		return int(c)
 	default:
-		fmt.Fprintf(stderr, "lfuse: %v\n", err)
+		// One line, whatever the error: errors.Join puts each of several
+		// (databases that could not be shipped at a stop, replicas that
+		// hold no backup) on a line of its own, and the lines after the
+		// first lost the "lfuse: " that scripts look for.
+		fmt.Fprintf(stderr, "lfuse: %s\n", strings.ReplaceAll(err.Error(), "\n", "; "))
 		return 1
 	}
 }
