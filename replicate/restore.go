@@ -164,10 +164,10 @@ func planFrom(levels *[SnapshotLevel + 1][]ltx.FileInfo, newest *ltx.FileInfo, t
 		return (target.TXID == 0 || f.MaxTXID <= target.TXID) && (target.Time.IsZero() || !f.CreatedAt.After(target.Time))
 	}
 	if target.TXID > newest.MaxTXID {
-		return plan, fmt.Errorf("TXID %s is after the newest backup (TXID %s, committed %s)", target.TXID, newest.MaxTXID, newest.CreatedAt.Format(time.RFC3339))
+		return plan, fmt.Errorf("TXID %s is after the newest backup (TXID %s, committed %s)", target.TXID, newest.MaxTXID, newest.CreatedAt.Format(time.RFC3339Nano))
 	}
 	if !target.Time.IsZero() && target.Time.After(newest.CreatedAt) && target.Time.After(time.Now()) {
-		return plan, fmt.Errorf("timestamp %s is in the future; the newest backup was committed %s", target.Time.Format(time.RFC3339), newest.CreatedAt.Format(time.RFC3339))
+		return plan, fmt.Errorf("timestamp %s is in the future; the newest backup was committed %s", target.Time.Format(time.RFC3339), newest.CreatedAt.Format(time.RFC3339Nano))
 	}
 	snap := -1
 	for i, s := range snaps {
@@ -177,7 +177,7 @@ func planFrom(levels *[SnapshotLevel + 1][]ltx.FileInfo, newest *ltx.FileInfo, t
 	}
 	if snap < 0 {
 		oldest := snaps[0]
-		return plan, fmt.Errorf("%s is before the oldest backup (snapshot at TXID %s, committed %s)", target, oldest.MaxTXID, oldest.CreatedAt.Format(time.RFC3339))
+		return plan, fmt.Errorf("%s is before the oldest backup (snapshot at TXID %s, committed %s)", target, oldest.MaxTXID, oldest.CreatedAt.Format(time.RFC3339Nano))
 	}
 	// From the snapshot, take at each step the file that reaches furthest
 	// without passing the target; higher levels cover more per file. A

@@ -56,8 +56,10 @@ func runRestore(args []string, stdout, stderr io.Writer) error {
   lfuse restore [flags] -config FILE             restore every database of the configured replicas into data-dir
   lfuse restore [flags] -data DIR -replica URL   restore every database of the replica into DIR
 
-REPLICA_URL is file:///path or a plain path: the replica of one database
-(for a mount replicating to file:///backups, app.db is at file:///backups/app.db).
+REPLICA_URL is the replica of one database, as a replica URL of the mount
+(file:///path or a plain path, s3://, gs://, abs://, sftp://; see
+litefs.toml.example) followed by the database's path: for a mount
+replicating to s3://bucket/prod, app.db is at s3://bucket/prod/app.db.
 
 Flags:
 `)
