@@ -247,6 +247,7 @@ func (c *Client) WriteLTXFile(ctx context.Context, level int, min, max ltx.TXID,
 		},
 	}, func(u *manager.Uploader) { u.PartSize = partSize })
 	if err != nil {
+		c.abortUpload(ctx, key, err)
 		return c.wrap(err, "write %s", key)
 	}
 	if size > partSize {
@@ -316,12 +317,46 @@ func (c *Client) DeleteLTXFiles(ctx context.Context, files []ltx.FileInfo) error
 	return nil
 }
 
+// abortUpload aborts the multipart upload a failed Upload leaves, whose
+// parts the store keeps (and bills) until then, listed by nothing lfuse
+// reads. The SDK's own abort runs with the upload's context, which a
+// timeout or a stop has already cancelled when that is why it failed.
+func (c *Client) abortUpload(ctx context.Context, key string, err error) {
+	var mf manager.MultiUploadFailure
+	if !errors.As(err, &mf) || mf.UploadID() == "" {
+		return
+	}
+	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), abortTimeout)
+	defer cancel()
+	_, _ = c.s3.AbortMultipartUpload(ctx, &s3.AbortMultipartUploadInput{Bucket: &c.bucket, Key: &key, UploadId: aws.String(mf.UploadID())})
+}
+
+// abortTimeout bounds the abort of a failed upload, which a stop waits for.
+const abortTimeout = 5 * time.Second
+
+// staleUpload is how old an unfinished multipart upload under the replica
+// must be for Check to abort it: no upload of lfuse's lasts that long.
+const staleUpload = 24 * time.Hour
+
 // Check proves with one LIST that the bucket exists and the credentials
-// may read it.
+// may read it. It then aborts the multipart uploads under the replica that
+// a killed lfuse, or an abort that could not reach the store, left behind
+// more than a day ago; a store or account that does not allow listing
+// them is left alone.
 func (c *Client) Check(ctx context.Context) error {
-	_, err := c.s3.ListObjectsV2(ctx, &s3.ListObjectsV2Input{Bucket: &c.bucket, Prefix: aws.String(c.key("")), MaxKeys: aws.Int32(1)})
+	prefix := aws.String(c.key(""))
+	_, err := c.s3.ListObjectsV2(ctx, &s3.ListObjectsV2Input{Bucket: &c.bucket, Prefix: prefix, MaxKeys: aws.Int32(1)})
 	if err != nil {
 		return c.wrap(err, "check")
+	}
+	out, err := c.s3.ListMultipartUploads(ctx, &s3.ListMultipartUploadsInput{Bucket: &c.bucket, Prefix: prefix})
+	if err != nil {
+		return nil
+	}
+	for _, u := range out.Uploads {
+		if u.Initiated != nil && time.Since(*u.Initiated) > staleUpload {
+			_, _ = c.s3.AbortMultipartUpload(ctx, &s3.AbortMultipartUploadInput{Bucket: &c.bucket, Key: u.Key, UploadId: u.UploadId})
+		}
 	}
 	return nil
 }

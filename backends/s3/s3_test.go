@@ -248,3 +248,50 @@ func TestLostMultipartUploadIsAnError(t *testing.T) {
 	// The same write against the store itself succeeds and is read back.
 	backendtest.WriteReadBack(t, newClient(t, env, s3.Config{Path: path}), body, meta)
 }
+
+// An upload that a cancelled context cuts off (a stop, the upload timeout)
+// leaves no multipart upload in the bucket. (Found by an adversarial run:
+// the SDK aborts with the cancelled context, which fails, and the parts
+// stayed in the store, billed and listed by nothing lfuse reads.)
+func TestCancelledUploadIsAborted(t *testing.T) {
+	env := backendtest.Servers(t)
+	ensureBucket(t, env, env["LFUSE_TEST_S3_ENDPOINT"])
+	path := fmt.Sprintf("cancelled-%d", time.Now().UnixNano())
+	c := newClient(t, env, s3.Config{Path: path})
+	ctx, cancel := context.WithCancel(context.Background())
+	body := bytes.Repeat([]byte("lfuse"), 12<<20/5) // three 5 MiB parts
+	err := c.WriteLTXFile(ctx, 9, 1, 9, &cancelAfter{r: bytes.NewReader(body), n: 6 << 20, cancel: cancel}, int64(len(body)), meta)
+	if err == nil {
+		t.Fatal("an upload whose context was cancelled succeeded")
+	}
+	cli := awss3.New(awss3.Options{
+		Region:       "us-east-1",
+		BaseEndpoint: aws.String(env["LFUSE_TEST_S3_ENDPOINT"]),
+		UsePathStyle: true,
+		Credentials: aws.CredentialsProviderFunc(func(context.Context) (aws.Credentials, error) {
+			return aws.Credentials{AccessKeyID: env["LFUSE_TEST_S3_ACCESS_KEY_ID"], SecretAccessKey: env["LFUSE_TEST_S3_SECRET_ACCESS_KEY"]}, nil
+		}),
+	})
+	out, err := cli.ListMultipartUploads(context.Background(), &awss3.ListMultipartUploadsInput{Bucket: aws.String(bucket), Prefix: aws.String(path + "/")})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(out.Uploads) != 0 {
+		t.Fatalf("%d multipart uploads left after a cancelled write: %s", len(out.Uploads), aws.ToString(out.Uploads[0].Key))
+	}
+}
+
+// cancelAfter reads r and cancels after n bytes.
+type cancelAfter struct {
+	r      io.Reader
+	n      int
+	cancel context.CancelFunc
+}
+
+func (c *cancelAfter) Read(p []byte) (int, error) {
+	k, err := c.r.Read(p)
+	if c.n -= k; c.n <= 0 {
+		c.cancel()
+	}
+	return k, err
+}
