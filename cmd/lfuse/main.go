@@ -9,8 +9,8 @@ import (
 	"fmt"
 	"io"
 	"os"
-	"strings"
 	"runtime/debug"
+	"strings"
 )
 
 // Set by the release build.
