@@ -676,7 +676,17 @@ func (c *Client) do(ctx context.Context, idempotent bool, op func(*pkgsftp.Clien
 		if err != nil {
 			return err
 		}
+		// Most of pkg/sftp's calls take no context: a server that stops
+		// answering held them until the keepalive gave up, up to 45 s,
+		// whatever the caller's deadline (a stop overran its shutdown
+		// timeout that way, and a second signal changed nothing). Closing
+		// the connection when ctx ends fails them at once; the next call
+		// dials again.
+		stop := context.AfterFunc(ctx, func() { c.s.drop(cn) })
 		err = op(cn.sftp)
+		if !stop() && err != nil {
+			return fmt.Errorf("%s: %w", c.s.name, context.Cause(ctx))
+		}
 		if err == nil || !isConnErr(err) {
 			return err
 		}

@@ -552,3 +552,106 @@ func TestStaleTempsRemoved(t *testing.T) {
 		t.Fatal(err)
 	}
 }
+
+// A server that stops answering does not hold a call past its context: the
+// connection is closed under it. (Found by an adversarial run: a write to
+// a stopped sshd held a stop for 35 s against a 20 s shutdown timeout, and
+// a second signal changed nothing, until the keepalive gave up.)
+func TestHungServerReleasesAtDeadline(t *testing.T) {
+	env := backendtest.Servers(t)
+	cfg := config(t, env, "password")
+	p := newHangingProxy(t, cfg.Host)
+	cfg.Host = p.addr
+	// known_hosts names the server by its own port: give its key instead.
+	hosts, err := os.ReadFile(cfg.KnownHosts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, _, key, _, _, err := ssh.ParseKnownHosts(hosts); err == nil {
+		cfg.HostKey, cfg.KnownHosts = strings.TrimSpace(string(ssh.MarshalAuthorizedKey(key))), ""
+	} else {
+		t.Fatal(err)
+	}
+	c := open(t, cfg)
+	write(t, c, 0, 1, 1, time.Now())
+	p.hang()
+	ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+	defer cancel()
+	body := bytes.Repeat([]byte("x"), 1<<20)
+	done := make(chan error, 1)
+	go func() {
+		done <- c.WriteLTXFile(ctx, 0, 2, 2, bytes.NewReader(body), int64(len(body)), backends.FileMeta{Timestamp: time.Now(), PostApplyChecksum: ltx.ChecksumFlag | 1})
+	}()
+	select {
+	case err := <-done:
+		if !errors.Is(err, context.DeadlineExceeded) {
+			t.Fatalf("a write to a hung server: %v, want the context's deadline", err)
+		}
+	case <-time.After(keepaliveEvery - 5*time.Second): // before the keepalive could end it
+		p.release()
+		t.Fatal("a write to a hung server was still waiting 24 s after its deadline")
+	}
+	p.release()
+	if _, err := c.LTXFiles(context.Background(), 0); err != nil {
+		t.Fatalf("a listing once the server answers again: %v", err)
+	}
+}
+
+// hangingProxy forwards TCP to a server until hang, after which it holds
+// every byte until release.
+type hangingProxy struct {
+	addr    string
+	hung    chan struct{}
+	freed   chan struct{}
+	hangOne sync.Once
+	freeOne sync.Once
+}
+
+func newHangingProxy(t *testing.T, target string) *hangingProxy {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	p := &hangingProxy{addr: ln.Addr().String(), hung: make(chan struct{}), freed: make(chan struct{})}
+	t.Cleanup(func() { ln.Close(); p.release() })
+	go func() {
+		for {
+			in, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			out, err := net.Dial("tcp", target)
+			if err != nil {
+				in.Close()
+				continue
+			}
+			go p.pipe(out, in)
+			go p.pipe(in, out)
+		}
+	}()
+	return p
+}
+
+func (p *hangingProxy) pipe(dst, src net.Conn) {
+	defer dst.Close()
+	buf := make([]byte, 32<<10)
+	for {
+		n, err := src.Read(buf)
+		select {
+		case <-p.hung:
+			<-p.freed
+		default:
+		}
+		if n > 0 {
+			if _, werr := dst.Write(buf[:n]); werr != nil {
+				return
+			}
+		}
+		if err != nil {
+			return
+		}
+	}
+}
+
+func (p *hangingProxy) hang()    { p.hangOne.Do(func() { close(p.hung) }) }
+func (p *hangingProxy) release() { p.freeOne.Do(func() { close(p.freed) }) }
