@@ -200,6 +200,10 @@ func loadConfig(path string, expand bool) (Config, error) {
 			}
 			perr = rawErr
 		}
+		if key, ok := secretLine(lineOf(raw, perr.Position.Line)); ok {
+			// The parser quotes what it found, here the secret itself.
+			return cfg, fmt.Errorf("config file %s: line %d: the value of %s does not parse: write it in quotes, like %s = \"...\"", path, perr.Position.Line, key, key)
+		}
 		return cfg, fmt.Errorf("config file %s: line %d: %s", path, perr.Position.Line, perr.Message)
 	}
 	if undec := md.Undecoded(); len(undec) > 0 {
@@ -264,6 +268,22 @@ func lineOf(data []byte, n int) []byte {
 
 func oneLine(s string) string {
 	return strings.Join(strings.Fields(s), " ")
+}
+
+// secretLine reports whether a line of the config file sets a secret, and
+// which key.
+func secretLine(line []byte) (string, bool) {
+	key, _, ok := strings.Cut(string(line), "=")
+	if !ok {
+		return "", false
+	}
+	key = strings.Trim(strings.TrimSpace(key), `"'`)
+	for _, secret := range []string{"secret-access-key", "account-key", "sas-token", "password"} {
+		if key == secret || strings.HasSuffix(key, "."+secret) {
+			return key, true
+		}
+	}
+	return "", false
 }
 
 // validate checks values that the types alone do not.

@@ -38,6 +38,8 @@ addr = "127.0.0.1:9090"
 		{name: "unknown key", text: "mount-dir = \"/data\"\nmount_dir = \"/x\"\n", err: `line 2: unknown key "mount_dir"`},
 		{name: "unknown key in a table", text: "[log]\nlevel = \"info\"\nverbose = true\n", err: `line 3: unknown key "log.verbose"`},
 		{name: "unknown table", text: "[replica]\nurl = \"s3://x\"\n", err: `unknown key "replica`},
+		// The parser quotes what it found: not when that is a secret.
+		{name: "unquoted secret", text: "[[replicas]]\nurl = \"s3://b/p\"\nsecret-access-key = wJalrXUtnFEMI/K7MDENG\n", err: `line 3: the value of secret-access-key does not parse: write it in quotes`},
 		{name: "key in the wrong table", text: "[log]\npassthrough = \"on\"\n", err: `line 2: unknown key "log.passthrough"`},
 		{name: "key named like one of another table", text: "[[databases]]\npath = \"app.db\"\n\n[log]\nlevel = \"info\"\npath = \"x\"\n", err: `line 6: unknown key "log.path"`},
 		{name: "wrong type", text: "xattrs = \"yes\"\n", err: "xattrs"},
@@ -78,8 +80,8 @@ url = "file:///own"
 				if err == nil || !strings.Contains(err.Error(), c.err) || !strings.Contains(err.Error(), path) {
 					t.Fatalf("error %v, want one naming the file and %q", err, c.err)
 				}
-				if strings.Contains(err.Error(), "\n") {
-					t.Fatalf("error is not one line: %q", err)
+				if strings.Contains(err.Error(), "\n") || strings.Contains(err.Error(), "wJal") {
+					t.Fatalf("error is not one line, or shows a secret: %q", err)
 				}
 				return
 			}
