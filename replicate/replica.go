@@ -353,7 +353,7 @@ func (r *Replica) listLocked(ctx context.Context) error {
 	for _, level := range r.levels() {
 		infos, err := r.client.LTXFiles(ctx, level)
 		if err != nil {
-			return fmt.Errorf("list level %d: %w", level, err)
+			return err // the backends' errors say what they were listing
 		}
 		// Snapshots all start at TXID 1: by their first TXID alone their
 		// order is the listing's, and the last must be the newest.
@@ -723,7 +723,7 @@ func (r *Replica) checkListing(ctx context.Context, now time.Time) error {
 	}
 	infos, err := r.client.LTXFiles(ctx, SnapshotLevel)
 	if err != nil {
-		return fmt.Errorf("list level %d: %w", SnapshotLevel, err)
+		return err // the backends' errors say what they were listing
 	}
 	r.mu.Lock()
 	defer r.mu.Unlock()
