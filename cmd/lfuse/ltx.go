@@ -10,6 +10,7 @@ import (
 	"text/tabwriter"
 	"time"
 
+	"github.com/superfly/ltx"
 	"golang.org/x/sync/errgroup"
 
 	"github.com/lfuse/lfuse/replicate"
@@ -37,19 +38,40 @@ func runLTX(args []string, stdout, stderr io.Writer) error {
 	client := root.client
 	tw := tabwriter.NewWriter(stdout, 0, 8, 2, ' ', 0)
 	fmt.Fprintln(tw, "LEVEL\tMIN_TXID\tMAX_TXID\tSIZE\tCOMMITTED")
-	n := 0
+	var all []ltx.FileInfo
 	for level := 0; level <= replicate.SnapshotLevel; level++ {
 		files, err := client.LTXFiles(ctx, level)
 		if err != nil {
 			return err // the backends' errors name the replica and the level
 		}
-		for _, f := range files {
-			fmt.Fprintf(tw, "%d\t%s\t%s\t%d\t%s\n", level, f.MinTXID, f.MaxTXID, f.Size, f.CreatedAt.Format(time.RFC3339Nano))
-			n++
+		all = append(all, files...)
+	}
+	if len(all) == 0 {
+		return fmt.Errorf("%s holds no LTX files", client)
+	}
+	// S3 lists upload times, later than the commits by up to a sync: the
+	// times a -timestamp restore goes by are read from each file, sixteen
+	// at a time.
+	if a, ok := client.(interface{ ListTimesApprox() bool }); ok && a.ListTimesApprox() {
+		g, gctx := errgroup.WithContext(ctx)
+		g.SetLimit(16)
+		for i := range all {
+			g.Go(func() error {
+				f := &all[i]
+				meta, err := client.FileMeta(gctx, f.Level, f.MinTXID, f.MaxTXID)
+				if err != nil {
+					return fmt.Errorf("%s: read the commit time of level %d file %s: %w", client, f.Level, ltx.FormatFilename(f.MinTXID, f.MaxTXID), err)
+				}
+				f.CreatedAt = meta.Timestamp
+				return nil
+			})
+		}
+		if err := g.Wait(); err != nil {
+			return err
 		}
 	}
-	if n == 0 {
-		return fmt.Errorf("%s holds no LTX files", client)
+	for _, f := range all {
+		fmt.Fprintf(tw, "%d\t%s\t%s\t%d\t%s\n", f.Level, f.MinTXID, f.MaxTXID, f.Size, f.CreatedAt.UTC().Format(time.RFC3339Nano))
 	}
 	return tw.Flush()
 }
