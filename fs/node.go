@@ -71,6 +71,11 @@ func (n *node) Lookup(ctx context.Context, name string, out *fuse.EntryOut) (*go
 		return nil, errno
 	}
 	defer unix.Close(dfd)
+	return n.entry(ctx, dfd, name, out)
+}
+
+// entry describes name, in directory dfd of n, in out and gives its inode.
+func (n *node) entry(ctx context.Context, dfd int, name string, out *fuse.EntryOut) (*gofs.Inode, syscall.Errno) {
 	var st syscall.Stat_t
 	gen, errno := statAt(dfd, name, 0, &st)
 	if errno != 0 {
@@ -84,13 +89,15 @@ func (n *node) Getattr(ctx context.Context, f gofs.FileHandle, out *fuse.AttrOut
 	if fga, ok := f.(gofs.FileGetattrer); ok && fga != nil {
 		return fga.Getattr(ctx, out)
 	}
-	fd, errno := n.pin()
-	if errno != 0 {
-		return errno
-	}
-	defer unix.Close(fd)
 	var st syscall.Stat_t
-	if _, errno := statAt(fd, "", unix.AT_EMPTY_PATH, &st); errno != 0 {
+	dfd, name, errno := n.where()
+	if errno == 0 {
+		_, errno = statAt(dfd, name, 0, &st)
+		unix.Close(dfd)
+	} else if fd, ok := n.openFd(); ok && errno == syscall.ENOENT {
+		_, errno = statAt(fd, "", unix.AT_EMPTY_PATH, &st)
+	}
+	if errno != 0 {
 		return errno
 	}
 	out.FromStat(&st)
@@ -512,13 +519,7 @@ func (n *node) Link(ctx context.Context, target gofs.InodeEmbedder, name string,
 	if err != nil {
 		return nil, gofs.ToErrno(err)
 	}
-	var st syscall.Stat_t
-	gen, errno := statAt(dfd, name, 0, &st)
-	if errno != 0 {
-		return nil, errno
-	}
-	out.Attr.FromStat(&st)
-	return n.child(ctx, name, &st, gen), 0
+	return n.entry(ctx, dfd, name, out)
 }
 
 // openFd is the descriptor of one of the node's open files.

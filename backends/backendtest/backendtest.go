@@ -450,6 +450,12 @@ func testLarge(t *testing.T, c Client) {
 	}
 }
 
+// CancelAfter returns r, which cancels with cancel once n bytes have been
+// read through it.
+func CancelAfter(r io.Reader, n int64, cancel context.CancelFunc) io.Reader {
+	return &cancelReader{r: r, n: n, cancel: cancel}
+}
+
 // cancelReader cancels a context once n bytes have been read through it.
 type cancelReader struct {
 	r      io.Reader

@@ -50,10 +50,10 @@ func newClient(t testing.TB, env map[string]string, cfg s3.Config) *s3.Client {
 	return c
 }
 
-// ensureBucket creates the test bucket through the SDK itself.
-func ensureBucket(t testing.TB, env map[string]string, endpoint string) {
-	t.Helper()
-	cli := awss3.New(awss3.Options{
+// sdkClient is the SDK's own client of the test server, to check what
+// lfuse's did.
+func sdkClient(env map[string]string, endpoint string) *awss3.Client {
+	return awss3.New(awss3.Options{
 		Region:       "us-east-1",
 		BaseEndpoint: aws.String(endpoint),
 		UsePathStyle: true,
@@ -61,7 +61,12 @@ func ensureBucket(t testing.TB, env map[string]string, endpoint string) {
 			return aws.Credentials{AccessKeyID: env["LFUSE_TEST_S3_ACCESS_KEY_ID"], SecretAccessKey: env["LFUSE_TEST_S3_SECRET_ACCESS_KEY"]}, nil
 		}),
 	})
-	_, err := cli.CreateBucket(context.Background(), &awss3.CreateBucketInput{Bucket: aws.String(bucket)})
+}
+
+// ensureBucket creates the test bucket through the SDK itself.
+func ensureBucket(t testing.TB, env map[string]string, endpoint string) {
+	t.Helper()
+	_, err := sdkClient(env, endpoint).CreateBucket(context.Background(), &awss3.CreateBucketInput{Bucket: aws.String(bucket)})
 	if err != nil && !strings.Contains(err.Error(), "BucketAlreadyOwnedByYou") && !strings.Contains(err.Error(), "BucketAlreadyExists") {
 		t.Fatalf("create bucket: %v", err)
 	}
@@ -260,38 +265,15 @@ func TestCancelledUploadIsAborted(t *testing.T) {
 	c := newClient(t, env, s3.Config{Path: path})
 	ctx, cancel := context.WithCancel(context.Background())
 	body := bytes.Repeat([]byte("lfuse"), 12<<20/5) // three 5 MiB parts
-	err := c.WriteLTXFile(ctx, 9, 1, 9, &cancelAfter{r: bytes.NewReader(body), n: 6 << 20, cancel: cancel}, int64(len(body)), meta)
+	err := c.WriteLTXFile(ctx, 9, 1, 9, backendtest.CancelAfter(bytes.NewReader(body), 6<<20, cancel), int64(len(body)), meta)
 	if err == nil {
 		t.Fatal("an upload whose context was cancelled succeeded")
 	}
-	cli := awss3.New(awss3.Options{
-		Region:       "us-east-1",
-		BaseEndpoint: aws.String(env["LFUSE_TEST_S3_ENDPOINT"]),
-		UsePathStyle: true,
-		Credentials: aws.CredentialsProviderFunc(func(context.Context) (aws.Credentials, error) {
-			return aws.Credentials{AccessKeyID: env["LFUSE_TEST_S3_ACCESS_KEY_ID"], SecretAccessKey: env["LFUSE_TEST_S3_SECRET_ACCESS_KEY"]}, nil
-		}),
-	})
-	out, err := cli.ListMultipartUploads(context.Background(), &awss3.ListMultipartUploadsInput{Bucket: aws.String(bucket), Prefix: aws.String(path + "/")})
+	out, err := sdkClient(env, env["LFUSE_TEST_S3_ENDPOINT"]).ListMultipartUploads(context.Background(), &awss3.ListMultipartUploadsInput{Bucket: aws.String(bucket), Prefix: aws.String(path + "/")})
 	if err != nil {
 		t.Fatal(err)
 	}
 	if len(out.Uploads) != 0 {
 		t.Fatalf("%d multipart uploads left after a cancelled write: %s", len(out.Uploads), aws.ToString(out.Uploads[0].Key))
 	}
-}
-
-// cancelAfter reads r and cancels after n bytes.
-type cancelAfter struct {
-	r      io.Reader
-	n      int
-	cancel context.CancelFunc
-}
-
-func (c *cancelAfter) Read(p []byte) (int, error) {
-	k, err := c.r.Read(p)
-	if c.n -= k; c.n <= 0 {
-		c.cancel()
-	}
-	return k, err
 }
