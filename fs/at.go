@@ -38,9 +38,10 @@ func (m *Mount) openDir(rel string) (int, syscall.Errno) {
 		switch {
 		case err == nil:
 			return fd, 0
-		case errors.Is(err, unix.ENOSYS), errors.Is(err, unix.ENAMETOOLONG):
-			// Kernels before 5.6; a path past PATH_MAX, which a deep
-			// tree made with mkdirat reaches.
+		case errors.Is(err, unix.ENOSYS), errors.Is(err, unix.EPERM), errors.Is(err, unix.ENAMETOOLONG):
+			// Kernels before 5.6, and seccomp profiles that predate
+			// openat2 (some answer EPERM); a path past PATH_MAX, which
+			// a deep tree made with mkdirat reaches.
 			return walkDir(m.rootFd, rel)
 		case errors.Is(err, unix.EAGAIN) && attempt < 3:
 			continue // a rename raced with the lookup
@@ -94,8 +95,7 @@ func (n *node) pin() (int, syscall.Errno) {
 	dfd, name, errno := n.where()
 	if errno == syscall.ENOENT && !n.IsRoot() {
 		if fd, ok := n.openFd(); ok {
-			nfd, err := unix.Dup(fd)
-			return nfd, gofs.ToErrno(err)
+			return fd, 0
 		}
 	}
 	if errno != 0 {
@@ -148,9 +148,16 @@ func statAt(dfd int, name string, flags int, st *syscall.Stat_t) (gen uint64, er
 // architectures.
 func setNum[T ~int32 | ~int64 | ~uint16 | ~uint32 | ~uint64](p *T, v uint64) { *p = T(v) }
 
+// timespec converts a statx time, without going through nanoseconds since
+// 1970, which an int64 holds only until 2262.
 func timespec(t unix.StatxTimestamp) syscall.Timespec {
-	return syscall.Timespec(unix.NsecToTimespec(t.Sec*1e9 + int64(t.Nsec)))
+	var ts syscall.Timespec
+	setInt(&ts.Sec, t.Sec)
+	setInt(&ts.Nsec, int64(t.Nsec))
+	return ts
 }
+
+func setInt[T ~int32 | ~int64](p *T, v int64) { *p = T(v) }
 
 // child makes the inode for name, a file in directory n described by st.
 func (n *node) child(ctx context.Context, name string, st *syscall.Stat_t, gen uint64) *gofs.Inode {
@@ -172,44 +179,33 @@ func (n *node) child(ctx context.Context, name string, st *syscall.Stat_t, gen u
 // file to its caller clears setuid and setgid. In a setgid directory the
 // new name keeps the group it inherited there, as on any filesystem.
 func (n *node) made(ctx context.Context, dfd int, name string, fd int, mode uint32, out *fuse.EntryOut) (*gofs.Inode, syscall.Errno) {
+	if fd < 0 {
+		// Everything below acts on the one inode made, not on the name.
+		pfd, err := unix.Openat(dfd, name, unix.O_PATH|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0)
+		if err != nil {
+			return nil, gofs.ToErrno(err)
+		}
+		defer unix.Close(pfd)
+		fd = pfd
+	}
 	if caller, ok := fuse.FromContext(ctx); ok && n.m.asRoot {
 		gid := int(caller.Gid)
 		var dst unix.Stat_t
 		if unix.Fstat(dfd, &dst) == nil && dst.Mode&unix.S_ISGID != 0 {
 			gid = -1
 		}
-		var err error
-		if fd >= 0 {
-			err = unix.Fchown(fd, int(caller.Uid), gid)
-		} else {
-			err = unix.Fchownat(dfd, name, int(caller.Uid), gid, unix.AT_SYMLINK_NOFOLLOW)
-		}
-		if err != nil {
+		if err := unix.Fchownat(fd, "", int(caller.Uid), gid, unix.AT_EMPTY_PATH|unix.AT_SYMLINK_NOFOLLOW); err != nil {
 			return nil, gofs.ToErrno(err)
 		}
 	}
 	var st syscall.Stat_t
-	var gen uint64
-	var errno syscall.Errno
-	if fd >= 0 {
-		gen, errno = statAt(fd, "", unix.AT_EMPTY_PATH, &st)
-	} else {
-		gen, errno = statAt(dfd, name, 0, &st)
-	}
+	gen, errno := statAt(fd, "", unix.AT_EMPTY_PATH, &st)
 	if errno != 0 {
 		return nil, errno
 	}
 	if missing := mode & 0o7777 &^ uint32(st.Mode); missing != 0 && st.Mode&syscall.S_IFMT != syscall.S_IFLNK {
-		pfd := fd
-		if fd < 0 {
-			var err error
-			if pfd, err = unix.Openat(dfd, name, unix.O_PATH|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0); err != nil {
-				return nil, gofs.ToErrno(err)
-			}
-			defer unix.Close(pfd)
-		}
 		perm := uint32(st.Mode)&0o7777 | missing
-		if err := unix.Chmod(procPath(pfd), perm); err != nil {
+		if err := unix.Chmod(procPath(fd), perm); err != nil {
 			return nil, gofs.ToErrno(err)
 		}
 		st.Mode = st.Mode&^0o7777 | perm
@@ -220,50 +216,72 @@ func (n *node) made(ctx context.Context, dfd int, name string, fd int, mode uint
 
 // xattrPath names n for the xattr calls, which take only paths: its
 // directory's descriptor through /proc, then its name, which the l-variants
-// do not follow.
-func (n *node) xattrPath() (string, func(), syscall.Errno) {
+// do not follow (follow is false). A file deleted while open is named by
+// one of its open descriptors, which the plain calls follow to it.
+func (n *node) xattrPath() (path string, follow bool, done func(), errno syscall.Errno) {
 	dfd, name, errno := n.where()
-	if errno != 0 {
-		return "", nil, errno
+	if errno == syscall.ENOENT && !n.IsRoot() {
+		if fd, ok := n.openFd(); ok {
+			return procPath(fd), true, func() { unix.Close(fd) }, 0
+		}
 	}
-	return procPath(dfd) + "/" + name, func() { unix.Close(dfd) }, 0
+	if errno != 0 {
+		return "", false, nil, errno
+	}
+	return procPath(dfd) + "/" + name, false, func() { unix.Close(dfd) }, 0
 }
 
 func (n *node) Getxattr(ctx context.Context, attr string, dest []byte) (uint32, syscall.Errno) {
-	p, done, errno := n.xattrPath()
+	p, follow, done, errno := n.xattrPath()
 	if errno != 0 {
 		return 0, errno
 	}
 	defer done()
-	k, err := unix.Lgetxattr(p, attr, dest)
+	get := unix.Lgetxattr
+	if follow {
+		get = unix.Getxattr
+	}
+	k, err := get(p, attr, dest)
 	return uint32(k), gofs.ToErrno(err)
 }
 
 func (n *node) Setxattr(ctx context.Context, attr string, data []byte, flags uint32) syscall.Errno {
-	p, done, errno := n.xattrPath()
+	p, follow, done, errno := n.xattrPath()
 	if errno != 0 {
 		return errno
 	}
 	defer done()
-	return gofs.ToErrno(unix.Lsetxattr(p, attr, data, int(flags)))
+	set := unix.Lsetxattr
+	if follow {
+		set = unix.Setxattr
+	}
+	return gofs.ToErrno(set(p, attr, data, int(flags)))
 }
 
 func (n *node) Removexattr(ctx context.Context, attr string) syscall.Errno {
-	p, done, errno := n.xattrPath()
+	p, follow, done, errno := n.xattrPath()
 	if errno != 0 {
 		return errno
 	}
 	defer done()
-	return gofs.ToErrno(unix.Lremovexattr(p, attr))
+	remove := unix.Lremovexattr
+	if follow {
+		remove = unix.Removexattr
+	}
+	return gofs.ToErrno(remove(p, attr))
 }
 
 func (n *node) Listxattr(ctx context.Context, dest []byte) (uint32, syscall.Errno) {
-	p, done, errno := n.xattrPath()
+	p, follow, done, errno := n.xattrPath()
 	if errno != 0 {
 		return 0, errno
 	}
 	defer done()
-	k, err := unix.Llistxattr(p, dest)
+	list := unix.Llistxattr
+	if follow {
+		list = unix.Listxattr
+	}
+	k, err := list(p, dest)
 	return uint32(k), gofs.ToErrno(err)
 }
 

@@ -2,6 +2,7 @@ package fs
 
 import (
 	"context"
+	"errors"
 	"path"
 	"sync"
 	"sync/atomic"
@@ -94,8 +95,11 @@ func (n *node) Getattr(ctx context.Context, f gofs.FileHandle, out *fuse.AttrOut
 	if errno == 0 {
 		_, errno = statAt(dfd, name, 0, &st)
 		unix.Close(dfd)
-	} else if fd, ok := n.openFd(); ok && errno == syscall.ENOENT {
-		_, errno = statAt(fd, "", unix.AT_EMPTY_PATH, &st)
+	} else if errno == syscall.ENOENT {
+		if fd, ok := n.openFd(); ok {
+			_, errno = statAt(fd, "", unix.AT_EMPTY_PATH, &st)
+			unix.Close(fd)
+		}
 	}
 	if errno != 0 {
 		return errno
@@ -236,6 +240,7 @@ func (n *node) openat(flags uint32) (gofs.FileHandle, uint32, syscall.Errno) {
 			return nil, 0, errno
 		}
 		fd, err = unix.Open(procPath(ofd), int(flags)|unix.O_CLOEXEC, 0)
+		unix.Close(ofd)
 	default:
 		return nil, 0, errno
 	}
@@ -252,7 +257,22 @@ func (n *node) create(ctx context.Context, name string, flags, mode uint32, out 
 	}
 	defer unix.Close(dfd)
 	// Writes come with their offsets: O_APPEND would move them.
-	fd, err := unix.Openat(dfd, name, int(flags&^syscall.O_APPEND)|unix.O_CREAT|unix.O_NOFOLLOW|unix.O_CLOEXEC, mode)
+	flags &^= syscall.O_APPEND
+	// Only a file this call made is given to the caller: the kernel asks
+	// for a name it saw missing, and one there now (a tree lagging behind a
+	// rename, a change outside the mount) is opened as it is.
+	fd, err := unix.Openat(dfd, name, int(flags)|unix.O_CREAT|unix.O_EXCL|unix.O_NOFOLLOW|unix.O_CLOEXEC, mode)
+	if errors.Is(err, unix.EEXIST) && flags&syscall.O_EXCL == 0 {
+		if fd, err = unix.Openat(dfd, name, int(flags&^syscall.O_CREAT)|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0); err != nil {
+			return nil, nil, 0, gofs.ToErrno(err)
+		}
+		in, errno := n.entry(ctx, dfd, name, out)
+		if errno != 0 {
+			unix.Close(fd)
+			return nil, nil, 0, errno
+		}
+		return in, gofs.NewLoopbackFile(fd), 0, 0
+	}
 	if err != nil {
 		return nil, nil, 0, gofs.ToErrno(err)
 	}
@@ -346,13 +366,18 @@ func (n *node) setattr(ctx context.Context, f gofs.FileHandle, in *fuse.SetAttrI
 	atime, aok := in.GetATime()
 	if mok || aok {
 		ts := []unix.Timespec{{Nsec: unix.UTIME_OMIT}, {Nsec: unix.UTIME_OMIT}}
+		var err error
+		// Not through UnixNano, which overflows after 2262.
 		if aok {
-			ts[0] = unix.NsecToTimespec(atime.UnixNano())
+			if ts[0], err = unix.TimeToTimespec(atime); err != nil {
+				return gofs.ToErrno(err)
+			}
 		}
 		if mok {
-			ts[1] = unix.NsecToTimespec(mtime.UnixNano())
+			if ts[1], err = unix.TimeToTimespec(mtime); err != nil {
+				return gofs.ToErrno(err)
+			}
 		}
-		var err error
 		if link {
 			// A symlink's own times: through its directory, by name,
 			// without following it.
@@ -513,6 +538,7 @@ func (n *node) Link(ctx context.Context, target gofs.InodeEmbedder, name string,
 	} else if fd, ok := t.openFd(); ok {
 		// No name: a file made with O_TMPFILE, named now.
 		err = unix.Linkat(fd, "", dfd, name, unix.AT_EMPTY_PATH)
+		unix.Close(fd)
 	} else {
 		return nil, errno
 	}
@@ -522,12 +548,20 @@ func (n *node) Link(ctx context.Context, target gofs.InodeEmbedder, name string,
 	return n.entry(ctx, dfd, name, out)
 }
 
-// openFd is the descriptor of one of the node's open files.
+// openFd is a duplicate of the descriptor of one of the node's open files,
+// which the caller closes. Duplicated under openMu, which Release takes
+// before it closes the file: the bare number, used after a concurrent
+// release, could name whatever lfuse opened next (an adversarial run
+// chmodded and chowned the backing root through a deleted file that way).
 func (n *node) openFd() (int, bool) {
 	n.openMu.Lock()
 	defer n.openMu.Unlock()
 	for f := range n.open {
-		return f.LoopbackFile.PassthroughFd()
+		if fd, ok := f.LoopbackFile.PassthroughFd(); ok {
+			if dup, err := unix.FcntlInt(uintptr(fd), unix.F_DUPFD_CLOEXEC, 0); err == nil {
+				return dup, true
+			}
+		}
 	}
 	return -1, false
 }

@@ -301,6 +301,14 @@ func exerciseModes(p func(string) string, note func(string, error)) {
 		note(fmt.Sprintf("read linked tmpfile %q, mode %s", b, mode("named")), err)
 	}
 
+	// Times past 2262, which nanoseconds since 1970 in an int64 cannot hold.
+	// (os.Chtimes goes through UnixNano itself.)
+	far, _ := unix.TimeToTimespec(time.Date(2300, 1, 1, 0, 0, 0, 0, time.UTC))
+	err = unix.UtimesNanoAt(unix.AT_FDCWD, p("m666"), []unix.Timespec{far, far}, 0)
+	var fst unix.Stat_t
+	unix.Stat(p("m666"), &fst)
+	note(fmt.Sprintf("utimensat 2300: mtime %d", fst.Mtim.Sec), err)
+
 	// A tree deeper than PATH_MAX, made and used relative to descriptors
 	// (the mount failed past 4,096 bytes of path).
 	dfd, err := unix.Open(p(""), unix.O_RDONLY|unix.O_DIRECTORY, 0)
@@ -333,6 +341,7 @@ func exerciseModes(p func(string) string, note func(string, error)) {
 		note("futimens deleted", unix.UtimesNanoAt(int(f.Fd()), "", []unix.Timespec{{Sec: 1}, {Sec: 2}}, unix.AT_EMPTY_PATH))
 		var sfs unix.Statfs_t
 		note("fstatfs deleted", unix.Fstatfs(int(f.Fd()), &sfs))
+		note("xattr fsetxattr deleted", unix.Fsetxattr(int(f.Fd()), "user.k", []byte("v"), 0))
 		st, err := f.Stat()
 		note(fmt.Sprintf("fstat deleted mode %v mtime %d", st.Mode(), st.ModTime().Unix()), err)
 		f.Close()
