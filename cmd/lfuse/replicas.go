@@ -351,6 +351,12 @@ func replicaTargets(cfg Config, rel string) []replicaTarget {
 	return out
 }
 
+// checkTimeout bounds the check of a replica before the mount opens: a
+// backend that accepts connections and never answers held "mount ready",
+// and the application behind it, for 30 s (an adversarial run). Ten seconds
+// cover a cold start's DNS, TLS and credential lookups many times over.
+const checkTimeout = 10 * time.Second
+
 // checkReplicas tries every configured replica once, in parallel, before the
 // mount opens. What only the user can fix (credentials, a missing bucket, an
 // unknown host key) stops lfuse with one line; anything else (the backend is
@@ -370,7 +376,7 @@ func checkReplicas(ctx context.Context, logger *slog.Logger, cfg Config) error {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			cctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+			cctx, cancel := context.WithTimeout(ctx, checkTimeout)
 			defer cancel()
 			errs[i] = root.check(cctx)
 		}()
