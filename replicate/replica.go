@@ -290,7 +290,13 @@ func (o *outage) result(r *Replica, err error, failed, still, recovered string, 
 	default:
 		r.errs.Add(1)
 		if !o.failing {
-			o.failing, o.since = true, time.Now()
+			// From the start of the attempt that failed: against a hung
+			// server that attempt took its whole timeout, which the
+			// outage reported at recovery left out (29 s for 90).
+			o.failing, o.since = true, o.lastTry
+			if o.since.IsZero() {
+				o.since = time.Now()
+			}
 			o.now.Store(true)
 			r.logger.Error(failed, "err", err)
 		} else {
