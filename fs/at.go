@@ -231,58 +231,53 @@ func (n *node) xattrPath() (path string, follow bool, done func(), errno syscall
 	return procPath(dfd) + "/" + name, false, func() { unix.Close(dfd) }, 0
 }
 
-func (n *node) Getxattr(ctx context.Context, attr string, dest []byte) (uint32, syscall.Errno) {
+// xattr runs call on n's xattrPath.
+func (n *node) xattr(call func(path string, follow bool) (int, error)) (uint32, syscall.Errno) {
 	p, follow, done, errno := n.xattrPath()
 	if errno != 0 {
 		return 0, errno
 	}
 	defer done()
-	get := unix.Lgetxattr
-	if follow {
-		get = unix.Getxattr
-	}
-	k, err := get(p, attr, dest)
-	return uint32(k), gofs.ToErrno(err)
+	k, err := call(p, follow)
+	return uint32(max(k, 0)), gofs.ToErrno(err)
 }
 
-func (n *node) Setxattr(ctx context.Context, attr string, data []byte, flags uint32) syscall.Errno {
-	p, follow, done, errno := n.xattrPath()
-	if errno != 0 {
-		return errno
-	}
-	defer done()
-	set := unix.Lsetxattr
-	if follow {
-		set = unix.Setxattr
-	}
-	return gofs.ToErrno(set(p, attr, data, int(flags)))
-}
-
-func (n *node) Removexattr(ctx context.Context, attr string) syscall.Errno {
-	p, follow, done, errno := n.xattrPath()
-	if errno != 0 {
-		return errno
-	}
-	defer done()
-	remove := unix.Lremovexattr
-	if follow {
-		remove = unix.Removexattr
-	}
-	return gofs.ToErrno(remove(p, attr))
+func (n *node) Getxattr(ctx context.Context, attr string, dest []byte) (uint32, syscall.Errno) {
+	return n.xattr(func(p string, follow bool) (int, error) {
+		if follow {
+			return unix.Getxattr(p, attr, dest)
+		}
+		return unix.Lgetxattr(p, attr, dest)
+	})
 }
 
 func (n *node) Listxattr(ctx context.Context, dest []byte) (uint32, syscall.Errno) {
-	p, follow, done, errno := n.xattrPath()
-	if errno != 0 {
-		return 0, errno
-	}
-	defer done()
-	list := unix.Llistxattr
-	if follow {
-		list = unix.Listxattr
-	}
-	k, err := list(p, dest)
-	return uint32(k), gofs.ToErrno(err)
+	return n.xattr(func(p string, follow bool) (int, error) {
+		if follow {
+			return unix.Listxattr(p, dest)
+		}
+		return unix.Llistxattr(p, dest)
+	})
+}
+
+func (n *node) Setxattr(ctx context.Context, attr string, data []byte, flags uint32) syscall.Errno {
+	_, errno := n.xattr(func(p string, follow bool) (int, error) {
+		if follow {
+			return 0, unix.Setxattr(p, attr, data, int(flags))
+		}
+		return 0, unix.Lsetxattr(p, attr, data, int(flags))
+	})
+	return errno
+}
+
+func (n *node) Removexattr(ctx context.Context, attr string) syscall.Errno {
+	_, errno := n.xattr(func(p string, follow bool) (int, error) {
+		if follow {
+			return 0, unix.Removexattr(p, attr)
+		}
+		return 0, unix.Lremovexattr(p, attr)
+	})
+	return errno
 }
 
 // Ioctl passes on only the ioctls that read a file's attribute flags. lfuse
