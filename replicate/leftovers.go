@@ -1,7 +1,6 @@
 package replicate
 
 import (
-	"errors"
 	"log/slog"
 	"os"
 	"path/filepath"
@@ -45,21 +44,13 @@ func SweepLeftovers(dir string, logger *slog.Logger) {
 		if err != nil || !fi.IsDir() || time.Since(fi.ModTime()) < leftoverMinAge {
 			continue
 		}
-		f, err := os.Open(path)
-		if err != nil {
-			continue
-		}
-		err = unix.Flock(int(f.Fd()), unix.LOCK_EX|unix.LOCK_NB)
-		if err != nil {
-			f.Close()
-			if !errors.Is(err, unix.EWOULDBLOCK) {
-				logger.Debug("cannot tell whether a restore still uses its directory; leaving it", "path", path, "err", err)
-			}
+		lock := lockRestoreDir(path) // nil: a restore holds it, or it cannot be told
+		if lock == nil {
 			continue
 		}
 		size := treeSize(path)
 		err = os.RemoveAll(path)
-		f.Close()
+		lock.Close()
 		if err != nil {
 			logger.Warn("cannot remove what an interrupted restore left behind", "path", path, "err", err)
 			continue
