@@ -901,26 +901,39 @@ func (r *Replica) retain(ctx context.Context, now time.Time) error {
 	expired := func(f ltx.FileInfo) bool {
 		return (f.Level == SnapshotLevel && f.MaxTXID < base) || (f.Level != SnapshotLevel && f.MaxTXID <= base)
 	}
-	var del []ltx.FileInfo
+	// Snapshots are deleted first, in a call of their own: a restore that
+	// lists the snapshots after the other levels (PlanRestore) then never
+	// sees an old snapshot without the files that follow it, which it
+	// would take for the newest state at a time inside their range.
+	var snapsGone, restGone []ltx.FileInfo
 	for level := range r.files {
 		for _, f := range r.files[level] {
-			if expired(f) {
-				del = append(del, f)
+			switch {
+			case !expired(f):
+			case level == SnapshotLevel:
+				snapsGone = append(snapsGone, f)
+			default:
+				restGone = append(restGone, f)
 			}
 		}
 	}
 	r.mu.Unlock()
-	if len(del) == 0 {
+	if len(snapsGone)+len(restGone) == 0 {
 		return nil
 	}
-	if err := r.client.DeleteLTXFiles(ctx, del); err != nil {
-		return fmt.Errorf("delete files past retention: %w", err)
+	for _, batch := range [][]ltx.FileInfo{snapsGone, restGone} {
+		if len(batch) == 0 {
+			continue
+		}
+		if err := r.client.DeleteLTXFiles(ctx, batch); err != nil {
+			return fmt.Errorf("delete files past retention: %w", err)
+		}
 	}
 	r.mu.Lock()
 	for level := range r.files {
 		r.files[level] = slices.DeleteFunc(r.files[level], expired)
 	}
 	r.mu.Unlock()
-	r.logger.Info("deleted files past retention", "files", len(del), "before_txid", base.String())
+	r.logger.Info("deleted files past retention", "files", len(snapsGone)+len(restGone), "before_txid", base.String())
 	return nil
 }

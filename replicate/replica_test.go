@@ -564,10 +564,12 @@ func TestStatsDuringSync(t *testing.T) {
 
 func TestRetention(t *testing.T) {
 	const retention = 1500 * time.Millisecond
-	rs := newReplicaSetup(t, ReplicaOptions{
+	// The deletions are watched for their order: see retentionOrder.
+	var order *retentionOrder
+	rs := newWrappedReplicaSetup(t, ReplicaOptions{
 		SyncInterval: time.Hour, SnapshotInterval: 400 * time.Millisecond, Retention: retention,
 		CompactIntervals: []time.Duration{200 * time.Millisecond},
-	})
+	}, func(c ReplicaClient) ReplicaClient { order = &retentionOrder{ReplicaClient: c}; return order })
 	m, db := rs.m, rs.db
 	defer m.Close()
 	db.Exec("PRAGMA wal_autocheckpoint=0")
@@ -609,6 +611,13 @@ func TestRetention(t *testing.T) {
 	if snaps[0].MaxTXID <= 2 || l0[0].MinTXID <= 2 {
 		t.Fatalf("nothing deleted: oldest snapshot %s, oldest L0 %s", snaps[0].MaxTXID, l0[0].MinTXID)
 	}
+	// ...snapshots first, so that a restore listing the replica meanwhile
+	// never sees an old snapshot without the files after it...
+	order.mu.Lock()
+	if order.deletes == 0 || order.violated != "" {
+		t.Fatalf("%d deletions: %s", order.deletes, order.violated)
+	}
+	order.mu.Unlock()
 	// ...and every point inside the window still restores exactly.
 	cutoff := time.Now().Add(-retention)
 	out := filepath.Join(t.TempDir(), "r.db")

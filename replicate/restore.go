@@ -57,22 +57,34 @@ var ErrNoBackup = errors.New("the replica holds no backup of this database")
 var errNoReplicaSnapshot = errors.New("the replica holds transaction files but no snapshot to apply them to (were its level-9 files deleted?): nothing can be restored from it; restore from another replica, or remove this one's files to start afresh")
 
 // PlanRestore lists every level of the replica once and picks the files that
-// restore target.
+// restore target. A running lfuse may delete files meanwhile: a file the
+// plan names can be gone by the time it is downloaded (Restore then fails
+// with backends.ErrNotFound, and planning again settles it).
 func PlanRestore(ctx context.Context, client ReplicaClient, target Target) (Plan, error) {
 	client = withTimeouts(client)
 	start := time.Now()
 	var levels [SnapshotLevel + 1][]ltx.FileInfo
-	// The levels are listed at once: one after another cost ten round
-	// trips to a cloud store before the first download could start.
+	// The levels below the snapshots are listed at once: one after another
+	// cost ten round trips to a cloud store before the first download
+	// could start. The snapshots are listed after them. Retention deletes
+	// an old snapshot before the files above it (Replica.retain), so a
+	// snapshot still listed then had all its later files listed too.
+	// Listed at the same time, a snapshot could be seen while the files
+	// after it were already gone, and a timestamp restore then returned
+	// that snapshot alone: an older state than asked for, with no error.
+	list := func(ctx context.Context, level int) error {
+		files, err := client.LTXFiles(ctx, level)
+		levels[level] = files
+		return err // the backends' errors say what they were listing
+	}
 	g, gctx := errgroup.WithContext(ctx)
-	for level := range levels {
-		g.Go(func() error {
-			files, err := client.LTXFiles(gctx, level)
-			levels[level] = files
-			return err // the backends' errors say what they were listing
-		})
+	for level := range SnapshotLevel {
+		g.Go(func() error { return list(gctx, level) })
 	}
 	if err := g.Wait(); err != nil {
+		return Plan{}, err
+	}
+	if err := list(ctx, SnapshotLevel); err != nil {
 		return Plan{}, err
 	}
 	var newest *ltx.FileInfo
