@@ -20,6 +20,7 @@ import (
 	"golang.org/x/sync/errgroup"
 	"golang.org/x/sys/unix"
 
+	"github.com/lfuse/lfuse/backends"
 	"github.com/lfuse/lfuse/replicate"
 )
 
@@ -298,6 +299,10 @@ func restoreAll(ctx context.Context, logger *slog.Logger, stderr io.Writer, cfg 
 	return int(n.Load()), err
 }
 
+// replanAttempts is how often a restore plans again when a file it planned
+// is deleted before it is downloaded.
+const replanAttempts = 3
+
 // dbsAtOnce is how many databases restoreAll restores at the same time,
 // each with its own -parallelism downloads.
 const dbsAtOnce = 4
@@ -354,12 +359,31 @@ func restoreOne(ctx context.Context, logger *slog.Logger, stderr io.Writer, clie
 	}
 	var errs []error
 	for _, client := range clients {
-		plan, err := replicate.PlanRestore(ctx, client, target)
+		err := restoreFrom(ctx, logger, stderr, client, output, target, f)
 		if errors.Is(err, replicate.ErrNoBackup) {
 			errs = append(errs, namedError(client, err))
 			continue
 		} else if err != nil {
-			return false, namedError(client, err)
+			return false, err
+		}
+		return true, nil
+	}
+	if f.ifReplicaExists {
+		fmt.Fprintf(stderr, "lfuse: no backup of %s in the replica; nothing to restore\n", filepath.Base(output))
+		return false, nil
+	}
+	return false, fmt.Errorf("%w (use -if-replica-exists to make this not an error)", errors.Join(errs...))
+}
+
+// restoreFrom restores output from one replica. A running lfuse compacts
+// and expires the replica while this restores from it: a planned file can
+// be deleted before it is downloaded. Planning again then sees what
+// replaced it, or says that the target has left the retention window.
+func restoreFrom(ctx context.Context, logger *slog.Logger, stderr io.Writer, client replicate.ReplicaClient, output string, target replicate.Target, f restoreFlags) error {
+	for attempt := 1; ; attempt++ {
+		plan, err := replicate.PlanRestore(ctx, client, target)
+		if err != nil {
+			return namedError(client, err)
 		}
 		logger.Info("restore plan", "replica", client.String(), "target", target.String(), "txid", plan.TXID.String(),
 			"committed", plan.Timestamp.Format(time.RFC3339Nano), "files", len(plan.Files), "bytes", plan.Bytes,
@@ -373,19 +397,17 @@ func restoreOne(ctx context.Context, logger *slog.Logger, stderr io.Writer, clie
 		if opts.Progress != nil {
 			fmt.Fprintln(stderr)
 		}
-		if err != nil {
-			return false, err
+		if errors.Is(err, backends.ErrNotFound) && attempt < replanAttempts {
+			logger.Warn("a planned file was deleted from the replica meanwhile (by the lfuse writing to it?); planning again", "err", err)
+			continue
+		} else if err != nil {
+			return err
 		}
 		logger.Info("restored", "path", output, "txid", plan.TXID.String(), "db_bytes", st.DBBytes, "files", st.Files,
 			"downloaded_bytes", st.Bytes, "seconds", time.Since(start).Seconds(), "download_wait_seconds", st.Download.Seconds(),
 			"apply_seconds", st.Apply.Seconds(), "verify_seconds", st.Verify.Seconds(), "sync_seconds", st.Sync.Seconds())
-		return true, nil
+		return nil
 	}
-	if f.ifReplicaExists {
-		fmt.Fprintf(stderr, "lfuse: no backup of %s in the replica; nothing to restore\n", filepath.Base(output))
-		return false, nil
-	}
-	return false, fmt.Errorf("%w (use -if-replica-exists to make this not an error)", errors.Join(errs...))
 }
 
 // namedError prefixes err with the replica's name unless the backend's

@@ -1,0 +1,96 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"io"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/lfuse/lfuse/backends"
+	"github.com/lfuse/lfuse/backends/file"
+	"github.com/lfuse/lfuse/replicate"
+	"github.com/superfly/ltx"
+)
+
+// writeState writes an LTX file holding a one-page database filled with
+// fill as level's file min-max, with its post-apply checksum beside it.
+func writeState(t *testing.T, c *file.Client, level int, min, max ltx.TXID, fill byte) {
+	t.Helper()
+	const pageSize = 512
+	page := bytes.Repeat([]byte{fill}, pageSize)
+	var buf bytes.Buffer
+	enc, err := ltx.NewEncoder(&buf)
+	if err != nil {
+		t.Fatal(err)
+	}
+	at := time.Unix(int64(max), 0)
+	hdr := ltx.Header{Version: ltx.Version, Flags: ltx.HeaderFlagNoChecksum, PageSize: pageSize, Commit: 1,
+		MinTXID: min, MaxTXID: max, Timestamp: at.UnixMilli()}
+	if err := enc.EncodeHeader(hdr); err != nil {
+		t.Fatal(err)
+	}
+	if err := enc.EncodePage(ltx.PageHeader{Pgno: 1}, page); err != nil {
+		t.Fatal(err)
+	}
+	if err := enc.Close(); err != nil {
+		t.Fatal(err)
+	}
+	post, err := ltx.ChecksumReader(bytes.NewReader(page), pageSize)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := c.WriteLTXFile(context.Background(), level, min, max, bytes.NewReader(buf.Bytes()), int64(buf.Len()),
+		backends.FileMeta{Timestamp: at, PostApplyChecksum: post}); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// expiring is a replica whose writer snapshots and expires the files a
+// restore planned, just before the restore downloads them.
+type expiring struct {
+	*file.Client
+	t    *testing.T
+	once sync.Once
+}
+
+func (e *expiring) OpenLTXFile(ctx context.Context, level int, min, max ltx.TXID, offset, size int64) (io.ReadCloser, error) {
+	if level == 0 {
+		e.once.Do(func() {
+			writeState(e.t, e.Client, 9, 1, 2, 2)
+			if err := e.DeleteLTXFiles(ctx, []ltx.FileInfo{{Level: 9, MinTXID: 1, MaxTXID: 1}, {Level: 0, MinTXID: 2, MaxTXID: 2}}); err != nil {
+				e.t.Error(err)
+			}
+		})
+	}
+	return e.Client.OpenLTXFile(ctx, level, min, max, offset, size)
+}
+
+// A restore from a replica that a running lfuse is writing to can find a
+// planned file deleted (compacted, past retention) when it comes to read
+// it: it plans again rather than fail.
+func TestRestorePlansAgainWhenAFileGoes(t *testing.T) {
+	c := &expiring{Client: file.New(filepath.Join(t.TempDir(), "replica")), t: t}
+	writeState(t, c.Client, 9, 1, 1, 1)
+	writeState(t, c.Client, 0, 2, 2, 2)
+	var log bytes.Buffer
+	out := filepath.Join(t.TempDir(), "r.db")
+	if _, err := restoreOne(context.Background(), slog.New(slog.NewTextHandler(&log, nil)), io.Discard, []replicate.ReplicaClient{c}, out, replicate.Target{}, restoreFlags{}); err != nil {
+		t.Fatalf("%v\n%s", err, log.String())
+	}
+	got, err := os.ReadFile(out)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Equal(got, bytes.Repeat([]byte{2}, 512)) {
+		t.Fatalf("restored %d bytes starting %x, want the state at TXID 2", len(got), got[:min(8, len(got))])
+	}
+	if !strings.Contains(log.String(), "planning again") {
+		t.Fatalf("no word of planning again:\n%s", log.String())
+	}
+}
