@@ -12,6 +12,8 @@ import (
 	"testing"
 	"time"
 
+	"golang.org/x/sys/unix"
+
 	"github.com/lfuse/lfuse/backends"
 	"github.com/lfuse/lfuse/backends/file"
 	"github.com/superfly/ltx"
@@ -159,11 +161,14 @@ func TestRestoreRefusesMisnamedFileAndStaleWAL(t *testing.T) {
 	if err := os.MkdirAll(filepath.Join(out+"-wal", "cannot be removed"), 0o755); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := Restore(ctx, client, mustPlan(t, client), out, RestoreOptions{}); err == nil || !strings.Contains(err.Error(), "remove stale") {
-		t.Fatalf("restore beside a WAL that cannot be removed: %v", err)
+	if _, err := Restore(ctx, client, mustPlan(t, client), out, RestoreOptions{}); err == nil || !strings.Contains(err.Error(), "is not a regular file") {
+		t.Fatalf("restore beside a WAL that is a directory: %v", err)
 	}
 	if got, _ := os.ReadFile(out); string(got) != "the old database" {
 		t.Fatal("the restored database was put in place beside the old WAL")
+	}
+	if _, err := os.Stat(filepath.Join(out+"-wal", "cannot be removed")); err != nil {
+		t.Fatalf("a directory named like the WAL was removed: %v", err)
 	}
 	os.RemoveAll(out + "-wal")
 
@@ -173,6 +178,77 @@ func TestRestoreRefusesMisnamedFileAndStaleWAL(t *testing.T) {
 	}
 	if _, err := Restore(ctx, client, mustPlan(t, client), out, RestoreOptions{}); err == nil || !strings.Contains(err.Error(), "holds TXIDs 0000000000000003-0000000000000003") {
 		t.Fatalf("restore of a file holding another's content: %v", err)
+	}
+}
+
+// The old database's WAL and hot journal are replaced with it, and kept if
+// the restored file cannot be put in place; the restored file takes the old
+// one's mode and owner; and without -force, a database that appears while
+// the restore runs is kept.
+func TestRestoreReplacesSideFilesTogether(t *testing.T) {
+	ctx := context.Background()
+	dir := t.TempDir()
+	client, _ := fourFileReplica(t, dir)
+	out := filepath.Join(dir, "restored.db")
+	side := func(content string) {
+		t.Helper()
+		for _, suffix := range []string{"-wal", "-journal"} {
+			if err := os.WriteFile(out+suffix, []byte(content+suffix), 0o644); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	// The rename fails (a directory is in the way, as a bind mount or an
+	// immutable file would make it fail): the old side files stay.
+	if err := os.MkdirAll(filepath.Join(out, "in the way"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	side("old")
+	if _, err := Restore(ctx, client, mustPlan(t, client), out, RestoreOptions{}); err == nil {
+		t.Fatal("restore over a directory succeeded")
+	}
+	for _, suffix := range []string{"-wal", "-journal"} {
+		if got, err := os.ReadFile(out + suffix); err != nil || string(got) != "old"+suffix {
+			t.Fatalf("after a failed rename, %s holds %q, %v", suffix, got, err)
+		}
+	}
+	os.RemoveAll(out)
+
+	// Without -force, a database made while the restore ran is kept.
+	if err := os.WriteFile(out, []byte("made meanwhile"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := Restore(ctx, client, mustPlan(t, client), out, RestoreOptions{NoReplace: true}); err == nil || !strings.Contains(err.Error(), "appeared while the restore ran") {
+		t.Fatalf("restore with NoReplace over a file: %v", err)
+	}
+	if got, _ := os.ReadFile(out); string(got) != "made meanwhile" {
+		t.Fatal("NoReplace replaced the file")
+	}
+	if got, _ := os.ReadFile(out + "-wal"); string(got) != "old-wal" {
+		t.Fatal("NoReplace did not put the WAL back")
+	}
+
+	// Replaced: the side files go, mode and owner stay.
+	if os.Geteuid() == 0 {
+		os.Chown(out, 1234, 5678)
+	}
+	if _, err := Restore(ctx, client, mustPlan(t, client), out, RestoreOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	for _, suffix := range []string{"-wal", "-journal"} {
+		if _, err := os.Stat(out + suffix); !errors.Is(err, os.ErrNotExist) {
+			t.Fatalf("the old %s is still beside the restored database: %v", suffix, err)
+		}
+	}
+	var st unix.Stat_t
+	if err := unix.Stat(out, &st); err != nil {
+		t.Fatal(err)
+	}
+	if st.Mode&0o777 != 0o600 || os.Geteuid() == 0 && (st.Uid != 1234 || st.Gid != 5678) {
+		t.Fatalf("restored file has mode %o, owner %d:%d; want the old one's 600, 1234:5678", st.Mode&0o777, st.Uid, st.Gid)
+	}
+	if m, _ := filepath.Glob(filepath.Join(dir, ".lfuse-restore-*")); len(m) > 0 {
+		t.Fatalf("left %v", m)
 	}
 }
 

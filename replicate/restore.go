@@ -309,6 +309,9 @@ type RestoreOptions struct {
 	Parallelism int          // concurrent downloads; default 8
 	Logger      *slog.Logger // default slog.Default()
 	Progress    func(done, total int64)
+	// NoReplace keeps a file that appears at the output while the restore
+	// runs: the restore fails instead of replacing it.
+	NoReplace bool
 }
 
 // RestoreStats says where a restore's time went.
@@ -321,8 +324,8 @@ type RestoreStats struct {
 // Restore downloads the plan's files (in parallel, ahead of applying them
 // in order), writes the database to a temporary file beside output, checks
 // every file's CRC and the database checksum recorded with the last file,
-// and only then moves it to output. Stale -wal and -shm files of output are
-// removed. Memory is bounded: files stream through temporary files.
+// and only then moves it to output. Stale -wal, -journal and -shm files of
+// output are removed. Memory is bounded: files stream through temporary files.
 func Restore(ctx context.Context, client ReplicaClient, plan Plan, output string, opts RestoreOptions) (RestoreStats, error) {
 	var st RestoreStats
 	client = withTimeouts(client)
@@ -354,8 +357,11 @@ func Restore(ctx context.Context, client ReplicaClient, plan Plan, output string
 		return st, err
 	}
 	lock := lockRestoreDir(tmpDir) // tells a later restore's sweep that this one runs
+	keepTmp := false               // it holds an old database's file that could not be put back
 	defer func() {
-		os.RemoveAll(tmpDir)
+		if !keepTmp {
+			os.RemoveAll(tmpDir)
+		}
 		if lock != nil {
 			lock.Close()
 		}
@@ -506,21 +512,17 @@ func Restore(ctx context.Context, client ReplicaClient, plan Plan, output string
 	if fi, err := out.Stat(); err == nil {
 		st.DBBytes = fi.Size()
 	}
+	if err := takeOwner(out, output); err != nil {
+		return st, err
+	}
 	if err := out.Sync(); err != nil {
 		return st, err
 	}
 	if err := out.Close(); err != nil {
 		return st, err
 	}
-	// The old database's WAL and shared memory go before the restored
-	// file takes its place: SQLite would replay an old WAL onto it, giving
-	// a state the replica never held.
-	for _, suffix := range []string{"-wal", "-shm"} {
-		if err := os.Remove(output + suffix); err != nil && !errors.Is(err, os.ErrNotExist) {
-			return st, fmt.Errorf("remove stale %s before putting the restored database in place: %w", output+suffix, err)
-		}
-	}
-	if err := os.Rename(out.Name(), output); err != nil {
+	if keep, err := replaceDB(out.Name(), output, tmpDir, opts.NoReplace, logger); err != nil {
+		keepTmp = keep
 		return st, err
 	}
 	if err := syncDir(dir); err != nil {
@@ -528,6 +530,88 @@ func Restore(ctx context.Context, client ReplicaClient, plan Plan, output string
 	}
 	st.Sync = time.Since(syncStart)
 	return st, nil
+}
+
+// sideFiles are what SQLite keeps beside a database and applies to it when
+// it next opens it: a WAL, or a hot rollback journal, replayed onto the
+// restored file would give a state the replica never held (a journal
+// rolled the restored database back to the old one's size: "malformed").
+var sideFiles = []string{"-wal", "-journal", "-shm"}
+
+// replaceDB moves the restored file db to output. The old database's side
+// files are moved into aside first, and back if the move fails: removed
+// first, a failed rename (output bind-mounted, immutable) lost the commits
+// the old WAL held, with the restored file not in place either. With
+// noReplace, an output that appeared since the restore checked is kept.
+// keepAside says that aside holds a file that could not be put back.
+func replaceDB(db, output, aside string, noReplace bool, logger *slog.Logger) (keepAside bool, _ error) {
+	var moved []string
+	putBack := func() {
+		for _, suffix := range moved {
+			if err := os.Rename(filepath.Join(aside, suffix), output+suffix); err != nil {
+				keepAside = true
+				logger.Error("the old database's file could not be put back: move it back by hand before opening the database", "file", filepath.Join(aside, suffix), "to", output+suffix, "err", err)
+			}
+		}
+	}
+	for _, suffix := range sideFiles {
+		if st, err := os.Lstat(output + suffix); err == nil && !st.Mode().IsRegular() {
+			// Moved aside, it would be removed with aside: not lfuse's to delete.
+			return false, fmt.Errorf("%s is not a regular file, so not the old database's: move it away, then restore again", output+suffix)
+		}
+		err := os.Rename(output+suffix, filepath.Join(aside, suffix))
+		if errors.Is(err, os.ErrNotExist) {
+			continue
+		} else if err != nil {
+			putBack()
+			return keepAside, fmt.Errorf("move the old %s aside before putting the restored database in place: %w", output+suffix, err)
+		}
+		moved = append(moved, suffix)
+	}
+	var err error
+	if noReplace {
+		err = unix.Renameat2(unix.AT_FDCWD, db, unix.AT_FDCWD, output, unix.RENAME_NOREPLACE)
+		if errors.Is(err, unix.EINVAL) { // a filesystem without the flag
+			err = os.Rename(db, output)
+		}
+		if errors.Is(err, unix.EEXIST) {
+			putBack()
+			return keepAside, fmt.Errorf("%s appeared while the restore ran: kept; use -force to overwrite it", output)
+		}
+	} else {
+		err = os.Rename(db, output)
+	}
+	if err != nil {
+		putBack()
+		return keepAside, fmt.Errorf("put the restored database in place: %w", err)
+	}
+	return false, nil
+}
+
+// takeOwner gives the restored file the owner, group and mode of the
+// database it replaces, or, when it replaces none and the restore runs as
+// root, the owner and group of the directory it goes into: restored by
+// root for an application that runs as another user, it was owned by root
+// and the application could not write to it.
+func takeOwner(f *os.File, output string) error {
+	var old unix.Stat_t
+	if err := unix.Stat(output, &old); err == nil {
+		if err := f.Chmod(os.FileMode(old.Mode & 0o7777)); err != nil {
+			return err
+		}
+		if os.Geteuid() == 0 {
+			return f.Chown(int(old.Uid), int(old.Gid))
+		}
+		return nil
+	}
+	if os.Geteuid() != 0 {
+		return nil
+	}
+	var dir unix.Stat_t
+	if err := unix.Stat(filepath.Dir(output), &dir); err != nil {
+		return err
+	}
+	return f.Chown(int(dir.Uid), int(dir.Gid))
 }
 
 func fileName(f ltx.FileInfo) string {

@@ -332,6 +332,7 @@ func restoreOne(ctx context.Context, logger *slog.Logger, stderr io.Writer, clie
 	// Also where nothing is restored: a directory that a killed
 	// restore-if-missing left in the data directory would stay there.
 	replicate.SweepLeftovers(dir, logger)
+	noReplace := false // there is no database at output to replace
 	if st, err := os.Lstat(output); err == nil && emptyDB(output, st) {
 		// Nothing to keep (an application or a script touched the file
 		// before its data was restored): as if missing. Kept, it made
@@ -348,7 +349,9 @@ func restoreOne(ctx context.Context, logger *slog.Logger, stderr io.Writer, clie
 		case !st.Mode().IsRegular():
 			return false, fmt.Errorf("%s exists and is not a regular file (%s): give the path of a database file", output, fileKind(st.Mode()))
 		}
-	} else if !errors.Is(err, os.ErrNotExist) {
+	} else if errors.Is(err, os.ErrNotExist) {
+		noReplace = true
+	} else {
 		return false, err
 	}
 	if err := unix.Access(dir, unix.W_OK); err != nil {
@@ -359,7 +362,7 @@ func restoreOne(ctx context.Context, logger *slog.Logger, stderr io.Writer, clie
 	}
 	var errs []error
 	for _, client := range clients {
-		err := restoreFrom(ctx, logger, stderr, client, output, target, f)
+		err := restoreFrom(ctx, logger, stderr, client, output, target, f, noReplace)
 		if errors.Is(err, replicate.ErrNoBackup) {
 			errs = append(errs, namedError(client, err))
 			continue
@@ -379,7 +382,7 @@ func restoreOne(ctx context.Context, logger *slog.Logger, stderr io.Writer, clie
 // and expires the replica while this restores from it: a planned file can
 // be deleted before it is downloaded. Planning again then sees what
 // replaced it, or says that the target has left the retention window.
-func restoreFrom(ctx context.Context, logger *slog.Logger, stderr io.Writer, client replicate.ReplicaClient, output string, target replicate.Target, f restoreFlags) error {
+func restoreFrom(ctx context.Context, logger *slog.Logger, stderr io.Writer, client replicate.ReplicaClient, output string, target replicate.Target, f restoreFlags, noReplace bool) error {
 	for attempt := 1; ; attempt++ {
 		plan, err := replicate.PlanRestore(ctx, client, target)
 		if err != nil {
@@ -388,7 +391,7 @@ func restoreFrom(ctx context.Context, logger *slog.Logger, stderr io.Writer, cli
 		logger.Info("restore plan", "replica", client.String(), "target", target.String(), "txid", plan.TXID.String(),
 			"committed", plan.Timestamp.Format(time.RFC3339Nano), "files", len(plan.Files), "bytes", plan.Bytes,
 			"list_seconds", plan.ListTime.Seconds())
-		opts := replicate.RestoreOptions{Parallelism: f.parallelism, Logger: logger}
+		opts := replicate.RestoreOptions{Parallelism: f.parallelism, Logger: logger, NoReplace: noReplace}
 		if isTerminal(stderr) && !f.noProgress {
 			opts.Progress = progressBar(stderr)
 		}
