@@ -12,7 +12,6 @@ import (
 	"net"
 	"net/url"
 	"slices"
-	"strconv"
 	"strings"
 	"sync"
 	"time"
@@ -132,13 +131,15 @@ func (e *exactReader) Read(p []byte) (int, error) {
 // FindDatabases walks an object store's "directories" from root (a prefix
 // ending in "/", or "") and returns, relative to root and sorted, those that
 // hold a database replica. list gives the prefixes directly under a prefix
-// (each ending in "/"); isDB tells from a prefix and its children whether
-// it is a database, which the walk does not descend into. Only prefixes are
-// listed, never the files of a level. The prefixes of one depth are listed
-// findAtOnce at a time: one after another, forty databases cost eighty round
-// trips to a cloud store before a restore of them could start.
+// (each ending in "/"); layout picks, from a prefix's children, those that
+// are its own replica's levels: a prefix with any is a database. The walk
+// goes on into its other children, since a database's path can also name
+// a directory that holds others (x.db deleted, then x.db/y.db made: the
+// replica keeps both). The prefixes of one depth are listed findAtOnce at
+// a time: one after another, forty databases cost eighty round trips to a
+// cloud store before a restore of them could start.
 func FindDatabases(ctx context.Context, root string, list func(ctx context.Context, prefix string) ([]string, error),
-	isDB func(ctx context.Context, prefix string, children []string) (bool, error)) ([]string, error) {
+	layout func(ctx context.Context, prefix string, children []string) ([]string, error)) ([]string, error) {
 	var (
 		mu  sync.Mutex
 		dbs []string
@@ -154,15 +155,15 @@ func FindDatabases(ctx context.Context, root string, list func(ctx context.Conte
 					return err
 				}
 				if prefix != root {
-					db, err := isDB(gctx, prefix, children)
+					own, err := layout(gctx, prefix, children)
 					if err != nil {
 						return err
 					}
-					if db {
+					if len(own) > 0 {
 						mu.Lock()
 						dbs = append(dbs, strings.TrimSuffix(strings.TrimPrefix(prefix, root), "/"))
 						mu.Unlock()
-						return nil
+						children = slices.DeleteFunc(children, func(c string) bool { return slices.Contains(own, c) })
 					}
 				}
 				next[i] = children
@@ -178,24 +179,34 @@ func FindDatabases(ctx context.Context, root string, list func(ctx context.Conte
 	return dbs, nil
 }
 
+// IsLevelName says whether name is a level directory's name in the
+// <db>/ltx/<level>/ layout: 0 to 9 (SnapshotLevel).
+func IsLevelName(name string) bool {
+	return len(name) == 1 && name[0] >= '0' && name[0] <= '9'
+}
+
 // findAtOnce is how many prefixes FindDatabases lists at the same time.
 const findAtOnce = 8
 
-// HasLTXLevels is FindDatabases' test for the <db>/ltx/<level>/ layout (file,
-// gs, abs, sftp): a prefix is a database when its ltx/ holds a level.
-func HasLTXLevels(list func(ctx context.Context, prefix string) ([]string, error)) func(ctx context.Context, prefix string, children []string) (bool, error) {
-	return func(ctx context.Context, prefix string, children []string) (bool, error) {
+// HasLTXLevels is FindDatabases' layout for <db>/ltx/<level>/ (gs, abs):
+// a prefix's ltx/ child is its replica's when it holds a level. Otherwise
+// ltx/ is a directory like any other (a database ltx/app.db, or one named
+// a/ltx) and the walk goes into it.
+func HasLTXLevels(list func(ctx context.Context, prefix string) ([]string, error)) func(ctx context.Context, prefix string, children []string) ([]string, error) {
+	return func(ctx context.Context, prefix string, children []string) ([]string, error) {
 		if !slices.Contains(children, prefix+"ltx/") {
-			return false, nil
+			return nil, nil
 		}
 		levels, err := list(ctx, prefix+"ltx/")
 		if err != nil {
-			return false, err
+			return nil, err
 		}
-		return slices.ContainsFunc(levels, func(l string) bool {
-			_, err := strconv.ParseUint(strings.TrimSuffix(strings.TrimPrefix(l, prefix+"ltx/"), "/"), 10, 32)
-			return err == nil
-		}), nil
+		if slices.ContainsFunc(levels, func(l string) bool {
+			return IsLevelName(strings.TrimSuffix(strings.TrimPrefix(l, prefix+"ltx/"), "/"))
+		}) {
+			return []string{prefix + "ltx/"}, nil
+		}
+		return nil, nil
 	}
 }
 

@@ -193,7 +193,7 @@ func TestDatabases(t *testing.T) {
 	}
 	ts := time.Now().UTC().Truncate(time.Millisecond)
 	body := backendtest.EncodeFile(t, 1, 1, 1, 1, ts)
-	for _, rel := range []string{"a.db", "sub/b.db"} {
+	for _, rel := range backendtest.DatabaseNames {
 		if err := base.Sub(rel).WriteLTXFile(ctx, 0, 1, 1, bytes.NewReader(body), int64(len(body)), backends.FileMeta{Timestamp: ts}); err != nil {
 			t.Fatal(err)
 		}
@@ -208,7 +208,7 @@ func TestDatabases(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if want := []string{"a.db", "sub/b.db"}; !slices.Equal(dbs, want) {
+	if want := backendtest.DatabaseNames; !slices.Equal(dbs, want) {
 		t.Fatalf("databases %q, want %q", dbs, want)
 	}
 }

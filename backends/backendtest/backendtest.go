@@ -93,6 +93,12 @@ func WriteReadBack(t testing.TB, c Client, body []byte, meta backends.FileMeta) 
 	}
 }
 
+// DatabaseNames are database paths a replica's Databases must find, sorted:
+// names that look like a layout's own directories (ltx, levels), and a
+// database's path that also names a directory of others (x.db deleted,
+// then x.db/y.db made: the replica keeps both).
+var DatabaseNames = []string{"a.db", "d/ltx", "h/0003/g.db", "logs/2024/e.db", "ltx/c.db", "sub/b.db", "tenants/cafe/f.db", "x.db", "x.db/y.db"}
+
 // EncodeFile is an LTX file of pages 1..pages (4 KiB each, filled from
 // seed) with the given TXIDs and header time.
 func EncodeFile(t testing.TB, min, max ltx.TXID, pages int, seed int64, ts time.Time) []byte {

@@ -42,6 +42,12 @@ func (c *Client) String() string { return "file://" + c.root }
 // Root is the directory the client stores into.
 func (c *Client) Root() string { return c.root }
 
+// holdsLevel says whether the directory at p has a level directory in it.
+func holdsLevel(p string) bool {
+	ents, _ := os.ReadDir(p)
+	return slices.ContainsFunc(ents, func(e fs.DirEntry) bool { return e.IsDir() && backends.IsLevelName(e.Name()) })
+}
+
 func (c *Client) levelDir(level int) string {
 	return filepath.Join(c.root, "ltx", strconv.Itoa(level))
 }
@@ -260,8 +266,11 @@ func (c *Client) Check(ctx context.Context) error {
 }
 
 // Databases lists the database replicas under the root, as slash paths
-// relative to it: every directory with an "ltx" directory in it. A root
-// that does not exist yet holds none.
+// relative to it: every directory whose "ltx" directory holds a level. An
+// "ltx" without levels is walked like any other directory (a database can
+// be ltx/app.db, or be called ltx), and so is the rest of a database's
+// directory (x.db deleted, then x.db/y.db made: the replica keeps both). A
+// root that does not exist yet holds none.
 func (c *Client) Databases(ctx context.Context) ([]string, error) {
 	var rels []string
 	err := filepath.WalkDir(c.root, func(p string, d fs.DirEntry, err error) error {
@@ -274,16 +283,13 @@ func (c *Client) Databases(ctx context.Context) ([]string, error) {
 		if err := ctx.Err(); err != nil {
 			return err
 		}
-		if !d.IsDir() {
+		if !d.IsDir() || d.Name() != "ltx" || !holdsLevel(p) {
 			return nil
 		}
-		if d.Name() == "ltx" {
-			if rel, err := filepath.Rel(c.root, filepath.Dir(p)); err == nil && rel != "." && filepath.IsLocal(rel) {
-				rels = append(rels, filepath.ToSlash(rel))
-			}
-			return filepath.SkipDir
+		if rel, err := filepath.Rel(c.root, filepath.Dir(p)); err == nil && rel != "." && filepath.IsLocal(rel) {
+			rels = append(rels, filepath.ToSlash(rel))
 		}
-		return nil
+		return filepath.SkipDir
 	})
 	if errors.Is(err, fs.ErrNotExist) {
 		return nil, nil

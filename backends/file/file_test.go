@@ -7,11 +7,13 @@ import (
 	"io"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 	"time"
 
 	"github.com/lfuse/lfuse/backends"
+	"github.com/lfuse/lfuse/backends/backendtest"
 	"github.com/superfly/ltx"
 )
 
@@ -104,5 +106,28 @@ func TestStaleTempsRemoved(t *testing.T) {
 	}
 	if _, err := os.Stat(fresh); err != nil {
 		t.Fatalf("fresh temporary file: %v", err)
+	}
+}
+
+func TestDatabases(t *testing.T) {
+	ctx := context.Background()
+	root := filepath.Join(t.TempDir(), "replica")
+	c := New(root)
+	if dbs, err := c.Databases(ctx); err != nil || dbs != nil {
+		t.Fatalf("a root that does not exist: %q, %v", dbs, err)
+	}
+	ts := time.Now()
+	for i, rel := range backendtest.DatabaseNames {
+		b := backendtest.EncodeFile(t, 1, 1, 1, int64(i), ts)
+		if err := c.Sub(rel).WriteLTXFile(ctx, i%10, 1, 1, bytes.NewReader(b), int64(len(b)), backends.FileMeta{Timestamp: ts}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	// Not a database: an ltx directory without levels.
+	if err := os.MkdirAll(filepath.Join(root, "c.db", "ltx", "notalevel"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if dbs, err := c.Databases(ctx); err != nil || !slices.Equal(dbs, backendtest.DatabaseNames) {
+		t.Fatalf("databases %q, %v; want %q", dbs, err, backendtest.DatabaseNames)
 	}
 }

@@ -361,14 +361,43 @@ func (c *Client) Check(ctx context.Context) error {
 	return nil
 }
 
-var levelDir = regexp.MustCompile(`^[0-9a-f]{4}/$`)
+// levelDir is a level's "directory" in the S3 layout: 0000/ to 0009/.
+var levelDir = regexp.MustCompile(`^000[0-9]/$`)
+
+// ltxName is an LTX file's name.
+var ltxName = regexp.MustCompile(`^[0-9a-f]{16}-[0-9a-f]{16}\.ltx$`)
 
 // Databases lists the database replicas under the root, as slash paths
-// relative to it: every prefix with level "directories" in it.
+// relative to it: every prefix with level "directories" in it. A child
+// named like a level counts only if it holds LTX files: a directory of
+// databases can be called 0001/ too.
 func (c *Client) Databases(ctx context.Context) ([]string, error) {
-	return backends.FindDatabases(ctx, c.key(""), c.prefixes, func(_ context.Context, prefix string, children []string) (bool, error) {
-		return slices.ContainsFunc(children, func(child string) bool { return levelDir.MatchString(strings.TrimPrefix(child, prefix)) }), nil
+	return backends.FindDatabases(ctx, c.key(""), c.prefixes, func(ctx context.Context, prefix string, children []string) ([]string, error) {
+		var levels []string
+		for _, child := range children {
+			if levelDir.MatchString(strings.TrimPrefix(child, prefix)) {
+				levels = append(levels, child)
+			}
+		}
+		for _, l := range levels {
+			ok, err := c.holdsLTX(ctx, l)
+			if err != nil || ok {
+				return levels, err
+			}
+		}
+		return nil, nil
 	})
+}
+
+// holdsLTX says whether an LTX file lies directly under prefix.
+func (c *Client) holdsLTX(ctx context.Context, prefix string) (bool, error) {
+	out, err := c.s3.ListObjectsV2(ctx, &s3.ListObjectsV2Input{Bucket: &c.bucket, Prefix: &prefix, Delimiter: aws.String("/")})
+	if err != nil {
+		return false, c.wrap(err, "list %s", prefix)
+	}
+	return slices.ContainsFunc(out.Contents, func(o types.Object) bool {
+		return ltxName.MatchString(strings.TrimPrefix(aws.ToString(o.Key), prefix))
+	}), nil
 }
 
 // prefixes lists the "subdirectories" directly under prefix.

@@ -229,8 +229,8 @@ func (c *Client) Check(ctx context.Context) error {
 	})
 }
 
-// Databases lists, relative to the root, every directory under it that
-// holds an "ltx" directory: the databases replicated there. A root that
+// Databases lists, relative to the root, every directory under it whose
+// "ltx" directory holds a level: the databases replicated there. A root that
 // does not exist holds none.
 func (c *Client) Databases(ctx context.Context) ([]string, error) {
 	var rels []string
@@ -250,10 +250,20 @@ func (c *Client) Databases(ctx context.Context) ([]string, error) {
 					continue
 				}
 				if e.Name() == "ltx" {
-					if rel != "" {
-						rels = append(rels, rel)
+					// Its own replica's, if it holds a level; else a
+					// directory like any other (ltx/app.db, a database
+					// called ltx). The rest of a database's directory is
+					// walked too: x.db/y.db can follow a deleted x.db.
+					levels, err := cl.ReadDirContext(ctx, path.Join(c.root, rel, "ltx"))
+					if err != nil && (isConnErr(err) || ctx.Err() != nil) {
+						return err
 					}
-					continue
+					if slices.ContainsFunc(levels, func(l os.FileInfo) bool { return l.IsDir() && backends.IsLevelName(l.Name()) }) {
+						if rel != "" {
+							rels = append(rels, rel)
+						}
+						continue
+					}
 				}
 				if err := walk(path.Join(rel, e.Name())); err != nil {
 					return err

@@ -236,14 +236,21 @@ func TestDatabases(t *testing.T) {
 		t.Fatalf("a root that does not exist: %v, %v", dbs, err)
 	}
 	ts := time.Now()
-	write(t, c.Sub("sub/b.db"), 0, 1, 1, ts)
-	write(t, c.Sub("a.db"), 3, 1, 1, ts)
-	err := c.do(ctx, true, func(cl *pkgsftp.Client) error { return cl.MkdirAll(path.Join(c.root, "empty/dir")) })
+	for i, rel := range backendtest.DatabaseNames {
+		write(t, c.Sub(rel), i%10, 1, 1, ts)
+	}
+	// Not databases: an empty directory, and an ltx without levels.
+	err := c.do(ctx, true, func(cl *pkgsftp.Client) error {
+		if err := cl.MkdirAll(path.Join(c.root, "empty/dir")); err != nil {
+			return err
+		}
+		return cl.MkdirAll(path.Join(c.root, "c.db/ltx/notalevel"))
+	})
 	if err != nil {
 		t.Fatal(err)
 	}
 	dbs, err := c.Databases(ctx)
-	if err != nil || !slices.Equal(dbs, []string{"a.db", "sub/b.db"}) {
+	if err != nil || !slices.Equal(dbs, backendtest.DatabaseNames) {
 		t.Fatalf("databases %q, %v", dbs, err)
 	}
 	if dbs, err := c.Sub("sub").Databases(ctx); err != nil || !slices.Equal(dbs, []string{"b.db"}) {
