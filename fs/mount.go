@@ -193,6 +193,7 @@ func New(opts Options) (*Mount, error) {
 		return nil, mountError(opts.MountDir, err)
 	}
 	m.server = server
+	closeFUSEOnExec()
 	go server.Serve()
 	if err := server.WaitMount(); err != nil {
 		m.closeWatch()
@@ -524,4 +525,25 @@ type slogWriter struct{ l *slog.Logger }
 func (w slogWriter) Write(p []byte) (int, error) {
 	w.l.Warn(strings.TrimRight(string(p), "\n"), "component", "fuse")
 	return len(p), nil
+}
+
+// closeFUSEOnExec marks lfuse's descriptors of /dev/fuse close-on-exec:
+// go-fuse opens them without the flag, so the application lfuse starts
+// (exec) held the mount's connection. A killed lfuse then left the mount
+// hanging every access instead of failing with ENOTCONN, and a new lfuse
+// could not clear it.
+func closeFUSEOnExec() {
+	ents, err := os.ReadDir("/proc/self/fd")
+	if err != nil {
+		return
+	}
+	for _, e := range ents {
+		fd, err := strconv.Atoi(e.Name())
+		if err != nil {
+			continue
+		}
+		if target, err := os.Readlink(filepath.Join("/proc/self/fd", e.Name())); err == nil && target == "/dev/fuse" {
+			unix.CloseOnExec(fd)
+		}
+	}
 }

@@ -3,6 +3,7 @@ package integration
 import (
 	"errors"
 	"fmt"
+	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -36,6 +37,7 @@ func TestExecRunsTheApp(t *testing.T) {
 	db := e.path("app.db")
 	script := filepath.Join(e.root, "app.sh")
 	os.WriteFile(script, []byte(fmt.Sprintf(`#!/bin/sh
+for fd in /proc/$$/fd/*; do [ "$(readlink "$fd")" = /dev/fuse ] && echo "app holds /dev/fuse as $fd"; done
 sqlite3 "$1" "PRAGMA journal_mode=WAL; CREATE TABLE seq(k INTEGER PRIMARY KEY, v BLOB); INSERT INTO seq(v) VALUES (X'%x'), (X'%x');" >/dev/null && echo app-done && exit 7
 `, seqRow(1), seqRow(2))), 0o755)
 	p := startLfuse(t, "mount", "-config", cfgPath, "-data", e.data, "-exec", script+" "+db, e.mnt)
@@ -48,6 +50,11 @@ sqlite3 "$1" "PRAGMA journal_mode=WAL; CREATE TABLE seq(k INTEGER PRIMARY KEY, v
 		if !strings.Contains(log, want) {
 			t.Fatalf("no %q in:\n%s", want, log)
 		}
+	}
+	// The mount's connection is lfuse's alone: held by the application,
+	// a killed lfuse left the mount hanging instead of failing.
+	if strings.Contains(log, "app holds /dev/fuse") {
+		t.Fatalf("the application inherited the FUSE connection:\n%s", log)
 	}
 	if _, mounted := mountType(e.mnt); mounted {
 		t.Fatalf("%s is still mounted", e.mnt)
@@ -65,7 +72,7 @@ sqlite3 "$1" "PRAGMA journal_mode=WAL; CREATE TABLE seq(k INTEGER PRIMARY KEY, v
 func TestExecForwardsSignals(t *testing.T) {
 	e := newEnv(t)
 	marker := filepath.Join(e.root, "ready")
-	app := fmt.Sprintf(`sh -c 'trap "echo got-term; exit 3" TERM; touch %s; while :; do sleep 0.05; done'`, marker)
+	app := fmt.Sprintf(`sh -c 'trap "echo got-term; exit 3" TERM; trap "echo got-hup" HUP; touch %s; while :; do sleep 0.05; done'`, marker)
 	p := startLfuse(t, "mount", "-data", e.data, "-exec", app, e.mnt)
 	defer p.cleanup()
 	for i := 0; ; i++ {
@@ -77,12 +84,57 @@ func TestExecForwardsSignals(t *testing.T) {
 		}
 		time.Sleep(10 * time.Millisecond) // polling a file the app creates: no event to wait for
 	}
+	// HUP is the application's (a reload, often), not a reason to stop.
+	p.cmd.Process.Signal(syscall.SIGHUP)
+	if err := p.log.wait("got-hup", time.Minute, p.done); err != nil {
+		t.Fatalf("the application did not get SIGHUP: %v\n%s", err, p.log)
+	}
 	p.cmd.Process.Signal(syscall.SIGTERM)
 	if code := exitStatus(t, p); code != 3 {
 		t.Fatalf("lfuse exited %d, want the application's 3:\n%s", code, p.log)
 	}
 	if !strings.Contains(p.log.String(), "got-term") {
 		t.Fatalf("the application did not get SIGTERM:\n%s", p.log)
+	}
+}
+
+// A signal while lfuse is starting stops it there. It was once seen only
+// by the replica check, which took it for an unreachable replica: lfuse
+// mounted and started the application anyway.
+func TestExecNotStartedAfterSignalWhileStarting(t *testing.T) {
+	e := newEnv(t)
+	ln, err := net.Listen("tcp", "127.0.0.1:0") // takes the replica check's connection, never answers
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	accepted := make(chan net.Conn, 1)
+	go func() {
+		if c, err := ln.Accept(); err == nil {
+			accepted <- c
+		}
+	}()
+	marker := filepath.Join(e.root, "started")
+	p := startBinEnv(t, []string{"AWS_ACCESS_KEY_ID=test", "AWS_SECRET_ACCESS_KEY=test", "AWS_REGION=us-east-1"}, lfuseBin,
+		"mount", "-data", e.data, "-replica", "s3://bucket/x?endpoint=http://"+ln.Addr().String(), "-exec", "touch "+marker, e.mnt)
+	defer p.cleanup()
+	select {
+	case c := <-accepted:
+		defer c.Close()
+	case <-p.done:
+		t.Fatalf("lfuse exited before checking the replica:\n%s", p.log)
+	case <-time.After(time.Minute):
+		t.Fatalf("the replica check never connected:\n%s", p.log)
+	}
+	p.cmd.Process.Signal(syscall.SIGTERM)
+	if code := exitStatus(t, p); code == 0 || !strings.Contains(p.log.String(), "stopped by a signal before the mount was ready") {
+		t.Fatalf("lfuse exited %d:\n%s", code, p.log)
+	}
+	if _, err := os.Stat(marker); err == nil {
+		t.Fatal("the application was started after the signal")
+	}
+	if _, mounted := mountType(e.mnt); mounted {
+		t.Fatalf("%s is still mounted", e.mnt)
 	}
 }
 
