@@ -121,6 +121,9 @@ func TestStopping(t *testing.T) {
 	stoppers := map[string]func(e *env, lf *lfuse){
 		"SIGINT":  func(e *env, lf *lfuse) { lf.cmd.Process.Signal(syscall.SIGINT) },
 		"SIGTERM": func(e *env, lf *lfuse) { lf.cmd.Process.Signal(syscall.SIGTERM) },
+		// A closed terminal or a supervisor's HUP once ended lfuse
+		// without unmounting or shipping.
+		"SIGHUP": func(e *env, lf *lfuse) { lf.cmd.Process.Signal(syscall.SIGHUP) },
 		"fusermount3": func(e *env, lf *lfuse) {
 			if out, err := exec.Command("fusermount3", "-u", e.mnt).CombinedOutput(); err != nil {
 				e.t.Fatalf("fusermount3 -u: %v %s", err, out)

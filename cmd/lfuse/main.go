@@ -9,8 +9,10 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"os/signal"
 	"runtime/debug"
 	"strings"
+	"syscall"
 )
 
 // Set by the release build.
@@ -47,6 +49,10 @@ func main() {
 	if os.Getenv("GOMEMLIMIT") == "" {
 		debug.SetMemoryLimit(memoryLimit)
 	}
+	// A reader of lfuse's output that goes away (a pipe to grep -m1, a
+	// log shipper restarting) killed lfuse at its next log line, leaving
+	// a dead mount and nothing shipped; a failed log write is harmless.
+	signal.Ignore(syscall.SIGPIPE)
 	os.Exit(run(os.Args[1:], os.Stdout, os.Stderr))
 }
 

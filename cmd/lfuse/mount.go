@@ -141,11 +141,14 @@ func mount(cfg Config, logger *slog.Logger, debugFUSE bool) error {
 	}
 	defer unlockData()
 
-	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
+	ctx, stop := signal.NotifyContext(context.Background(), stopSignals...)
 	defer stop()
 
 	if err := checkReplicas(ctx, logger, cfg); err != nil {
 		return err
+	}
+	if ctx.Err() != nil {
+		return errStoppedEarly
 	}
 	if cfg.RestoreIfMissing && (len(cfg.Replicas) > 0 || len(cfg.Databases) > 0) {
 		n, err := restoreAll(ctx, logger, io.Discard, cfg, replicate.Target{}, restoreFlags{ifReplicaExists: true, ifDBNotExists: true, parallelism: 8})
@@ -161,7 +164,14 @@ func mount(cfg Config, logger *slog.Logger, debugFUSE bool) error {
 	mgr.Replicas = replicaSpecs(cfg)
 	mgr.ShutdownTimeout = cfg.ShutdownTimeout.Duration
 	if err := mgr.Open(ctx); err != nil {
+		if ctx.Err() != nil {
+			return errStoppedEarly
+		}
 		return fmt.Errorf("state directory %s: %w", stateDir, err)
+	}
+	if ctx.Err() != nil {
+		mgr.Close()
+		return errStoppedEarly
 	}
 
 	m, err := fs.New(fs.Options{
@@ -210,9 +220,9 @@ func mount(cfg Config, logger *slog.Logger, debugFUSE bool) error {
 	unmounted := make(chan struct{})
 	go func() { m.Wait(); close(unmounted) }()
 	childCode := -1
-	if cfg.Exec != "" {
+	if cfg.Exec != "" && ctx.Err() == nil {
 		// From here signals are the application's to act on.
-		childCode = runApp(logger, cfg.Exec, stop, unmounted)
+		childCode = runApp(ctx, logger, cfg.Exec, unmounted)
 		select {
 		case <-unmounted:
 		default:
@@ -239,7 +249,7 @@ func mount(cfg Config, logger *slog.Logger, debugFUSE bool) error {
 		srv.Close()
 	}
 	// A second signal cuts the wait for replicas short.
-	closeCtx, cancel := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
+	closeCtx, cancel := signal.NotifyContext(context.Background(), stopSignals...)
 	defer cancel()
 	if err := mgr.CloseContext(closeCtx); err != nil {
 		return fmt.Errorf("stopping: %w", err)
@@ -251,20 +261,37 @@ func mount(cfg Config, logger *slog.Logger, debugFUSE bool) error {
 	return nil
 }
 
+// stopSignals stop lfuse (without exec): HUP too, which otherwise ended
+// lfuse without unmounting or shipping anything.
+var stopSignals = []os.Signal{syscall.SIGINT, syscall.SIGTERM, syscall.SIGHUP}
+
+// appSignals are passed on to the application (exec), which decides what
+// they mean, as a container's init would: HUP often asks it to reload.
+var appSignals = []os.Signal{syscall.SIGINT, syscall.SIGTERM, syscall.SIGHUP, syscall.SIGUSR1, syscall.SIGUSR2, syscall.SIGWINCH}
+
+// errStoppedEarly: a signal came while lfuse was starting. Once it was
+// only seen by the replica check, which took it for an unreachable
+// replica, and lfuse mounted and started the application anyway.
+var errStoppedEarly = errors.New("stopped by a signal before the mount was ready")
+
 // exitCode is the application's exit status, which lfuse -exec passes on.
 type exitCode int
 
 func (c exitCode) Error() string { return fmt.Sprintf("the application exited with status %d", int(c)) }
 
 // runApp runs the application until it exits and returns its exit status.
-// SIGINT and SIGTERM are forwarded to it (lfuse's own handling is switched
-// off by stopSignals only once forwarding is in place, so no signal falls in
-// between). An unmount from outside stops it with SIGTERM.
-func runApp(logger *slog.Logger, command string, stopSignals func(), unmounted <-chan struct{}) int {
+// appSignals are forwarded to it. lfuse's own stop handling (ctx) stays
+// registered, so a stop signal that came before forwarding was in place
+// is seen in ctx, and the application is not started. An unmount from
+// outside stops it with SIGTERM.
+func runApp(ctx context.Context, logger *slog.Logger, command string, unmounted <-chan struct{}) int {
 	sigs := make(chan os.Signal, 4)
-	signal.Notify(sigs, syscall.SIGINT, syscall.SIGTERM)
+	signal.Notify(sigs, appSignals...)
 	defer signal.Stop(sigs)
-	stopSignals()
+	if ctx.Err() != nil { // a stop signal came before forwarding was in place
+		logger.Info("stopping before starting the application: a signal came")
+		return -1
+	}
 	// exec: the shell replaces itself with the application, so signals
 	// reach the application itself.
 	cmd := exec.Command("/bin/sh", "-c", "exec "+command)
