@@ -50,6 +50,10 @@ type Plan struct {
 // ErrNoBackup is returned when a replica holds nothing for a database.
 var ErrNoBackup = errors.New("the replica holds no backup of this database")
 
+// ErrBeforeOldest is returned for a target older than every snapshot: the
+// database did not exist then, or its history then is past retention.
+var ErrBeforeOldest = errors.New("before the oldest backup")
+
 // errNoReplicaSnapshot: the replica holds a history with no snapshot under it.
 // Not ErrNoBackup: restoring nothing there (-if-replica-exists,
 // restore-if-missing) would start the application on an empty database
@@ -189,7 +193,7 @@ func planFrom(levels *[SnapshotLevel + 1][]ltx.FileInfo, newest *ltx.FileInfo, t
 	}
 	if snap < 0 {
 		oldest := snaps[0]
-		return plan, fmt.Errorf("%s is before the oldest backup (snapshot at TXID %s, committed %s)", target, oldest.MaxTXID, oldest.CreatedAt.Format(time.RFC3339Nano))
+		return plan, fmt.Errorf("%s is %w (snapshot at TXID %s, committed %s)", target, ErrBeforeOldest, oldest.MaxTXID, oldest.CreatedAt.Format(time.RFC3339Nano))
 	}
 	// From the snapshot, take at each step the file that reaches furthest
 	// without passing the target; higher levels cover more per file. A

@@ -10,6 +10,7 @@ import (
 	"os"
 	"os/signal"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"sync/atomic"
@@ -244,6 +245,7 @@ func restoreAll(ctx context.Context, logger *slog.Logger, stderr io.Writer, cfg 
 		}
 		return 0, errors.New("the replicas hold no database (use -if-replica-exists to make this not an error)")
 	}
+	rels = dropShadowed(ctx, logger, cfg, target, rels)
 	// Every output is checked before any is written: one that exists
 	// used to stop the restore after the databases before it.
 	if !f.force && !f.ifDBNotExists {
@@ -282,10 +284,20 @@ func restoreAll(ctx context.Context, logger *slog.Logger, stderr io.Writer, cfg 
 		}
 		out := filepath.Join(dataDir, filepath.FromSlash(rel))
 		g.Go(func() error {
-			if err := os.MkdirAll(filepath.Dir(out), 0o755); err != nil {
-				return err
+			made, err := makeDirs(dataDir, filepath.Dir(rel))
+			if err != nil {
+				return fmt.Errorf("%s: %w", rel, err)
 			}
 			ok, err := restoreOne(gctx, logger.With("db", rel), stderr, clients, out, target, f)
+			if !ok {
+				removeEmpty(made) // a database not restored leaves no trace
+			}
+			if errors.Is(err, replicate.ErrBeforeOldest) && !target.Time.IsZero() {
+				// The directory as it was then did not hold this database
+				// (made later), or its history then is past retention.
+				logger.Warn(notAtTarget, "db", rel, "err", err)
+				return nil
+			}
 			if err != nil {
 				return fmt.Errorf("%s: %w", rel, err)
 			}
@@ -297,6 +309,116 @@ func restoreAll(ctx context.Context, logger *slog.Logger, stderr io.Writer, cfg 
 	}
 	err = g.Wait()
 	return int(n.Load()), err
+}
+
+const notAtTarget = "not restored: it has no backup at or before the target (made since, or its history then is past retention)"
+
+// makeDirs makes the directories of rel under root that are missing, owned
+// like root when root restores (for an application that runs as another
+// user), and returns the ones it made, deepest last.
+func makeDirs(root, rel string) ([]string, error) {
+	var made []string
+	dir := root
+	for _, name := range strings.Split(filepath.ToSlash(rel), "/") {
+		if name == "." || name == "" {
+			continue
+		}
+		dir = filepath.Join(dir, name)
+		err := os.Mkdir(dir, 0o755)
+		if errors.Is(err, os.ErrExist) {
+			if st, serr := os.Stat(dir); serr == nil && !st.IsDir() {
+				return made, fmt.Errorf("%s is a file, not a directory: move it away to restore the databases under it", dir)
+			}
+			continue
+		} else if err != nil {
+			return made, err
+		}
+		made = append(made, dir)
+		var st unix.Stat_t
+		if os.Geteuid() == 0 && unix.Stat(root, &st) == nil {
+			os.Lchown(dir, int(st.Uid), int(st.Gid))
+		}
+	}
+	return made, nil
+}
+
+// removeEmpty removes the directories made, deepest first, while empty.
+func removeEmpty(made []string) {
+	for i := len(made) - 1; i >= 0; i-- {
+		if os.Remove(made[i]) != nil {
+			return
+		}
+	}
+}
+
+// dropShadowed settles names that cannot both be restored: a database x.db
+// and databases under x.db/ (x.db deleted, then x.db/y.db made; the replica
+// keeps both). Of two that both existed at the target, the one with the
+// newer commit then is restored, and the other is named in a warning; if
+// their times cannot be read, both are kept and the restore reports the
+// clash.
+func dropShadowed(ctx context.Context, logger *slog.Logger, cfg Config, target replicate.Target, rels []string) []string {
+	var clash [][2]string // a database, and one under its name
+	for _, a := range rels {
+		for _, b := range rels {
+			if strings.HasPrefix(b, a+"/") {
+				clash = append(clash, [2]string{a, b})
+			}
+		}
+	}
+	if len(clash) == 0 {
+		return rels
+	}
+	type state struct {
+		at     time.Time
+		absent bool // no backup at or before the target
+		ok     bool
+	}
+	states := map[string]state{}
+	at := func(rel string) state {
+		if s, ok := states[rel]; ok {
+			return s
+		}
+		var s state
+		for _, t := range replicaTargets(cfg, rel) {
+			plan, err := replicate.PlanRestore(ctx, t.client, target)
+			if err == nil {
+				s = state{at: plan.Timestamp, ok: true}
+				break
+			}
+			if errors.Is(err, replicate.ErrBeforeOldest) || errors.Is(err, replicate.ErrNoBackup) {
+				s = state{absent: true, ok: true}
+			}
+		}
+		states[rel] = s
+		return s
+	}
+	drop := map[string]bool{}
+	absent := map[string]bool{} // left out here: made first, its directory would stop the other
+	for _, c := range clash {
+		a, b := at(c[0]), at(c[1])
+		switch {
+		case !a.ok || !b.ok:
+		case a.absent || b.absent:
+			absent[c[0]], absent[c[1]] = a.absent, b.absent
+		case a.at.After(b.at):
+			drop[c[1]] = true
+		default:
+			drop[c[0]] = true
+		}
+	}
+	for rel, gone := range absent {
+		if gone {
+			drop[rel] = true
+			logger.Warn(notAtTarget, "db", rel)
+		}
+	}
+	for rel := range drop {
+		if !absent[rel] {
+			logger.Warn("not restored: a database with a newer commit takes its place in the directory (the replica keeps deleted databases)", "db", rel)
+		}
+	}
+	return slices.DeleteFunc(rels, func(rel string) bool { return drop[rel] })
 }
 
 // replanAttempts is how often a restore plans again when a file it planned

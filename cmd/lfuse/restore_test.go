@@ -94,3 +94,55 @@ func TestRestorePlansAgainWhenAFileGoes(t *testing.T) {
 		t.Fatalf("no word of planning again:\n%s", log.String())
 	}
 }
+
+// restore -data puts back the directory as it was at the target: a
+// database made after it is left out with a warning, not a failure of the
+// whole restore, and leaves no directory behind; of a deleted x.db and the
+// x.db/y.db made later (the replica keeps both), the one that existed at
+// the target is restored.
+func TestRestoreDataAtATime(t *testing.T) {
+	repl := filepath.Join(t.TempDir(), "replica")
+	root := file.New(repl)
+	writeState(t, root.Sub("a.db"), 9, 1, 1, 1)
+	writeState(t, root.Sub("a.db"), 0, 2, 2, 2)
+	writeState(t, root.Sub("x.db"), 9, 1, 1, 3)
+	writeState(t, root.Sub("x.db/y.db"), 9, 1, 2, 4)
+	writeState(t, root.Sub("n/new.db"), 9, 1, 3, 5)
+	restore := func(target replicate.Target) (string, string) {
+		t.Helper()
+		data := filepath.Join(t.TempDir(), "data")
+		var log bytes.Buffer
+		cfg := Config{DataDir: data, Replicas: []ReplicaConfig{{URL: "file://" + repl}}}
+		if _, err := restoreAll(context.Background(), slog.New(slog.NewTextHandler(&log, nil)), io.Discard, cfg, target, restoreFlags{}); err != nil {
+			t.Fatalf("restore to %s: %v\n%s", target, err, log.String())
+		}
+		return data, log.String()
+	}
+	fill := func(path string) byte {
+		t.Helper()
+		b, err := os.ReadFile(path)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return b[0]
+	}
+
+	data, log := restore(replicate.Target{Time: time.Unix(1, 5e8)})
+	if fill(filepath.Join(data, "a.db")) != 1 || fill(filepath.Join(data, "x.db")) != 3 {
+		t.Fatalf("wrong states at 1.5 s:\n%s", log)
+	}
+	if _, err := os.Stat(filepath.Join(data, "n")); !os.IsNotExist(err) {
+		t.Fatalf("a database made after the target left %v", err)
+	}
+	if !strings.Contains(log, "not restored") || !strings.Contains(log, "n/new.db") {
+		t.Fatalf("no warning names the database made later:\n%s", log)
+	}
+
+	data, log = restore(replicate.Target{})
+	if fill(filepath.Join(data, "x.db", "y.db")) != 4 || fill(filepath.Join(data, "a.db")) != 2 || fill(filepath.Join(data, "n", "new.db")) != 5 {
+		t.Fatalf("wrong latest states:\n%s", log)
+	}
+	if !strings.Contains(log, `db=x.db`) {
+		t.Fatalf("no warning names the shadowed x.db:\n%s", log)
+	}
+}
