@@ -222,6 +222,12 @@ func TestMountRestoresMissing(t *testing.T) {
 	lf.stop()
 	want := liveBytes(t, e)
 
+	snapshots := func() int {
+		m, _ := filepath.Glob(filepath.Join(repl, "app.db", "ltx", "9", "*.ltx"))
+		return len(m)
+	}
+	snapsBefore := snapshots()
+
 	// The machine is lost: a new, empty data directory.
 	os.RemoveAll(e.data)
 	os.MkdirAll(e.data, 0o755)
@@ -250,6 +256,11 @@ func TestMountRestoresMissing(t *testing.T) {
 		t.Fatal("a refused restore changed the database")
 	}
 	lf.stop()
+	// The restored database continues the replica's history: once, every
+	// start after a restore uploaded each database again in full.
+	if n := snapshots(); n != snapsBefore || strings.Contains(lf.log.String(), "snapshot uploaded") {
+		t.Fatalf("%d snapshots after the restore and mount, %d before:\n%s", n, snapsBefore, lf.log)
+	}
 
 	// Into a directory that already holds one of the databases: refused
 	// before any is written. (Found by an adversarial run: the databases

@@ -22,6 +22,7 @@ import (
 	"time"
 
 	"github.com/lfuse/lfuse/walcapture"
+	"github.com/superfly/ltx"
 )
 
 // Manager discovers the SQLite databases under a backing directory as the
@@ -76,6 +77,11 @@ func (m *Manager) Open(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
+	for _, rel := range restoredOnly(m.stateDir) {
+		if _, err := os.Stat(filepath.Join(m.dataDir, rel)); err == nil && !slices.Contains(rels, rel) {
+			rels = append(rels, rel)
+		}
+	}
 	for _, rel := range rels {
 		if err := ctx.Err(); err != nil {
 			return err
@@ -118,6 +124,72 @@ func (m *Manager) newDB(rel string) *DB {
 		}
 	}
 	return d
+}
+
+// restoredName, in a database's state directory, holds the TXID a restore
+// put the database at (NoteRestored).
+const restoredName = "restored"
+
+// NoteRestored records in stateDir that the database at rel was restored
+// at txid. Taken up afresh, the database's first snapshot then takes that
+// TXID: where it holds what the replica holds there (the same checksum),
+// the replica is already up to date. Without it, each container start
+// that restored before mounting began a history above the replica's and
+// uploaded every database again in full. A wrong hint costs only that
+// upload: replicas compare checksums before they continue a history.
+//
+// Open takes up every database so noted at once, before the application
+// can write to it: its first snapshot must be of the restored file alone.
+func NoteRestored(stateDir, rel string, txid ltx.TXID) error {
+	dir := filepath.Join(stateDir, "dbs", stateName(rel))
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return err
+	}
+	b, err := json.Marshal(restoredHint{Path: rel, TXID: txid.String()})
+	if err != nil {
+		return err
+	}
+	return writeFileAtomic(filepath.Join(dir, restoredName), b)
+}
+
+// restoredHint is what NoteRestored writes.
+type restoredHint struct {
+	Path string `json:"path"`
+	TXID string `json:"txid"`
+}
+
+// readRestoredHint reads the hint in a database's state directory.
+func readRestoredHint(dir string) (rel string, txid ltx.TXID, ok bool) {
+	b, err := os.ReadFile(filepath.Join(dir, restoredName))
+	if err != nil {
+		return "", 0, false
+	}
+	var h restoredHint
+	if json.Unmarshal(b, &h) != nil || h.Path == "" || !filepath.IsLocal(h.Path) {
+		return "", 0, false
+	}
+	if txid, err = ltx.ParseTXID(h.TXID); err != nil {
+		return "", 0, false
+	}
+	return h.Path, txid, true
+}
+
+// restoredOnly lists the databases that a restore noted (NoteRestored) and
+// lfuse has not taken up yet.
+func restoredOnly(stateDir string) []string {
+	dbsDir := filepath.Join(stateDir, "dbs")
+	ents, _ := os.ReadDir(dbsDir)
+	var rels []string
+	for _, e := range ents {
+		dir := filepath.Join(dbsDir, e.Name())
+		if _, err := os.Stat(filepath.Join(dir, "state.json")); err == nil {
+			continue
+		}
+		if rel, _, ok := readRestoredHint(dir); ok && stateName(rel) == e.Name() {
+			rels = append(rels, rel)
+		}
+	}
+	return rels
 }
 
 // ReplicaSpec is one replica of a database.

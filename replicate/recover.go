@@ -43,6 +43,7 @@ func (d *DB) openState() error {
 		}
 	}
 	d.log = l
+	d.takeRestoredHint()
 	s, err := OpenSums(filepath.Join(d.dir, "sums"))
 	if errors.Is(err, errNotSums) {
 		d.logger.Warn("page checksum table is unreadable; rebuilding it", "err", err)
@@ -306,4 +307,19 @@ func writeFileAtomic(path string, data []byte) error {
 		return err
 	}
 	return syncDir(filepath.Dir(path))
+}
+
+// takeRestoredHint reads, and removes, the TXID a restore put the database
+// at (NoteRestored): the next snapshot takes it, unless the log is past it.
+func (d *DB) takeRestoredHint() {
+	_, txid, ok := readRestoredHint(d.dir)
+	if !ok {
+		return
+	}
+	os.Remove(filepath.Join(d.dir, restoredName))
+	last, _ := d.log.Last()
+	if txid > last.TXID() && txid > d.minTXID {
+		d.minTXID = txid
+		d.logger.Info("restored at TXID " + txid.String() + "; its snapshot takes that TXID, so a replica that holds the same needs no upload")
+	}
 }

@@ -211,6 +211,12 @@ func restoreAll(ctx context.Context, logger *slog.Logger, stderr io.Writer, cfg 
 	if err := os.MkdirAll(dataDir, 0o755); err != nil {
 		return 0, fmt.Errorf("data directory: %w", err)
 	}
+	stateDir := filepath.Join(dataDir, defaultStateName)
+	if cfg.StateDir != "" {
+		if stateDir, err = filepath.Abs(cfg.StateDir); err != nil {
+			return 0, err
+		}
+	}
 	// The databases: those listed in the config, and those found under
 	// each global replica.
 	var rels []string
@@ -288,7 +294,15 @@ func restoreAll(ctx context.Context, logger *slog.Logger, stderr io.Writer, cfg 
 			if err != nil {
 				return fmt.Errorf("%s: %w", rel, err)
 			}
-			ok, err := restoreOne(gctx, logger.With("db", rel), stderr, clients, out, target, f)
+			txid, err := restoreOne(gctx, logger.With("db", rel), stderr, clients, out, target, f)
+			ok := txid != 0
+			if ok {
+				// The mount's first snapshot of it then takes this
+				// TXID, and a replica holding the same needs no upload.
+				if err := replicate.NoteRestored(stateDir, rel, txid); err != nil {
+					logger.Warn("cannot note the restored position; the first mount uploads this database again in full", "db", rel, "err", err)
+				}
+			}
 			if !ok {
 				removeEmpty(made) // a database not restored leaves no trace
 			}
@@ -440,16 +454,16 @@ func emptyDB(path string, st os.FileInfo) bool {
 }
 
 // restoreOne restores one database from the first of clients that holds a
-// backup of it. It reports whether it wrote output.
-func restoreOne(ctx context.Context, logger *slog.Logger, stderr io.Writer, clients []replicate.ReplicaClient, output string, target replicate.Target, f restoreFlags) (bool, error) {
+// backup of it. It returns the TXID it restored, or 0 if it wrote nothing.
+func restoreOne(ctx context.Context, logger *slog.Logger, stderr io.Writer, clients []replicate.ReplicaClient, output string, target replicate.Target, f restoreFlags) (ltx.TXID, error) {
 	// The output's directory is checked before any download.
 	dir := filepath.Dir(output)
 	if st, err := os.Stat(dir); errors.Is(err, os.ErrNotExist) {
-		return false, fmt.Errorf("output directory %s does not exist: create it first", dir)
+		return 0, fmt.Errorf("output directory %s does not exist: create it first", dir)
 	} else if err != nil {
-		return false, fmt.Errorf("output directory: %w", err)
+		return 0, fmt.Errorf("output directory: %w", err)
 	} else if !st.IsDir() {
-		return false, fmt.Errorf("output directory %s is not a directory", dir)
+		return 0, fmt.Errorf("output directory %s is not a directory", dir)
 	}
 	// Also where nothing is restored: a directory that a killed
 	// restore-if-missing left in the data directory would stay there.
@@ -465,50 +479,50 @@ func restoreOne(ctx context.Context, logger *slog.Logger, stderr io.Writer, clie
 		switch {
 		case f.ifDBNotExists:
 			logger.Info("database exists; not restoring", "path", output)
-			return false, nil
+			return 0, nil
 		case !f.force:
-			return false, fmt.Errorf("%s exists: use -force to overwrite it, or -if-db-not-exists to keep it", output)
+			return 0, fmt.Errorf("%s exists: use -force to overwrite it, or -if-db-not-exists to keep it", output)
 		case !st.Mode().IsRegular():
-			return false, fmt.Errorf("%s exists and is not a regular file (%s): give the path of a database file", output, fileKind(st.Mode()))
+			return 0, fmt.Errorf("%s exists and is not a regular file (%s): give the path of a database file", output, fileKind(st.Mode()))
 		}
 	} else if errors.Is(err, os.ErrNotExist) {
 		noReplace = true
 	} else {
-		return false, err
+		return 0, err
 	}
 	if err := unix.Access(dir, unix.W_OK); err != nil {
-		return false, fmt.Errorf("output directory %s is not writable: %w", dir, err)
+		return 0, fmt.Errorf("output directory %s is not writable: %w", dir, err)
 	}
 	if err := inUse(output); err != nil {
-		return false, err
+		return 0, err
 	}
 	var errs []error
 	for _, client := range clients {
-		err := restoreFrom(ctx, logger, stderr, client, output, target, f, noReplace)
+		txid, err := restoreFrom(ctx, logger, stderr, client, output, target, f, noReplace)
 		if errors.Is(err, replicate.ErrNoBackup) {
 			errs = append(errs, namedError(client, err))
 			continue
 		} else if err != nil {
-			return false, err
+			return 0, err
 		}
-		return true, nil
+		return txid, nil
 	}
 	if f.ifReplicaExists {
 		fmt.Fprintf(stderr, "lfuse: no backup of %s in the replica; nothing to restore\n", filepath.Base(output))
-		return false, nil
+		return 0, nil
 	}
-	return false, fmt.Errorf("%w (use -if-replica-exists to make this not an error)", errors.Join(errs...))
+	return 0, fmt.Errorf("%w (use -if-replica-exists to make this not an error)", errors.Join(errs...))
 }
 
 // restoreFrom restores output from one replica. A running lfuse compacts
 // and expires the replica while this restores from it: a planned file can
 // be deleted before it is downloaded. Planning again then sees what
 // replaced it, or says that the target has left the retention window.
-func restoreFrom(ctx context.Context, logger *slog.Logger, stderr io.Writer, client replicate.ReplicaClient, output string, target replicate.Target, f restoreFlags, noReplace bool) error {
+func restoreFrom(ctx context.Context, logger *slog.Logger, stderr io.Writer, client replicate.ReplicaClient, output string, target replicate.Target, f restoreFlags, noReplace bool) (ltx.TXID, error) {
 	for attempt := 1; ; attempt++ {
 		plan, err := replicate.PlanRestore(ctx, client, target)
 		if err != nil {
-			return namedError(client, err)
+			return 0, namedError(client, err)
 		}
 		logger.Info("restore plan", "replica", client.String(), "target", target.String(), "txid", plan.TXID.String(),
 			"committed", plan.Timestamp.Format(time.RFC3339Nano), "files", len(plan.Files), "bytes", plan.Bytes,
@@ -526,12 +540,12 @@ func restoreFrom(ctx context.Context, logger *slog.Logger, stderr io.Writer, cli
 			logger.Warn("a planned file was deleted from the replica meanwhile (by the lfuse writing to it?); planning again", "err", err)
 			continue
 		} else if err != nil {
-			return err
+			return 0, err
 		}
 		logger.Info("restored", "path", output, "txid", plan.TXID.String(), "db_bytes", st.DBBytes, "files", st.Files,
 			"downloaded_bytes", st.Bytes, "seconds", time.Since(start).Seconds(), "download_wait_seconds", st.Download.Seconds(),
 			"apply_seconds", st.Apply.Seconds(), "verify_seconds", st.Verify.Seconds(), "sync_seconds", st.Sync.Seconds())
-		return nil
+		return plan.TXID, nil
 	}
 }
 
