@@ -96,7 +96,8 @@ type DB struct {
 	compactMu sync.Mutex  // one fold of the local log at a time
 	folding   atomic.Bool // a foldLog goroutine is running
 
-	captured      atomic.Int64 // transactions captured since start
+	lastStats     atomic.Pointer[Stats] // the last Stats read under mu
+	captured      atomic.Int64          // transactions captured since start
 	capturedBytes atomic.Int64
 	snapshots     atomic.Int64
 	captureErrs   atomic.Int64
@@ -126,16 +127,26 @@ type Stats struct {
 }
 
 func (d *DB) Stats() Stats {
-	d.mu.Lock()
-	defer d.mu.Unlock()
-	st := Stats{Path: d.rel, Status: d.status.String(), Reason: d.reason,
-		Captured: d.captured.Load(), Bytes: d.capturedBytes.Load(), Snapshots: d.snapshots.Load(), Errors: d.captureErrs.Load(),
-		Holds: d.holds.Load(), Held: time.Duration(d.heldNanos.Load()), Copies: d.copies.Load()}
-	if d.log != nil {
-		if last, ok := d.log.Last(); ok {
-			st.TXID = last.TXID()
+	// d.mu can be held for seconds (a snapshot, a capture or a fold under
+	// load): lfuse status and /metrics waited up to a minute behind one
+	// database. Then the status and TXID are the last ones read.
+	st := Stats{Path: d.rel}
+	if d.mu.TryLock() {
+		st.Status, st.Reason = d.status.String(), d.reason
+		if d.log != nil {
+			if last, ok := d.log.Last(); ok {
+				st.TXID = last.TXID()
+			}
 		}
+		d.mu.Unlock()
+		d.lastStats.Store(&st)
+	} else if last := d.lastStats.Load(); last != nil {
+		st.Status, st.Reason, st.TXID = last.Status, last.Reason, last.TXID
+	} else {
+		st.Status = "busy"
 	}
+	st.Captured, st.Bytes, st.Snapshots, st.Errors = d.captured.Load(), d.capturedBytes.Load(), d.snapshots.Load(), d.captureErrs.Load()
+	st.Holds, st.Held, st.Copies = d.holds.Load(), time.Duration(d.heldNanos.Load()), d.copies.Load()
 	if fi, err := os.Stat(d.path); err == nil {
 		st.Size = fi.Size()
 	}

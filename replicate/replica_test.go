@@ -562,6 +562,30 @@ func TestStatsDuringSync(t *testing.T) {
 	r.mu.Unlock()
 }
 
+// The same for a database busy with a snapshot, a capture or a fold:
+// lfuse status waited up to a minute behind one of a thousand databases.
+func TestDBStatsWhileBusy(t *testing.T) {
+	rs := newReplicaSetup(t, ReplicaOptions{SyncInterval: time.Hour})
+	defer rs.m.Close()
+	rs.db.Exec("CREATE TABLE t(v)")
+	rs.m.Opened("app.db-wal", true)
+	rs.m.SyncAll()
+	d := rs.m.DB("app.db")
+	before := d.Stats()
+	d.mu.Lock() // a long operation under way
+	done := make(chan Stats, 1)
+	go func() { done <- d.Stats() }()
+	select {
+	case st := <-done:
+		if st.Status != before.Status || st.TXID != before.TXID || st.TXID == 0 {
+			t.Errorf("while busy: %s at TXID %s, before: %s at TXID %s", st.Status, st.TXID, before.Status, before.TXID)
+		}
+	case <-time.After(5 * time.Second):
+		t.Error("Stats waited for the database")
+	}
+	d.mu.Unlock()
+}
+
 func TestRetention(t *testing.T) {
 	const retention = 1500 * time.Millisecond
 	// The deletions are watched for their order: see retentionOrder.
