@@ -182,7 +182,9 @@ func loadConfig(path string, expand bool) (Config, error) {
 	}
 	raw := data
 	if expand {
-		data = []byte(os.ExpandEnv(string(data)))
+		if data, err = expandEnv(data); err != nil {
+			return cfg, fmt.Errorf("config file %s: %w", path, err)
+		}
 	}
 	md, err := toml.NewDecoder(bytes.NewReader(data)).Decode(&cfg)
 	if err != nil {
@@ -290,6 +292,10 @@ func secretLine(line []byte) (string, bool) {
 func (c Config) validate() error {
 	if c.ShutdownTimeout.Duration < 0 {
 		return fmt.Errorf("shutdown-timeout %s: must not be negative", c.ShutdownTimeout.Duration)
+	}
+	if c.ShutdownTimeout.set && c.ShutdownTimeout.Duration == 0 {
+		// Zero would mean the default, 30 s, not "do not wait".
+		return errors.New("shutdown-timeout is zero: it must be more than zero (leave it out for the default, 30s)")
 	}
 	switch c.Passthrough {
 	case "auto", "on", "off":
@@ -405,4 +411,38 @@ func stateFromFlags(fl *flag.FlagSet, cf configFlags, dataDir, stateDir string) 
 		return "", fmt.Errorf("%w: give -data DIR, -state DIR or -config FILE", errUsage)
 	}
 	return filepath.Join(cfg.DataDir, defaultStateName), nil
+}
+
+// expandEnv replaces $VAR and ${VAR} outside comment lines. A variable
+// that is not set is an error (${VAR:-default} gives a default, ${VAR:-}
+// an empty value), and $$ is a literal $: a password like pa$$w0rd became
+// paw0rd, and a state-dir of "${UNSET}/lfuse" made /lfuse, both silently.
+func expandEnv(data []byte) ([]byte, error) {
+	lines := strings.SplitAfter(string(data), "\n")
+	for i, line := range lines {
+		if strings.HasPrefix(strings.TrimSpace(line), "#") || !strings.Contains(line, "$") {
+			continue
+		}
+		var missing string
+		lines[i] = os.Expand(line, func(name string) string {
+			if name == "$" {
+				return "$"
+			}
+			if k, def, ok := strings.Cut(name, ":-"); ok {
+				if v := os.Getenv(k); v != "" {
+					return v
+				}
+				return def
+			}
+			v, ok := os.LookupEnv(name)
+			if !ok && missing == "" {
+				missing = name
+			}
+			return v
+		})
+		if missing != "" {
+			return nil, fmt.Errorf("line %d: $%s is not set in the environment: set it, write ${%s:-} for an empty value, $$ for a literal $, or use -no-expand-env", i+1, missing, missing)
+		}
+	}
+	return []byte(strings.Join(lines, "")), nil
 }

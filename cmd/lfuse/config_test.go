@@ -167,6 +167,18 @@ func TestReplicaDurations(t *testing.T) {
 			t.Errorf("%s: %v, want %q", c.text, err, c.err)
 		}
 	}
+	// The same for shutdown-timeout, where zero meant 30 s.
+	path := filepath.Join(dir, "s.toml")
+	if err := os.WriteFile(path, []byte("shutdown-timeout = \"0s\"\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	cfg, err := loadConfig(path, false)
+	if err == nil {
+		err = cfg.validate()
+	}
+	if err == nil || !strings.Contains(err.Error(), "shutdown-timeout is zero") {
+		t.Errorf("shutdown-timeout = \"0s\": %v", err)
+	}
 }
 
 func TestCommandLine(t *testing.T) {
@@ -283,6 +295,18 @@ secret-access-key = "${LFUSE_TEST_SECRET}"
 	}
 	if cfg.Replicas[0].URL != "s3://bucket/${LFUSE_TEST_PREFIX}" {
 		t.Fatalf("-no-expand-env: url %q", cfg.Replicas[0].URL)
+	}
+
+	// $$ is a literal $, a default covers an unset variable, and an unset
+	// one without a default is an error naming it; comment lines are not
+	// expanded.
+	os.WriteFile(path, []byte("# $NOT_SET in a comment\n[[replicas]]\nurl = \"sftp://u@h/${LFUSE_TEST_UNSET:-p}\"\npassword = \"pa$$w0rd\"\n"), 0o600)
+	if cfg, err = loadConfig(path, true); err != nil || cfg.Replicas[0].Password != "pa$w0rd" || cfg.Replicas[0].URL != "sftp://u@h/p" {
+		t.Fatalf("$$ and a default: %v, %+v", err, cfg.Replicas)
+	}
+	os.WriteFile(path, []byte("data-dir = \"/x\"\nstate-dir = \"${LFUSE_TEST_UNSET}/lfuse\"\n"), 0o600)
+	if _, err = loadConfig(path, true); err == nil || !strings.Contains(err.Error(), "line 2: $LFUSE_TEST_UNSET is not set") {
+		t.Fatalf("an unset variable: %v", err)
 	}
 
 	// A $VAR left unquoted: the parser's message would quote the secret.

@@ -86,7 +86,7 @@ func runMount(args []string, stderr io.Writer) error {
 		cfg.RestoreIfMissing = *restoreIfMissing
 	}
 	if set["shutdown-timeout"] {
-		cfg.ShutdownTimeout.Duration = *shutdownTimeout
+		cfg.ShutdownTimeout = Duration{Duration: *shutdownTimeout, set: true}
 	}
 	override("log-format", &cfg.Log.Format, *logFormat)
 	override("exec", &cfg.Exec, *execCmd)
