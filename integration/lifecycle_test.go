@@ -226,6 +226,8 @@ func TestRefusals(t *testing.T) {
 	os.WriteFile(badKey, []byte("mount-dir = \""+mnt+"\"\ndata-dir = \""+data+"\"\n\n[log]\nlevel = \"info\"\ncolour = \"yes\"\n"), 0o644)
 	file := filepath.Join(base, "file")
 	os.WriteFile(file, nil, 0o644)
+	hasDB := mk(filepath.Join(base, "hasdb"))
+	os.WriteFile(filepath.Join(hasDB, "app.db"), []byte("SQLite format 3\x00 and the rest"), 0o644)
 
 	// For the permission case everything must be reachable by nobody.
 	pub, err := os.MkdirTemp("", "lfuse-perm-")
@@ -247,6 +249,9 @@ func TestRefusals(t *testing.T) {
 	}{
 		{"mountpoint missing", []string{lfuseBin, "mount", "-data", data, filepath.Join(base, "nope")}, "does not exist: create it"},
 		{"mountpoint is a file", []string{lfuseBin, "mount", "-data", data, file}, "is not a directory"},
+		// Mounting over an application's directory would hide its
+		// database, and the application would start an empty one.
+		{"mountpoint holds a database", []string{lfuseBin, "mount", "-data", data, hasDB}, "holds the database app.db, which the mount would hide"},
 		{"already a mount", []string{lfuseBin, "mount", "-data", data, tmpfs}, "already a mount (tmpfs)"},
 		{"data dir missing", []string{lfuseBin, "mount", "-data", filepath.Join(base, "nodata"), mnt}, "data directory"},
 		{"data dir is the mountpoint", []string{lfuseBin, "mount", "-data", mnt, mnt}, "is the mount point or inside it"},

@@ -120,6 +120,10 @@ func mount(cfg Config, logger *slog.Logger, debugFUSE bool) error {
 	if err := fs.CheckDirs(dataDir, mountDir); err != nil {
 		return err
 	}
+	hidden, err := checkHidden(mountDir, dataDir)
+	if err != nil {
+		return err
+	}
 	stateDir, hide, err := resolveStateDir(cfg.StateDir, dataDir, mountDir)
 	if err != nil {
 		return err
@@ -216,6 +220,9 @@ func mount(cfg Config, logger *slog.Logger, debugFUSE bool) error {
 		}
 	}
 	logger.Info("mount ready", "mount", mountDir, "data", dataDir, "state", stateDir, "mode", mode, "replicas", strings.Join(urls, ","))
+	if hidden > 0 {
+		logger.Warn("the mount point was not empty: what it holds is hidden while lfuse is mounted", "mount", mountDir, "entries", hidden)
+	}
 
 	unmounted := make(chan struct{})
 	go func() { m.Wait(); close(unmounted) }()
@@ -259,6 +266,33 @@ func mount(cfg Config, logger *slog.Logger, debugFUSE bool) error {
 		return exitCode(childCode)
 	}
 	return nil
+}
+
+// checkHidden refuses a mount point that holds a SQLite database: the
+// mount would hide it, and the application would start a new, empty one
+// in its place (moving an application onto lfuse by mounting over its
+// directory). It returns how many other entries the mount hides.
+func checkHidden(mountDir, dataDir string) (int, error) {
+	ents, err := os.ReadDir(mountDir)
+	if err != nil || len(ents) == 0 {
+		return 0, nil
+	}
+	for _, e := range ents {
+		if !e.Type().IsRegular() {
+			continue
+		}
+		f, err := os.Open(filepath.Join(mountDir, e.Name()))
+		if err != nil {
+			continue
+		}
+		head := make([]byte, 16)
+		n, _ := io.ReadFull(f, head)
+		f.Close()
+		if string(head[:n]) == "SQLite format 3\x00" {
+			return 0, fmt.Errorf("mount point %s holds the database %s, which the mount would hide: move it (with its -wal) into the data directory %s, or mount elsewhere", mountDir, e.Name(), dataDir)
+		}
+	}
+	return len(ents), nil
 }
 
 // stopSignals stop lfuse (without exec): HUP too, which otherwise ended
