@@ -427,3 +427,35 @@ func TestMoveIntoNewDirectory(t *testing.T) {
 	db.Close()
 	lf.stop()
 }
+
+// Databases that no application opens through the mount are replicated
+// too: one already in the data directory when lfuse starts, and one
+// renamed while closed. Each was once in no replica until an application
+// opened it, and lost with the disk.
+func TestUnopenedDatabasesAreReplicated(t *testing.T) {
+	e := newEnv(t)
+	cfgPath, repl := e.replicaConfig("")
+	pre := filepath.Join(e.data, "sub", "pre.db")
+	os.MkdirAll(filepath.Dir(pre), 0o755)
+	createSeq(t, pre) // written before lfuse runs, closed: no -wal left
+	seqWrite(t, pre, 1, 20)
+	lf := e.mount("-config", cfgPath)
+	if err := lf.log.wait("took up databases that no application has opened yet", time.Minute, lf.done); err != nil {
+		t.Fatalf("%v\n%s", err, lf.log)
+	}
+	createSeq(t, e.path("old.db"))
+	seqWrite(t, e.path("old.db"), 1, 30)
+	if err := os.Rename(e.path("old.db"), e.path("new.db")); err != nil {
+		t.Fatal(err)
+	}
+	lf.stop()
+	for db, rows := range map[string]int{"sub/pre.db": 20, "new.db": 30} {
+		out := filepath.Join(e.root, strings.ReplaceAll(db, "/", "_")+".restored")
+		if code, log := runLfuse(t, "restore", "-o", out, "file://"+repl+"/"+db); code != 0 {
+			t.Fatalf("restore %s exited %d:\n%s\nlfuse:\n%s", db, code, log, lf.log)
+		}
+		if n := seqRows(t, out); n != rows {
+			t.Fatalf("%s restored with %d rows, want %d", db, n, rows)
+		}
+	}
+}

@@ -13,6 +13,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"io/fs"
 	"log/slog"
 	"os"
 	"path/filepath"
@@ -717,10 +718,50 @@ func (m *Manager) renameDir(moved []*DB, oldRel, newRel string) func(ok bool) {
 // its WAL again to make it known.
 func (m *Manager) foundAt(rel string) {
 	rel = strings.TrimSuffix(rel, "-wal")
-	if _, err := os.Stat(filepath.Join(m.dataDir, rel+"-wal")); err != nil || !isWALMode(filepath.Join(m.dataDir, rel)) {
+	// A closed database has no WAL: its header says WAL mode. Taken up only
+	// beside its WAL, a database renamed while closed was replicated under
+	// no name until an application opened it again.
+	if !isWALMode(filepath.Join(m.dataDir, rel)) {
 		return
 	}
 	m.walOpened(rel)
+}
+
+// Discover takes up every database in WAL mode under the data directory
+// that lfuse is not capturing yet. lfuse otherwise learns of a database
+// when an application opens it through the mount: one that no application
+// opened since (a monthly report's, an archive) was in no replica, and was
+// lost with the disk. It reads the first bytes of every file, once, and
+// stops when ctx ends.
+func (m *Manager) Discover(ctx context.Context) int {
+	n := 0
+	filepath.WalkDir(m.dataDir, func(p string, e fs.DirEntry, err error) error {
+		if err != nil || ctx.Err() != nil {
+			return ctx.Err()
+		}
+		if e.IsDir() {
+			if p == m.stateDir {
+				return filepath.SkipDir
+			}
+			return nil
+		}
+		if !e.Type().IsRegular() || strings.HasSuffix(p, "-wal") || strings.HasSuffix(p, "-shm") || strings.HasSuffix(p, "-journal") {
+			return nil
+		}
+		rel, err := filepath.Rel(m.dataDir, p)
+		if err != nil {
+			return nil
+		}
+		if m.DB(rel) != nil || !isWALMode(p) {
+			return nil
+		}
+		m.walOpened(rel)
+		if m.DB(rel) != nil {
+			n++
+		}
+		return nil
+	})
+	return n
 }
 
 func sortedDBs(a, b *DB) []*DB {

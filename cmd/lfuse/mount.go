@@ -223,6 +223,14 @@ func mount(cfg Config, logger *slog.Logger, debugFUSE bool) error {
 	if hidden > 0 {
 		logger.Warn("the mount point was not empty: what it holds is hidden while lfuse is mounted", "mount", mountDir, "entries", hidden)
 	}
+	discovered := make(chan struct{})
+	discoverCtx, stopDiscover := context.WithCancel(ctx)
+	go func() {
+		defer close(discovered)
+		if n := mgr.Discover(discoverCtx); n > 0 {
+			logger.Info("took up databases that no application has opened yet", "databases", n)
+		}
+	}()
 
 	unmounted := make(chan struct{})
 	go func() { m.Wait(); close(unmounted) }()
@@ -255,6 +263,8 @@ func mount(cfg Config, logger *slog.Logger, debugFUSE bool) error {
 	if srv != nil {
 		srv.Close()
 	}
+	stopDiscover()
+	<-discovered
 	// A second signal cuts the wait for replicas short.
 	closeCtx, cancel := signal.NotifyContext(context.Background(), stopSignals...)
 	defer cancel()
