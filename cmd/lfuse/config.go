@@ -219,8 +219,19 @@ func loadConfig(path string, expand bool) (Config, error) {
 	}
 	// Relative paths in the file are relative to the file.
 	base := filepath.Dir(path)
-	for _, p := range []*string{&cfg.MountDir, &cfg.DataDir, &cfg.StateDir} {
-		if *p != "" && !filepath.IsAbs(*p) {
+	paths := []*string{&cfg.MountDir, &cfg.DataDir, &cfg.StateDir}
+	// A replica given as a plain path too: resolved against the working
+	// directory, it landed in / under systemd.
+	for i := range cfg.Replicas {
+		paths = append(paths, &cfg.Replicas[i].URL)
+	}
+	for i := range cfg.Databases {
+		for j := range cfg.Databases[i].Replicas {
+			paths = append(paths, &cfg.Databases[i].Replicas[j].URL)
+		}
+	}
+	for _, p := range paths {
+		if *p != "" && !filepath.IsAbs(*p) && !strings.Contains(*p, "://") {
 			*p = filepath.Join(base, *p)
 		}
 	}

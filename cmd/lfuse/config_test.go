@@ -340,3 +340,20 @@ func FuzzLoadConfig(f *testing.F) {
 		}
 	})
 }
+
+// Relative paths in the file are relative to the file, replicas given as
+// plain paths included (resolved against the working directory, one
+// landed in / under systemd).
+func TestConfigRelativePaths(t *testing.T) {
+	dir := t.TempDir()
+	path := filepath.Join(dir, "lfuse.toml")
+	os.WriteFile(path, []byte("data-dir = \"data\"\n[[replicas]]\nurl = \"backups\"\n[[replicas]]\nurl = \"s3://b/p\"\n[[databases]]\npath = \"a.db\"\n[[databases.replicas]]\nurl = \"own\"\n"), 0o600)
+	cfg, err := loadConfig(path, false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if cfg.DataDir != filepath.Join(dir, "data") || cfg.Replicas[0].URL != filepath.Join(dir, "backups") ||
+		cfg.Replicas[1].URL != "s3://b/p" || cfg.Databases[0].Replicas[0].URL != filepath.Join(dir, "own") {
+		t.Fatalf("data-dir %q, replicas %q %q, database replica %q", cfg.DataDir, cfg.Replicas[0].URL, cfg.Replicas[1].URL, cfg.Databases[0].Replicas[0].URL)
+	}
+}
