@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"log/slog"
 	"os"
+	"path"
 	"path/filepath"
 	"regexp"
 	"slices"
@@ -299,6 +300,59 @@ func secretLine(line []byte) (string, bool) {
 	return "", false
 }
 
+// place is where a replica URL writes, for telling overlaps apart: its
+// scheme, bucket or host, and cleaned path; the query is not part of it.
+func place(u string) string {
+	if !strings.Contains(u, "://") {
+		u = "file://" + u
+	}
+	scheme, rest, _ := strings.Cut(u, "://")
+	rest, _, _ = strings.Cut(rest, "?")
+	host, p, _ := strings.Cut(rest, "/")
+	if scheme == "file" {
+		host, p = "", rest
+	}
+	return scheme + "://" + host + path.Clean("/"+p)
+}
+
+// within says whether place a is b or lies under it.
+func within(a, b string) bool {
+	return a == b || strings.HasPrefix(a, strings.TrimSuffix(b, "/")+"/")
+}
+
+// checkPlaces refuses replicas that would write into each other: one URL
+// given twice, or a database's own replica inside a global replica (where
+// the other databases' replicas go) or inside another's. Accepted, two
+// histories went to one place: a restore of one database gave another's
+// tables.
+func (c Config) checkPlaces() error {
+	for i, a := range c.Replicas {
+		for _, b := range c.Replicas[:i] {
+			if within(place(a.URL), place(b.URL)) || within(place(b.URL), place(a.URL)) {
+				return fmt.Errorf("replicas %s and %s write into the same place: give each its own", redact(b.URL), redact(a.URL))
+			}
+		}
+	}
+	type own struct{ db, url string }
+	var owns []own
+	for _, d := range c.Databases {
+		for _, r := range d.Replicas {
+			for _, g := range c.Replicas {
+				if within(place(r.URL), place(g.URL)) && place(r.URL) != place(strings.TrimSuffix(g.URL, "/")+"/"+filepath.ToSlash(filepath.Clean(d.Path))) {
+					return fmt.Errorf("databases: the replica %s of %s lies inside the replica %s, where every database's replica goes: give it a place outside", redact(r.URL), d.Path, redact(g.URL))
+				}
+			}
+			for _, o := range owns {
+				if within(place(r.URL), place(o.url)) || within(place(o.url), place(r.URL)) {
+					return fmt.Errorf("databases: the replicas %s (of %s) and %s (of %s) write into the same place: give each its own", redact(o.url), o.db, redact(r.URL), d.Path)
+				}
+			}
+			owns = append(owns, own{d.Path, r.URL})
+		}
+	}
+	return nil
+}
+
 // validate checks values that the types alone do not.
 func (c Config) validate() error {
 	if c.ShutdownTimeout.Duration < 0 {
@@ -332,6 +386,9 @@ func (c Config) validate() error {
 				return err
 			}
 		}
+	}
+	if err := c.checkPlaces(); err != nil {
+		return err
 	}
 	if _, err := parseLevel(c.Log.Level); err != nil {
 		return err

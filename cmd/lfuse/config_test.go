@@ -357,3 +357,36 @@ func TestConfigRelativePaths(t *testing.T) {
 		t.Fatalf("data-dir %q, replicas %q %q, database replica %q", cfg.DataDir, cfg.Replicas[0].URL, cfg.Replicas[1].URL, cfg.Databases[0].Replicas[0].URL)
 	}
 }
+
+// Replicas that would write into each other are refused: two databases'
+// histories in one place restored one database with the other's tables.
+func TestReplicaPlacesOverlap(t *testing.T) {
+	db := func(p string, urls ...string) DatabaseConfig {
+		d := DatabaseConfig{Path: p}
+		for _, u := range urls {
+			d.Replicas = append(d.Replicas, ReplicaConfig{URL: u})
+		}
+		return d
+	}
+	for _, c := range []struct {
+		global []string
+		dbs    []DatabaseConfig
+		err    string
+	}{
+		{[]string{"/r", "file:///r/"}, nil, "write into the same place"},
+		{[]string{"s3://b/p", "s3://b/p/sub?endpoint=x"}, nil, "write into the same place"},
+		{[]string{"/r"}, []DatabaseConfig{db("a.db", "/r/b.db")}, "lies inside the replica /r"},
+		{[]string{"/r"}, []DatabaseConfig{db("a.db", "/own"), db("b.db", "file:///own/x")}, "write into the same place"},
+		{[]string{"/r", "/r2", "s3://b/p", "s3://c/p"}, []DatabaseConfig{db("a.db", "/r/a.db", "/own/a"), db("b.db", "/own/b")}, ""},
+	} {
+		cfg := defaultConfig()
+		for _, u := range c.global {
+			cfg.Replicas = append(cfg.Replicas, ReplicaConfig{URL: u})
+		}
+		cfg.Databases = c.dbs
+		err := cfg.validate()
+		if c.err == "" && err != nil || c.err != "" && (err == nil || !strings.Contains(err.Error(), c.err)) {
+			t.Errorf("%v %v: %v, want %q", c.global, c.dbs, err, c.err)
+		}
+	}
+}
