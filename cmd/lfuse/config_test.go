@@ -195,7 +195,8 @@ func TestCommandLine(t *testing.T) {
 		t.Fatalf("mount without a mount point: %d %q", code, errOut.String())
 	}
 	errOut.Reset()
-	if code := run([]string{"mount", "-data", "/x", "a", "b"}, &out, &errOut); code != 2 {
+	// The usage text, then one line that says what was wrong.
+	if code := run([]string{"mount", "-data", "/x", "a", "b"}, &out, &errOut); code != 2 || !strings.HasSuffix(errOut.String(), "lfuse: one mount point expected, got [\"a\" \"b\"] (flags go before it)\n") {
 		t.Fatalf("two mount points: %d %q", code, errOut.String())
 	}
 }

@@ -91,6 +91,8 @@ func run(args []string, stdout, stderr io.Writer) int {
 	case errors.Is(err, flag.ErrHelp):
 		return 0
 	case errors.Is(err, errUsage):
+		// After the usage text, the last line says what was wrong.
+		fmt.Fprintf(stderr, "lfuse: %s\n", strings.TrimPrefix(err.Error(), errUsage.Error()+": "))
 		return 2
 	case errors.As(err, new(exitCode)):
 		var c exitCode

@@ -62,7 +62,7 @@ func runMount(args []string, stderr io.Writer) error {
 		cfg.MountDir = fl.Arg(0)
 	default:
 		fl.Usage()
-		return fmt.Errorf("%w: one mount point expected, got %q", errUsage, fl.Args())
+		return fmt.Errorf("%w: one mount point expected, got %q (flags go before it)", errUsage, fl.Args())
 	}
 	set := map[string]bool{}
 	fl.Visit(func(f *flag.Flag) { set[f.Name] = true })
