@@ -16,6 +16,7 @@
 package fs
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"log"
@@ -523,7 +524,14 @@ func mountError(dir string, err error) error {
 type slogWriter struct{ l *slog.Logger }
 
 func (w slogWriter) Write(p []byte) (int, error) {
-	w.l.Warn(strings.TrimRight(string(p), "\n"), "component", "fuse")
+	msg := strings.TrimRight(string(p), "\n")
+	level := slog.LevelWarn
+	if strings.Contains(msg, "connection abort") {
+		// How go-fuse's readers learn that the mount went: every stop
+		// logged it as a warning.
+		level = slog.LevelDebug
+	}
+	w.l.Log(context.Background(), level, msg, "component", "fuse")
 	return len(p), nil
 }
 

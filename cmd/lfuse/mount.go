@@ -21,6 +21,7 @@ import (
 
 	"github.com/lfuse/lfuse/fs"
 	"github.com/lfuse/lfuse/replicate"
+	"golang.org/x/sys/unix"
 )
 
 // defaultStateName is lfuse's state directory inside the data directory when
@@ -220,6 +221,11 @@ func mount(cfg Config, logger *slog.Logger, debugFUSE bool) error {
 		}
 	}
 	logger.Info("mount ready", "mount", mountDir, "data", dataDir, "state", stateDir, "mode", mode, "replicas", strings.Join(urls, ","))
+	var lim unix.Rlimit
+	if unix.Getrlimit(unix.RLIMIT_NOFILE, &lim) == nil && lim.Cur < lowFileLimit {
+		// Go raised the soft limit to the hard one; this is all there is.
+		logger.Warn("the open-file limit is low: lfuse holds about 7 descriptors per busy database, and the application gets EMFILE when they run out; raise it (ulimit -n, LimitNOFILE=)", "limit", lim.Cur)
+	}
 	if hidden > 0 {
 		logger.Warn("the mount point was not empty: what it holds is hidden while lfuse is mounted", "mount", mountDir, "entries", hidden)
 	}
@@ -304,6 +310,9 @@ func checkHidden(mountDir, dataDir string) (int, error) {
 	}
 	return len(ents), nil
 }
+
+// lowFileLimit is the open-file limit below which lfuse warns at start.
+const lowFileLimit = 8192
 
 // stopSignals stop lfuse (without exec): HUP too, which otherwise ended
 // lfuse without unmounting or shipping anything.
