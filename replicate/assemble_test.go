@@ -283,8 +283,13 @@ func TestRestoreSweepsLeftovers(t *testing.T) {
 	}
 	killed := mk(".lfuse-restore-111", old)
 	running := mk(".lfuse-restore-222", old)
-	young := mk(".lfuse-restore-333", time.Now())
+	killedYoung := mk(".lfuse-restore-333", time.Now()) // killed a moment ago: its room is needed now
 	other := mk(".lfuse-restored-by-hand", old)
+	starting := filepath.Join(dir, ".lfuse-restoring-444") // made, not locked yet
+	staleStart := filepath.Join(dir, ".lfuse-restoring-555")
+	os.Mkdir(starting, 0o700)
+	os.Mkdir(staleStart, 0o700)
+	os.Chtimes(staleStart, old, old)
 	lock := lockRestoreDir(running)
 	if lock == nil {
 		t.Skip("no flock on this filesystem")
@@ -296,13 +301,18 @@ func TestRestoreSweepsLeftovers(t *testing.T) {
 	if _, err := Restore(context.Background(), client, mustPlan(t, client), filepath.Join(dir, "restored.db"), RestoreOptions{Logger: logger}); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := os.Stat(killed); !errors.Is(err, os.ErrNotExist) {
-		t.Errorf("a killed restore's directory is still there: %v", err)
+	for _, p := range []string{killed, killedYoung, staleStart} {
+		if _, err := os.Stat(p); !errors.Is(err, os.ErrNotExist) {
+			t.Errorf("%s is still there: %v", filepath.Base(p), err)
+		}
 	}
-	for _, p := range []string{running, young, other} {
+	for _, p := range []string{running, other} {
 		if _, err := os.Stat(filepath.Join(p, "db")); err != nil {
 			t.Errorf("%s was removed: %v", filepath.Base(p), err)
 		}
+	}
+	if _, err := os.Stat(starting); err != nil {
+		t.Errorf("a restore's directory not locked yet was removed: %v", err)
 	}
 	if !strings.Contains(logs.String(), "removed what an interrupted restore left behind") || !strings.Contains(logs.String(), "bytes=4096") {
 		t.Errorf("the removal was not logged:\n%s", logs.String())

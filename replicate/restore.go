@@ -356,12 +356,11 @@ func Restore(ctx context.Context, client ReplicaClient, plan Plan, output string
 		logger = slog.Default()
 	}
 	SweepLeftovers(dir, logger)
-	tmpDir, err := os.MkdirTemp(dir, restoreTempPattern)
+	tmpDir, lock, err := makeRestoreDir(dir) // the lock tells a later restore's sweep that this one runs
 	if err != nil {
 		return st, err
 	}
-	lock := lockRestoreDir(tmpDir) // tells a later restore's sweep that this one runs
-	keepTmp := false               // it holds an old database's file that could not be put back
+	keepTmp := false // it holds an old database's file that could not be put back
 	defer func() {
 		if !keepTmp {
 			os.RemoveAll(tmpDir)
