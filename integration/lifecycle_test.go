@@ -226,6 +226,8 @@ func TestRefusals(t *testing.T) {
 	os.WriteFile(badKey, []byte("mount-dir = \""+mnt+"\"\ndata-dir = \""+data+"\"\n\n[log]\nlevel = \"info\"\ncolour = \"yes\"\n"), 0o644)
 	file := filepath.Join(base, "file")
 	os.WriteFile(file, nil, 0o644)
+	appDir := mk(filepath.Join(base, "appdir"))
+	os.WriteFile(filepath.Join(appDir, "notes.txt"), []byte("the application's"), 0o644)
 	hasDB := mk(filepath.Join(base, "hasdb"))
 	os.WriteFile(filepath.Join(hasDB, "app.db"), []byte("SQLite format 3\x00 and the rest"), 0o644)
 
@@ -252,6 +254,7 @@ func TestRefusals(t *testing.T) {
 		// Mounting over an application's directory would hide its
 		// database, and the application would start an empty one.
 		{"mountpoint holds a database", []string{lfuseBin, "mount", "-data", data, hasDB}, "holds the database app.db, which the mount would hide"},
+		{"state dir holds other files", []string{lfuseBin, "mount", "-data", data, "-state", appDir, mnt}, "holds files that are not lfuse's (notes.txt)"},
 		{"already a mount", []string{lfuseBin, "mount", "-data", data, tmpfs}, "already a mount (tmpfs)"},
 		{"data dir missing", []string{lfuseBin, "mount", "-data", filepath.Join(base, "nodata"), mnt}, "data directory"},
 		{"data dir is the mountpoint", []string{lfuseBin, "mount", "-data", mnt, mnt}, "is the mount point or inside it"},
@@ -319,4 +322,17 @@ func TestRefusals(t *testing.T) {
 			t.Fatal("a refused mount left a mount behind")
 		}
 	})
+}
+
+// A mount over the data directory of a running lfuse would hide its files,
+// state and all, from it: refused.
+func TestMountOverServedDataRefused(t *testing.T) {
+	e := newEnv(t)
+	e.mount()
+	other := filepath.Join(e.root, "other")
+	os.MkdirAll(other, 0o755)
+	code, log := runLfuse(t, "mount", "-data", other, e.data)
+	if code == 0 || !strings.Contains(lastLine(log), "is the data directory of a running lfuse") {
+		t.Fatalf("mount over a served data directory: exit %d\n%s", code, log)
+	}
 }

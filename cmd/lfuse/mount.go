@@ -132,6 +132,16 @@ func mount(cfg Config, logger *slog.Logger, debugFUSE bool) error {
 	if err := checkReplicaPlaces(cfg, dataDir, mountDir); err != nil {
 		return err
 	}
+	if err := checkStateDir(stateDir); err != nil {
+		return err
+	}
+	// Mounted over another lfuse's data directory, this mount would hide
+	// that lfuse's files, its state among them, from it.
+	if unlock, err := flockDir(mountDir, syscall.LOCK_SH); errors.Is(err, syscall.EWOULDBLOCK) {
+		return fmt.Errorf("mount point %s is the data directory of a running lfuse: mounting over it would hide its files from it; mount elsewhere", mountDir)
+	} else if err == nil {
+		unlock()
+	}
 	if err := os.MkdirAll(stateDir, 0o700); err != nil {
 		return fmt.Errorf("state directory %s: %w", stateDir, err)
 	}
@@ -309,6 +319,22 @@ func checkHidden(mountDir, dataDir string) (int, error) {
 		}
 	}
 	return len(ents), nil
+}
+
+// checkStateDir refuses a state directory that holds files lfuse did not
+// put there: given as the application's own directory, that directory
+// vanished from the mount, database and all, and lfuse wrote into it.
+func checkStateDir(dir string) error {
+	ents, err := os.ReadDir(dir)
+	if err != nil || len(ents) == 0 {
+		return nil
+	}
+	for _, e := range ents {
+		if e.Name() == "lock" || e.Name() == "dbs" {
+			return nil // lfuse's
+		}
+	}
+	return fmt.Errorf("state directory %s holds files that are not lfuse's (%s): give a new or empty directory", dir, ents[0].Name())
 }
 
 // lowFileLimit is the open-file limit below which lfuse warns at start.
