@@ -169,6 +169,12 @@ func TestStopping(t *testing.T) {
 		if err := lf.log.wait("mount is busy", time.Minute, lf.done); err != nil {
 			t.Fatalf("%v\n%s", err, lf.log)
 		}
+		// A second signal does not end it there (it once did, leaving
+		// the processes in the mount a dead one, and nothing shipped).
+		lf.cmd.Process.Signal(syscall.SIGTERM)
+		if err := lf.log.wait("still waiting for the processes that hold files open", time.Minute, lf.done); err != nil {
+			t.Fatalf("%v\n%s", err, lf.log)
+		}
 		select {
 		case <-lf.done:
 			t.Fatal("lfuse exited while a file was still open through it")

@@ -257,23 +257,14 @@ func mount(cfg Config, logger *slog.Logger, debugFUSE bool) error {
 		select {
 		case <-unmounted:
 		default:
-			logger.Info("stopping: unmounting")
-			if err := m.Unmount(); err != nil {
-				logger.Error("unmount failed", "err", err)
-			}
-			<-unmounted
+			unmountAndWait(logger, m, unmounted)
 		}
 	} else {
 		select {
 		case <-unmounted:
 			logger.Info("unmounted from outside; stopping")
 		case <-ctx.Done():
-			stop() // a second signal now ends lfuse at once
-			logger.Info("stopping: unmounting")
-			if err := m.Unmount(); err != nil {
-				logger.Error("unmount failed", "err", err)
-			}
-			<-unmounted
+			unmountAndWait(logger, m, unmounted)
 		}
 	}
 	if srv != nil {
@@ -319,6 +310,29 @@ func checkHidden(mountDir, dataDir string) (int, error) {
 		}
 	}
 	return len(ents), nil
+}
+
+// unmountAndWait unmounts, and waits for a detached mount's last open file
+// to close. A
+// signal meanwhile once ended lfuse there: the mount was left dead (the
+// processes still in it got I/O errors) and nothing was shipped. Now it
+// says what lfuse waits for.
+func unmountAndWait(logger *slog.Logger, m *fs.Mount, unmounted <-chan struct{}) {
+	sigs := make(chan os.Signal, 1)
+	signal.Notify(sigs, stopSignals...) // before the unmount says it waits
+	defer signal.Stop(sigs)
+	logger.Info("stopping: unmounting")
+	if err := m.Unmount(); err != nil {
+		logger.Error("unmount failed", "err", err)
+	}
+	for {
+		select {
+		case <-unmounted:
+			return
+		case <-sigs:
+			logger.Warn("still waiting for the processes that hold files open through the mount to close them; lfuse ships and exits then (SIGKILL ends it now, leaving them a dead mount)")
+		}
+	}
 }
 
 // checkStateDir refuses a state directory that holds files lfuse did not
