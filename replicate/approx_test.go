@@ -3,6 +3,7 @@ package replicate
 import (
 	"bytes"
 	"context"
+	"os"
 	"path/filepath"
 	"testing"
 	"time"
@@ -77,6 +78,51 @@ func TestPlanWithUploadTimes(t *testing.T) {
 		}
 		if late.metas > 40 {
 			t.Errorf("at %d s: %d metadata reads for 200 files", sec, late.metas)
+		}
+	}
+}
+
+// A file replica copied without its times (cp -r) lists the copy's times:
+// a restore to a point in time still picks the files committed by then.
+func TestPlanFromCopiedFileReplica(t *testing.T) {
+	ctx := context.Background()
+	root := filepath.Join(t.TempDir(), "replica")
+	c := file.New(root)
+	write := func(level int, min, max ltx.TXID) {
+		b := encodeTest(t, min, max, 1, map[uint32]byte{1: byte(max)})
+		if err := c.WriteLTXFile(ctx, level, min, max, bytes.NewReader(b), int64(len(b)),
+			backends.FileMeta{Timestamp: time.Unix(int64(max), 500e6)}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	write(SnapshotLevel, 1, 1)
+	for id := ltx.TXID(2); id <= 60; id++ {
+		write(0, id, id)
+	}
+	write(1, 2, 30)
+	targets := []int64{1600, 2600, 29_500, 30_700, 45_000, 60_600}
+	want := map[int64]ltx.TXID{}
+	for _, ms := range targets {
+		p, err := PlanRestore(ctx, c, Target{Time: time.UnixMilli(ms)})
+		if err != nil {
+			t.Fatal(err)
+		}
+		want[ms] = p.TXID
+	}
+	// The copy: every file gets the time it was copied, long after its
+	// commit, one after another.
+	copied := time.UnixMilli(40_000)
+	matches, _ := filepath.Glob(filepath.Join(root, "ltx", "*", "*.ltx"))
+	for i, m := range matches {
+		at := copied.Add(time.Duration(i) * time.Millisecond)
+		if err := os.Chtimes(m, at, at); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for _, ms := range targets {
+		p, err := PlanRestore(ctx, c, Target{Time: time.UnixMilli(ms)})
+		if err != nil || p.TXID != want[ms] {
+			t.Errorf("at %d ms: TXID %s, %v; want %s as before the copy", ms, p.TXID, err, want[ms])
 		}
 	}
 }

@@ -14,5 +14,6 @@ func TestConformance(t *testing.T) {
 		New: func(t *testing.T, root string) backendtest.Client {
 			return file.New(filepath.Join(dir, filepath.FromSlash(root)))
 		},
+		ListTimesApprox: true,
 	})
 }

@@ -58,6 +58,14 @@ func (c *Client) path(level int, min, max ltx.TXID) string {
 
 const metaSuffix = ".meta"
 
+// ListTimesApprox: LTXFiles gives each file's modification time, which
+// lfuse sets to its commit time, but a copy of the replica (cp -r, a backup
+// tool) sets to when it was copied: later than the commit, never earlier.
+// Restores to a point in time then read the exact times from the sidecars
+// where it matters (a few per level); taken as commit times, the copy's
+// times made restores refuse, or restore an older state than asked.
+func (c *Client) ListTimesApprox() bool { return true }
+
 // LTXFiles lists one level. A level that does not exist yet is empty.
 // Temporary files that a killed writer left there are removed.
 func (c *Client) LTXFiles(ctx context.Context, level int) ([]ltx.FileInfo, error) {
