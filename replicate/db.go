@@ -129,9 +129,20 @@ type Stats struct {
 func (d *DB) Stats() Stats {
 	// d.mu can be held for seconds (a snapshot, a capture or a fold under
 	// load): lfuse status and /metrics waited up to a minute behind one
-	// database. Then the status and TXID are the last ones read.
+	// database. Past statsWait, the status and TXID are the last ones read.
 	st := Stats{Path: d.rel}
-	if d.mu.TryLock() {
+	locked := make(chan struct{})
+	go func() { d.mu.Lock(); close(locked) }()
+	t := time.NewTimer(statsWait)
+	defer t.Stop()
+	fresh := true
+	select {
+	case <-locked:
+	case <-t.C:
+		go func() { <-locked; d.mu.Unlock() }()
+		fresh = false
+	}
+	if fresh {
 		st.Status, st.Reason = d.status.String(), d.reason
 		if d.log != nil {
 			if last, ok := d.log.Last(); ok {
@@ -155,6 +166,10 @@ func (d *DB) Stats() Stats {
 	}
 	return st
 }
+
+// statsWait is how long Stats waits for a busy database before it reports
+// what it read last.
+const statsWait = 200 * time.Millisecond
 
 // kick schedules an asynchronous capture pass, coalescing bursts.
 func (d *DB) kick() {

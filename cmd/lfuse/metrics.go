@@ -57,8 +57,10 @@ func (c *collector) Collect(ch chan<- prometheus.Metric) {
 		ch <- prometheus.MustNewConstMetric(c.requests, prometheus.CounterValue, float64(n), op)
 	}
 	ops, opBytes := map[[2]string]int64{}, map[[2]string]int64{}
-	for _, d := range c.mgr.DBs() {
-		st := d.Stats()
+	dbs := c.mgr.DBs()
+	stats := dbStats(dbs)
+	for i, d := range dbs {
+		st := stats[i]
 		ch <- prometheus.MustNewConstMetric(c.txid, prometheus.GaugeValue, float64(st.TXID), st.Path)
 		ch <- prometheus.MustNewConstMetric(c.captured, prometheus.CounterValue, float64(st.Captured), st.Path)
 		ch <- prometheus.MustNewConstMetric(c.capturedBytes, prometheus.CounterValue, float64(st.Bytes), st.Path)

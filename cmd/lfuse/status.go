@@ -12,6 +12,7 @@ import (
 	"net/http"
 	"os"
 	"path/filepath"
+	"sync"
 	"text/tabwriter"
 	"time"
 
@@ -50,8 +51,10 @@ type statusReplica struct {
 
 func statusOf(mgr *replicate.Manager) statusReport {
 	rep := statusReport{Databases: []statusDB{}}
-	for _, d := range mgr.DBs() {
-		st := d.Stats()
+	dbs := mgr.DBs()
+	stats := dbStats(dbs)
+	for i, d := range dbs {
+		st := stats[i]
 		sd := statusDB{Path: st.Path, Status: st.Status, TXID: st.TXID.String(), Size: st.Size, WALSize: st.WALSize,
 			Captured: st.Captured, Holds: st.Holds, Held: st.Held.Seconds(), Copies: st.Copies, Replicas: []statusReplica{}}
 		for _, r := range d.Replicas() {
@@ -63,6 +66,20 @@ func statusOf(mgr *replicate.Manager) statusReport {
 		rep.Databases = append(rep.Databases, sd)
 	}
 	return rep
+}
+
+// dbStats reads every database's stats at once: a busy database makes its
+// reader wait a moment (DB.Stats), and a thousand of them one after
+// another would add up.
+func dbStats(dbs []*replicate.DB) []replicate.Stats {
+	stats := make([]replicate.Stats, len(dbs))
+	var wg sync.WaitGroup
+	for i, d := range dbs {
+		wg.Add(1)
+		go func() { defer wg.Done(); stats[i] = d.Stats() }()
+	}
+	wg.Wait()
+	return stats
 }
 
 func statusHandler(mgr *replicate.Manager) http.HandlerFunc {
