@@ -221,7 +221,9 @@ func restoreAll(ctx context.Context, logger *slog.Logger, stderr io.Writer, cfg 
 	// each global replica.
 	var rels []string
 	seen := map[string]bool{}
+	configured := map[string]bool{}
 	for _, d := range cfg.Databases {
+		configured[filepath.ToSlash(filepath.Clean(d.Path))] = true
 		rels, seen[filepath.ToSlash(filepath.Clean(d.Path))] = append(rels, filepath.ToSlash(filepath.Clean(d.Path))), true
 	}
 	for _, r := range cfg.Replicas {
@@ -289,6 +291,13 @@ func restoreAll(ctx context.Context, logger *slog.Logger, stderr io.Writer, cfg 
 			clients = append(clients, t.client)
 		}
 		out := filepath.Join(dataDir, filepath.FromSlash(rel))
+		f := f
+		if !configured[rel] {
+			// Found in a listing with no file in it yet (its first
+			// snapshot still uploading): nothing to restore, not a
+			// failure of the others.
+			f.ifReplicaExists = true
+		}
 		g.Go(func() error {
 			made, err := makeDirs(dataDir, filepath.Dir(rel))
 			if err != nil {
