@@ -213,6 +213,9 @@ func TestMountRestoresMissing(t *testing.T) {
 	cfgPath, repl := e.replicaConfig("restore-if-missing = true")
 	os.WriteFile(cfgPath, []byte(fmt.Sprintf("restore-if-missing = true\n[[replicas]]\nurl = %q\nsync-interval = \"50ms\"\n", "file://"+repl)), 0o644)
 	lf := e.mount("-config", cfgPath)
+	if lf.log.count("the replicas hold no database") != 1 {
+		t.Fatalf("a first start from an empty replica said nothing of it:\n%s", lf.log)
+	}
 	os.MkdirAll(e.path("sub"), 0o755)
 	for _, db := range []string{"app.db", "sub/other.db"} {
 		createSeq(t, e.path(db))

@@ -166,12 +166,18 @@ func mount(cfg Config, logger *slog.Logger, debugFUSE bool) error {
 		return errStoppedEarly
 	}
 	if cfg.RestoreIfMissing && (len(cfg.Replicas) > 0 || len(cfg.Databases) > 0) {
-		n, err := restoreAll(ctx, logger, io.Discard, cfg, replicate.Target{}, restoreFlags{ifReplicaExists: true, ifDBNotExists: true, parallelism: 8})
+		var said strings.Builder
+		n, err := restoreAll(ctx, logger, &said, cfg, replicate.Target{}, restoreFlags{ifReplicaExists: true, ifDBNotExists: true, parallelism: 8})
 		if err != nil {
 			return fmt.Errorf("restore before mount: %w", err)
 		}
 		if n > 0 {
 			logger.Info("restored databases before mounting", "databases", n)
+		}
+		if strings.Contains(said.String(), noDatabases) {
+			// Right at a first start; after a lost disk, a wrong URL or
+			// an unmounted backup disk, and the application starts empty.
+			logger.Warn("restore-if-missing: the replicas hold no database; starting without any (a first start, or a wrong replica URL?)")
 		}
 	}
 

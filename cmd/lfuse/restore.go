@@ -248,7 +248,7 @@ func restoreAll(ctx context.Context, logger *slog.Logger, stderr io.Writer, cfg 
 	}
 	if len(rels) == 0 {
 		if f.ifReplicaExists {
-			fmt.Fprintln(stderr, "lfuse: no database in the replicas; nothing to restore")
+			fmt.Fprintln(stderr, "lfuse: "+noDatabases)
 			return 0, nil
 		}
 		return 0, errors.New("the replicas hold no database (use -if-replica-exists to make this not an error)")
@@ -443,6 +443,9 @@ func dropShadowed(ctx context.Context, logger *slog.Logger, cfg Config, target r
 	}
 	return slices.DeleteFunc(rels, func(rel string) bool { return drop[rel] })
 }
+
+// noDatabases is what a restore says of replicas that hold no database.
+const noDatabases = "no database in the replicas; nothing to restore"
 
 // replanAttempts is how often a restore plans again when a file it planned
 // is deleted before it is downloaded.
