@@ -2,6 +2,8 @@ package integration
 
 import (
 	"encoding/json"
+	"os"
+	"path/filepath"
 	"strings"
 	"testing"
 	"time"
@@ -70,5 +72,20 @@ func TestStatus(t *testing.T) {
 	code, out = runLfuse(t, "status", "-data", t.TempDir())
 	if code == 0 || !strings.Contains(out, "no lfuse answers") {
 		t.Fatalf("status of a directory without lfuse exited %d:\n%s", code, out)
+	}
+}
+
+// A state directory too deep for a unix socket's path (108 bytes) still
+// answers lfuse status: it said "invalid argument" while lfuse ran.
+func TestStatusDeepStateDir(t *testing.T) {
+	e := newEnv(t)
+	state := filepath.Join(e.root, strings.Repeat("deep-state-directory/", 6))
+	if err := os.MkdirAll(state, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	lf := e.mount("-state", state)
+	defer lf.stop()
+	if code, out := runLfuse(t, "status", "-state", state); code != 0 {
+		t.Fatalf("lfuse status with a %d-byte state directory: exit %d\n%s", len(state), code, out)
 	}
 }

@@ -96,7 +96,11 @@ const socketName = "lfuse.sock"
 func serveStatus(logger *slog.Logger, stateDir string, mgr *replicate.Manager) (stop func()) {
 	path := filepath.Join(stateDir, socketName)
 	os.Remove(path) // left by an lfuse that was killed; the state lock says none runs
-	ln, err := net.Listen("unix", path)
+	var ln net.Listener
+	err := viaShortPath(stateDir, func(dir string) (err error) {
+		ln, err = net.Listen("unix", filepath.Join(dir, socketName))
+		return err
+	})
 	if err != nil {
 		logger.Warn("lfuse status will not answer on the state directory's socket", "err", err)
 		return func() {}
@@ -106,6 +110,22 @@ func serveStatus(logger *slog.Logger, stateDir string, mgr *replicate.Manager) (
 	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}
 	go srv.Serve(ln)
 	return func() { srv.Close(); os.Remove(path) }
+}
+
+// viaShortPath calls f with a name for dir short enough for a unix socket's
+// path (108 bytes): dir itself if it fits, else /proc/self/fd/N of an open
+// descriptor of it. A state directory deeper than about 100 bytes made
+// lfuse status fail with "invalid argument" while lfuse ran.
+func viaShortPath(dir string, f func(dir string) error) error {
+	if len(filepath.Join(dir, socketName)) < 100 {
+		return f(dir)
+	}
+	d, err := os.Open(dir)
+	if err != nil {
+		return err
+	}
+	defer d.Close()
+	return f(fmt.Sprintf("/proc/self/fd/%d", d.Fd()))
 }
 
 // runStatus asks a running lfuse for its databases and replicas.
@@ -131,9 +151,12 @@ func runStatus(args []string, stdout, stderr io.Writer) error {
 		if err != nil {
 			return err
 		}
-		sock := filepath.Join(dir, socketName)
-		client = &http.Client{Transport: &http.Transport{DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
-			return (&net.Dialer{}).DialContext(ctx, "unix", sock)
+		client = &http.Client{Transport: &http.Transport{DialContext: func(ctx context.Context, _, _ string) (c net.Conn, err error) {
+			err = viaShortPath(dir, func(dir string) (err error) {
+				c, err = (&net.Dialer{}).DialContext(ctx, "unix", filepath.Join(dir, socketName))
+				return err
+			})
+			return c, err
 		}}}
 		url = "http://lfuse/status"
 	}
