@@ -20,6 +20,7 @@ import (
 	"slices"
 	"strings"
 	"sync"
+	"syscall"
 	"time"
 
 	"github.com/lfuse/lfuse/walcapture"
@@ -814,11 +815,17 @@ func beyondFirstPage(path string) bool {
 }
 
 func readHead(path string) []byte {
-	f, err := os.Open(path)
+	// Without blocking and only of a regular file: a FIFO renamed inside
+	// the mount would hold the rename (and its directory) until a writer
+	// came, and the start-up walk with it.
+	f, err := os.OpenFile(path, os.O_RDONLY|syscall.O_NONBLOCK|syscall.O_NOFOLLOW, 0)
 	if err != nil {
 		return nil
 	}
 	defer f.Close()
+	if fi, err := f.Stat(); err != nil || !fi.Mode().IsRegular() {
+		return nil
+	}
 	b := make([]byte, 100)
 	n, _ := io.ReadFull(f, b)
 	return b[:n]

@@ -11,6 +11,7 @@ import (
 	"slices"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 
@@ -446,5 +447,32 @@ func TestLeftoversSwept(t *testing.T) {
 	}
 	if !slices.Equal(names, kept) {
 		t.Fatalf("state directory holds %v, want %v", names, kept)
+	}
+}
+
+// A FIFO renamed inside the mount, or found by the start-up walk, is not
+// opened to read its head: that blocked until a writer came, and held the
+// rename, its directory and the walk with it.
+func TestFIFONotOpened(t *testing.T) {
+	data, state := t.TempDir(), filepath.Join(t.TempDir(), "state")
+	m, _ := newTestManager(t, data, state)
+	defer m.Close()
+	if err := syscall.Mkfifo(filepath.Join(data, "q"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		if after := m.BeforeRename("p", "q"); after != nil {
+			after(true)
+		}
+		m.Discover(context.Background())
+	}()
+	select {
+	case <-done:
+	case <-time.After(10 * time.Second):
+		f, _ := os.OpenFile(filepath.Join(data, "q"), os.O_WRONLY, 0) // let it go
+		f.Close()
+		t.Fatal("a FIFO was opened for its head, and blocked")
 	}
 }
