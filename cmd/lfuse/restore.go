@@ -13,6 +13,7 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"syscall"
 	"time"
@@ -283,6 +284,10 @@ func restoreAll(ctx context.Context, logger *slog.Logger, stderr io.Writer, cfg 
 		f.noProgress = true // one bar per database would be drawn over each other
 	}
 	var n atomic.Int64
+	var (
+		unusedMu sync.Mutex
+		unused   [][]string // directories made for databases not restored
+	)
 	g, gctx := errgroup.WithContext(ctx)
 	g.SetLimit(dbsAtOnce)
 	for _, rel := range rels {
@@ -313,11 +318,14 @@ func restoreAll(ctx context.Context, logger *slog.Logger, stderr io.Writer, cfg 
 				}
 			}
 			if !ok {
-				removeEmpty(made) // a database not restored leaves no trace
+				unusedMu.Lock()
+				unused = append(unused, made) // removed once all are done: another may need them
+				unusedMu.Unlock()
 			}
-			if errors.Is(err, replicate.ErrBeforeOldest) && !target.Time.IsZero() {
+			if errors.Is(err, replicate.ErrBeforeOldest) && !target.Time.IsZero() && !configured[rel] {
 				// The directory as it was then did not hold this database
 				// (made later), or its history then is past retention.
+				// One named in the config is not left out so quietly.
 				logger.Warn(notAtTarget, "db", rel, "err", err)
 				return nil
 			}
@@ -331,6 +339,9 @@ func restoreAll(ctx context.Context, logger *slog.Logger, stderr io.Writer, cfg 
 		})
 	}
 	err = g.Wait()
+	for _, made := range unused {
+		removeEmpty(made) // a database not restored leaves no trace
+	}
 	return int(n.Load()), err
 }
 
@@ -511,13 +522,17 @@ func restoreOne(ctx context.Context, logger *slog.Logger, stderr io.Writer, clie
 	var errs []error
 	for _, client := range clients {
 		txid, err := restoreFrom(ctx, logger, stderr, client, output, target, f, noReplace)
-		if errors.Is(err, replicate.ErrNoBackup) {
+		// Another replica may keep a longer history.
+		if errors.Is(err, replicate.ErrNoBackup) || errors.Is(err, replicate.ErrBeforeOldest) {
 			errs = append(errs, namedError(client, err))
 			continue
 		} else if err != nil {
 			return 0, err
 		}
 		return txid, nil
+	}
+	if err := errors.Join(errs...); errors.Is(err, replicate.ErrBeforeOldest) {
+		return 0, err
 	}
 	if f.ifReplicaExists {
 		fmt.Fprintf(stderr, "lfuse: no backup of %s in the replica; nothing to restore\n", filepath.Base(output))

@@ -142,6 +142,12 @@ func TestRestoreDataAtATime(t *testing.T) {
 		t.Fatalf("no warning names the database made later:\n%s", log)
 	}
 
+	// A database the config names is not left out so quietly.
+	cfg := Config{DataDir: filepath.Join(t.TempDir(), "data"), Replicas: []ReplicaConfig{{URL: "file://" + repl}}, Databases: []DatabaseConfig{{Path: "n/new.db"}}}
+	if _, err := restoreAll(context.Background(), slog.New(slog.DiscardHandler), io.Discard, cfg, replicate.Target{Time: time.Unix(1, 5e8)}, restoreFlags{}); err == nil || !strings.Contains(err.Error(), "n/new.db") {
+		t.Fatalf("a configured database with no backup at the target: %v", err)
+	}
+
 	data, log = restore(replicate.Target{})
 	if fill(filepath.Join(data, "x.db", "y.db")) != 4 || fill(filepath.Join(data, "a.db")) != 2 || fill(filepath.Join(data, "n", "new.db")) != 5 {
 		t.Fatalf("wrong latest states:\n%s", log)
