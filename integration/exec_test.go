@@ -38,6 +38,7 @@ func TestExecRunsTheApp(t *testing.T) {
 	script := filepath.Join(e.root, "app.sh")
 	os.WriteFile(script, []byte(fmt.Sprintf(`#!/bin/sh
 for fd in /proc/$$/fd/*; do [ "$(readlink "$fd")" = /dev/fuse ] && echo "app holds /dev/fuse as $fd"; done
+ign=$(awk '/^SigIgn/ {print $2}' /proc/$$/status); [ $(( 0x$ign & 0x1000 )) -ne 0 ] && echo "app ignores SIGPIPE"
 sqlite3 "$1" "PRAGMA journal_mode=WAL; CREATE TABLE seq(k INTEGER PRIMARY KEY, v BLOB); INSERT INTO seq(v) VALUES (X'%x'), (X'%x');" >/dev/null && echo app-done && exit 7
 `, seqRow(1), seqRow(2))), 0o755)
 	p := startLfuse(t, "mount", "-config", cfgPath, "-data", e.data, "-exec", script+" "+db, e.mnt)
@@ -55,6 +56,11 @@ sqlite3 "$1" "PRAGMA journal_mode=WAL; CREATE TABLE seq(k INTEGER PRIMARY KEY, v
 	// a killed lfuse left the mount hanging instead of failing.
 	if strings.Contains(log, "app holds /dev/fuse") {
 		t.Fatalf("the application inherited the FUSE connection:\n%s", log)
+	}
+	// lfuse survives a closed output; the application keeps SIGPIPE's
+	// default (an ignored signal would stay ignored across exec).
+	if strings.Contains(log, "app ignores SIGPIPE") {
+		t.Fatalf("the application inherited an ignored SIGPIPE:\n%s", log)
 	}
 	if _, mounted := mountType(e.mnt); mounted {
 		t.Fatalf("%s is still mounted", e.mnt)

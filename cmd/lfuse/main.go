@@ -52,7 +52,9 @@ func main() {
 	// A reader of lfuse's output that goes away (a pipe to grep -m1, a
 	// log shipper restarting) killed lfuse at its next log line, leaving
 	// a dead mount and nothing shipped; a failed log write is harmless.
-	signal.Ignore(syscall.SIGPIPE)
+	// Notify, not Ignore: an ignored signal stays ignored in the
+	// application lfuse starts, whose pipelines then see EPIPE.
+	signal.Notify(make(chan os.Signal, 1), syscall.SIGPIPE)
 	os.Exit(run(os.Args[1:], os.Stdout, os.Stderr))
 }
 

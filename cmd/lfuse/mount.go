@@ -246,7 +246,9 @@ func mount(cfg Config, logger *slog.Logger, debugFUSE bool) error {
 		logger.Warn("the mount point was not empty: what it holds is hidden while lfuse is mounted", "mount", mountDir, "entries", hidden)
 	}
 	discovered := make(chan struct{})
-	discoverCtx, stopDiscover := context.WithCancel(ctx)
+	// Not under ctx: with exec, a SIGHUP is the application's (a reload)
+	// and must not end the walk. It ends when lfuse stops.
+	discoverCtx, stopDiscover := context.WithCancel(context.Background())
 	go func() {
 		defer close(discovered)
 		if n := mgr.Discover(discoverCtx); n > 0 {
