@@ -552,8 +552,13 @@ func replaceDB(db, output, aside string, noReplace bool, logger *slog.Logger) (k
 	putBack := func() {
 		for _, suffix := range moved {
 			if err := os.Rename(filepath.Join(aside, suffix), output+suffix); err != nil {
-				keepAside = true
-				logger.Error("the old database's file could not be put back: move it back by hand before opening the database", "file", filepath.Join(aside, suffix), "to", output+suffix, "err", err)
+				// Out of the restore's directory, which the next restore
+				// beside it would sweep away with the commits it holds.
+				kept := output + suffix + ".lfuse-kept"
+				if os.Rename(filepath.Join(aside, suffix), kept) != nil {
+					kept, keepAside = filepath.Join(aside, suffix), true
+				}
+				logger.Error("the old database's file could not be put back: move it back by hand before opening the database", "file", kept, "to", output+suffix, "err", err)
 			}
 		}
 	}
@@ -598,8 +603,9 @@ func replaceDB(db, output, aside string, noReplace bool, logger *slog.Logger) (k
 // and the application could not write to it.
 func takeOwner(f *os.File, output string) error {
 	var old unix.Stat_t
-	if err := unix.Stat(output, &old); err == nil {
-		if err := f.Chmod(os.FileMode(old.Mode & 0o7777)); err != nil {
+	err := unix.Lstat(output, &old)
+	if err == nil && old.Mode&unix.S_IFMT == unix.S_IFREG {
+		if err := f.Chmod(os.FileMode(old.Mode & 0o777)); err != nil {
 			return err
 		}
 		if os.Geteuid() == 0 {
@@ -607,8 +613,8 @@ func takeOwner(f *os.File, output string) error {
 		}
 		return nil
 	}
-	if os.Geteuid() != 0 {
-		return nil
+	if os.Geteuid() != 0 || err == nil {
+		return nil // not root, or output is not a plain file (swapped since the check): the defaults
 	}
 	var dir unix.Stat_t
 	if err := unix.Stat(filepath.Dir(output), &dir); err != nil {
