@@ -7,6 +7,7 @@ import (
 	"flag"
 	"fmt"
 	"log/slog"
+	"net/url"
 	"os"
 	"path"
 	"path/filepath"
@@ -300,19 +301,35 @@ func secretLine(line []byte) (string, bool) {
 	return "", false
 }
 
-// place is where a replica URL writes, for telling overlaps apart: its
-// scheme, bucket or host, and cleaned path; the query is not part of it.
-func place(u string) string {
+// place is where a replica writes, for telling overlaps apart: its
+// scheme, endpoint (key or URL parameter: the same bucket name at two
+// providers is two places), bucket or host, and cleaned path.
+func place(r ReplicaConfig) string {
+	u := r.URL
 	if !strings.Contains(u, "://") {
 		u = "file://" + u
 	}
 	scheme, rest, _ := strings.Cut(u, "://")
-	rest, _, _ = strings.Cut(rest, "?")
+	rest, query, _ := strings.Cut(rest, "?")
 	host, p, _ := strings.Cut(rest, "/")
 	if scheme == "file" {
 		host, p = "", rest
 	}
-	return scheme + "://" + host + path.Clean("/"+p)
+	endpoint := r.Endpoint
+	if q, err := url.ParseQuery(query); err == nil && endpoint == "" {
+		endpoint = q.Get("endpoint")
+	}
+	return scheme + "://" + endpoint + "|" + host + path.Clean("/"+p)
+}
+
+// under is r with rel joined to its path (before any URL parameters).
+func under(r ReplicaConfig, rel string) ReplicaConfig {
+	u, query, hasQuery := strings.Cut(r.URL, "?")
+	r.URL = strings.TrimSuffix(u, "/") + "/" + filepath.ToSlash(filepath.Clean(rel))
+	if hasQuery {
+		r.URL += "?" + query
+	}
+	return r
 }
 
 // within says whether place a is b or lies under it.
@@ -328,26 +345,29 @@ func within(a, b string) bool {
 func (c Config) checkPlaces() error {
 	for i, a := range c.Replicas {
 		for _, b := range c.Replicas[:i] {
-			if within(place(a.URL), place(b.URL)) || within(place(b.URL), place(a.URL)) {
+			if within(place(a), place(b)) || within(place(b), place(a)) {
 				return fmt.Errorf("replicas %s and %s write into the same place: give each its own", redact(b.URL), redact(a.URL))
 			}
 		}
 	}
-	type own struct{ db, url string }
+	type own struct {
+		db string
+		r  ReplicaConfig
+	}
 	var owns []own
 	for _, d := range c.Databases {
 		for _, r := range d.Replicas {
 			for _, g := range c.Replicas {
-				if within(place(r.URL), place(g.URL)) && place(r.URL) != place(strings.TrimSuffix(g.URL, "/")+"/"+filepath.ToSlash(filepath.Clean(d.Path))) {
+				if within(place(r), place(g)) && place(r) != place(under(g, d.Path)) {
 					return fmt.Errorf("databases: the replica %s of %s lies inside the replica %s, where every database's replica goes: give it a place outside", redact(r.URL), d.Path, redact(g.URL))
 				}
 			}
 			for _, o := range owns {
-				if within(place(r.URL), place(o.url)) || within(place(o.url), place(r.URL)) {
-					return fmt.Errorf("databases: the replicas %s (of %s) and %s (of %s) write into the same place: give each its own", redact(o.url), o.db, redact(r.URL), d.Path)
+				if within(place(r), place(o.r)) || within(place(o.r), place(r)) {
+					return fmt.Errorf("databases: the replicas %s (of %s) and %s (of %s) write into the same place: give each its own", redact(o.r.URL), o.db, redact(r.URL), d.Path)
 				}
 			}
-			owns = append(owns, own{d.Path, r.URL})
+			owns = append(owns, own{d.Path, r})
 		}
 	}
 	return nil
@@ -481,18 +501,19 @@ func stateFromFlags(fl *flag.FlagSet, cf configFlags, dataDir, stateDir string) 
 	return filepath.Join(cfg.DataDir, defaultStateName), nil
 }
 
-// expandEnv replaces $VAR and ${VAR} outside comment lines. A variable
+// expandEnv replaces $VAR and ${VAR} outside comments. A variable
 // that is not set is an error (${VAR:-default} gives a default, ${VAR:-}
 // an empty value), and $$ is a literal $: a password like pa$$w0rd became
 // paw0rd, and a state-dir of "${UNSET}/lfuse" made /lfuse, both silently.
 func expandEnv(data []byte) ([]byte, error) {
 	lines := strings.SplitAfter(string(data), "\n")
-	for i, line := range lines {
-		if strings.HasPrefix(strings.TrimSpace(line), "#") || !strings.Contains(line, "$") {
+	for i, full := range lines {
+		line, comment := splitComment(full)
+		if !strings.Contains(line, "$") {
 			continue
 		}
 		var missing string
-		lines[i] = os.Expand(line, func(name string) string {
+		expanded := os.Expand(line, func(name string) string {
 			if name == "$" {
 				return "$"
 			}
@@ -511,6 +532,26 @@ func expandEnv(data []byte) ([]byte, error) {
 		if missing != "" {
 			return nil, fmt.Errorf("line %d: $%s is not set in the environment: set it, write ${%s:-} for an empty value, $$ for a literal $, or use -no-expand-env", i+1, missing, missing)
 		}
+		lines[i] = expanded + comment
 	}
 	return []byte(strings.Join(lines, "")), nil
+}
+
+// splitComment cuts a TOML line at its comment: the first # outside a
+// quoted string. (A multi-line string's later lines are taken as code.)
+func splitComment(line string) (code, comment string) {
+	var quote byte
+	for i := 0; i < len(line); i++ {
+		switch c := line[i]; {
+		case quote == 0 && c == '#':
+			return line[:i], line[i:]
+		case quote == 0 && (c == '"' || c == '\''):
+			quote = c
+		case quote == '"' && c == '\\':
+			i++ // an escape: the next byte is not the closing quote
+		case c == quote:
+			quote = 0
+		}
+	}
+	return line, ""
 }

@@ -301,8 +301,8 @@ secret-access-key = "${LFUSE_TEST_SECRET}"
 	// $$ is a literal $, a default covers an unset variable, and an unset
 	// one without a default is an error naming it; comment lines are not
 	// expanded.
-	os.WriteFile(path, []byte("# $NOT_SET in a comment\n[[replicas]]\nurl = \"sftp://u@h/${LFUSE_TEST_UNSET:-p}\"\npassword = \"pa$$w0rd\"\n"), 0o600)
-	if cfg, err = loadConfig(path, true); err != nil || cfg.Replicas[0].Password != "pa$w0rd" || cfg.Replicas[0].URL != "sftp://u@h/p" {
+	os.WriteFile(path, []byte("# $NOT_SET in a comment\n[[replicas]]\nurl = \"sftp://u@h/${LFUSE_TEST_UNSET:-p}\" # costs $5 a month\npassword = \"pa$$w0rd#1\"\n"), 0o600)
+	if cfg, err = loadConfig(path, true); err != nil || cfg.Replicas[0].Password != "pa$w0rd#1" || cfg.Replicas[0].URL != "sftp://u@h/p" {
 		t.Fatalf("$$ and a default: %v, %+v", err, cfg.Replicas)
 	}
 	os.WriteFile(path, []byte("data-dir = \"/x\"\nstate-dir = \"${LFUSE_TEST_UNSET}/lfuse\"\n"), 0o600)
@@ -375,10 +375,14 @@ func TestReplicaPlacesOverlap(t *testing.T) {
 		err    string
 	}{
 		{[]string{"/r", "file:///r/"}, nil, "write into the same place"},
-		{[]string{"s3://b/p", "s3://b/p/sub?endpoint=x"}, nil, "write into the same place"},
+		{[]string{"s3://b/p?endpoint=x", "s3://b/p/sub?endpoint=x&region=y"}, nil, "write into the same place"},
 		{[]string{"/r"}, []DatabaseConfig{db("a.db", "/r/b.db")}, "lies inside the replica /r"},
 		{[]string{"/r"}, []DatabaseConfig{db("a.db", "/own"), db("b.db", "file:///own/x")}, "write into the same place"},
 		{[]string{"/r", "/r2", "s3://b/p", "s3://c/p"}, []DatabaseConfig{db("a.db", "/r/a.db", "/own/a"), db("b.db", "/own/b")}, ""},
+		// The same bucket name at two providers is two places.
+		{[]string{"s3://b/p", "s3://b/p?endpoint=https://minio.example"}, nil, ""},
+		{[]string{"s3://b/p?endpoint=https://e"}, []DatabaseConfig{db("a.db", "s3://b/p/a.db?endpoint=https://e")}, ""},
+		{[]string{"s3://b/p?endpoint=https://e"}, []DatabaseConfig{db("a.db", "s3://b/p/b.db?endpoint=https://e")}, "lies inside"},
 	} {
 		cfg := defaultConfig()
 		for _, u := range c.global {
