@@ -232,7 +232,7 @@ func TestRefusals(t *testing.T) {
 	os.WriteFile(badKey, []byte("mount-dir = \""+mnt+"\"\ndata-dir = \""+data+"\"\n\n[log]\nlevel = \"info\"\ncolour = \"yes\"\n"), 0o644)
 	file := filepath.Join(base, "file")
 	os.WriteFile(file, nil, 0o644)
-	appDir := mk(filepath.Join(base, "appdir"))
+	appDir := mk(filepath.Join(data, "appdir")) // the application's own directory, in the data directory
 	os.WriteFile(filepath.Join(appDir, "notes.txt"), []byte("the application's"), 0o644)
 	hasDB := mk(filepath.Join(base, "hasdb"))
 	os.WriteFile(filepath.Join(hasDB, "app.db"), []byte("SQLite format 3\x00 and the rest"), 0o644)

@@ -132,8 +132,10 @@ func mount(cfg Config, logger *slog.Logger, debugFUSE bool) error {
 	if err := checkReplicaPlaces(cfg, dataDir, mountDir); err != nil {
 		return err
 	}
-	if err := checkStateDir(stateDir); err != nil {
-		return err
+	if hide != "" {
+		if err := checkStateDir(stateDir); err != nil {
+			return err
+		}
 	}
 	// Mounted over another lfuse's data directory, this mount would hide
 	// that lfuse's files, its state among them, from it.
@@ -343,9 +345,11 @@ func unmountAndWait(logger *slog.Logger, m *fs.Mount, unmounted <-chan struct{})
 	}
 }
 
-// checkStateDir refuses a state directory that holds files lfuse did not
-// put there: given as the application's own directory, that directory
-// vanished from the mount, database and all, and lfuse wrote into it.
+// checkStateDir refuses a state directory in the data directory (which
+// the mount hides) that holds files lfuse did not put there: given as the
+// application's own directory, that directory vanished from the mount,
+// database and all, and lfuse wrote into it. Elsewhere (a volume of its
+// own, with its lost+found) lfuse only adds its files.
 func checkStateDir(dir string) error {
 	ents, err := os.ReadDir(dir)
 	if err != nil || len(ents) == 0 {
