@@ -1,6 +1,7 @@
 package integration
 
 import (
+	"bufio"
 	"fmt"
 	"os"
 	"os/exec"
@@ -340,5 +341,57 @@ func TestMountOverServedDataRefused(t *testing.T) {
 	code, log := runLfuse(t, "mount", "-data", other, e.data)
 	if code == 0 || !strings.Contains(lastLine(log), "is the data directory of a running lfuse") {
 		t.Fatalf("mount over a served data directory: exit %d\n%s", code, log)
+	}
+}
+
+// A reader of lfuse's output that goes away (lfuse mount ... | grep -m1
+// ready) once killed lfuse with SIGPIPE at its next log line: a dead
+// mount, nothing shipped. lfuse now goes on, and stops cleanly.
+func TestOutputReaderGone(t *testing.T) {
+	e := newEnv(t)
+	cmd := exec.Command(lfuseBin, "mount", "-data", e.data, e.mnt)
+	out, err := cmd.StderrPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan error, 1)
+	go func() { done <- cmd.Wait() }()
+	defer func() {
+		cmd.Process.Kill()
+		syscall.Unmount(e.mnt, syscall.MNT_DETACH)
+	}()
+	r := bufio.NewReader(out)
+	for {
+		line, err := r.ReadString('\n')
+		if err != nil {
+			t.Fatalf("lfuse said no \"mount ready\": %v", err)
+		}
+		if strings.Contains(line, "mount ready") {
+			break
+		}
+	}
+	out.Close() // the reader goes away
+	// Log lines follow: a database is discovered and captured.
+	sqliteCLI(t, e.path("a.db"), "PRAGMA journal_mode=WAL; CREATE TABLE t(x); INSERT INTO t VALUES(1);")
+	sqliteCLI(t, e.path("a.db"), "INSERT INTO t VALUES(2);")
+	select {
+	case err := <-done:
+		t.Fatalf("lfuse ended when its output's reader went: %v", err)
+	default:
+	}
+	cmd.Process.Signal(syscall.SIGTERM)
+	select {
+	case err := <-done:
+		if err != nil {
+			t.Fatalf("lfuse stopped with %v", err)
+		}
+	case <-time.After(time.Minute):
+		t.Fatal("lfuse did not stop")
+	}
+	if _, mounted := mountType(e.mnt); mounted {
+		t.Fatal("still mounted")
 	}
 }
