@@ -400,12 +400,25 @@ func (c Config) validate() error {
 		if seen[filepath.Clean(d.Path)] {
 			return fmt.Errorf("databases: %q is listed twice", d.Path)
 		}
+		// Silently matching no database, these sent it to the global
+		// replicas instead of its own.
+		if strings.ContainsAny(d.Path, "*?[") {
+			return fmt.Errorf("databases: path %q: give one database's path; patterns are not supported", d.Path)
+		}
+		for _, suffix := range []string{"-wal", "-shm", "-journal"} {
+			if strings.HasSuffix(d.Path, suffix) {
+				return fmt.Errorf("databases: path %q is a database's %s file: give the database's own path", d.Path, suffix)
+			}
+		}
 		seen[filepath.Clean(d.Path)] = true
 		for _, r := range d.Replicas {
 			if err := r.validate(d.Path); err != nil {
 				return err
 			}
 		}
+	}
+	if c.Exec != "" && strings.TrimSpace(c.Exec) == "" {
+		return errors.New("exec is blank: give the application's command, or leave exec out")
 	}
 	if err := c.checkPlaces(); err != nil {
 		return err

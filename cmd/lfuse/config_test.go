@@ -124,6 +124,9 @@ func TestValidate(t *testing.T) {
 		{func(c *Config) { c.Replicas = []ReplicaConfig{{}} }, `url is required`},
 		{func(c *Config) { c.Replicas = []ReplicaConfig{{URL: "file://host/x"}} }, `has no host`},
 		{func(c *Config) { c.Databases = []DatabaseConfig{{Path: "../x.db"}} }, `relative to the mount`},
+		{func(c *Config) { c.Databases = []DatabaseConfig{{Path: "*.db"}} }, `patterns are not supported`},
+		{func(c *Config) { c.Databases = []DatabaseConfig{{Path: "a.db-wal"}} }, `give the database's own path`},
+		{func(c *Config) { c.Exec = "  " }, `exec is blank`},
 		{func(c *Config) {
 			c.Databases = []DatabaseConfig{{Path: "a.db", Replicas: []ReplicaConfig{{URL: "/r"}}}, {Path: "./a.db"}}
 		}, `listed twice`},
