@@ -308,7 +308,8 @@ func checkHidden(mountDir, dataDir string) (int, error) {
 		if !e.Type().IsRegular() {
 			continue
 		}
-		f, err := os.Open(filepath.Join(mountDir, e.Name()))
+		// Not blocking on a FIFO swapped in since the listing.
+		f, err := os.OpenFile(filepath.Join(mountDir, e.Name()), os.O_RDONLY|syscall.O_NONBLOCK|syscall.O_NOFOLLOW, 0)
 		if err != nil {
 			continue
 		}
@@ -323,10 +324,9 @@ func checkHidden(mountDir, dataDir string) (int, error) {
 }
 
 // unmountAndWait unmounts, and waits for a detached mount's last open file
-// to close. A
-// signal meanwhile once ended lfuse there: the mount was left dead (the
-// processes still in it got I/O errors) and nothing was shipped. Now it
-// says what lfuse waits for.
+// to close. A signal meanwhile once ended lfuse there: the mount was left
+// dead (the processes still in it got I/O errors) and nothing was shipped.
+// Now it says what lfuse waits for.
 func unmountAndWait(logger *slog.Logger, m *fs.Mount, unmounted <-chan struct{}) {
 	sigs := make(chan os.Signal, 1)
 	signal.Notify(sigs, stopSignals...) // before the unmount says it waits
