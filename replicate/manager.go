@@ -80,7 +80,7 @@ func (m *Manager) Open(ctx context.Context) error {
 		return err
 	}
 	for _, rel := range restoredOnly(m.stateDir) {
-		if _, err := os.Stat(filepath.Join(m.dataDir, rel)); err == nil && !slices.Contains(rels, rel) {
+		if _, err := os.Stat(filepath.Join(m.dataDir, rel)); err == nil {
 			rels = append(rels, rel)
 		}
 	}

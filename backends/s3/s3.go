@@ -364,9 +364,6 @@ func (c *Client) Check(ctx context.Context) error {
 // levelDir is a level's "directory" in the S3 layout: 0000/ to 0009/.
 var levelDir = regexp.MustCompile(`^000[0-9]/$`)
 
-// ltxName is an LTX file's name.
-var ltxName = regexp.MustCompile(`^[0-9a-f]{16}-[0-9a-f]{16}\.ltx$`)
-
 // Databases lists the database replicas under the root, as slash paths
 // relative to it: every prefix with level "directories" in it. A child
 // named like a level counts only if it holds LTX files: a directory of
@@ -396,7 +393,8 @@ func (c *Client) holdsLTX(ctx context.Context, prefix string) (bool, error) {
 		return false, c.wrap(err, "list %s", prefix)
 	}
 	return slices.ContainsFunc(out.Contents, func(o types.Object) bool {
-		return ltxName.MatchString(strings.TrimPrefix(aws.ToString(o.Key), prefix))
+		_, _, err := ltx.ParseFilename(strings.TrimPrefix(aws.ToString(o.Key), prefix))
+		return err == nil
 	}), nil
 }
 

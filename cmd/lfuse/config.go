@@ -2,12 +2,12 @@ package main
 
 import (
 	"bytes"
+	"cmp"
 	"context"
 	"errors"
 	"flag"
 	"fmt"
 	"log/slog"
-	"net/url"
 	"os"
 	"path"
 	"path/filepath"
@@ -303,33 +303,14 @@ func secretLine(line []byte) (string, bool) {
 
 // place is where a replica writes, for telling overlaps apart: its
 // scheme, endpoint (key or URL parameter: the same bucket name at two
-// providers is two places), bucket or host, and cleaned path.
+// providers is two places), user and bucket or host, and cleaned path.
 func place(r ReplicaConfig) string {
-	u := r.URL
-	if !strings.Contains(u, "://") {
-		u = "file://" + u
+	u, err := parseReplicaURL(r.URL)
+	if err != nil {
+		return r.URL // validate says what is wrong with it
 	}
-	scheme, rest, _ := strings.Cut(u, "://")
-	rest, query, _ := strings.Cut(rest, "?")
-	host, p, _ := strings.Cut(rest, "/")
-	if scheme == "file" {
-		host, p = "", rest
-	}
-	endpoint := r.Endpoint
-	if q, err := url.ParseQuery(query); err == nil && endpoint == "" {
-		endpoint = q.Get("endpoint")
-	}
-	return scheme + "://" + endpoint + "|" + host + path.Clean("/"+p)
-}
-
-// under is r with rel joined to its path (before any URL parameters).
-func under(r ReplicaConfig, rel string) ReplicaConfig {
-	u, query, hasQuery := strings.Cut(r.URL, "?")
-	r.URL = strings.TrimSuffix(u, "/") + "/" + filepath.ToSlash(filepath.Clean(rel))
-	if hasQuery {
-		r.URL += "?" + query
-	}
-	return r
+	endpoint := cmp.Or(r.Endpoint, u.query.Get("endpoint"))
+	return u.scheme + "://" + endpoint + "|" + u.user + "@" + u.host + path.Clean("/"+filepath.ToSlash(u.path))
 }
 
 // within says whether place a is b or lies under it.
@@ -358,7 +339,7 @@ func (c Config) checkPlaces() error {
 	for _, d := range c.Databases {
 		for _, r := range d.Replicas {
 			for _, g := range c.Replicas {
-				if within(place(r), place(g)) && place(r) != place(under(g, d.Path)) {
+				if own := strings.TrimSuffix(place(g), "/") + "/" + filepath.ToSlash(filepath.Clean(d.Path)); within(place(r), place(g)) && place(r) != own {
 					return fmt.Errorf("databases: the replica %s of %s lies inside the replica %s, where every database's replica goes: give it a place outside", redact(r.URL), d.Path, redact(g.URL))
 				}
 			}

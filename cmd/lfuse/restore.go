@@ -212,12 +212,9 @@ func restoreAll(ctx context.Context, logger *slog.Logger, stderr io.Writer, cfg 
 	if err := os.MkdirAll(dataDir, 0o755); err != nil {
 		return 0, fmt.Errorf("data directory: %w", err)
 	}
-	stateDir := filepath.Join(dataDir, defaultStateName)
-	if cfg.StateDir != "" {
-		if stateDir, err = filepath.Abs(cfg.StateDir); err != nil {
-			return 0, err
-		}
-	}
+	// Where the mount keeps its state: restored positions are noted there.
+	// A state directory the mount would refuse gets none.
+	stateDir, _, stateErr := resolveStateDir(cfg.StateDir, dataDir, cfg.MountDir)
 	// The databases: those listed in the config, and those found under
 	// each global replica.
 	var rels []string
@@ -310,7 +307,7 @@ func restoreAll(ctx context.Context, logger *slog.Logger, stderr io.Writer, cfg 
 			}
 			txid, err := restoreOne(gctx, logger.With("db", rel), stderr, clients, out, target, f)
 			ok := txid != 0
-			if ok {
+			if ok && stateErr == nil {
 				// The mount's first snapshot of it then takes this
 				// TXID, and a replica holding the same needs no upload.
 				if err := replicate.NoteRestored(stateDir, rel, txid); err != nil {
