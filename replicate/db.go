@@ -1,6 +1,7 @@
 package replicate
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"io"
@@ -41,6 +42,8 @@ type DB struct {
 	path   string // the database file in the backing directory
 	dir    string // this database's state directory
 	logger *slog.Logger
+	// closing is closed when the Manager starts to close.
+	closing <-chan struct{}
 
 	mu      sync.Mutex
 	swept   bool // the leftovers of an earlier process are gone
@@ -1029,7 +1032,12 @@ func (d *DB) compactLog() error {
 	if foldHook != nil {
 		foldHook()
 	}
-	if _, err := mergeSources(tmp, srcs, d.dir, true); err != nil {
+	// A stop does not wait for a fold: the log is whole without it.
+	ctx, cancel := untilClosed(d.closing)
+	defer cancel()
+	if _, err := mergeSources(tmp, withContext(ctx, srcs), d.dir, true); errors.Is(err, context.Canceled) {
+		return nil
+	} else if err != nil {
 		return fmt.Errorf("fold local log: %w", err)
 	}
 	d.mu.Lock()

@@ -114,10 +114,11 @@ func (m *Manager) Open(ctx context.Context) error {
 
 func (m *Manager) newDB(rel string) *DB {
 	d := &DB{
-		rel:    rel,
-		path:   filepath.Join(m.dataDir, rel),
-		dir:    filepath.Join(m.stateDir, "dbs", stateName(rel)),
-		logger: m.logger.With("db", rel),
+		rel:     rel,
+		path:    filepath.Join(m.dataDir, rel),
+		dir:     filepath.Join(m.stateDir, "dbs", stateName(rel)),
+		logger:  m.logger.With("db", rel),
+		closing: m.closing,
 	}
 	d.onGone = func() { m.retireWhenShipped(d) }
 	if m.Replicas != nil {

@@ -2,11 +2,13 @@ package replicate
 
 import (
 	"bufio"
+	"context"
 	"errors"
 	"fmt"
 	"io"
 	"os"
 
+	"github.com/lfuse/lfuse/backends"
 	"github.com/lfuse/lfuse/walcapture"
 	"github.com/superfly/ltx"
 )
@@ -214,6 +216,29 @@ func mergeOpen(w io.Writer, srcs []source, tmpDir string, checksums bool) (ltx.H
 	}()
 	hdr, _, err := mergeLTX(w, rs, tmpDir, checksums)
 	return hdr, err
+}
+
+// withContext makes every read of srcs fail once ctx ends. Building a
+// snapshot of a large database takes seconds of local work; without this a
+// stop waited for it past its shutdown timeout.
+func withContext(ctx context.Context, srcs []source) []source {
+	out := make([]source, len(srcs))
+	for i, open := range srcs {
+		out[i] = func() (io.ReadCloser, error) {
+			if err := ctx.Err(); err != nil {
+				return nil, err
+			}
+			rc, err := open()
+			if err != nil {
+				return nil, err
+			}
+			return struct {
+				io.Reader
+				io.Closer
+			}{backends.ContextReader(ctx, rc), rc}, nil
+		}
+	}
+	return out
 }
 
 // refSource reads a record of the local log through the file its ref holds

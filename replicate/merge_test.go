@@ -2,11 +2,14 @@ package replicate
 
 import (
 	"bytes"
+	"context"
+	"errors"
 	"io"
 	"math/rand"
 	"os"
 	"path/filepath"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -153,5 +156,66 @@ func TestMergeSpillsLargeIndex(t *testing.T) {
 	}
 	if _, err := merge(notDir); err == nil || !strings.Contains(err.Error(), "spill") {
 		t.Fatalf("merge with an unusable spill directory: %v", err)
+	}
+}
+
+// stopReader counts the reads made once stop has run, and runs stop after
+// its own first read if stopAfterFirst is set.
+type stopReader struct {
+	r              io.Reader
+	stopped        *atomic.Bool
+	late           *atomic.Int64
+	stopAfterFirst func()
+}
+
+func (s *stopReader) Read(p []byte) (int, error) {
+	if s.stopped.Load() {
+		s.late.Add(1)
+	}
+	n, err := s.r.Read(p)
+	if s.stopAfterFirst != nil {
+		s.stopAfterFirst()
+		s.stopAfterFirst = nil
+	}
+	return n, err
+}
+
+func (s *stopReader) Close() error { return nil }
+
+// A merge told to stop reads no further, in its first round or its last:
+// building a large snapshot held a stop 9.6 s against a 2 s shutdown timeout.
+func TestMergeStopsWithContext(t *testing.T) {
+	pages := make(map[uint32]byte)
+	for pgno := uint32(1); pgno <= 4000; pgno++ {
+		pages[pgno] = byte(pgno)
+	}
+	files := [][]byte{encodeTest(t, 1, 1, 4000, pages)}
+	for txid := ltx.TXID(2); txid <= mergeFanIn+10; txid++ {
+		files = append(files, encodeTest(t, txid, txid, 4000, map[uint32]byte{uint32(txid): 1}))
+	}
+	// Stop during the snapshot (read in the first round of two) and during
+	// an input of the last round.
+	for _, stopAt := range []int{0, len(files) - 1} {
+		ctx, cancel := context.WithCancel(context.Background())
+		var stopped atomic.Bool
+		var late atomic.Int64
+		var srcs []source
+		for i, b := range files {
+			srcs = append(srcs, func() (io.ReadCloser, error) {
+				sr := &stopReader{r: bytes.NewReader(b), stopped: &stopped, late: &late}
+				if i == stopAt {
+					sr.stopAfterFirst = func() { stopped.Store(true); cancel() }
+				}
+				return sr, nil
+			})
+		}
+		_, err := mergeSources(io.Discard, withContext(ctx, srcs), t.TempDir(), false)
+		cancel()
+		if !errors.Is(err, context.Canceled) {
+			t.Fatalf("stop at input %d: merge returned %v, want context.Canceled", stopAt, err)
+		}
+		if n := late.Load(); n != 0 {
+			t.Fatalf("stop at input %d: %d reads after the stop", stopAt, n)
+		}
 	}
 }

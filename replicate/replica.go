@@ -150,11 +150,14 @@ func (r *Replica) start() {
 }
 
 // stopContext is a context cancelled by Stop.
-func (r *Replica) stopContext() (context.Context, context.CancelFunc) {
+func (r *Replica) stopContext() (context.Context, context.CancelFunc) { return untilClosed(r.stop) }
+
+// untilClosed is a context cancelled when stop is closed.
+func untilClosed(stop <-chan struct{}) (context.Context, context.CancelFunc) {
 	ctx, cancel := context.WithCancel(context.Background())
 	go func() {
 		select {
-		case <-r.stop:
+		case <-stop:
 		case <-ctx.Done():
 		}
 		cancel()
@@ -610,7 +613,7 @@ func (r *Replica) uploadVia(ctx context.Context, tmpDir string, level int, srcs 
 		return ltx.FileInfo{}, false, err
 	}
 	defer func() { tmp.Close(); os.Remove(tmp.Name()) }()
-	hdr, err := mergeSources(tmp, srcs, tmpDir, false)
+	hdr, err := mergeSources(tmp, withContext(ctx, srcs), tmpDir, false)
 	if err != nil {
 		return ltx.FileInfo{}, false, fmt.Errorf("build level %d file: %w", level, err)
 	}

@@ -166,6 +166,7 @@ type replicaSetup struct {
 	m                 *Manager
 	db                *sql.DB
 	path, state, repl string
+	logs              *logBuffer
 }
 
 func newReplicaSetup(t *testing.T, opts ReplicaOptions) *replicaSetup {
@@ -178,8 +179,8 @@ func newReplicaSetup(t *testing.T, opts ReplicaOptions) *replicaSetup {
 func newWrappedReplicaSetup(t *testing.T, opts ReplicaOptions, wrap func(ReplicaClient) ReplicaClient) *replicaSetup {
 	t.Helper()
 	data := t.TempDir()
-	rs := &replicaSetup{path: filepath.Join(data, "app.db"), state: filepath.Join(t.TempDir(), "state"), repl: t.TempDir()}
-	rs.m = NewManager(data, rs.state, slog.New(slog.NewTextHandler(&logBuffer{}, &slog.HandlerOptions{Level: slog.LevelDebug})))
+	rs := &replicaSetup{path: filepath.Join(data, "app.db"), state: filepath.Join(t.TempDir(), "state"), repl: t.TempDir(), logs: &logBuffer{}}
+	rs.m = NewManager(data, rs.state, slog.New(slog.NewTextHandler(rs.logs, &slog.HandlerOptions{Level: slog.LevelDebug})))
 	rs.m.Replicas = func(rel string) []ReplicaSpec {
 		return []ReplicaSpec{{Client: wrap(file.New(filepath.Join(rs.repl, rel))), Options: opts}}
 	}
@@ -330,8 +331,6 @@ func TestRefsOutliveFold(t *testing.T) {
 	}
 }
 
-// Retention deletes what no point in the window needs, and nothing that one
-// does: every state committed within the window restores exactly.
 // Folding the local log takes seconds on a large database; a replica's
 // syncs must go on meanwhile.
 func TestSyncsWhileLogFolds(t *testing.T) {
@@ -381,6 +380,68 @@ func TestSyncsWhileLogFolds(t *testing.T) {
 			t.Fatalf("the replica stayed at TXID %s while the log folded; the database is at %s", r.Pos(), want)
 		}
 		time.Sleep(5 * time.Millisecond) // the replica's own ticker drives it; nothing to wait on
+	}
+}
+
+// A stop does not wait for a fold of the local log under way (seconds on a
+// large database, past a short shutdown timeout): the fold is dropped, and
+// the log it would have replaced is whole.
+func TestStopDropsFold(t *testing.T) {
+	defer func(n int64) { maxSegment = n }(maxSegment)
+	maxSegment = 32 << 10
+	started, release := make(chan struct{}), make(chan struct{})
+	var once sync.Once
+	foldHook = func() {
+		once.Do(func() { close(started) })
+		<-release
+	}
+	defer func() { foldHook = nil }()
+	rs := newReplicaSetup(t, ReplicaOptions{SyncInterval: 10 * time.Millisecond})
+	rs.db.Exec("CREATE TABLE t(v BLOB)")
+	rs.m.Opened("app.db-wal", true)
+	for i := 0; i < 300; i++ {
+		if _, err := rs.db.Exec("INSERT INTO t VALUES(randomblob(3000))"); err != nil {
+			t.Fatal(err)
+		}
+		rs.m.SyncAll()
+		select {
+		case <-started:
+			i = 300
+		default:
+		}
+	}
+	select {
+	case <-started:
+	case <-time.After(time.Minute):
+		t.Fatal("the log never folded")
+	}
+	closed := make(chan error, 1)
+	go func() { closed <- rs.m.Close() }()
+	<-rs.m.closing
+	close(release) // the fold goes on only now that the stop has begun
+	select {
+	case err := <-closed:
+		if err != nil {
+			t.Fatal(err)
+		}
+	case <-time.After(time.Minute):
+		t.Fatal("Close did not return")
+	}
+	if strings.Contains(rs.logs.String(), "folded the local log") {
+		t.Fatal("the fold ran to its end after the stop began")
+	}
+	if tmps, _ := filepath.Glob(filepath.Join(rs.state, "dbs", "*", "fold-*")); len(tmps) > 0 {
+		t.Fatalf("the dropped fold left %v", tmps)
+	}
+	// The next start continues the log it left.
+	m2, logs := newTestManager(t, filepath.Dir(rs.path), rs.state)
+	m2.Opened("app.db-wal", false)
+	m2.SyncAll()
+	if err := m2.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if strings.Contains(logs.String(), "needs a new snapshot") || strings.Contains(logs.String(), "starting from a snapshot") {
+		t.Fatalf("the log was not whole after the dropped fold:\n%s", logs)
 	}
 }
 
@@ -586,6 +647,8 @@ func TestDBStatsWhileBusy(t *testing.T) {
 	d.mu.Unlock()
 }
 
+// Retention deletes what no point in the window needs, and nothing that one
+// does: every state committed within the window restores exactly.
 func TestRetention(t *testing.T) {
 	const retention = 1500 * time.Millisecond
 	// The deletions are watched for their order: see retentionOrder.
