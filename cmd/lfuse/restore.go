@@ -43,6 +43,7 @@ func runRestore(args []string, stdout, stderr io.Writer) error {
 	var f restoreFlags
 	cf := addConfigFlags(fl, "restore every database of the configured replicas into data-dir")
 	dataDir := fl.String("data", "", "restore every database of -replica into this directory")
+	stateDir := fl.String("state", "", "the state directory the mount will use (state-dir; default DATA/.lfuse): restored positions are noted there, so the mount uploads nothing again")
 	var replicas multiFlag
 	fl.Var(&replicas, "replica", "replica URL to restore every database from, with -data (repeatable: the first that has a database wins)")
 	fl.StringVar(&f.output, "o", "", "output file, to restore the single database whose replica is REPLICA_URL")
@@ -87,9 +88,9 @@ Flags:
 	defer stop()
 
 	if f.output != "" {
-		if fl.NArg() != 1 || cf.given() || *dataDir != "" || len(replicas) > 0 {
+		if fl.NArg() != 1 || cf.given() || *dataDir != "" || *stateDir != "" || len(replicas) > 0 {
 			fl.Usage()
-			return fmt.Errorf("%w: -o OUTPUT takes exactly one REPLICA_URL and no -config, -data or -replica", errUsage)
+			return fmt.Errorf("%w: -o OUTPUT takes exactly one REPLICA_URL and no -config, -data, -state or -replica", errUsage)
 		}
 		root, err := openReplica(ctx, ReplicaConfig{URL: fl.Arg(0)})
 		if err != nil {
@@ -117,6 +118,9 @@ Flags:
 	}
 	if *dataDir != "" {
 		cfg.DataDir = *dataDir
+	}
+	if *stateDir != "" {
+		cfg.StateDir = *stateDir
 	}
 	if len(replicas) > 0 {
 		cfg.Replicas = nil

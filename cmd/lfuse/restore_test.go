@@ -156,3 +156,21 @@ func TestRestoreDataAtATime(t *testing.T) {
 		t.Fatalf("no warning names the shadowed x.db:\n%s", log)
 	}
 }
+
+// restore -state notes restored positions where a mount given the same
+// -state looks for them, not in the default state directory.
+func TestRestoreStateFlag(t *testing.T) {
+	repl := filepath.Join(t.TempDir(), "replica")
+	writeState(t, file.New(repl).Sub("a.db"), 9, 1, 1, 1)
+	data, state := filepath.Join(t.TempDir(), "data"), filepath.Join(t.TempDir(), "state")
+	var stderr bytes.Buffer
+	if err := runRestore([]string{"-data", data, "-state", state, "-replica", "file://" + repl}, io.Discard, &stderr); err != nil {
+		t.Fatalf("%v\n%s", err, stderr.String())
+	}
+	if notes, _ := filepath.Glob(filepath.Join(state, "dbs", "*", "restored")); len(notes) != 1 {
+		t.Fatalf("restored positions in -state: %v, want one", notes)
+	}
+	if _, err := os.Stat(filepath.Join(data, ".lfuse")); !os.IsNotExist(err) {
+		t.Fatalf("the default state directory was written too: %v", err)
+	}
+}
