@@ -100,6 +100,7 @@ type DB struct {
 	folding   atomic.Bool // a foldLog goroutine is running
 
 	lastStats     atomic.Pointer[Stats] // the last Stats read under mu
+	statsWaiting  atomic.Bool           // a Stats call is waiting for mu
 	captured      atomic.Int64          // transactions captured since start
 	capturedBytes atomic.Int64
 	snapshots     atomic.Int64
@@ -133,17 +134,21 @@ func (d *DB) Stats() Stats {
 	// d.mu can be held for seconds (a snapshot, a capture or a fold under
 	// load): lfuse status and /metrics waited up to a minute behind one
 	// database. Past statsWait, the status and TXID are the last ones read.
+	// One waiter at a time: a scrape every second during a minute-long
+	// hold left sixty goroutines per busy database queued on d.mu.
 	st := Stats{Path: d.rel}
-	locked := make(chan struct{})
-	go func() { d.mu.Lock(); close(locked) }()
-	t := time.NewTimer(statsWait)
-	defer t.Stop()
-	fresh := true
-	select {
-	case <-locked:
-	case <-t.C:
-		go func() { <-locked; d.mu.Unlock() }()
-		fresh = false
+	fresh := d.statsWaiting.CompareAndSwap(false, true)
+	if fresh {
+		locked := make(chan struct{})
+		go func() { d.mu.Lock(); close(locked) }()
+		t := time.NewTimer(statsWait)
+		select {
+		case <-locked:
+		case <-t.C:
+			go func() { <-locked; d.mu.Unlock(); d.statsWaiting.Store(false) }()
+			fresh = false
+		}
+		t.Stop()
 	}
 	if fresh {
 		st.Status, st.Reason = d.status.String(), d.reason
@@ -153,6 +158,7 @@ func (d *DB) Stats() Stats {
 			}
 		}
 		d.mu.Unlock()
+		d.statsWaiting.Store(false)
 		d.lastStats.Store(&st)
 	} else if last := d.lastStats.Load(); last != nil {
 		st.Status, st.Reason, st.TXID = last.Status, last.Reason, last.TXID

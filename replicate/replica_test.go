@@ -10,6 +10,7 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
+	"runtime"
 	"strconv"
 	"strings"
 	"sync"
@@ -644,7 +645,18 @@ func TestDBStatsWhileBusy(t *testing.T) {
 	case <-time.After(5 * time.Second):
 		t.Error("Stats waited for the database")
 	}
+	// Scrapes during one long hold queue one waiter for it, not one each.
+	g0 := runtime.NumGoroutine()
+	for range 20 {
+		d.Stats()
+	}
+	if n := runtime.NumGoroutine() - g0; n > 5 {
+		t.Errorf("20 more Stats calls during one hold left %d more goroutines", n)
+	}
 	d.mu.Unlock()
+	if st := d.Stats(); st.Status == "busy" || st.TXID != before.TXID {
+		t.Errorf("after the hold: %s at TXID %s", st.Status, st.TXID)
+	}
 }
 
 // Retention deletes what no point in the window needs, and nothing that one
