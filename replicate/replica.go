@@ -401,9 +401,19 @@ func (r *Replica) listLocked(ctx context.Context) error {
 	}
 	r.listed = true
 	r.synced.Store(uint64(r.pos.TXID))
+	// Compaction intervals run on across restarts, from the newest file of
+	// each level: restarted more often than a level's interval, lfuse
+	// never wrote that level, and a latest restore read every level-0
+	// file since the snapshot (180 files after 20 restarts).
 	now := time.Now()
-	for i := range r.lastCompact {
-		r.lastCompact[i] = now
+	for level := range r.lastCompact {
+		r.lastCompact[level] = time.Time{}
+		if fs := files[level]; len(fs) > 0 {
+			r.lastCompact[level] = fs[len(fs)-1].CreatedAt
+			if r.lastCompact[level].After(now) {
+				r.lastCompact[level] = now
+			}
+		}
 	}
 	r.lastCheck = now
 	return nil

@@ -446,6 +446,67 @@ func TestStopDropsFold(t *testing.T) {
 	}
 }
 
+// Compaction intervals run on across restarts: an lfuse restarted more
+// often than a level's interval still compacts that level.
+func TestCompactionIntervalsSurviveRestart(t *testing.T) {
+	opts := ReplicaOptions{SyncInterval: time.Hour, CompactIntervals: []time.Duration{time.Hour}}
+	rs := newReplicaSetup(t, opts)
+	rs.db.Exec("CREATE TABLE t(v BLOB)")
+	rs.m.Opened("app.db-wal", true)
+	for range 3 {
+		if _, err := rs.db.Exec("INSERT INTO t VALUES(randomblob(300))"); err != nil {
+			t.Fatal(err)
+		}
+		rs.m.SyncAll()
+		if err := rs.m.DB("app.db").Replicas()[0].Flush(context.Background()); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := rs.m.Close(); err != nil {
+		t.Fatal(err)
+	}
+	client := file.New(filepath.Join(rs.repl, "app.db"))
+	if n := len(mustList(t, client, 0)); n < 2 {
+		t.Fatalf("%d level-0 files, want 2 or more", n)
+	}
+
+	restart := func() *Replica {
+		t.Helper()
+		m := NewManager(filepath.Dir(rs.path), rs.state, slog.New(slog.DiscardHandler))
+		m.Replicas = func(rel string) []ReplicaSpec {
+			return []ReplicaSpec{{Client: file.New(filepath.Join(rs.repl, rel)), Options: opts}}
+		}
+		if err := m.Open(context.Background()); err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { m.Close() })
+		m.Opened("app.db-wal", false)
+		m.SyncAll()
+		r := m.DB("app.db").Replicas()[0]
+		if err := r.Flush(context.Background()); err != nil {
+			t.Fatal(err)
+		}
+		return r
+	}
+	// Level 1 was never written: it is due at once, not an hour after start.
+	r := restart()
+	if err := r.maintain(context.Background(), time.Now()); err != nil {
+		t.Fatal(err)
+	}
+	l1 := mustList(t, client, 1)
+	if len(l1) != 1 {
+		t.Fatalf("after a restart, %d level-1 files, want the level-0 files compacted into one", len(l1))
+	}
+	// Just written, it is not due again, after a restart either.
+	r = restart()
+	if err := r.maintain(context.Background(), time.Now()); err != nil {
+		t.Fatal(err)
+	}
+	if n := len(mustList(t, client, 1)); n != 1 {
+		t.Fatalf("level 1 compacted again right after a restart: %d files", n)
+	}
+}
+
 // gatedClient holds snapshot uploads, once armed, until released.
 type gatedClient struct {
 	ReplicaClient
