@@ -52,7 +52,7 @@ type DB struct {
 	cap     walcapture.Capturer
 	status  dbStatus
 	reason  string
-	noWAL   *fileID // the database file when its WAL was removed
+	noWAL   *fileID // the database file when its WAL was removed (setNoWAL)
 	failing bool    // an error was logged and recovery not yet
 	lastErr error   // the latest failure, while failing
 	// lostAtGone is the failure under way when the database was deleted
@@ -101,6 +101,8 @@ type DB struct {
 
 	lastStats     atomic.Pointer[Stats] // the last Stats read under mu
 	statsWaiting  atomic.Bool           // a Stats call is waiting for mu
+	walGone       atomic.Bool           // noWAL is set
+	noWALCheck    atomic.Bool           // checkNoWALSoon's timer is armed
 	captured      atomic.Int64          // transactions captured since start
 	capturedBytes atomic.Int64
 	snapshots     atomic.Int64
@@ -282,6 +284,7 @@ func (d *DB) syncLocked(strict bool) {
 			return
 		}
 	}
+	d.checkNoWAL(strict)
 	switch d.status {
 	case statusGone:
 		if err := d.snapshotGoneLocked(); err != nil {
@@ -316,6 +319,52 @@ func (d *DB) syncLocked(strict bool) {
 		}
 	}
 	d.recovered()
+}
+
+// noWALQuiet is how long a database file written while it has no WAL must
+// stay unwritten before it is taken as a new snapshot.
+const noWALQuiet = time.Second
+
+// setNoWAL records the database file as it was when its WAL went away
+// (nil: the WAL is back). Call with mu held.
+func (d *DB) setNoWAL(id *fileID) {
+	d.noWAL = id
+	d.walGone.Store(id != nil)
+}
+
+// checkNoWALSoon has a pass check the database file once it has been left
+// alone for noWALQuiet.
+func (d *DB) checkNoWALSoon() {
+	if d.noWALCheck.CompareAndSwap(false, true) {
+		time.AfterFunc(noWALQuiet, func() {
+			d.noWALCheck.Store(false)
+			d.kick()
+		})
+	}
+}
+
+// checkNoWAL takes a database file written while it had no WAL as a new
+// snapshot. SQLite in WAL mode writes the file only in a checkpoint, which
+// needs the WAL: the writer was something else (a backup copied over it,
+// dd), and the log no longer describes the file. Unnoticed, the stop
+// recorded the file as matching the log, and the next commits were
+// captured onto the old content: a restore then gave a malformed database.
+// A file still being written waits for noWALQuiet, except in a strict pass
+// (a stop): then it is taken as it is. Call with mu held.
+func (d *DB) checkNoWAL(strict bool) {
+	if d.noWAL == nil || d.status != statusTracking {
+		return
+	}
+	now, err := statID(d.path)
+	if err != nil || *now == *d.noWAL {
+		return
+	}
+	if !strict && time.Since(time.Unix(0, d.active.Load())) < noWALQuiet {
+		d.checkNoWALSoon()
+		return
+	}
+	d.setNoWAL(now)
+	d.needSnapshot("database file changed while it had no WAL (written by a program other than SQLite in WAL mode)")
 }
 
 // captureLocked appends every newly committed transaction to the log.

@@ -457,7 +457,7 @@ func (d *DB) walReappeared() {
 	}
 	now, err := statID(d.path)
 	was := d.noWAL
-	d.noWAL = nil
+	d.setNoWAL(nil)
 	if d.status == statusRollback || err != nil || *now != *was {
 		d.status = statusTracking
 		d.needSnapshot("database file changed while it had no WAL")
@@ -511,6 +511,8 @@ func (m *Manager) Modified(rel string) {
 	d.touch()
 	if isWAL {
 		d.kick()
+	} else if d.walGone.Load() {
+		d.checkNoWALSoon()
 	}
 }
 
@@ -568,7 +570,8 @@ func (m *Manager) BeforeUnlink(rel string) func(ok bool) {
 	return func(ok bool) {
 		if ok {
 			if isWAL {
-				d.noWAL, _ = statID(d.path)
+				id, _ := statID(d.path)
+				d.setNoWAL(id)
 			} else {
 				d.gone("database file was deleted")
 			}
@@ -603,7 +606,8 @@ func (m *Manager) BeforeRename(oldRel, newRel string) func(ok bool) {
 			if src != nil && !srcWAL {
 				src.gone("database file was renamed to " + newRel)
 			} else if src != nil {
-				src.noWAL, _ = statID(src.path)
+				id, _ := statID(src.path)
+				src.setNoWAL(id)
 			}
 			if dst != nil && !dstWAL && dst != src {
 				dst.needSnapshot("database file was replaced by a rename")

@@ -476,3 +476,80 @@ func TestFIFONotOpened(t *testing.T) {
 		t.Fatal("a FIFO was opened for its head, and blocked")
 	}
 }
+
+// A database file overwritten while it has no WAL (a backup copied over
+// it) is not the file the log describes: it is taken as a new snapshot,
+// once it has been left alone and at the latest when lfuse stops. Before,
+// the stop recorded it as matching the log, and the next commit was
+// captured onto the old content: a restore gave a malformed database.
+func TestOverwrittenWithoutWAL(t *testing.T) {
+	for _, stopFirst := range []bool{false, true} {
+		data, state := t.TempDir(), filepath.Join(t.TempDir(), "state")
+		m, logs := newTestManager(t, data, state)
+		path := filepath.Join(data, "app.db")
+		db, d := trackedDB(t, m, data, "app.db", "_journal_mode=WAL",
+			"CREATE TABLE t(v); WITH RECURSIVE s(i) AS (SELECT 1 UNION ALL SELECT i+1 FROM s WHERE i < 200) INSERT INTO t SELECT randomblob(500) FROM s")
+		m.SyncAll()
+		// The last connection closes: SQLite checkpoints and removes the WAL.
+		release := m.BeforeUnlink("app.db-wal")
+		if err := db.Close(); err != nil {
+			t.Fatal(err)
+		}
+		release(true)
+		if _, err := os.Stat(path + "-wal"); !os.IsNotExist(err) {
+			t.Fatalf("the WAL is still there: %v", err)
+		}
+
+		backup := filepath.Join(t.TempDir(), "backup.db")
+		bdb, err := sql.Open("sqlite3", backup+"?_journal_mode=WAL")
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, err := bdb.Exec("CREATE TABLE b(v); INSERT INTO b VALUES('from the backup')"); err != nil {
+			t.Fatal(err)
+		}
+		bdb.Close()
+		content, err := os.ReadFile(backup)
+		if err != nil {
+			t.Fatal(err)
+		}
+		// In place, as cp does: the same inode, truncated and written.
+		m.BeforeTruncate("app.db")(true)
+		if err := os.WriteFile(path, content, 0o644); err != nil {
+			t.Fatal(err)
+		}
+		m.Modified("app.db")
+		if !stopFirst {
+			// Left alone, the file is taken up by a pass of its own.
+			for deadline := time.Now().Add(20 * time.Second); !strings.Contains(logs.String(), "changed while it had no WAL"); {
+				if time.Now().After(deadline) {
+					t.Fatalf("the overwritten file was never taken as a snapshot:\n%s", logs)
+				}
+				time.Sleep(20 * time.Millisecond) // a timer drives the pass; nothing to wait on
+			}
+			d.wg.Wait()
+		}
+		if err := m.Close(); err != nil {
+			t.Fatal(err)
+		}
+		if !strings.Contains(logs.String(), "changed while it had no WAL") {
+			t.Fatalf("stopFirst=%v: the overwrite went unnoticed:\n%s", stopFirst, logs)
+		}
+		want, _ := os.ReadFile(path)
+		if got := replayed(t, state, "app.db"); !bytes.Equal(got, want) {
+			t.Fatalf("stopFirst=%v: the log rebuilds %d bytes, the database is %d bytes", stopFirst, len(got), len(want))
+		}
+
+		// The next start continues from the new content.
+		m2, _ := newTestManager(t, data, state)
+		db2, _ := trackedDB(t, m2, data, "app.db", "_journal_mode=WAL", "INSERT INTO b VALUES('after the restart')")
+		db2.Close()
+		if err := m2.Close(); err != nil {
+			t.Fatal(err)
+		}
+		want, _ = os.ReadFile(path)
+		if got := replayed(t, state, "app.db"); !bytes.Equal(got, want) {
+			t.Fatalf("stopFirst=%v: after a restart the log rebuilds %d bytes, the database is %d bytes", stopFirst, len(got), len(want))
+		}
+	}
+}
