@@ -88,7 +88,7 @@ func TestS3Host(t *testing.T) {
 // files go.
 func TestLocalDBPath(t *testing.T) {
 	for rel, want := range map[string]bool{
-		"app.db": true, "sub/app.db": true, "a/b/c.db": true,
+		"app.db": true, "sub/app.db": true, "a/b/c.db": true, `back\slash.db`: true, `..\x.db`: true,
 		"": false, "..": false, "../x.db": false, "a/../../x.db": false, "/etc/passwd": false, "a/\x00b": false,
 	} {
 		if got := localDBPath(rel); got != want {

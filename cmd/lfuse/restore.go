@@ -626,9 +626,10 @@ func (m *multiFlag) String() string     { return fmt.Sprint(*m) }
 func (m *multiFlag) Set(v string) error { *m = append(*m, v); return nil }
 
 // localDBPath reports whether a database name from a replica stays inside
-// the data directory once joined to it: relative, no "..", no NUL.
+// the data directory once joined to it: relative, no "..", no NUL. A
+// backslash is an ordinary character here, as it is to the mount.
 func localDBPath(rel string) bool {
-	return rel != "" && !strings.ContainsRune(rel, 0) && filepath.IsLocal(filepath.FromSlash(rel)) && !strings.Contains(rel, "\\")
+	return rel != "" && !strings.ContainsRune(rel, 0) && filepath.IsLocal(filepath.FromSlash(rel))
 }
 
 // inUse refuses a restore over a database that a process has open: its
