@@ -86,7 +86,9 @@ func (d *DB) sweep() {
 func (d *DB) recoverLocked() error {
 	last, ok := d.log.Last()
 	if !ok {
-		d.needSnapshot("no snapshot in the local log yet")
+		// A first snapshot is the normal start of a database's log (one
+		// restored before the mount starts here), not a warning.
+		d.status, d.reason = statusNeedSnapshot, "no snapshot in the local log yet"
 		return nil
 	}
 	if _, err := os.Stat(d.path); errors.Is(err, os.ErrNotExist) {
