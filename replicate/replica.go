@@ -9,6 +9,7 @@ import (
 	"log/slog"
 	"math/rand/v2"
 	"os"
+	"path/filepath"
 	"slices"
 	"sync"
 	"sync/atomic"
@@ -94,6 +95,7 @@ type Replica struct {
 	lastCompact [SnapshotLevel + 1]time.Time
 	lastCheck   time.Time
 	syncOutage  outage
+	unsent      *builtFile // a level-0 file built by a sync that failed to store it
 
 	// maintMu makes compactions, snapshots and retention passes take
 	// turns; the fields after it are the maintenance loop's own.
@@ -581,68 +583,122 @@ func (r *Replica) shipTail(ctx context.Context, snap ltx.TXID) error {
 	return nil
 }
 
-// shipRefs uploads local records as one level-0 file and records it.
+// shipRefs uploads local records as one level-0 file and records it. A
+// file built but not stored (the replica is down) is kept for the next
+// try: rebuilding the whole backlog at every retry of an outage cost more
+// each time, 42,562 transactions merged again at once after eight minutes.
+// The commits made since follow it in a file of their own.
 func (r *Replica) shipRefs(ctx context.Context, refs []Ref) (ltx.FileInfo, error) {
+	first := refs[0].Header.MinTXID
+	var info ltx.FileInfo
+	if b := r.unsent; b != nil {
+		r.unsent = nil
+		i := slices.IndexFunc(refs, func(ref Ref) bool { return ref.Header.MaxTXID == b.hdr.MaxTXID })
+		if b.hdr.MinTXID != first || i < 0 || refs[i].Trailer.PostApplyChecksum != b.post {
+			b.remove() // the log moved on to another history
+		} else {
+			var err error
+			if info, err = r.send(ctx, 0, b); err != nil {
+				r.unsent = b
+				return info, err
+			}
+			b.remove()
+			r.record(info)
+			if refs = refs[i+1:]; len(refs) == 0 {
+				return info, nil
+			}
+		}
+	}
 	srcs := make([]source, len(refs))
 	for i, ref := range refs {
 		srcs[i] = refSource(ref)
 	}
-	info, err := r.upload(ctx, 0, srcs, refs[len(refs)-1].Trailer.PostApplyChecksum)
+	post := refs[len(refs)-1].Trailer.PostApplyChecksum
+	b, err := r.build(ctx, r.tmpDir, 0, srcs, post)
+	if errors.Is(err, syscall.ENOSPC) || errors.Is(err, syscall.EDQUOT) {
+		// The state directory's disk is full (often the database's own):
+		// commits already captured must still leave the machine. Only
+		// level 0, whose files hold recent commits: a snapshot could be
+		// as large as the database, and the temporary directory may be
+		// memory. Such a file is not kept for a retry.
+		r.logger.Debug("state directory full; building the upload in the temporary directory", "dir", os.TempDir())
+		if b, err = r.build(ctx, os.TempDir(), 0, srcs, post); err == nil {
+			defer b.remove()
+		}
+	}
 	if err != nil {
 		return info, err
 	}
+	if info, err = r.send(ctx, 0, b); err != nil {
+		if filepath.Dir(b.f.Name()) == r.tmpDir {
+			r.unsent = b
+		}
+		return info, err
+	}
+	b.remove()
 	r.record(info)
+	info.MinTXID = first
 	return info, nil
 }
 
 // upload merges srcs into one file of the given level and stores it. It
 // needs no lock: the caller records the file.
 func (r *Replica) upload(ctx context.Context, level int, srcs []source, post ltx.Checksum) (ltx.FileInfo, error) {
-	info, built, err := r.uploadVia(ctx, r.tmpDir, level, srcs, post)
-	if level == 0 && !built && (errors.Is(err, syscall.ENOSPC) || errors.Is(err, syscall.EDQUOT)) && os.TempDir() != r.tmpDir {
-		// The state directory's disk is full (often the database's own):
-		// commits already captured must still leave the machine. Only
-		// level 0, whose files hold recent commits: a snapshot could be
-		// as large as the database, and the temporary directory may be
-		// memory.
-		r.logger.Debug("state directory full; building the upload in the temporary directory", "dir", os.TempDir())
-		info, _, err = r.uploadVia(ctx, os.TempDir(), level, srcs, post)
+	b, err := r.build(ctx, r.tmpDir, level, srcs, post)
+	if err != nil {
+		return ltx.FileInfo{}, err
 	}
-	return info, err
+	defer b.remove()
+	return r.send(ctx, level, b)
 }
 
 // uploadBaseTimeout is the time any upload may take, besides a second per
 // MB (a variable for tests).
 var uploadBaseTimeout = time.Minute
 
-// uploadVia is upload building the file in tmpDir; built reports whether
-// the file was built (a later error is the storage's).
-func (r *Replica) uploadVia(ctx context.Context, tmpDir string, level int, srcs []source, post ltx.Checksum) (_ ltx.FileInfo, built bool, _ error) {
+// builtFile is an LTX file built for upload, in a temporary file.
+type builtFile struct {
+	f    *os.File
+	hdr  ltx.Header
+	size int64
+	post ltx.Checksum
+}
+
+func (b *builtFile) remove() { b.f.Close(); os.Remove(b.f.Name()) }
+
+// build merges srcs into a temporary file in tmpDir.
+func (r *Replica) build(ctx context.Context, tmpDir string, level int, srcs []source, post ltx.Checksum) (*builtFile, error) {
 	tmp, err := os.CreateTemp(tmpDir, "upload-*.ltx")
 	if err != nil {
-		return ltx.FileInfo{}, false, err
+		return nil, err
 	}
-	defer func() { tmp.Close(); os.Remove(tmp.Name()) }()
-	hdr, err := mergeSources(tmp, withContext(ctx, srcs), tmpDir, false)
-	if err != nil {
-		return ltx.FileInfo{}, false, fmt.Errorf("build level %d file: %w", level, err)
+	b := &builtFile{f: tmp, post: post}
+	if b.hdr, err = mergeSources(tmp, withContext(ctx, srcs), tmpDir, false); err != nil {
+		b.remove()
+		return nil, fmt.Errorf("build level %d file: %w", level, err)
 	}
-	size, err := tmp.Seek(0, io.SeekCurrent)
-	if err != nil {
-		return ltx.FileInfo{}, false, err
+	if b.size, err = tmp.Seek(0, io.SeekCurrent); err != nil {
+		b.remove()
+		return nil, err
 	}
-	if _, err := tmp.Seek(0, io.SeekStart); err != nil {
-		return ltx.FileInfo{}, false, err
+	return b, nil
+}
+
+// send stores a built file.
+func (r *Replica) send(ctx context.Context, level int, b *builtFile) (ltx.FileInfo, error) {
+	if _, err := b.f.Seek(0, io.SeekStart); err != nil {
+		return ltx.FileInfo{}, err
 	}
+	hdr, size := b.hdr, b.size
 	ts := time.UnixMilli(hdr.Timestamp).UTC()
 	// A connection that stalls without breaking would hold the replica
 	// (and, for a sync, every later commit) for good, with nothing logged:
 	// an upload gets a minute plus a second per MB.
 	wctx, cancel := context.WithTimeout(ctx, uploadBaseTimeout+time.Duration(size>>20)*time.Second)
 	defer cancel()
-	if err := r.client.WriteLTXFile(wctx, level, hdr.MinTXID, hdr.MaxTXID, tmp, size,
-		backends.FileMeta{Timestamp: ts, PostApplyChecksum: post}); err != nil {
-		return ltx.FileInfo{}, true, fmt.Errorf("write level %d file %s: %w", level, ltx.FormatFilename(hdr.MinTXID, hdr.MaxTXID), err)
+	if err := r.client.WriteLTXFile(wctx, level, hdr.MinTXID, hdr.MaxTXID, b.f, size,
+		backends.FileMeta{Timestamp: ts, PostApplyChecksum: b.post}); err != nil {
+		return ltx.FileInfo{}, fmt.Errorf("write level %d file %s: %w", level, ltx.FormatFilename(hdr.MinTXID, hdr.MaxTXID), err)
 	}
 	r.uploaded.Add(size)
 	if level == SnapshotLevel {
@@ -650,7 +706,7 @@ func (r *Replica) uploadVia(ctx context.Context, tmpDir string, level int, srcs 
 	} else {
 		r.logger.Debug("uploaded", "level", level, "min", hdr.MinTXID.String(), "max", hdr.MaxTXID.String(), "bytes", size)
 	}
-	return ltx.FileInfo{Level: level, MinTXID: hdr.MinTXID, MaxTXID: hdr.MaxTXID, PostApplyChecksum: post, Size: size, CreatedAt: ts}, true, nil
+	return ltx.FileInfo{Level: level, MinTXID: hdr.MinTXID, MaxTXID: hdr.MaxTXID, PostApplyChecksum: b.post, Size: size, CreatedAt: ts}, nil
 }
 
 // publish uploads a file built by maintenance and records it, taking mu

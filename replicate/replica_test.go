@@ -11,6 +11,7 @@ import (
 	"os"
 	"path/filepath"
 	"runtime"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -504,6 +505,93 @@ func TestCompactionIntervalsSurviveRestart(t *testing.T) {
 	}
 	if n := len(mustList(t, client, 1)); n != 1 {
 		t.Fatalf("level 1 compacted again right after a restart: %d files", n)
+	}
+}
+
+// failingL0 refuses level-0 uploads while on, and notes their ranges.
+type failingL0 struct {
+	ReplicaClient
+	on       atomic.Bool
+	mu       sync.Mutex
+	attempts [][2]ltx.TXID
+}
+
+func (c *failingL0) WriteLTXFile(ctx context.Context, level int, min, max ltx.TXID, r io.Reader, size int64, meta backends.FileMeta) error {
+	if level == 0 && c.on.Load() {
+		c.mu.Lock()
+		c.attempts = append(c.attempts, [2]ltx.TXID{min, max})
+		c.mu.Unlock()
+		return errors.New("injected: replica down")
+	}
+	return c.ReplicaClient.WriteLTXFile(ctx, level, min, max, r, size, meta)
+}
+
+// During an outage a sync's retries send the file the first try built,
+// rather than merge the whole, growing backlog again each time; once the
+// replica is back, the commits made since follow in a file of their own.
+func TestOutageRetriesReuseTheBuiltFile(t *testing.T) {
+	fail := &failingL0{}
+	rs := newWrappedReplicaSetup(t, ReplicaOptions{SyncInterval: time.Hour}, func(c ReplicaClient) ReplicaClient { fail.ReplicaClient = c; return fail })
+	defer rs.m.Close()
+	rs.db.Exec("CREATE TABLE t(v BLOB)")
+	rs.m.Opened("app.db-wal", true)
+	rs.m.SyncAll()
+	r := rs.m.DB("app.db").Replicas()[0]
+	ctx := context.Background()
+	if err := r.Flush(ctx); err != nil {
+		t.Fatal(err)
+	}
+	fail.on.Store(true)
+	for range 5 {
+		if _, err := rs.db.Exec("INSERT INTO t VALUES(randomblob(3000))"); err != nil {
+			t.Fatal(err)
+		}
+		rs.m.SyncAll()
+		r.mu.Lock()
+		err := r.syncLocked(ctx)
+		r.mu.Unlock()
+		if err == nil {
+			t.Fatal("a sync succeeded with the replica down")
+		}
+	}
+	if len(fail.attempts) != 5 {
+		t.Fatalf("%d level-0 attempts, want 5", len(fail.attempts))
+	}
+	for _, a := range fail.attempts[1:] {
+		if a != fail.attempts[0] {
+			t.Fatalf("retries built new files: %v", fail.attempts)
+		}
+	}
+	fail.on.Store(false)
+	if err := r.Flush(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if want := rs.m.DB("app.db").Stats().TXID; r.Pos() != want {
+		t.Fatalf("replica at %s after the outage, database at %s", r.Pos(), want)
+	}
+	l0 := mustList(t, r.Client(), 0)
+	if !slices.ContainsFunc(l0, func(f ltx.FileInfo) bool { return f.MinTXID == fail.attempts[0][0] && f.MaxTXID == fail.attempts[0][1] }) {
+		t.Fatalf("the kept file %v is not in the replica: %v", fail.attempts[0], l0)
+	}
+	if tmps, _ := filepath.Glob(filepath.Join(rs.state, "dbs", "*", "upload-*")); len(tmps) > 0 {
+		t.Fatalf("upload files left after the outage: %v", tmps)
+	}
+	plan, err := PlanRestore(ctx, r.Client(), Target{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	out := filepath.Join(t.TempDir(), "restored.db")
+	if _, err := Restore(ctx, r.Client(), plan, out, RestoreOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	rdb, err := sql.Open("sqlite3", out)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer rdb.Close()
+	var n int
+	if err := rdb.QueryRow("SELECT count(*) FROM t").Scan(&n); err != nil || n != 5 {
+		t.Fatalf("restored %d rows (%v), want 5", n, err)
 	}
 }
 
