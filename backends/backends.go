@@ -185,14 +185,24 @@ func IsLevelName(name string) bool {
 	return len(name) == 1 && name[0] >= '0' && name[0] <= '9'
 }
 
+// IsLTXName reports whether name is an LTX file's name (min-max.ltx). A
+// level directory counts as a replica's only when it holds one: a database
+// can be called ltx/0 too.
+func IsLTXName(name string) bool {
+	_, _, err := ltx.ParseFilename(name)
+	return err == nil
+}
+
 // findAtOnce is how many prefixes FindDatabases lists at the same time.
 const findAtOnce = 8
 
 // HasLTXLevels is FindDatabases' layout for <db>/ltx/<level>/ (gs, abs):
-// a prefix's ltx/ child is its replica's when it holds a level. Otherwise
-// ltx/ is a directory like any other (a database ltx/app.db, or one named
-// a/ltx) and the walk goes into it.
-func HasLTXLevels(list func(ctx context.Context, prefix string) ([]string, error)) func(ctx context.Context, prefix string, children []string) ([]string, error) {
+// a prefix's ltx/ child is its replica's when one of its levels holds an
+// LTX file (holdsLTX). Otherwise ltx/ is a directory like any other (a
+// database ltx/app.db, or ones named a/ltx or z/ltx/0) and the walk goes
+// into it.
+func HasLTXLevels(list func(ctx context.Context, prefix string) ([]string, error),
+	holdsLTX func(ctx context.Context, prefix string) (bool, error)) func(ctx context.Context, prefix string, children []string) ([]string, error) {
 	return func(ctx context.Context, prefix string, children []string) ([]string, error) {
 		if !slices.Contains(children, prefix+"ltx/") {
 			return nil, nil
@@ -201,10 +211,13 @@ func HasLTXLevels(list func(ctx context.Context, prefix string) ([]string, error
 		if err != nil {
 			return nil, err
 		}
-		if slices.ContainsFunc(levels, func(l string) bool {
-			return IsLevelName(strings.TrimSuffix(strings.TrimPrefix(l, prefix+"ltx/"), "/"))
-		}) {
-			return []string{prefix + "ltx/"}, nil
+		for _, l := range levels {
+			if !IsLevelName(strings.TrimSuffix(strings.TrimPrefix(l, prefix+"ltx/"), "/")) {
+				continue
+			}
+			if ok, err := holdsLTX(ctx, l); err != nil || ok {
+				return []string{prefix + "ltx/"}, err
+			}
 		}
 		return nil, nil
 	}

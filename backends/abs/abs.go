@@ -441,10 +441,27 @@ func (c *Client) Databases(ctx context.Context) ([]string, error) {
 	if c.err != nil {
 		return nil, c.err
 	}
-	return backends.FindDatabases(ctx, c.key(""), c.prefixes, backends.HasLTXLevels(c.prefixes))
+	return backends.FindDatabases(ctx, c.key(""), c.prefixes, backends.HasLTXLevels(c.prefixes, c.holdsLTX))
 }
 
 // prefixes lists the "subdirectories" directly under prefix.
+// holdsLTX says whether an LTX file lies directly under prefix.
+func (c *Client) holdsLTX(ctx context.Context, prefix string) (bool, error) {
+	pager := c.cc.NewListBlobsHierarchyPager("/", &container.ListBlobsHierarchyOptions{Prefix: &prefix})
+	for pager.More() {
+		page, err := pager.NextPage(ctx)
+		if err != nil {
+			return false, c.wrap(err, "list %s", prefix)
+		}
+		for _, b := range page.Segment.BlobItems {
+			if b.Name != nil && backends.IsLTXName(strings.TrimPrefix(*b.Name, prefix)) {
+				return true, nil
+			}
+		}
+	}
+	return false, nil
+}
+
 func (c *Client) prefixes(ctx context.Context, prefix string) ([]string, error) {
 	pager := c.cc.NewListBlobsHierarchyPager("/", &container.ListBlobsHierarchyOptions{Prefix: &prefix})
 	var out []string

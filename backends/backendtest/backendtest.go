@@ -94,10 +94,10 @@ func WriteReadBack(t testing.TB, c Client, body []byte, meta backends.FileMeta) 
 }
 
 // DatabaseNames are database paths a replica's Databases must find, sorted:
-// names that look like a layout's own directories (ltx, levels), and a
+// names that look like a layout's own directories (ltx, levels, ltx/0), and a
 // database's path that also names a directory of others (x.db deleted,
 // then x.db/y.db made: the replica keeps both).
-var DatabaseNames = []string{"a.db", "d/ltx", "h/0003/g.db", "logs/2024/e.db", "ltx/c.db", "sub/b.db", "tenants/cafe/f.db", "x.db", "x.db/y.db"}
+var DatabaseNames = []string{"a.db", "d/ltx", "h/0003/g.db", "logs/2024/e.db", "ltx/c.db", "sub/b.db", "tenants/cafe/f.db", "v/0000", "x.db", "x.db/y.db", "z/ltx/0"}
 
 // EncodeFile is an LTX file of pages 1..pages (4 KiB each, filled from
 // seed) with the given TXIDs and header time.

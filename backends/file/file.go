@@ -45,7 +45,13 @@ func (c *Client) Root() string { return c.root }
 // holdsLevel says whether the directory at p has a level directory in it.
 func holdsLevel(p string) bool {
 	ents, _ := os.ReadDir(p)
-	return slices.ContainsFunc(ents, func(e fs.DirEntry) bool { return e.IsDir() && backends.IsLevelName(e.Name()) })
+	return slices.ContainsFunc(ents, func(e fs.DirEntry) bool {
+		if !e.IsDir() || !backends.IsLevelName(e.Name()) {
+			return false
+		}
+		files, _ := os.ReadDir(filepath.Join(p, e.Name()))
+		return slices.ContainsFunc(files, func(f fs.DirEntry) bool { return f.Type().IsRegular() && backends.IsLTXName(f.Name()) })
+	})
 }
 
 func (c *Client) levelDir(level int) string {

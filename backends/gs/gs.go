@@ -404,10 +404,30 @@ func (c *Client) Databases(ctx context.Context) ([]string, error) {
 	if c.err != nil {
 		return nil, c.err
 	}
-	return backends.FindDatabases(ctx, c.key(""), c.prefixes, backends.HasLTXLevels(c.prefixes))
+	return backends.FindDatabases(ctx, c.key(""), c.prefixes, backends.HasLTXLevels(c.prefixes, c.holdsLTX))
 }
 
 // prefixes lists the "subdirectories" directly under prefix.
+// holdsLTX says whether an LTX file lies directly under prefix.
+func (c *Client) holdsLTX(ctx context.Context, prefix string) (bool, error) {
+	q := &storage.Query{Prefix: prefix, Delimiter: "/"}
+	if err := q.SetAttrSelection([]string{"Name"}); err != nil {
+		return false, err
+	}
+	it := c.bucket.Objects(ctx, q)
+	for {
+		o, err := it.Next()
+		if errors.Is(err, iterator.Done) {
+			return false, nil
+		} else if err != nil {
+			return false, c.wrap(err, "list %s", prefix)
+		}
+		if o.Prefix == "" && backends.IsLTXName(strings.TrimPrefix(o.Name, prefix)) {
+			return true, nil
+		}
+	}
+}
+
 func (c *Client) prefixes(ctx context.Context, prefix string) ([]string, error) {
 	q := &storage.Query{Prefix: prefix, Delimiter: "/"}
 	if err := q.SetAttrSelection([]string{"Name"}); err != nil {

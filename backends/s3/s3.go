@@ -393,8 +393,7 @@ func (c *Client) holdsLTX(ctx context.Context, prefix string) (bool, error) {
 		return false, c.wrap(err, "list %s", prefix)
 	}
 	return slices.ContainsFunc(out.Contents, func(o types.Object) bool {
-		_, _, err := ltx.ParseFilename(strings.TrimPrefix(aws.ToString(o.Key), prefix))
-		return err == nil
+		return backends.IsLTXName(strings.TrimPrefix(aws.ToString(o.Key), prefix))
 	}), nil
 }
 

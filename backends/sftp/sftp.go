@@ -258,7 +258,20 @@ func (c *Client) Databases(ctx context.Context) ([]string, error) {
 					if err != nil && (isConnErr(err) || ctx.Err() != nil) {
 						return err
 					}
-					if slices.ContainsFunc(levels, func(l os.FileInfo) bool { return l.IsDir() && backends.IsLevelName(l.Name()) }) {
+					holds := false
+					for _, l := range levels {
+						if !l.IsDir() || !backends.IsLevelName(l.Name()) {
+							continue
+						}
+						files, err := cl.ReadDirContext(ctx, path.Join(c.root, rel, "ltx", l.Name()))
+						if err != nil && (isConnErr(err) || ctx.Err() != nil) {
+							return err
+						}
+						if holds = slices.ContainsFunc(files, func(f os.FileInfo) bool { return f.Mode().IsRegular() && backends.IsLTXName(f.Name()) }); holds {
+							break
+						}
+					}
+					if holds {
 						if rel != "" {
 							rels = append(rels, rel)
 						}
