@@ -823,7 +823,13 @@ func readHead(path string) []byte {
 	// Without blocking and only of a regular file: a FIFO renamed inside
 	// the mount would hold the rename (and its directory) until a writer
 	// came, and the start-up walk with it.
-	f, err := os.OpenFile(path, os.O_RDONLY|syscall.O_NONBLOCK|syscall.O_NOFOLLOW, 0)
+	// Nor does a look by lfuse count as an access: an application (or a
+	// cleanup job) may go by the atime.
+	const flags = os.O_RDONLY | syscall.O_NONBLOCK | syscall.O_NOFOLLOW
+	f, err := os.OpenFile(path, flags|syscall.O_NOATIME, 0)
+	if errors.Is(err, syscall.EPERM) { // neither the owner nor CAP_FOWNER
+		f, err = os.OpenFile(path, flags, 0)
+	}
 	if err != nil {
 		return nil
 	}

@@ -553,3 +553,27 @@ func TestOverwrittenWithoutWAL(t *testing.T) {
 		}
 	}
 }
+
+// Reading a file's head to see whether it is a database leaves its atime
+// as it was.
+func TestReadHeadKeepsAtime(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "app.db")
+	if err := os.WriteFile(path, []byte("SQLite format 3\x00"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	// Older than a day: relatime would update it on a read.
+	old := time.Now().Add(-48 * time.Hour).Truncate(time.Second)
+	if err := os.Chtimes(path, old, old); err != nil {
+		t.Fatal(err)
+	}
+	if len(readHead(path)) == 0 {
+		t.Fatal("read nothing")
+	}
+	var st syscall.Stat_t
+	if err := syscall.Stat(path, &st); err != nil {
+		t.Fatal(err)
+	}
+	if got := time.Unix(st.Atim.Unix()); !got.Equal(old) {
+		t.Fatalf("atime %v after reading the head, was %v", got, old)
+	}
+}
