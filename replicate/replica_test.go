@@ -508,6 +508,30 @@ func TestCompactionIntervalsSurviveRestart(t *testing.T) {
 	}
 }
 
+// latestRows restores the latest state of c and counts the rows of t.
+func latestRows(t *testing.T, c ReplicaClient) int {
+	t.Helper()
+	ctx := context.Background()
+	plan, err := PlanRestore(ctx, c, Target{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	out := filepath.Join(t.TempDir(), "restored.db")
+	if _, err := Restore(ctx, c, plan, out, RestoreOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	rdb, err := sql.Open("sqlite3", out)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer rdb.Close()
+	var n int
+	if err := rdb.QueryRow("SELECT count(*) FROM t").Scan(&n); err != nil {
+		t.Fatal(err)
+	}
+	return n
+}
+
 // failingL0 refuses level-0 uploads while on, and notes their ranges.
 type failingL0 struct {
 	ReplicaClient
@@ -576,22 +600,8 @@ func TestOutageRetriesReuseTheBuiltFile(t *testing.T) {
 	if tmps, _ := filepath.Glob(filepath.Join(rs.state, "dbs", "*", "upload-*")); len(tmps) > 0 {
 		t.Fatalf("upload files left after the outage: %v", tmps)
 	}
-	plan, err := PlanRestore(ctx, r.Client(), Target{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	out := filepath.Join(t.TempDir(), "restored.db")
-	if _, err := Restore(ctx, r.Client(), plan, out, RestoreOptions{}); err != nil {
-		t.Fatal(err)
-	}
-	rdb, err := sql.Open("sqlite3", out)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer rdb.Close()
-	var n int
-	if err := rdb.QueryRow("SELECT count(*) FROM t").Scan(&n); err != nil || n != 5 {
-		t.Fatalf("restored %d rows (%v), want 5", n, err)
+	if n := latestRows(t, r.Client()); n != 5 {
+		t.Fatalf("restored %d rows, want 5", n)
 	}
 }
 
@@ -691,22 +701,8 @@ func TestSyncsContinueDuringSnapshot(t *testing.T) {
 		t.Fatalf("%d snapshots in the replica, want 2", len(snaps))
 	}
 	// The latest restore still gives every row.
-	plan, err := PlanRestore(ctx, r.Client(), Target{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	out := filepath.Join(t.TempDir(), "restored.db")
-	if _, err := Restore(ctx, r.Client(), plan, out, RestoreOptions{}); err != nil {
-		t.Fatal(err)
-	}
-	rdb, err := sql.Open("sqlite3", out)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer rdb.Close()
-	var n int
-	if err := rdb.QueryRow("SELECT count(*) FROM t").Scan(&n); err != nil || n != 5 {
-		t.Fatalf("restored %d rows (%v), want 5", n, err)
+	if n := latestRows(t, r.Client()); n != 5 {
+		t.Fatalf("restored %d rows, want 5", n)
 	}
 }
 
