@@ -435,8 +435,9 @@ func (c *Client) Check(ctx context.Context) error {
 func ptr[T any](v T) *T { return &v }
 
 // Databases lists the database replicas under the root, as slash paths
-// relative to it: every prefix with an ltx/<level>/ in it. It walks the
-// prefixes with a delimiter, never listing the files of a level.
+// relative to it: every prefix with an ltx/<level>/ that holds an LTX file.
+// It walks the prefixes with a delimiter, and reads a level's files only
+// until the first LTX file.
 func (c *Client) Databases(ctx context.Context) ([]string, error) {
 	if c.err != nil {
 		return nil, c.err
@@ -444,7 +445,6 @@ func (c *Client) Databases(ctx context.Context) ([]string, error) {
 	return backends.FindDatabases(ctx, c.key(""), c.prefixes, backends.HasLTXLevels(c.prefixes, c.holdsLTX))
 }
 
-// prefixes lists the "subdirectories" directly under prefix.
 // holdsLTX says whether an LTX file lies directly under prefix.
 func (c *Client) holdsLTX(ctx context.Context, prefix string) (bool, error) {
 	pager := c.cc.NewListBlobsHierarchyPager("/", &container.ListBlobsHierarchyOptions{Prefix: &prefix})
@@ -462,6 +462,7 @@ func (c *Client) holdsLTX(ctx context.Context, prefix string) (bool, error) {
 	return false, nil
 }
 
+// prefixes lists the "subdirectories" directly under prefix.
 func (c *Client) prefixes(ctx context.Context, prefix string) ([]string, error) {
 	pager := c.cc.NewListBlobsHierarchyPager("/", &container.ListBlobsHierarchyOptions{Prefix: &prefix})
 	var out []string

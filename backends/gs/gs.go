@@ -398,8 +398,9 @@ func (c *Client) Check(ctx context.Context) error {
 }
 
 // Databases lists the database replicas under the root, as slash paths
-// relative to it: every prefix with an ltx/<level>/ in it. It walks the
-// prefixes with a delimiter, never listing the files of a level.
+// relative to it: every prefix with an ltx/<level>/ that holds an LTX file.
+// It walks the prefixes with a delimiter, and reads a level's files only
+// until the first LTX file.
 func (c *Client) Databases(ctx context.Context) ([]string, error) {
 	if c.err != nil {
 		return nil, c.err
@@ -407,43 +408,45 @@ func (c *Client) Databases(ctx context.Context) ([]string, error) {
 	return backends.FindDatabases(ctx, c.key(""), c.prefixes, backends.HasLTXLevels(c.prefixes, c.holdsLTX))
 }
 
-// prefixes lists the "subdirectories" directly under prefix.
 // holdsLTX says whether an LTX file lies directly under prefix.
 func (c *Client) holdsLTX(ctx context.Context, prefix string) (bool, error) {
-	q := &storage.Query{Prefix: prefix, Delimiter: "/"}
-	if err := q.SetAttrSelection([]string{"Name"}); err != nil {
-		return false, err
-	}
-	it := c.bucket.Objects(ctx, q)
-	for {
-		o, err := it.Next()
-		if errors.Is(err, iterator.Done) {
-			return false, nil
-		} else if err != nil {
-			return false, c.wrap(err, "list %s", prefix)
-		}
-		if o.Prefix == "" && backends.IsLTXName(strings.TrimPrefix(o.Name, prefix)) {
-			return true, nil
-		}
-	}
+	found := false
+	err := c.children(ctx, prefix, func(o *storage.ObjectAttrs) bool {
+		found = o.Prefix == "" && backends.IsLTXName(strings.TrimPrefix(o.Name, prefix))
+		return !found
+	})
+	return found, err
 }
 
+// prefixes lists the "subdirectories" directly under prefix.
 func (c *Client) prefixes(ctx context.Context, prefix string) ([]string, error) {
+	var out []string
+	err := c.children(ctx, prefix, func(o *storage.ObjectAttrs) bool {
+		if o.Prefix != "" {
+			out = append(out, o.Prefix)
+		}
+		return true
+	})
+	return out, err
+}
+
+// children calls each for the objects and prefixes directly under prefix
+// until it returns false.
+func (c *Client) children(ctx context.Context, prefix string, each func(*storage.ObjectAttrs) bool) error {
 	q := &storage.Query{Prefix: prefix, Delimiter: "/"}
 	if err := q.SetAttrSelection([]string{"Name"}); err != nil {
-		return nil, err
+		return err
 	}
-	var out []string
 	it := c.bucket.Objects(ctx, q)
 	for {
 		o, err := it.Next()
 		if errors.Is(err, iterator.Done) {
-			return out, nil
+			return nil
 		} else if err != nil {
-			return nil, c.wrap(err, "list %s", prefix)
+			return c.wrap(err, "list %s", prefix)
 		}
-		if o.Prefix != "" {
-			out = append(out, o.Prefix)
+		if !each(o) {
+			return nil
 		}
 	}
 }
