@@ -363,6 +363,13 @@ func (d *DB) checkNoWAL(strict bool) {
 		d.checkNoWALSoon()
 		return
 	}
+	if !isWALMode(d.path) {
+		// A rollback journal that leaves no file (journal_mode=MEMORY or
+		// OFF) or one not noted yet: SQLite writes the file in place.
+		d.logger.Warn("database switched to a rollback journal: not replicated until it returns to WAL mode")
+		d.status, d.reason = statusRollback, "rollback journal"
+		return
+	}
 	d.setNoWAL(now)
 	d.needSnapshot("database file changed while it had no WAL (written by a program other than SQLite in WAL mode)")
 }
@@ -695,6 +702,19 @@ func (d *DB) finalSync() error {
 // that cannot take its snapshot leaves every commit unreplicated, not only
 // the points in time between them.
 func (d *DB) snapshotLocked() error {
+	// The snapshot holds the file as it is now: with no WAL, a later
+	// change to it is someone else's (checkNoWAL).
+	pre, _ := statID(d.path)
+	noWAL := !walExists(d.path)
+	err := d.snapshotRetryLocked()
+	if err == nil && d.status == statusTracking && noWAL && pre != nil {
+		d.setNoWAL(pre)
+	}
+	return err
+}
+
+// snapshotRetryLocked is snapshotLocked without the WAL's bookkeeping.
+func (d *DB) snapshotRetryLocked() error {
 	err := d.takeSnapshotLocked()
 	if !errors.Is(err, syscall.ENOSPC) && !errors.Is(err, syscall.EDQUOT) || d.log == nil {
 		return err

@@ -98,6 +98,12 @@ func (m *Manager) Open(ctx context.Context) error {
 		} else if err := d.recoverLocked(); err != nil {
 			d.needSnapshot(fmt.Sprintf("recovery failed: %v", err))
 			d.fail(err)
+		} else if d.status == statusTracking {
+			// Proven to match the log; with no WAL, a later change to
+			// the file is someone else's (checkNoWAL).
+			if id, err := statID(d.path); err == nil && !walExists(d.path) {
+				d.setNoWAL(id)
+			}
 		} else if d.status == statusNeedSnapshot {
 			if err := d.snapshotLocked(); err != nil {
 				d.fail(err)
@@ -415,6 +421,7 @@ func (m *Manager) walOpened(rel string) {
 		}
 		if d.status == statusGone {
 			d.status = statusTracking
+			d.setNoWAL(nil)
 			d.needSnapshot("database file was created again")
 		} else {
 			d.walReappeared()
@@ -461,7 +468,17 @@ func (d *DB) walReappeared() {
 	if d.status == statusRollback || err != nil || *now != *was {
 		d.status = statusTracking
 		d.needSnapshot("database file changed while it had no WAL")
+		return
 	}
+	if !walExists(d.path) {
+		d.setNoWAL(now) // taken up again by a rename, still closed
+	}
+}
+
+// walExists reports whether the database at path has a WAL file.
+func walExists(path string) bool {
+	_, err := os.Lstat(path + "-wal")
+	return !errors.Is(err, os.ErrNotExist)
 }
 
 // noteRollback logs once that a database uses a rollback journal and so is

@@ -477,49 +477,69 @@ func TestFIFONotOpened(t *testing.T) {
 	}
 }
 
+// overwriteWith copies a new database over the file at path in place, as
+// cp does (the same inode, truncated and written), reporting it to m as the
+// mount would.
+func overwriteWith(t *testing.T, m *Manager, path string) {
+	t.Helper()
+	backup := filepath.Join(t.TempDir(), "backup.db")
+	bdb, err := sql.Open("sqlite3", backup+"?_journal_mode=WAL")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := bdb.Exec("CREATE TABLE b(v); INSERT INTO b VALUES('from the backup')"); err != nil {
+		t.Fatal(err)
+	}
+	bdb.Close()
+	content, err := os.ReadFile(backup)
+	if err != nil {
+		t.Fatal(err)
+	}
+	m.BeforeTruncate(filepath.Base(path))(true)
+	if err := os.WriteFile(path, content, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	m.Modified(filepath.Base(path))
+}
+
+// closeLast closes the last connection to a tracked database: SQLite
+// checkpoints and removes the WAL, which the mount reports.
+func closeLast(t *testing.T, m *Manager, db *sql.DB, path string) {
+	t.Helper()
+	release := m.BeforeUnlink(filepath.Base(path) + "-wal")
+	if err := db.Close(); err != nil {
+		t.Fatal(err)
+	}
+	release(true)
+	if _, err := os.Stat(path + "-wal"); !os.IsNotExist(err) {
+		t.Fatalf("the WAL is still there: %v", err)
+	}
+}
+
 // A database file overwritten while it has no WAL (a backup copied over
 // it) is not the file the log describes: it is taken as a new snapshot,
-// once it has been left alone and at the latest when lfuse stops. Before,
-// the stop recorded it as matching the log, and the next commit was
-// captured onto the old content: a restore gave a malformed database.
+// once it has been left alone and at the latest when lfuse stops, also
+// when lfuse started with the database closed. Before, the stop recorded
+// it as matching the log, and the next commit was captured onto the old
+// content: a restore gave a malformed database.
 func TestOverwrittenWithoutWAL(t *testing.T) {
-	for _, stopFirst := range []bool{false, true} {
+	for _, when := range []string{"running", "at the stop", "after a restart"} {
 		data, state := t.TempDir(), filepath.Join(t.TempDir(), "state")
 		m, logs := newTestManager(t, data, state)
 		path := filepath.Join(data, "app.db")
 		db, d := trackedDB(t, m, data, "app.db", "_journal_mode=WAL",
 			"CREATE TABLE t(v); WITH RECURSIVE s(i) AS (SELECT 1 UNION ALL SELECT i+1 FROM s WHERE i < 200) INSERT INTO t SELECT randomblob(500) FROM s")
 		m.SyncAll()
-		// The last connection closes: SQLite checkpoints and removes the WAL.
-		release := m.BeforeUnlink("app.db-wal")
-		if err := db.Close(); err != nil {
-			t.Fatal(err)
+		closeLast(t, m, db, path)
+		if when == "after a restart" {
+			if err := m.Close(); err != nil {
+				t.Fatal(err)
+			}
+			m, logs = newTestManager(t, data, state)
+			d = m.DB("app.db")
 		}
-		release(true)
-		if _, err := os.Stat(path + "-wal"); !os.IsNotExist(err) {
-			t.Fatalf("the WAL is still there: %v", err)
-		}
-
-		backup := filepath.Join(t.TempDir(), "backup.db")
-		bdb, err := sql.Open("sqlite3", backup+"?_journal_mode=WAL")
-		if err != nil {
-			t.Fatal(err)
-		}
-		if _, err := bdb.Exec("CREATE TABLE b(v); INSERT INTO b VALUES('from the backup')"); err != nil {
-			t.Fatal(err)
-		}
-		bdb.Close()
-		content, err := os.ReadFile(backup)
-		if err != nil {
-			t.Fatal(err)
-		}
-		// In place, as cp does: the same inode, truncated and written.
-		m.BeforeTruncate("app.db")(true)
-		if err := os.WriteFile(path, content, 0o644); err != nil {
-			t.Fatal(err)
-		}
-		m.Modified("app.db")
-		if !stopFirst {
+		overwriteWith(t, m, path)
+		if when == "running" {
 			// Left alone, the file is taken up by a pass of its own.
 			for deadline := time.Now().Add(20 * time.Second); !strings.Contains(logs.String(), "changed while it had no WAL"); {
 				if time.Now().After(deadline) {
@@ -533,11 +553,11 @@ func TestOverwrittenWithoutWAL(t *testing.T) {
 			t.Fatal(err)
 		}
 		if !strings.Contains(logs.String(), "changed while it had no WAL") {
-			t.Fatalf("stopFirst=%v: the overwrite went unnoticed:\n%s", stopFirst, logs)
+			t.Fatalf("%s: the overwrite went unnoticed:\n%s", when, logs)
 		}
 		want, _ := os.ReadFile(path)
 		if got := replayed(t, state, "app.db"); !bytes.Equal(got, want) {
-			t.Fatalf("stopFirst=%v: the log rebuilds %d bytes, the database is %d bytes", stopFirst, len(got), len(want))
+			t.Fatalf("%s: the log rebuilds %d bytes, the database is %d bytes", when, len(got), len(want))
 		}
 
 		// The next start continues from the new content.
@@ -549,9 +569,69 @@ func TestOverwrittenWithoutWAL(t *testing.T) {
 		}
 		want, _ = os.ReadFile(path)
 		if got := replayed(t, state, "app.db"); !bytes.Equal(got, want) {
-			t.Fatalf("stopFirst=%v: after a restart the log rebuilds %d bytes, the database is %d bytes", stopFirst, len(got), len(want))
+			t.Fatalf("%s: after a restart the log rebuilds %d bytes, the database is %d bytes", when, len(got), len(want))
 		}
 	}
+}
+
+// SQLite writing the database file with its WAL present (checkpoints) or
+// with a rollback journal that leaves no file (journal_mode=MEMORY) is not
+// an overwrite: neither takes a snapshot of the file as it is.
+func TestNoWALCheckLeavesSQLiteAlone(t *testing.T) {
+	data, state := t.TempDir(), filepath.Join(t.TempDir(), "state")
+	m, logs := newTestManager(t, data, state)
+	path := filepath.Join(data, "app.db")
+	check := func(d *DB) {
+		d.mu.Lock()
+		d.checkNoWAL(true) // as a stop would: no quiet to wait for
+		d.mu.Unlock()
+	}
+
+	// Deleted with its WAL gone, then created again before its old
+	// state was released.
+	db, d := trackedDB(t, m, data, "app.db", "_journal_mode=WAL", "CREATE TABLE t(v)")
+	closeLast(t, m, db, path)
+	m.BeforeUnlink("app.db")(true)
+	if err := os.Remove(path); err != nil {
+		t.Fatal(err)
+	}
+	db2, d2 := trackedDB(t, m, data, "app.db", "_journal_mode=WAL&_busy_timeout=5000", "PRAGMA wal_autocheckpoint=0; CREATE TABLE u(v)")
+	if d2 != d {
+		t.Skip("the deleted database was released already")
+	}
+	for range 3 {
+		if _, err := db2.Exec("INSERT INTO u VALUES(randomblob(5000))"); err != nil {
+			t.Fatal(err)
+		}
+		m.Modified("app.db-wal")
+		checkpoint(t, m, db2, "PASSIVE")
+		m.Modified("app.db")
+		check(d)
+	}
+	if strings.Contains(logs.String(), "changed while it had no WAL") {
+		t.Fatalf("a checkpoint of the database created again was taken for an overwrite:\n%s", logs)
+	}
+
+	// journal_mode=MEMORY: SQLite writes the file in place, no journal.
+	release := m.BeforeUnlink("app.db-wal")
+	if _, err := db2.Exec("PRAGMA journal_mode=MEMORY"); err != nil {
+		t.Fatal(err)
+	}
+	release(true)
+	for range 3 {
+		if _, err := db2.Exec("INSERT INTO u VALUES(randomblob(5000))"); err != nil {
+			t.Fatal(err)
+		}
+		m.Modified("app.db")
+		check(d)
+	}
+	if strings.Contains(logs.String(), "changed while it had no WAL") {
+		t.Fatalf("a rollback-journal database was snapshotted as it was written:\n%s", logs)
+	}
+	if st := d.Stats(); st.Status != statusRollback.String() {
+		t.Fatalf("status %q in journal_mode=MEMORY", st.Status)
+	}
+	db2.Close()
 }
 
 // Reading a file's head to see whether it is a database leaves its atime
