@@ -1110,7 +1110,7 @@ func (d *DB) compactLog() error {
 	// A stop does not wait for a fold: the log is whole without it.
 	ctx, cancel := untilClosed(d.closing)
 	defer cancel()
-	if _, err := mergeSources(tmp, withContext(ctx, srcs), d.dir, true); errors.Is(err, context.Canceled) {
+	if _, err := mergeSources(ctx, tmp, srcs, d.dir, true); errors.Is(err, context.Canceled) {
 		return nil
 	} else if err != nil {
 		return fmt.Errorf("fold local log: %w", err)

@@ -344,6 +344,7 @@ func (m *Manager) flush(ctx context.Context, dbs []*DB) []error {
 			go func() {
 				defer wg.Done()
 				r.Stop()
+				defer r.dropUnsent()
 				before := r.Pos()
 				defer r.logRequests()
 				defer r.waitMaintenance()

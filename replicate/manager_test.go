@@ -643,17 +643,30 @@ func TestReadHeadKeepsAtime(t *testing.T) {
 	}
 	// Older than a day: relatime would update it on a read.
 	old := time.Now().Add(-48 * time.Hour).Truncate(time.Second)
+	atime := func() time.Time {
+		t.Helper()
+		var st syscall.Stat_t
+		if err := syscall.Stat(path, &st); err != nil {
+			t.Fatal(err)
+		}
+		return time.Unix(st.Atim.Unix())
+	}
+	if err := os.Chtimes(path, old, old); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := os.ReadFile(path); err != nil {
+		t.Fatal(err)
+	}
+	if atime().Equal(old) {
+		t.Skip("this filesystem does not update atimes (noatime): nothing to prove")
+	}
 	if err := os.Chtimes(path, old, old); err != nil {
 		t.Fatal(err)
 	}
 	if len(readHead(path)) == 0 {
 		t.Fatal("read nothing")
 	}
-	var st syscall.Stat_t
-	if err := syscall.Stat(path, &st); err != nil {
-		t.Fatal(err)
-	}
-	if got := time.Unix(st.Atim.Unix()); !got.Equal(old) {
+	if got := atime(); !got.Equal(old) {
 		t.Fatalf("atime %v after reading the head, was %v", got, old)
 	}
 }

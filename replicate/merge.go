@@ -164,7 +164,10 @@ type source func() (io.ReadCloser, error)
 // mergeSources merges any number of sources into w, in rounds of at most
 // mergeFanIn through temporary files in tmpDir, so memory stays bounded
 // however long the history.
-func mergeSources(w io.Writer, srcs []source, tmpDir string, checksums bool) (ltx.Header, error) {
+//
+// Every read fails once ctx ends, in the last round too.
+func mergeSources(ctx context.Context, w io.Writer, srcs []source, tmpDir string, checksums bool) (ltx.Header, error) {
+	srcs = withContext(ctx, srcs)
 	for len(srcs) > mergeFanIn {
 		var next []source
 		var tmps []string
@@ -192,7 +195,7 @@ func mergeSources(w io.Writer, srcs []source, tmpDir string, checksums bool) (lt
 			next = append(next, func() (io.ReadCloser, error) { return os.Open(path) })
 		}
 		defer cleanup()
-		srcs = next
+		srcs = withContext(ctx, next)
 	}
 	return mergeOpen(w, srcs, tmpDir, checksums)
 }

@@ -160,12 +160,13 @@ func TestMergeSpillsLargeIndex(t *testing.T) {
 }
 
 // stopReader counts the reads made once stop has run, and runs stop after
-// its own first read if stopAfterFirst is set.
+// its own first read, or at its end, if set.
 type stopReader struct {
-	r              io.Reader
-	stopped        *atomic.Bool
-	late           *atomic.Int64
-	stopAfterFirst func()
+	r       io.Reader
+	stopped *atomic.Bool
+	late    *atomic.Int64
+	stop    func()
+	atEOF   bool
 }
 
 func (s *stopReader) Read(p []byte) (int, error) {
@@ -173,9 +174,9 @@ func (s *stopReader) Read(p []byte) (int, error) {
 		s.late.Add(1)
 	}
 	n, err := s.r.Read(p)
-	if s.stopAfterFirst != nil {
-		s.stopAfterFirst()
-		s.stopAfterFirst = nil
+	if s.stop != nil && (!s.atEOF || err == io.EOF) {
+		s.stop()
+		s.stop = nil
 	}
 	return n, err
 }
@@ -193,9 +194,13 @@ func TestMergeStopsWithContext(t *testing.T) {
 	for txid := ltx.TXID(2); txid <= mergeFanIn+10; txid++ {
 		files = append(files, encodeTest(t, txid, txid, 4000, map[uint32]byte{uint32(txid): 1}))
 	}
-	// Stop during the snapshot (read in the first round of two) and during
-	// an input of the last round.
-	for _, stopAt := range []int{0, len(files) - 1} {
+	// Stop during the snapshot, read in the first of two rounds; and once
+	// the last input is read to its end, when only the last round, over
+	// the first round's temporary files, is left.
+	for _, c := range []struct {
+		input int
+		atEOF bool
+	}{{0, false}, {len(files) - 1, true}} {
 		ctx, cancel := context.WithCancel(context.Background())
 		var stopped atomic.Bool
 		var late atomic.Int64
@@ -203,19 +208,19 @@ func TestMergeStopsWithContext(t *testing.T) {
 		for i, b := range files {
 			srcs = append(srcs, func() (io.ReadCloser, error) {
 				sr := &stopReader{r: bytes.NewReader(b), stopped: &stopped, late: &late}
-				if i == stopAt {
-					sr.stopAfterFirst = func() { stopped.Store(true); cancel() }
+				if i == c.input {
+					sr.stop, sr.atEOF = func() { stopped.Store(true); cancel() }, c.atEOF
 				}
 				return sr, nil
 			})
 		}
-		_, err := mergeSources(io.Discard, withContext(ctx, srcs), t.TempDir(), false)
+		_, err := mergeSources(ctx, io.Discard, srcs, t.TempDir(), false)
 		cancel()
 		if !errors.Is(err, context.Canceled) {
-			t.Fatalf("stop at input %d: merge returned %v, want context.Canceled", stopAt, err)
+			t.Fatalf("stop at input %d (at its end: %v): merge returned %v, want context.Canceled", c.input, c.atEOF, err)
 		}
 		if n := late.Load(); n != 0 {
-			t.Fatalf("stop at input %d: %d reads after the stop", stopAt, n)
+			t.Fatalf("stop at input %d: %d reads after the stop", c.input, n)
 		}
 	}
 }

@@ -622,9 +622,7 @@ func (r *Replica) shipRefs(ctx context.Context, refs []Ref) (ltx.FileInfo, error
 		// as large as the database, and the temporary directory may be
 		// memory. Such a file is not kept for a retry.
 		r.logger.Debug("state directory full; building the upload in the temporary directory", "dir", os.TempDir())
-		if b, err = r.build(ctx, os.TempDir(), 0, srcs, post); err == nil {
-			defer b.remove()
-		}
+		b, err = r.build(ctx, os.TempDir(), 0, srcs, post)
 	}
 	if err != nil {
 		return info, err
@@ -632,6 +630,8 @@ func (r *Replica) shipRefs(ctx context.Context, refs []Ref) (ltx.FileInfo, error
 	if info, err = r.send(ctx, 0, b); err != nil {
 		if filepath.Dir(b.f.Name()) == r.tmpDir {
 			r.unsent = b
+		} else {
+			b.remove()
 		}
 		return info, err
 	}
@@ -639,6 +639,17 @@ func (r *Replica) shipRefs(ctx context.Context, refs []Ref) (ltx.FileInfo, error
 	r.record(info)
 	info.MinTXID = first
 	return info, nil
+}
+
+// dropUnsent removes the level-0 file kept for a retry, once no sync will
+// send it (the replica stopped).
+func (r *Replica) dropUnsent() {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if r.unsent != nil {
+		r.unsent.remove()
+		r.unsent = nil
+	}
 }
 
 // upload merges srcs into one file of the given level and stores it. It
@@ -673,7 +684,7 @@ func (r *Replica) build(ctx context.Context, tmpDir string, level int, srcs []so
 		return nil, err
 	}
 	b := &builtFile{f: tmp, post: post}
-	if b.hdr, err = mergeSources(tmp, withContext(ctx, srcs), tmpDir, false); err != nil {
+	if b.hdr, err = mergeSources(ctx, tmp, srcs, tmpDir, false); err != nil {
 		b.remove()
 		return nil, fmt.Errorf("build level %d file: %w", level, err)
 	}

@@ -156,6 +156,7 @@ func (m *Manager) retire(d *DB) bool {
 
 	for _, r := range d.replicas {
 		r.Stop()
+		r.dropUnsent()
 	}
 	for _, r := range d.replicas {
 		r.waitMaintenance()

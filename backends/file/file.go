@@ -45,6 +45,9 @@ func (c *Client) Root() string { return c.root }
 // holdsLevel says whether the directory at p has a level directory in it.
 func holdsLevel(p string) bool {
 	ents, _ := os.ReadDir(p)
+	// Snapshots first: a replica always holds one, and level 0 can hold
+	// thousands of files.
+	slices.Reverse(ents)
 	return slices.ContainsFunc(ents, func(e fs.DirEntry) bool {
 		if !e.IsDir() || !backends.IsLevelName(e.Name()) {
 			return false

@@ -259,6 +259,9 @@ func (c *Client) Databases(ctx context.Context) ([]string, error) {
 						return err
 					}
 					holds := false
+					// Snapshots first: a replica always holds one, and
+					// level 0 can hold thousands of files.
+					slices.SortFunc(levels, func(a, b os.FileInfo) int { return strings.Compare(b.Name(), a.Name()) })
 					for _, l := range levels {
 						if !l.IsDir() || !backends.IsLevelName(l.Name()) {
 							continue
