@@ -395,3 +395,45 @@ func TestOutputReaderGone(t *testing.T) {
 		t.Fatal("still mounted")
 	}
 }
+
+// A backup copied over a closed database through the mount (cp, in place)
+// reaches the replica, and across a restart the next commits continue it:
+// lfuse once recorded the copied file as matching its log at the stop, the
+// next commit was captured onto the old content, and the restore exited 0
+// with a malformed database.
+func TestBackupCopiedOverClosedDatabase(t *testing.T) {
+	for _, mode := range []string{"on", "off"} {
+		t.Run("passthrough="+mode, func(t *testing.T) {
+			e := newEnv(t)
+			cfgPath, repl := e.replicaConfig("")
+			lf := e.mount("-config", cfgPath, "-passthrough", mode)
+			dbPath := e.path("app.db")
+			sqliteCLI(t, dbPath, "PRAGMA journal_mode=WAL; CREATE TABLE t(x); WITH RECURSIVE c(i) AS (SELECT 1 UNION ALL SELECT i+1 FROM c WHERE i<2000) INSERT INTO t SELECT 'orig'||i FROM c;")
+			// The original is in the log before the backup goes over it.
+			if err := lf.log.wait(`msg="snapshot taken" db=app.db `, time.Minute, lf.done); err != nil {
+				t.Fatalf("%v\n%s", err, lf.log)
+			}
+			backup := filepath.Join(e.root, "backup.db")
+			sqliteCLI(t, backup, "PRAGMA journal_mode=WAL; CREATE TABLE t(x); INSERT INTO t VALUES('from backup');")
+			if out, err := exec.Command("cp", backup, dbPath).CombinedOutput(); err != nil {
+				t.Fatalf("cp: %v\n%s", err, out)
+			}
+			lf.stop()
+
+			lf = e.mount("-config", cfgPath, "-passthrough", mode)
+			sqliteCLI(t, dbPath, "INSERT INTO t VALUES('after restart');")
+			checkpointTruncate(t, dbPath)
+			lf.stop()
+
+			out := filepath.Join(e.root, "restored.db")
+			if code, log := runLfuse(t, "restore", "-o", out, "file://"+repl+"/app.db"); code != 0 {
+				t.Fatalf("restore exited %d:\n%s", code, log)
+			}
+			integrityCheck(t, out)
+			if got, want := sqliteCLI(t, out, "SELECT group_concat(x) FROM t;"), "from backup,after restart"; strings.TrimSpace(got) != want {
+				t.Fatalf("restored %q, want %q", got, want)
+			}
+			assertLogMatches(t, e, "app.db")
+		})
+	}
+}
