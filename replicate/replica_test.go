@@ -333,10 +333,12 @@ func TestRefsOutliveFold(t *testing.T) {
 	}
 }
 
-// Folding the local log takes seconds on a large database; a replica's
-// syncs must go on meanwhile.
-func TestSyncsWhileLogFolds(t *testing.T) {
-	defer func(n int64) { maxSegment = n }(maxSegment)
+// foldHeld writes to rs's table t (created here) in small log segments
+// until a fold of the local log begins, and holds that fold in the middle
+// until release is closed.
+func foldHeld(t *testing.T, rs *replicaSetup) (release chan struct{}) {
+	t.Helper()
+	oldSegment := maxSegment
 	maxSegment = 32 << 10
 	started, release := make(chan struct{}), make(chan struct{})
 	var once sync.Once
@@ -344,23 +346,24 @@ func TestSyncsWhileLogFolds(t *testing.T) {
 		once.Do(func() { close(started) })
 		<-release
 	}
-	defer func() { foldHook = nil }()
-	rs := newReplicaSetup(t, ReplicaOptions{SyncInterval: 10 * time.Millisecond})
-	defer rs.m.Close()
-	defer close(release)
+	t.Cleanup(func() {
+		select {
+		case <-release:
+		default:
+			close(release) // a test that failed before it let the fold go
+		}
+		foldHook, maxSegment = nil, oldSegment
+	})
 	rs.db.Exec("CREATE TABLE t(v BLOB)")
 	rs.m.Opened("app.db-wal", true)
-	insert := func() {
+	for i := 0; i < 300; i++ {
 		if _, err := rs.db.Exec("INSERT INTO t VALUES(randomblob(3000))"); err != nil {
 			t.Fatal(err)
 		}
 		rs.m.SyncAll()
-	}
-	for i := 0; i < 300; i++ {
-		insert()
 		select {
 		case <-started:
-			i = 300
+			return release
 		default:
 		}
 	}
@@ -369,9 +372,22 @@ func TestSyncsWhileLogFolds(t *testing.T) {
 	case <-time.After(time.Minute):
 		t.Fatal("the log never folded")
 	}
+	return release
+}
+
+// Folding the local log takes seconds on a large database; a replica's
+// syncs must go on meanwhile.
+func TestSyncsWhileLogFolds(t *testing.T) {
+	rs := newReplicaSetup(t, ReplicaOptions{SyncInterval: 10 * time.Millisecond})
+	release := foldHeld(t, rs)
+	defer rs.m.Close()
+	defer close(release)
 	// The fold is stuck in the middle; commits must still ship.
 	for i := 0; i < 5; i++ {
-		insert()
+		if _, err := rs.db.Exec("INSERT INTO t VALUES(randomblob(3000))"); err != nil {
+			t.Fatal(err)
+		}
+		rs.m.SyncAll()
 	}
 	d := rs.m.DB("app.db")
 	want := d.Stats().TXID
@@ -389,34 +405,8 @@ func TestSyncsWhileLogFolds(t *testing.T) {
 // large database, past a short shutdown timeout): the fold is dropped, and
 // the log it would have replaced is whole.
 func TestStopDropsFold(t *testing.T) {
-	defer func(n int64) { maxSegment = n }(maxSegment)
-	maxSegment = 32 << 10
-	started, release := make(chan struct{}), make(chan struct{})
-	var once sync.Once
-	foldHook = func() {
-		once.Do(func() { close(started) })
-		<-release
-	}
-	defer func() { foldHook = nil }()
 	rs := newReplicaSetup(t, ReplicaOptions{SyncInterval: 10 * time.Millisecond})
-	rs.db.Exec("CREATE TABLE t(v BLOB)")
-	rs.m.Opened("app.db-wal", true)
-	for i := 0; i < 300; i++ {
-		if _, err := rs.db.Exec("INSERT INTO t VALUES(randomblob(3000))"); err != nil {
-			t.Fatal(err)
-		}
-		rs.m.SyncAll()
-		select {
-		case <-started:
-			i = 300
-		default:
-		}
-	}
-	select {
-	case <-started:
-	case <-time.After(time.Minute):
-		t.Fatal("the log never folded")
-	}
+	release := foldHeld(t, rs)
 	closed := make(chan error, 1)
 	go func() { closed <- rs.m.Close() }()
 	<-rs.m.closing
