@@ -366,8 +366,7 @@ func (d *DB) checkNoWAL(strict bool) {
 	if !isWALMode(d.path) {
 		// A rollback journal that leaves no file (journal_mode=MEMORY or
 		// OFF) or one not noted yet: SQLite writes the file in place.
-		d.logger.Warn("database switched to a rollback journal: not replicated until it returns to WAL mode")
-		d.status, d.reason = statusRollback, "rollback journal"
+		d.markRollback()
 		return
 	}
 	d.setNoWAL(now)

@@ -476,6 +476,15 @@ func (d *DB) walReappeared() {
 	}
 }
 
+// markRollback notes, once, that the database left WAL mode: it is not
+// captured until it returns. Call with mu held.
+func (d *DB) markRollback() {
+	if d.status != statusRollback && d.status != statusGone {
+		d.logger.Warn("database switched to a rollback journal: not replicated until it returns to WAL mode")
+		d.status, d.reason = statusRollback, "rollback journal"
+	}
+}
+
 // walExists reports whether the database at path has a WAL file.
 func walExists(path string) bool {
 	_, err := os.Lstat(path + "-wal")
@@ -491,10 +500,7 @@ func (m *Manager) noteRollback(rel string) {
 	}
 	if d := m.DB(rel); d != nil {
 		d.mu.Lock()
-		if d.status != statusRollback && d.status != statusGone {
-			d.logger.Warn("database switched to a rollback journal: not replicated until it returns to WAL mode")
-			d.status, d.reason = statusRollback, "rollback journal"
-		}
+		d.markRollback()
 		d.mu.Unlock()
 		return
 	}

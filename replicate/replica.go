@@ -579,7 +579,7 @@ func (r *Replica) shipTail(ctx context.Context, snap ltx.TXID) error {
 	if err != nil {
 		return err
 	}
-	r.logger.Info("shipped the commits from before a new local snapshot", "txids", fmt.Sprintf("%s-%s", info.MinTXID, info.MaxTXID))
+	r.logger.Info("shipped the commits from before a new local snapshot", "txids", fmt.Sprintf("%s-%s", refs[0].Header.MinTXID, info.MaxTXID))
 	return nil
 }
 
@@ -637,7 +637,6 @@ func (r *Replica) shipRefs(ctx context.Context, refs []Ref) (ltx.FileInfo, error
 	}
 	b.remove()
 	r.record(info)
-	info.MinTXID = first
 	return info, nil
 }
 
