@@ -416,10 +416,7 @@ func Restore(ctx context.Context, client ReplicaClient, plan Plan, output string
 			select {
 			case sem <- struct{}{}:
 			case <-ctx.Done():
-				for _, ch := range results[k : n-1] {
-					ch <- download{err: ctx.Err()}
-				}
-				return
+				return // the applier stops on ctx too
 			}
 			wg.Add(1)
 			go func() {
@@ -452,8 +449,16 @@ func Restore(ctx context.Context, client ReplicaClient, plan Plan, output string
 		waitStart := time.Now()
 		var d download
 		if k < n-1 {
-			d = <-results[k]
-			<-sem
+			// Every result comes from a started download, which holds a
+			// slot. (The dispatcher used to post the cancellation in the
+			// place of downloads it had not started; the applier then
+			// waited for their slots forever.)
+			select {
+			case d = <-results[k]:
+				<-sem
+			case <-ctx.Done():
+				return st, stopped()
+			}
 		} else {
 			d.rc, d.err = openDownload(ctx, client, f, opts.Logger)
 		}
