@@ -187,8 +187,14 @@ func runBinEnv(t testing.TB, env []string, bin string, args ...string) (int, str
 	select {
 	case <-p.done:
 	case <-time.After(60 * time.Second):
-		p.cmd.Process.Kill()
-		t.Fatalf("lfuse %v did not exit", args)
+		p.cmd.Process.Signal(syscall.SIGQUIT) // its goroutines, into the log
+		select {
+		case <-p.done:
+		case <-time.After(5 * time.Second):
+			p.cmd.Process.Kill()
+			<-p.done
+		}
+		t.Fatalf("lfuse %v did not exit\n%s", args, p.log.String())
 	}
 	code := 0
 	var ee *exec.ExitError
