@@ -46,6 +46,10 @@ func StaleTemp(name string, mtime, now time.Time) bool {
 	return strings.HasPrefix(name, TempPrefix) && now.Sub(mtime) > staleTemp
 }
 
+// MaxMarker bounds what a backend's ReadMarker reads: a marker is a few
+// hundred bytes, and a replica is not trusted to keep it so.
+const MaxMarker = 1 << 20
+
 // ErrNotFound is returned for a file that does not exist.
 var ErrNotFound = errors.New("not found")
 

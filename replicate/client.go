@@ -30,6 +30,13 @@ type ReplicaClient interface {
 	FileMeta(ctx context.Context, level int, min, max ltx.TXID) (backends.FileMeta, error)
 	// DeleteLTXFiles removes files; files already gone are not an error.
 	DeleteLTXFiles(ctx context.Context, files []ltx.FileInfo) error
+	// WriteMarker stores a small object, name, at the replica's root beside
+	// its levels (where Litestream does not look), whole or not at all,
+	// replacing one of that name.
+	WriteMarker(ctx context.Context, name string, data []byte) error
+	// ReadMarker returns what WriteMarker stored; backends.ErrNotFound
+	// when there is none.
+	ReadMarker(ctx context.Context, name string) ([]byte, error)
 }
 
 // SnapshotLevel is the level of full snapshots in the replica layout.

@@ -63,6 +63,22 @@ func (c *opCounter) DeleteLTXFiles(ctx context.Context, files []ltx.FileInfo) er
 	return c.ReplicaClient.DeleteLTXFiles(ctx, files)
 }
 
+func (c *opCounter) WriteMarker(ctx context.Context, name string, data []byte) error {
+	c.ops[OpPut].Add(1)
+	err := c.ReplicaClient.WriteMarker(ctx, name, data)
+	if err == nil {
+		c.bytes[OpPut].Add(int64(len(data)))
+	}
+	return err
+}
+
+func (c *opCounter) ReadMarker(ctx context.Context, name string) ([]byte, error) {
+	c.ops[OpGet].Add(1)
+	b, err := c.ReplicaClient.ReadMarker(ctx, name)
+	c.bytes[OpGet].Add(int64(len(b)))
+	return b, err
+}
+
 type countedBody struct {
 	io.ReadCloser
 	n *atomic.Int64

@@ -41,6 +41,10 @@ func (l *listing) FileMeta(ctx context.Context, level int, min, max ltx.TXID) (b
 func (l *listing) DeleteLTXFiles(context.Context, []ltx.FileInfo) error {
 	return errors.New("not here")
 }
+func (l *listing) WriteMarker(context.Context, string, []byte) error { return errors.New("not here") }
+func (l *listing) ReadMarker(context.Context, string) ([]byte, error) {
+	return nil, backends.ErrNotFound
+}
 func (l *listing) ListTimesApprox() bool { return l.approx }
 
 // Whatever a replica lists, the planner never panics, and a plan it returns

@@ -65,6 +65,18 @@ func (c timedClient) DeleteLTXFiles(ctx context.Context, files []ltx.FileInfo) e
 	return bounded(ctx, d, func(ctx context.Context) error { return c.ReplicaClient.DeleteLTXFiles(ctx, files) })
 }
 
+func (c timedClient) WriteMarker(ctx context.Context, name string, data []byte) error {
+	return bounded(ctx, headTimeout, func(ctx context.Context) error { return c.ReplicaClient.WriteMarker(ctx, name, data) })
+}
+
+func (c timedClient) ReadMarker(ctx context.Context, name string) (b []byte, err error) {
+	err = bounded(ctx, headTimeout, func(ctx context.Context) error {
+		b, err = c.ReplicaClient.ReadMarker(ctx, name)
+		return err
+	})
+	return b, err
+}
+
 // ListTimesApprox passes on what the wrapped client says of its listings.
 func (c timedClient) ListTimesApprox() bool {
 	a, ok := c.ReplicaClient.(approxTimes)

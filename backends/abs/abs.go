@@ -386,6 +386,35 @@ func (c *Client) FileMeta(ctx context.Context, level int, min, max ltx.TXID) (ba
 	return meta, nil
 }
 
+// WriteMarker stores a small blob at ROOT/name, beside "ltx/", which is
+// all Litestream lists.
+func (c *Client) WriteMarker(ctx context.Context, name string, data []byte) error {
+	if c.err != nil {
+		return c.err
+	}
+	if _, err := c.cc.NewBlockBlobClient(c.key(name)).UploadBuffer(ctx, data, nil); err != nil {
+		return c.wrap(err, "write %s", name)
+	}
+	return nil
+}
+
+// ReadMarker reads what WriteMarker stored.
+func (c *Client) ReadMarker(ctx context.Context, name string) ([]byte, error) {
+	if c.err != nil {
+		return nil, c.err
+	}
+	resp, err := c.cc.NewBlobClient(c.key(name)).DownloadStream(ctx, nil)
+	if err != nil {
+		return nil, c.wrap(err, "read %s", name)
+	}
+	defer resp.Body.Close()
+	b, err := io.ReadAll(io.LimitReader(resp.Body, backends.MaxMarker))
+	if err != nil {
+		return nil, c.wrap(err, "read %s", name)
+	}
+	return b, nil
+}
+
 // DeleteLTXFiles deletes a few blobs at a time, one request each. Blobs
 // already gone are not an error.
 func (c *Client) DeleteLTXFiles(ctx context.Context, files []ltx.FileInfo) error {

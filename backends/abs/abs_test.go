@@ -197,6 +197,10 @@ func TestDatabases(t *testing.T) {
 		if err := base.Sub(rel).WriteLTXFile(ctx, 0, 1, 1, bytes.NewReader(body), int64(len(body)), backends.FileMeta{Timestamp: ts}); err != nil {
 			t.Fatal(err)
 		}
+		// A deletion marker beside it is no database of its own.
+		if err := base.Sub(rel).WriteMarker(ctx, "lfuse-deleted.json", []byte("{}")); err != nil {
+			t.Fatal(err)
+		}
 	}
 	// Not databases: a stray blob, and an ltx/ without levels.
 	for _, name := range []string{"stray/file", "c.db/ltx/notalevel"} {

@@ -35,6 +35,8 @@ type Client interface {
 	WriteLTXFile(ctx context.Context, level int, min, max ltx.TXID, r io.Reader, size int64, meta backends.FileMeta) error
 	FileMeta(ctx context.Context, level int, min, max ltx.TXID) (backends.FileMeta, error)
 	DeleteLTXFiles(ctx context.Context, files []ltx.FileInfo) error
+	WriteMarker(ctx context.Context, name string, data []byte) error
+	ReadMarker(ctx context.Context, name string) ([]byte, error)
 }
 
 // Options describe a backend to the suite.
@@ -68,6 +70,7 @@ func Run(t *testing.T, o Options) {
 	t.Run("ManyFiles", func(t *testing.T) { testManyFiles(t, o, o.New(t, root(t))) })
 	t.Run("Large", func(t *testing.T) { testLarge(t, o.New(t, root(t))) })
 	t.Run("Cancel", func(t *testing.T) { testCancel(t, o.New(t, root(t))) })
+	t.Run("Markers", func(t *testing.T) { testMarkers(t, o, o.New(t, root(t))) })
 	t.Run("TwoClients", func(t *testing.T) {
 		base := root(t)
 		testTwoClients(t, o.New(t, base+"/a"), o.New(t, base+"/b"))
@@ -262,6 +265,33 @@ func testNotFound(t *testing.T, o Options, c Client) {
 	for level := 0; level <= 9; level++ {
 		if n := len(list(t, c, level)); n != 0 {
 			t.Fatalf("an empty root lists %d files at level %d", n, level)
+		}
+	}
+}
+
+// A marker is stored beside the levels, read back as written, replaced
+// whole, and is no replica file: the levels stay empty.
+func testMarkers(t *testing.T, o Options, c Client) {
+	ctx := context.Background()
+	_, err := c.ReadMarker(ctx, "m.json")
+	if !errors.Is(err, backends.ErrNotFound) {
+		t.Fatalf("read a missing marker: %v, want ErrNotFound", err)
+	}
+	checkSecrets(t, o, err.Error())
+	for _, body := range []string{`{"a":"first, longer than the next"}`, `{"a":2}`} {
+		if err := c.WriteMarker(ctx, "m.json", []byte(body)); err != nil {
+			t.Fatal(err)
+		}
+		if got, err := c.ReadMarker(ctx, "m.json"); err != nil || string(got) != body {
+			t.Fatalf("marker read back as %q, %v; want %q", got, err, body)
+		}
+	}
+	if _, err := c.ReadMarker(ctx, "other.json"); !errors.Is(err, backends.ErrNotFound) {
+		t.Fatalf("read another marker's name: %v, want ErrNotFound", err)
+	}
+	for level := 0; level <= 9; level++ {
+		if n := len(list(t, c, level)); n != 0 {
+			t.Fatalf("a root with a marker lists %d files at level %d", n, level)
 		}
 	}
 }

@@ -9,6 +9,7 @@
 package file
 
 import (
+	"bytes"
 	"cmp"
 	"context"
 	"encoding/json"
@@ -217,6 +218,27 @@ func (c *Client) DeleteLTXFiles(ctx context.Context, files []ltx.FileInfo) error
 		}
 	}
 	return nil
+}
+
+// WriteMarker writes a small file at the replica's root, beside its "ltx"
+// directory, where Litestream does not look.
+func (c *Client) WriteMarker(ctx context.Context, name string, data []byte) error {
+	if err := os.MkdirAll(c.root, 0o755); err != nil {
+		return err
+	}
+	if err := writeAtomic(filepath.Join(c.root, name), bytes.NewReader(data), int64(len(data)), time.Time{}); err != nil {
+		return err
+	}
+	return syncDir(c.root)
+}
+
+// ReadMarker reads what WriteMarker wrote.
+func (c *Client) ReadMarker(ctx context.Context, name string) ([]byte, error) {
+	b, err := os.ReadFile(filepath.Join(c.root, name))
+	if errors.Is(err, fs.ErrNotExist) {
+		return nil, fmt.Errorf("%s: %w", name, backends.ErrNotFound)
+	}
+	return b, err
 }
 
 // writeAtomic writes r to a temporary file beside path, checks that it got

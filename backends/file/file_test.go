@@ -122,6 +122,10 @@ func TestDatabases(t *testing.T) {
 		if err := c.Sub(rel).WriteLTXFile(ctx, i%10, 1, 1, bytes.NewReader(b), int64(len(b)), backends.FileMeta{Timestamp: ts}); err != nil {
 			t.Fatal(err)
 		}
+		// A deletion marker beside it is no database of its own.
+		if err := c.Sub(rel).WriteMarker(ctx, "lfuse-deleted.json", []byte("{}")); err != nil {
+			t.Fatal(err)
+		}
 	}
 	// Not a database: an ltx directory without levels.
 	if err := os.MkdirAll(filepath.Join(root, "c.db", "ltx", "notalevel"), 0o755); err != nil {

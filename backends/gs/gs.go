@@ -357,6 +357,43 @@ func (c *Client) FileMeta(ctx context.Context, level int, min, max ltx.TXID) (ba
 	return meta, nil
 }
 
+// WriteMarker stores a small object at ROOT/name, beside the level
+// prefixes, which are all Litestream lists.
+func (c *Client) WriteMarker(ctx context.Context, name string, data []byte) error {
+	if c.err != nil {
+		return c.err
+	}
+	wctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	w := c.bucket.Object(c.key(name)).NewWriter(wctx)
+	w.ContentType = "application/json"
+	if _, err := w.Write(data); err != nil {
+		cancel() // Close would commit what was written
+		return c.wrap(uploadErr(err), "write %s", name)
+	}
+	if err := w.Close(); err != nil {
+		return c.wrap(uploadErr(err), "write %s", name)
+	}
+	return nil
+}
+
+// ReadMarker reads what WriteMarker stored.
+func (c *Client) ReadMarker(ctx context.Context, name string) ([]byte, error) {
+	if c.err != nil {
+		return nil, c.err
+	}
+	r, err := c.bucket.Object(c.key(name)).NewReader(ctx)
+	if err != nil {
+		return nil, c.wrap(err, "read %s", name)
+	}
+	defer r.Close()
+	b, err := io.ReadAll(io.LimitReader(r, backends.MaxMarker))
+	if err != nil {
+		return nil, c.wrap(err, "read %s", name)
+	}
+	return b, nil
+}
+
 // DeleteLTXFiles deletes a few objects at a time, one request each (the
 // SDK has no batch delete). Objects already gone are not an error.
 func (c *Client) DeleteLTXFiles(ctx context.Context, files []ltx.FileInfo) error {

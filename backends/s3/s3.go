@@ -10,6 +10,7 @@
 package s3
 
 import (
+	"bytes"
 	"cmp"
 	"context"
 	"crypto/tls"
@@ -291,6 +292,32 @@ func (c *Client) FileMeta(ctx context.Context, level int, min, max ltx.TXID) (ba
 		}
 	}
 	return meta, nil
+}
+
+// WriteMarker stores a small object at ROOT/name, beside the level
+// prefixes: Litestream lists only those.
+func (c *Client) WriteMarker(ctx context.Context, name string, data []byte) error {
+	key := c.key(name)
+	if _, err := c.s3.PutObject(ctx, &s3.PutObjectInput{Bucket: &c.bucket, Key: &key, Body: bytes.NewReader(data),
+		ContentLength: aws.Int64(int64(len(data)))}); err != nil {
+		return c.wrap(err, "write %s", key)
+	}
+	return nil
+}
+
+// ReadMarker reads what WriteMarker stored.
+func (c *Client) ReadMarker(ctx context.Context, name string) ([]byte, error) {
+	key := c.key(name)
+	out, err := c.s3.GetObject(ctx, &s3.GetObjectInput{Bucket: &c.bucket, Key: &key})
+	if err != nil {
+		return nil, c.wrap(err, "read %s", key)
+	}
+	defer out.Body.Close()
+	b, err := io.ReadAll(io.LimitReader(out.Body, backends.MaxMarker))
+	if err != nil {
+		return nil, c.wrap(err, "read %s", key)
+	}
+	return b, nil
 }
 
 // DeleteLTXFiles deletes in batches of 1,000 keys, the most one request

@@ -132,6 +132,10 @@ func TestDatabases(t *testing.T) {
 		if err := root.Sub(rel).WriteLTXFile(context.Background(), 9, 1, 1, strings.NewReader(string(body)), int64(len(body)), meta); err != nil {
 			t.Fatal(err)
 		}
+		// A deletion marker beside it is no database of its own.
+		if err := root.Sub(rel).WriteMarker(context.Background(), "lfuse-deleted.json", []byte("{}")); err != nil {
+			t.Fatal(err)
+		}
 	}
 	dbs, err := root.Databases(context.Background())
 	if err != nil || !slices.Equal(dbs, backendtest.DatabaseNames) {

@@ -569,6 +569,38 @@ func readMeta(cl *pkgsftp.Client, p string, size int64) (backends.FileMeta, erro
 	return meta, nil
 }
 
+// WriteMarker writes a small file at the replica's root, beside its "ltx"
+// directory, where Litestream does not look.
+func (c *Client) WriteMarker(ctx context.Context, name string, data []byte) error {
+	err := c.do(ctx, true, func(cl *pkgsftp.Client) error {
+		return writeAtomic(cl, path.Join(c.root, name), bytes.NewReader(data), int64(len(data)), time.Time{})
+	})
+	if err != nil {
+		return fmt.Errorf("write %s: %w", name, err)
+	}
+	return nil
+}
+
+// ReadMarker reads what WriteMarker wrote.
+func (c *Client) ReadMarker(ctx context.Context, name string) ([]byte, error) {
+	var b []byte
+	err := c.do(ctx, true, func(cl *pkgsftp.Client) error {
+		f, err := cl.Open(path.Join(c.root, name))
+		if err != nil {
+			return err
+		}
+		defer f.Close()
+		b, err = io.ReadAll(io.LimitReader(f, backends.MaxMarker))
+		return err
+	})
+	if errors.Is(err, os.ErrNotExist) {
+		return nil, fmt.Errorf("%s: %w", name, backends.ErrNotFound)
+	} else if err != nil {
+		return nil, fmt.Errorf("read %s: %w", name, err)
+	}
+	return b, nil
+}
+
 // DeleteLTXFiles removes files and their metadata; what is gone already is
 // not an error.
 func (c *Client) DeleteLTXFiles(ctx context.Context, files []ltx.FileInfo) error {

@@ -238,6 +238,10 @@ func TestDatabases(t *testing.T) {
 	ts := time.Now()
 	for i, rel := range backendtest.DatabaseNames {
 		write(t, c.Sub(rel), i%10, 1, 1, ts)
+		// A deletion marker beside it is no database of its own.
+		if err := c.Sub(rel).WriteMarker(ctx, "lfuse-deleted.json", []byte("{}")); err != nil {
+			t.Fatal(err)
+		}
 	}
 	// Not databases: an empty directory, and an ltx without levels.
 	err := c.do(ctx, true, func(cl *pkgsftp.Client) error {
