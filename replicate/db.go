@@ -58,6 +58,7 @@ type DB struct {
 	// lostAtGone is the failure under way when the database was deleted
 	// or renamed away: the commits it kept from the log went with it.
 	lostAtGone error
+	goneAt     time.Time // when the file was seen gone, for the deletion marker
 	backoff    time.Duration
 	retryAt    time.Time
 	retrying   bool
@@ -929,6 +930,7 @@ func (d *DB) gone(why string) {
 		d.failing, d.backoff, d.lastErr = false, 0, nil
 	}
 	if d.status != statusGone {
+		d.goneAt = time.Now()
 		d.logger.Info("stopped capturing database", "reason", why)
 		if d.onGone != nil {
 			d.onGone()

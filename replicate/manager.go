@@ -361,6 +361,21 @@ func (m *Manager) flush(ctx context.Context, dbs []*DB) []error {
 		}
 	}
 	wg.Wait()
+	// A database deleted shortly before the stop is marked now: its
+	// release, which marks it, did not come, and the restore-if-missing
+	// of the next start would bring it back.
+	eachDB(dbs, func(d *DB) error {
+		d.mu.Lock()
+		gone := d.status == statusGone && !d.retired
+		d.mu.Unlock()
+		if !gone {
+			return nil
+		}
+		if ready, _ := m.shippedWhileGone(d); ready {
+			d.markDeleted(ctx, map[*Replica]bool{})
+		}
+		return nil
+	})
 	if n > 0 && len(errs) == 0 {
 		m.logger.Info("every captured transaction is in every replica", "replicas", n, "seconds", time.Since(start).Seconds())
 	}

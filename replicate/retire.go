@@ -46,6 +46,9 @@ func (m *Manager) retireWhenShipped(d *DB) {
 		defer m.retiring.Done()
 		t := time.NewTicker(retireEvery)
 		defer t.Stop()
+		ctx, cancel := untilClosed(m.closing)
+		defer cancel()
+		marked := map[*Replica]bool{}
 		for {
 			select {
 			case <-m.closing:
@@ -57,7 +60,7 @@ func (m *Manager) retireWhenShipped(d *DB) {
 			if abort {
 				return
 			}
-			if ready && m.retire(d) {
+			if ready && d.markDeleted(ctx, marked) && m.retire(d) {
 				return
 			}
 		}
@@ -101,6 +104,43 @@ func (m *Manager) shippedWhileGone(d *DB) (ready, abort bool) {
 		}
 	}
 	return true, false
+}
+
+// markDeleted records in each replica that d was deleted, once every
+// replica holds its last transaction; marked notes the replicas done. It
+// says whether all are. A replica that cannot take it now is tried again
+// at the next check: released before, the database came back at the next
+// restore-if-missing.
+func (d *DB) markDeleted(ctx context.Context, marked map[*Replica]bool) bool {
+	d.mu.Lock()
+	var del Deletion
+	var have bool
+	if d.log != nil {
+		var last Record
+		if last, have = d.log.Last(); have {
+			del = Deletion{TXID: last.TXID(), PostApplyChecksum: last.Trailer.PostApplyChecksum, At: d.goneAt}
+		}
+	}
+	d.mu.Unlock()
+	if !have {
+		return true // nothing of it reached a replica
+	}
+	all := true
+	for _, r := range d.replicas {
+		if marked[r] {
+			continue
+		}
+		if err := writeDeletion(ctx, r.client, del); err != nil {
+			if ctx.Err() == nil {
+				r.logger.Warn("cannot record the deletion of the database in the replica; trying again", "err", err)
+			}
+			all = false
+			continue
+		}
+		marked[r] = true
+		r.logger.Info("recorded the deletion in the replica: restores of every database leave it out", "txid", del.TXID.String())
+	}
+	return all
 }
 
 // holds says whether the replica is known to end exactly at txid with the

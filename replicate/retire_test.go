@@ -53,6 +53,9 @@ func TestDeletedDatabaseReleased(t *testing.T) {
 		t.Fatalf("state removed before the replica held its last commit: %v", err)
 	}
 
+	if _, ok, err := ReadDeletion(context.Background(), file.New(filepath.Join(rs.repl, "app.db"))); ok || err != nil {
+		t.Fatalf("deletion recorded before the replica held the last commit (%v)", err)
+	}
 	client.down.Store(false)
 	deadline := time.Now().Add(10 * time.Second)
 	for rs.m.DB("app.db") != nil {
@@ -83,6 +86,15 @@ func TestDeletedDatabaseReleased(t *testing.T) {
 	}
 	if got, _ := os.ReadFile(out); string(got) != string(before) {
 		t.Fatal("the replica does not restore the deleted database as it was")
+	}
+	// The replica says it was deleted, after its last commit: restores of
+	// every database leave it out, unless to a time before.
+	del, ok, err := ReadDeletion(context.Background(), replica)
+	if err != nil || !ok || del.TXID != oldPlan.TXID || del.At.Before(oldPlan.Timestamp) {
+		t.Fatalf("deletion recorded: %+v, %v, %v; last commit %s at %s", del, ok, err, oldPlan.TXID, oldPlan.Timestamp)
+	}
+	if !del.Hides(oldPlan, Target{}) || del.Hides(oldPlan, Target{Time: del.At.Add(-time.Millisecond)}) || del.Hides(oldPlan, Target{TXID: oldPlan.TXID}) {
+		t.Fatal("the deletion hides the wrong restores")
 	}
 
 	// Made again: a new history above the old one.
@@ -119,6 +131,9 @@ func TestDeletedDatabaseReleased(t *testing.T) {
 		time.Sleep(retireEvery)
 	}
 	restoresToDatabase(t, rs, replica)
+	if newPlan := mustPlan(t, replica); del.Hides(newPlan, Target{}) {
+		t.Fatalf("the database made again (TXID %s) is hidden by the deletion at %s", newPlan.TXID, del.TXID)
+	}
 	out2 := filepath.Join(t.TempDir(), "old-again.db")
 	if _, err := Restore(context.Background(), replica, mustPlanAt(t, replica, oldPlan.TXID), out2, RestoreOptions{}); err != nil {
 		t.Fatal(err)
@@ -365,5 +380,40 @@ func execSQL(t *testing.T, db *sql.DB, q string) {
 	t.Helper()
 	if _, err := db.Exec(q); err != nil {
 		t.Fatalf("%s: %v", q, err)
+	}
+}
+
+// A database deleted just before a stop, too recently to be released, is
+// recorded as deleted by the stop's flush: the restore-if-missing of the
+// next start would bring it back otherwise. One deleted while its replica
+// cannot be written is not, and its state stays to try again.
+func TestDeletedJustBeforeStopIsMarked(t *testing.T) {
+	s := newGoneSetup(t, time.Hour)
+	m := s.manager(true)
+	s.write(m, "CREATE TABLE t(v); INSERT INTO t VALUES ('gone')")
+	s.del(m)
+	if err := m.Close(); err != nil {
+		t.Fatal(err)
+	}
+	replica := file.New(filepath.Join(s.repl, "app.db"))
+	del, ok, err := ReadDeletion(context.Background(), replica)
+	if err != nil || !ok {
+		t.Fatalf("no deletion recorded at the stop: %v", err)
+	}
+	if plan := mustPlan(t, replica); !del.Hides(plan, Target{}) {
+		t.Fatalf("the deletion (TXID %s) does not hide the latest state (TXID %s)", del.TXID, plan.TXID)
+	}
+
+	s2 := newGoneSetup(t, time.Hour)
+	m = s2.manager(true)
+	s2.write(m, "CREATE TABLE t(v)")
+	s2.fw.down.Store(true)
+	s2.del(m)
+	m.Close()
+	if _, ok, _ := ReadDeletion(context.Background(), file.New(filepath.Join(s2.repl, "app.db"))); ok {
+		t.Fatal("deletion recorded in a replica that could not be written")
+	}
+	if s2.logGone() {
+		t.Fatal("state of a deleted database released at a stop")
 	}
 }

@@ -241,6 +241,13 @@ func (c *failingWrites) WriteLTXFile(ctx context.Context, level int, min, max lt
 	return c.ReplicaClient.WriteLTXFile(ctx, level, min, max, r, size, meta)
 }
 
+func (c *failingWrites) WriteMarker(ctx context.Context, name string, data []byte) error {
+	if c.down.Load() {
+		return errors.New("injected: replica unreachable")
+	}
+	return c.ReplicaClient.WriteMarker(ctx, name, data)
+}
+
 // shippedTable sets up a database with an empty table t, captured and
 // shipped to a replica whose writes fw can fail, on intervals long enough
 // that nothing happens unless asked.
