@@ -38,6 +38,11 @@ func TestLitestreamRestoresReplica(t *testing.T) {
 	e.replicateSeq(cfgPath, 300)
 
 	url := "file://" + repl + "/app.db"
+	// lfuse's deletion record sits beside ltx/, where Litestream does not
+	// look (it would be there had the database been deleted).
+	if err := file.New(filepath.Join(repl, "app.db")).WriteMarker(context.Background(), "lfuse-deleted.json", []byte("{}")); err != nil {
+		t.Fatal(err)
+	}
 	out := filepath.Join(e.root, "litestream.db")
 	if o, err := exec.Command(bin, "restore", "-o", out, url).CombinedOutput(); err != nil {
 		t.Fatalf("litestream restore: %v\n%s", err, o)

@@ -35,6 +35,10 @@ type restoreFlags struct {
 	parallelism     int
 	force           bool
 	noProgress      bool
+	// Restores of every database leave out those recorded as deleted by
+	// the target, unless withDeleted.
+	skipDeleted bool
+	withDeleted bool
 }
 
 func runRestore(args []string, stdout, stderr io.Writer) error {
@@ -53,6 +57,7 @@ func runRestore(args []string, stdout, stderr io.Writer) error {
 	fl.BoolVar(&f.ifDBNotExists, "if-db-not-exists", false, "skip (exit 0) a database that already exists")
 	fl.IntVar(&f.parallelism, "parallelism", 8, "concurrent downloads")
 	fl.BoolVar(&f.force, "force", false, "overwrite a database that exists")
+	fl.BoolVar(&f.withDeleted, "include-deleted", false, "with -data or -config: also restore the databases that were deleted (by the target), as they were last")
 	logLevel := fl.String("log-level", "info", "debug, info, warn or error")
 	fl.Usage = func() {
 		fmt.Fprintf(stderr, `Usage:
@@ -298,6 +303,7 @@ func restoreAll(ctx context.Context, logger *slog.Logger, stderr io.Writer, cfg 
 		}
 		out := filepath.Join(dataDir, filepath.FromSlash(rel))
 		f := f
+		f.skipDeleted = !f.withDeleted
 		if !configured[rel] {
 			// Found in a listing with no file in it yet (its first
 			// snapshot still uploading): nothing to restore, not a
@@ -551,6 +557,17 @@ func restoreFrom(ctx context.Context, logger *slog.Logger, stderr io.Writer, cli
 		plan, err := replicate.PlanRestore(ctx, client, target)
 		if err != nil {
 			return 0, namedError(client, err)
+		}
+		if f.skipDeleted && attempt == 1 {
+			if del, ok, err := replicate.ReadDeletion(ctx, client); err != nil {
+				// Restoring a database that may have been deleted loses
+				// nothing; leaving out one that was not would.
+				logger.Warn("cannot read whether the database was deleted; restoring it", "replica", client.String(), "err", err)
+			} else if ok && del.Hides(plan, target) {
+				logger.Info("not restored: the database was deleted (use -include-deleted, or restore -o, to restore it as it was last)",
+					"deleted_at", del.At.Format(time.RFC3339), "last_txid", del.TXID.String())
+				return 0, nil
+			}
 		}
 		logger.Info("restore plan", "replica", client.String(), "target", target.String(), "txid", plan.TXID.String(),
 			"committed", plan.Timestamp.Format(time.RFC3339Nano), "files", len(plan.Files), "bytes", plan.Bytes,
