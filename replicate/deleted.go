@@ -63,14 +63,40 @@ func ReadDeletion(ctx context.Context, client ReplicaClient) (Deletion, bool, er
 	return d, true, nil
 }
 
-// Hides says whether a restore of every database should leave out the one
-// this plan restores, being deleted by then: the plan ends in the history
-// that the deletion ended (a database made again at the path starts a
-// history above it), and the target is the latest state or a time after
-// the deletion. A target TXID is restored as asked.
-func (d Deletion) Hides(plan Plan, target Target) bool {
-	if plan.TXID > d.TXID || target.TXID != 0 {
-		return false
+// DeletedBy reads the deletion recorded in client's replica, if any, and
+// says whether it hides plan for target (see Hides).
+func DeletedBy(ctx context.Context, client ReplicaClient, plan Plan, target Target) (Deletion, bool, error) {
+	d, ok, err := ReadDeletion(ctx, client)
+	if err != nil || !ok {
+		return d, false, err
 	}
-	return target.Time.IsZero() || !target.Time.Before(d.At)
+	hide, err := d.Hides(ctx, client, plan, target)
+	return d, hide, err
+}
+
+// Hides says whether a restore of every database should leave out the one
+// this plan (from client) restores, being deleted by then: the target is
+// the latest state or a time after the deletion, and the plan ends at the
+// deleted database's last state, the same TXID and checksum. A database
+// made again at the path has a history above it; one whose history ends
+// anywhere else (a replica written since by some other means) is not the
+// one deleted, and a record that wrongly hid it would start its
+// application on an empty database. A target TXID is restored as asked.
+func (d Deletion) Hides(ctx context.Context, client ReplicaClient, plan Plan, target Target) (bool, error) {
+	if plan.TXID != d.TXID || target.TXID != 0 || len(plan.Files) == 0 {
+		return false, nil
+	}
+	if !target.Time.IsZero() && target.Time.Before(d.At) {
+		return false, nil
+	}
+	meta := plan.lastMeta
+	if meta == nil {
+		last := plan.Files[len(plan.Files)-1]
+		m, err := withTimeouts(client).FileMeta(ctx, last.Level, last.MinTXID, last.MaxTXID)
+		if err != nil {
+			return false, err
+		}
+		meta = &m
+	}
+	return meta.PostApplyChecksum == d.PostApplyChecksum, nil
 }

@@ -130,6 +130,12 @@ func (d *DB) markDeleted(ctx context.Context, marked map[*Replica]bool) bool {
 		if marked[r] {
 			continue
 		}
+		if had, ok, err := ReadDeletion(ctx, r.client); err == nil && ok && had.TXID == del.TXID && had.PostApplyChecksum == del.PostApplyChecksum {
+			// Recorded before a restart: its time, not the restart's, is
+			// when the file went.
+			marked[r] = true
+			continue
+		}
 		if err := writeDeletion(ctx, r.client, del); err != nil {
 			if ctx.Err() == nil {
 				r.logger.Warn("cannot record the deletion of the database in the replica; trying again", "err", err)

@@ -93,8 +93,28 @@ func TestDeletedDatabaseReleased(t *testing.T) {
 	if err != nil || !ok || del.TXID != oldPlan.TXID || del.At.Before(oldPlan.Timestamp) {
 		t.Fatalf("deletion recorded: %+v, %v, %v; last commit %s at %s", del, ok, err, oldPlan.TXID, oldPlan.Timestamp)
 	}
-	if !del.Hides(oldPlan, Target{}) || del.Hides(oldPlan, Target{Time: del.At.Add(-time.Millisecond)}) || del.Hides(oldPlan, Target{TXID: oldPlan.TXID}) {
+	hides := func(plan Plan, target Target) bool {
+		t.Helper()
+		h, err := del.Hides(context.Background(), replica, plan, target)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return h
+	}
+	if !hides(oldPlan, Target{}) || hides(oldPlan, Target{Time: del.At.Add(-time.Millisecond)}) || hides(oldPlan, Target{TXID: oldPlan.TXID}) {
 		t.Fatal("the deletion hides the wrong restores")
+	}
+	// Nor a history that ends elsewhere: the same TXID with another
+	// checksum, or another TXID.
+	other := del
+	other.PostApplyChecksum ^= 1
+	if h, err := other.Hides(context.Background(), replica, oldPlan, Target{}); h || err != nil {
+		t.Fatalf("a record of another checksum hides the database (%v)", err)
+	}
+	other = del
+	other.TXID++
+	if h, err := other.Hides(context.Background(), replica, oldPlan, Target{}); h || err != nil {
+		t.Fatalf("a record of another TXID hides the database (%v)", err)
 	}
 
 	// Made again: a new history above the old one.
@@ -131,7 +151,7 @@ func TestDeletedDatabaseReleased(t *testing.T) {
 		time.Sleep(retireEvery)
 	}
 	restoresToDatabase(t, rs, replica)
-	if newPlan := mustPlan(t, replica); del.Hides(newPlan, Target{}) {
+	if newPlan := mustPlan(t, replica); hides(newPlan, Target{}) {
 		t.Fatalf("the database made again (TXID %s) is hidden by the deletion at %s", newPlan.TXID, del.TXID)
 	}
 	out2 := filepath.Join(t.TempDir(), "old-again.db")
@@ -400,7 +420,7 @@ func TestDeletedJustBeforeStopIsMarked(t *testing.T) {
 	if err != nil || !ok {
 		t.Fatalf("no deletion recorded at the stop: %v", err)
 	}
-	if plan := mustPlan(t, replica); !del.Hides(plan, Target{}) {
+	if plan := mustPlan(t, replica); !hidesLatest(t, del, replica, plan) {
 		t.Fatalf("the deletion (TXID %s) does not hide the latest state (TXID %s)", del.TXID, plan.TXID)
 	}
 
@@ -416,4 +436,13 @@ func TestDeletedJustBeforeStopIsMarked(t *testing.T) {
 	if s2.logGone() {
 		t.Fatal("state of a deleted database released at a stop")
 	}
+}
+
+func hidesLatest(t *testing.T, del Deletion, client ReplicaClient, plan Plan) bool {
+	t.Helper()
+	h, err := del.Hides(context.Background(), client, plan, Target{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return h
 }

@@ -135,7 +135,7 @@ func runDatabases(args []string, stdout, stderr io.Writer) error {
 				*row = fmt.Sprintf("%s\t%s\t-\terror: %v\n", rel, client, err)
 			default:
 				*row = fmt.Sprintf("%s\t%s\t%s\t%s\n", rel, client, plan.TXID, plan.Timestamp.Format(time.RFC3339))
-				if del, ok, err := replicate.ReadDeletion(ctx, client); err == nil && ok && del.Hides(plan, replicate.Target{}) {
+				if del, hidden, err := replicate.DeletedBy(ctx, client, plan, replicate.Target{}); err == nil && hidden {
 					*row = fmt.Sprintf("%s\t%s\t%s\t%s, deleted %s\n", rel, client, plan.TXID, plan.Timestamp.Format(time.RFC3339), del.At.Format(time.RFC3339))
 				}
 			}

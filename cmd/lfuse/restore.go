@@ -559,11 +559,11 @@ func restoreFrom(ctx context.Context, logger *slog.Logger, stderr io.Writer, cli
 			return 0, namedError(client, err)
 		}
 		if f.skipDeleted && attempt == 1 {
-			if del, ok, err := replicate.ReadDeletion(ctx, client); err != nil {
+			if del, hidden, err := replicate.DeletedBy(ctx, client, plan, target); err != nil {
 				// Restoring a database that may have been deleted loses
 				// nothing; leaving out one that was not would.
 				logger.Warn("cannot read whether the database was deleted; restoring it", "replica", client.String(), "err", err)
-			} else if ok && del.Hides(plan, target) {
+			} else if hidden {
 				logger.Info("not restored: the database was deleted (use -include-deleted, or restore -o, to restore it as it was last)",
 					"deleted_at", del.At.Format(time.RFC3339), "last_txid", del.TXID.String())
 				return 0, nil
