@@ -115,6 +115,7 @@ type Replica struct {
 	stop      chan struct{}
 	done      chan struct{}
 	startOnce sync.Once
+	stopOnce  sync.Once // closes stop
 }
 
 func newReplica(d *DB, client ReplicaClient, opts ReplicaOptions, logger *slog.Logger) *Replica {
@@ -313,11 +314,9 @@ func (o *outage) result(r *Replica, err error, failed, still, recovered string, 
 // Stop ends the sync loop after the pass in progress, and cancels the
 // maintenance in progress (see waitMaintenance).
 func (r *Replica) Stop() {
-	select {
-	case <-r.stop:
-	default:
-		close(r.stop)
-	}
+	// Once: a stop that timed out waiting for a release can flush a
+	// database that the release stops at the same moment.
+	r.stopOnce.Do(func() { close(r.stop) })
 	r.startOnce.Do(func() { close(r.done); close(r.maintDone) })
 	<-r.done
 }

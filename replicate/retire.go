@@ -151,8 +151,15 @@ func (d *DB) markDeleted(ctx context.Context, marked map[*Replica]bool) bool {
 
 // holds says whether the replica is known to end exactly at txid with the
 // database checksum post: the same history, not just as far.
+//
+// A sync under way holds mu for as long as its upload takes, and a stalled
+// one ends only at the replica's Stop, which CloseContext makes after
+// waiting for the releases: waiting for mu here held a stop for its whole
+// shutdown timeout. The release asks again at its next tick instead.
 func (r *Replica) holds(txid ltx.TXID, post ltx.Checksum) bool {
-	r.mu.Lock()
+	if !r.mu.TryLock() {
+		return false
+	}
 	defer r.mu.Unlock()
 	return r.listed && r.pos.TXID == txid && r.pos.PostApplyChecksum == post
 }
