@@ -37,6 +37,8 @@ type ReplicaClient interface {
 	// ReadMarker returns what WriteMarker stored; backends.ErrNotFound
 	// when there is none.
 	ReadMarker(ctx context.Context, name string) ([]byte, error)
+	// DeleteMarker removes it; one already gone is not an error.
+	DeleteMarker(ctx context.Context, name string) error
 }
 
 // SnapshotLevel is the level of full snapshots in the replica layout.

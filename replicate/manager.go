@@ -115,6 +115,12 @@ func (m *Manager) Open(ctx context.Context) error {
 		m.mu.Unlock()
 		d.startReplicas()
 	}
+	m.mu.Lock()
+	if !m.closed {
+		m.retiring.Add(1)
+		go m.purgeLoop()
+	}
+	m.mu.Unlock()
 	return nil
 }
 
@@ -372,7 +378,7 @@ func (m *Manager) flush(ctx context.Context, dbs []*DB) []error {
 			return nil
 		}
 		if ready, _ := m.shippedWhileGone(d); ready {
-			d.markDeleted(ctx, map[*Replica]bool{})
+			m.markDeleted(ctx, d, map[*Replica]bool{})
 		}
 		return nil
 	})

@@ -79,6 +79,11 @@ func (c *opCounter) ReadMarker(ctx context.Context, name string) ([]byte, error)
 	return b, err
 }
 
+func (c *opCounter) DeleteMarker(ctx context.Context, name string) error {
+	c.ops[OpDelete].Add(1)
+	return c.ReplicaClient.DeleteMarker(ctx, name)
+}
+
 type countedBody struct {
 	io.ReadCloser
 	n *atomic.Int64

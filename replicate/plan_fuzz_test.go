@@ -45,7 +45,8 @@ func (l *listing) WriteMarker(context.Context, string, []byte) error { return er
 func (l *listing) ReadMarker(context.Context, string) ([]byte, error) {
 	return nil, backends.ErrNotFound
 }
-func (l *listing) ListTimesApprox() bool { return l.approx }
+func (l *listing) DeleteMarker(context.Context, string) error { return errors.New("not here") }
+func (l *listing) ListTimesApprox() bool                      { return l.approx }
 
 // Whatever a replica lists, the planner never panics, and a plan it returns
 // is a chain: a snapshot, then files that each continue the previous one

@@ -60,7 +60,7 @@ func (m *Manager) retireWhenShipped(d *DB) {
 			if abort {
 				return
 			}
-			if ready && d.markDeleted(ctx, marked) && m.retire(d) {
+			if ready && m.markDeleted(ctx, d, marked) && m.retire(d) {
 				return
 			}
 		}
@@ -111,7 +111,7 @@ func (m *Manager) shippedWhileGone(d *DB) (ready, abort bool) {
 // says whether all are. A replica that cannot take it now is tried again
 // at the next check: released before, the database came back at the next
 // restore-if-missing.
-func (d *DB) markDeleted(ctx context.Context, marked map[*Replica]bool) bool {
+func (m *Manager) markDeleted(ctx context.Context, d *DB, marked map[*Replica]bool) bool {
 	d.mu.Lock()
 	var del Deletion
 	var have bool
@@ -145,6 +145,11 @@ func (d *DB) markDeleted(ctx context.Context, marked map[*Replica]bool) bool {
 		}
 		marked[r] = true
 		r.logger.Info("recorded the deletion in the replica: restores of every database leave it out", "txid", del.TXID.String())
+	}
+	if all {
+		if err := m.notePurge(d.rel, del); err != nil {
+			d.logger.Warn("cannot note the deleted database for its purge after the retention; its replica files stay", "err", err)
+		}
 	}
 	return all
 }

@@ -77,6 +77,10 @@ func (c timedClient) ReadMarker(ctx context.Context, name string) (b []byte, err
 	return b, err
 }
 
+func (c timedClient) DeleteMarker(ctx context.Context, name string) error {
+	return bounded(ctx, deleteTimeout, func(ctx context.Context) error { return c.ReplicaClient.DeleteMarker(ctx, name) })
+}
+
 // ListTimesApprox passes on what the wrapped client says of its listings.
 func (c timedClient) ListTimesApprox() bool {
 	a, ok := c.ReplicaClient.(approxTimes)

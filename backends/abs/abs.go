@@ -415,6 +415,18 @@ func (c *Client) ReadMarker(ctx context.Context, name string) ([]byte, error) {
 	return b, nil
 }
 
+// DeleteMarker removes what WriteMarker stored.
+func (c *Client) DeleteMarker(ctx context.Context, name string) error {
+	if c.err != nil {
+		return c.err
+	}
+	_, err := c.cc.NewBlobClient(c.key(name)).Delete(ctx, nil)
+	if err != nil && !bloberror.HasCode(err, bloberror.BlobNotFound) {
+		return c.wrap(err, "delete %s", name)
+	}
+	return nil
+}
+
 // DeleteLTXFiles deletes a few blobs at a time, one request each. Blobs
 // already gone are not an error.
 func (c *Client) DeleteLTXFiles(ctx context.Context, files []ltx.FileInfo) error {

@@ -37,6 +37,7 @@ type Client interface {
 	DeleteLTXFiles(ctx context.Context, files []ltx.FileInfo) error
 	WriteMarker(ctx context.Context, name string, data []byte) error
 	ReadMarker(ctx context.Context, name string) ([]byte, error)
+	DeleteMarker(ctx context.Context, name string) error
 }
 
 // Options describe a backend to the suite.
@@ -288,6 +289,15 @@ func testMarkers(t *testing.T, o Options, c Client) {
 	}
 	if _, err := c.ReadMarker(ctx, "other.json"); !errors.Is(err, backends.ErrNotFound) {
 		t.Fatalf("read another marker's name: %v, want ErrNotFound", err)
+	}
+	if err := c.DeleteMarker(ctx, "other.json"); err != nil {
+		t.Fatalf("delete a missing marker: %v", err)
+	}
+	if err := c.DeleteMarker(ctx, "m.json"); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := c.ReadMarker(ctx, "m.json"); !errors.Is(err, backends.ErrNotFound) {
+		t.Fatalf("read a deleted marker: %v, want ErrNotFound", err)
 	}
 	for level := 0; level <= 9; level++ {
 		if n := len(list(t, c, level)); n != 0 {

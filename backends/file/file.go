@@ -241,6 +241,14 @@ func (c *Client) ReadMarker(ctx context.Context, name string) ([]byte, error) {
 	return b, err
 }
 
+// DeleteMarker removes what WriteMarker wrote.
+func (c *Client) DeleteMarker(ctx context.Context, name string) error {
+	if err := os.Remove(filepath.Join(c.root, name)); err != nil && !errors.Is(err, fs.ErrNotExist) {
+		return err
+	}
+	return nil
+}
+
 // writeAtomic writes r to a temporary file beside path, checks that it got
 // size bytes (unless size < 0), fsyncs it, sets its mtime (unless zero) and
 // renames it into place.

@@ -394,6 +394,17 @@ func (c *Client) ReadMarker(ctx context.Context, name string) ([]byte, error) {
 	return b, nil
 }
 
+// DeleteMarker removes what WriteMarker stored.
+func (c *Client) DeleteMarker(ctx context.Context, name string) error {
+	if c.err != nil {
+		return c.err
+	}
+	if err := c.bucket.Object(c.key(name)).Delete(ctx); err != nil && !errors.Is(err, storage.ErrObjectNotExist) {
+		return c.wrap(err, "delete %s", name)
+	}
+	return nil
+}
+
 // DeleteLTXFiles deletes a few objects at a time, one request each (the
 // SDK has no batch delete). Objects already gone are not an error.
 func (c *Client) DeleteLTXFiles(ctx context.Context, files []ltx.FileInfo) error {

@@ -320,6 +320,17 @@ func (c *Client) ReadMarker(ctx context.Context, name string) ([]byte, error) {
 	return b, nil
 }
 
+// DeleteMarker removes what WriteMarker stored.
+func (c *Client) DeleteMarker(ctx context.Context, name string) error {
+	key := c.key(name)
+	if _, err := c.s3.DeleteObject(ctx, &s3.DeleteObjectInput{Bucket: &c.bucket, Key: &key}); err != nil {
+		if err = c.wrap(err, "delete %s", key); !errors.Is(err, backends.ErrNotFound) {
+			return err
+		}
+	}
+	return nil
+}
+
 // DeleteLTXFiles deletes in batches of 1,000 keys, the most one request
 // takes. Keys already gone are not an error.
 func (c *Client) DeleteLTXFiles(ctx context.Context, files []ltx.FileInfo) error {

@@ -601,6 +601,20 @@ func (c *Client) ReadMarker(ctx context.Context, name string) ([]byte, error) {
 	return b, nil
 }
 
+// DeleteMarker removes what WriteMarker wrote.
+func (c *Client) DeleteMarker(ctx context.Context, name string) error {
+	err := c.do(ctx, true, func(cl *pkgsftp.Client) error {
+		if err := cl.Remove(path.Join(c.root, name)); err != nil && !errors.Is(err, os.ErrNotExist) {
+			return err
+		}
+		return nil
+	})
+	if err != nil {
+		return fmt.Errorf("delete %s: %w", name, err)
+	}
+	return nil
+}
+
 // DeleteLTXFiles removes files and their metadata; what is gone already is
 // not an error.
 func (c *Client) DeleteLTXFiles(ctx context.Context, files []ltx.FileInfo) error {
