@@ -120,3 +120,53 @@ func TestDeletedDatabaseStaysDeleted(t *testing.T) {
 		t.Fatal("gone.db, deleted before the target time, restored")
 	}
 }
+
+// A deleted database's files leave the replica once its deletion is older
+// than the retention: here at the next start, one retention later.
+func TestDeletedDatabasePurged(t *testing.T) {
+	e := newEnv(t)
+	cfgPath, repl := e.replicaConfig("")
+	os.WriteFile(cfgPath, []byte(fmt.Sprintf("[[replicas]]\nurl = %q\nsync-interval = \"50ms\"\nretention = \"1s\"\n", "file://"+repl)), 0o644)
+	lf := e.mount("-config", cfgPath)
+	for _, db := range []string{"keep.db", "gone.db"} {
+		createSeq(t, e.path(db))
+		seqWrite(t, e.path(db), 1, 20)
+	}
+	for _, suffix := range []string{"-wal", "-shm", ""} {
+		os.Remove(e.path("gone.db" + suffix))
+	}
+	if err := lf.log.wait("released deleted database", 30*time.Second, lf.done); err != nil {
+		t.Fatalf("%v\n%s", err, lf.log)
+	}
+	lf.stop()
+	ltxFiles := func(db string) int {
+		m, _ := filepath.Glob(filepath.Join(repl, db, "ltx", "*", "*.ltx"))
+		return len(m)
+	}
+	if ltxFiles("gone.db") == 0 {
+		t.Fatal("the deleted database's files went before its retention")
+	}
+	time.Sleep(1100 * time.Millisecond) // the retention itself: what the purge waits for
+	lf = e.mount("-config", cfgPath)
+	if err := lf.log.wait("purged a deleted database from its replica", 30*time.Second, lf.done); err != nil {
+		t.Fatalf("%v\n%s", err, lf.log)
+	}
+	if n := ltxFiles("gone.db"); n != 0 {
+		t.Fatalf("%d files of the deleted database left", n)
+	}
+	if _, err := os.Stat(filepath.Join(repl, "gone.db", "lfuse-deleted.json")); !os.IsNotExist(err) {
+		t.Fatalf("deletion record left: %v", err)
+	}
+	if k := seqRows(t, e.path("keep.db")); k != 20 {
+		t.Fatalf("keep.db has %d rows", k)
+	}
+	lf.stop()
+	out := filepath.Join(e.root, "restored")
+	code, log := runLfuse(t, "restore", "-data", out, "-include-deleted", "-replica", "file://"+repl)
+	if code != 0 || seqRows(t, filepath.Join(out, "keep.db")) != 20 {
+		t.Fatalf("restore -data: exit %d\n%s", code, log)
+	}
+	if _, err := os.Stat(filepath.Join(out, "gone.db")); !os.IsNotExist(err) {
+		t.Fatalf("purged database restored:\n%s", log)
+	}
+}

@@ -49,7 +49,7 @@ func (m *Manager) notePurge(rel string, del Deletion) error {
 	return writeFileAtomic(m.purgeNotePath(rel), b)
 }
 
-// purgeLoop purges, every purgeEvery until Close, the replicas of released
+// purgeLoop purges, at start and every purgeEvery until Close, the replicas of released
 // databases whose retention has passed since their deletion.
 func (m *Manager) purgeLoop() {
 	defer m.retiring.Done()
@@ -58,12 +58,14 @@ func (m *Manager) purgeLoop() {
 	t := time.NewTicker(purgeEvery)
 	defer t.Stop()
 	for {
+		// At start too: a container restarted more often than purgeEvery
+		// would never get to it.
+		m.purgeDue(ctx, time.Now())
 		select {
 		case <-m.closing:
 			return
 		case <-t.C:
 		}
-		m.purgeDue(ctx, time.Now())
 	}
 }
 
