@@ -378,7 +378,7 @@ func (m *Manager) flush(ctx context.Context, dbs []*DB) []error {
 			return nil
 		}
 		if ready, _ := m.shippedWhileGone(d); ready {
-			m.markDeleted(ctx, d, map[*Replica]bool{})
+			m.markDeleted(ctx, d, newDeletionMarks())
 		}
 		return nil
 	})

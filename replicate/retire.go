@@ -48,7 +48,7 @@ func (m *Manager) retireWhenShipped(d *DB) {
 		defer t.Stop()
 		ctx, cancel := untilClosed(m.closing)
 		defer cancel()
-		marked := map[*Replica]bool{}
+		marks := newDeletionMarks()
 		for {
 			select {
 			case <-m.closing:
@@ -60,7 +60,7 @@ func (m *Manager) retireWhenShipped(d *DB) {
 			if abort {
 				return
 			}
-			if ready && m.markDeleted(ctx, d, marked) && m.retire(d) {
+			if ready && m.markDeleted(ctx, d, marks) && m.retire(d) {
 				return
 			}
 		}
@@ -106,12 +106,21 @@ func (m *Manager) shippedWhileGone(d *DB) (ready, abort bool) {
 	return true, false
 }
 
+// deletionMarks is where markDeleted is with each replica.
+type deletionMarks struct {
+	done, warned map[*Replica]bool
+}
+
+func newDeletionMarks() *deletionMarks {
+	return &deletionMarks{done: map[*Replica]bool{}, warned: map[*Replica]bool{}}
+}
+
 // markDeleted records in each replica that d was deleted, once every
-// replica holds its last transaction; marked notes the replicas done. It
-// says whether all are. A replica that cannot take it now is tried again
-// at the next check: released before, the database came back at the next
+// replica holds its last transaction, and says whether all have it. A
+// replica that cannot take it now is tried again at the next check (one
+// warning): released before, the database came back at the next
 // restore-if-missing.
-func (m *Manager) markDeleted(ctx context.Context, d *DB, marked map[*Replica]bool) bool {
+func (m *Manager) markDeleted(ctx context.Context, d *DB, marks *deletionMarks) bool {
 	d.mu.Lock()
 	var del Deletion
 	var have bool
@@ -127,23 +136,24 @@ func (m *Manager) markDeleted(ctx context.Context, d *DB, marked map[*Replica]bo
 	}
 	all := true
 	for _, r := range d.replicas {
-		if marked[r] {
+		if marks.done[r] {
 			continue
 		}
 		if had, ok, err := ReadDeletion(ctx, r.client); err == nil && ok && had.TXID == del.TXID && had.PostApplyChecksum == del.PostApplyChecksum {
 			// Recorded before a restart: its time, not the restart's, is
 			// when the file went.
-			marked[r] = true
+			marks.done[r] = true
 			continue
 		}
 		if err := writeDeletion(ctx, r.client, del); err != nil {
-			if ctx.Err() == nil {
-				r.logger.Warn("cannot record the deletion of the database in the replica; trying again", "err", err)
+			if ctx.Err() == nil && !marks.warned[r] {
+				marks.warned[r] = true
+				r.logger.Warn("cannot record the deletion of the database in the replica; trying again", "every", retireEvery, "err", err)
 			}
 			all = false
 			continue
 		}
-		marked[r] = true
+		marks.done[r] = true
 		r.logger.Info("recorded the deletion in the replica: restores of every database leave it out", "txid", del.TXID.String())
 	}
 	if all {
