@@ -119,6 +119,22 @@ func TestDeletedDatabaseStaysDeleted(t *testing.T) {
 	if _, err := os.Stat(filepath.Join(then, "gone.db")); !os.IsNotExist(err) {
 		t.Fatal("gone.db, deleted before the target time, restored")
 	}
+
+	// Brought back into the data directory as it was: the mount takes it
+	// up at the restored position and uploads nothing, and the record goes,
+	// or it would stay hidden from every later restore while it is live.
+	if code, log := runLfuse(t, "restore", "-data", e.data, "-include-deleted", "-if-db-not-exists", "-replica", "file://"+repl); code != 0 {
+		t.Fatalf("restore -include-deleted into the data directory: exit %d\n%s", code, log)
+	}
+	lf = e.mount("-config", cfgPath)
+	if err := lf.log.waitCount("removed the replica's record of an earlier deletion", 2, 30*time.Second, lf.done); err != nil {
+		t.Fatalf("%v\n%s", err, lf.log)
+	}
+	lf.stop()
+	back := filepath.Join(e.root, "back")
+	if code, log := runLfuse(t, "restore", "-data", back, "-replica", "file://"+repl); code != 0 || seqRows(t, filepath.Join(back, "gone.db")) != 20 {
+		t.Fatalf("restore -data after the deleted databases came back: exit %d\n%s", code, log)
+	}
 }
 
 // A deleted database's files leave the replica once its deletion is older

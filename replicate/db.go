@@ -59,6 +59,8 @@ type DB struct {
 	// or renamed away: the commits it kept from the log went with it.
 	lostAtGone error
 	goneAt     time.Time // when the file was seen gone, for the deletion marker
+	goneSeen   bool      // lfuse saw it go (goneSince)
+	serving    bool      // taken up by the running mount (not in Open's checks)
 	backoff    time.Duration
 	retryAt    time.Time
 	retrying   bool
@@ -923,14 +925,32 @@ func (d *DB) shippedEverywhere() ltx.TXID {
 	return txid
 }
 
-func (d *DB) gone(why string) {
+// gone is called when the file is found gone: deleted, renamed away or
+// replaced, through the mount once it serves.
+func (d *DB) gone(why string) { d.goneSince(why, time.Now(), d.serving) }
+
+// goneSince marks the database gone since at. seen says lfuse saw it go,
+// which a state-directory note keeps across a restart: only such a
+// deletion is recorded in the replicas (markDeleted). One found at start
+// with no note happened while lfuse was not running, and may as well be a
+// data volume that is not mounted yet: recorded, its replicas would be
+// purged after the retention.
+func (d *DB) goneSince(why string, at time.Time, seen bool) {
 	if d.failing && d.status != statusGone {
 		// What was failing was capture of a file no longer here.
 		d.lostAtGone = d.lastErr
 		d.failing, d.backoff, d.lastErr = false, 0, nil
 	}
 	if d.status != statusGone {
-		d.goneAt = time.Now()
+		d.goneAt, d.goneSeen = at, seen
+		if seen {
+			b, _ := at.UTC().MarshalText()
+			if err := writeFileAtomic(filepath.Join(d.dir, goneName), b); err != nil {
+				// Without it, a restart before the deletion is recorded
+				// takes it as one lfuse did not see.
+				d.logger.Warn("cannot note the deletion in the state directory", "err", err)
+			}
+		}
 		d.logger.Info("stopped capturing database", "reason", why)
 		if d.onGone != nil {
 			d.onGone()
@@ -938,6 +958,36 @@ func (d *DB) gone(why string) {
 	}
 	d.status, d.reason = statusGone, why
 	d.dropAside()
+}
+
+// goneName, in a database's state directory, says when lfuse saw the
+// database go (goneSince). It goes when the database is back.
+const goneName = "gone"
+
+// seenGone reads the note goneSince wrote in dir.
+func seenGone(dir string) (time.Time, bool) {
+	b, err := os.ReadFile(filepath.Join(dir, goneName))
+	if err != nil {
+		return time.Time{}, false
+	}
+	var at time.Time
+	if at.UnmarshalText(b) != nil {
+		return time.Time{}, false
+	}
+	return at, true
+}
+
+// back forgets that the database went: a file is at its path again.
+func (d *DB) back() {
+	os.Remove(filepath.Join(d.dir, goneName))
+}
+
+// DeletedThroughMount says whether the state directory notes that lfuse
+// saw the database at rel deleted: a restore before the mount must not
+// bring it back (its deletion may not be recorded in a replica yet).
+func DeletedThroughMount(stateDir, rel string) bool {
+	_, ok := seenGone(filepath.Join(stateDir, "dbs", stateName(rel)))
+	return ok
 }
 
 type emptyReader struct{}

@@ -52,6 +52,10 @@ type Manager struct {
 	// and what stops their waiting at Close.
 	retiring sync.WaitGroup
 	closing  chan struct{}
+	// purgeMu is held by a purge pass; purgeWarned holds the purges that
+	// failed and were warned of, by database and replica (purge.go).
+	purgeMu     sync.Mutex
+	purgeWarned map[string]bool
 }
 
 // NewManager returns a Manager for the databases under dataDir, keeping its
@@ -67,6 +71,8 @@ func NewManager(dataDir, stateDir string, logger *slog.Logger) *Manager {
 		dbs:      make(map[string]*DB),
 		noted:    make(map[string]bool),
 		closing:  make(chan struct{}),
+
+		purgeWarned: make(map[string]bool),
 	}
 }
 
@@ -90,6 +96,7 @@ func (m *Manager) Open(ctx context.Context) error {
 		}
 		d := m.newDB(rel)
 		d.mu.Lock()
+		d.serving = false // what Open finds gone went before this start
 		if err := d.openState(); err != nil {
 			// Capture catches up with a snapshot once the state
 			// directory works again; the application is not held up.
@@ -109,6 +116,7 @@ func (m *Manager) Open(ctx context.Context) error {
 				d.fail(err)
 			}
 		}
+		d.serving = true
 		d.mu.Unlock()
 		m.mu.Lock()
 		m.dbs[rel] = d
@@ -131,6 +139,7 @@ func (m *Manager) newDB(rel string) *DB {
 		dir:     filepath.Join(m.stateDir, "dbs", stateName(rel)),
 		logger:  m.logger.With("db", rel),
 		closing: m.closing,
+		serving: true,
 	}
 	d.onGone = func() { m.retireWhenShipped(d) }
 	if m.Replicas != nil {
@@ -368,20 +377,31 @@ func (m *Manager) flush(ctx context.Context, dbs []*DB) []error {
 	}
 	wg.Wait()
 	// A database deleted shortly before the stop is marked now: its
-	// release, which marks it, did not come, and the restore-if-missing
-	// of the next start would bring it back.
-	eachDB(dbs, func(d *DB) error {
-		d.mu.Lock()
-		gone := d.status == statusGone && !d.retired
-		d.mu.Unlock()
-		if !gone {
+	// release, which marks it, did not come. Not waited for past the
+	// timeout: a replica whose I/O ignores its context (a file replica on
+	// an NFS server that stopped answering) held the stop for good. The
+	// state directory keeps the deletion for the next start.
+	marked := make(chan struct{})
+	go func() {
+		defer close(marked)
+		eachDB(dbs, func(d *DB) error {
+			d.mu.Lock()
+			gone := d.status == statusGone && !d.retired
+			d.mu.Unlock()
+			if !gone {
+				return nil
+			}
+			if ready, _ := m.shippedWhileGone(d); ready {
+				m.markDeleted(ctx, d, newDeletionMarks())
+			}
 			return nil
-		}
-		if ready, _ := m.shippedWhileGone(d); ready {
-			m.markDeleted(ctx, d, newDeletionMarks())
-		}
-		return nil
-	})
+		})
+	}()
+	select {
+	case <-marked:
+	case <-ctx.Done():
+		m.logger.Warn("stopped waiting to record deleted databases in the replicas; the next start records them", "err", ctx.Err())
+	}
 	if n > 0 && len(errs) == 0 {
 		m.logger.Info("every captured transaction is in every replica", "replicas", n, "seconds", time.Since(start).Seconds())
 	}
@@ -442,6 +462,7 @@ func (m *Manager) walOpened(rel string) {
 			return
 		}
 		if d.status == statusGone {
+			d.back()
 			d.status = statusTracking
 			d.setNoWAL(nil)
 			d.needSnapshot("database file was created again")

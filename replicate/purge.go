@@ -72,6 +72,8 @@ func (m *Manager) purgeLoop() {
 // purgeDue handles every noted deletion whose retention has passed in all of
 // its replicas by now.
 func (m *Manager) purgeDue(ctx context.Context, now time.Time) {
+	m.purgeMu.Lock()
+	defer m.purgeMu.Unlock()
 	dir := filepath.Join(m.stateDir, deletedDir)
 	ents, _ := os.ReadDir(dir)
 	for _, e := range ents {
@@ -79,6 +81,11 @@ func (m *Manager) purgeDue(ctx context.Context, now time.Time) {
 			return
 		}
 		if !strings.HasSuffix(e.Name(), ".json") {
+			// A note being written is renamed within moments; one left
+			// by a kill -9 is removed.
+			if fi, err := e.Info(); err == nil && strings.HasSuffix(e.Name(), ".tmp") && now.Sub(fi.ModTime()) > time.Hour {
+				os.Remove(filepath.Join(dir, e.Name()))
+			}
 			continue
 		}
 		p := filepath.Join(dir, e.Name())
@@ -139,6 +146,13 @@ func (m *Manager) purge(ctx context.Context, rel string, del Deletion, now time.
 	if m.Replicas == nil {
 		return true
 	}
+	// Checked again just before files go: a database can be taken up at
+	// the path while the replica is listed.
+	unclaimed := func() bool {
+		m.mu.RLock()
+		defer m.mu.RUnlock()
+		return m.dbs[rel] == nil
+	}
 	done := true
 	for _, spec := range m.Replicas(rel) {
 		if now.Sub(del.At) < spec.Options.WithDefaults().Retention {
@@ -146,14 +160,19 @@ func (m *Manager) purge(ctx context.Context, rel string, del Deletion, now time.
 			continue
 		}
 		client := withTimeouts(spec.Client)
-		n, err := purgeReplica(ctx, client, del)
-		switch {
-		case err != nil:
-			if ctx.Err() == nil {
-				m.logger.Warn("cannot purge a deleted database from its replica; trying again", "db", rel, "replica", client.String(), "err", err)
+		n, err := purgeReplica(ctx, client, del, unclaimed)
+		key := rel + "\x00" + client.String()
+		if err != nil {
+			if ctx.Err() == nil && !m.purgeWarned[key] {
+				m.purgeWarned[key] = true // one line per outage, not one a minute
+				m.logger.Warn("cannot purge a deleted database from its replica; trying again", "db", rel, "replica", client.String(),
+					"every", purgeEvery, "err", err)
 			}
 			done = false
-		case n > 0:
+			continue
+		}
+		delete(m.purgeWarned, key)
+		if n > 0 {
 			m.logger.Info("purged a deleted database from its replica: its deletion is older than the retention", "db", rel,
 				"replica", client.String(), "files", n, "deleted_at", del.At.Format(time.RFC3339))
 		}
@@ -166,7 +185,7 @@ func (m *Manager) purge(ctx context.Context, rel string, del Deletion, now time.
 // the record is there with the same TXID and checksum, and no file goes
 // beyond it (a database made at the path since, by another lfuse or before
 // this one noticed, keeps everything). It returns how many files it deleted.
-func purgeReplica(ctx context.Context, client ReplicaClient, del Deletion) (int, error) {
+func purgeReplica(ctx context.Context, client ReplicaClient, del Deletion, unclaimed func() bool) (int, error) {
 	rec, ok, err := ReadDeletion(ctx, client)
 	if err != nil || !ok || rec.TXID != del.TXID || rec.PostApplyChecksum != del.PostApplyChecksum {
 		return 0, err
@@ -183,6 +202,9 @@ func purgeReplica(ctx context.Context, client ReplicaClient, del Deletion) (int,
 			}
 		}
 		files = append(files, l...)
+	}
+	if !unclaimed() {
+		return 0, nil
 	}
 	if err := client.DeleteLTXFiles(ctx, files); err != nil {
 		return 0, err

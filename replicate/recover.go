@@ -92,9 +92,14 @@ func (d *DB) recoverLocked() error {
 		return nil
 	}
 	if _, err := os.Stat(d.path); errors.Is(err, os.ErrNotExist) {
-		d.gone("database file was deleted while lfuse was not running")
+		if at, ok := seenGone(d.dir); ok {
+			d.goneSince("database file was deleted through the mount before the last stop", at, true)
+		} else {
+			d.goneSince("database file was deleted while lfuse was not running", time.Now(), false)
+		}
 		return nil
 	}
+	d.back()
 	if err := d.catchUpSums(last); err != nil {
 		d.needSnapshot(fmt.Sprintf("page checksum table does not match the local log: %v", err))
 		return nil

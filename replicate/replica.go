@@ -357,6 +357,30 @@ func (r *Replica) Flush(ctx context.Context) error {
 	}
 }
 
+// dropStaleDeletion removes the deletion record from the replica of a
+// database that is here. A database restored after its deletion
+// (-include-deleted, restore -o) or copied in again can continue the
+// deleted history exactly, with nothing to upload: the record then hid a
+// live database from every restore of all databases.
+func (r *Replica) dropStaleDeletion(ctx context.Context) error {
+	r.db.mu.Lock()
+	gone := r.db.status == statusGone
+	r.db.mu.Unlock()
+	if gone {
+		return nil
+	}
+	if _, err := r.client.ReadMarker(ctx, deletedMarker); errors.Is(err, backends.ErrNotFound) {
+		return nil
+	} else if err != nil {
+		return fmt.Errorf("read the deletion record: %w", err)
+	}
+	if err := r.client.DeleteMarker(ctx, deletedMarker); err != nil {
+		return fmt.Errorf("remove a deletion record of the database, which is here again: %w", err)
+	}
+	r.logger.Info("removed the replica's record of an earlier deletion: the database is here again")
+	return nil
+}
+
 // list learns what the replica holds: every level once.
 func (r *Replica) listLocked(ctx context.Context) error {
 	var files [SnapshotLevel + 1][]ltx.FileInfo
@@ -399,6 +423,9 @@ func (r *Replica) listLocked(ctx context.Context) error {
 			newest.PostApplyChecksum = meta.PostApplyChecksum
 		}
 		r.pos = ltx.Pos{TXID: newest.MaxTXID, PostApplyChecksum: meta.PostApplyChecksum}
+		if err := r.dropStaleDeletion(ctx); err != nil {
+			return err
+		}
 	}
 	r.listed = true
 	r.synced.Store(uint64(r.pos.TXID))

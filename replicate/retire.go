@@ -95,6 +95,14 @@ func (m *Manager) shippedWhileGone(d *DB) (ready, abort bool) {
 		return false, true
 	}
 	d.mu.Unlock()
+	m.mu.RLock()
+	ours := m.dbs[d.rel] == d
+	m.mu.RUnlock()
+	if ours && isSQLite(d.path) {
+		// A database is at the path again (a backup copied in), not yet
+		// opened: not a deletion. Its first open takes it up.
+		return false, false
+	}
 	if !haveLast {
 		return true, false // nothing was ever captured
 	}
@@ -124,6 +132,10 @@ func (m *Manager) markDeleted(ctx context.Context, d *DB, marks *deletionMarks) 
 	d.mu.Lock()
 	var del Deletion
 	var have bool
+	if !d.goneSeen {
+		d.mu.Unlock()
+		return true // deleted while lfuse was not running: see goneSince
+	}
 	if d.log != nil {
 		var last Record
 		if last, have = d.log.Last(); have {

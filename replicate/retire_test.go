@@ -446,3 +446,158 @@ func hidesLatest(t *testing.T, del Deletion, client ReplicaClient, plan Plan) bo
 	}
 	return h
 }
+
+// Only a deletion lfuse saw, through the running mount, is recorded. One
+// found at start happened while lfuse was stopped, and may be a data
+// volume not mounted yet: recorded, it would be purged from the replicas
+// after the retention. A deletion seen, whose record could not be written
+// before the stop, is recorded at the next start, and the state directory
+// tells a restore before the mount not to bring it back meanwhile.
+func TestOnlySeenDeletionsRecorded(t *testing.T) {
+	s := newGoneSetup(t, 10*time.Millisecond)
+	m := s.manager(true)
+	s.write(m, "CREATE TABLE t(v); INSERT INTO t VALUES (1)")
+	m.Close()
+	for _, suffix := range []string{"", "-wal", "-shm"} {
+		os.Remove(filepath.Join(s.data, "app.db"+suffix))
+	}
+	m = s.manager(true)
+	waitReleased(t, m)
+	m.Close()
+	replica := file.New(filepath.Join(s.repl, "app.db"))
+	if _, ok, err := ReadDeletion(context.Background(), replica); ok || err != nil {
+		t.Fatalf("a deletion made while lfuse was stopped was recorded (%v)", err)
+	}
+	if _, err := os.Stat(filepath.Join(s.state, deletedDir)); !os.IsNotExist(err) {
+		t.Fatalf("a purge was noted for a deletion lfuse did not see: %v", err)
+	}
+
+	s2 := newGoneSetup(t, 10*time.Millisecond)
+	m = s2.manager(true)
+	s2.write(m, "CREATE TABLE t(v); INSERT INTO t VALUES (1)")
+	s2.fw.down.Store(true)
+	s2.del(m)
+	m.Close()
+	if !DeletedThroughMount(s2.state, "app.db") {
+		t.Fatal("the state directory does not say the mount saw the deletion")
+	}
+	s2.fw.down.Store(false)
+	m = s2.manager(true)
+	waitReleased(t, m)
+	m.Close()
+	if _, ok, err := ReadDeletion(context.Background(), file.New(filepath.Join(s2.repl, "app.db"))); !ok || err != nil {
+		t.Fatalf("a deletion seen before the stop was not recorded at the next start (%v)", err)
+	}
+	if DeletedThroughMount(s2.state, "app.db") {
+		t.Fatal("the deletion note outlived the release")
+	}
+}
+
+// A database copied to a deleted database's path and not opened yet is
+// not a deletion: nothing is recorded, and the next start takes it up.
+func TestCopiedInAfterDeleteNotRecorded(t *testing.T) {
+	s := newGoneSetup(t, 10*time.Millisecond)
+	m := s.manager(true)
+	s.write(m, "CREATE TABLE t(v); INSERT INTO t VALUES ('old')")
+	backup := filepath.Join(t.TempDir(), "backup.db")
+	db, err := sql.Open("sqlite3", backup+"?_journal_mode=WAL")
+	if err != nil {
+		t.Fatal(err)
+	}
+	execSQL(t, db, "CREATE TABLE t(v); INSERT INTO t VALUES ('backup')")
+	db.Close()
+	s.del(m)
+	b, err := os.ReadFile(backup)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(s.data, "app.db"), b, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(30 * retireEvery) // the absence of an event: given time to happen, it must not
+	if m.DB("app.db") == nil {
+		t.Fatal("released with a database at its path")
+	}
+	m.Close()
+	replica := file.New(filepath.Join(s.repl, "app.db"))
+	if _, ok, _ := ReadDeletion(context.Background(), replica); ok {
+		t.Fatal("deletion recorded with a database at the path")
+	}
+	m = s.manager(true) // takes the copy up as the database
+	if err := m.Close(); err != nil {
+		t.Fatal(err)
+	}
+	restoresToDatabase(t, &replicaSetup{path: filepath.Join(s.data, "app.db")}, replica)
+}
+
+// A deleted database restored as it was (restore -include-deleted, with
+// its restored position noted) continues the deleted history exactly and
+// uploads nothing: its replica removes the deletion record at start, which
+// would hide the live database from every restore of all databases.
+func TestRestoredDeletedDatabaseDropsRecord(t *testing.T) {
+	s := newGoneSetup(t, 10*time.Millisecond)
+	m := s.manager(true)
+	s.write(m, "CREATE TABLE t(v); INSERT INTO t VALUES (1)")
+	s.del(m)
+	waitReleased(t, m)
+	m.Close()
+	replica := file.New(filepath.Join(s.repl, "app.db"))
+	if _, ok, err := ReadDeletion(context.Background(), replica); !ok || err != nil {
+		t.Fatalf("no deletion recorded: %v", err)
+	}
+	plan := mustPlan(t, replica)
+	if _, err := Restore(context.Background(), replica, plan, filepath.Join(s.data, "app.db"), RestoreOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	if err := NoteRestored(s.state, "app.db", plan.TXID); err != nil {
+		t.Fatal(err)
+	}
+	m = s.manager(true)
+	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(10 * time.Millisecond) {
+		if _, ok, err := ReadDeletion(context.Background(), replica); !ok && err == nil {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("the deletion record stays in the replica of a live database")
+		}
+	}
+	if err := m.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if after := mustPlan(t, replica); after.TXID != plan.TXID {
+		t.Fatalf("replica at TXID %s after the start, %s before: the restored database was uploaded again", after.TXID, plan.TXID)
+	}
+}
+
+// A stop does not wait past its timeout to record a database deleted just
+// before it, when the replica's requests ignore their context: the stop
+// used to hang for as long as the replica did.
+func TestStopNotHeldByStuckDeletionRecord(t *testing.T) {
+	s := newGoneSetup(t, time.Hour)
+	m := s.manager(true)
+	s.write(m, "CREATE TABLE t(v); INSERT INTO t VALUES (1)")
+	stall := make(chan struct{})
+	s.fw.markerStall = stall
+	s.del(m)
+	done := make(chan struct{})
+	go func() { m.Close(); close(done) }()
+	select {
+	case <-done:
+	case <-time.After(10 * time.Second):
+		t.Fatal("the stop waits for a stuck replica to take a deletion record")
+	}
+	if !DeletedThroughMount(s.state, "app.db") {
+		t.Fatal("the deletion is not kept for the next start")
+	}
+	// The abandoned request ends once the replica answers: it records the
+	// deletion and notes its purge, which the test's cleanup must follow.
+	close(stall)
+	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(10 * time.Millisecond) {
+		if _, err := os.Stat(m.purgeNotePath("app.db")); err == nil {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("the abandoned record was not written once the replica answered")
+		}
+	}
+}

@@ -229,6 +229,16 @@ type failingWrites struct {
 	ReplicaClient
 	down   atomic.Bool
 	before func(level int) // if set, runs as each write starts
+	// If set, marker requests wait for it to close, whatever their
+	// context (a file replica on an NFS server that stopped answering).
+	markerStall chan struct{}
+}
+
+func (c *failingWrites) ReadMarker(ctx context.Context, name string) ([]byte, error) {
+	if c.markerStall != nil {
+		<-c.markerStall
+	}
+	return c.ReplicaClient.ReadMarker(ctx, name)
 }
 
 func (c *failingWrites) WriteLTXFile(ctx context.Context, level int, min, max ltx.TXID, r io.Reader, size int64, meta backends.FileMeta) error {
@@ -242,6 +252,9 @@ func (c *failingWrites) WriteLTXFile(ctx context.Context, level int, min, max lt
 }
 
 func (c *failingWrites) WriteMarker(ctx context.Context, name string, data []byte) error {
+	if c.markerStall != nil {
+		<-c.markerStall
+	}
 	if c.down.Load() {
 		return errors.New("injected: replica unreachable")
 	}

@@ -311,6 +311,12 @@ func restoreAll(ctx context.Context, logger *slog.Logger, stderr io.Writer, cfg 
 			f.ifReplicaExists = true
 		}
 		g.Go(func() error {
+			if f.skipDeleted && stateErr == nil && replicate.DeletedThroughMount(stateDir, rel) {
+				// Its deletion may not have reached the replica yet (it
+				// could not be written when the mount stopped).
+				logger.Info("not restored: the mount saw the database deleted (use -include-deleted to restore it as it was last)", "db", rel)
+				return nil
+			}
 			made, err := makeDirs(dataDir, filepath.Dir(rel))
 			if err != nil {
 				return fmt.Errorf("%s: %w", rel, err)

@@ -174,3 +174,38 @@ func TestRestoreStateFlag(t *testing.T) {
 		t.Fatalf("the default state directory was written too: %v", err)
 	}
 }
+
+// A database the mount saw deleted, whose deletion may not have reached the
+// replica yet, is not brought back by a restore into its data directory
+// (restore-if-missing at the next start), unless -include-deleted.
+func TestRestoreSkipsSeenDeleted(t *testing.T) {
+	repl := filepath.Join(t.TempDir(), "replica")
+	writeState(t, file.New(repl).Sub("a.db"), 9, 1, 1, 1)
+	writeState(t, file.New(repl).Sub("b.db"), 9, 1, 1, 2)
+	data := filepath.Join(t.TempDir(), "data")
+	note := filepath.Join(data, ".lfuse", "dbs", "b.db", "gone")
+	if err := os.MkdirAll(filepath.Dir(note), 0o700); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(note, []byte(time.Now().UTC().Format(time.RFC3339Nano)), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	cfg := Config{DataDir: data, Replicas: []ReplicaConfig{{URL: "file://" + repl}}}
+	var log bytes.Buffer
+	n, err := restoreAll(context.Background(), slog.New(slog.NewTextHandler(&log, nil)), io.Discard, cfg, replicate.Target{},
+		restoreFlags{ifReplicaExists: true, ifDBNotExists: true, parallelism: 8})
+	if err != nil || n != 1 {
+		t.Fatalf("restored %d, %v\n%s", n, err, log.String())
+	}
+	if _, err := os.Stat(filepath.Join(data, "b.db")); !os.IsNotExist(err) || !strings.Contains(log.String(), "the mount saw the database deleted") {
+		t.Fatalf("b.db, seen deleted, restored or not said so (%v):\n%s", err, log.String())
+	}
+	n, err = restoreAll(context.Background(), slog.New(slog.DiscardHandler), io.Discard, cfg, replicate.Target{},
+		restoreFlags{ifReplicaExists: true, ifDBNotExists: true, parallelism: 8, withDeleted: true})
+	if err != nil || n != 1 {
+		t.Fatalf("with -include-deleted: restored %d, %v", n, err)
+	}
+	if _, err := os.Stat(filepath.Join(data, "b.db")); err != nil {
+		t.Fatalf("-include-deleted did not restore b.db: %v", err)
+	}
+}
