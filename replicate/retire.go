@@ -100,7 +100,9 @@ func (m *Manager) shippedWhileGone(d *DB) (ready, abort bool) {
 	m.mu.RUnlock()
 	if ours && isSQLite(d.path) {
 		// A database is at the path again (a backup copied in), not yet
-		// opened: not a deletion. Its first open takes it up.
+		// opened: not a deletion. Taken up now if in WAL mode, as its
+		// first open would; the next check sees it captured.
+		m.foundAt(d.rel)
 		return false, false
 	}
 	if !haveLast {

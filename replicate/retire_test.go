@@ -494,7 +494,7 @@ func TestOnlySeenDeletionsRecorded(t *testing.T) {
 }
 
 // A database copied to a deleted database's path and not opened yet is
-// not a deletion: nothing is recorded, and the next start takes it up.
+// not a deletion: nothing is recorded, and it is taken up as the database.
 func TestCopiedInAfterDeleteNotRecorded(t *testing.T) {
 	s := newGoneSetup(t, 10*time.Millisecond)
 	m := s.manager(true)
@@ -518,15 +518,14 @@ func TestCopiedInAfterDeleteNotRecorded(t *testing.T) {
 	if m.DB("app.db") == nil {
 		t.Fatal("released with a database at its path")
 	}
-	m.Close()
+	if err := m.Close(); err != nil {
+		t.Fatal(err)
+	}
 	replica := file.New(filepath.Join(s.repl, "app.db"))
 	if _, ok, _ := ReadDeletion(context.Background(), replica); ok {
 		t.Fatal("deletion recorded with a database at the path")
 	}
-	m = s.manager(true) // takes the copy up as the database
-	if err := m.Close(); err != nil {
-		t.Fatal(err)
-	}
+	// Taken up as the database, unopened: the replica has it.
 	restoresToDatabase(t, &replicaSetup{path: filepath.Join(s.data, "app.db")}, replica)
 }
 
