@@ -96,7 +96,10 @@ func (m *Manager) purgeDue(ctx context.Context, now time.Time) {
 			continue
 		}
 		if m.purge(ctx, rel, del, now) {
-			os.Remove(p)
+			// Unless a later deletion at the path noted itself meanwhile.
+			if _, again, err := readPurgeNote(p); err == nil && again.TXID == del.TXID && again.At.Equal(del.At) {
+				os.Remove(p)
+			}
 		}
 	}
 }
