@@ -423,8 +423,10 @@ func (r *Replica) listLocked(ctx context.Context) error {
 			newest.PostApplyChecksum = meta.PostApplyChecksum
 		}
 		r.pos = ltx.Pos{TXID: newest.MaxTXID, PostApplyChecksum: meta.PostApplyChecksum}
-		if err := r.dropStaleDeletion(ctx); err != nil {
-			return err
+		if err := r.dropStaleDeletion(ctx); err != nil && ctx.Err() == nil {
+			// Replication goes on: only restores of every database would
+			// leave it out, and only while it stays at this state.
+			r.logger.Warn("cannot remove a stale deletion record; restore -data leaves the database out until it changes (or use -include-deleted)", "err", err)
 		}
 	}
 	r.listed = true

@@ -600,3 +600,23 @@ func TestStopNotHeldByStuckDeletionRecord(t *testing.T) {
 		}
 	}
 }
+
+// A stale deletion record that cannot be removed (a store that allows no
+// deletes) costs a warning, not replication: the listing it is found in
+// used to fail, and with it every sync.
+func TestUndeletableRecordDoesNotStopReplication(t *testing.T) {
+	s := newGoneSetup(t, 10*time.Millisecond)
+	s.fw.noMarkerDeletes = true
+	m := s.manager(true)
+	s.write(m, "CREATE TABLE t(v); INSERT INTO t VALUES (1)")
+	m.Close()
+	if err := writeDeletion(context.Background(), file.New(filepath.Join(s.repl, "app.db")), Deletion{TXID: 1, At: time.Now()}); err != nil {
+		t.Fatal(err)
+	}
+	m = s.manager(true)
+	s.write(m, "INSERT INTO t VALUES (2)")
+	if err := m.Close(); err != nil {
+		t.Fatalf("stop: %v", err)
+	}
+	restoresToDatabase(t, &replicaSetup{path: filepath.Join(s.data, "app.db")}, file.New(filepath.Join(s.repl, "app.db")))
+}

@@ -232,6 +232,15 @@ type failingWrites struct {
 	// If set, marker requests wait for it to close, whatever their
 	// context (a file replica on an NFS server that stopped answering).
 	markerStall chan struct{}
+	// If set, DeleteMarker fails (a bucket that allows no deletes).
+	noMarkerDeletes bool
+}
+
+func (c *failingWrites) DeleteMarker(ctx context.Context, name string) error {
+	if c.noMarkerDeletes {
+		return errors.New("injected: AccessDenied")
+	}
+	return c.ReplicaClient.DeleteMarker(ctx, name)
 }
 
 func (c *failingWrites) ReadMarker(ctx context.Context, name string) ([]byte, error) {
