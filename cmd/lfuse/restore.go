@@ -311,9 +311,10 @@ func restoreAll(ctx context.Context, logger *slog.Logger, stderr io.Writer, cfg 
 			f.ifReplicaExists = true
 		}
 		g.Go(func() error {
-			if f.skipDeleted && stateErr == nil && replicate.DeletedThroughMount(stateDir, rel) {
+			if f.skipDeleted && target == (replicate.Target{}) && stateErr == nil && replicate.DeletedThroughMount(stateDir, rel) {
 				// Its deletion may not have reached the replica yet (it
-				// could not be written when the mount stopped).
+				// could not be written when the mount stopped). A target
+				// in the past goes by the record, which says when.
 				logger.Info("not restored: the mount saw the database deleted (use -include-deleted to restore it as it was last)", "db", rel)
 				return nil
 			}
