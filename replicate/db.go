@@ -943,7 +943,7 @@ func (d *DB) goneSince(why string, at time.Time, seen bool) {
 	}
 	if d.status != statusGone {
 		d.goneAt, d.goneSeen = at, seen
-		if seen {
+		if seen && d.log != nil { // with no log, nothing is to be recorded
 			b, _ := at.UTC().MarshalText()
 			if err := writeFileAtomic(filepath.Join(d.dir, goneName), b); err != nil {
 				// Without it, a restart before the deletion is recorded

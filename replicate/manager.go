@@ -56,6 +56,7 @@ type Manager struct {
 	// failed and were warned of, by database and replica (purge.go).
 	purgeMu     sync.Mutex
 	purgeWarned map[string]bool
+	noteMu      sync.Mutex // a purge note's write, and its removal once done
 }
 
 // NewManager returns a Manager for the databases under dataDir, keeping its
@@ -115,6 +116,9 @@ func (m *Manager) Open(ctx context.Context) error {
 			if err := d.snapshotLocked(); err != nil {
 				d.fail(err)
 			}
+		}
+		if d.status != statusGone {
+			d.back() // here after all (recovery returns early for an empty log)
 		}
 		d.serving = true
 		d.mu.Unlock()

@@ -41,6 +41,8 @@ func (m *Manager) purgeNotePath(rel string) string {
 // notePurge records that rel's replica files are to be purged once its
 // deletion del is older than each replica's retention.
 func (m *Manager) notePurge(rel string, del Deletion) error {
+	m.noteMu.Lock()
+	defer m.noteMu.Unlock()
 	if err := os.MkdirAll(filepath.Join(m.stateDir, deletedDir), 0o700); err != nil {
 		return err
 	}
@@ -97,9 +99,11 @@ func (m *Manager) purgeDue(ctx context.Context, now time.Time) {
 		}
 		if m.purge(ctx, rel, del, now) {
 			// Unless a later deletion at the path noted itself meanwhile.
+			m.noteMu.Lock()
 			if _, again, err := readPurgeNote(p); err == nil && again.TXID == del.TXID && again.At.Equal(del.At) {
 				os.Remove(p)
 			}
+			m.noteMu.Unlock()
 		}
 	}
 }

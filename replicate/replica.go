@@ -116,6 +116,8 @@ type Replica struct {
 	done      chan struct{}
 	startOnce sync.Once
 	stopOnce  sync.Once // closes stop
+	// staleChecked: dropStaleDeletion ran (under mu), once per lifetime.
+	staleChecked bool
 }
 
 func newReplica(d *DB, client ReplicaClient, opts ReplicaOptions, logger *slog.Logger) *Replica {
@@ -362,17 +364,24 @@ func (r *Replica) Flush(ctx context.Context) error {
 // (-include-deleted, restore -o) or copied in again can continue the
 // deleted history exactly, with nothing to upload: the record then hid a
 // live database from every restore of all databases.
-func (r *Replica) dropStaleDeletion(ctx context.Context) error {
+//
+// Only a record of this database's own last state: another (a database
+// deleted at the path before this one, which may yet go before it ships
+// anything and record nothing) stops hiding anything once this one ships
+// past it, and removed it would let the deleted database come back.
+func (r *Replica) dropStaleDeletion(ctx context.Context, last Record) error {
 	r.db.mu.Lock()
 	gone := r.db.status == statusGone
 	r.db.mu.Unlock()
 	if gone {
 		return nil
 	}
-	if _, err := r.client.ReadMarker(ctx, deletedMarker); errors.Is(err, backends.ErrNotFound) {
-		return nil
-	} else if err != nil {
+	rec, ok, err := ReadDeletion(ctx, r.client)
+	if err != nil {
 		return fmt.Errorf("read the deletion record: %w", err)
+	}
+	if !ok || rec.TXID != last.TXID() || rec.PostApplyChecksum != last.Trailer.PostApplyChecksum {
+		return nil
 	}
 	if err := r.client.DeleteMarker(ctx, deletedMarker); err != nil {
 		return fmt.Errorf("remove a deletion record of the database, which is here again: %w", err)
@@ -423,11 +432,6 @@ func (r *Replica) listLocked(ctx context.Context) error {
 			newest.PostApplyChecksum = meta.PostApplyChecksum
 		}
 		r.pos = ltx.Pos{TXID: newest.MaxTXID, PostApplyChecksum: meta.PostApplyChecksum}
-		if err := r.dropStaleDeletion(ctx); err != nil && ctx.Err() == nil {
-			// Replication goes on: only restores of every database would
-			// leave it out, and only while it stays at this state.
-			r.logger.Warn("cannot remove a stale deletion record; restore -data leaves the database out until it changes (or use -include-deleted)", "err", err)
-		}
 	}
 	r.listed = true
 	r.synced.Store(uint64(r.pos.TXID))
@@ -503,6 +507,16 @@ func (r *Replica) syncPass(ctx context.Context) error {
 			r.db.resnapshotAbove(upTo, fmt.Sprintf("replica %s at TXID %s has checksum %s, the local log %s",
 				r.client, r.pos.TXID, r.pos.PostApplyChecksum, post))
 			return errResnapshot
+		}
+		if !r.staleChecked {
+			// The replica holds exactly the local state: the one case a
+			// deletion record can hide while the database is here.
+			if err := r.dropStaleDeletion(ctx, last); err != nil && ctx.Err() == nil {
+				// Replication goes on: only restores of every database
+				// leave it out, and only while it stays at this state.
+				r.logger.Warn("cannot remove a stale deletion record; restore -data leaves the database out until it changes (or use -include-deleted)", "err", err)
+			}
+			r.staleChecked = ctx.Err() == nil
 		}
 		r.syncedAt.Store(time.Now().UnixNano())
 		return nil

@@ -3,6 +3,7 @@ package replicate
 import (
 	"context"
 	"database/sql"
+	"errors"
 	"fmt"
 	"log/slog"
 	"os"
@@ -610,13 +611,138 @@ func TestUndeletableRecordDoesNotStopReplication(t *testing.T) {
 	m := s.manager(true)
 	s.write(m, "CREATE TABLE t(v); INSERT INTO t VALUES (1)")
 	m.Close()
-	if err := writeDeletion(context.Background(), file.New(filepath.Join(s.repl, "app.db")), Deletion{TXID: 1, At: time.Now()}); err != nil {
+	replica := file.New(filepath.Join(s.repl, "app.db"))
+	plan := mustPlan(t, replica)
+	last := plan.Files[len(plan.Files)-1]
+	meta, err := replica.FileMeta(context.Background(), last.Level, last.MinTXID, last.MaxTXID)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// A record of exactly the state the database is at: the replica tries
+	// to remove it at its first pass.
+	if err := writeDeletion(context.Background(), replica, Deletion{TXID: plan.TXID, PostApplyChecksum: meta.PostApplyChecksum, At: time.Now()}); err != nil {
 		t.Fatal(err)
 	}
 	m = s.manager(true)
+	r := m.DB("app.db").Replicas()[0]
+	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(10 * time.Millisecond) {
+		r.mu.Lock()
+		checked := r.staleChecked
+		r.mu.Unlock()
+		if checked {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("the replica never checked for a stale record")
+		}
+	}
+	if _, ok, _ := ReadDeletion(context.Background(), replica); !ok {
+		t.Fatal("the record was removed through a store that allows no deletes")
+	}
 	s.write(m, "INSERT INTO t VALUES (2)")
 	if err := m.Close(); err != nil {
 		t.Fatalf("stop: %v", err)
 	}
-	restoresToDatabase(t, &replicaSetup{path: filepath.Join(s.data, "app.db")}, file.New(filepath.Join(s.repl, "app.db")))
+	restoresToDatabase(t, &replicaSetup{path: filepath.Join(s.data, "app.db")}, replica)
+}
+
+// A database made at a released database's path, and deleted before it
+// captured anything, leaves the released one's deletion record alone: its
+// replica used to remove it at its first listing, and with the second
+// database recording nothing, restore -data brought the first back.
+func TestNewDatabaseKeepsOldDeletionRecord(t *testing.T) {
+	s := newGoneSetup(t, 10*time.Millisecond)
+	m := s.manager(true)
+	defer m.Close()
+	s.write(m, "CREATE TABLE t(v); INSERT INTO t VALUES ('X')")
+	s.del(m)
+	waitReleased(t, m)
+	replica := file.New(filepath.Join(s.repl, "app.db"))
+	if _, ok, _ := ReadDeletion(context.Background(), replica); !ok {
+		t.Fatal("not recorded")
+	}
+	snapshotFault = func() error { return errors.New("injected: snapshot fails") }
+	defer func() { snapshotFault = nil }()
+	db, err := sql.Open("sqlite3", filepath.Join(s.data, "app.db")+"?_journal_mode=WAL")
+	if err != nil {
+		t.Fatal(err)
+	}
+	execSQL(t, db, "CREATE TABLE u(v)")
+	db.Close()
+	m.Opened("app.db-wal", true)
+	d := m.DB("app.db")
+	if d == nil {
+		t.Fatal("the new database is not captured")
+	}
+	r := d.Replicas()[0]
+	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(10 * time.Millisecond) {
+		r.mu.Lock()
+		listed := r.listed
+		r.mu.Unlock()
+		if listed {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("the new database's replica never listed")
+		}
+	}
+	s.del(m)
+	waitReleased(t, m)
+	if _, ok, err := ReadDeletion(context.Background(), replica); !ok || err != nil {
+		t.Fatalf("the first database's deletion record is gone (%v): restore -data would bring it back", err)
+	}
+}
+
+// A database taken up at start from a state directory whose log is empty
+// loses the note that it was deleted: it is here.
+func TestLiveDatabaseLosesGoneNote(t *testing.T) {
+	s := newGoneSetup(t, time.Hour)
+	m := s.manager(false)
+	d := m.newDB("app.db")
+	d.mu.Lock()
+	if err := d.openState(); err != nil {
+		t.Fatal(err)
+	}
+	d.closeLocked()
+	d.mu.Unlock()
+	m.Close()
+	b, _ := time.Now().UTC().MarshalText()
+	if err := os.WriteFile(filepath.Join(s.state, "dbs", "app.db", goneName), b, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	db, err := sql.Open("sqlite3", filepath.Join(s.data, "app.db")+"?_journal_mode=WAL")
+	if err != nil {
+		t.Fatal(err)
+	}
+	execSQL(t, db, "CREATE TABLE t(v); INSERT INTO t VALUES (1)")
+	db.Close()
+	m = s.manager(true)
+	defer m.Close()
+	if DeletedThroughMount(s.state, "app.db") {
+		t.Fatal("a live database's state directory says the mount saw it deleted: restore -data leaves it out")
+	}
+}
+
+// A database deleted before its state directory exists logs no warning
+// about a note it has no reason to write.
+func TestDeletedBeforeStateNoWarning(t *testing.T) {
+	s := newGoneSetup(t, 10*time.Millisecond)
+	buf := &logBuffer{}
+	m := NewManager(s.data, s.state, slog.New(slog.NewTextHandler(buf, nil)))
+	if err := m.Open(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	defer m.Close()
+	db, err := sql.Open("sqlite3", filepath.Join(s.data, "app.db")+"?_journal_mode=WAL")
+	if err != nil {
+		t.Fatal(err)
+	}
+	execSQL(t, db, "CREATE TABLE t(v); INSERT INTO t VALUES (1)")
+	db.Close()
+	m.Opened("app.db-wal", true)
+	deleteDB(m, s.data)
+	waitReleased(t, m)
+	if strings.Contains(buf.String(), "cannot note the deletion") {
+		t.Fatalf("spurious warning:\n%s", buf.String())
+	}
 }
