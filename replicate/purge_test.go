@@ -28,11 +28,7 @@ func replicaFiles(t *testing.T, c ReplicaClient) int {
 
 func waitReleased(t *testing.T, m *Manager) {
 	t.Helper()
-	for deadline := time.Now().Add(10 * time.Second); m.DB("app.db") != nil; time.Sleep(retireEvery) {
-		if time.Now().After(deadline) {
-			t.Fatal("deleted database not released")
-		}
-	}
+	waitUntil(t, "the deleted database's release", func() bool { return m.DB("app.db") == nil })
 }
 
 // A released database's files leave its replica once its deletion is older

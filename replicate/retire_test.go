@@ -553,14 +553,10 @@ func TestRestoredDeletedDatabaseDropsRecord(t *testing.T) {
 		t.Fatal(err)
 	}
 	m = s.manager(true)
-	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(10 * time.Millisecond) {
-		if _, ok, err := ReadDeletion(context.Background(), replica); !ok && err == nil {
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatal("the deletion record stays in the replica of a live database")
-		}
-	}
+	waitUntil(t, "the deletion record to leave the replica of a live database", func() bool {
+		_, ok, err := ReadDeletion(context.Background(), replica)
+		return !ok && err == nil
+	})
 	if err := m.Close(); err != nil {
 		t.Fatal(err)
 	}
@@ -592,14 +588,10 @@ func TestStopNotHeldByStuckDeletionRecord(t *testing.T) {
 	// The abandoned request ends once the replica answers: it records the
 	// deletion and notes its purge, which the test's cleanup must follow.
 	close(stall)
-	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(10 * time.Millisecond) {
-		if _, err := os.Stat(m.purgeNotePath("app.db")); err == nil {
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatal("the abandoned record was not written once the replica answered")
-		}
-	}
+	waitUntil(t, "the abandoned record to be written once the replica answers", func() bool {
+		_, err := os.Stat(m.purgeNotePath("app.db"))
+		return err == nil
+	})
 }
 
 // A stale deletion record that cannot be removed (a store that allows no
@@ -625,17 +617,11 @@ func TestUndeletableRecordDoesNotStopReplication(t *testing.T) {
 	}
 	m = s.manager(true)
 	r := m.DB("app.db").Replicas()[0]
-	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(10 * time.Millisecond) {
+	waitUntil(t, "the replica to check for a stale record", func() bool {
 		r.mu.Lock()
-		checked := r.staleChecked
-		r.mu.Unlock()
-		if checked {
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatal("the replica never checked for a stale record")
-		}
-	}
+		defer r.mu.Unlock()
+		return r.staleChecked
+	})
 	if _, ok, _ := ReadDeletion(context.Background(), replica); !ok {
 		t.Fatal("the record was removed through a store that allows no deletes")
 	}
@@ -675,17 +661,11 @@ func TestNewDatabaseKeepsOldDeletionRecord(t *testing.T) {
 		t.Fatal("the new database is not captured")
 	}
 	r := d.Replicas()[0]
-	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(10 * time.Millisecond) {
+	waitUntil(t, "the new database's replica to list", func() bool {
 		r.mu.Lock()
-		listed := r.listed
-		r.mu.Unlock()
-		if listed {
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatal("the new database's replica never listed")
-		}
-	}
+		defer r.mu.Unlock()
+		return r.listed
+	})
 	s.del(m)
 	waitReleased(t, m)
 	if _, ok, err := ReadDeletion(context.Background(), replica); !ok || err != nil {
@@ -744,5 +724,15 @@ func TestDeletedBeforeStateNoWarning(t *testing.T) {
 	waitReleased(t, m)
 	if strings.Contains(buf.String(), "cannot note the deletion") {
 		t.Fatalf("spurious warning:\n%s", buf.String())
+	}
+}
+
+// waitUntil polls cond until it holds, failing the test after 10 s.
+func waitUntil(t *testing.T, what string, cond func() bool) {
+	t.Helper()
+	for deadline := time.Now().Add(10 * time.Second); !cond(); time.Sleep(10 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out waiting for %s", what)
+		}
 	}
 }
