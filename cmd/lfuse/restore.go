@@ -1,6 +1,7 @@
 package main
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"flag"
@@ -49,7 +50,7 @@ func runRestore(args []string, stdout, stderr io.Writer) error {
 	dataDir := fl.String("data", "", "restore every database of -replica into this directory")
 	stateDir := fl.String("state", "", "the state directory the mount will use (state-dir; default DATA/.lfuse): restored positions are noted there, so the mount uploads nothing again")
 	var replicas multiFlag
-	fl.Var(&replicas, "replica", "replica URL to restore every database from, with -data (repeatable: the first that has a database wins)")
+	fl.Var(&replicas, "replica", "replica URL to restore every database from, with -data (repeatable: each database comes from the one holding its newest state)")
 	fl.StringVar(&f.output, "o", "", "output file, to restore the single database whose replica is REPLICA_URL")
 	fl.StringVar(&f.txid, "txid", "", "restore exactly this TXID (hex, as lfuse ltx prints it)")
 	fl.StringVar(&f.timestamp, "timestamp", "", "restore the newest state the replica holds whose last commit is at or before this time (RFC 3339; the replica keeps a state per sync, 1 s by default)")
@@ -490,8 +491,9 @@ func emptyDB(path string, st os.FileInfo) bool {
 	return errors.Is(err, os.ErrNotExist) || err == nil && wal.Size() == 0
 }
 
-// restoreOne restores one database from the first of clients that holds a
-// backup of it. It returns the TXID it restored, or 0 if it wrote nothing.
+// restoreOne restores one database from whichever of clients holds the
+// newest state at the target (the first of those on a tie), or from
+// another holding that same state if that one fails. It returns the TXID it restored, or 0 if it wrote nothing.
 func restoreOne(ctx context.Context, logger *slog.Logger, stderr io.Writer, clients []replicate.ReplicaClient, output string, target replicate.Target, f restoreFlags) (ltx.TXID, error) {
 	// The output's directory is checked before any download.
 	dir := filepath.Dir(output)
@@ -533,47 +535,94 @@ func restoreOne(ctx context.Context, logger *slog.Logger, stderr io.Writer, clie
 	if err := inUse(output); err != nil {
 		return 0, err
 	}
+	// Every replica is planned, and the one holding the newest state at
+	// the target is restored from: one that was down or slow while the
+	// mount ran holds an older state, and taking the first configured
+	// replica that had a backup lost the commits only the others held.
+	plans := make([]replicate.Plan, len(clients))
+	perrs := make([]error, len(clients))
+	var wg sync.WaitGroup
+	for i, client := range clients {
+		wg.Go(func() { plans[i], perrs[i] = replicate.PlanRestore(ctx, client, target) })
+	}
+	wg.Wait()
 	var errs []error
-	for _, client := range clients {
-		txid, err := restoreFrom(ctx, logger, stderr, client, output, target, f, noReplace)
-		// Another replica may keep a longer history.
-		if errors.Is(err, replicate.ErrNoBackup) || errors.Is(err, replicate.ErrBeforeOldest) {
-			errs = append(errs, namedError(client, err))
-			continue
-		} else if err != nil {
+	var order []int // replicas with a plan, newest state first, then in configured order
+	for i, err := range perrs {
+		switch {
+		case err == nil:
+			order = append(order, i)
+		case errors.Is(err, replicate.ErrNoBackup) || errors.Is(err, replicate.ErrBeforeOldest):
+			// Another replica may keep a longer history.
+			errs = append(errs, namedError(clients[i], err))
+		default:
+			// It may hold a newer state than the others: restoring
+			// from them could lose commits without a word.
+			return 0, namedError(clients[i], err)
+		}
+	}
+	if len(order) == 0 {
+		if err := errors.Join(errs...); errors.Is(err, replicate.ErrBeforeOldest) {
 			return 0, err
 		}
-		return txid, nil
+		if f.ifReplicaExists {
+			fmt.Fprintf(stderr, "lfuse: no backup of %s in the replica; nothing to restore\n", filepath.Base(output))
+			return 0, nil
+		}
+		return 0, fmt.Errorf("%w (use -if-replica-exists to make this not an error)", errors.Join(errs...))
 	}
-	if err := errors.Join(errs...); errors.Is(err, replicate.ErrBeforeOldest) {
-		return 0, err
+	slices.SortStableFunc(order, func(a, b int) int { return cmp.Compare(plans[b].TXID, plans[a].TXID) })
+	best := plans[order[0]].TXID
+	for _, i := range order[1:] {
+		if plans[i].TXID < best {
+			logger.Warn("replica is behind another; restoring from the newer", "replica", clients[i].String(),
+				"txid", plans[i].TXID.String(), "newer", clients[order[0]].String(), "newer_txid", best.String())
+		}
 	}
-	if f.ifReplicaExists {
-		fmt.Fprintf(stderr, "lfuse: no backup of %s in the replica; nothing to restore\n", filepath.Base(output))
-		return 0, nil
+	order = slices.DeleteFunc(order, func(i int) bool { return plans[i].TXID != best })
+	if f.skipDeleted {
+		for _, i := range order {
+			if del, hidden, err := replicate.DeletedBy(ctx, clients[i], plans[i], target); err != nil {
+				// Restoring a database that may have been deleted loses
+				// nothing; leaving out one that was not would.
+				logger.Warn("cannot read whether the database was deleted; restoring it", "replica", clients[i].String(), "err", err)
+			} else if hidden {
+				logger.Info("not restored: the database was deleted (use -include-deleted, or restore -o, to restore it as it was last)",
+					"deleted_at", del.At.Format(time.RFC3339), "last_txid", del.TXID.String())
+				return 0, nil
+			}
+		}
 	}
-	return 0, fmt.Errorf("%w (use -if-replica-exists to make this not an error)", errors.Join(errs...))
+	// A replica that fails (a corrupt or unreadable file) is not the end
+	// while another holds the same state.
+	var first error
+	for n, i := range order {
+		txid, err := restoreFrom(ctx, logger, stderr, clients[i], plans[i], output, target, f, noReplace)
+		if err == nil {
+			return txid, nil
+		}
+		if first == nil {
+			first = err
+		}
+		if ctx.Err() != nil || n == len(order)-1 {
+			break
+		}
+		logger.Warn("restore from this replica failed; trying another that holds the same state", "replica", clients[i].String(),
+			"next", clients[order[n+1]].String(), "err", err)
+	}
+	return 0, first
 }
 
 // restoreFrom restores output from one replica. A running lfuse compacts
 // and expires the replica while this restores from it: a planned file can
 // be deleted before it is downloaded. Planning again then sees what
 // replaced it, or says that the target has left the retention window.
-func restoreFrom(ctx context.Context, logger *slog.Logger, stderr io.Writer, client replicate.ReplicaClient, output string, target replicate.Target, f restoreFlags, noReplace bool) (ltx.TXID, error) {
+func restoreFrom(ctx context.Context, logger *slog.Logger, stderr io.Writer, client replicate.ReplicaClient, plan replicate.Plan, output string, target replicate.Target, f restoreFlags, noReplace bool) (ltx.TXID, error) {
 	for attempt := 1; ; attempt++ {
-		plan, err := replicate.PlanRestore(ctx, client, target)
-		if err != nil {
-			return 0, namedError(client, err)
-		}
-		if f.skipDeleted && attempt == 1 {
-			if del, hidden, err := replicate.DeletedBy(ctx, client, plan, target); err != nil {
-				// Restoring a database that may have been deleted loses
-				// nothing; leaving out one that was not would.
-				logger.Warn("cannot read whether the database was deleted; restoring it", "replica", client.String(), "err", err)
-			} else if hidden {
-				logger.Info("not restored: the database was deleted (use -include-deleted, or restore -o, to restore it as it was last)",
-					"deleted_at", del.At.Format(time.RFC3339), "last_txid", del.TXID.String())
-				return 0, nil
+		if attempt > 1 {
+			var err error
+			if plan, err = replicate.PlanRestore(ctx, client, target); err != nil {
+				return 0, namedError(client, err)
 			}
 		}
 		logger.Info("restore plan", "replica", client.String(), "target", target.String(), "txid", plan.TXID.String(),

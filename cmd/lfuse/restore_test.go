@@ -7,6 +7,7 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"sync"
 	"testing"
@@ -207,5 +208,103 @@ func TestRestoreSkipsSeenDeleted(t *testing.T) {
 	}
 	if _, err := os.Stat(filepath.Join(data, "b.db")); err != nil {
 		t.Fatalf("-include-deleted did not restore b.db: %v", err)
+	}
+}
+
+// restoreLog restores every client's database to a new file and returns
+// what the restore logged.
+func restoreLog(t *testing.T, clients ...*file.Client) (out, log string, err error) {
+	t.Helper()
+	var buf bytes.Buffer
+	out = filepath.Join(t.TempDir(), "r.db")
+	var cs []replicate.ReplicaClient
+	for _, c := range clients {
+		cs = append(cs, c)
+	}
+	_, err = restoreOne(context.Background(), slog.New(slog.NewTextHandler(&buf, nil)), io.Discard, cs, out, replicate.Target{}, restoreFlags{})
+	return out, buf.String(), err
+}
+
+// corrupt flips a byte inside the page data of one of the files of the
+// file replica at root.
+func corrupt(t *testing.T, root string, level int, min, max ltx.TXID) {
+	t.Helper()
+	path := filepath.Join(root, "ltx", strconv.Itoa(level), ltx.FormatFilename(min, max))
+	b, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	b[ltx.HeaderSize+ltx.PageHeaderSize+10] ^= 0xff
+	if err := os.WriteFile(path, b, 0o644); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// A replica that was down while the mount ran holds an older state than
+// the others. Whichever comes first in the configuration, a restore takes
+// the newest: taking the first lost the commits only the other held.
+func TestRestoreTakesTheNewestReplica(t *testing.T) {
+	behind, ahead := file.New(filepath.Join(t.TempDir(), "a")), file.New(filepath.Join(t.TempDir(), "b"))
+	writeState(t, behind, 9, 1, 1, 1)
+	writeState(t, ahead, 9, 1, 1, 1)
+	writeState(t, ahead, 0, 2, 2, 2)
+	out, log, err := restoreLog(t, behind, ahead)
+	if err != nil {
+		t.Fatalf("%v\n%s", err, log)
+	}
+	if got, _ := os.ReadFile(out); !bytes.Equal(got, bytes.Repeat([]byte{2}, 512)) {
+		t.Fatalf("restored %x…, want the state at TXID 2 from the replica ahead\n%s", got[:min(8, len(got))], log)
+	}
+	if !strings.Contains(log, "replica is behind another") {
+		t.Fatalf("no word of the replica behind:\n%s", log)
+	}
+}
+
+// A corrupt file in one replica does not fail a restore that another
+// replica can make to the same state; it never falls back to an older one.
+func TestRestoreFallsBackToAnotherReplica(t *testing.T) {
+	badDir := filepath.Join(t.TempDir(), "a")
+	bad, good := file.New(badDir), file.New(filepath.Join(t.TempDir(), "b"))
+	for _, c := range []*file.Client{bad, good} {
+		writeState(t, c, 9, 1, 1, 1)
+		writeState(t, c, 0, 2, 2, 2)
+	}
+	corrupt(t, badDir, 0, 2, 2)
+	out, log, err := restoreLog(t, bad, good)
+	if err != nil {
+		t.Fatalf("%v\n%s", err, log)
+	}
+	if got, _ := os.ReadFile(out); !bytes.Equal(got, bytes.Repeat([]byte{2}, 512)) {
+		t.Fatalf("restored %x…, want the state at TXID 2\n%s", got[:min(8, len(got))], log)
+	}
+	if !strings.Contains(log, "trying another that holds the same state") || !strings.Contains(log, "corrupt") {
+		t.Fatalf("no word of the corrupt file and the other replica:\n%s", log)
+	}
+
+	older := file.New(filepath.Join(t.TempDir(), "c"))
+	writeState(t, older, 9, 1, 1, 1)
+	out, log, err = restoreLog(t, bad, older)
+	if err == nil || !strings.Contains(err.Error(), "corrupt") {
+		t.Fatalf("restore with only an older state elsewhere: err %v, want the corrupt file named\n%s", err, log)
+	}
+	if _, serr := os.Stat(out); !os.IsNotExist(serr) {
+		t.Fatalf("a failed restore left %s: %v", out, serr)
+	}
+}
+
+// A replica that cannot be read may hold the newest state: the restore
+// fails, naming it, rather than restore an older one from the others.
+func TestRestoreRefusesWithAReplicaUnreadable(t *testing.T) {
+	good := file.New(filepath.Join(t.TempDir(), "b"))
+	writeState(t, good, 9, 1, 1, 1)
+	dir := t.TempDir()
+	unreadable := file.New(filepath.Join(dir, "a"))
+	writeState(t, unreadable, 9, 1, 1, 1)
+	if err := os.WriteFile(filepath.Join(dir, "a", "ltx", "0"), nil, 0o644); err != nil { // a file where a level's directory belongs
+		t.Fatal(err)
+	}
+	_, log, err := restoreLog(t, good, unreadable)
+	if err == nil || !strings.Contains(err.Error(), unreadable.String()) {
+		t.Fatalf("err %v, want the unreadable replica named\n%s", err, log)
 	}
 }
