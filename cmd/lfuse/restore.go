@@ -428,15 +428,19 @@ func dropShadowed(ctx context.Context, logger *slog.Logger, cfg Config, target r
 		if s, ok := states[rel]; ok {
 			return s
 		}
+		// As restoreOne does, by the newest state any replica holds.
 		var s state
 		for _, t := range replicaTargets(cfg, rel) {
 			plan, err := replicate.PlanRestore(ctx, t.client, target)
-			if err == nil {
-				s = state{at: plan.Timestamp, ok: true}
-				break
-			}
-			if errors.Is(err, replicate.ErrBeforeOldest) || errors.Is(err, replicate.ErrNoBackup) {
-				s = state{absent: true, ok: true}
+			switch {
+			case err == nil:
+				if !s.ok || s.absent || plan.Timestamp.After(s.at) {
+					s = state{at: plan.Timestamp, ok: true}
+				}
+			case errors.Is(err, replicate.ErrBeforeOldest) || errors.Is(err, replicate.ErrNoBackup):
+				if !s.ok {
+					s = state{absent: true, ok: true}
+				}
 			}
 		}
 		states[rel] = s
