@@ -8,6 +8,7 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
+	"slices"
 	"sort"
 	"sync"
 	"time"
@@ -65,6 +66,15 @@ var errNoReplicaSnapshot = errors.New("the replica holds transaction files but n
 // plan names can be gone by the time it is downloaded (Restore then fails
 // with backends.ErrNotFound, and planning again settles it).
 func PlanRestore(ctx context.Context, client ReplicaClient, target Target) (Plan, error) {
+	return PlanRestoreAvoiding(ctx, client, target, nil)
+}
+
+// PlanRestoreAvoiding plans as PlanRestore does without the files in
+// avoid: those a restore could not use (FileError). A replica usually
+// holds other ways to the same state (the level-0 files a compaction
+// covers, an older snapshot with the history after it); the plan found may
+// also end at an older state, which the caller must check.
+func PlanRestoreAvoiding(ctx context.Context, client ReplicaClient, target Target, avoid []ltx.FileInfo) (Plan, error) {
 	client = withTimeouts(client)
 	start := time.Now()
 	var levels [SnapshotLevel + 1][]ltx.FileInfo
@@ -90,6 +100,11 @@ func PlanRestore(ctx context.Context, client ReplicaClient, target Target) (Plan
 	}
 	if err := list(ctx, SnapshotLevel); err != nil {
 		return Plan{}, err
+	}
+	for _, a := range avoid {
+		levels[a.Level] = slices.DeleteFunc(levels[a.Level], func(f ltx.FileInfo) bool {
+			return f.MinTXID == a.MinTXID && f.MaxTXID == a.MaxTXID
+		})
 	}
 	var newest *ltx.FileInfo
 	for level := range levels {
@@ -308,6 +323,17 @@ func nextBoundary(levels [][]ltx.FileInfo, txid ltx.TXID) string {
 	return next.String()
 }
 
+// FileError is a restore's failure on one file of the replica: corrupt, not
+// fitting the files before it, or unreadable after retries. A plan that
+// avoids the file (PlanRestoreAvoiding) may still reach the same state.
+type FileError struct {
+	File ltx.FileInfo
+	Err  error
+}
+
+func (e *FileError) Error() string { return e.Err.Error() }
+func (e *FileError) Unwrap() error { return e.Err }
+
 // RestoreOptions tune Restore.
 type RestoreOptions struct {
 	Parallelism int          // concurrent downloads; default 8
@@ -467,7 +493,7 @@ func Restore(ctx context.Context, client ReplicaClient, plan Plan, output string
 			return st, stopped()
 		}
 		if d.err != nil {
-			return st, fmt.Errorf("%s: download %s: %w", client, fileName(f), d.err)
+			return st, &FileError{f, fmt.Errorf("%s: download %s: %w", client, fileName(f), d.err)}
 		}
 		applyStart := time.Now()
 		cr := &countingReader{r: d.rc}
@@ -490,16 +516,16 @@ func Restore(ctx context.Context, client ReplicaClient, plan Plan, output string
 			return st, stopped()
 		}
 		if de := (downloadError{}); errors.As(err, &de) {
-			return st, fmt.Errorf("%s: download %s: %w", client, fileName(f), de)
+			return st, &FileError{f, fmt.Errorf("%s: download %s: %w", client, fileName(f), de)}
 		}
 		if mf := (mapFault{}); errors.As(err, &mf) {
-			return st, fmt.Errorf("%s: read %s: %w", client, fileName(f), mf)
+			return st, &FileError{f, fmt.Errorf("%s: read %s: %w", client, fileName(f), mf)}
 		}
 		if oe := (outputError{}); errors.As(err, &oe) {
 			return st, fmt.Errorf("write the restored database beside %s: %w", output, oe.err)
 		}
 		if err != nil {
-			return st, fmt.Errorf("%s: %s is corrupt or does not fit: %w", client, fileName(f), err)
+			return st, &FileError{f, fmt.Errorf("%s: %s is corrupt or does not fit: %w", client, fileName(f), err)}
 		}
 		st.Apply += time.Since(applyStart)
 		st.Files++

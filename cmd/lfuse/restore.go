@@ -481,6 +481,10 @@ const noDatabases = "no database in the replicas; nothing to restore"
 // is deleted before it is downloaded.
 const replanAttempts = 3
 
+// avoidAttempts is how many unusable files (FileError) a restore from one
+// replica plans around before it gives up on that replica.
+const avoidAttempts = 3
+
 // dbsAtOnce is how many databases restoreAll restores at the same time,
 // each with its own -parallelism downloads.
 const dbsAtOnce = 4
@@ -622,12 +626,23 @@ func restoreOne(ctx context.Context, logger *slog.Logger, stderr io.Writer, clie
 // be deleted before it is downloaded. Planning again then sees what
 // replaced it, or says that the target has left the retention window.
 func restoreFrom(ctx context.Context, logger *slog.Logger, stderr io.Writer, client replicate.ReplicaClient, plan replicate.Plan, output string, target replicate.Target, f restoreFlags, noReplace bool) (ltx.TXID, error) {
+	var (
+		avoid  []ltx.FileInfo // files this restore could not use
+		failed error          // what the first of them did
+		want   = plan.TXID
+	)
 	for attempt := 1; ; attempt++ {
 		if attempt > 1 {
-			var err error
-			if plan, err = replicate.PlanRestore(ctx, client, target); err != nil {
+			p, err := replicate.PlanRestoreAvoiding(ctx, client, target, avoid)
+			switch {
+			case failed != nil && (err != nil || p.TXID < want):
+				// No way around the file, or only to an older state:
+				// that would lose commits without a word.
+				return 0, failed
+			case err != nil:
 				return 0, namedError(client, err)
 			}
+			plan = p
 		}
 		logger.Info("restore plan", "replica", client.String(), "target", target.String(), "txid", plan.TXID.String(),
 			"committed", plan.Timestamp.Format(time.RFC3339Nano), "files", len(plan.Files), "bytes", plan.Bytes,
@@ -641,11 +656,23 @@ func restoreFrom(ctx context.Context, logger *slog.Logger, stderr io.Writer, cli
 		if opts.Progress != nil {
 			fmt.Fprintln(stderr)
 		}
-		if errors.Is(err, backends.ErrNotFound) && attempt < replanAttempts {
+		var fe *replicate.FileError
+		switch {
+		case errors.Is(err, backends.ErrNotFound) && attempt < replanAttempts:
 			logger.Warn("a planned file was deleted from the replica meanwhile (by the lfuse writing to it?); planning again", "err", err)
 			continue
-		} else if err != nil {
+		case errors.As(err, &fe) && len(avoid) < avoidAttempts && ctx.Err() == nil:
+			logger.Warn("a file of the replica cannot be used; planning the same state without it", "err", err)
+			if failed == nil {
+				failed = err
+			}
+			avoid = append(avoid, fe.File)
+			continue
+		case err != nil:
 			return 0, err
+		}
+		if failed != nil {
+			logger.Warn("restored without the files that could not be used; they stay in the replica (remove them, or let retention expire them)", "replica", client.String(), "avoided", len(avoid))
 		}
 		logger.Info("restored", "path", output, "txid", plan.TXID.String(), "db_bytes", st.DBBytes, "files", st.Files,
 			"downloaded_bytes", st.Bytes, "seconds", time.Since(start).Seconds(), "download_wait_seconds", st.Download.Seconds(),

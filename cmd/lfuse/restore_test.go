@@ -308,3 +308,48 @@ func TestRestoreRefusesWithAReplicaUnreadable(t *testing.T) {
 		t.Fatalf("err %v, want the unreadable replica named\n%s", err, log)
 	}
 }
+
+// A corrupt file need not fail a restore: the replica usually holds
+// another way to the same state (the level-0 files under a compaction, an
+// older snapshot with the history after it), and the restore takes it. It
+// never settles for an older state.
+func TestRestorePlansAroundACorruptFile(t *testing.T) {
+	for _, c := range []struct {
+		name  string
+		files [][3]int // level, min, max; the state's fill is max
+		bad   [3]int
+		ok    bool
+	}{
+		{"compaction", [][3]int{{9, 1, 1}, {0, 2, 2}, {0, 3, 3}, {1, 2, 3}}, [3]int{1, 2, 3}, true},
+		{"snapshot", [][3]int{{9, 1, 1}, {0, 2, 2}, {0, 3, 3}, {9, 1, 3}}, [3]int{9, 1, 3}, true},
+		{"newest", [][3]int{{9, 1, 1}, {0, 2, 2}, {0, 3, 3}}, [3]int{0, 3, 3}, false},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			dir := filepath.Join(t.TempDir(), "r")
+			r := file.New(dir)
+			for _, f := range c.files {
+				writeState(t, r, f[0], ltx.TXID(f[1]), ltx.TXID(f[2]), byte(f[2]))
+			}
+			corrupt(t, dir, c.bad[0], ltx.TXID(c.bad[1]), ltx.TXID(c.bad[2]))
+			out, log, err := restoreLog(t, r)
+			if !c.ok {
+				if err == nil || !strings.Contains(err.Error(), "corrupt") {
+					t.Fatalf("err %v, want the corrupt file named\n%s", err, log)
+				}
+				if _, serr := os.Stat(out); !os.IsNotExist(serr) {
+					t.Fatalf("a failed restore left %s: %v", out, serr)
+				}
+				return
+			}
+			if err != nil {
+				t.Fatalf("%v\n%s", err, log)
+			}
+			if got, _ := os.ReadFile(out); !bytes.Equal(got, bytes.Repeat([]byte{3}, 512)) {
+				t.Fatalf("restored %x…, want the state at TXID 3\n%s", got[:min(8, len(got))], log)
+			}
+			if !strings.Contains(log, "planning the same state without it") || !strings.Contains(log, ltx.FormatFilename(ltx.TXID(c.bad[1]), ltx.TXID(c.bad[2]))) {
+				t.Fatalf("no word of the corrupt file:\n%s", log)
+			}
+		})
+	}
+}
