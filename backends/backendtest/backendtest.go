@@ -12,6 +12,8 @@ import (
 	"fmt"
 	"io"
 	"math/rand"
+	"net"
+	"net/url"
 	"os"
 	"path/filepath"
 	"runtime"
@@ -608,6 +610,27 @@ func Servers(t testing.TB) map[string]string {
 		if k, v, ok := strings.Cut(line, "="); ok {
 			env[k] = v
 		}
+	}
+	// A settings file outlives its servers (a reboot keeps /tmp): the
+	// clients then retried connecting until the test timed out, ten
+	// minutes later, with no word of why.
+	for _, k := range []string{"LFUSE_TEST_S3_ENDPOINT", "LFUSE_TEST_GCS_ENDPOINT", "LFUSE_TEST_AZURE_ENDPOINT", "LFUSE_TEST_SFTP_ADDR"} {
+		addr := env[k]
+		if u, err := url.Parse(addr); err == nil && u.Host != "" {
+			addr = u.Host
+		}
+		if addr == "" {
+			continue
+		}
+		c, err := net.DialTimeout("tcp", addr, 2*time.Second)
+		if err != nil {
+			msg := fmt.Sprintf("test server %s (%s, from %s) does not answer: start the servers again with scripts/servers.sh start", addr, k, filepath.Join(dir, "env"))
+			if os.Getenv("LFUSE_REQUIRE_SERVERS") == "1" {
+				t.Fatalf("%s (%v)", msg, err)
+			}
+			t.Skip(msg)
+		}
+		c.Close()
 	}
 	return env
 }
