@@ -672,7 +672,12 @@ func restoreFrom(ctx context.Context, logger *slog.Logger, stderr io.Writer, cli
 			return 0, err
 		}
 		if failed != nil {
-			logger.Warn("restored without the files that could not be used; they stay in the replica (remove them, or let retention expire them)", "replica", client.String(), "avoided", len(avoid))
+			var names []string
+			for _, a := range avoid {
+				names = append(names, fmt.Sprintf("ltx/%d/%s", a.Level, ltx.FormatFilename(a.MinTXID, a.MaxTXID)))
+			}
+			logger.Warn("restored the same state without the files that could not be used; they stay in the replica until retention removes them (or remove them yourself)",
+				"replica", client.String(), "files", strings.Join(names, ", "))
 		}
 		logger.Info("restored", "path", output, "txid", plan.TXID.String(), "db_bytes", st.DBBytes, "files", st.Files,
 			"downloaded_bytes", st.Bytes, "seconds", time.Since(start).Seconds(), "download_wait_seconds", st.Download.Seconds(),
