@@ -285,6 +285,56 @@ func TestMountRestoresMissing(t *testing.T) {
 	}
 }
 
+// A replica that fell behind (down while the mount ran) and then the
+// machine is lost: restore-if-missing brings back the newest state any
+// replica holds, whichever replica the config names first, and the mount
+// then brings the one behind up to date. Taking the first replica with a
+// backup, it restored 10 of 40 rows without an error.
+func TestMountRestoresFromTheNewestReplica(t *testing.T) {
+	e := newEnv(t)
+	behind, ahead := filepath.Join(e.root, "behind"), filepath.Join(e.root, "ahead")
+	cfgPath := filepath.Join(e.root, "lfuse.toml")
+	config := func(urls ...string) {
+		cfg := "restore-if-missing = true\n"
+		for _, u := range urls {
+			cfg += fmt.Sprintf("[[replicas]]\nurl = %q\nsync-interval = \"50ms\"\n", "file://"+u)
+		}
+		if err := os.WriteFile(cfgPath, []byte(cfg), 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	config(ahead)
+	lf := e.mount("-config", cfgPath)
+	createSeq(t, e.path("app.db"))
+	seqWrite(t, e.path("app.db"), 1, 10)
+	lf.stop()
+	if out, err := exec.Command("cp", "-a", ahead, behind).CombinedOutput(); err != nil {
+		t.Fatalf("cp: %v\n%s", err, out)
+	}
+	lf = e.mount("-config", cfgPath)
+	seqWrite(t, e.path("app.db"), 11, 40)
+	checkpointTruncate(t, e.path("app.db"))
+	lf.stop()
+	want := liveBytes(t, e)
+
+	// The machine is lost; the replica behind comes first in the config.
+	os.RemoveAll(e.data)
+	os.MkdirAll(e.data, 0o755)
+	config(behind, ahead)
+	lf = e.mount("-config", cfgPath)
+	if k := seqRows(t, e.path("app.db")); k != 40 {
+		t.Fatalf("restored with %d rows, want 40:\n%s", k, lf.log)
+	}
+	if lf.log.count("replica is behind another") != 1 {
+		t.Fatalf("no word of the replica behind:\n%s", lf.log)
+	}
+	if got, _ := os.ReadFile(filepath.Join(e.data, "app.db")); !bytes.Equal(got, want) {
+		t.Fatal("the restored database differs from the one lost")
+	}
+	lf.stop()
+	restoreLatest(t, e, behind, want)
+}
+
 // restore -data brings back many databases at once (several at a time);
 // each is the database that was lost, and one that cannot be restored
 // fails the command, naming it.
