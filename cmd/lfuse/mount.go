@@ -406,6 +406,9 @@ func runApp(ctx context.Context, logger *slog.Logger, command string, unmounted 
 		return 1
 	}
 	logger.Info("application started", "pid", cmd.Process.Pid)
+	if os.Getpid() == 1 {
+		defer reapOrphans(cmd.Process.Pid)()
+	}
 	done := make(chan error, 1)
 	go func() { done <- cmd.Wait() }()
 	for {
