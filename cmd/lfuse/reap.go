@@ -15,7 +15,10 @@ import (
 // behind (a worker a shell script started in the background, a daemonised
 // helper); nothing else would wait for them, and each would stay a zombie
 // holding a PID until the container stopped. The application's own status
-// is left for its exec.Cmd. stop ends the reaping and returns once it has.
+// is left for its exec.Cmd; lfuse starts no other child meanwhile (the
+// mount is made before it, and unmounted after: go-fuse's fusermount
+// would otherwise lose its status here). stop ends the reaping and
+// returns once it has.
 func reapOrphans(app int) (stop func()) {
 	chld := make(chan os.Signal, 1)
 	signal.Notify(chld, syscall.SIGCHLD)
