@@ -55,6 +55,14 @@ var ErrNoBackup = errors.New("the replica holds no backup of this database")
 // database did not exist then, or its history then is past retention.
 var ErrBeforeOldest = errors.New("before the oldest backup")
 
+// ErrAfterNewest is returned for a target TXID beyond the replica's newest
+// commit: another replica may hold it.
+var ErrAfterNewest = errors.New("after the newest backup")
+
+// ErrNotExact is returned for a target TXID inside one file of commits
+// (each replica compacts on its own: another may hold it exactly).
+var ErrNotExact = errors.New("cannot be restored exactly: it falls inside a batch of commits")
+
 // errNoReplicaSnapshot: the replica holds a history with no snapshot under it.
 // Not ErrNoBackup: restoring nothing there (-if-replica-exists,
 // restore-if-missing) would start the application on an empty database
@@ -195,7 +203,7 @@ func planFrom(levels *[SnapshotLevel + 1][]ltx.FileInfo, newest *ltx.FileInfo, t
 		return (target.TXID == 0 || f.MaxTXID <= target.TXID) && (target.Time.IsZero() || !f.CreatedAt.After(target.Time))
 	}
 	if target.TXID > newest.MaxTXID {
-		return plan, fmt.Errorf("TXID %s is after the newest backup (TXID %s, committed %s)", target.TXID, newest.MaxTXID, newest.CreatedAt.Format(time.RFC3339Nano))
+		return plan, fmt.Errorf("TXID %s is %w (TXID %s, committed %s)", target.TXID, ErrAfterNewest, newest.MaxTXID, newest.CreatedAt.Format(time.RFC3339Nano))
 	}
 	if !target.Time.IsZero() && target.Time.After(newest.CreatedAt) && target.Time.After(time.Now()) {
 		return plan, fmt.Errorf("timestamp %s is in the future; the newest backup was committed %s", target.Time.Format(time.RFC3339), newest.CreatedAt.Format(time.RFC3339Nano))
@@ -247,8 +255,8 @@ func planFrom(levels *[SnapshotLevel + 1][]ltx.FileInfo, newest *ltx.FileInfo, t
 		return plan, fmt.Errorf("gap in the TXID chain: no file continues TXID %s; the next one, %s, starts at TXID %s", cur.MaxTXID, fileName(*gap), gap.MinTXID)
 	}
 	if target.TXID != 0 && cur.MaxTXID != target.TXID {
-		return plan, fmt.Errorf("TXID %s cannot be restored exactly: it falls inside a batch of commits; the nearest restorable TXIDs are %s and %s (see lfuse ltx)",
-			target.TXID, cur.MaxTXID, nextBoundary(levels[:], cur.MaxTXID))
+		return plan, fmt.Errorf("TXID %s %w; the nearest restorable TXIDs are %s and %s (see lfuse ltx)",
+			target.TXID, ErrNotExact, cur.MaxTXID, nextBoundary(levels[:], cur.MaxTXID))
 	}
 	plan.TXID, plan.Timestamp = cur.MaxTXID, cur.CreatedAt
 	for _, f := range plan.Files {
@@ -538,8 +546,10 @@ func Restore(ctx context.Context, client ReplicaClient, plan Plan, output string
 	sum := asm.finish()
 	verifyStart := time.Now()
 	if sum != meta.PostApplyChecksum {
-		return st, fmt.Errorf("%s: the restored database has checksum %s, but %s was recorded with %s: refusing to write it",
-			client, sum, fileName(last), meta.PostApplyChecksum)
+		// The fault is in some file, or in the checksum recorded with the
+		// last: a plan that ends with another file may not meet it.
+		return st, &FileError{last, fmt.Errorf("%s: the restored database has checksum %s, but %s was recorded with %s: refusing to write it",
+			client, sum, fileName(last), meta.PostApplyChecksum)}
 	}
 	st.Verify = time.Since(verifyStart)
 	syncStart := time.Now()

@@ -560,8 +560,10 @@ func restoreOne(ctx context.Context, logger *slog.Logger, stderr io.Writer, clie
 		switch {
 		case err == nil:
 			order = append(order, i)
-		case errors.Is(err, replicate.ErrNoBackup) || errors.Is(err, replicate.ErrBeforeOldest):
-			// Another replica may keep a longer history.
+		case errors.Is(err, replicate.ErrNoBackup) || errors.Is(err, replicate.ErrBeforeOldest) ||
+			errors.Is(err, replicate.ErrAfterNewest) || errors.Is(err, replicate.ErrNotExact):
+			// Another replica may keep a longer history, or be further
+			// along, or hold the TXID exactly.
 			errs = append(errs, namedError(clients[i], err))
 		default:
 			// It may hold a newer state than the others: restoring
@@ -570,7 +572,7 @@ func restoreOne(ctx context.Context, logger *slog.Logger, stderr io.Writer, clie
 		}
 	}
 	if len(order) == 0 {
-		if err := errors.Join(errs...); errors.Is(err, replicate.ErrBeforeOldest) {
+		if err := errors.Join(errs...); errors.Is(err, replicate.ErrBeforeOldest) || errors.Is(err, replicate.ErrAfterNewest) || errors.Is(err, replicate.ErrNotExact) {
 			return 0, err
 		}
 		if f.ifReplicaExists {
@@ -612,7 +614,11 @@ func restoreOne(ctx context.Context, logger *slog.Logger, stderr io.Writer, clie
 		if first == nil {
 			first = err
 		}
-		if ctx.Err() != nil || n == len(order)-1 {
+		// Only a fault of the replica's: an output that appeared, a full
+		// disk or a rename that failed would fail the same way again (and a
+		// retry's sweep would remove an old WAL a failed rename left aside).
+		var fe *replicate.FileError
+		if ctx.Err() != nil || n == len(order)-1 || !errors.As(err, &fe) && !errors.Is(err, backends.ErrNotFound) {
 			break
 		}
 		logger.Warn("restore from this replica failed; trying another that holds the same state", "replica", clients[i].String(),
@@ -635,12 +641,16 @@ func restoreFrom(ctx context.Context, logger *slog.Logger, stderr io.Writer, cli
 		if attempt > 1 {
 			p, err := replicate.PlanRestoreAvoiding(ctx, client, target, avoid)
 			switch {
+			case ctx.Err() != nil:
+				return 0, fmt.Errorf("restore stopped: %w", context.Cause(ctx))
 			case failed != nil && (err != nil || p.TXID < want):
 				// No way around the file, or only to an older state:
 				// that would lose commits without a word.
 				return 0, failed
 			case err != nil:
 				return 0, namedError(client, err)
+			case p.TXID < want:
+				return 0, fmt.Errorf("%s: the replica changed during the restore: TXID %s was planned, and now only TXID %s can be reached; restore again", client, want, p.TXID)
 			}
 			plan = p
 		}
@@ -661,11 +671,14 @@ func restoreFrom(ctx context.Context, logger *slog.Logger, stderr io.Writer, cli
 		case errors.Is(err, backends.ErrNotFound) && attempt < replanAttempts:
 			logger.Warn("a planned file was deleted from the replica meanwhile (by the lfuse writing to it?); planning again", "err", err)
 			continue
-		case errors.As(err, &fe) && len(avoid) < avoidAttempts && ctx.Err() == nil:
-			logger.Warn("a file of the replica cannot be used; planning the same state without it", "err", err)
+		case errors.As(err, &fe) && ctx.Err() == nil:
 			if failed == nil {
 				failed = err
 			}
+			if len(avoid) == avoidAttempts {
+				return 0, failed
+			}
+			logger.Warn("a file of the replica cannot be used; planning the same state without it", "err", err)
 			avoid = append(avoid, fe.File)
 			continue
 		case err != nil:

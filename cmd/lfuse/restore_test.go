@@ -3,6 +3,7 @@ package main
 import (
 	"bytes"
 	"context"
+	"errors"
 	"io"
 	"log/slog"
 	"os"
@@ -211,9 +212,9 @@ func TestRestoreSkipsSeenDeleted(t *testing.T) {
 	}
 }
 
-// restoreLog restores every client's database to a new file and returns
-// what the restore logged.
-func restoreLog(t *testing.T, clients ...*file.Client) (out, log string, err error) {
+// restoreLog restores target from clients to a new file and returns what
+// the restore logged.
+func restoreLog(t *testing.T, target replicate.Target, clients ...*file.Client) (out, log string, err error) {
 	t.Helper()
 	var buf bytes.Buffer
 	out = filepath.Join(t.TempDir(), "r.db")
@@ -221,7 +222,7 @@ func restoreLog(t *testing.T, clients ...*file.Client) (out, log string, err err
 	for _, c := range clients {
 		cs = append(cs, c)
 	}
-	_, err = restoreOne(context.Background(), slog.New(slog.NewTextHandler(&buf, nil)), io.Discard, cs, out, replicate.Target{}, restoreFlags{})
+	_, err = restoreOne(context.Background(), slog.New(slog.NewTextHandler(&buf, nil)), io.Discard, cs, out, target, restoreFlags{})
 	return out, buf.String(), err
 }
 
@@ -248,7 +249,7 @@ func TestRestoreTakesTheNewestReplica(t *testing.T) {
 	writeState(t, behind, 9, 1, 1, 1)
 	writeState(t, ahead, 9, 1, 1, 1)
 	writeState(t, ahead, 0, 2, 2, 2)
-	out, log, err := restoreLog(t, behind, ahead)
+	out, log, err := restoreLog(t, replicate.Target{}, behind, ahead)
 	if err != nil {
 		t.Fatalf("%v\n%s", err, log)
 	}
@@ -270,7 +271,7 @@ func TestRestoreFallsBackToAnotherReplica(t *testing.T) {
 		writeState(t, c, 0, 2, 2, 2)
 	}
 	corrupt(t, badDir, 0, 2, 2)
-	out, log, err := restoreLog(t, bad, good)
+	out, log, err := restoreLog(t, replicate.Target{}, bad, good)
 	if err != nil {
 		t.Fatalf("%v\n%s", err, log)
 	}
@@ -283,7 +284,7 @@ func TestRestoreFallsBackToAnotherReplica(t *testing.T) {
 
 	older := file.New(filepath.Join(t.TempDir(), "c"))
 	writeState(t, older, 9, 1, 1, 1)
-	out, log, err = restoreLog(t, bad, older)
+	out, log, err = restoreLog(t, replicate.Target{}, bad, older)
 	if err == nil || !strings.Contains(err.Error(), "corrupt") {
 		t.Fatalf("restore with only an older state elsewhere: err %v, want the corrupt file named\n%s", err, log)
 	}
@@ -303,7 +304,7 @@ func TestRestoreRefusesWithAReplicaUnreadable(t *testing.T) {
 	if err := os.WriteFile(filepath.Join(dir, "a", "ltx", "0"), nil, 0o644); err != nil { // a file where a level's directory belongs
 		t.Fatal(err)
 	}
-	_, log, err := restoreLog(t, good, unreadable)
+	_, log, err := restoreLog(t, replicate.Target{}, good, unreadable)
 	if err == nil || !strings.Contains(err.Error(), unreadable.String()) {
 		t.Fatalf("err %v, want the unreadable replica named\n%s", err, log)
 	}
@@ -331,7 +332,7 @@ func TestRestorePlansAroundACorruptFile(t *testing.T) {
 				writeState(t, r, f[0], ltx.TXID(f[1]), ltx.TXID(f[2]), byte(f[2]))
 			}
 			corrupt(t, dir, c.bad[0], ltx.TXID(c.bad[1]), ltx.TXID(c.bad[2]))
-			out, log, err := restoreLog(t, r)
+			out, log, err := restoreLog(t, replicate.Target{}, r)
 			if !c.ok {
 				if err == nil || !strings.Contains(err.Error(), "corrupt") {
 					t.Fatalf("err %v, want the corrupt file named\n%s", err, log)
@@ -349,6 +350,41 @@ func TestRestorePlansAroundACorruptFile(t *testing.T) {
 			}
 			if !strings.Contains(log, "planning the same state without it") || !strings.Contains(log, ltx.FormatFilename(ltx.TXID(c.bad[1]), ltx.TXID(c.bad[2]))) {
 				t.Fatalf("no word of the corrupt file:\n%s", log)
+			}
+		})
+	}
+}
+
+// A TXID one replica cannot give (it is behind, or holds the TXID only
+// inside a compacted file) is restored from another that can.
+func TestRestoreTXIDFromAnyReplica(t *testing.T) {
+	for _, c := range []struct {
+		name        string
+		first, then [][3]int // level, min, max; the state's fill is max
+		txid        ltx.TXID
+	}{
+		{"behind", [][3]int{{9, 1, 1}, {0, 2, 2}}, [][3]int{{9, 1, 1}, {0, 2, 2}, {0, 3, 3}}, 3},
+		{"compacted", [][3]int{{9, 1, 1}, {1, 2, 3}}, [][3]int{{9, 1, 1}, {0, 2, 2}, {0, 3, 3}}, 2},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			first, then := file.New(filepath.Join(t.TempDir(), "a")), file.New(filepath.Join(t.TempDir(), "b"))
+			for _, f := range c.first {
+				writeState(t, first, f[0], ltx.TXID(f[1]), ltx.TXID(f[2]), byte(f[2]))
+			}
+			for _, f := range c.then {
+				writeState(t, then, f[0], ltx.TXID(f[1]), ltx.TXID(f[2]), byte(f[2]))
+			}
+			out, log, err := restoreLog(t, replicate.Target{TXID: c.txid}, first, then)
+			if err != nil {
+				t.Fatalf("%v\n%s", err, log)
+			}
+			if got, _ := os.ReadFile(out); !bytes.Equal(got, bytes.Repeat([]byte{byte(c.txid)}, 512)) {
+				t.Fatalf("restored %x…, want the state at TXID %d\n%s", got[:min(8, len(got))], c.txid, log)
+			}
+			// Neither replica holding it: the error says why, for each.
+			_, _, err = restoreLog(t, replicate.Target{TXID: 9}, first, then)
+			if err == nil || !errors.Is(err, replicate.ErrAfterNewest) {
+				t.Fatalf("TXID 9 from neither replica: err %v", err)
 			}
 		})
 	}
