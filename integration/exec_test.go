@@ -205,12 +205,14 @@ sqlite3 "$APP_MNT/app.db" "SELECT count(*) FROM seq" > "$APP_COUNT"
 	seqRows(t, filepath.Join(e.root, "volume2", "app.db"))
 }
 
-// As a container's PID 1 (here: of a new PID namespace), lfuse inherits
-// the processes the application leaves behind and waits for them, as an
-// init would; the application's own status still passes through. The
-// application checks from the host's /proc: each orphan notes its PID and
-// exits, and the application exits 5 once all of them are gone from /proc
-// (waited for), or 9 if they stay there as zombies.
+// As a container's PID 1 (here: of a new PID namespace), lfuse would
+// inherit the processes the application leaves behind; they are waited
+// for, as an init would, and signals and the application's status still
+// pass through. The application checks from the host's /proc: each orphan
+// notes its PID and exits, and once all of them are gone from /proc
+// (waited for) the application sends SIGTERM to PID 1, lfuse, which
+// passes it back to the application: exit 6. It exits 9 if the orphans
+// stay as zombies, 8 if the signal never comes.
 func TestExecAsPID1WaitsForOrphans(t *testing.T) {
 	if out, err := exec.Command("unshare", "-p", "-f", "true").CombinedOutput(); err != nil {
 		t.Skipf("cannot make a PID namespace here: %v %s", err, out)
@@ -224,15 +226,20 @@ func TestExecAsPID1WaitsForOrphans(t *testing.T) {
 for i in 1 2 3; do (sh -c 'read -r pid rest < /proc/self/stat; echo $pid >> "$0"' "$1" &); done
 for try in $(seq 300); do
 	set -- $(cat "$1" 2>/dev/null)
-	if [ $# -eq 3 ] && [ ! -e /proc/$1 ] && [ ! -e /proc/$2 ] && [ ! -e /proc/$3 ]; then exit 5; fi
+	if [ $# -eq 3 ] && [ ! -e /proc/$1 ] && [ ! -e /proc/$2 ] && [ ! -e /proc/$3 ]; then
+		trap 'exit 6' TERM
+		kill -TERM 1
+		sleep 30 & wait $!
+		exit 8
+	fi
 	set -- "`+pids+`"
 	sleep 0.1
 done
 exit 9
 `), 0o755)
 	code, log := runBinEnv(t, nil, "unshare", "-p", "-f", lfuseBin, "mount", "-data", e.data, "-exec", script+" "+pids, e.mnt)
-	if code != 5 {
+	if code != 6 {
 		b, _ := os.ReadFile(pids)
-		t.Fatalf("exit %d, want the application's 5 (9: orphans %q left as zombies)\n%s", code, strings.Fields(string(b)), log)
+		t.Fatalf("exit %d, want the application's 6 (9: orphans %q left as zombies; 8: SIGTERM not passed on)\n%s", code, strings.Fields(string(b)), log)
 	}
 }

@@ -67,6 +67,8 @@ func run(args []string, stdout, stderr io.Writer) int {
 	switch args[0] {
 	case "mount":
 		err = runMount(args[1:], stderr)
+	case reaperCommand:
+		return runReaper(args[1:])
 	case "restore":
 		err = runRestore(args[1:], stdout, stderr)
 	case "ltx":

@@ -10,7 +10,6 @@ import (
 	"net"
 	"net/http"
 	"os"
-	"os/exec"
 	"os/signal"
 	"path/filepath"
 	"slices"
@@ -399,16 +398,13 @@ func runApp(ctx context.Context, logger *slog.Logger, command string, unmounted 
 	}
 	// exec: the shell replaces itself with the application, so signals
 	// reach the application itself.
-	cmd := exec.Command("/bin/sh", "-c", "exec "+command)
+	cmd := appCommand(command)
 	cmd.Stdin, cmd.Stdout, cmd.Stderr = os.Stdin, os.Stdout, os.Stderr
 	if err := cmd.Start(); err != nil {
 		logger.Error("cannot start the application", "exec", command, "err", err)
 		return 1
 	}
 	logger.Info("application started", "pid", cmd.Process.Pid)
-	if os.Getpid() == 1 {
-		defer reapOrphans(cmd.Process.Pid)()
-	}
 	done := make(chan error, 1)
 	go func() { done <- cmd.Wait() }()
 	for {
