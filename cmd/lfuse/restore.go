@@ -501,7 +501,8 @@ func emptyDB(path string, st os.FileInfo) bool {
 
 // restoreOne restores one database from whichever of clients holds the
 // newest state at the target (the first of those on a tie), or from
-// another holding that same state if that one fails. It returns the TXID it restored, or 0 if it wrote nothing.
+// another holding that same state if that one fails. It returns the TXID
+// it restored, or 0 if it wrote nothing.
 func restoreOne(ctx context.Context, logger *slog.Logger, stderr io.Writer, clients []replicate.ReplicaClient, output string, target replicate.Target, f restoreFlags) (ltx.TXID, error) {
 	// The output's directory is checked before any download.
 	dir := filepath.Dir(output)
