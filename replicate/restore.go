@@ -44,6 +44,7 @@ type Plan struct {
 	Timestamp time.Time
 	Bytes     int64
 	ListTime  time.Duration
+	Newest    ltx.TXID // the newest TXID the replica lists, set even when planning fails
 
 	lastMeta *backends.FileMeta // of the last file, if planning read it: Restore need not again
 }
@@ -62,6 +63,10 @@ var ErrAfterNewest = errors.New("after the newest backup")
 // ErrNotExact is returned for a target TXID inside one file of commits
 // (each replica compacts on its own: another may hold it exactly).
 var ErrNotExact = errors.New("cannot be restored exactly: it falls inside a batch of commits")
+
+// ErrGap is returned when no file continues the chain toward the target
+// while later files exist: some file is missing.
+var ErrGap = errors.New("gap in the TXID chain")
 
 // errNoReplicaSnapshot: the replica holds a history with no snapshot under it.
 // Not ErrNoBackup: restoring nothing there (-if-replica-exists,
@@ -123,6 +128,9 @@ func PlanRestoreAvoiding(ctx context.Context, client ReplicaClient, target Targe
 		}
 	}
 	plan := Plan{ListTime: time.Since(start)}
+	if newest != nil {
+		plan.Newest = newest.MaxTXID
+	}
 	approx := false
 	guessed := map[fileKey]bool{} // files taken as committed by the target without reading their time
 	if a, ok := client.(approxTimes); ok && a.ListTimesApprox() {
@@ -252,7 +260,7 @@ func planFrom(levels *[SnapshotLevel + 1][]ltx.FileInfo, newest *ltx.FileInfo, t
 		}
 	}
 	if gap != nil {
-		return plan, fmt.Errorf("gap in the TXID chain: no file continues TXID %s; the next one, %s, starts at TXID %s", cur.MaxTXID, fileName(*gap), gap.MinTXID)
+		return plan, fmt.Errorf("%w: no file continues TXID %s; the next one, %s, starts at TXID %s", ErrGap, cur.MaxTXID, fileName(*gap), gap.MinTXID)
 	}
 	if target.TXID != 0 && cur.MaxTXID != target.TXID {
 		return plan, fmt.Errorf("TXID %s %w; the nearest restorable TXIDs are %s and %s (see lfuse ltx)",

@@ -557,10 +557,13 @@ func restoreOne(ctx context.Context, logger *slog.Logger, stderr io.Writer, clie
 	wg.Wait()
 	var errs []error
 	var order []int // replicas with a plan, newest state first, then in configured order
+	var gaps []int  // replicas missing a file of their chain
 	for i, err := range perrs {
 		switch {
 		case err == nil:
 			order = append(order, i)
+		case errors.Is(err, replicate.ErrGap) && len(clients) > 1:
+			gaps = append(gaps, i) // settled below, by what the others hold
 		case errors.Is(err, replicate.ErrNoBackup) || errors.Is(err, replicate.ErrBeforeOldest) ||
 			errors.Is(err, replicate.ErrAfterNewest) || errors.Is(err, replicate.ErrNotExact):
 			// Another replica may keep a longer history, or be further
@@ -571,6 +574,20 @@ func restoreOne(ctx context.Context, logger *slog.Logger, stderr io.Writer, clie
 			// from them could lose commits without a word.
 			return 0, namedError(clients[i], err)
 		}
+	}
+	// A replica with a gap can be passed over only if it lists nothing
+	// newer than the state restored from another: it then holds no commit
+	// the restore would lose.
+	var best ltx.TXID
+	for _, i := range order {
+		best = max(best, plans[i].TXID)
+	}
+	for _, i := range gaps {
+		if len(order) == 0 || plans[i].Newest > best {
+			return 0, namedError(clients[i], perrs[i])
+		}
+		logger.Warn("replica has a gap in its history, but lists nothing newer than another replica holds; restoring from that one",
+			"replica", clients[i].String(), "err", perrs[i])
 	}
 	if len(order) == 0 {
 		if err := errors.Join(errs...); errors.Is(err, replicate.ErrBeforeOldest) || errors.Is(err, replicate.ErrAfterNewest) || errors.Is(err, replicate.ErrNotExact) {
@@ -583,7 +600,6 @@ func restoreOne(ctx context.Context, logger *slog.Logger, stderr io.Writer, clie
 		return 0, fmt.Errorf("%w (use -if-replica-exists to make this not an error)", errors.Join(errs...))
 	}
 	slices.SortStableFunc(order, func(a, b int) int { return cmp.Compare(plans[b].TXID, plans[a].TXID) })
-	best := plans[order[0]].TXID
 	for _, i := range order[1:] {
 		if plans[i].TXID < best {
 			logger.Warn("replica is behind another; restoring from the newer", "replica", clients[i].String(),

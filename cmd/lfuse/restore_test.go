@@ -389,3 +389,43 @@ func TestRestoreTXIDFromAnyReplica(t *testing.T) {
 		})
 	}
 }
+
+// A replica with a gap in its chain is passed over when it lists nothing
+// newer than another replica restores; if it does, the restore fails,
+// naming the gap, rather than lose what lies beyond it.
+func TestRestorePassesOverAReplicaWithAGap(t *testing.T) {
+	for _, c := range []struct {
+		name   string
+		gapped [][3]int // level, min, max; the state's fill is max
+		ok     bool
+	}{
+		{"nothing newer", [][3]int{{9, 1, 1}, {0, 3, 3}}, true},
+		{"newer beyond the gap", [][3]int{{9, 1, 1}, {0, 3, 3}, {0, 4, 4}}, false},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			gapped, good := file.New(filepath.Join(t.TempDir(), "a")), file.New(filepath.Join(t.TempDir(), "b"))
+			for _, f := range c.gapped {
+				writeState(t, gapped, f[0], ltx.TXID(f[1]), ltx.TXID(f[2]), byte(f[2]))
+			}
+			for _, f := range [][3]int{{9, 1, 1}, {0, 2, 2}, {0, 3, 3}} {
+				writeState(t, good, f[0], ltx.TXID(f[1]), ltx.TXID(f[2]), byte(f[2]))
+			}
+			out, log, err := restoreLog(t, replicate.Target{}, gapped, good)
+			if !c.ok {
+				if !errors.Is(err, replicate.ErrGap) {
+					t.Fatalf("err %v, want the gap named\n%s", err, log)
+				}
+				return
+			}
+			if err != nil {
+				t.Fatalf("%v\n%s", err, log)
+			}
+			if got, _ := os.ReadFile(out); !bytes.Equal(got, bytes.Repeat([]byte{3}, 512)) {
+				t.Fatalf("restored %x…, want the state at TXID 3\n%s", got[:min(8, len(got))], log)
+			}
+			if !strings.Contains(log, "gap in its history") {
+				t.Fatalf("no word of the gap:\n%s", log)
+			}
+		})
+	}
+}
