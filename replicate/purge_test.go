@@ -41,7 +41,7 @@ func TestDeletedDatabasePurgedAfterRetention(t *testing.T) {
 	s.write(m, "INSERT INTO t VALUES (1)")
 	s.del(m)
 	waitReleased(t, m)
-	replica := file.New(filepath.Join(s.repl, "app.db"))
+	replica := s.replica()
 	if replicaFiles(t, replica) == 0 {
 		t.Fatal("no files in the replica")
 	}
@@ -80,7 +80,7 @@ func TestPurgeKeepsNewerHistory(t *testing.T) {
 	s.write(m, "CREATE TABLE t(v)")
 	s.del(m)
 	waitReleased(t, m)
-	replica := file.New(filepath.Join(s.repl, "app.db"))
+	replica := s.replica()
 	del, ok, err := ReadDeletion(context.Background(), replica)
 	if !ok || err != nil {
 		t.Fatalf("no deletion record: %v", err)

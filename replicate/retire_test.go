@@ -204,16 +204,25 @@ func (s *goneSetup) manager(replicas bool) *Manager {
 	return m
 }
 
-func (s *goneSetup) write(m *Manager, q string) {
+// sqlite runs q on app.db with SQLite, telling no manager.
+func (s *goneSetup) sqlite(q string) {
 	db, _ := sql.Open("sqlite3", filepath.Join(s.data, "app.db")+"?_journal_mode=WAL")
 	defer db.Close()
 	db.SetMaxOpenConns(1)
 	if _, err := db.Exec(q); err != nil {
 		s.t.Fatal(err)
 	}
+}
+
+// write runs q on app.db and has m capture and ship it.
+func (s *goneSetup) write(m *Manager, q string) {
+	s.sqlite(q)
 	m.Opened("app.db-wal", true)
 	m.SyncAll()
 }
+
+// replica is app.db's file replica.
+func (s *goneSetup) replica() *file.Client { return file.New(filepath.Join(s.repl, "app.db")) }
 
 func (s *goneSetup) del(m *Manager) { deleteDB(m, s.data) }
 
@@ -312,7 +321,7 @@ func TestReleaseNeedsSameHistory(t *testing.T) {
 			t.Fatal("not released")
 		}
 	}
-	replica := file.New(filepath.Join(s.repl, "app.db"))
+	replica := s.replica()
 	plan := mustPlan(t, replica)
 	if plan.TXID <= 100 {
 		t.Fatalf("newest restorable TXID %s: the local history was not shipped above the other one", plan.TXID)
@@ -416,7 +425,7 @@ func TestDeletedJustBeforeStopIsMarked(t *testing.T) {
 	if err := m.Close(); err != nil {
 		t.Fatal(err)
 	}
-	replica := file.New(filepath.Join(s.repl, "app.db"))
+	replica := s.replica()
 	del, ok, err := ReadDeletion(context.Background(), replica)
 	if err != nil || !ok {
 		t.Fatalf("no deletion recorded at the stop: %v", err)
@@ -465,7 +474,7 @@ func TestOnlySeenDeletionsRecorded(t *testing.T) {
 	m = s.manager(true)
 	waitReleased(t, m)
 	m.Close()
-	replica := file.New(filepath.Join(s.repl, "app.db"))
+	replica := s.replica()
 	if _, ok, err := ReadDeletion(context.Background(), replica); ok || err != nil {
 		t.Fatalf("a deletion made while lfuse was stopped was recorded (%v)", err)
 	}
@@ -522,7 +531,7 @@ func TestCopiedInAfterDeleteNotRecorded(t *testing.T) {
 	if err := m.Close(); err != nil {
 		t.Fatal(err)
 	}
-	replica := file.New(filepath.Join(s.repl, "app.db"))
+	replica := s.replica()
 	if _, ok, _ := ReadDeletion(context.Background(), replica); ok {
 		t.Fatal("deletion recorded with a database at the path")
 	}
@@ -541,7 +550,7 @@ func TestRestoredDeletedDatabaseDropsRecord(t *testing.T) {
 	s.del(m)
 	waitReleased(t, m)
 	m.Close()
-	replica := file.New(filepath.Join(s.repl, "app.db"))
+	replica := s.replica()
 	if _, ok, err := ReadDeletion(context.Background(), replica); !ok || err != nil {
 		t.Fatalf("no deletion recorded: %v", err)
 	}
@@ -603,7 +612,7 @@ func TestUndeletableRecordDoesNotStopReplication(t *testing.T) {
 	m := s.manager(true)
 	s.write(m, "CREATE TABLE t(v); INSERT INTO t VALUES (1)")
 	m.Close()
-	replica := file.New(filepath.Join(s.repl, "app.db"))
+	replica := s.replica()
 	plan := mustPlan(t, replica)
 	last := plan.Files[len(plan.Files)-1]
 	meta, err := replica.FileMeta(context.Background(), last.Level, last.MinTXID, last.MaxTXID)
@@ -643,18 +652,13 @@ func TestNewDatabaseKeepsOldDeletionRecord(t *testing.T) {
 	s.write(m, "CREATE TABLE t(v); INSERT INTO t VALUES ('X')")
 	s.del(m)
 	waitReleased(t, m)
-	replica := file.New(filepath.Join(s.repl, "app.db"))
+	replica := s.replica()
 	if _, ok, _ := ReadDeletion(context.Background(), replica); !ok {
 		t.Fatal("not recorded")
 	}
 	snapshotFault = func() error { return errors.New("injected: snapshot fails") }
 	defer func() { snapshotFault = nil }()
-	db, err := sql.Open("sqlite3", filepath.Join(s.data, "app.db")+"?_journal_mode=WAL")
-	if err != nil {
-		t.Fatal(err)
-	}
-	execSQL(t, db, "CREATE TABLE u(v)")
-	db.Close()
+	s.sqlite("CREATE TABLE u(v)")
 	m.Opened("app.db-wal", true)
 	d := m.DB("app.db")
 	if d == nil {
@@ -690,12 +694,7 @@ func TestLiveDatabaseLosesGoneNote(t *testing.T) {
 	if err := os.WriteFile(filepath.Join(s.state, "dbs", "app.db", goneName), b, 0o600); err != nil {
 		t.Fatal(err)
 	}
-	db, err := sql.Open("sqlite3", filepath.Join(s.data, "app.db")+"?_journal_mode=WAL")
-	if err != nil {
-		t.Fatal(err)
-	}
-	execSQL(t, db, "CREATE TABLE t(v); INSERT INTO t VALUES (1)")
-	db.Close()
+	s.sqlite("CREATE TABLE t(v); INSERT INTO t VALUES (1)")
 	m = s.manager(true)
 	defer m.Close()
 	if DeletedThroughMount(s.state, "app.db") {
@@ -713,12 +712,7 @@ func TestDeletedBeforeStateNoWarning(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer m.Close()
-	db, err := sql.Open("sqlite3", filepath.Join(s.data, "app.db")+"?_journal_mode=WAL")
-	if err != nil {
-		t.Fatal(err)
-	}
-	execSQL(t, db, "CREATE TABLE t(v); INSERT INTO t VALUES (1)")
-	db.Close()
+	s.sqlite("CREATE TABLE t(v); INSERT INTO t VALUES (1)")
 	m.Opened("app.db-wal", true)
 	deleteDB(m, s.data)
 	waitReleased(t, m)

@@ -578,9 +578,10 @@ func restoreOne(ctx context.Context, logger *slog.Logger, stderr io.Writer, clie
 	// A replica with a gap can be passed over only if it lists nothing
 	// newer than the state restored from another: it then holds no commit
 	// the restore would lose.
+	slices.SortStableFunc(order, func(a, b int) int { return cmp.Compare(plans[b].TXID, plans[a].TXID) })
 	var best ltx.TXID
-	for _, i := range order {
-		best = max(best, plans[i].TXID)
+	if len(order) > 0 {
+		best = plans[order[0]].TXID
 	}
 	for _, i := range gaps {
 		if len(order) == 0 || plans[i].Newest > best {
@@ -599,7 +600,6 @@ func restoreOne(ctx context.Context, logger *slog.Logger, stderr io.Writer, clie
 		}
 		return 0, fmt.Errorf("%w (use -if-replica-exists to make this not an error)", errors.Join(errs...))
 	}
-	slices.SortStableFunc(order, func(a, b int) int { return cmp.Compare(plans[b].TXID, plans[a].TXID) })
 	for _, i := range order[1:] {
 		if plans[i].TXID < best {
 			logger.Warn("replica is behind another; restoring from the newer", "replica", clients[i].String(),

@@ -53,6 +53,15 @@ func writeState(t *testing.T, c *file.Client, level int, min, max ltx.TXID, fill
 	}
 }
 
+// writeStates writes each of files (level, min, max) as writeState does,
+// the page filled with max.
+func writeStates(t *testing.T, c *file.Client, files [][3]int) {
+	t.Helper()
+	for _, f := range files {
+		writeState(t, c, f[0], ltx.TXID(f[1]), ltx.TXID(f[2]), byte(f[2]))
+	}
+}
+
 // expiring is a replica whose writer snapshots and expires the files a
 // restore planned, just before the restore downloads them.
 type expiring struct {
@@ -328,9 +337,7 @@ func TestRestorePlansAroundACorruptFile(t *testing.T) {
 		t.Run(c.name, func(t *testing.T) {
 			dir := filepath.Join(t.TempDir(), "r")
 			r := file.New(dir)
-			for _, f := range c.files {
-				writeState(t, r, f[0], ltx.TXID(f[1]), ltx.TXID(f[2]), byte(f[2]))
-			}
+			writeStates(t, r, c.files)
 			corrupt(t, dir, c.bad[0], ltx.TXID(c.bad[1]), ltx.TXID(c.bad[2]))
 			out, log, err := restoreLog(t, replicate.Target{}, r)
 			if !c.ok {
@@ -368,12 +375,8 @@ func TestRestoreTXIDFromAnyReplica(t *testing.T) {
 	} {
 		t.Run(c.name, func(t *testing.T) {
 			first, then := file.New(filepath.Join(t.TempDir(), "a")), file.New(filepath.Join(t.TempDir(), "b"))
-			for _, f := range c.first {
-				writeState(t, first, f[0], ltx.TXID(f[1]), ltx.TXID(f[2]), byte(f[2]))
-			}
-			for _, f := range c.then {
-				writeState(t, then, f[0], ltx.TXID(f[1]), ltx.TXID(f[2]), byte(f[2]))
-			}
+			writeStates(t, first, c.first)
+			writeStates(t, then, c.then)
 			out, log, err := restoreLog(t, replicate.Target{TXID: c.txid}, first, then)
 			if err != nil {
 				t.Fatalf("%v\n%s", err, log)
@@ -404,12 +407,8 @@ func TestRestorePassesOverAReplicaWithAGap(t *testing.T) {
 	} {
 		t.Run(c.name, func(t *testing.T) {
 			gapped, good := file.New(filepath.Join(t.TempDir(), "a")), file.New(filepath.Join(t.TempDir(), "b"))
-			for _, f := range c.gapped {
-				writeState(t, gapped, f[0], ltx.TXID(f[1]), ltx.TXID(f[2]), byte(f[2]))
-			}
-			for _, f := range [][3]int{{9, 1, 1}, {0, 2, 2}, {0, 3, 3}} {
-				writeState(t, good, f[0], ltx.TXID(f[1]), ltx.TXID(f[2]), byte(f[2]))
-			}
+			writeStates(t, gapped, c.gapped)
+			writeStates(t, good, [][3]int{{9, 1, 1}, {0, 2, 2}, {0, 3, 3}})
 			out, log, err := restoreLog(t, replicate.Target{}, gapped, good)
 			if !c.ok {
 				if !errors.Is(err, replicate.ErrGap) {
