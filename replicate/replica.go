@@ -160,6 +160,15 @@ func (r *Replica) stopContext() (context.Context, context.CancelFunc) { return u
 // untilClosed is a context cancelled when stop is closed.
 func untilClosed(stop <-chan struct{}) (context.Context, context.CancelFunc) {
 	ctx, cancel := context.WithCancel(context.Background())
+	select {
+	case <-stop:
+		// Already closed: done at once. Left to the goroutine, work
+		// started under ctx could run to its end before it cancelled (a
+		// fold of the local log begun after the stop, in CI).
+		cancel()
+		return ctx, cancel
+	default:
+	}
 	go func() {
 		select {
 		case <-stop:
