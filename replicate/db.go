@@ -920,6 +920,9 @@ func (d *DB) storeSnapshot(path string) error {
 func (d *DB) shippedEverywhere() ltx.TXID {
 	txid := ltx.TXID(1<<63 - 1)
 	for _, r := range d.replicas {
+		if r.takenOver() != nil {
+			continue // it takes nothing more from this log
+		}
 		txid = min(txid, r.Pos())
 	}
 	return txid

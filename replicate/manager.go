@@ -57,6 +57,8 @@ type Manager struct {
 	purgeMu     sync.Mutex
 	purgeWarned map[string]bool
 	noteMu      sync.Mutex // a purge note's write, and its removal once done
+
+	writer Writer // this lfuse, as it claims its replicas (writer.go)
 }
 
 // NewManager returns a Manager for the databases under dataDir, keeping its
@@ -72,6 +74,7 @@ func NewManager(dataDir, stateDir string, logger *slog.Logger) *Manager {
 		dbs:      make(map[string]*DB),
 		noted:    make(map[string]bool),
 		closing:  make(chan struct{}),
+		writer:   newWriter(),
 
 		purgeWarned: make(map[string]bool),
 	}
@@ -81,6 +84,13 @@ func NewManager(dataDir, stateDir string, logger *slog.Logger) *Manager {
 // continues its local log, capturing what its WAL still holds. It must run
 // before the mount serves the application.
 func (m *Manager) Open(ctx context.Context) error {
+	if id, err := stateID(m.stateDir); err != nil {
+		// Nothing is lost: a claim taken from this lfuse's predecessor
+		// then starts its history above it, as from another machine.
+		m.logger.Warn("cannot read or keep the state directory's identity; taking over a replica uploads a new snapshot", "err", err)
+	} else {
+		m.writer.State = id
+	}
 	sweepReleased(filepath.Join(m.stateDir, "dbs"))
 	rels, err := Databases(m.stateDir)
 	if err != nil {
@@ -148,7 +158,7 @@ func (m *Manager) newDB(rel string) *DB {
 	d.onGone = func() { m.retireWhenShipped(d) }
 	if m.Replicas != nil {
 		for _, spec := range m.Replicas(rel) {
-			d.replicas = append(d.replicas, newReplica(d, spec.Client, spec.Options, d.logger))
+			d.replicas = append(d.replicas, newReplica(d, spec.Client, spec.Options, m.writer, d.logger))
 		}
 	}
 	return d
@@ -375,6 +385,21 @@ func (m *Manager) flush(ctx context.Context, dbs []*DB) []error {
 				}
 				if after := r.Pos(); after > before {
 					r.logger.Info("flushed to replica", "txid", after.String(), "transactions", uint64(after-before))
+				}
+				r.mu.Lock()
+				claimed := r.listed
+				r.mu.Unlock()
+				if claimed {
+					var taken *TakenOverError
+					if err := r.markStopped(ctx); errors.As(err, &taken) {
+						mu.Lock()
+						errs = append(errs, fmt.Errorf("%s: replica %s: %w", d.rel, r.client, err))
+						mu.Unlock()
+					} else if err != nil {
+						// Nothing is lost: the next lfuse to claim the
+						// replica starts its history above this one.
+						r.logger.Warn("cannot record the clean stop in the replica; the next start uploads a new snapshot", "err", err)
+					}
 				}
 			}()
 		}

@@ -103,6 +103,9 @@ type ReplicaStats struct {
 	StartedAt   int64    // unix nanoseconds when lfuse began shipping to it
 	Syncs, Errs int64
 	Failing     bool
+	// TakenOverBy is the other lfuse that claimed the replica, once one
+	// has: this one writes nothing more to it.
+	TakenOverBy string
 	Ops, Bytes  [numOps]int64
 }
 
@@ -115,6 +118,9 @@ func (r *Replica) Stats() ReplicaStats {
 		st.Bytes[i] = r.ops.bytes[i].Load()
 	}
 	st.Failing = r.syncOutage.now.Load() || r.maintOutage.now.Load()
+	if e := r.takenBy.Load(); e != nil {
+		st.Failing, st.TakenOverBy = true, e.By.String()
+	}
 	return st
 }
 

@@ -216,6 +216,13 @@ func purgeReplica(ctx context.Context, client ReplicaClient, del Deletion, uncla
 	if err := client.DeleteLTXFiles(ctx, files); err != nil {
 		return 0, err
 	}
+	// The writer records go with the history they were about: a path made
+	// and deleted all day must not leave two objects behind each time.
+	for _, name := range []string{writerMarker, stoppedMarker} {
+		if err := client.DeleteMarker(ctx, name); err != nil {
+			return len(files), err
+		}
+	}
 	// Last: a purge cut short is taken up again while the record is there.
 	if err := client.DeleteMarker(ctx, deletedMarker); err != nil {
 		return len(files), err

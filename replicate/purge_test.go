@@ -64,6 +64,9 @@ func TestDeletedDatabasePurgedAfterRetention(t *testing.T) {
 	if _, ok, err := ReadDeletion(context.Background(), replica); ok || err != nil {
 		t.Fatalf("deletion record left (%v)", err)
 	}
+	if left, _ := os.ReadDir(filepath.Join(s.repl, "app.db")); len(left) > 1 || len(left) == 1 && left[0].Name() != "ltx" {
+		t.Fatalf("left in the replica: %v", left)
+	}
 	if _, err := os.Stat(note); !os.IsNotExist(err) {
 		t.Fatalf("purge note left: %v", err)
 	}

@@ -34,6 +34,9 @@ type ReplicaOptions struct {
 	// CheckInterval is how often the replica's snapshots are listed, to
 	// notice a replica deleted or replaced while lfuse runs (one LIST).
 	CheckInterval time.Duration
+	// WriterCheckInterval is how often a replica that lfuse writes to is
+	// checked for another lfuse that claimed it since (one GET).
+	WriterCheckInterval time.Duration
 }
 
 // Defaults of ReplicaOptions.
@@ -63,6 +66,9 @@ func (o ReplicaOptions) WithDefaults() ReplicaOptions {
 	}
 	if o.CheckInterval <= 0 {
 		o.CheckInterval = DefaultCheckInterval
+	}
+	if o.WriterCheckInterval <= 0 {
+		o.WriterCheckInterval = DefaultWriterCheckInterval
 	}
 	return o
 }
@@ -118,12 +124,30 @@ type Replica struct {
 	stopOnce  sync.Once // closes stop
 	// staleChecked: dropStaleDeletion ran (under mu), once per lifetime.
 	staleChecked bool
+
+	// Who writes the replica (writer.go). ownMu serialises the checks;
+	// wrote says something was written since the last one; checkFirst
+	// makes the next upload check first (a final flush); takenBy is set
+	// for good once another lfuse has claimed the replica.
+	writer       Writer
+	ownMu        sync.Mutex
+	lastOwnCheck time.Time
+	wrote        atomic.Bool
+	checkFirst   atomic.Bool
+	takenBy      atomic.Pointer[TakenOverError]
+	// jumpFrom is the writer a claim took the replica from while it may
+	// still run: the next sync starts a history above it, and ships no
+	// commits from before that snapshot, whose names it may yet write.
+	// Under mu.
+	jumpFrom *Writer
+	noTail   bool
 }
 
-func newReplica(d *DB, client ReplicaClient, opts ReplicaOptions, logger *slog.Logger) *Replica {
+func newReplica(d *DB, client ReplicaClient, opts ReplicaOptions, writer Writer, logger *slog.Logger) *Replica {
 	ops := &opCounter{ReplicaClient: withTimeouts(client)}
 	return &Replica{
 		db:        d,
+		writer:    writer,
 		client:    ops,
 		ops:       ops,
 		opts:      opts.WithDefaults(),
@@ -199,6 +223,9 @@ func (r *Replica) run() {
 // snapshot or retention work is due. Errors are logged once per outage;
 // the next tick retries.
 func (r *Replica) tick(ctx context.Context) {
+	if r.takenOver() != nil {
+		return // said once, when it was found
+	}
 	r.mu.Lock()
 	if !r.syncOutage.due(r.opts.SyncInterval) {
 		r.mu.Unlock()
@@ -301,6 +328,8 @@ func (o *outage) result(r *Replica, err error, failed, still, recovered string, 
 			r.logger.Info(recovered, append([]any{"outage_seconds", time.Since(o.since).Seconds()}, recoveredAttrs...)...)
 		}
 	case errors.Is(err, context.Canceled):
+	case r.takenOver() != nil:
+		// Logged once, when it was found; no retry will mend it.
 	case r.db.releasing.Load():
 		// Its state directory was moved aside under a pass in progress
 		// (a release stops its replicas right after): not an outage.
@@ -340,6 +369,11 @@ func (r *Replica) waitMaintenance() { <-r.maintDone }
 
 // Flush ships everything captured so far, retrying until ctx ends.
 func (r *Replica) Flush(ctx context.Context) error {
+	// Another lfuse may have claimed the replica since the last check:
+	// the commits of a final flush are the ones most likely to land in a
+	// replica that a newer lfuse (a rolling update's) already writes.
+	r.checkFirst.Store(true)
+	defer r.checkFirst.Store(false)
 	resnapshots := 0
 	for tries := 0; ; tries++ {
 		r.mu.Lock()
@@ -347,6 +381,10 @@ func (r *Replica) Flush(ctx context.Context) error {
 		r.mu.Unlock()
 		if err == nil {
 			return nil
+		}
+		var taken *TakenOverError
+		if errors.As(err, &taken) {
+			return fmt.Errorf("replica %s: %w", r.client, err)
 		}
 		if errors.Is(err, errResnapshot) && resnapshots < 3 {
 			// The database's loop is stopped: take the new snapshot
@@ -442,6 +480,11 @@ func (r *Replica) listLocked(ctx context.Context) error {
 		}
 		r.pos = ltx.Pos{TXID: newest.MaxTXID, PostApplyChecksum: meta.PostApplyChecksum}
 	}
+	live, err := r.claim(ctx)
+	if err != nil {
+		return err
+	}
+	r.jumpFrom = live
 	r.listed = true
 	r.synced.Store(uint64(r.pos.TXID))
 	// Compaction intervals run on across restarts, from the newest file of
@@ -495,10 +538,21 @@ func (r *Replica) syncLocked(ctx context.Context) error {
 }
 
 func (r *Replica) syncPass(ctx context.Context) error {
+	if err := r.takenOver(); err != nil {
+		return err
+	}
 	if !r.listed {
 		if err := r.listLocked(ctx); err != nil {
 			return err
 		}
+	}
+	if w := r.jumpFrom; w != nil {
+		r.jumpFrom, r.noTail = nil, true
+		r.logger.Warn("this replica was written last by another lfuse that did not stop cleanly and may still be running; "+
+			"a new snapshot starts this history far above its TXIDs, so that nothing it writes until it notices can replace a file of this one",
+			"other_host", w.Host, "other_pid", w.PID, "other_started", w.Started.Format(time.RFC3339))
+		r.db.resnapshotAbove(r.pos.TXID+jumpTXIDs, fmt.Sprintf("replica %s was taken over from another lfuse", r.client))
+		return errResnapshot
 	}
 	last, ok, err := r.db.prepareUpload()
 	if err != nil || !ok {
@@ -615,7 +669,8 @@ func (r *Replica) shipSnapshot(ctx context.Context, snap Ref, upTo ltx.TXID) err
 // shipTail ships the commits the replica lacks from before the local
 // snapshot snap (see shipSnapshots).
 func (r *Replica) shipTail(ctx context.Context, snap ltx.TXID) error {
-	if r.pos.TXID == 0 {
+	if r.pos.TXID == 0 || r.noTail {
+		r.noTail = false
 		return nil
 	}
 	refs, err := r.reader.Tail(r.pos.TXID, snap)
@@ -747,6 +802,18 @@ func (r *Replica) build(ctx context.Context, tmpDir string, level int, srcs []so
 
 // send stores a built file.
 func (r *Replica) send(ctx context.Context, level int, b *builtFile) (ltx.FileInfo, error) {
+	if r.checkFirst.Swap(false) {
+		if err := r.checkWriter(ctx, true); err != nil {
+			if r.takenOver() == nil {
+				r.checkFirst.Store(true) // could not read it: again at the next try
+			}
+			return ltx.FileInfo{}, err
+		}
+	}
+	if err := r.takenOver(); err != nil {
+		return ltx.FileInfo{}, err
+	}
+	r.wrote.Store(true)
 	if _, err := b.f.Seek(0, io.SeekStart); err != nil {
 		return ltx.FileInfo{}, err
 	}
@@ -809,6 +876,11 @@ func (r *Replica) maintain(ctx context.Context, now time.Time) error {
 	r.mu.Unlock()
 	if !listed {
 		return nil // the first sync learns what the replica holds
+	}
+	// Here, off the syncs' path: a commit's way to the replica waits for
+	// no extra request.
+	if err := r.checkWriter(ctx, false); err != nil {
+		return err
 	}
 	if err := r.checkListing(ctx, now); err != nil {
 		return err
@@ -1055,6 +1127,10 @@ func (r *Replica) retain(ctx context.Context, now time.Time) error {
 		if len(batch) == 0 {
 			continue
 		}
+		if err := r.takenOver(); err != nil {
+			return err
+		}
+		r.wrote.Store(true)
 		if err := r.client.DeleteLTXFiles(ctx, batch); err != nil {
 			return fmt.Errorf("delete files past retention: %w", err)
 		}

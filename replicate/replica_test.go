@@ -180,8 +180,15 @@ func newReplicaSetup(t *testing.T, opts ReplicaOptions) *replicaSetup {
 // passed through wrap.
 func newWrappedReplicaSetup(t *testing.T, opts ReplicaOptions, wrap func(ReplicaClient) ReplicaClient) *replicaSetup {
 	t.Helper()
+	return newReplicaSetupIn(t, t.TempDir(), opts, wrap)
+}
+
+// newReplicaSetupIn is newWrappedReplicaSetup with its replicas under repl,
+// which another setup may share.
+func newReplicaSetupIn(t *testing.T, repl string, opts ReplicaOptions, wrap func(ReplicaClient) ReplicaClient) *replicaSetup {
+	t.Helper()
 	data := t.TempDir()
-	rs := &replicaSetup{path: filepath.Join(data, "app.db"), state: filepath.Join(t.TempDir(), "state"), repl: t.TempDir(), logs: &logBuffer{}}
+	rs := &replicaSetup{path: filepath.Join(data, "app.db"), state: filepath.Join(t.TempDir(), "state"), repl: repl, logs: &logBuffer{}}
 	rs.m = NewManager(data, rs.state, slog.New(slog.NewTextHandler(rs.logs, &slog.HandlerOptions{Level: slog.LevelDebug})))
 	rs.m.Replicas = func(rel string) []ReplicaSpec {
 		return []ReplicaSpec{{Client: wrap(file.New(filepath.Join(rs.repl, rel))), Options: opts}}

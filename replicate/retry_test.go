@@ -229,8 +229,9 @@ type failingWrites struct {
 	ReplicaClient
 	down   atomic.Bool
 	before func(level int) // if set, runs as each write starts
-	// If set, marker requests wait for it to close, whatever their
-	// context (a file replica on an NFS server that stopped answering).
+	// If set, requests for the deletion record wait for it to close,
+	// whatever their context (a file replica on an NFS server that
+	// stopped answering as the database was deleted).
 	markerStall chan struct{}
 	// If set, DeleteMarker fails (a bucket that allows no deletes).
 	noMarkerDeletes bool
@@ -244,7 +245,7 @@ func (c *failingWrites) DeleteMarker(ctx context.Context, name string) error {
 }
 
 func (c *failingWrites) ReadMarker(ctx context.Context, name string) ([]byte, error) {
-	if c.markerStall != nil {
+	if c.markerStall != nil && name == deletedMarker {
 		<-c.markerStall
 	}
 	return c.ReplicaClient.ReadMarker(ctx, name)
@@ -261,7 +262,7 @@ func (c *failingWrites) WriteLTXFile(ctx context.Context, level int, min, max lt
 }
 
 func (c *failingWrites) WriteMarker(ctx context.Context, name string, data []byte) error {
-	if c.markerStall != nil {
+	if c.markerStall != nil && name == deletedMarker {
 		<-c.markerStall
 	}
 	if c.down.Load() {

@@ -73,7 +73,15 @@ func runLTX(args []string, stdout, stderr io.Writer) error {
 	for _, f := range all {
 		fmt.Fprintf(tw, "%d\t%s\t%s\t%d\t%s\n", f.Level, f.MinTXID, f.MaxTXID, f.Size, f.CreatedAt.UTC().Format(time.RFC3339Nano))
 	}
-	return tw.Flush()
+	if err := tw.Flush(); err != nil {
+		return err
+	}
+	// Beside the table, not in it: which lfuse writes here, for telling
+	// two that share a replica apart.
+	if w, ok, err := replicate.ReadWriter(ctx, client); err == nil && ok {
+		fmt.Fprintf(stderr, "written by the lfuse that claimed it last: %s\n", w)
+	}
+	return nil
 }
 
 // runDatabases lists the databases of the configured replicas, or of one

@@ -45,8 +45,11 @@ type statusReplica struct {
 	LagTXIDs   uint64  `json:"lag_txids"`
 	LagSeconds float64 `json:"lag_seconds"`
 	Failing    bool    `json:"failing"`
-	Syncs      int64   `json:"syncs"`
-	Errors     int64   `json:"errors"`
+	// TakenOverBy is set once another lfuse claimed the replica: this
+	// one writes nothing more to it.
+	TakenOverBy string `json:"taken_over_by,omitempty"`
+	Syncs       int64  `json:"syncs"`
+	Errors      int64  `json:"errors"`
 }
 
 func statusOf(mgr *replicate.Manager) statusReport {
@@ -59,7 +62,7 @@ func statusOf(mgr *replicate.Manager) statusReport {
 			Captured: st.Captured, Holds: st.Holds, Held: st.Held.Seconds(), Copies: st.Copies, Replicas: []statusReplica{}}
 		for _, r := range d.Replicas() {
 			rs := r.Stats()
-			sr := statusReplica{Replica: rs.Name, Type: rs.Type, TXID: rs.TXID.String(), Failing: rs.Failing, Syncs: rs.Syncs, Errors: rs.Errs}
+			sr := statusReplica{Replica: rs.Name, Type: rs.Type, TXID: rs.TXID.String(), Failing: rs.Failing, TakenOverBy: rs.TakenOverBy, Syncs: rs.Syncs, Errors: rs.Errs}
 			sr.LagTXIDs, sr.LagSeconds = replicaLag(st.TXID, rs)
 			sd.Replicas = append(sd.Replicas, sr)
 		}
@@ -194,7 +197,10 @@ func runStatus(args []string, stdout, stderr io.Writer) error {
 			if r.LagTXIDs > 0 {
 				lag = fmt.Sprintf("%d txns, %.1fs", r.LagTXIDs, r.LagSeconds)
 			}
-			if r.Failing {
+			switch {
+			case r.TakenOverBy != "":
+				lag += " (taken over by another lfuse: " + r.TakenOverBy + ")"
+			case r.Failing:
 				lag += " (failing)"
 			}
 			fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\n", path, status, txid, size, r.Replica, r.TXID, lag)

@@ -1,0 +1,223 @@
+package replicate
+
+import (
+	"bytes"
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"time"
+
+	"github.com/lfuse/lfuse/backends"
+)
+
+// Two lfuse processes that ship different histories to one replica (two
+// pods during a rolling update, two machines with the same config) wrote
+// files of the same names over each other, and each went on believing its
+// replica whole. Measured with a restored pod beside the old one: the
+// restore then gave the old pod's history, and the new pod's commits were
+// gone from the replica while it ran on. So:
+//   - each lfuse claims every replica it starts shipping to, and the one
+//     that claimed last keeps it: the other notices at its next check (or
+//     its final flush), stops writing there and says so;
+//   - an lfuse that claims a replica from another that did not stop
+//     cleanly (it may still be running) starts its history jumpTXIDs above
+//     the replica's, with a new snapshot: what the other writes until it
+//     notices has lower TXIDs and overwrites nothing of the new history,
+//     which a latest restore, taking the highest TXID, then gives.
+
+// writerMarker names the object that says which lfuse writes the replica;
+// stoppedMarker the one that says which lfuse stopped writing it cleanly.
+const (
+	writerMarker  = "lfuse-writer.json"
+	stoppedMarker = "lfuse-writer-stopped.json"
+)
+
+// jumpTXIDs is how far above another writer's TXIDs a takeover starts: far
+// more than it can commit before it notices (a minute or so, or the length
+// of a snapshot upload).
+const jumpTXIDs = 1 << 32
+
+// DefaultWriterCheckInterval is how often a replica being written is
+// checked for another writer: a GET, only while lfuse writes to it.
+const DefaultWriterCheckInterval = 30 * time.Second
+
+// Writer identifies one running lfuse: a Manager. State identifies its
+// state directory, which outlives the process: an lfuse restarted on the
+// same state knows its predecessor is not running.
+type Writer struct {
+	ID      string    `json:"id"`
+	State   string    `json:"state,omitempty"`
+	Host    string    `json:"host"`
+	PID     int       `json:"pid"`
+	Started time.Time `json:"started_at"`
+}
+
+func newWriter() Writer {
+	host, _ := os.Hostname()
+	return Writer{ID: randomID(), Host: host, PID: os.Getpid(), Started: time.Now().UTC()}
+}
+
+func randomID() string {
+	var b [16]byte
+	rand.Read(b[:])
+	return hex.EncodeToString(b[:])
+}
+
+// stateIDName, in the state directory, holds its identity (Writer.State).
+const stateIDName = "state-id"
+
+// stateID reads the state directory's identity, making it the first time.
+func stateID(stateDir string) (string, error) {
+	path := filepath.Join(stateDir, stateIDName)
+	if b, err := os.ReadFile(path); err == nil && len(bytes.TrimSpace(b)) > 0 {
+		return string(bytes.TrimSpace(b)), nil
+	} else if err != nil && !errors.Is(err, os.ErrNotExist) {
+		return "", err
+	}
+	if err := os.MkdirAll(stateDir, 0o700); err != nil {
+		return "", err
+	}
+	id := randomID()
+	if err := writeFileAtomic(path, []byte(id+"\n")); err != nil {
+		return "", err
+	}
+	return id, nil
+}
+
+func (w Writer) String() string {
+	if w.ID == "" {
+		return "not an lfuse this version knows"
+	}
+	return fmt.Sprintf("host %s, pid %d, started %s", w.Host, w.PID, w.Started.Format(time.RFC3339))
+}
+
+// TakenOverError says that another lfuse claimed the replica after this
+// one did: this one writes nothing more to it.
+type TakenOverError struct{ By Writer }
+
+func (e *TakenOverError) Error() string {
+	return fmt.Sprintf("another lfuse (%s) took this replica over; this one no longer writes to it, "+
+		"so its commits since are not there: give each machine its own replica path, or stop the old lfuse before the new one starts", e.By)
+}
+
+// ReadWriter reads which lfuse last claimed client's replica; ok is false
+// when none did (a replica written by Litestream, or before lfuse claimed
+// replicas).
+func ReadWriter(ctx context.Context, client ReplicaClient) (w Writer, ok bool, err error) {
+	return readWriterMarker(ctx, client, writerMarker)
+}
+
+func readWriterMarker(ctx context.Context, client ReplicaClient, name string) (w Writer, ok bool, err error) {
+	b, err := withTimeouts(client).ReadMarker(ctx, name)
+	if errors.Is(err, backends.ErrNotFound) {
+		return Writer{}, false, nil
+	} else if err != nil {
+		return Writer{}, false, err
+	}
+	if err := json.Unmarshal(b, &w); err != nil || w.ID == "" {
+		// Not one of ours, then: whoever wrote it is not this process.
+		return Writer{}, true, nil
+	}
+	return w, true, nil
+}
+
+// claim records this lfuse as the replica's writer. Call after listing
+// the replica, before writing to it. It returns the writer it takes the
+// replica from if that one may still be running: claimed by another
+// process, and not marked as stopped since.
+func (r *Replica) claim(ctx context.Context) (*Writer, error) {
+	if err := r.takenOver(); err != nil {
+		return nil, err
+	}
+	prev, ok, err := ReadWriter(ctx, r.client)
+	if err != nil {
+		return nil, fmt.Errorf("read the replica's writer record: %w", err)
+	}
+	var live *Writer
+	sameState := prev.State != "" && prev.State == r.writer.State
+	if ok && prev.ID != r.writer.ID && !sameState {
+		stopped, sok, err := readWriterMarker(ctx, r.client, stoppedMarker)
+		if err != nil {
+			return nil, fmt.Errorf("read the replica's record of a clean stop: %w", err)
+		}
+		if !sok || stopped.ID != prev.ID || prev.ID == "" {
+			live = &prev
+		}
+	}
+	b, _ := json.Marshal(r.writer)
+	if err := r.client.WriteMarker(ctx, writerMarker, append(b, '\n')); err != nil {
+		return nil, fmt.Errorf("record this lfuse as the replica's writer: %w", err)
+	}
+	r.ownMu.Lock()
+	r.lastOwnCheck = time.Now()
+	r.ownMu.Unlock()
+	return live, nil
+}
+
+// markStopped records, after a final flush, that this lfuse stopped writing
+// the replica cleanly: the next one to claim it continues its history
+// instead of jumping above it. Only while the replica is still this
+// lfuse's; the record has an object of its own, so that writing it can
+// never replace the claim of an lfuse that took over meanwhile.
+func (r *Replica) markStopped(ctx context.Context) error {
+	if err := r.checkWriter(ctx, true); err != nil {
+		return err
+	}
+	b, _ := json.Marshal(r.writer)
+	return r.client.WriteMarker(ctx, stoppedMarker, append(b, '\n'))
+}
+
+// takenOver returns the error that stops every write once another lfuse
+// has claimed the replica, nil before.
+func (r *Replica) takenOver() error {
+	if e := r.takenBy.Load(); e != nil {
+		return e
+	}
+	return nil
+}
+
+// checkWriter reads the replica's writer record and stops this replica's
+// writes for good if another lfuse claimed it. Unless force, it reads only
+// when the interval has passed and something was written since the last
+// look: an idle database costs no request.
+func (r *Replica) checkWriter(ctx context.Context, force bool) error {
+	r.ownMu.Lock()
+	defer r.ownMu.Unlock()
+	if err := r.takenOver(); err != nil {
+		return err
+	}
+	if !force && (!r.wrote.Load() || time.Since(r.lastOwnCheck) < r.opts.WriterCheckInterval) {
+		return nil
+	}
+	r.wrote.Store(false)
+	w, ok, err := ReadWriter(ctx, r.client)
+	if err != nil {
+		r.wrote.Store(true) // look again next time
+		return fmt.Errorf("read the replica's writer record: %w", err)
+	}
+	r.lastOwnCheck = time.Now()
+	if !ok {
+		// Gone: the replica was emptied under lfuse (which lists it again
+		// in time, see checkListing). Nobody else claimed it.
+		b, _ := json.Marshal(r.writer)
+		if err := r.client.WriteMarker(ctx, writerMarker, append(b, '\n')); err != nil {
+			r.wrote.Store(true)
+			return fmt.Errorf("record this lfuse as the replica's writer: %w", err)
+		}
+		return nil
+	}
+	if w.ID == r.writer.ID {
+		return nil
+	}
+	e := &TakenOverError{By: w}
+	r.takenBy.Store(e)
+	r.logger.Error("another lfuse took this replica over; this one stops writing to it, and its commits from now on are not backed up there. "+
+		"Give each machine its own replica path, or stop the old lfuse before starting the new one",
+		"other_host", w.Host, "other_pid", w.PID, "other_started", w.Started.Format(time.RFC3339), "txid", r.Pos().String())
+	return e
+}

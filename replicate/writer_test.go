@@ -1,0 +1,282 @@
+package replicate
+
+import (
+	"context"
+	"database/sql"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"slices"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/lfuse/lfuse/backends/file"
+	"github.com/superfly/ltx"
+)
+
+// twoWriters is two lfuse (Managers, each with its own data and state
+// directories) shipping app.db to one replica directory, driven by hand.
+func twoWriters(t *testing.T, opts ReplicaOptions) (a, b *replicaSetup, repl *file.Client) {
+	t.Helper()
+	dir := t.TempDir()
+	same := func(c ReplicaClient) ReplicaClient { return c }
+	a = newReplicaSetupIn(t, dir, opts, same)
+	b = newReplicaSetupIn(t, dir, opts, same)
+	return a, b, file.New(filepath.Join(dir, "app.db"))
+}
+
+// write runs q on rs's database and ships it through Flush.
+func (rs *replicaSetup) writeAndFlush(t *testing.T, q string) error {
+	t.Helper()
+	if _, err := rs.db.Exec(q); err != nil {
+		t.Fatalf("%s: %v", q, err)
+	}
+	rs.m.Opened("app.db-wal", true)
+	rs.m.SyncAll()
+	return rs.m.DB("app.db").Replicas()[0].Flush(context.Background())
+}
+
+// replicaFiles names every file of the replica directory with its size and
+// modification time: what changes when anything is written there.
+func dirState(t *testing.T, dir string) []string {
+	t.Helper()
+	var out []string
+	filepath.WalkDir(dir, func(p string, e os.DirEntry, err error) error {
+		if err == nil && !e.IsDir() {
+			fi, _ := e.Info()
+			out = append(out, fmt.Sprint(p, " ", fi.ModTime(), " ", fi.Size()))
+		}
+		return nil
+	})
+	slices.Sort(out)
+	return out
+}
+
+// restoredValues restores the replica's latest state and lists t's values.
+func restoredValues(t *testing.T, client ReplicaClient) string {
+	t.Helper()
+	out := filepath.Join(t.TempDir(), "r.db")
+	if _, err := Restore(context.Background(), client, mustPlan(t, client), out, RestoreOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	db, err := sql.Open("sqlite3", out)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer db.Close()
+	var s string
+	if err := db.QueryRow("SELECT group_concat(v, ',') FROM (SELECT v FROM t ORDER BY v)").Scan(&s); err != nil {
+		t.Fatal(err)
+	}
+	return s
+}
+
+// A second lfuse that starts shipping to a replica takes it over: the first
+// notices at its next check, says so once, writes nothing more there (not
+// even its final flush), and its stop fails naming the other. The replica
+// then holds the second one's history alone, which a restore gives back.
+// Before, both wrote over each other and both stopped saying every commit
+// was in the replica.
+func TestSecondWriterTakesTheReplicaOver(t *testing.T) {
+	opts := ReplicaOptions{SyncInterval: time.Hour, SnapshotInterval: time.Hour, CompactIntervals: []time.Duration{time.Hour},
+		WriterCheckInterval: time.Nanosecond}
+	a, b, client := twoWriters(t, opts)
+	if err := a.writeAndFlush(t, "CREATE TABLE t(v); INSERT INTO t VALUES ('a1')"); err != nil {
+		t.Fatal(err)
+	}
+	if err := b.writeAndFlush(t, "CREATE TABLE t(v); INSERT INTO t VALUES ('b1')"); err != nil {
+		t.Fatal(err)
+	}
+	ra := a.m.DB("app.db").Replicas()[0]
+	if err := a.writeAndFlush(t, "INSERT INTO t VALUES ('a2')"); err == nil || !strings.Contains(err.Error(), "took this replica over") {
+		t.Fatalf("a flush after another lfuse claimed the replica: %v", err)
+	}
+	var taken *TakenOverError
+	if err := ra.maintain(context.Background(), time.Now()); !errors.As(err, &taken) || taken.By.PID != os.Getpid() {
+		t.Fatalf("maintenance of a replica taken over: %v", err)
+	}
+	if st := ra.Stats(); !st.Failing || !strings.Contains(st.TakenOverBy, "pid") {
+		t.Fatalf("stats of a replica taken over: %+v", st)
+	}
+	before := dirState(t, b.repl)
+	if _, err := a.db.Exec("INSERT INTO t VALUES ('a3')"); err != nil {
+		t.Fatal(err)
+	}
+	a.m.SyncAll()
+	ra.tick(context.Background())
+	if err := a.m.Close(); err == nil || !strings.Contains(err.Error(), "took this replica over") {
+		t.Fatalf("the stop of an lfuse whose replica was taken over: %v", err)
+	}
+	if after := dirState(t, b.repl); !slices.Equal(before, after) {
+		t.Fatalf("an lfuse wrote to a replica after it was taken over:\n%v\n%v", before, after)
+	}
+	if n := strings.Count(a.logs.String(), "another lfuse took this replica over"); n != 1 {
+		t.Fatalf("the takeover logged %d times, want once:\n%s", n, a.logs.String())
+	}
+	if strings.Contains(a.logs.String(), "will retry") {
+		t.Fatalf("a takeover logged as an outage:\n%s", a.logs.String())
+	}
+	if err := b.writeAndFlush(t, "INSERT INTO t VALUES ('b2')"); err != nil {
+		t.Fatal(err)
+	}
+	if got := restoredValues(t, client); got != "b1,b2" {
+		t.Fatalf("restored %q, want the second writer's b1,b2", got)
+	}
+	if err := b.m.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if strings.Contains(b.logs.String(), "took this replica over") {
+		t.Fatalf("the lfuse that claimed last saw a takeover:\n%s", b.logs.String())
+	}
+}
+
+// The check is one GET, and only for a replica being written: an idle
+// database costs no request however often maintenance runs.
+func TestWriterCheckOnlyWhileWriting(t *testing.T) {
+	opts := ReplicaOptions{SyncInterval: time.Hour, SnapshotInterval: time.Hour, CompactIntervals: []time.Duration{time.Hour},
+		WriterCheckInterval: time.Nanosecond}
+	rs := newReplicaSetup(t, opts)
+	if err := rs.writeAndFlush(t, "CREATE TABLE t(v); INSERT INTO t VALUES ('x')"); err != nil {
+		t.Fatal(err)
+	}
+	r := rs.m.DB("app.db").Replicas()[0]
+	// Its own loops would take the check this test counts.
+	r.Stop()
+	r.waitMaintenance()
+	if err := rs.writeAndFlush(t, "INSERT INTO t VALUES ('y')"); err != nil {
+		t.Fatal(err)
+	}
+	ctx := context.Background()
+	gets := func() int64 { return r.Stats().Ops[OpGet] }
+	g0 := gets()
+	if err := r.maintain(ctx, time.Now()); err != nil {
+		t.Fatal(err)
+	}
+	if n := gets() - g0; n != 1 {
+		t.Fatalf("%d GETs to check a replica just written, want 1", n)
+	}
+	g1 := gets()
+	for range 3 {
+		if err := r.maintain(ctx, time.Now()); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if n := gets() - g1; n != 0 {
+		t.Fatalf("%d GETs for an idle replica", n)
+	}
+	if err := rs.m.Close(); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// An lfuse restarted on its own state claims the replica again and goes on
+// with no takeover: only another running lfuse is one.
+func TestRestartClaimsAgain(t *testing.T) {
+	opts := ReplicaOptions{SyncInterval: time.Hour, SnapshotInterval: time.Hour, CompactIntervals: []time.Duration{time.Hour},
+		WriterCheckInterval: time.Nanosecond}
+	rs := newReplicaSetup(t, opts)
+	if err := rs.writeAndFlush(t, "CREATE TABLE t(v); INSERT INTO t VALUES ('x')"); err != nil {
+		t.Fatal(err)
+	}
+	client := file.New(filepath.Join(rs.repl, "app.db"))
+	first, ok, err := ReadWriter(context.Background(), client)
+	if err != nil || !ok || first.PID != os.Getpid() {
+		t.Fatalf("writer record after a sync: %+v %v %v", first, ok, err)
+	}
+	if err := rs.m.Close(); err != nil {
+		t.Fatal(err)
+	}
+	m := NewManager(filepath.Dir(rs.path), rs.state, rs.m.logger)
+	m.Replicas = rs.m.Replicas
+	if err := m.Open(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	rs.m = m
+	if err := rs.writeAndFlush(t, "INSERT INTO t VALUES ('y')"); err != nil {
+		t.Fatal(err)
+	}
+	if err := m.DB("app.db").Replicas()[0].maintain(context.Background(), time.Now()); err != nil {
+		t.Fatal(err)
+	}
+	second, _, _ := ReadWriter(context.Background(), client)
+	if second.ID == first.ID || second.ID == "" {
+		t.Fatalf("the restarted lfuse did not claim the replica: %+v", second)
+	}
+	if err := m.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if got := restoredValues(t, client); got != "x,y" {
+		t.Fatalf("restored %q", got)
+	}
+}
+
+// An lfuse that claims a replica from another that may still be running
+// starts its history jumpTXIDs above the replica's; from one that stopped
+// cleanly, or from its own state directory's last run, it goes on from
+// the replica's TXIDs.
+func TestTakeoverJumpsUnlessStoppedCleanly(t *testing.T) {
+	opts := ReplicaOptions{SyncInterval: time.Hour, SnapshotInterval: time.Hour, CompactIntervals: []time.Duration{time.Hour}}
+	dir := t.TempDir()
+	same := func(c ReplicaClient) ReplicaClient { return c }
+	client := file.New(filepath.Join(dir, "app.db"))
+	pos := func() ltx.TXID { t.Helper(); return mustPlan(t, client).TXID }
+
+	a := newReplicaSetupIn(t, dir, opts, same)
+	if err := a.writeAndFlush(t, "CREATE TABLE t(v); INSERT INTO t VALUES ('a')"); err != nil {
+		t.Fatal(err)
+	}
+	if err := a.m.Close(); err != nil {
+		t.Fatal(err)
+	}
+	b := newReplicaSetupIn(t, dir, opts, same)
+	if err := b.writeAndFlush(t, "CREATE TABLE t(v); INSERT INTO t VALUES ('b')"); err != nil {
+		t.Fatal(err)
+	}
+	if p := pos(); p >= jumpTXIDs {
+		t.Fatalf("TXID %s after a claim from an lfuse that stopped cleanly: a needless jump", p)
+	}
+	// b is not stopped (as if killed): c may be running beside it.
+	c := newReplicaSetupIn(t, dir, opts, same)
+	before := pos()
+	if err := c.writeAndFlush(t, "CREATE TABLE t(v); INSERT INTO t VALUES ('c')"); err != nil {
+		t.Fatal(err)
+	}
+	if p := pos(); p <= before+jumpTXIDs {
+		t.Fatalf("TXID %s after a claim from an lfuse that may still run (it was at %s): no jump", p, before)
+	}
+	if !strings.Contains(c.logs.String(), "did not stop cleanly") {
+		t.Fatalf("the jump was not logged:\n%s", c.logs.String())
+	}
+	if got := restoredValues(t, client); got != "c" {
+		t.Fatalf("restored %q, want c", got)
+	}
+	if err := b.m.Close(); err == nil {
+		t.Fatal("b stopped cleanly from a replica that c took over")
+	}
+	// c restarted on its own state after a crash (no record of its clean
+	// stop): its predecessor is not running, so no jump.
+	if err := c.m.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Remove(filepath.Join(dir, "app.db", stoppedMarker)); err != nil {
+		t.Fatal(err)
+	}
+	m := NewManager(filepath.Dir(c.path), c.state, c.m.logger)
+	m.Replicas = c.m.Replicas
+	if err := m.Open(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	c.m = m
+	before = pos()
+	if err := c.writeAndFlush(t, "INSERT INTO t VALUES ('c2')"); err != nil {
+		t.Fatal(err)
+	}
+	if p := pos(); p != before+1 {
+		t.Fatalf("TXID %s after one commit from %s on a restart on the same state", p, before)
+	}
+	if err := m.Close(); err != nil {
+		t.Fatal(err)
+	}
+}
