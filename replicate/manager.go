@@ -364,6 +364,8 @@ func (m *Manager) flush(ctx context.Context, dbs []*DB) []error {
 		mu   sync.Mutex
 		errs []error
 		n    int
+		// The replicas to record a clean stop in, once the rest is done.
+		flushed []*Replica
 	)
 	start := time.Now()
 	for _, d := range dbs {
@@ -386,21 +388,9 @@ func (m *Manager) flush(ctx context.Context, dbs []*DB) []error {
 				if after := r.Pos(); after > before {
 					r.logger.Info("flushed to replica", "txid", after.String(), "transactions", uint64(after-before))
 				}
-				r.mu.Lock()
-				claimed := r.listed
-				r.mu.Unlock()
-				if claimed {
-					var taken *TakenOverError
-					if err := r.markStopped(ctx); errors.As(err, &taken) {
-						mu.Lock()
-						errs = append(errs, fmt.Errorf("%s: replica %s: %w", d.rel, r.client, err))
-						mu.Unlock()
-					} else if err != nil {
-						// Nothing is lost: the next lfuse to claim the
-						// replica starts its history above this one.
-						r.logger.Warn("cannot record the clean stop in the replica; the next start uploads a new snapshot", "err", err)
-					}
-				}
+				mu.Lock()
+				flushed = append(flushed, r)
+				mu.Unlock()
 			}()
 		}
 	}
@@ -431,8 +421,47 @@ func (m *Manager) flush(ctx context.Context, dbs []*DB) []error {
 	case <-ctx.Done():
 		m.logger.Warn("stopped waiting to record deleted databases in the replicas; the next start records them", "err", ctx.Err())
 	}
+	errs = append(errs, m.markStopped(ctx, flushed)...)
 	if n > 0 && len(errs) == 0 {
 		m.logger.Info("every captured transaction is in every replica", "replicas", n, "seconds", time.Since(start).Seconds())
+	}
+	return errs
+}
+
+// markStopped records a clean stop in each replica that was flushed, last
+// (it is worth less than a deletion record), and returns the takeovers it
+// finds: their replicas do not hold this lfuse's last commits as the
+// latest state.
+func (m *Manager) markStopped(ctx context.Context, rs []*Replica) []error {
+	var (
+		wg       sync.WaitGroup
+		mu       sync.Mutex
+		errs     []error
+		unmarked int
+		why      error
+	)
+	for _, r := range rs {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			var taken *TakenOverError
+			err := r.markStopped(ctx)
+			mu.Lock()
+			defer mu.Unlock()
+			if errors.As(err, &taken) {
+				errs = append(errs, fmt.Errorf("%s: replica %s: %w", r.db.rel, r.client, err))
+			} else if err != nil {
+				unmarked++
+				why = fmt.Errorf("%s: replica %s: %w", r.db.rel, r.client, err)
+			}
+		}()
+	}
+	wg.Wait()
+	if unmarked > 0 {
+		// Nothing is lost: an lfuse that claims those replicas from
+		// another state directory starts its history above this one's.
+		m.logger.Warn("cannot record the clean stop in every replica; an lfuse started on another state directory uploads a new snapshot to those",
+			"replicas", unmarked, "err", why)
 	}
 	return errs
 }

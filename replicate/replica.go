@@ -126,21 +126,26 @@ type Replica struct {
 	staleChecked bool
 
 	// Who writes the replica (writer.go). ownMu serialises the checks;
-	// wrote says something was written since the last one; checkFirst
-	// makes the next upload check first (a final flush); takenBy is set
-	// for good once another lfuse has claimed the replica.
+	// wrote says something was written since the last one; takenBy is
+	// set for good once another lfuse has claimed the replica.
 	writer       Writer
 	ownMu        sync.Mutex
 	lastOwnCheck time.Time
 	wrote        atomic.Bool
-	checkFirst   atomic.Bool
 	takenBy      atomic.Pointer[TakenOverError]
 	// jumpFrom is the writer a claim took the replica from while it may
-	// still run: the next sync starts a history above it, and ships no
-	// commits from before that snapshot, whose names it may yet write.
-	// Under mu.
-	jumpFrom *Writer
-	noTail   bool
+	// still run: the next sync starts a history above jumpTo, and ships
+	// nothing until that snapshot is there (no commits from before it,
+	// whose names the other may yet write). needClaim: a listing was
+	// taken and not claimed yet; claimErr why the last try failed. Under
+	// mu. claimed: a claim was made (checks then mean something).
+	jumpFrom     *Writer
+	jumpTo       ltx.TXID
+	noTail       bool
+	needClaim    bool
+	claimErr     error
+	lastClaimTry time.Time
+	claimed      atomic.Bool
 }
 
 func newReplica(d *DB, client ReplicaClient, opts ReplicaOptions, writer Writer, logger *slog.Logger) *Replica {
@@ -224,7 +229,10 @@ func (r *Replica) run() {
 // the next tick retries.
 func (r *Replica) tick(ctx context.Context) {
 	if r.takenOver() != nil {
-		return // said once, when it was found
+		// Said once, when it was found. The local log still folds: this
+		// replica holds nothing of it back any more.
+		r.db.foldLog()
+		return
 	}
 	r.mu.Lock()
 	if !r.syncOutage.due(r.opts.SyncInterval) {
@@ -369,11 +377,6 @@ func (r *Replica) waitMaintenance() { <-r.maintDone }
 
 // Flush ships everything captured so far, retrying until ctx ends.
 func (r *Replica) Flush(ctx context.Context) error {
-	// Another lfuse may have claimed the replica since the last check:
-	// the commits of a final flush are the ones most likely to land in a
-	// replica that a newer lfuse (a rolling update's) already writes.
-	r.checkFirst.Store(true)
-	defer r.checkFirst.Store(false)
 	resnapshots := 0
 	for tries := 0; ; tries++ {
 		r.mu.Lock()
@@ -480,11 +483,7 @@ func (r *Replica) listLocked(ctx context.Context) error {
 		}
 		r.pos = ltx.Pos{TXID: newest.MaxTXID, PostApplyChecksum: meta.PostApplyChecksum}
 	}
-	live, err := r.claim(ctx)
-	if err != nil {
-		return err
-	}
-	r.jumpFrom = live
+	r.needClaim = true
 	r.listed = true
 	r.synced.Store(uint64(r.pos.TXID))
 	// Compaction intervals run on across restarts, from the newest file of
@@ -546,12 +545,16 @@ func (r *Replica) syncPass(ctx context.Context) error {
 			return err
 		}
 	}
+	if err := r.claimLocked(ctx); err != nil {
+		return err
+	}
 	if w := r.jumpFrom; w != nil {
 		r.jumpFrom, r.noTail = nil, true
 		r.logger.Warn("this replica was written last by another lfuse that did not stop cleanly and may still be running; "+
 			"a new snapshot starts this history far above its TXIDs, so that nothing it writes until it notices can replace a file of this one",
 			"other_host", w.Host, "other_pid", w.PID, "other_started", w.Started.Format(time.RFC3339))
-		r.db.resnapshotAbove(r.pos.TXID+jumpTXIDs, fmt.Sprintf("replica %s was taken over from another lfuse", r.client))
+		r.jumpTo = r.pos.TXID + jumpTXIDs
+		r.db.resnapshotAbove(r.jumpTo, fmt.Sprintf("replica %s was taken over from another lfuse", r.client))
 		return errResnapshot
 	}
 	last, ok, err := r.db.prepareUpload()
@@ -559,6 +562,12 @@ func (r *Replica) syncPass(ctx context.Context) error {
 		return err
 	}
 	upTo := last.TXID()
+	if r.jumpTo != 0 {
+		if upTo <= r.jumpTo {
+			return errResnapshot // the snapshot above the other's TXIDs is not taken yet
+		}
+		r.jumpTo = 0
+	}
 	if upTo < r.pos.TXID {
 		// The database went back in time (restored from an older copy,
 		// a power cut): a second history must not reuse these TXIDs.
@@ -802,14 +811,6 @@ func (r *Replica) build(ctx context.Context, tmpDir string, level int, srcs []so
 
 // send stores a built file.
 func (r *Replica) send(ctx context.Context, level int, b *builtFile) (ltx.FileInfo, error) {
-	if r.checkFirst.Swap(false) {
-		if err := r.checkWriter(ctx, true); err != nil {
-			if r.takenOver() == nil {
-				r.checkFirst.Store(true) // could not read it: again at the next try
-			}
-			return ltx.FileInfo{}, err
-		}
-	}
 	if err := r.takenOver(); err != nil {
 		return ltx.FileInfo{}, err
 	}
@@ -878,9 +879,12 @@ func (r *Replica) maintain(ctx context.Context, now time.Time) error {
 		return nil // the first sync learns what the replica holds
 	}
 	// Here, off the syncs' path: a commit's way to the replica waits for
-	// no extra request.
-	if err := r.checkWriter(ctx, false); err != nil {
+	// no extra request. Only a takeover stops the maintenance; a record
+	// that cannot be read now is read again next time.
+	if err := r.checkWriter(ctx, false); r.takenOver() != nil {
 		return err
+	} else if err != nil && ctx.Err() == nil {
+		r.logger.Debug("cannot check the replica's writer record; again at the next pass", "err", err)
 	}
 	if err := r.checkListing(ctx, now); err != nil {
 		return err

@@ -150,8 +150,8 @@ func (m *Manager) markDeleted(ctx context.Context, d *DB, marks *deletionMarks) 
 	}
 	all := true
 	for _, r := range d.replicas {
-		if marks.done[r] {
-			continue
+		if marks.done[r] || r.takenOver() != nil {
+			continue // a replica another lfuse took over is its history now
 		}
 		if had, ok, err := ReadDeletion(ctx, r.client); err == nil && ok && had.TXID == del.TXID && had.PostApplyChecksum == del.PostApplyChecksum {
 			// Recorded before a restart: its time, not the restart's, is
@@ -190,6 +190,9 @@ func (r *Replica) holds(txid ltx.TXID, post ltx.Checksum) bool {
 		return false
 	}
 	defer r.mu.Unlock()
+	if r.takenOver() != nil {
+		return true // it takes nothing more: not a reason to keep the database
+	}
 	return r.listed && r.pos.TXID == txid && r.pos.PostApplyChecksum == post
 }
 

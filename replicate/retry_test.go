@@ -229,9 +229,8 @@ type failingWrites struct {
 	ReplicaClient
 	down   atomic.Bool
 	before func(level int) // if set, runs as each write starts
-	// If set, requests for the deletion record wait for it to close,
-	// whatever their context (a file replica on an NFS server that
-	// stopped answering as the database was deleted).
+	// If set, marker requests wait for it to close, whatever their
+	// context (a file replica on an NFS server that stopped answering).
 	markerStall chan struct{}
 	// If set, DeleteMarker fails (a bucket that allows no deletes).
 	noMarkerDeletes bool
@@ -245,7 +244,7 @@ func (c *failingWrites) DeleteMarker(ctx context.Context, name string) error {
 }
 
 func (c *failingWrites) ReadMarker(ctx context.Context, name string) ([]byte, error) {
-	if c.markerStall != nil && name == deletedMarker {
+	if c.markerStall != nil {
 		<-c.markerStall
 	}
 	return c.ReplicaClient.ReadMarker(ctx, name)
@@ -262,7 +261,7 @@ func (c *failingWrites) WriteLTXFile(ctx context.Context, level int, min, max lt
 }
 
 func (c *failingWrites) WriteMarker(ctx context.Context, name string, data []byte) error {
-	if c.markerStall != nil && name == deletedMarker {
+	if c.markerStall != nil {
 		<-c.markerStall
 	}
 	if c.down.Load() {

@@ -126,6 +126,45 @@ func readWriterMarker(ctx context.Context, client ReplicaClient, name string) (w
 	return w, true, nil
 }
 
+// unheldMarkers makes the writer record's requests return when their
+// context ends, whether or not the client does: a replica whose requests
+// ignore their context (a file replica on an NFS server that stopped
+// answering) must not hold a stop, or a replica's loop, on a record.
+type unheldMarkers struct{ ReplicaClient }
+
+func unheld[T any](ctx context.Context, f func() (T, error)) (T, error) {
+	ctx, cancel := context.WithTimeout(ctx, headTimeout)
+	defer cancel()
+	type result struct {
+		v   T
+		err error
+	}
+	done := make(chan result, 1)
+	go func() {
+		v, err := f()
+		done <- result{v, err}
+	}()
+	select {
+	case res := <-done:
+		return res.v, res.err
+	case <-ctx.Done():
+		var zero T
+		return zero, ctx.Err()
+	}
+}
+
+func (c unheldMarkers) ReadMarker(ctx context.Context, name string) ([]byte, error) {
+	return unheld(ctx, func() ([]byte, error) { return c.ReplicaClient.ReadMarker(ctx, name) })
+}
+
+func (c unheldMarkers) WriteMarker(ctx context.Context, name string, data []byte) error {
+	_, err := unheld(ctx, func() (struct{}, error) { return struct{}{}, c.ReplicaClient.WriteMarker(ctx, name, data) })
+	return err
+}
+
+// markers is the replica's client for the writer records.
+func (r *Replica) markers() ReplicaClient { return unheldMarkers{r.client} }
+
 // claim records this lfuse as the replica's writer. Call after listing
 // the replica, before writing to it. It returns the writer it takes the
 // replica from if that one may still be running: claimed by another
@@ -134,14 +173,21 @@ func (r *Replica) claim(ctx context.Context) (*Writer, error) {
 	if err := r.takenOver(); err != nil {
 		return nil, err
 	}
-	prev, ok, err := ReadWriter(ctx, r.client)
+	prev, ok, err := ReadWriter(ctx, r.markers())
 	if err != nil {
 		return nil, fmt.Errorf("read the replica's writer record: %w", err)
+	}
+	if r.claimed.Load() && ok && prev.ID != r.writer.ID {
+		// Listed again (its newest snapshot went): a record that names
+		// another lfuse now is one that took the replica over since,
+		// perhaps while this one wrote nothing and so never checked.
+		// Claimed again, the replica went back to the older lfuse.
+		return nil, r.tookOver(prev)
 	}
 	var live *Writer
 	sameState := prev.State != "" && prev.State == r.writer.State
 	if ok && prev.ID != r.writer.ID && !sameState {
-		stopped, sok, err := readWriterMarker(ctx, r.client, stoppedMarker)
+		stopped, sok, err := readWriterMarker(ctx, r.markers(), stoppedMarker)
 		if err != nil {
 			return nil, fmt.Errorf("read the replica's record of a clean stop: %w", err)
 		}
@@ -150,13 +196,58 @@ func (r *Replica) claim(ctx context.Context) (*Writer, error) {
 		}
 	}
 	b, _ := json.Marshal(r.writer)
-	if err := r.client.WriteMarker(ctx, writerMarker, append(b, '\n')); err != nil {
+	if err := r.markers().WriteMarker(ctx, writerMarker, append(b, '\n')); err != nil {
 		return nil, fmt.Errorf("record this lfuse as the replica's writer: %w", err)
 	}
 	r.ownMu.Lock()
 	r.lastOwnCheck = time.Now()
 	r.ownMu.Unlock()
+	r.claimed.Store(true)
 	return live, nil
+}
+
+// claimLocked claims the replica after a listing (the first, or one taken
+// again because its newest snapshot went). A claim that fails does not
+// hold replication up: commits matter more than the record, which is
+// tried again every WriterCheckInterval; a final flush makes no claim
+// (a record that hangs must not keep its commits from the replica). Only
+// a takeover, found by a listing taken again, is an error. Call with mu
+// held.
+func (r *Replica) claimLocked(ctx context.Context) error {
+	if err := r.takenOver(); err != nil {
+		return err
+	}
+	select {
+	case <-r.stop:
+		return nil
+	default:
+	}
+	if !r.needClaim || r.claimErr != nil && time.Since(r.lastClaimTry) < r.opts.WriterCheckInterval {
+		return nil
+	}
+	r.lastClaimTry = time.Now()
+	cctx, cancel := context.WithTimeout(ctx, headTimeout)
+	defer cancel()
+	live, err := r.claim(cctx)
+	if taken := r.takenOver(); taken != nil {
+		return taken
+	}
+	if err != nil {
+		if ctx.Err() != nil {
+			return ctx.Err()
+		}
+		if r.claimErr == nil {
+			r.logger.Warn("cannot record this lfuse as the replica's writer; replicating anyway, and trying again", "every", r.opts.WriterCheckInterval, "err", err)
+		}
+		r.claimErr = err
+		return nil
+	}
+	if r.claimErr != nil {
+		r.logger.Info("recorded this lfuse as the replica's writer")
+	}
+	r.needClaim, r.claimErr = false, nil
+	r.jumpFrom = live
+	return nil
 }
 
 // markStopped records, after a final flush, that this lfuse stopped writing
@@ -165,11 +256,14 @@ func (r *Replica) claim(ctx context.Context) (*Writer, error) {
 // lfuse's; the record has an object of its own, so that writing it can
 // never replace the claim of an lfuse that took over meanwhile.
 func (r *Replica) markStopped(ctx context.Context) error {
+	if !r.claimed.Load() {
+		return nil
+	}
 	if err := r.checkWriter(ctx, true); err != nil {
 		return err
 	}
 	b, _ := json.Marshal(r.writer)
-	return r.client.WriteMarker(ctx, stoppedMarker, append(b, '\n'))
+	return r.markers().WriteMarker(ctx, stoppedMarker, append(b, '\n'))
 }
 
 // takenOver returns the error that stops every write once another lfuse
@@ -191,11 +285,14 @@ func (r *Replica) checkWriter(ctx context.Context, force bool) error {
 	if err := r.takenOver(); err != nil {
 		return err
 	}
+	if !r.claimed.Load() {
+		return nil // the record names whoever wrote before: not a takeover
+	}
 	if !force && (!r.wrote.Load() || time.Since(r.lastOwnCheck) < r.opts.WriterCheckInterval) {
 		return nil
 	}
 	r.wrote.Store(false)
-	w, ok, err := ReadWriter(ctx, r.client)
+	w, ok, err := ReadWriter(ctx, r.markers())
 	if err != nil {
 		r.wrote.Store(true) // look again next time
 		return fmt.Errorf("read the replica's writer record: %w", err)
@@ -205,7 +302,7 @@ func (r *Replica) checkWriter(ctx context.Context, force bool) error {
 		// Gone: the replica was emptied under lfuse (which lists it again
 		// in time, see checkListing). Nobody else claimed it.
 		b, _ := json.Marshal(r.writer)
-		if err := r.client.WriteMarker(ctx, writerMarker, append(b, '\n')); err != nil {
+		if err := r.markers().WriteMarker(ctx, writerMarker, append(b, '\n')); err != nil {
 			r.wrote.Store(true)
 			return fmt.Errorf("record this lfuse as the replica's writer: %w", err)
 		}
@@ -214,8 +311,15 @@ func (r *Replica) checkWriter(ctx context.Context, force bool) error {
 	if w.ID == r.writer.ID {
 		return nil
 	}
+	return r.tookOver(w)
+}
+
+// tookOver notes that w claimed the replica after this lfuse, once.
+func (r *Replica) tookOver(w Writer) error {
 	e := &TakenOverError{By: w}
-	r.takenBy.Store(e)
+	if !r.takenBy.CompareAndSwap(nil, e) {
+		return r.takenOver()
+	}
 	r.logger.Error("another lfuse took this replica over; this one stops writing to it, and its commits from now on are not backed up there. "+
 		"Give each machine its own replica path, or stop the old lfuse before starting the new one",
 		"other_host", w.Host, "other_pid", w.PID, "other_started", w.Started.Format(time.RFC3339), "txid", r.Pos().String())

@@ -90,8 +90,9 @@ func TestSecondWriterTakesTheReplicaOver(t *testing.T) {
 		t.Fatal(err)
 	}
 	ra := a.m.DB("app.db").Replicas()[0]
-	if err := a.writeAndFlush(t, "INSERT INTO t VALUES ('a2')"); err == nil || !strings.Contains(err.Error(), "took this replica over") {
-		t.Fatalf("a flush after another lfuse claimed the replica: %v", err)
+	// a has not looked yet: its commit lands, under TXIDs far below b's.
+	if err := a.writeAndFlush(t, "INSERT INTO t VALUES ('a2')"); err != nil {
+		t.Fatal(err)
 	}
 	var taken *TakenOverError
 	if err := ra.maintain(context.Background(), time.Now()); !errors.As(err, &taken) || taken.By.PID != os.Getpid() {
@@ -279,4 +280,82 @@ func TestTakeoverJumpsUnlessStoppedCleanly(t *testing.T) {
 	if err := m.Close(); err != nil {
 		t.Fatal(err)
 	}
+}
+
+// An lfuse that wrote nothing since another took its replica over, and so
+// never checked, finds the takeover when it lists the replica again (its
+// newest snapshot went, to the other's retention): it used to claim the
+// replica back and start above the other's history, which a latest
+// restore then gave.
+func TestTakeoverFoundByAListingAgain(t *testing.T) {
+	opts := ReplicaOptions{SyncInterval: time.Hour, SnapshotInterval: time.Hour, CompactIntervals: []time.Duration{time.Hour}}
+	a, b, client := twoWriters(t, opts)
+	if err := a.writeAndFlush(t, "CREATE TABLE t(v); INSERT INTO t VALUES ('a1')"); err != nil {
+		t.Fatal(err)
+	}
+	if err := b.writeAndFlush(t, "CREATE TABLE t(v); INSERT INTO t VALUES ('b1')"); err != nil {
+		t.Fatal(err)
+	}
+	ra := a.m.DB("app.db").Replicas()[0]
+	ra.mu.Lock()
+	ra.listed = false // what checkListing does when the newest snapshot is gone
+	ra.mu.Unlock()
+	var taken *TakenOverError
+	if err := a.writeAndFlush(t, "INSERT INTO t VALUES ('a2')"); !errors.As(err, &taken) {
+		t.Fatalf("a flush after listing a replica taken over: %v", err)
+	}
+	if w, _, _ := ReadWriter(context.Background(), client); w.ID != b.m.writer.ID {
+		t.Fatalf("the writer record names %+v, not the lfuse that took the replica over", w)
+	}
+	if got := restoredValues(t, client); got != "b1" {
+		t.Fatalf("restored %q, want b1", got)
+	}
+	a.m.Close()
+	if err := b.m.Close(); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// The local log of a database whose only replica was taken over folds as
+// it would if that replica kept up: nothing will be shipped from it there.
+func TestLogFoldsPastATakenOverReplica(t *testing.T) {
+	defer func(n int64) { maxSegment = n }(maxSegment)
+	maxSegment = 32 << 10
+	opts := ReplicaOptions{SyncInterval: time.Hour, SnapshotInterval: time.Hour, CompactIntervals: []time.Duration{time.Hour},
+		WriterCheckInterval: time.Nanosecond}
+	a, b, _ := twoWriters(t, opts)
+	if err := a.writeAndFlush(t, "CREATE TABLE t(v)"); err != nil {
+		t.Fatal(err)
+	}
+	if err := b.writeAndFlush(t, "CREATE TABLE t(v)"); err != nil {
+		t.Fatal(err)
+	}
+	d := a.m.DB("app.db")
+	ra := d.Replicas()[0]
+	if err := ra.checkWriter(context.Background(), true); ra.takenOver() == nil {
+		t.Fatalf("no takeover found: %v", err)
+	}
+	for range 200 {
+		if _, err := a.db.Exec("INSERT INTO t VALUES (randomblob(3000))"); err != nil {
+			t.Fatal(err)
+		}
+		a.m.SyncAll()
+	}
+	segments := func() int {
+		ents, _ := os.ReadDir(LogDir(a.state, "app.db"))
+		n := 0
+		for _, e := range ents {
+			if strings.HasSuffix(e.Name(), ".seg") {
+				n++
+			}
+		}
+		return n
+	}
+	if n := segments(); n < 5 {
+		t.Fatalf("only %d segments", n)
+	}
+	ra.tick(context.Background())
+	waitUntil(t, "the local log to fold", func() bool { return segments() == 1 })
+	a.m.Close()
+	b.m.Close()
 }
