@@ -135,17 +135,20 @@ type Replica struct {
 	takenBy      atomic.Pointer[TakenOverError]
 	// jumpFrom is the writer a claim took the replica from while it may
 	// still run: the next sync starts a history above jumpTo, and ships
-	// nothing until that snapshot is there (no commits from before it,
-	// whose names the other may yet write). needClaim: a listing was
-	// taken and not claimed yet; claimErr why the last try failed. Under
-	// mu. claimed: a claim was made (checks then mean something).
-	jumpFrom     *Writer
-	jumpTo       ltx.TXID
-	noTail       bool
-	needClaim    bool
-	claimErr     error
-	lastClaimTry time.Time
-	claimed      atomic.Bool
+	// nothing below it until that snapshot is there (no older local
+	// snapshot, no commits from before it: the other may yet write those
+	// names). needClaim: a listing was taken and not claimed yet;
+	// claimErr why the last try failed, nextClaim when to try again.
+	// Under mu. claimed: a claim was made (checks then mean something);
+	// wroteAny: this replica has written something.
+	jumpFrom  *Writer
+	jumpTo    ltx.TXID
+	needClaim bool
+	claimErr  error
+	claimWait time.Duration
+	nextClaim time.Time
+	claimed   atomic.Bool
+	wroteAny  atomic.Bool
 }
 
 func newReplica(d *DB, client ReplicaClient, opts ReplicaOptions, writer Writer, logger *slog.Logger) *Replica {
@@ -549,7 +552,7 @@ func (r *Replica) syncPass(ctx context.Context) error {
 		return err
 	}
 	if w := r.jumpFrom; w != nil {
-		r.jumpFrom, r.noTail = nil, true
+		r.jumpFrom = nil
 		r.logger.Warn("this replica was written last by another lfuse that did not stop cleanly and may still be running; "+
 			"a new snapshot starts this history far above its TXIDs, so that nothing it writes until it notices can replace a file of this one",
 			"other_host", w.Host, "other_pid", w.PID, "other_started", w.Started.Format(time.RFC3339))
@@ -562,11 +565,8 @@ func (r *Replica) syncPass(ctx context.Context) error {
 		return err
 	}
 	upTo := last.TXID()
-	if r.jumpTo != 0 {
-		if upTo <= r.jumpTo {
-			return errResnapshot // the snapshot above the other's TXIDs is not taken yet
-		}
-		r.jumpTo = 0
+	if r.jumpTo != 0 && upTo <= r.jumpTo {
+		return errResnapshot // the snapshot above the other's TXIDs is not taken yet
 	}
 	if upTo < r.pos.TXID {
 		// The database went back in time (restored from an older copy,
@@ -640,7 +640,9 @@ func (r *Replica) syncPass(ctx context.Context) error {
 // holds nothing gets the newest alone.
 func (r *Replica) shipSnapshots(ctx context.Context, upTo ltx.TXID) (ltx.TXID, error) {
 	for {
-		snap, newest, err := r.reader.SnapshotAbove(r.pos.TXID)
+		// After a jump, only the snapshot above it: an older one would
+		// go in under TXIDs the other lfuse may yet write.
+		snap, newest, err := r.reader.SnapshotAbove(max(r.pos.TXID, r.jumpTo))
 		if err != nil {
 			return 0, err
 		}
@@ -672,14 +674,16 @@ func (r *Replica) shipSnapshot(ctx context.Context, snap Ref, upTo ltx.TXID) err
 		return err
 	}
 	r.record(info)
+	if info.MaxTXID > r.jumpTo {
+		r.jumpTo = 0 // the new history stands above the other's
+	}
 	return nil
 }
 
 // shipTail ships the commits the replica lacks from before the local
 // snapshot snap (see shipSnapshots).
 func (r *Replica) shipTail(ctx context.Context, snap ltx.TXID) error {
-	if r.pos.TXID == 0 || r.noTail {
-		r.noTail = false
+	if r.pos.TXID == 0 || r.jumpTo != 0 {
 		return nil
 	}
 	refs, err := r.reader.Tail(r.pos.TXID, snap)
@@ -815,6 +819,7 @@ func (r *Replica) send(ctx context.Context, level int, b *builtFile) (ltx.FileIn
 		return ltx.FileInfo{}, err
 	}
 	r.wrote.Store(true)
+	r.wroteAny.Store(true)
 	if _, err := b.f.Seek(0, io.SeekStart); err != nil {
 		return ltx.FileInfo{}, err
 	}

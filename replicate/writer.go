@@ -177,11 +177,14 @@ func (r *Replica) claim(ctx context.Context) (*Writer, error) {
 	if err != nil {
 		return nil, fmt.Errorf("read the replica's writer record: %w", err)
 	}
-	if r.claimed.Load() && ok && prev.ID != r.writer.ID {
+	if ok && prev.ID != r.writer.ID && (r.claimed.Load() || r.wroteAny.Load() && prev.Started.After(r.writer.Started)) {
 		// Listed again (its newest snapshot went): a record that names
 		// another lfuse now is one that took the replica over since,
 		// perhaps while this one wrote nothing and so never checked.
-		// Claimed again, the replica went back to the older lfuse.
+		// Claimed again, the replica went back to the older lfuse. So
+		// is, once this lfuse has written unclaimed (its first claim
+		// failed), a record of an lfuse started after it: a predecessor
+		// started before.
 		return nil, r.tookOver(prev)
 	}
 	var live *Writer
@@ -217,38 +220,55 @@ func (r *Replica) claimLocked(ctx context.Context) error {
 	if err := r.takenOver(); err != nil {
 		return err
 	}
-	select {
-	case <-r.stop:
-		return nil
-	default:
-	}
-	if !r.needClaim || r.claimErr != nil && time.Since(r.lastClaimTry) < r.opts.WriterCheckInterval {
+	if !r.needClaim {
 		return nil
 	}
-	r.lastClaimTry = time.Now()
-	cctx, cancel := context.WithTimeout(ctx, headTimeout)
+	// A listing taken again after a claim must read the record before
+	// anything is written: its newest snapshot went, perhaps to the
+	// retention of an lfuse that took the replica over, above whose
+	// history this one's resnapshot would otherwise land. That holds for
+	// a final flush too; only a first claim is let go.
+	again := r.claimed.Load()
+	if !again {
+		select {
+		case <-r.stop:
+			return nil
+		default:
+		}
+		if r.claimErr != nil && time.Now().Before(r.nextClaim) {
+			return nil
+		}
+	}
+	cctx, cancel := context.WithTimeout(ctx, claimTimeout)
 	defer cancel()
 	live, err := r.claim(cctx)
 	if taken := r.takenOver(); taken != nil {
 		return taken
 	}
 	if err != nil {
-		if ctx.Err() != nil {
-			return ctx.Err()
+		if ctx.Err() != nil || again {
+			return fmt.Errorf("check the replica's writer record after listing it again: %w", err)
 		}
 		if r.claimErr == nil {
-			r.logger.Warn("cannot record this lfuse as the replica's writer; replicating anyway, and trying again", "every", r.opts.WriterCheckInterval, "err", err)
+			r.logger.Warn("cannot record this lfuse as the replica's writer; replicating anyway, and trying again", "err", err)
 		}
+		// From the end of the attempt, growing: a record that hangs
+		// holds mu (and the syncs) for claimTimeout at each try.
+		r.claimWait = min(max(2*r.claimWait, r.opts.WriterCheckInterval), 10*time.Minute)
+		r.nextClaim = time.Now().Add(r.claimWait)
 		r.claimErr = err
 		return nil
 	}
 	if r.claimErr != nil {
 		r.logger.Info("recorded this lfuse as the replica's writer")
 	}
-	r.needClaim, r.claimErr = false, nil
+	r.needClaim, r.claimErr, r.claimWait = false, nil, 0
 	r.jumpFrom = live
 	return nil
 }
+
+// claimTimeout bounds one claim: it holds a sync.
+const claimTimeout = 10 * time.Second
 
 // markStopped records, after a final flush, that this lfuse stopped writing
 // the replica cleanly: the next one to claim it continues its history

@@ -9,6 +9,7 @@ import (
 	"path/filepath"
 	"slices"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -358,4 +359,95 @@ func TestLogFoldsPastATakenOverReplica(t *testing.T) {
 	waitUntil(t, "the local log to fold", func() bool { return segments() == 1 })
 	a.m.Close()
 	b.m.Close()
+}
+
+// The same at a stop: a final flush that lists the replica again reads the
+// record before it writes. It used to make no claim while stopping, and
+// uploaded the old database as a snapshot above the new writer's history.
+func TestTakeoverFoundByAListingAgainAtStop(t *testing.T) {
+	opts := ReplicaOptions{SyncInterval: time.Hour, SnapshotInterval: time.Hour, CompactIntervals: []time.Duration{time.Hour}}
+	a, b, client := twoWriters(t, opts)
+	if err := a.writeAndFlush(t, "CREATE TABLE t(v); INSERT INTO t VALUES ('a1')"); err != nil {
+		t.Fatal(err)
+	}
+	if err := b.writeAndFlush(t, "CREATE TABLE t(v); INSERT INTO t VALUES ('b1')"); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := a.db.Exec("INSERT INTO t VALUES ('a2')"); err != nil {
+		t.Fatal(err)
+	}
+	a.m.SyncAll()
+	ra := a.m.DB("app.db").Replicas()[0]
+	ra.mu.Lock()
+	ra.listed = false
+	ra.mu.Unlock()
+	if err := a.m.Close(); err == nil || !strings.Contains(err.Error(), "took this replica over") {
+		t.Fatalf("the stop of an lfuse whose replica was taken over: %v", err)
+	}
+	if got := restoredValues(t, client); got != "b1" {
+		t.Fatalf("restored %q, want b1", got)
+	}
+	if err := b.m.Close(); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// markerFailing fails the writer records while fail is set.
+type markerFailing struct {
+	ReplicaClient
+	fail atomic.Bool
+}
+
+func (c *markerFailing) ReadMarker(ctx context.Context, name string) ([]byte, error) {
+	if c.fail.Load() {
+		return nil, errors.New("injected: marker unreadable")
+	}
+	return c.ReplicaClient.ReadMarker(ctx, name)
+}
+
+func (c *markerFailing) WriteMarker(ctx context.Context, name string, data []byte) error {
+	if c.fail.Load() {
+		return errors.New("injected: marker unwritable")
+	}
+	return c.ReplicaClient.WriteMarker(ctx, name, data)
+}
+
+// An lfuse whose first claim failed replicates anyway; when its claim
+// finally goes through and finds the record of an lfuse started after it,
+// that one took the replica over: it used to take it for its predecessor
+// and jump above it, and the older lfuse kept the replica.
+func TestLateClaimYieldsToANewerWriter(t *testing.T) {
+	opts := ReplicaOptions{SyncInterval: time.Hour, SnapshotInterval: time.Hour, CompactIntervals: []time.Duration{time.Hour},
+		WriterCheckInterval: time.Nanosecond}
+	dir := t.TempDir()
+	mf := &markerFailing{}
+	mf.fail.Store(true)
+	a := newReplicaSetupIn(t, dir, opts, func(c ReplicaClient) ReplicaClient { mf.ReplicaClient = c; return mf })
+	if err := a.writeAndFlush(t, "CREATE TABLE t(v); INSERT INTO t VALUES ('a1')"); err != nil {
+		t.Fatal(err)
+	}
+	if !strings.Contains(a.logs.String(), "replicating anyway") {
+		t.Fatalf("a failed claim was not logged:\n%s", a.logs.String())
+	}
+	b := newReplicaSetupIn(t, dir, opts, func(c ReplicaClient) ReplicaClient { return c })
+	if err := b.writeAndFlush(t, "CREATE TABLE t(v); INSERT INTO t VALUES ('b1')"); err != nil {
+		t.Fatal(err)
+	}
+	mf.fail.Store(false)
+	ra := a.m.DB("app.db").Replicas()[0]
+	ra.mu.Lock()
+	ra.nextClaim = time.Time{}
+	ra.mu.Unlock()
+	var taken *TakenOverError
+	if err := a.writeAndFlush(t, "INSERT INTO t VALUES ('a2')"); !errors.As(err, &taken) {
+		t.Fatalf("a late claim after a newer lfuse claimed: %v", err)
+	}
+	client := file.New(filepath.Join(dir, "app.db"))
+	if w, _, _ := ReadWriter(context.Background(), client); w.ID != b.m.writer.ID {
+		t.Fatalf("the record names %+v, not the newer lfuse", w)
+	}
+	a.m.Close()
+	if err := b.m.Close(); err != nil {
+		t.Fatal(err)
+	}
 }
