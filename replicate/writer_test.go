@@ -28,6 +28,20 @@ func twoWriters(t *testing.T, opts ReplicaOptions) (a, b *replicaSetup, repl *fi
 	return a, b, file.New(filepath.Join(dir, "app.db"))
 }
 
+// takenOver is twoWriters after a wrote a1 and then b took the replica
+// over with b1, a still running.
+func takenOver(t *testing.T, opts ReplicaOptions) (a, b *replicaSetup, repl *file.Client) {
+	t.Helper()
+	a, b, repl = twoWriters(t, opts)
+	if err := a.writeAndFlush(t, "CREATE TABLE t(v); INSERT INTO t VALUES ('a1')"); err != nil {
+		t.Fatal(err)
+	}
+	if err := b.writeAndFlush(t, "CREATE TABLE t(v); INSERT INTO t VALUES ('b1')"); err != nil {
+		t.Fatal(err)
+	}
+	return a, b, repl
+}
+
 // write runs q on rs's database and ships it through Flush.
 func (rs *replicaSetup) writeAndFlush(t *testing.T, q string) error {
 	t.Helper()
@@ -83,13 +97,7 @@ func restoredValues(t *testing.T, client ReplicaClient) string {
 func TestSecondWriterTakesTheReplicaOver(t *testing.T) {
 	opts := ReplicaOptions{SyncInterval: time.Hour, SnapshotInterval: time.Hour, CompactIntervals: []time.Duration{time.Hour},
 		WriterCheckInterval: time.Nanosecond}
-	a, b, client := twoWriters(t, opts)
-	if err := a.writeAndFlush(t, "CREATE TABLE t(v); INSERT INTO t VALUES ('a1')"); err != nil {
-		t.Fatal(err)
-	}
-	if err := b.writeAndFlush(t, "CREATE TABLE t(v); INSERT INTO t VALUES ('b1')"); err != nil {
-		t.Fatal(err)
-	}
+	a, b, client := takenOver(t, opts)
 	ra := a.m.DB("app.db").Replicas()[0]
 	// a has not looked yet: its commit lands, under TXIDs far below b's.
 	if err := a.writeAndFlush(t, "INSERT INTO t VALUES ('a2')"); err != nil {
@@ -290,13 +298,7 @@ func TestTakeoverJumpsUnlessStoppedCleanly(t *testing.T) {
 // restore then gave.
 func TestTakeoverFoundByAListingAgain(t *testing.T) {
 	opts := ReplicaOptions{SyncInterval: time.Hour, SnapshotInterval: time.Hour, CompactIntervals: []time.Duration{time.Hour}}
-	a, b, client := twoWriters(t, opts)
-	if err := a.writeAndFlush(t, "CREATE TABLE t(v); INSERT INTO t VALUES ('a1')"); err != nil {
-		t.Fatal(err)
-	}
-	if err := b.writeAndFlush(t, "CREATE TABLE t(v); INSERT INTO t VALUES ('b1')"); err != nil {
-		t.Fatal(err)
-	}
+	a, b, client := takenOver(t, opts)
 	ra := a.m.DB("app.db").Replicas()[0]
 	ra.mu.Lock()
 	ra.listed = false // what checkListing does when the newest snapshot is gone
@@ -324,13 +326,7 @@ func TestLogFoldsPastATakenOverReplica(t *testing.T) {
 	maxSegment = 32 << 10
 	opts := ReplicaOptions{SyncInterval: time.Hour, SnapshotInterval: time.Hour, CompactIntervals: []time.Duration{time.Hour},
 		WriterCheckInterval: time.Nanosecond}
-	a, b, _ := twoWriters(t, opts)
-	if err := a.writeAndFlush(t, "CREATE TABLE t(v)"); err != nil {
-		t.Fatal(err)
-	}
-	if err := b.writeAndFlush(t, "CREATE TABLE t(v)"); err != nil {
-		t.Fatal(err)
-	}
+	a, b, _ := takenOver(t, opts)
 	d := a.m.DB("app.db")
 	ra := d.Replicas()[0]
 	if err := ra.checkWriter(context.Background(), true); ra.takenOver() == nil {
@@ -366,13 +362,7 @@ func TestLogFoldsPastATakenOverReplica(t *testing.T) {
 // uploaded the old database as a snapshot above the new writer's history.
 func TestTakeoverFoundByAListingAgainAtStop(t *testing.T) {
 	opts := ReplicaOptions{SyncInterval: time.Hour, SnapshotInterval: time.Hour, CompactIntervals: []time.Duration{time.Hour}}
-	a, b, client := twoWriters(t, opts)
-	if err := a.writeAndFlush(t, "CREATE TABLE t(v); INSERT INTO t VALUES ('a1')"); err != nil {
-		t.Fatal(err)
-	}
-	if err := b.writeAndFlush(t, "CREATE TABLE t(v); INSERT INTO t VALUES ('b1')"); err != nil {
-		t.Fatal(err)
-	}
+	a, b, client := takenOver(t, opts)
 	if _, err := a.db.Exec("INSERT INTO t VALUES ('a2')"); err != nil {
 		t.Fatal(err)
 	}
