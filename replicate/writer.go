@@ -210,12 +210,12 @@ func (r *Replica) claim(ctx context.Context) (*Writer, error) {
 }
 
 // claimLocked claims the replica after a listing (the first, or one taken
-// again because its newest snapshot went). A claim that fails does not
-// hold replication up: commits matter more than the record, which is
-// tried again every WriterCheckInterval; a final flush makes no claim
-// (a record that hangs must not keep its commits from the replica). Only
-// a takeover, found by a listing taken again, is an error. Call with mu
-// held.
+// again because its newest snapshot went). A first claim that fails does
+// not hold replication up: commits matter more than the record, which is
+// tried again, less and less often; a final flush makes no first claim (a
+// record that hangs must not keep its commits from the replica). A claim
+// after a listing taken again must succeed before anything is written.
+// Call with mu held.
 func (r *Replica) claimLocked(ctx context.Context) error {
 	if err := r.takenOver(); err != nil {
 		return err
@@ -246,8 +246,11 @@ func (r *Replica) claimLocked(ctx context.Context) error {
 		return taken
 	}
 	if err != nil {
-		if ctx.Err() != nil || again {
+		if again {
 			return fmt.Errorf("check the replica's writer record after listing it again: %w", err)
+		}
+		if ctx.Err() != nil {
+			return ctx.Err()
 		}
 		if r.claimErr == nil {
 			r.logger.Warn("cannot record this lfuse as the replica's writer; replicating anyway, and trying again", "err", err)
