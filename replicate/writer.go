@@ -177,7 +177,7 @@ func (r *Replica) claim(ctx context.Context) (*Writer, error) {
 	if err != nil {
 		return nil, fmt.Errorf("read the replica's writer record: %w", err)
 	}
-	if ok && prev.ID != r.writer.ID && (r.claimed.Load() || r.wroteAny.Load() && prev.Started.After(r.writer.Started)) {
+	if ok && prev.ID != r.writer.ID && (r.claimed.Load() || r.wroteAny.Load() && prev.Started.After(r.writer.Started.Add(clockSkew))) {
 		// Listed again (its newest snapshot went): a record that names
 		// another lfuse now is one that took the replica over since,
 		// perhaps while this one wrote nothing and so never checked.
@@ -269,6 +269,12 @@ func (r *Replica) claimLocked(ctx context.Context) error {
 	r.jumpFrom = live
 	return nil
 }
+
+// clockSkew is how far ahead another machine's clock may run: a
+// predecessor that started just before this lfuse, on a clock ahead of
+// this one, is not taken for a newer lfuse (which would stop this one's
+// replication for good).
+const clockSkew = time.Minute
 
 // claimTimeout bounds one claim: it holds a sync.
 const claimTimeout = 10 * time.Second
