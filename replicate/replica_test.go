@@ -206,6 +206,18 @@ func newReplicaSetupIn(t *testing.T, repl string, opts ReplicaOptions, wrap func
 	return rs
 }
 
+// logSegments counts the segment files of app.db's local log under state.
+func logSegments(state string) int {
+	ents, _ := os.ReadDir(LogDir(state, "app.db"))
+	n := 0
+	for _, e := range ents {
+		if strings.HasSuffix(e.Name(), ".seg") {
+			n++
+		}
+	}
+	return n
+}
+
 func mustList(t *testing.T, c ReplicaClient, level int) []ltx.FileInfo {
 	t.Helper()
 	files, err := c.LTXFiles(context.Background(), level)
@@ -233,16 +245,7 @@ func TestLocalLogFolds(t *testing.T) {
 		}
 		m.SyncAll()
 	}
-	segments := func() int {
-		ents, _ := os.ReadDir(LogDir(state, "app.db"))
-		n := 0
-		for _, e := range ents {
-			if strings.HasSuffix(e.Name(), ".seg") {
-				n++
-			}
-		}
-		return n
-	}
+	segments := func() int { return logSegments(state) }
 	before := segments()
 	if before < 5 {
 		t.Fatalf("only %d segments", before)

@@ -165,6 +165,16 @@ func (c unheldMarkers) WriteMarker(ctx context.Context, name string, data []byte
 // markers is the replica's client for the writer records.
 func (r *Replica) markers() ReplicaClient { return unheldMarkers{r.client} }
 
+// writeRecord stores this lfuse as the record name: its claim, or its
+// clean stop.
+func (r *Replica) writeRecord(ctx context.Context, name string) error {
+	b, _ := json.Marshal(r.writer)
+	if err := r.markers().WriteMarker(ctx, name, append(b, '\n')); err != nil {
+		return fmt.Errorf("write %s: %w", name, err)
+	}
+	return nil
+}
+
 // claim records this lfuse as the replica's writer. Call after listing
 // the replica, before writing to it. It returns the writer it takes the
 // replica from if that one may still be running: claimed by another
@@ -198,9 +208,8 @@ func (r *Replica) claim(ctx context.Context) (*Writer, error) {
 			live = &prev
 		}
 	}
-	b, _ := json.Marshal(r.writer)
-	if err := r.markers().WriteMarker(ctx, writerMarker, append(b, '\n')); err != nil {
-		return nil, fmt.Errorf("record this lfuse as the replica's writer: %w", err)
+	if err := r.writeRecord(ctx, writerMarker); err != nil {
+		return nil, err
 	}
 	r.ownMu.Lock()
 	r.lastOwnCheck = time.Now()
@@ -291,8 +300,7 @@ func (r *Replica) markStopped(ctx context.Context) error {
 	if err := r.checkWriter(ctx, true); err != nil {
 		return err
 	}
-	b, _ := json.Marshal(r.writer)
-	return r.markers().WriteMarker(ctx, stoppedMarker, append(b, '\n'))
+	return r.writeRecord(ctx, stoppedMarker)
 }
 
 // takenOver returns the error that stops every write once another lfuse
@@ -330,10 +338,9 @@ func (r *Replica) checkWriter(ctx context.Context, force bool) error {
 	if !ok {
 		// Gone: the replica was emptied under lfuse (which lists it again
 		// in time, see checkListing). Nobody else claimed it.
-		b, _ := json.Marshal(r.writer)
-		if err := r.markers().WriteMarker(ctx, writerMarker, append(b, '\n')); err != nil {
+		if err := r.writeRecord(ctx, writerMarker); err != nil {
 			r.wrote.Store(true)
-			return fmt.Errorf("record this lfuse as the replica's writer: %w", err)
+			return err
 		}
 		return nil
 	}

@@ -42,6 +42,19 @@ func takenOver(t *testing.T, opts ReplicaOptions) (a, b *replicaSetup, repl *fil
 	return a, b, repl
 }
 
+// restart opens a new Manager on rs's directories and replicas, as an
+// lfuse started again after rs.m stopped.
+func (rs *replicaSetup) restart(t *testing.T) *Manager {
+	t.Helper()
+	m := NewManager(filepath.Dir(rs.path), rs.state, rs.m.logger)
+	m.Replicas = rs.m.Replicas
+	if err := m.Open(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	rs.m = m
+	return m
+}
+
 // write runs q on rs's database and ships it through Flush.
 func (rs *replicaSetup) writeAndFlush(t *testing.T, q string) error {
 	t.Helper()
@@ -198,12 +211,7 @@ func TestRestartClaimsAgain(t *testing.T) {
 	if err := rs.m.Close(); err != nil {
 		t.Fatal(err)
 	}
-	m := NewManager(filepath.Dir(rs.path), rs.state, rs.m.logger)
-	m.Replicas = rs.m.Replicas
-	if err := m.Open(context.Background()); err != nil {
-		t.Fatal(err)
-	}
-	rs.m = m
+	m := rs.restart(t)
 	if err := rs.writeAndFlush(t, "INSERT INTO t VALUES ('y')"); err != nil {
 		t.Fatal(err)
 	}
@@ -273,12 +281,7 @@ func TestTakeoverJumpsUnlessStoppedCleanly(t *testing.T) {
 	if err := os.Remove(filepath.Join(dir, "app.db", stoppedMarker)); err != nil {
 		t.Fatal(err)
 	}
-	m := NewManager(filepath.Dir(c.path), c.state, c.m.logger)
-	m.Replicas = c.m.Replicas
-	if err := m.Open(context.Background()); err != nil {
-		t.Fatal(err)
-	}
-	c.m = m
+	m := c.restart(t)
 	before = pos()
 	if err := c.writeAndFlush(t, "INSERT INTO t VALUES ('c2')"); err != nil {
 		t.Fatal(err)
@@ -338,16 +341,7 @@ func TestLogFoldsPastATakenOverReplica(t *testing.T) {
 		}
 		a.m.SyncAll()
 	}
-	segments := func() int {
-		ents, _ := os.ReadDir(LogDir(a.state, "app.db"))
-		n := 0
-		for _, e := range ents {
-			if strings.HasSuffix(e.Name(), ".seg") {
-				n++
-			}
-		}
-		return n
-	}
+	segments := func() int { return logSegments(a.state) }
 	if n := segments(); n < 5 {
 		t.Fatalf("only %d segments", n)
 	}
