@@ -352,12 +352,12 @@ func eachDB(dbs []*DB, f func(*DB) error) []error {
 
 // flush stops every replica's loop and ships what is left, all replicas at
 // once.
-func (m *Manager) flush(ctx context.Context, dbs []*DB) []error {
+func (m *Manager) flush(parent context.Context, dbs []*DB) []error {
 	timeout := m.ShutdownTimeout
 	if timeout <= 0 {
 		timeout = 30 * time.Second
 	}
-	ctx, cancel := context.WithTimeout(ctx, timeout)
+	ctx, cancel := context.WithTimeout(parent, timeout)
 	defer cancel()
 	var (
 		wg   sync.WaitGroup
@@ -400,33 +400,47 @@ func (m *Manager) flush(ctx context.Context, dbs []*DB) []error {
 	// timeout: a replica whose I/O ignores its context (a file replica on
 	// an NFS server that stopped answering) held the stop for good. The
 	// state directory keeps the deletion for the next start.
-	marked := make(chan struct{})
-	go func() {
-		defer close(marked)
-		eachDB(dbs, func(d *DB) error {
-			d.mu.Lock()
-			gone := d.status == statusGone && !d.retired
-			d.mu.Unlock()
-			if !gone {
-				return nil
-			}
-			if ready, _ := m.shippedWhileGone(d); ready {
-				m.markDeleted(ctx, d, newDeletionMarks())
-			}
-			return nil
-		})
-	}()
-	select {
-	case <-marked:
-	case <-ctx.Done():
-		m.logger.Warn("stopped waiting to record deleted databases in the replicas; the next start records them", "err", ctx.Err())
+	var gone []*DB
+	for _, d := range dbs {
+		d.mu.Lock()
+		if d.status == statusGone && !d.retired {
+			gone = append(gone, d)
+		}
+		d.mu.Unlock()
 	}
-	errs = append(errs, m.markStopped(ctx, flushed)...)
+	if len(gone) > 0 {
+		marked := make(chan struct{})
+		go func() {
+			defer close(marked)
+			eachDB(gone, func(d *DB) error {
+				if ready, _ := m.shippedWhileGone(d); ready {
+					m.markDeleted(ctx, d, newDeletionMarks())
+				}
+				return nil
+			})
+		}()
+		select {
+		case <-marked:
+		case <-ctx.Done():
+			m.logger.Warn("stopped waiting to record deleted databases in the replicas; the next start records them", "err", ctx.Err())
+		}
+	}
+	// A replica that kept failing may have used up the timeout; the
+	// others' clean stops are still worth a request or two: without one,
+	// the next lfuse to claim such a replica uploads a new snapshot.
+	deadline, _ := ctx.Deadline()
+	recCtx, cancelRec := context.WithTimeout(parent, max(time.Until(deadline), stopRecordGrace))
+	defer cancelRec()
+	errs = append(errs, m.markStopped(recCtx, flushed)...)
 	if n > 0 && len(errs) == 0 {
 		m.logger.Info("every captured transaction is in every replica", "replicas", n, "seconds", time.Since(start).Seconds())
 	}
 	return errs
 }
+
+// stopRecordGrace is what recording clean stops gets after a flush that
+// took the whole shutdown timeout. Each record is two small requests.
+const stopRecordGrace = time.Second
 
 // markStopped records a clean stop in each replica that was flushed, last
 // (it is worth less than a deletion record), and returns the takeovers it

@@ -436,3 +436,34 @@ func TestLateClaimYieldsToANewerWriter(t *testing.T) {
 		t.Fatal(err)
 	}
 }
+
+// A replica that fails until the shutdown timeout does not cost the others
+// their record of a clean stop: the flush used up the timeout, and the
+// records, made with it, failed. The next lfuse to claim those replicas
+// from another state directory then uploaded a new snapshot to each.
+func TestCleanStopRecordedBesideAFailingReplica(t *testing.T) {
+	opts := ReplicaOptions{SyncInterval: time.Hour, SnapshotInterval: time.Hour, CompactIntervals: []time.Duration{time.Hour}}
+	down := &failingWrites{}
+	down.down.Store(true)
+	rs := newReplicaSetup(t, opts)
+	replicas := rs.m.Replicas
+	rs.m.Replicas = func(rel string) []ReplicaSpec {
+		down.ReplicaClient = file.New(filepath.Join(t.TempDir(), rel))
+		return append(replicas(rel), ReplicaSpec{Client: down, Options: opts})
+	}
+	rs.m.ShutdownTimeout = 300 * time.Millisecond
+	if _, err := rs.db.Exec("CREATE TABLE t(v); INSERT INTO t VALUES (1)"); err != nil {
+		t.Fatal(err)
+	}
+	rs.m.Opened("app.db-wal", true)
+	rs.m.SyncAll()
+	if err := rs.m.Close(); err == nil || !strings.Contains(err.Error(), "injected") {
+		t.Fatalf("stop with a replica down: %v, want its failure", err)
+	}
+	if _, err := os.Stat(filepath.Join(rs.repl, "app.db", stoppedMarker)); err != nil {
+		t.Fatalf("no clean stop recorded in the replica that holds every commit: %v\n%s", err, rs.logs.String())
+	}
+	if strings.Contains(rs.logs.String(), "deleted databases") {
+		t.Fatalf("a stop with no deleted database spoke of recording some:\n%s", rs.logs.String())
+	}
+}
