@@ -3,6 +3,7 @@ package integration
 import (
 	"bytes"
 	"context"
+	"errors"
 	"fmt"
 	"io"
 	"maps"
@@ -564,6 +565,70 @@ func TestBackendOutage(t *testing.T) {
 			e.restoreByConfig(cfgPath, 200)
 		})
 	}
+}
+
+// A restore with one of two replicas down: by default it fails, saying how
+// to go on, since the replica down may hold commits the other lacks; with
+// restore-skip-unreachable, restore-if-missing takes the database from the
+// other and the mount starts. Here the replica down is ahead (a mount
+// shipped to it alone): when it is back, the new mount's history, by then
+// past its TXIDs, must supersede what it held, never mix with it.
+func TestRestoreWithAReplicaDown(t *testing.T) {
+	env := backendtest.Servers(t)
+	e := newEnv(t)
+	env2, cut := e.proxied("s3", env)
+	s3Only := e.cloudConfig(cloudReplicas[0], env2)
+	s3Body, err := os.ReadFile(s3Only)
+	if err != nil {
+		t.Fatal(err)
+	}
+	both := filepath.Join(e.root, "both.toml")
+	cfg := fmt.Sprintf("[[replicas]]\nurl = %q\nsync-interval = \"100ms\"\n\n%s", "file://"+filepath.Join(e.root, "replica"), s3Body)
+	if err := os.WriteFile(both, []byte(cfg), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	dbPath := e.path("app.db")
+
+	e.replicateSeq(both, 50)
+	lf := e.mount("-config", s3Only) // commits the file replica misses
+	sqliteCLI(t, dbPath, "CREATE TABLE other(x);"+strings.Repeat("INSERT INTO other VALUES (randomblob(100));", 20))
+	checkpointTruncate(t, dbPath)
+	lf.stop()
+
+	// The machine is lost, and the replica ahead is down.
+	if err := os.RemoveAll(e.data); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Mkdir(e.data, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	cut.down()
+	code, log := runLfuse(t, "restore", "-config", both, "-data", e.data)
+	if code == 0 || !strings.Contains(log, "-skip-unreachable") || !strings.Contains(log, cut.addr) {
+		t.Fatalf("restore with the replica ahead down: exit %d, want a failure naming it and how to go on:\n%s", code, log)
+	}
+	if _, err := os.Stat(filepath.Join(e.data, "app.db")); !errors.Is(err, os.ErrNotExist) {
+		t.Fatalf("a failed restore left app.db: %v", err)
+	}
+
+	lf = e.mount("-config", both, "-restore-if-missing", "-restore-skip-unreachable")
+	if !strings.Contains(lf.log.String(), "replica cannot be reached; restoring without it") {
+		t.Fatalf("no warning of the replica left out:\n%s", lf.log)
+	}
+	if n := seqRows(t, filepath.Join(e.data, "app.db")); n != 50 {
+		t.Fatalf("restored %d rows from the file replica, want 50", n)
+	}
+	// Past the TXIDs the replica down holds, under which it has another
+	// history.
+	seqWrite(t, dbPath, 51, 90)
+	cut.up()
+	checkpointTruncate(t, dbPath)
+	lf.stop() // ships everything to both replicas, or fails
+	if !strings.Contains(lf.log.String(), "database needs a new snapshot") {
+		t.Fatalf("no new snapshot above what the replica that was down held:\n%s", lf.log)
+	}
+	// The replica that was ahead now gives the new history, byte for byte.
+	e.restoreByConfig(s3Only, 90)
 }
 
 // proxied returns the servers' environment with backend name's server

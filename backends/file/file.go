@@ -330,6 +330,11 @@ func (c *Client) Databases(ctx context.Context) ([]string, error) {
 		if err := ctx.Err(); err != nil {
 			return err
 		}
+		if p == c.root && !d.IsDir() {
+			// Listed as empty, a restore said the replica held no
+			// database at all.
+			return fmt.Errorf("replica %s is not a directory", c.root)
+		}
 		if !d.IsDir() || d.Name() != "ltx" || !holdsLevel(p) {
 			return nil
 		}

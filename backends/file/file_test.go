@@ -134,4 +134,12 @@ func TestDatabases(t *testing.T) {
 	if dbs, err := c.Databases(ctx); err != nil || !slices.Equal(dbs, backendtest.DatabaseNames) {
 		t.Fatalf("databases %q, %v; want %q", dbs, err, backendtest.DatabaseNames)
 	}
+	// A file where the replica's directory belongs is no empty replica.
+	notDir := filepath.Join(t.TempDir(), "f")
+	if err := os.WriteFile(notDir, nil, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if dbs, err := New(notDir).Databases(ctx); err == nil || !strings.Contains(err.Error(), "not a directory") {
+		t.Fatalf("a root that is a file: %q, %v; want an error saying so", dbs, err)
+	}
 }

@@ -39,6 +39,9 @@ type Config struct {
 	// RestoreIfMissing restores, before mounting, every database a replica
 	// holds that the data directory lacks.
 	RestoreIfMissing bool `toml:"restore-if-missing"`
+	// RestoreSkipUnreachable lets a restore of every database go on from
+	// the other replicas when one cannot be reached.
+	RestoreSkipUnreachable bool `toml:"restore-skip-unreachable"`
 	// ShutdownTimeout bounds the wait for replicas when lfuse stops.
 	ShutdownTimeout Duration `toml:"shutdown-timeout"`
 	// Exec is the application lfuse starts once the mount is ready, run by

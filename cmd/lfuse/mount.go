@@ -42,6 +42,7 @@ func runMount(args []string, stderr io.Writer) error {
 	var replicas multiFlag
 	fl.Var(&replicas, "replica", "replicate every database to this URL (file:///path or a path; repeatable; adds to the config's replicas)")
 	restoreIfMissing := fl.Bool("restore-if-missing", false, "before mounting, restore every database a replica holds that the data directory lacks (restore-if-missing)")
+	restoreSkip := fl.Bool("restore-skip-unreachable", false, "with -restore-if-missing and several replicas: restore without a replica that cannot be reached, rather than fail (restore-skip-unreachable)")
 	shutdownTimeout := fl.Duration("shutdown-timeout", 0, "how long to keep trying to ship captured transactions when stopping (shutdown-timeout; default 30s)")
 	execCmd := fl.String("exec", "", "once mounted, run this command (by /bin/sh) with lfuse's environment and stdio; when it exits, ship, unmount and exit with its code (exec)")
 	fl.Usage = func() {
@@ -84,6 +85,9 @@ func runMount(args []string, stderr io.Writer) error {
 	}
 	if set["restore-if-missing"] {
 		cfg.RestoreIfMissing = *restoreIfMissing
+	}
+	if set["restore-skip-unreachable"] {
+		cfg.RestoreSkipUnreachable = *restoreSkip
 	}
 	if set["shutdown-timeout"] {
 		cfg.ShutdownTimeout = Duration{Duration: *shutdownTimeout, set: true}
@@ -168,7 +172,8 @@ func mount(cfg Config, logger *slog.Logger, debugFUSE bool) error {
 	}
 	if cfg.RestoreIfMissing && (len(cfg.Replicas) > 0 || len(cfg.Databases) > 0) {
 		var said strings.Builder
-		n, err := restoreAll(ctx, logger, &said, cfg, replicate.Target{}, restoreFlags{ifReplicaExists: true, ifDBNotExists: true, parallelism: 8})
+		n, err := restoreAll(ctx, logger, &said, cfg, replicate.Target{}, restoreFlags{ifReplicaExists: true, ifDBNotExists: true, parallelism: 8,
+			skipUnreachable: cfg.RestoreSkipUnreachable})
 		if err != nil {
 			return fmt.Errorf("restore before mount: %w", err)
 		}

@@ -40,6 +40,9 @@ type restoreFlags struct {
 	// the target, unless withDeleted.
 	skipDeleted bool
 	withDeleted bool
+	// A replica that cannot be reached is left out as if not configured,
+	// rather than failing the restore.
+	skipUnreachable bool
 }
 
 func runRestore(args []string, stdout, stderr io.Writer) error {
@@ -58,6 +61,7 @@ func runRestore(args []string, stdout, stderr io.Writer) error {
 	fl.BoolVar(&f.ifDBNotExists, "if-db-not-exists", false, "skip (exit 0) a database that already exists")
 	fl.IntVar(&f.parallelism, "parallelism", 8, "concurrent downloads")
 	fl.BoolVar(&f.force, "force", false, "overwrite a database that exists")
+	fl.BoolVar(&f.skipUnreachable, "skip-unreachable", false, "with several replicas: leave out, with a warning, a replica that cannot be reached, as if it were not configured; what only it holds is not restored (restore-skip-unreachable in the config)")
 	fl.BoolVar(&f.withDeleted, "include-deleted", false, "with -data or -config: also restore the databases that were deleted (by the target), as they were last")
 	logLevel := fl.String("log-level", "info", "debug, info, warn or error")
 	fl.Usage = func() {
@@ -144,6 +148,7 @@ Flags:
 	if err := cfg.validate(); err != nil {
 		return err
 	}
+	f.skipUnreachable = f.skipUnreachable || cfg.RestoreSkipUnreachable
 	dataAbs, err := filepath.Abs(cfg.DataDir)
 	if err != nil {
 		return err
@@ -234,6 +239,8 @@ func restoreAll(ctx context.Context, logger *slog.Logger, stderr io.Writer, cfg 
 		configured[filepath.ToSlash(filepath.Clean(d.Path))] = true
 		rels, seen[filepath.ToSlash(filepath.Clean(d.Path))] = append(rels, filepath.ToSlash(filepath.Clean(d.Path))), true
 	}
+	var reached []ReplicaConfig
+	var unreached error
 	for _, r := range cfg.Replicas {
 		root, err := openReplica(ctx, r)
 		if err != nil {
@@ -241,8 +248,18 @@ func restoreAll(ctx context.Context, logger *slog.Logger, stderr io.Writer, cfg 
 		}
 		found, err := root.databases(ctx)
 		if err != nil {
-			return 0, fmt.Errorf("list the databases: %w", namedError(root.client, err))
+			err = fmt.Errorf("list the databases: %w", namedError(root.client, err))
+			if !unreachable(ctx, err) || len(cfg.Replicas)+len(cfg.Databases) == 1 {
+				return 0, err
+			}
+			if !f.skipUnreachable {
+				return 0, withSkipHint(err)
+			}
+			logger.Warn(skippedUnreachable, "replica", root.client.String(), "err", err)
+			unreached = cmp.Or(unreached, err)
+			continue
 		}
+		reached = append(reached, r)
 		for _, rel := range found {
 			if !localDBPath(rel) {
 				// A replica is not trusted to name where files go.
@@ -254,6 +271,10 @@ func restoreAll(ctx context.Context, logger *slog.Logger, stderr io.Writer, cfg 
 			}
 		}
 	}
+	if unreached != nil && len(reached) == 0 && len(cfg.Databases) == 0 {
+		return 0, unreached // none left to restore from
+	}
+	cfg.Replicas = reached
 	if len(rels) == 0 {
 		if f.ifReplicaExists {
 			fmt.Fprintln(stderr, "lfuse: "+noDatabases)
@@ -474,6 +495,24 @@ func dropShadowed(ctx context.Context, logger *slog.Logger, cfg Config, target r
 	return slices.DeleteFunc(rels, func(rel string) bool { return drop[rel] })
 }
 
+// unreachable says whether err, from reading a replica, may pass once the
+// replica is back: not what only the user can fix (ErrConfig), nor a
+// replica read in full that holds nothing usable, nor this restore being
+// stopped.
+func unreachable(ctx context.Context, err error) bool {
+	return ctx.Err() == nil && !errors.Is(err, backends.ErrConfig) && !errors.Is(err, replicate.ErrNoSnapshot)
+}
+
+// withSkipHint says what to do about a replica that cannot be reached
+// while others can: the restore does not take their state for the newest
+// on its own.
+func withSkipHint(err error) error {
+	return fmt.Errorf("%w; it may hold commits the other replicas lack: restore once it is reachable, or leave it out with -skip-unreachable (restore-skip-unreachable in the config)", err)
+}
+
+// skippedUnreachable is logged for a replica a restore leaves out.
+const skippedUnreachable = "replica cannot be reached; restoring without it (-skip-unreachable): what only it holds is not restored"
+
 // noDatabases is what a restore says of replicas that hold no database.
 const noDatabases = "no database in the replicas; nothing to restore"
 
@@ -558,6 +597,7 @@ func restoreOne(ctx context.Context, logger *slog.Logger, stderr io.Writer, clie
 	var errs []error
 	var order []int // replicas with a plan, newest state first, then in configured order
 	var gaps []int  // replicas missing a file of their chain
+	var skipped []int
 	for i, err := range perrs {
 		switch {
 		case err == nil:
@@ -569,11 +609,20 @@ func restoreOne(ctx context.Context, logger *slog.Logger, stderr io.Writer, clie
 			// Another replica may keep a longer history, or be further
 			// along, or hold the TXID exactly.
 			errs = append(errs, namedError(clients[i], err))
-		default:
+		case len(clients) > 1 && unreachable(ctx, err):
 			// It may hold a newer state than the others: restoring
-			// from them could lose commits without a word.
+			// from them could lose commits without a word, unless asked.
+			if !f.skipUnreachable {
+				return 0, withSkipHint(namedError(clients[i], err))
+			}
+			logger.Warn(skippedUnreachable, "replica", clients[i].String(), "err", err)
+			skipped = append(skipped, i)
+		default:
 			return 0, namedError(clients[i], err)
 		}
+	}
+	if len(skipped) > 0 && len(skipped) == len(clients) {
+		return 0, namedError(clients[skipped[0]], perrs[skipped[0]]) // none left to restore from
 	}
 	// A replica with a gap can be passed over only if it lists nothing
 	// newer than the state restored from another: it then holds no commit

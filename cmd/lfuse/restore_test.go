@@ -225,13 +225,19 @@ func TestRestoreSkipsSeenDeleted(t *testing.T) {
 // the restore logged.
 func restoreLog(t *testing.T, target replicate.Target, clients ...*file.Client) (out, log string, err error) {
 	t.Helper()
-	var buf bytes.Buffer
-	out = filepath.Join(t.TempDir(), "r.db")
 	var cs []replicate.ReplicaClient
 	for _, c := range clients {
 		cs = append(cs, c)
 	}
-	_, err = restoreOne(context.Background(), slog.New(slog.NewTextHandler(&buf, nil)), io.Discard, cs, out, target, restoreFlags{})
+	return restoreLogFlags(t, target, restoreFlags{}, cs...)
+}
+
+// restoreLogFlags is restoreLog with flags, from any clients.
+func restoreLogFlags(t *testing.T, target replicate.Target, f restoreFlags, clients ...replicate.ReplicaClient) (out, log string, err error) {
+	t.Helper()
+	var buf bytes.Buffer
+	out = filepath.Join(t.TempDir(), "r.db")
+	_, err = restoreOne(context.Background(), slog.New(slog.NewTextHandler(&buf, nil)), io.Discard, clients, out, target, f)
 	return out, buf.String(), err
 }
 
@@ -314,8 +320,99 @@ func TestRestoreRefusesWithAReplicaUnreadable(t *testing.T) {
 		t.Fatal(err)
 	}
 	_, log, err := restoreLog(t, replicate.Target{}, good, unreadable)
+	if err == nil || !strings.Contains(err.Error(), unreadable.String()) || !strings.Contains(err.Error(), "-skip-unreachable") {
+		t.Fatalf("err %v, want the unreadable replica named, and the way to restore without it\n%s", err, log)
+	}
+	if strings.Contains(err.Error(), "\n") {
+		t.Fatalf("error of more than one line: %q", err)
+	}
+}
+
+// refusing is a replica whose listing fails as wrong credentials do.
+type refusing struct{ *file.Client }
+
+func (r refusing) LTXFiles(context.Context, int) ([]ltx.FileInfo, error) {
+	return nil, backends.ConfigError(errors.New("access denied"))
+}
+
+// With -skip-unreachable, a replica that cannot be read is left out, with
+// a warning, as if it were not configured: the newest state the others hold
+// is restored. A misconfigured replica still fails the restore (waiting
+// will not mend it), and so do replicas none of which can be read.
+func TestRestoreSkipsAnUnreachableReplica(t *testing.T) {
+	good := file.New(filepath.Join(t.TempDir(), "b"))
+	writeStates(t, good, [][3]int{{9, 1, 1}, {0, 2, 2}})
+	dir := t.TempDir()
+	unreadable := file.New(filepath.Join(dir, "a"))
+	writeStates(t, unreadable, [][3]int{{9, 1, 1}, {0, 2, 2}, {0, 3, 3}}) // ahead: what skipping it gives up
+	if err := os.WriteFile(filepath.Join(dir, "a", "ltx", "1"), nil, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	skip := restoreFlags{skipUnreachable: true}
+	out, log, err := restoreLogFlags(t, replicate.Target{}, skip, unreadable, good)
+	if err != nil {
+		t.Fatalf("%v\n%s", err, log)
+	}
+	if got, _ := os.ReadFile(out); !bytes.Equal(got, bytes.Repeat([]byte{2}, 512)) {
+		t.Fatalf("restored %x…, want the state at TXID 2 of the replica that can be read\n%s", got[:min(8, len(got))], log)
+	}
+	if !strings.Contains(log, skippedUnreachable) || !strings.Contains(log, unreadable.String()) {
+		t.Fatalf("no warning naming the replica left out:\n%s", log)
+	}
+
+	_, log, err = restoreLogFlags(t, replicate.Target{}, skip, refusing{unreadable}, good)
+	if !errors.Is(err, backends.ErrConfig) || strings.Contains(err.Error(), "-skip-unreachable") {
+		t.Fatalf("misconfigured replica: err %v, want its error alone\n%s", err, log)
+	}
+	out, log, err = restoreLogFlags(t, replicate.Target{}, skip, unreadable, unreadable.Sub("x"))
 	if err == nil || !strings.Contains(err.Error(), unreadable.String()) {
-		t.Fatalf("err %v, want the unreadable replica named\n%s", err, log)
+		t.Fatalf("no replica readable: err %v, want the failure named\n%s", err, log)
+	}
+	if _, serr := os.Stat(out); !os.IsNotExist(serr) {
+		t.Fatalf("a failed restore left %s: %v", out, serr)
+	}
+}
+
+// restore -data with a global replica that cannot be listed: without
+// -skip-unreachable nothing is restored and the error says how to go on;
+// with it, every database comes from the other replica.
+func TestRestoreDataSkipsAnUnreachableReplica(t *testing.T) {
+	repl := filepath.Join(t.TempDir(), "replica")
+	writeStates(t, file.New(repl).Sub("a.db"), [][3]int{{9, 1, 1}, {0, 2, 2}})
+	writeStates(t, file.New(repl).Sub("s/b.db"), [][3]int{{9, 1, 3}})
+	down := filepath.Join(t.TempDir(), "down")
+	if err := os.WriteFile(down, nil, 0o644); err != nil { // a file where the replica's directory belongs
+		t.Fatal(err)
+	}
+	cfg := Config{Replicas: []ReplicaConfig{{URL: "file://" + down}, {URL: "file://" + repl}}}
+	restore := func(f restoreFlags) (string, string, error) {
+		cfg.DataDir = filepath.Join(t.TempDir(), "data")
+		var log bytes.Buffer
+		_, err := restoreAll(context.Background(), slog.New(slog.NewTextHandler(&log, nil)), io.Discard, cfg, replicate.Target{}, f)
+		return cfg.DataDir, log.String(), err
+	}
+	data, log, err := restore(restoreFlags{})
+	if err == nil || !strings.Contains(err.Error(), down) || !strings.Contains(err.Error(), "-skip-unreachable") {
+		t.Fatalf("err %v, want the replica named and the way on\n%s", err, log)
+	}
+	if ents, _ := os.ReadDir(data); len(ents) != 0 {
+		t.Fatalf("a failed restore left %d entries in the data directory", len(ents))
+	}
+	data, log, err = restore(restoreFlags{skipUnreachable: true})
+	if err != nil {
+		t.Fatalf("%v\n%s", err, log)
+	}
+	for rel, fill := range map[string]byte{"a.db": 2, "s/b.db": 3} {
+		if got, _ := os.ReadFile(filepath.Join(data, rel)); !bytes.Equal(got, bytes.Repeat([]byte{fill}, 512)) {
+			t.Errorf("%s: restored %d bytes, want the replica's state\n%s", rel, len(got), log)
+		}
+	}
+	if strings.Count(log, skippedUnreachable) != 1 {
+		t.Fatalf("want one warning for the replica left out:\n%s", log)
+	}
+	cfg.Replicas = cfg.Replicas[:1]
+	if _, log, err = restore(restoreFlags{skipUnreachable: true}); err == nil || !strings.Contains(err.Error(), down) || strings.Contains(err.Error(), "-skip-unreachable") {
+		t.Fatalf("the only replica unreachable: err %v, want its failure alone\n%s", err, log)
 	}
 }
 
