@@ -14,6 +14,7 @@ import (
 	"slices"
 	"strings"
 	"sync"
+	"syscall"
 	"time"
 
 	"github.com/superfly/ltx"
@@ -225,6 +226,39 @@ func HasLTXLevels(list func(ctx context.Context, prefix string) ([]string, error
 		}
 		return nil, nil
 	}
+}
+
+// ErrUnavailable marks a failure of the store rather than of the request:
+// it answered that it cannot serve now (HTTP 5xx), or the connection to it
+// broke. With Unreachable, it is what Down reports.
+var ErrUnavailable = errors.New("replica unavailable")
+
+// UnavailableError marks err as ErrUnavailable without changing its message.
+func UnavailableError(err error) error { return unavailableError{err} }
+
+type unavailableError struct{ error }
+
+func (e unavailableError) Unwrap() []error { return []error{e.error, ErrUnavailable} }
+
+// Down says whether err, from a request to a replica, means the store is
+// down rather than that the request was wrong: it could not be reached,
+// gave no answer in time, answered that it cannot serve now, or (a file
+// replica on a network file system) the mount failed. A store that
+// answered (a missing file, denied access, a file that does not decode)
+// is not down. The caller tells its own cancellation apart.
+func Down(err error) bool {
+	switch {
+	case errors.Is(err, ErrConfig):
+		return false
+	case errors.Is(err, ErrUnavailable), Unreachable(err) != nil, errors.Is(err, context.DeadlineExceeded):
+		return true
+	}
+	for _, errno := range []syscall.Errno{syscall.EIO, syscall.ETIMEDOUT, syscall.EHOSTDOWN, syscall.EHOSTUNREACH, syscall.ENOTCONN, syscall.ESTALE} {
+		if errors.Is(err, errno) {
+			return true
+		}
+	}
+	return false
 }
 
 // Unreachable returns why an HTTP store could not be reached, or nil if err

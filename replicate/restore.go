@@ -68,11 +68,11 @@ var ErrNotExact = errors.New("cannot be restored exactly: it falls inside a batc
 // while later files exist: some file is missing.
 var ErrGap = errors.New("gap in the TXID chain")
 
-// ErrNoSnapshot: the replica holds a history with no snapshot under it.
+// errNoReplicaSnapshot: the replica holds a history with no snapshot under it.
 // Not ErrNoBackup: restoring nothing there (-if-replica-exists,
 // restore-if-missing) would start the application on an empty database
 // while its history sits in the replica.
-var ErrNoSnapshot = errors.New("the replica holds transaction files but no snapshot to apply them to (were its level-9 files deleted?): nothing can be restored from it; restore from another replica, or remove this one's files to start afresh")
+var errNoReplicaSnapshot = errors.New("the replica holds transaction files but no snapshot to apply them to (were its level-9 files deleted?): nothing can be restored from it; restore from another replica, or remove this one's files to start afresh")
 
 // PlanRestore lists every level of the replica once and picks the files that
 // restore target. A running lfuse may delete files meanwhile: a file the
@@ -202,7 +202,7 @@ func planFrom(levels *[SnapshotLevel + 1][]ltx.FileInfo, newest *ltx.FileInfo, t
 	if len(snaps) == 0 {
 		for _, files := range levels {
 			if len(files) > 0 {
-				return plan, ErrNoSnapshot
+				return plan, errNoReplicaSnapshot
 			}
 		}
 		return plan, ErrNoBackup

@@ -319,10 +319,25 @@ func (c *Client) Check(ctx context.Context) error {
 // directory (x.db deleted, then x.db/y.db made: the replica keeps both). A
 // root that does not exist yet holds none.
 func (c *Client) Databases(ctx context.Context) ([]string, error) {
+	// WalkDir does not follow a root that is a symlink (/backup ->
+	// /mnt/nfs/lfuse): such a replica listed as empty, and a restore of
+	// every database restored none.
+	root, err := filepath.EvalSymlinks(c.root)
+	if errors.Is(err, fs.ErrNotExist) {
+		return nil, nil
+	} else if err != nil {
+		return nil, fmt.Errorf("%s: %w", c, err)
+	}
+	if st, err := os.Stat(root); err != nil {
+		return nil, fmt.Errorf("%s: %w", c, err)
+	} else if !st.IsDir() {
+		// Listed as empty, the replica seemed to hold no database.
+		return nil, fmt.Errorf("%s: %s is not a directory", c, c.root)
+	}
 	var rels []string
-	err := filepath.WalkDir(c.root, func(p string, d fs.DirEntry, err error) error {
+	err = filepath.WalkDir(root, func(p string, d fs.DirEntry, err error) error {
 		if err != nil {
-			if p == c.root {
+			if p == root {
 				return err
 			}
 			return nil
@@ -330,15 +345,10 @@ func (c *Client) Databases(ctx context.Context) ([]string, error) {
 		if err := ctx.Err(); err != nil {
 			return err
 		}
-		if p == c.root && !d.IsDir() {
-			// Listed as empty, a restore said the replica held no
-			// database at all.
-			return fmt.Errorf("replica %s is not a directory", c.root)
-		}
 		if !d.IsDir() || d.Name() != "ltx" || !holdsLevel(p) {
 			return nil
 		}
-		if rel, err := filepath.Rel(c.root, filepath.Dir(p)); err == nil && rel != "." && filepath.IsLocal(rel) {
+		if rel, err := filepath.Rel(root, filepath.Dir(p)); err == nil && rel != "." && filepath.IsLocal(rel) {
 			rels = append(rels, filepath.ToSlash(rel))
 		}
 		return filepath.SkipDir

@@ -142,4 +142,13 @@ func TestDatabases(t *testing.T) {
 	if dbs, err := New(notDir).Databases(ctx); err == nil || !strings.Contains(err.Error(), "not a directory") {
 		t.Fatalf("a root that is a file: %q, %v; want an error saying so", dbs, err)
 	}
+	// A root that is a symlink to the replica (/backup -> /mnt/nfs/lfuse)
+	// lists what the replica holds: it used to list nothing.
+	link := filepath.Join(t.TempDir(), "link")
+	if err := os.Symlink(root, link); err != nil {
+		t.Fatal(err)
+	}
+	if dbs, err := New(link).Databases(ctx); err != nil || !slices.Equal(dbs, backendtest.DatabaseNames) {
+		t.Fatalf("through a symlink: databases %q, %v; want %q", dbs, err, backendtest.DatabaseNames)
+	}
 }

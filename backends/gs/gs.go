@@ -520,6 +520,9 @@ func (c *Client) wrap(err error, format string, args ...any) error {
 		if msg == "" {
 			msg = http.StatusText(ge.Code)
 		}
+		if ge.Code >= 500 {
+			return backends.UnavailableError(backends.Errorf(err, "%s: %s: HTTP %d: %s", c, what, ge.Code, msg))
+		}
 		return backends.Errorf(err, "%s: %s: HTTP %d: %s", c, what, ge.Code, msg)
 	}
 	if cause := backends.Unreachable(err); cause != nil {

@@ -472,6 +472,10 @@ func (c *Client) wrap(err error, format string, args ...any) error {
 			return backends.ConfigError(fmt.Errorf("%s: %s: access denied (%s): check access-key-id/secret-access-key (or LFUSE_ACCESS_KEY_ID/LFUSE_SECRET_ACCESS_KEY) and the bucket's permissions", c, what, api.ErrorCode()))
 		}
 	}
+	var status interface{ HTTPStatusCode() int }
+	if errors.As(err, &status) && status.HTTPStatusCode() >= 500 {
+		return backends.UnavailableError(backends.Errorf(err, "%s: %s: %s", c, what, rootCause(err)))
+	}
 	return backends.Errorf(err, "%s: %s: %s", c, what, rootCause(err))
 }
 

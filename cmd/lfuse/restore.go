@@ -249,7 +249,9 @@ func restoreAll(ctx context.Context, logger *slog.Logger, stderr io.Writer, cfg 
 		found, err := root.databases(ctx)
 		if err != nil {
 			err = fmt.Errorf("list the databases: %w", namedError(root.client, err))
-			if !unreachable(ctx, err) || len(cfg.Replicas)+len(cfg.Databases) == 1 {
+			// The databases under the global replicas have no others:
+			// those of [[databases]] are not theirs.
+			if !unreachable(ctx, err) || len(cfg.Replicas) == 1 {
 				return 0, err
 			}
 			if !f.skipUnreachable {
@@ -271,8 +273,8 @@ func restoreAll(ctx context.Context, logger *slog.Logger, stderr io.Writer, cfg 
 			}
 		}
 	}
-	if unreached != nil && len(reached) == 0 && len(cfg.Databases) == 0 {
-		return 0, unreached // none left to restore from
+	if unreached != nil && len(reached) == 0 {
+		return 0, unreached // none left to restore the global replicas' databases from
 	}
 	cfg.Replicas = reached
 	if len(rels) == 0 {
@@ -495,12 +497,12 @@ func dropShadowed(ctx context.Context, logger *slog.Logger, cfg Config, target r
 	return slices.DeleteFunc(rels, func(rel string) bool { return drop[rel] })
 }
 
-// unreachable says whether err, from reading a replica, may pass once the
-// replica is back: not what only the user can fix (ErrConfig), nor a
-// replica read in full that holds nothing usable, nor this restore being
-// stopped.
+// unreachable says whether err, from reading a replica, means that the
+// replica is down (and may hold commits the others lack once it is back),
+// not that it answered with something unusable (a corrupt or missing
+// file, denied access) or that this restore was stopped.
 func unreachable(ctx context.Context, err error) bool {
-	return ctx.Err() == nil && !errors.Is(err, backends.ErrConfig) && !errors.Is(err, replicate.ErrNoSnapshot)
+	return ctx.Err() == nil && backends.Down(err)
 }
 
 // withSkipHint says what to do about a replica that cannot be reached
@@ -591,7 +593,17 @@ func restoreOne(ctx context.Context, logger *slog.Logger, stderr io.Writer, clie
 	perrs := make([]error, len(clients))
 	var wg sync.WaitGroup
 	for i, client := range clients {
-		wg.Go(func() { plans[i], perrs[i] = replicate.PlanRestore(ctx, client, target) })
+		wg.Go(func() {
+			for range replanAttempts {
+				plans[i], perrs[i] = replicate.PlanRestore(ctx, client, target)
+				// A file listed, then compacted or expired by a running
+				// lfuse before its time was read: the next listing
+				// shows what replaced it.
+				if !errors.Is(perrs[i], backends.ErrNotFound) {
+					break
+				}
+			}
+		})
 	}
 	wg.Wait()
 	var errs []error

@@ -4,13 +4,16 @@ import (
 	"bytes"
 	"context"
 	"errors"
+	"fmt"
 	"io"
 	"log/slog"
+	"net"
 	"os"
 	"path/filepath"
 	"strconv"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 
@@ -308,64 +311,91 @@ func TestRestoreFallsBackToAnotherReplica(t *testing.T) {
 	}
 }
 
-// A replica that cannot be read may hold the newest state: the restore
-// fails, naming it, rather than restore an older one from the others.
+// A replica that is down may hold the newest state: the restore fails,
+// naming it and saying how to go on, rather than restore an older state
+// from the others. One that answered with something unusable (here a file
+// where a level's directory belongs) fails it too, with no such advice.
 func TestRestoreRefusesWithAReplicaUnreadable(t *testing.T) {
 	good := file.New(filepath.Join(t.TempDir(), "b"))
 	writeState(t, good, 9, 1, 1, 1)
 	dir := t.TempDir()
 	unreadable := file.New(filepath.Join(dir, "a"))
 	writeState(t, unreadable, 9, 1, 1, 1)
-	if err := os.WriteFile(filepath.Join(dir, "a", "ltx", "0"), nil, 0o644); err != nil { // a file where a level's directory belongs
-		t.Fatal(err)
-	}
-	_, log, err := restoreLog(t, replicate.Target{}, good, unreadable)
+	_, log, err := restoreLogFlags(t, replicate.Target{}, restoreFlags{}, good, down{unreadable})
 	if err == nil || !strings.Contains(err.Error(), unreadable.String()) || !strings.Contains(err.Error(), "-skip-unreachable") {
-		t.Fatalf("err %v, want the unreadable replica named, and the way to restore without it\n%s", err, log)
+		t.Fatalf("err %v, want the replica down named, and the way to restore without it\n%s", err, log)
 	}
 	if strings.Contains(err.Error(), "\n") {
 		t.Fatalf("error of more than one line: %q", err)
 	}
+	if err := os.WriteFile(filepath.Join(dir, "a", "ltx", "0"), nil, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	_, log, err = restoreLog(t, replicate.Target{}, good, unreadable)
+	if err == nil || !strings.Contains(err.Error(), unreadable.String()) || strings.Contains(err.Error(), "-skip-unreachable") {
+		t.Fatalf("err %v, want the unreadable replica named, with no word of skipping it\n%s", err, log)
+	}
+}
+
+// down is a replica whose server refuses connections.
+type down struct{ *file.Client }
+
+func (down) LTXFiles(context.Context, int) ([]ltx.FileInfo, error) {
+	return nil, &net.OpError{Op: "dial", Net: "tcp", Err: syscall.ECONNREFUSED}
 }
 
 // refusing is a replica whose listing fails as wrong credentials do.
 type refusing struct{ *file.Client }
 
-func (r refusing) LTXFiles(context.Context, int) ([]ltx.FileInfo, error) {
+func (refusing) LTXFiles(context.Context, int) ([]ltx.FileInfo, error) {
 	return nil, backends.ConfigError(errors.New("access denied"))
 }
 
-// With -skip-unreachable, a replica that cannot be read is left out, with
-// a warning, as if it were not configured: the newest state the others hold
-// is restored. A misconfigured replica still fails the restore (waiting
-// will not mend it), and so do replicas none of which can be read.
+// compacting is a replica with approximate listing times whose files are
+// all compacted away by the time their commit times are read.
+type compacting struct{ *file.Client }
+
+func (compacting) ListTimesApprox() bool { return true }
+
+func (compacting) FileMeta(context.Context, int, ltx.TXID, ltx.TXID) (backends.FileMeta, error) {
+	return backends.FileMeta{}, fmt.Errorf("read the meta: %w", backends.ErrNotFound)
+}
+
+// With -skip-unreachable, a replica that is down is left out, with a
+// warning, as if it were not configured: the newest state the others hold
+// is restored. A replica that answers is never left out: one misconfigured
+// (waiting will not mend it), one that answers with something unusable, one
+// whose files went while the restore planned (it may well hold the newest
+// state). Replicas none of which can be read fail the restore too.
 func TestRestoreSkipsAnUnreachableReplica(t *testing.T) {
 	good := file.New(filepath.Join(t.TempDir(), "b"))
 	writeStates(t, good, [][3]int{{9, 1, 1}, {0, 2, 2}})
 	dir := t.TempDir()
-	unreadable := file.New(filepath.Join(dir, "a"))
-	writeStates(t, unreadable, [][3]int{{9, 1, 1}, {0, 2, 2}, {0, 3, 3}}) // ahead: what skipping it gives up
-	if err := os.WriteFile(filepath.Join(dir, "a", "ltx", "1"), nil, 0o644); err != nil {
-		t.Fatal(err)
-	}
+	ahead := file.New(filepath.Join(dir, "a"))
+	writeStates(t, ahead, [][3]int{{9, 1, 1}, {0, 2, 2}, {0, 3, 3}}) // what leaving it out gives up
 	skip := restoreFlags{skipUnreachable: true}
-	out, log, err := restoreLogFlags(t, replicate.Target{}, skip, unreadable, good)
+	out, log, err := restoreLogFlags(t, replicate.Target{}, skip, down{ahead}, good)
 	if err != nil {
 		t.Fatalf("%v\n%s", err, log)
 	}
 	if got, _ := os.ReadFile(out); !bytes.Equal(got, bytes.Repeat([]byte{2}, 512)) {
 		t.Fatalf("restored %x…, want the state at TXID 2 of the replica that can be read\n%s", got[:min(8, len(got))], log)
 	}
-	if !strings.Contains(log, skippedUnreachable) || !strings.Contains(log, unreadable.String()) {
+	if !strings.Contains(log, skippedUnreachable) || !strings.Contains(log, ahead.String()) {
 		t.Fatalf("no warning naming the replica left out:\n%s", log)
 	}
 
-	_, log, err = restoreLogFlags(t, replicate.Target{}, skip, refusing{unreadable}, good)
-	if !errors.Is(err, backends.ErrConfig) || strings.Contains(err.Error(), "-skip-unreachable") {
-		t.Fatalf("misconfigured replica: err %v, want its error alone\n%s", err, log)
+	for name, c := range map[string]replicate.ReplicaClient{"misconfigured": refusing{ahead}, "compacted meanwhile": compacting{ahead}} {
+		out, log, err = restoreLogFlags(t, replicate.Target{}, skip, c, good)
+		if err == nil || strings.Contains(err.Error(), "-skip-unreachable") {
+			t.Fatalf("%s replica: err %v, want its error alone\n%s", name, err, log)
+		}
+		if _, serr := os.Stat(out); !os.IsNotExist(serr) {
+			t.Fatalf("%s replica: the older state was restored (%v)\n%s", name, serr, log)
+		}
 	}
-	out, log, err = restoreLogFlags(t, replicate.Target{}, skip, unreadable, unreadable.Sub("x"))
-	if err == nil || !strings.Contains(err.Error(), unreadable.String()) {
+	out, log, err = restoreLogFlags(t, replicate.Target{}, skip, down{ahead}, down{good})
+	if err == nil || !strings.Contains(err.Error(), ahead.String()) {
 		t.Fatalf("no replica readable: err %v, want the failure named\n%s", err, log)
 	}
 	if _, serr := os.Stat(out); !os.IsNotExist(serr) {
@@ -373,18 +403,28 @@ func TestRestoreSkipsAnUnreachableReplica(t *testing.T) {
 	}
 }
 
-// restore -data with a global replica that cannot be listed: without
-// -skip-unreachable nothing is restored and the error says how to go on;
-// with it, every database comes from the other replica.
+// restore -data with a global replica that is down (an SFTP server on a
+// port where nothing listens): without -skip-unreachable nothing is
+// restored and the error says how to go on; with it, every database comes
+// from the other replica. If the only global replica is down, the restore
+// fails even with replicas of [[databases]] reachable: those are not the
+// other databases' replicas.
 func TestRestoreDataSkipsAnUnreachableReplica(t *testing.T) {
 	repl := filepath.Join(t.TempDir(), "replica")
 	writeStates(t, file.New(repl).Sub("a.db"), [][3]int{{9, 1, 1}, {0, 2, 2}})
 	writeStates(t, file.New(repl).Sub("s/b.db"), [][3]int{{9, 1, 3}})
-	down := filepath.Join(t.TempDir(), "down")
-	if err := os.WriteFile(down, nil, 0o644); err != nil { // a file where the replica's directory belongs
+	knownHosts := filepath.Join(t.TempDir(), "known_hosts")
+	if err := os.WriteFile(knownHosts, nil, 0o600); err != nil {
 		t.Fatal(err)
 	}
-	cfg := Config{Replicas: []ReplicaConfig{{URL: "file://" + down}, {URL: "file://" + repl}}}
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	downURL := "sftp://u:p@" + ln.Addr().String() + "/replica"
+	ln.Close() // nothing listens there now
+	downReplica := ReplicaConfig{URL: downURL, KnownHosts: knownHosts}
+	cfg := Config{Replicas: []ReplicaConfig{downReplica, {URL: "file://" + repl}}}
 	restore := func(f restoreFlags) (string, string, error) {
 		cfg.DataDir = filepath.Join(t.TempDir(), "data")
 		var log bytes.Buffer
@@ -392,7 +432,7 @@ func TestRestoreDataSkipsAnUnreachableReplica(t *testing.T) {
 		return cfg.DataDir, log.String(), err
 	}
 	data, log, err := restore(restoreFlags{})
-	if err == nil || !strings.Contains(err.Error(), down) || !strings.Contains(err.Error(), "-skip-unreachable") {
+	if err == nil || !strings.Contains(err.Error(), ln.Addr().String()) || !strings.Contains(err.Error(), "-skip-unreachable") {
 		t.Fatalf("err %v, want the replica named and the way on\n%s", err, log)
 	}
 	if ents, _ := os.ReadDir(data); len(ents) != 0 {
@@ -410,9 +450,10 @@ func TestRestoreDataSkipsAnUnreachableReplica(t *testing.T) {
 	if strings.Count(log, skippedUnreachable) != 1 {
 		t.Fatalf("want one warning for the replica left out:\n%s", log)
 	}
-	cfg.Replicas = cfg.Replicas[:1]
-	if _, log, err = restore(restoreFlags{skipUnreachable: true}); err == nil || !strings.Contains(err.Error(), down) || strings.Contains(err.Error(), "-skip-unreachable") {
-		t.Fatalf("the only replica unreachable: err %v, want its failure alone\n%s", err, log)
+	cfg.Replicas = []ReplicaConfig{downReplica}
+	cfg.Databases = []DatabaseConfig{{Path: "a.db", Replicas: []ReplicaConfig{{URL: "file://" + repl + "/a.db"}}}}
+	if _, log, err = restore(restoreFlags{skipUnreachable: true}); err == nil || !strings.Contains(err.Error(), ln.Addr().String()) || strings.Contains(err.Error(), "-skip-unreachable") {
+		t.Fatalf("the only global replica down: err %v, want its failure alone\n%s", err, log)
 	}
 }
 
