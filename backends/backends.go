@@ -233,6 +233,16 @@ func HasLTXLevels(list func(ctx context.Context, prefix string) ([]string, error
 // broke. With Unreachable, it is what Down reports.
 var ErrUnavailable = errors.New("replica unavailable")
 
+// UnavailableStatus says whether an HTTP status means that the store cannot
+// serve now, rather than that it will not (501 Not Implemented).
+func UnavailableStatus(code int) bool {
+	switch code {
+	case 500, 502, 503, 504:
+		return true
+	}
+	return false
+}
+
 // UnavailableError marks err as ErrUnavailable without changing its message.
 func UnavailableError(err error) error { return unavailableError{err} }
 
@@ -247,8 +257,13 @@ func (e unavailableError) Unwrap() []error { return []error{e.error, ErrUnavaila
 // answered (a missing file, denied access, a file that does not decode)
 // is not down. The caller tells its own cancellation apart.
 func Down(err error) bool {
+	var op *net.OpError
 	switch {
 	case errors.Is(err, ErrConfig):
+		return false
+	case errors.As(err, &op) && (op.Op == "remote error" || op.Op == "local error"):
+		// A TLS alert: the server answered and refused the handshake
+		// (a client certificate required, no common protocol).
 		return false
 	case errors.Is(err, ErrUnavailable), Unreachable(err) != nil, errors.Is(err, context.DeadlineExceeded):
 		return true

@@ -29,6 +29,7 @@ func TestDown(t *testing.T) {
 		{"missing file", fmt.Errorf("ltx/0/x: %w", ErrNotFound), false},
 		{"file where a directory belongs", &fs.PathError{Op: "open", Path: "/r/ltx/0", Err: syscall.ENOTDIR}, false},
 		{"corrupt", errors.New("checksum mismatch"), false},
+		{"TLS alert", Errorf(&net.OpError{Op: "remote error", Err: errors.New("tls: certificate required")}, "s3://b: list: tls"), false},
 	} {
 		if got := Down(c.err); got != c.want {
 			t.Errorf("%s: Down(%v) = %v, want %v", c.name, c.err, got, c.want)

@@ -546,7 +546,7 @@ func (c *Client) wrap(err error, format string, args ...any) error {
 		if code == "" {
 			code = http.StatusText(re.StatusCode)
 		}
-		if re.StatusCode >= 500 {
+		if backends.UnavailableStatus(re.StatusCode) {
 			return backends.UnavailableError(c.line(err, "%s: HTTP %d %s", what, re.StatusCode, code))
 		}
 		return c.line(err, "%s: HTTP %d %s", what, re.StatusCode, code)

@@ -520,7 +520,7 @@ func (c *Client) wrap(err error, format string, args ...any) error {
 		if msg == "" {
 			msg = http.StatusText(ge.Code)
 		}
-		if ge.Code >= 500 {
+		if backends.UnavailableStatus(ge.Code) {
 			return backends.UnavailableError(backends.Errorf(err, "%s: %s: HTTP %d: %s", c, what, ge.Code, msg))
 		}
 		return backends.Errorf(err, "%s: %s: HTTP %d: %s", c, what, ge.Code, msg)

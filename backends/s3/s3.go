@@ -473,7 +473,7 @@ func (c *Client) wrap(err error, format string, args ...any) error {
 		}
 	}
 	var status interface{ HTTPStatusCode() int }
-	if errors.As(err, &status) && status.HTTPStatusCode() >= 500 {
+	if errors.As(err, &status) && backends.UnavailableStatus(status.HTTPStatusCode()) {
 		return backends.UnavailableError(backends.Errorf(err, "%s: %s: %s", c, what, rootCause(err)))
 	}
 	return backends.Errorf(err, "%s: %s: %s", c, what, rootCause(err))

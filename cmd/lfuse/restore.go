@@ -148,7 +148,9 @@ Flags:
 	if err := cfg.validate(); err != nil {
 		return err
 	}
-	f.skipUnreachable = f.skipUnreachable || cfg.RestoreSkipUnreachable
+	if !flagSet(fl, "skip-unreachable") {
+		f.skipUnreachable = cfg.RestoreSkipUnreachable
+	}
 	dataAbs, err := filepath.Abs(cfg.DataDir)
 	if err != nil {
 		return err
@@ -246,18 +248,19 @@ func restoreAll(ctx context.Context, logger *slog.Logger, stderr io.Writer, cfg 
 		if err != nil {
 			return 0, err
 		}
-		found, err := root.databases(ctx)
+		// Bounded: a server that takes the connection and never answers
+		// held the restore, and the mount behind it, for good.
+		lctx, cancel := context.WithTimeout(ctx, listDatabasesTimeout)
+		found, err := root.databases(lctx)
+		cancel()
 		if err != nil {
 			err = fmt.Errorf("list the databases: %w", namedError(root.client, err))
-			// The databases under the global replicas have no others:
-			// those of [[databases]] are not theirs.
-			if !unreachable(ctx, err) || len(cfg.Replicas) == 1 {
+			if !unreachable(ctx, err) {
 				return 0, err
 			}
-			if !f.skipUnreachable {
-				return 0, withSkipHint(err)
+			if f.skipUnreachable {
+				logger.Warn(skippedUnreachable, "replica", root.client.String(), "err", err)
 			}
-			logger.Warn(skippedUnreachable, "replica", root.client.String(), "err", err)
 			unreached = cmp.Or(unreached, err)
 			continue
 		}
@@ -273,8 +276,17 @@ func restoreAll(ctx context.Context, logger *slog.Logger, stderr io.Writer, cfg 
 			}
 		}
 	}
-	if unreached != nil && len(reached) == 0 {
-		return 0, unreached // none left to restore the global replicas' databases from
+	// The databases under the global replicas have no others (those of
+	// [[databases]] are not theirs), and a replica left out must not turn
+	// into nothing restored: it may hold every database.
+	switch {
+	case unreached == nil:
+	case len(reached) == 0:
+		return 0, unreached
+	case !f.skipUnreachable:
+		return 0, withSkipHint(unreached)
+	case len(rels) == len(cfg.Databases):
+		return 0, fmt.Errorf("%w; the replicas that answered hold no database", unreached)
 	}
 	cfg.Replicas = reached
 	if len(rels) == 0 {
@@ -512,6 +524,22 @@ func withSkipHint(err error) error {
 	return fmt.Errorf("%w; it may hold commits the other replicas lack: restore once it is reachable, or leave it out with -skip-unreachable (restore-skip-unreachable in the config)", err)
 }
 
+// targetError says whether err is about the target: a replica holds
+// backups, but none at it.
+func targetError(err error) bool {
+	return errors.Is(err, replicate.ErrBeforeOldest) || errors.Is(err, replicate.ErrAfterNewest) || errors.Is(err, replicate.ErrNotExact)
+}
+
+// flagSet says whether the flag name was given on the command line.
+func flagSet(fl *flag.FlagSet, name string) (set bool) {
+	fl.Visit(func(f *flag.Flag) { set = set || f.Name == name })
+	return set
+}
+
+// listDatabasesTimeout bounds the listing of a replica's databases, as
+// replicate bounds the listing of a level.
+var listDatabasesTimeout = 5 * time.Minute
+
 // skippedUnreachable is logged for a replica a restore leaves out.
 const skippedUnreachable = "replica cannot be reached; restoring without it (-skip-unreachable): what only it holds is not restored"
 
@@ -621,20 +649,28 @@ func restoreOne(ctx context.Context, logger *slog.Logger, stderr io.Writer, clie
 			// Another replica may keep a longer history, or be further
 			// along, or hold the TXID exactly.
 			errs = append(errs, namedError(clients[i], err))
-		case len(clients) > 1 && unreachable(ctx, err):
+		case unreachable(ctx, err):
 			// It may hold a newer state than the others: restoring
 			// from them could lose commits without a word, unless asked.
-			if !f.skipUnreachable {
-				return 0, withSkipHint(namedError(clients[i], err))
-			}
-			logger.Warn(skippedUnreachable, "replica", clients[i].String(), "err", err)
 			skipped = append(skipped, i)
 		default:
 			return 0, namedError(clients[i], err)
 		}
 	}
-	if len(skipped) > 0 && len(skipped) == len(clients) {
-		return 0, namedError(clients[skipped[0]], perrs[skipped[0]]) // none left to restore from
+	if len(skipped) > 0 {
+		first := namedError(clients[skipped[0]], perrs[skipped[0]])
+		switch {
+		case len(skipped) == len(clients):
+			return 0, first // none left to restore from
+		case !f.skipUnreachable:
+			return 0, withSkipHint(first)
+		case len(order) == 0 && len(gaps) == 0 && !targetError(errors.Join(errs...)):
+			// Left out, it must not turn into nothing restored.
+			return 0, fmt.Errorf("%w; the replicas that answered hold no backup of it", first)
+		}
+		for _, i := range skipped {
+			logger.Warn(skippedUnreachable, "replica", clients[i].String(), "err", perrs[i])
+		}
 	}
 	// A replica with a gap can be passed over only if it lists nothing
 	// newer than the state restored from another: it then holds no commit
@@ -652,7 +688,7 @@ func restoreOne(ctx context.Context, logger *slog.Logger, stderr io.Writer, clie
 			"replica", clients[i].String(), "err", perrs[i])
 	}
 	if len(order) == 0 {
-		if err := errors.Join(errs...); errors.Is(err, replicate.ErrBeforeOldest) || errors.Is(err, replicate.ErrAfterNewest) || errors.Is(err, replicate.ErrNotExact) {
+		if err := errors.Join(errs...); targetError(err) {
 			return 0, err
 		}
 		if f.ifReplicaExists {

@@ -394,12 +394,21 @@ func TestRestoreSkipsAnUnreachableReplica(t *testing.T) {
 			t.Fatalf("%s replica: the older state was restored (%v)\n%s", name, serr, log)
 		}
 	}
-	out, log, err = restoreLogFlags(t, replicate.Target{}, skip, down{ahead}, down{good})
-	if err == nil || !strings.Contains(err.Error(), ahead.String()) {
-		t.Fatalf("no replica readable: err %v, want the failure named\n%s", err, log)
+	for _, f := range []restoreFlags{skip, {}} {
+		out, log, err = restoreLogFlags(t, replicate.Target{}, f, down{ahead}, down{good})
+		if err == nil || !strings.Contains(err.Error(), ahead.String()) || strings.Contains(err.Error(), "-skip-unreachable") {
+			t.Fatalf("no replica readable: err %v, want the failure named, with no word of leaving one out\n%s", err, log)
+		}
+		if _, serr := os.Stat(out); !os.IsNotExist(serr) {
+			t.Fatalf("a failed restore left %s: %v", out, serr)
+		}
 	}
-	if _, serr := os.Stat(out); !os.IsNotExist(serr) {
-		t.Fatalf("a failed restore left %s: %v", out, serr)
+	// Leaving the replica out must not turn into nothing restored: the
+	// other holds no backup of the database yet.
+	empty := file.New(filepath.Join(t.TempDir(), "empty"))
+	_, log, err = restoreLogFlags(t, replicate.Target{}, restoreFlags{skipUnreachable: true, ifReplicaExists: true}, down{ahead}, empty)
+	if err == nil || !strings.Contains(err.Error(), "hold no backup") {
+		t.Fatalf("the only replica with a backup down: err %v, want a failure saying the others hold none\n%s", err, log)
 	}
 }
 
@@ -449,6 +458,12 @@ func TestRestoreDataSkipsAnUnreachableReplica(t *testing.T) {
 	}
 	if strings.Count(log, skippedUnreachable) != 1 {
 		t.Fatalf("want one warning for the replica left out:\n%s", log)
+	}
+	// The replica that answers holds nothing (added since): the one down
+	// may hold every database.
+	cfg.Replicas = []ReplicaConfig{downReplica, {URL: "file://" + t.TempDir()}}
+	if _, log, err = restore(restoreFlags{skipUnreachable: true, ifReplicaExists: true}); err == nil || !strings.Contains(err.Error(), "hold no database") {
+		t.Fatalf("the only replica with databases down: err %v, want a failure saying the others hold none\n%s", err, log)
 	}
 	cfg.Replicas = []ReplicaConfig{downReplica}
 	cfg.Databases = []DatabaseConfig{{Path: "a.db", Replicas: []ReplicaConfig{{URL: "file://" + repl + "/a.db"}}}}
@@ -564,5 +579,53 @@ func TestRestorePassesOverAReplicaWithAGap(t *testing.T) {
 				t.Fatalf("no word of the gap:\n%s", log)
 			}
 		})
+	}
+}
+
+// A replica whose server takes the connection and never answers is down
+// too: listing its databases held the restore (and a mount's
+// restore-if-missing) for good.
+func TestRestoreDataSkipsASilentReplica(t *testing.T) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ln.Close() })
+	var mu sync.Mutex
+	var conns []net.Conn
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			mu.Lock()
+			conns = append(conns, c) // held open, never answered
+			mu.Unlock()
+		}
+	}()
+	t.Cleanup(func() {
+		mu.Lock()
+		defer mu.Unlock()
+		for _, c := range conns {
+			c.Close()
+		}
+	})
+	old := listDatabasesTimeout
+	listDatabasesTimeout = time.Second
+	t.Cleanup(func() { listDatabasesTimeout = old })
+	repl := filepath.Join(t.TempDir(), "replica")
+	writeStates(t, file.New(repl).Sub("a.db"), [][3]int{{9, 1, 1}, {0, 2, 2}})
+	cfg := Config{DataDir: filepath.Join(t.TempDir(), "data"), Replicas: []ReplicaConfig{
+		{URL: "gs://bucket/x", Endpoint: "http://" + ln.Addr().String()}, {URL: "file://" + repl}}}
+	var log bytes.Buffer
+	if _, err := restoreAll(context.Background(), slog.New(slog.NewTextHandler(&log, nil)), io.Discard, cfg, replicate.Target{}, restoreFlags{skipUnreachable: true}); err != nil {
+		t.Fatalf("%v\n%s", err, log.String())
+	}
+	if got, _ := os.ReadFile(filepath.Join(cfg.DataDir, "a.db")); !bytes.Equal(got, bytes.Repeat([]byte{2}, 512)) {
+		t.Fatalf("restored %d bytes, want the file replica's state\n%s", len(got), log.String())
+	}
+	if !strings.Contains(log.String(), skippedUnreachable) {
+		t.Fatalf("no warning of the replica left out:\n%s", log.String())
 	}
 }
