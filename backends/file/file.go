@@ -337,7 +337,9 @@ func (c *Client) Databases(ctx context.Context) ([]string, error) {
 	var rels []string
 	err = filepath.WalkDir(root, func(p string, d fs.DirEntry, err error) error {
 		if err != nil {
-			if p == root {
+			// A directory removed meanwhile is not a database; one
+			// that a failing network file system cannot read may be.
+			if p == root || backends.Down(err) {
 				return err
 			}
 			return nil

@@ -873,7 +873,7 @@ func (s *shared) dial(ctx context.Context) (*conn, error) {
 		case hostErr != nil:
 			return fail(backends.ConfigError(fmt.Errorf("%s: %w", s.name, hostErr)))
 		case errors.As(err, &ne) && ne.Timeout():
-			return fail(backends.UnavailableError(fmt.Errorf("%s: no SSH handshake within %s: is it an SSH server?", s.name, s.timeout)))
+			return fail(fmt.Errorf("%s: no SSH handshake within %s: is it an SSH server?", s.name, s.timeout))
 		case hostChecked && errors.Is(err, io.EOF):
 			return fail(backends.ConfigError(fmt.Errorf("%s: the server closed the connection while authenticating: check the password or key-path, and the server's log", s.name)))
 		case hostChecked:

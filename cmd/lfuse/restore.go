@@ -243,6 +243,7 @@ func restoreAll(ctx context.Context, logger *slog.Logger, stderr io.Writer, cfg 
 	}
 	var reached []ReplicaConfig
 	var unreached error
+	var leftOut []any // replica, error; warned of once the restore goes on without them
 	for _, r := range cfg.Replicas {
 		root, err := openReplica(ctx, r)
 		if err != nil {
@@ -258,10 +259,8 @@ func restoreAll(ctx context.Context, logger *slog.Logger, stderr io.Writer, cfg 
 			if !unreachable(ctx, err) {
 				return 0, err
 			}
-			if f.skipUnreachable {
-				logger.Warn(skippedUnreachable, "replica", root.client.String(), "err", err)
-			}
 			unreached = cmp.Or(unreached, err)
+			leftOut = append(leftOut, root.client.String(), err)
 			continue
 		}
 		reached = append(reached, r)
@@ -287,6 +286,9 @@ func restoreAll(ctx context.Context, logger *slog.Logger, stderr io.Writer, cfg 
 		return 0, withSkipHint(unreached)
 	case len(rels) == len(cfg.Databases):
 		return 0, fmt.Errorf("%w; the replicas that answered hold no database", unreached)
+	}
+	for i := 0; i < len(leftOut); i += 2 {
+		logger.Warn(skippedUnreachable, "replica", leftOut[i], "err", leftOut[i+1])
 	}
 	cfg.Replicas = reached
 	if len(rels) == 0 {
@@ -373,6 +375,10 @@ func restoreAll(ctx context.Context, logger *slog.Logger, stderr io.Writer, cfg 
 				unusedMu.Unlock()
 			}
 			if errors.Is(err, replicate.ErrBeforeOldest) && !target.Time.IsZero() && !configured[rel] {
+				if unreached != nil {
+					// Not left out for a replica left out: it may hold it.
+					return fmt.Errorf("%s: %w; the replica left out may hold it at the target", rel, err)
+				}
 				// The directory as it was then did not hold this database
 				// (made later), or its history then is past retention.
 				// One named in the config is not left out so quietly.
@@ -521,8 +527,29 @@ func unreachable(ctx context.Context, err error) bool {
 // while others can: the restore does not take their state for the newest
 // on its own.
 func withSkipHint(err error) error {
-	return fmt.Errorf("%w; it may hold commits the other replicas lack: restore once it is reachable, or leave it out with -skip-unreachable (restore-skip-unreachable in the config)", err)
+	return fmt.Errorf("%w; it may hold commits the other replicas lack: restore once it is reachable, or leave it out (restore -skip-unreachable, mount -restore-skip-unreachable, restore-skip-unreachable in the config)", err)
 }
+
+// joinLine is errors.Join on one line: the errors of several replicas
+// read as one message.
+func joinLine(errs []error) error {
+	if len(errs) == 0 {
+		return nil
+	}
+	return lineJoin(errs)
+}
+
+type lineJoin []error
+
+func (j lineJoin) Error() string {
+	msgs := make([]string, len(j))
+	for i, err := range j {
+		msgs[i] = err.Error()
+	}
+	return strings.Join(msgs, "; ")
+}
+
+func (j lineJoin) Unwrap() []error { return j }
 
 // targetError says whether err is about the target: a replica holds
 // backups, but none at it.
@@ -664,12 +691,13 @@ func restoreOne(ctx context.Context, logger *slog.Logger, stderr io.Writer, clie
 			return 0, first // none left to restore from
 		case !f.skipUnreachable:
 			return 0, withSkipHint(first)
-		case len(order) == 0 && len(gaps) == 0 && !targetError(errors.Join(errs...)):
-			// Left out, it must not turn into nothing restored.
+		case len(order) == 0 && len(gaps) == 0:
+			// Left out, it must not turn into nothing restored, nor
+			// into a target the others cannot reach: it may hold it.
+			if targetError(joinLine(errs)) {
+				return 0, fmt.Errorf("%w; the replicas that answered hold no backup at the target (%v)", first, joinLine(errs))
+			}
 			return 0, fmt.Errorf("%w; the replicas that answered hold no backup of it", first)
-		}
-		for _, i := range skipped {
-			logger.Warn(skippedUnreachable, "replica", clients[i].String(), "err", perrs[i])
 		}
 	}
 	// A replica with a gap can be passed over only if it lists nothing
@@ -687,15 +715,18 @@ func restoreOne(ctx context.Context, logger *slog.Logger, stderr io.Writer, clie
 		logger.Warn("replica has a gap in its history, but lists nothing newer than another replica holds; restoring from that one",
 			"replica", clients[i].String(), "err", perrs[i])
 	}
+	for _, i := range skipped {
+		logger.Warn(skippedUnreachable, "replica", clients[i].String(), "err", perrs[i])
+	}
 	if len(order) == 0 {
-		if err := errors.Join(errs...); targetError(err) {
+		if err := joinLine(errs); targetError(err) {
 			return 0, err
 		}
 		if f.ifReplicaExists {
 			fmt.Fprintf(stderr, "lfuse: no backup of %s in the replica; nothing to restore\n", filepath.Base(output))
 			return 0, nil
 		}
-		return 0, fmt.Errorf("%w (use -if-replica-exists to make this not an error)", errors.Join(errs...))
+		return 0, fmt.Errorf("%w (use -if-replica-exists to make this not an error)", joinLine(errs))
 	}
 	for _, i := range order[1:] {
 		if plans[i].TXID < best {

@@ -410,6 +410,11 @@ func TestRestoreSkipsAnUnreachableReplica(t *testing.T) {
 	if err == nil || !strings.Contains(err.Error(), "hold no backup") {
 		t.Fatalf("the only replica with a backup down: err %v, want a failure saying the others hold none\n%s", err, log)
 	}
+	// Nor into a time the others cannot reach: the one down may hold it.
+	_, log, err = restoreLogFlags(t, replicate.Target{Time: time.Unix(0, 5e8)}, skip, down{ahead}, good)
+	if err == nil || !strings.Contains(err.Error(), "at the target") || errors.Is(err, replicate.ErrBeforeOldest) || strings.Contains(log, skippedUnreachable) {
+		t.Fatalf("a time before the backups of the replica that answers: err %v, want a failure naming the replica down\n%s", err, log)
+	}
 }
 
 // restore -data with a global replica that is down (an SFTP server on a
@@ -464,6 +469,23 @@ func TestRestoreDataSkipsAnUnreachableReplica(t *testing.T) {
 	cfg.Replicas = []ReplicaConfig{downReplica, {URL: "file://" + t.TempDir()}}
 	if _, log, err = restore(restoreFlags{skipUnreachable: true, ifReplicaExists: true}); err == nil || !strings.Contains(err.Error(), "hold no database") {
 		t.Fatalf("the only replica with databases down: err %v, want a failure saying the others hold none\n%s", err, log)
+	} else if strings.Contains(log, skippedUnreachable) {
+		t.Fatalf("warned of restoring without the replica, then did not restore:\n%s", log)
+	}
+	// Nor into nothing restored at a time before the others' backups
+	// begin (a replica added since): the one down may hold that time.
+	cfg.Replicas = []ReplicaConfig{downReplica, {URL: "file://" + repl}}
+	if _, log, err = restore(restoreFlags{skipUnreachable: true}); err != nil {
+		t.Fatalf("%v\n%s", err, log)
+	}
+	_, log, err = func() (string, string, error) {
+		cfg.DataDir = filepath.Join(t.TempDir(), "data")
+		var log bytes.Buffer
+		_, err := restoreAll(context.Background(), slog.New(slog.NewTextHandler(&log, nil)), io.Discard, cfg, replicate.Target{Time: time.Unix(0, 5e8)}, restoreFlags{skipUnreachable: true})
+		return cfg.DataDir, log.String(), err
+	}()
+	if err == nil || !strings.Contains(err.Error(), "at the target") || strings.Contains(err.Error(), "\n") {
+		t.Fatalf("a time before every backup the others hold: err %v, want one line saying so\n%s", err, log)
 	}
 	cfg.Replicas = []ReplicaConfig{downReplica}
 	cfg.Databases = []DatabaseConfig{{Path: "a.db", Replicas: []ReplicaConfig{{URL: "file://" + repl + "/a.db"}}}}
