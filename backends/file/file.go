@@ -44,18 +44,30 @@ func (c *Client) String() string { return "file://" + c.root }
 func (c *Client) Root() string { return c.root }
 
 // holdsLevel says whether the directory at p has a level directory in it.
-func holdsLevel(p string) bool {
-	ents, _ := os.ReadDir(p)
+// A directory that cannot be read holds none, unless the file system is
+// failing (backends.Down): that is an error, not a database that is not
+// there.
+func holdsLevel(p string) (bool, error) {
+	ents, err := os.ReadDir(p)
+	if backends.Down(err) {
+		return false, err
+	}
 	// Snapshots first: a replica always holds one, and level 0 can hold
 	// thousands of files.
 	slices.Reverse(ents)
-	return slices.ContainsFunc(ents, func(e fs.DirEntry) bool {
+	for _, e := range ents {
 		if !e.IsDir() || !backends.IsLevelName(e.Name()) {
-			return false
+			continue
 		}
-		files, _ := os.ReadDir(filepath.Join(p, e.Name()))
-		return slices.ContainsFunc(files, func(f fs.DirEntry) bool { return f.Type().IsRegular() && backends.IsLTXName(f.Name()) })
-	})
+		files, err := os.ReadDir(filepath.Join(p, e.Name()))
+		if backends.Down(err) {
+			return false, err
+		}
+		if slices.ContainsFunc(files, func(f fs.DirEntry) bool { return f.Type().IsRegular() && backends.IsLTXName(f.Name()) }) {
+			return true, nil
+		}
+	}
+	return false, nil
 }
 
 func (c *Client) levelDir(level int) string {
@@ -347,7 +359,12 @@ func (c *Client) Databases(ctx context.Context) ([]string, error) {
 		if err := ctx.Err(); err != nil {
 			return err
 		}
-		if !d.IsDir() || d.Name() != "ltx" || !holdsLevel(p) {
+		if !d.IsDir() || d.Name() != "ltx" {
+			return nil
+		}
+		if ok, err := holdsLevel(p); err != nil {
+			return err
+		} else if !ok {
 			return nil
 		}
 		if rel, err := filepath.Rel(root, filepath.Dir(p)); err == nil && rel != "." && filepath.IsLocal(rel) {

@@ -287,9 +287,6 @@ func restoreAll(ctx context.Context, logger *slog.Logger, stderr io.Writer, cfg 
 	case len(rels) == len(cfg.Databases):
 		return 0, fmt.Errorf("%w; the replicas that answered hold no database", unreached)
 	}
-	for i := 0; i < len(leftOut); i += 2 {
-		logger.Warn(skippedUnreachable, "replica", leftOut[i], "err", leftOut[i+1])
-	}
 	cfg.Replicas = reached
 	if len(rels) == 0 {
 		if f.ifReplicaExists {
@@ -298,7 +295,13 @@ func restoreAll(ctx context.Context, logger *slog.Logger, stderr io.Writer, cfg 
 		}
 		return 0, errors.New("the replicas hold no database (use -if-replica-exists to make this not an error)")
 	}
-	rels = dropShadowed(ctx, logger, cfg, target, rels)
+	rels, err = dropShadowed(ctx, logger, cfg, target, rels, unreached != nil)
+	if err != nil {
+		return 0, err
+	}
+	for i := 0; i < len(leftOut); i += 2 {
+		logger.Warn(skippedUnreachable, "replica", leftOut[i], "err", leftOut[i+1])
+	}
 	// Every output is checked before any is written: one that exists
 	// used to stop the restore after the databases before it.
 	if !f.force && !f.ifDBNotExists {
@@ -447,7 +450,7 @@ func removeEmpty(made []string) {
 // newer commit then is restored, and the other is named in a warning; if
 // their times cannot be read, both are kept and the restore reports the
 // clash.
-func dropShadowed(ctx context.Context, logger *slog.Logger, cfg Config, target replicate.Target, rels []string) []string {
+func dropShadowed(ctx context.Context, logger *slog.Logger, cfg Config, target replicate.Target, rels []string, leftOut bool) ([]string, error) {
 	var clash [][2]string // a database, and one under its name
 	for _, a := range rels {
 		for _, b := range rels {
@@ -457,7 +460,7 @@ func dropShadowed(ctx context.Context, logger *slog.Logger, cfg Config, target r
 		}
 	}
 	if len(clash) == 0 {
-		return rels
+		return rels, nil
 	}
 	type state struct {
 		at     time.Time
@@ -502,6 +505,10 @@ func dropShadowed(ctx context.Context, logger *slog.Logger, cfg Config, target r
 		}
 	}
 	for rel, gone := range absent {
+		if gone && leftOut {
+			// Not left out for a replica left out: it may hold it.
+			return nil, fmt.Errorf("%s: the replicas that answered hold no backup at the target; the replica left out may hold it", rel)
+		}
 		if gone {
 			drop[rel] = true
 			logger.Warn(notAtTarget, "db", rel)
@@ -512,7 +519,7 @@ func dropShadowed(ctx context.Context, logger *slog.Logger, cfg Config, target r
 			logger.Warn("not restored: a database with a newer commit takes its place in the directory (the replica keeps deleted databases)", "db", rel)
 		}
 	}
-	return slices.DeleteFunc(rels, func(rel string) bool { return drop[rel] })
+	return slices.DeleteFunc(rels, func(rel string) bool { return drop[rel] }), nil
 }
 
 // unreachable says whether err, from reading a replica, means that the

@@ -487,6 +487,18 @@ func TestRestoreDataSkipsAnUnreachableReplica(t *testing.T) {
 	if err == nil || !strings.Contains(err.Error(), "at the target") || strings.Contains(err.Error(), "\n") {
 		t.Fatalf("a time before every backup the others hold: err %v, want one line saying so\n%s", err, log)
 	}
+	// The same for a database deleted and another made under its name
+	// (x.db, then x.db/y.db), which are settled before the others.
+	clash := filepath.Join(t.TempDir(), "clash")
+	writeStates(t, file.New(clash).Sub("x.db"), [][3]int{{9, 1, 1}})
+	writeStates(t, file.New(clash).Sub("x.db/y.db"), [][3]int{{9, 1, 2}})
+	cfg.Replicas = []ReplicaConfig{downReplica, {URL: "file://" + clash}}
+	cfg.DataDir = filepath.Join(t.TempDir(), "data")
+	var clashLog bytes.Buffer
+	_, err = restoreAll(context.Background(), slog.New(slog.NewTextHandler(&clashLog, nil)), io.Discard, cfg, replicate.Target{Time: time.Unix(0, 5e8)}, restoreFlags{skipUnreachable: true})
+	if err == nil || !strings.Contains(err.Error(), "at the target") || strings.Contains(clashLog.String(), notAtTarget) || strings.Contains(clashLog.String(), skippedUnreachable) {
+		t.Fatalf("a time before every backup the others hold, x.db and x.db/y.db: err %v, want a failure saying so\n%s", err, clashLog.String())
+	}
 	cfg.Replicas = []ReplicaConfig{downReplica}
 	cfg.Databases = []DatabaseConfig{{Path: "a.db", Replicas: []ReplicaConfig{{URL: "file://" + repl + "/a.db"}}}}
 	if _, log, err = restore(restoreFlags{skipUnreachable: true}); err == nil || !strings.Contains(err.Error(), ln.Addr().String()) || strings.Contains(err.Error(), "-skip-unreachable") {
