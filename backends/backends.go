@@ -78,11 +78,16 @@ func (c *ctxReader) Read(p []byte) (int, error) {
 var ErrConfig = errors.New("replica misconfigured")
 
 // ConfigError marks err as ErrConfig without changing its message.
-func ConfigError(err error) error { return configError{err} }
+func ConfigError(err error) error { return markedError{err, ErrConfig} }
 
-type configError struct{ error }
+// markedError reads as error and unwraps to it and to mark, a sentinel
+// callers classify by.
+type markedError struct {
+	error
+	mark error
+}
 
-func (e configError) Unwrap() []error { return []error{e.error, ErrConfig} }
+func (e markedError) Unwrap() []error { return []error{e.error, e.mark} }
 
 // Errorf is an error that reads as the formatted line but unwraps to err:
 // the SDKs' own messages run over many lines and repeat request IDs, yet
@@ -244,11 +249,7 @@ func UnavailableStatus(code int) bool {
 }
 
 // UnavailableError marks err as ErrUnavailable without changing its message.
-func UnavailableError(err error) error { return unavailableError{err} }
-
-type unavailableError struct{ error }
-
-func (e unavailableError) Unwrap() []error { return []error{e.error, ErrUnavailable} }
+func UnavailableError(err error) error { return markedError{err, ErrUnavailable} }
 
 // Down says whether err, from a request to a replica, means the store is
 // down rather than that the request was wrong: it could not be reached,

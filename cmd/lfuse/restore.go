@@ -242,8 +242,11 @@ func restoreAll(ctx context.Context, logger *slog.Logger, stderr io.Writer, cfg 
 		rels, seen[filepath.ToSlash(filepath.Clean(d.Path))] = append(rels, filepath.ToSlash(filepath.Clean(d.Path))), true
 	}
 	var reached []ReplicaConfig
-	var unreached error
-	var leftOut []any // replica, error; warned of once the restore goes on without them
+	type down struct {
+		name string
+		err  error
+	}
+	var unreached []down // warned of once the restore goes on without them
 	for _, r := range cfg.Replicas {
 		root, err := openReplica(ctx, r)
 		if err != nil {
@@ -259,8 +262,7 @@ func restoreAll(ctx context.Context, logger *slog.Logger, stderr io.Writer, cfg 
 			if !unreachable(ctx, err) {
 				return 0, err
 			}
-			unreached = cmp.Or(unreached, err)
-			leftOut = append(leftOut, root.client.String(), err)
+			unreached = append(unreached, down{root.client.String(), err})
 			continue
 		}
 		reached = append(reached, r)
@@ -279,13 +281,13 @@ func restoreAll(ctx context.Context, logger *slog.Logger, stderr io.Writer, cfg 
 	// [[databases]] are not theirs), and a replica left out must not turn
 	// into nothing restored: it may hold every database.
 	switch {
-	case unreached == nil:
+	case len(unreached) == 0:
 	case len(reached) == 0:
-		return 0, unreached
+		return 0, unreached[0].err
 	case !f.skipUnreachable:
-		return 0, withSkipHint(unreached)
+		return 0, withSkipHint(unreached[0].err)
 	case len(rels) == len(cfg.Databases):
-		return 0, fmt.Errorf("%w; the replicas that answered hold no database", unreached)
+		return 0, fmt.Errorf("%w; the replicas that answered hold no database", unreached[0].err)
 	}
 	cfg.Replicas = reached
 	if len(rels) == 0 {
@@ -295,12 +297,12 @@ func restoreAll(ctx context.Context, logger *slog.Logger, stderr io.Writer, cfg 
 		}
 		return 0, errors.New("the replicas hold no database (use -if-replica-exists to make this not an error)")
 	}
-	rels, err = dropShadowed(ctx, logger, cfg, target, rels, unreached != nil)
+	rels, err = dropShadowed(ctx, logger, cfg, target, rels, len(unreached) > 0)
 	if err != nil {
 		return 0, err
 	}
-	for i := 0; i < len(leftOut); i += 2 {
-		logger.Warn(skippedUnreachable, "replica", leftOut[i], "err", leftOut[i+1])
+	for _, u := range unreached {
+		logger.Warn(skippedUnreachable, "replica", u.name, "err", u.err)
 	}
 	// Every output is checked before any is written: one that exists
 	// used to stop the restore after the databases before it.
@@ -378,7 +380,7 @@ func restoreAll(ctx context.Context, logger *slog.Logger, stderr io.Writer, cfg 
 				unusedMu.Unlock()
 			}
 			if errors.Is(err, replicate.ErrBeforeOldest) && !target.Time.IsZero() && !configured[rel] {
-				if unreached != nil {
+				if len(unreached) > 0 {
 					// Not left out for a replica left out: it may hold it.
 					return fmt.Errorf("%s: %w; the replica left out may hold it at the target", rel, err)
 				}
