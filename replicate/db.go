@@ -372,8 +372,33 @@ func (d *DB) checkNoWAL(strict bool) {
 		d.markRollback()
 		return
 	}
+	if d.sameContent(now) {
+		// chmod, chown or touch: attributes only. A snapshot would upload
+		// the whole database again for nothing (an entrypoint's `chown -R`
+		// under `mount -exec` did so for every database at every start).
+		d.logger.Debug("only the database file's attributes changed; no snapshot needed")
+		d.setNoWAL(now)
+		return
+	}
 	d.setNoWAL(now)
 	d.needSnapshot("database file changed while it had no WAL (written by a program other than SQLite in WAL mode)")
+}
+
+// sameContent reports whether the database file, last seen as d.noWAL and
+// now as now, still holds exactly the pages the log ends with. Only a file
+// of the same inode and size can; anything else is left to a snapshot. It
+// reads the whole file, as the snapshot it saves would. Call with mu held.
+func (d *DB) sameContent(now *fileID) bool {
+	if now.Ino != d.noWAL.Ino || now.Size != d.noWAL.Size || d.sums == nil {
+		return false
+	}
+	f, err := os.Open(d.path)
+	if err != nil {
+		return false
+	}
+	defer f.Close()
+	_, commit, total, err := walcapture.DatabaseChecksum(f, emptyReader{}, now.Size)
+	return err == nil && commit == d.sums.Len() && total == d.sums.Total()
 }
 
 // captureLocked appends every newly committed transaction to the log.

@@ -17,6 +17,7 @@ import (
 
 	"github.com/lfuse/lfuse/backends/file"
 	_ "github.com/mattn/go-sqlite3"
+	"github.com/superfly/ltx"
 )
 
 // logBuffer is a slog handler target the tests can search.
@@ -571,6 +572,70 @@ func TestOverwrittenWithoutWAL(t *testing.T) {
 		if got := replayed(t, state, "app.db"); !bytes.Equal(got, want) {
 			t.Fatalf("%s: after a restart the log rebuilds %d bytes, the database is %d bytes", when, len(got), len(want))
 		}
+	}
+}
+
+// chmod, chown or touch of a closed database change its attributes, not its
+// pages: no snapshot, running or at the stop. Before, each one uploaded the
+// whole database again. A real overwrite after them is still caught.
+func TestAttributesChangedWithoutWAL(t *testing.T) {
+	data, state := t.TempDir(), filepath.Join(t.TempDir(), "state")
+	m, logs := newTestManager(t, data, state)
+	path := filepath.Join(data, "app.db")
+	db, d := trackedDB(t, m, data, "app.db", "_journal_mode=WAL",
+		"CREATE TABLE t(v); WITH RECURSIVE s(i) AS (SELECT 1 UNION ALL SELECT i+1 FROM s WHERE i < 200) INSERT INTO t SELECT randomblob(500) FROM s")
+	m.SyncAll()
+	closeLast(t, m, db, path)
+	snapshot := func() ltx.TXID {
+		t.Helper()
+		l, err := ReadLog(LogDir(state, "app.db"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		return l.SnapshotTXID()
+	}
+	before := snapshot()
+
+	for _, change := range []func() error{
+		func() error { return os.Chmod(path, 0o600) },
+		func() error { return os.Chown(path, os.Getuid(), os.Getgid()+1) },
+		func() error {
+			later := time.Now().Add(time.Hour)
+			return os.Chtimes(path, later, later)
+		},
+	} {
+		if err := change(); err != nil {
+			t.Fatal(err)
+		}
+		d.mu.Lock()
+		d.checkNoWAL(true)
+		d.mu.Unlock()
+	}
+	if err := os.Chmod(path, 0o644); err != nil { // left for the stop
+		t.Fatal(err)
+	}
+	if err := m.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if strings.Contains(logs.String(), "changed while it had no WAL") || snapshot() != before {
+		t.Fatalf("a change of attributes was taken as a new snapshot (log starts at TXID %s, was %s):\n%s", snapshot(), before, logs)
+	}
+
+	// The next lfuse keeps watching from the file as it is now.
+	m, logs = newTestManager(t, data, state)
+	if err := os.Chmod(path, 0o640); err != nil {
+		t.Fatal(err)
+	}
+	overwriteWith(t, m, path)
+	if err := m.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if !strings.Contains(logs.String(), "changed while it had no WAL") || snapshot() == before {
+		t.Fatalf("the overwrite after a chmod went unnoticed:\n%s", logs)
+	}
+	want, _ := os.ReadFile(path)
+	if got := replayed(t, state, "app.db"); !bytes.Equal(got, want) {
+		t.Fatalf("the log rebuilds %d bytes, the database is %d bytes", len(got), len(want))
 	}
 }
 
