@@ -462,7 +462,10 @@ func (c *Client) Check(ctx context.Context) error {
 	rec := &recorder{}
 	prefix := c.key("")
 	pager := c.cc.NewListBlobsFlatPager(&container.ListBlobsFlatOptions{Prefix: &prefix, MaxResults: ptr(int32(1))})
-	if _, err := pager.NextPage(context.WithValue(ctx, recorderKey{}, rec)); err != nil {
+	// One attempt: the check holds a mount's start, and the SDK's retries
+	// of a store that is down held it about 9 s.
+	once := policy.WithRetryOptions(context.WithValue(ctx, recorderKey{}, rec), policy.RetryOptions{MaxRetries: -1})
+	if _, err := pager.NextPage(once); err != nil {
 		rec.mu.Lock()
 		if ctx.Err() != nil && rec.err != nil {
 			err = fmt.Errorf("%w after %w", ctx.Err(), rec.err)

@@ -290,3 +290,9 @@ func TestLostUploadIsAnError(t *testing.T) {
 	direct.Path = root
 	backendtest.WriteReadBack(t, newClient(t, direct), body, meta)
 }
+
+func TestCheckTriesOnce(t *testing.T) {
+	backendtest.CheckTriesOnce(t, func(ctx context.Context, endpoint string) error {
+		return newClient(t, Config{AccountName: "acct", AccountKey: "a2V5", Container: testContainer, Endpoint: endpoint}).Check(ctx)
+	})
+}

@@ -13,6 +13,8 @@ import (
 	"io"
 	"math/rand"
 	"net"
+	"net/http"
+	"net/http/httptest"
 	"net/url"
 	"os"
 	"path/filepath"
@@ -633,4 +635,25 @@ func Servers(t testing.TB) map[string]string {
 		c.Close()
 	}
 	return env
+}
+
+// CheckTriesOnce runs check against an HTTP store that answers every
+// request with 503, as a store that is down behind its load balancer does:
+// the check before a mount opens, which holds the application's start,
+// must give up after one request with an error backends.Down knows,
+// leaving retries to the replica.
+func CheckTriesOnce(t *testing.T, check func(ctx context.Context, endpoint string) error) {
+	t.Helper()
+	var requests atomic.Int64
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		requests.Add(1)
+		w.WriteHeader(http.StatusServiceUnavailable)
+	}))
+	t.Cleanup(srv.Close)
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	err := check(ctx, srv.URL)
+	if !backends.Down(err) || requests.Load() != 1 {
+		t.Fatalf("check of a store answering 503: %d requests, err %v (down: %v); want 1 request and a down error", requests.Load(), err, backends.Down(err))
+	}
 }

@@ -437,7 +437,9 @@ func (c *Client) Check(ctx context.Context) error {
 	if c.err != nil {
 		return c.err
 	}
-	it := c.bucket.Objects(ctx, &storage.Query{Prefix: c.key(""), Delimiter: "/"})
+	// One attempt: the check holds a mount's start, and the SDK's retries
+	// of a store that is down held it the whole 10 s the check is given.
+	it := c.bucket.Retryer(storage.WithMaxAttempts(1)).Objects(ctx, &storage.Query{Prefix: c.key(""), Delimiter: "/"})
 	it.PageInfo().MaxSize = 1
 	if _, err := it.Next(); err != nil && !errors.Is(err, iterator.Done) {
 		return c.wrap(err, "check")

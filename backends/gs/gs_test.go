@@ -250,3 +250,9 @@ func TestLostUploadIsAnError(t *testing.T) {
 		backendtest.WriteReadBack(t, newClient(t, endpoint, testBucket, root), body, meta)
 	}
 }
+
+func TestCheckTriesOnce(t *testing.T) {
+	backendtest.CheckTriesOnce(t, func(ctx context.Context, endpoint string) error {
+		return newClient(t, endpoint, testBucket, "x").Check(ctx)
+	})
+}

@@ -377,13 +377,16 @@ const abortTimeout = 5 * time.Second
 const staleUpload = 24 * time.Hour
 
 // Check proves with one LIST that the bucket exists and the credentials
-// may read it. It then aborts the multipart uploads under the replica that
+// may read it. It makes one attempt: the check holds a mount's start, and
+// the SDK's retries of a store that is down held it about 7 s; a replica
+// retries on its own. It then aborts the multipart uploads under the replica that
 // a killed lfuse, or an abort that could not reach the store, left behind
 // more than a day ago; a store or account that does not allow listing
 // them is left alone.
 func (c *Client) Check(ctx context.Context) error {
 	prefix := aws.String(c.key(""))
-	_, err := c.s3.ListObjectsV2(ctx, &s3.ListObjectsV2Input{Bucket: &c.bucket, Prefix: prefix, MaxKeys: aws.Int32(1)})
+	_, err := c.s3.ListObjectsV2(ctx, &s3.ListObjectsV2Input{Bucket: &c.bucket, Prefix: prefix, MaxKeys: aws.Int32(1)},
+		func(o *s3.Options) { o.RetryMaxAttempts = 1 })
 	if err != nil {
 		return c.wrap(err, "check")
 	}

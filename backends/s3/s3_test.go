@@ -282,3 +282,13 @@ func TestCancelledUploadIsAborted(t *testing.T) {
 		t.Fatalf("%d multipart uploads left after a cancelled write: %s", len(out.Uploads), aws.ToString(out.Uploads[0].Key))
 	}
 }
+
+func TestCheckTriesOnce(t *testing.T) {
+	backendtest.CheckTriesOnce(t, func(ctx context.Context, endpoint string) error {
+		c, err := s3.New(ctx, s3.Config{Bucket: bucket, Endpoint: endpoint, AccessKeyID: "id", SecretAccessKey: "secret"})
+		if err != nil {
+			return err
+		}
+		return c.Check(ctx)
+	})
+}
