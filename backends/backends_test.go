@@ -4,8 +4,11 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"io/fs"
 	"net"
+	"net/http"
+	"net/url"
 	"syscall"
 	"testing"
 )
@@ -29,10 +32,36 @@ func TestDown(t *testing.T) {
 		{"missing file", fmt.Errorf("ltx/0/x: %w", ErrNotFound), false},
 		{"file where a directory belongs", &fs.PathError{Op: "open", Path: "/r/ltx/0", Err: syscall.ENOTDIR}, false},
 		{"corrupt", errors.New("checksum mismatch"), false},
+		{"connection closed before an answer", Errorf(&url.Error{Op: "Get", URL: "http://x", Err: io.EOF}, "s3://b: list: EOF"), true},
+		{"body cut off", fmt.Errorf("read ltx/0/x: %w", io.ErrUnexpectedEOF), false},
 		{"TLS alert", Errorf(&net.OpError{Op: "remote error", Err: errors.New("tls: certificate required")}, "s3://b: list: tls"), false},
 	} {
 		if got := Down(c.err); got != c.want {
 			t.Errorf("%s: Down(%v) = %v, want %v", c.name, c.err, got, c.want)
 		}
+	}
+
+	// A real one: a server that takes the connection and closes it.
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			c.Close()
+		}
+	}()
+	resp, err := http.Get("http://" + ln.Addr().String() + "/")
+	if err == nil {
+		resp.Body.Close()
+		t.Fatal("a server that closes every connection answered")
+	}
+	if !Down(err) {
+		t.Errorf("a server that closes every connection: Down(%v) = false", err)
 	}
 }

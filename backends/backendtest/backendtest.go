@@ -637,12 +637,11 @@ func Servers(t testing.TB) map[string]string {
 	return env
 }
 
-// CheckTriesOnce runs check against an HTTP store that answers every
-// request with 503, as a store that is down behind its load balancer does:
-// the check before a mount opens, which holds the application's start,
-// must give up after one request with an error backends.Down knows,
-// leaving retries to the replica.
-func CheckTriesOnce(t *testing.T, check func(ctx context.Context, endpoint string) error) {
+// Unavailable runs call against an HTTP store that answers every request
+// with 503, as a store that is down behind its load balancer does, and
+// checks that call gave up after want requests with an error backends.Down
+// knows.
+func Unavailable(t *testing.T, want int64, call func(ctx context.Context, endpoint string) error) {
 	t.Helper()
 	var requests atomic.Int64
 	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
@@ -652,8 +651,8 @@ func CheckTriesOnce(t *testing.T, check func(ctx context.Context, endpoint strin
 	t.Cleanup(srv.Close)
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
-	err := check(ctx, srv.URL)
-	if !backends.Down(err) || requests.Load() != 1 {
-		t.Fatalf("check of a store answering 503: %d requests, err %v (down: %v); want 1 request and a down error", requests.Load(), err, backends.Down(err))
+	err := call(ctx, srv.URL)
+	if !backends.Down(err) || requests.Load() != want {
+		t.Fatalf("against a store answering 503: %d requests, err %v (down: %v); want %d and a down error", requests.Load(), err, backends.Down(err), want)
 	}
 }

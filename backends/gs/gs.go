@@ -27,6 +27,7 @@ import (
 	"time"
 
 	"cloud.google.com/go/storage"
+	"github.com/googleapis/gax-go/v2"
 	"github.com/lfuse/lfuse/backends"
 	"github.com/superfly/ltx"
 	"google.golang.org/api/googleapi"
@@ -42,13 +43,18 @@ const (
 	// whole chunk up front and keeps it to resend on a retry).
 	maxChunkSize = 8 << 20
 
-	// maxAttempts bounds the SDK's retries, which are otherwise unlimited
-	// until the context ends: an outage must not hang a caller without a
-	// deadline forever.
-	maxAttempts = 8
+	// maxAttempts and retryBackoff bound the SDK's retries, which are
+	// otherwise unlimited until the context ends (an outage must not hang
+	// a caller without a deadline forever), and back off up to 30 s apart:
+	// eight tries of a store that was down took 20–90 s to fail one
+	// listing, which a restore waited for. As on S3: five tries, at most
+	// 2 s apart; the replica's own backoff covers longer outages.
+	maxAttempts = 5
 
 	deleteConcurrency = 8
 )
+
+var retryBackoff = gax.Backoff{Initial: 250 * time.Millisecond, Max: 2 * time.Second, Multiplier: 2}
 
 // Config says which bucket and how to sign in.
 type Config struct {
@@ -105,7 +111,7 @@ func New(ctx context.Context, cfg Config) (*Client, error) {
 	if err != nil {
 		return nil, fmt.Errorf("gs://%s: cannot set up the client (credentials: set credentials-file or GOOGLE_APPLICATION_CREDENTIALS, or run where application default credentials exist): %w", cfg.Bucket, err)
 	}
-	sdk.SetRetry(storage.WithMaxAttempts(maxAttempts))
+	sdk.SetRetry(storage.WithMaxAttempts(maxAttempts), storage.WithBackoff(retryBackoff))
 	return &Client{sdk: sdk, bucket: sdk.Bucket(cfg.Bucket), name: cfg.Bucket, root: root, endpoint: endpoint}, nil
 }
 

@@ -251,8 +251,19 @@ func TestLostUploadIsAnError(t *testing.T) {
 	}
 }
 
+// The check before a mount opens holds the application's start: it makes
+// one request, and the replica retries on its own.
 func TestCheckTriesOnce(t *testing.T) {
-	backendtest.CheckTriesOnce(t, func(ctx context.Context, endpoint string) error {
+	backendtest.Unavailable(t, 1, func(ctx context.Context, endpoint string) error {
 		return newClient(t, endpoint, testBucket, "x").Check(ctx)
+	})
+}
+
+// A store that stays down is given five tries, not the SDK's unlimited
+// ones nor the eight (20–90 s) lfuse first allowed: a restore waits for them.
+func TestRetriesBounded(t *testing.T) {
+	backendtest.Unavailable(t, maxAttempts, func(ctx context.Context, endpoint string) error {
+		_, err := newClient(t, endpoint, testBucket, "x").LTXFiles(ctx, 0)
+		return err
 	})
 }

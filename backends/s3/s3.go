@@ -479,6 +479,11 @@ func (c *Client) wrap(err error, format string, args ...any) error {
 	if errors.As(err, &status) && backends.UnavailableStatus(status.HTTPStatusCode()) {
 		return backends.UnavailableError(backends.Errorf(err, "%s: %s: %s", c, what, rootCause(err)))
 	}
+	if cause := backends.Unreachable(err); cause != nil {
+		// The root cause alone said only "EOF" of a store closing the
+		// connection.
+		return backends.Errorf(err, "%s: %s: cannot reach the store: %s", c, what, cause)
+	}
 	return backends.Errorf(err, "%s: %s: %s", c, what, rootCause(err))
 }
 
