@@ -395,6 +395,11 @@ func (c Config) validate() error {
 			}
 		}
 		seen[filepath.Clean(d.Path)] = true
+		if len(d.Replicas) == 0 {
+			// Its own replicas replace the global ones: with none, the
+			// database was backed up nowhere, and nothing said so.
+			return fmt.Errorf("databases: %q has no replicas, so it would be backed up nowhere: give it a [[databases.replicas]] table, or remove the entry to use the global replicas", d.Path)
+		}
 		for _, r := range d.Replicas {
 			if err := r.validate(d.Path); err != nil {
 				return err

@@ -122,11 +122,17 @@ func TestValidate(t *testing.T) {
 		{func(c *Config) { c.Log.Format = "xml" }, `log format "xml"`},
 		{func(c *Config) { c.Replicas = []ReplicaConfig{{URL: "s4://bucket"}} }, `unknown scheme "s4"`},
 		{func(c *Config) { c.Replicas = []ReplicaConfig{{}} }, `url is required`},
+		{func(c *Config) { c.Replicas = []ReplicaConfig{{URL: "s3:/bucket/prod"}} }, `write s3://..., or ./s3:/bucket/prod`},
+		{func(c *Config) { c.Replicas = []ReplicaConfig{{URL: "file:backups"}} }, `write file://..., or ./file:backups`},
 		{func(c *Config) { c.Replicas = []ReplicaConfig{{URL: "file://host/x"}} }, `has no host`},
 		{func(c *Config) { c.Databases = []DatabaseConfig{{Path: "../x.db"}} }, `relative to the mount`},
 		{func(c *Config) { c.Databases = []DatabaseConfig{{Path: "*.db"}} }, `patterns are not supported`},
 		{func(c *Config) { c.Databases = []DatabaseConfig{{Path: "a.db-wal"}} }, `give the database's own path`},
 		{func(c *Config) { c.Exec = "  " }, `exec is blank`},
+		{func(c *Config) {
+			c.Replicas = []ReplicaConfig{{URL: "/r"}}
+			c.Databases = []DatabaseConfig{{Path: "a.db"}}
+		}, `databases: "a.db" has no replicas, so it would be backed up nowhere`},
 		{func(c *Config) {
 			c.Databases = []DatabaseConfig{{Path: "a.db", Replicas: []ReplicaConfig{{URL: "/r"}}}, {Path: "./a.db"}}
 		}, `listed twice`},
@@ -225,6 +231,25 @@ func TestResolveStateDir(t *testing.T) {
 		if err != nil || dir != c.dir || hide != c.hide {
 			t.Errorf("%q: %q %q %v", c.state, dir, hide, err)
 		}
+	}
+
+	// Through symlinks (found by a review: a state directory reached
+	// through a link into the mount was written through lfuse's own
+	// mount, and the stop then never ended).
+	base := t.TempDir()
+	data, mnt := filepath.Join(base, "data"), filepath.Join(base, "mnt")
+	os.MkdirAll(data, 0o755)
+	os.MkdirAll(mnt, 0o755)
+	os.Symlink(mnt, filepath.Join(base, "to-mnt"))
+	os.Symlink(data, filepath.Join(base, "to-data"))
+	if _, _, err := resolveStateDir(filepath.Join(base, "to-mnt", "st"), data, mnt); err == nil || !strings.Contains(err.Error(), "inside the mount point") {
+		t.Errorf("through a link into the mount: %v", err)
+	}
+	if _, _, err := resolveStateDir(filepath.Join(base, "to-data", "a", "b"), data, mnt); err == nil || !strings.Contains(err.Error(), "inside the data directory") {
+		t.Errorf("through a link deep into the data directory: %v", err)
+	}
+	if _, hide, err := resolveStateDir(filepath.Join(base, "to-data", "st"), data, mnt); err != nil || hide != "st" {
+		t.Errorf("through a link directly into the data directory: hide %q, %v", hide, err)
 	}
 }
 

@@ -445,14 +445,18 @@ func resolveStateDir(stateDir, dataDir, mountDir string) (dir, hide string, err 
 	if err != nil {
 		return "", "", err
 	}
-	rel, err := filepath.Rel(dataDir, dir)
+	// Compared as resolved: a symlink into the mount put lfuse's log in
+	// the application's view, written through lfuse's own mount, and the
+	// stop then waited on itself for good.
+	real := realPath(dir)
+	rel, err := filepath.Rel(realPath(dataDir), real)
 	if err == nil && rel != ".." && !strings.HasPrefix(rel, "../") {
 		if rel == "." || strings.Contains(rel, "/") {
 			return "", "", fmt.Errorf("state directory %s is inside the data directory %s: put it outside, or directly in it (e.g. %s)", dir, dataDir, filepath.Join(dataDir, defaultStateName))
 		}
 		return dir, rel, nil
 	}
-	if rel, err := filepath.Rel(mountDir, dir); err == nil && rel != ".." && !strings.HasPrefix(rel, "../") {
+	if rel, err := filepath.Rel(realPath(mountDir), real); err == nil && rel != ".." && !strings.HasPrefix(rel, "../") {
 		return "", "", fmt.Errorf("state directory %s is inside the mount point %s: put it outside", dir, mountDir)
 	}
 	return dir, "", nil

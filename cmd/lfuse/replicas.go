@@ -36,6 +36,9 @@ type replicaURL struct {
 
 const schemes = "file:// (or a plain path), s3://, gs://, abs://, sftp://"
 
+// schemeLike is what a URL scheme looks like (RFC 3986).
+var schemeLike = regexp.MustCompile(`^[A-Za-z][A-Za-z0-9+.-]*$`)
+
 // parseReplicaURL checks a replica URL's syntax. Query parameters stand for
 // the config keys of the same names (endpoint, region, ...).
 func parseReplicaURL(raw string) (replicaURL, error) {
@@ -43,6 +46,11 @@ func parseReplicaURL(raw string) (replicaURL, error) {
 		return replicaURL{}, errors.New("empty replica URL")
 	}
 	if !strings.Contains(raw, "://") {
+		if scheme, _, ok := strings.Cut(raw, ":"); ok && schemeLike.MatchString(scheme) {
+			// s3:/bucket or s3:bucket backed up into a directory named
+			// "s3:" under the working directory, and nothing said so.
+			return replicaURL{}, fmt.Errorf("replica URL %s: %q then ':' without '//' is neither a URL nor a plain path: write %s://..., or ./%s for a directory of that name", redact(raw), scheme, strings.ToLower(scheme), redact(raw))
+		}
 		abs, err := filepath.Abs(raw)
 		if err != nil {
 			return replicaURL{}, err
