@@ -291,18 +291,15 @@ func oneLine(s string) string {
 // secretLine reports whether a line of the config file sets a secret, and
 // which key.
 func secretLine(line []byte) (string, bool) {
-	key, _, ok := strings.Cut(string(line), "=")
-	if !ok {
-		return "", false
-	}
-	key = strings.Trim(strings.TrimSpace(key), `"'`)
-	for _, secret := range []string{"secret-access-key", "account-key", "sas-token", "password"} {
-		if key == secret || strings.HasSuffix(key, "."+secret) {
-			return key, true
-		}
+	// Anywhere in the line: an inline table holds several keys, and its
+	// secret was quoted when only a line's first key was looked at.
+	if m := secretKey.FindSubmatch(line); m != nil {
+		return string(m[1]), true
 	}
 	return "", false
 }
+
+var secretKey = regexp.MustCompile(`(?:^|[\s{,."'])(secret-access-key|account-key|sas-token|password)["']?\s*=`)
 
 // place is where a replica writes, for telling overlaps apart: its
 // scheme, endpoint (key or URL parameter: the same bucket name at two
@@ -509,51 +506,125 @@ func stateFromFlags(fl *flag.FlagSet, cf configFlags, dataDir, stateDir string) 
 // paw0rd, and a state-dir of "${UNSET}/lfuse" made /lfuse, both silently.
 func expandEnv(data []byte) ([]byte, error) {
 	lines := strings.SplitAfter(string(data), "\n")
-	for i, full := range lines {
-		line, comment := splitComment(full)
+	for i, line := range lines {
 		if !strings.Contains(line, "$") {
 			continue
 		}
-		var missing string
-		expanded := os.Expand(line, func(name string) string {
-			if name == "$" {
-				return "$"
-			}
-			if k, def, ok := strings.Cut(name, ":-"); ok {
-				if v := os.Getenv(k); v != "" {
-					return v
-				}
-				return def
-			}
-			v, ok := os.LookupEnv(name)
-			if !ok && missing == "" {
-				missing = name
-			}
-			return v
-		})
-		if missing != "" {
-			return nil, fmt.Errorf("line %d: $%s is not set in the environment: set it, write ${%s:-} for an empty value, $$ for a literal $, or use -no-expand-env", i+1, missing, missing)
+		expanded, err := expandLine(line)
+		if err != nil {
+			return nil, fmt.Errorf("line %d: %w", i+1, err)
 		}
-		lines[i] = expanded + comment
+		lines[i] = expanded
 	}
 	return []byte(strings.Join(lines, "")), nil
 }
 
-// splitComment cuts a TOML line at its comment: the first # outside a
-// quoted string. (A multi-line string's later lines are taken as code.)
-func splitComment(line string) (code, comment string) {
+// expandLine expands one line of TOML, up to its comment. A value lands in
+// a "basic string" escaped, so that it arrives as the environment holds it:
+// pasted as it was, a password's \t became a tab, and its " broke the file.
+// A 'literal string' cannot escape, so a value it cannot hold is an error.
+// Outside quotes (a number, a boolean) a value goes in as it is.
+func expandLine(line string) (string, error) {
+	var b strings.Builder
 	var quote byte
 	for i := 0; i < len(line); i++ {
-		switch c := line[i]; {
+		c := line[i]
+		switch {
 		case quote == 0 && c == '#':
-			return line[:i], line[i:]
+			b.WriteString(line[i:])
+			return b.String(), nil
+		case c == '$':
+			name, n, err := varName(line[i+1:])
+			if err != nil {
+				return "", err
+			}
+			if n == 0 {
+				b.WriteByte(c) // a $ not followed by a name stays
+				continue
+			}
+			i += n
+			if name == "$" {
+				b.WriteByte('$')
+				continue
+			}
+			v, ok := "", false
+			if k, def, hasDef := strings.Cut(name, ":-"); hasDef {
+				if v = os.Getenv(k); v == "" {
+					v = def
+				}
+				ok = true
+			} else {
+				v, ok = os.LookupEnv(name)
+			}
+			if !ok {
+				return "", fmt.Errorf("$%s is not set in the environment: set it, write ${%s:-} for an empty value, $$ for a literal $, or use -no-expand-env", name, name)
+			}
+			switch quote {
+			case '"':
+				b.WriteString(escapeBasic(v))
+			case '\'':
+				if strings.ContainsFunc(v, func(r rune) bool { return r == '\'' || r < 0x20 && r != '\t' || r == 0x7f }) {
+					return "", fmt.Errorf("the value of $%s cannot go in a 'literal string' (it holds a ' or a control character): put it in double quotes, like \"${%s}\"", name, name)
+				}
+				b.WriteString(v)
+			default:
+				b.WriteString(v)
+			}
 		case quote == 0 && (c == '"' || c == '\''):
 			quote = c
-		case quote == '"' && c == '\\':
-			i++ // an escape: the next byte is not the closing quote
+			b.WriteByte(c)
+		case quote == '"' && c == '\\' && i+1 < len(line):
+			b.WriteString(line[i : i+2]) // an escape: the next byte is not the closing quote
+			i++
 		case c == quote:
 			quote = 0
+			b.WriteByte(c)
+		default:
+			b.WriteByte(c)
 		}
 	}
-	return line, ""
+	return b.String(), nil
+}
+
+// varName reads what follows a $: "$" for $$, NAME for $NAME, and what is
+// between the braces of ${...}; n is how many bytes that took (0: no name).
+// A ${ without its } is an error: os.Expand dropped it silently, so
+// "pa${ss" gave "pass".
+func varName(s string) (name string, n int, err error) {
+	switch {
+	case s == "":
+		return "", 0, nil
+	case s[0] == '$':
+		return "$", 1, nil
+	case s[0] == '{':
+		end := strings.IndexByte(s, '}')
+		if end < 0 {
+			return "", 0, errors.New("${ without a closing }: write ${VAR}, or $$ for a literal $")
+		}
+		if end == 1 {
+			return "", 0, errors.New("${} names no variable: write ${VAR}, or $$ for a literal $")
+		}
+		return s[1:end], end + 1, nil
+	}
+	for n < len(s) && (s[n] == '_' || s[n] >= '0' && s[n] <= '9' || s[n] >= 'a' && s[n] <= 'z' || s[n] >= 'A' && s[n] <= 'Z') {
+		n++
+	}
+	return s[:n], n, nil
+}
+
+// escapeBasic escapes s for a TOML basic string.
+func escapeBasic(s string) string {
+	var b strings.Builder
+	for _, r := range s {
+		switch {
+		case r == '\\' || r == '"':
+			b.WriteByte('\\')
+			b.WriteRune(r)
+		case r < 0x20 || r == 0x7f:
+			fmt.Fprintf(&b, "\\u%04X", r)
+		default:
+			b.WriteRune(r)
+		}
+	}
+	return b.String()
 }

@@ -40,6 +40,7 @@ addr = "127.0.0.1:9090"
 		{name: "unknown table", text: "[replica]\nurl = \"s3://x\"\n", err: `unknown key "replica`},
 		// The parser quotes what it found: not when that is a secret.
 		{name: "unquoted secret", text: "[[replicas]]\nurl = \"s3://b/p\"\nsecret-access-key = wJalrXUtnFEMI/K7MDENG\n", err: `line 3: the value of secret-access-key does not parse: write it in quotes`},
+		{name: "unquoted secret in an inline table", text: "replicas = [{url = \"/x\", secret-access-key = wJalrXUtnFEMI/K7MDENG}]\n", err: `line 1: the value of secret-access-key does not parse: write it in quotes`},
 		{name: "key in the wrong table", text: "[log]\npassthrough = \"on\"\n", err: `line 2: unknown key "log.passthrough"`},
 		{name: "key named like one of another table", text: "[[databases]]\npath = \"app.db\"\n\n[log]\nlevel = \"info\"\npath = \"x\"\n", err: `line 6: unknown key "log.path"`},
 		{name: "wrong type", text: "xattrs = \"yes\"\n", err: "xattrs"},
@@ -338,6 +339,40 @@ secret-access-key = "${LFUSE_TEST_SECRET}"
 		t.Fatalf("an unset variable: %v", err)
 	}
 
+	// A value arrives as the environment holds it, whatever TOML would make
+	// of its characters (found by two reviews: a password's \t became a
+	// tab, and a " was refused with advice to quote what was quoted).
+	for _, v := range []string{`a\tb`, `C:\temp`, `say "hi"`, `it's`, "tab\there", `\u00e9`} {
+		t.Setenv("LFUSE_TEST_SECRET", v)
+		os.WriteFile(path, []byte("[[replicas]]\nurl = \"sftp://u@h/p\"\npassword = \"${LFUSE_TEST_SECRET}\"\nkey-path = \"/k/$LFUSE_TEST_SECRET\" # $NOT_SET\n"), 0o600)
+		cfg, err := loadConfig(path, true)
+		if err != nil || cfg.Replicas[0].Password != v || cfg.Replicas[0].KeyPath != "/k/"+v {
+			t.Fatalf("%q in double quotes: %v, %+v", v, err, cfg.Replicas)
+		}
+	}
+	t.Setenv("LFUSE_TEST_SECRET", `a\b`)
+	os.WriteFile(path, []byte("data-dir = '/d/${LFUSE_TEST_SECRET}'\n"), 0o600)
+	if cfg, err := loadConfig(path, true); err != nil || cfg.DataDir != `/d/a\b` {
+		t.Fatalf("in single quotes: %v, %q", err, cfg.DataDir)
+	}
+	t.Setenv("LFUSE_TEST_SECRET", "it's")
+	if _, err := loadConfig(path, true); err == nil || !strings.Contains(err.Error(), "line 1: the value of $LFUSE_TEST_SECRET cannot go in a 'literal string'") || strings.Contains(err.Error(), "it's") {
+		t.Fatalf("a ' in single quotes: %v", err)
+	}
+	for text, want := range map[string]string{
+		"data-dir = \"/pa${ss\"\n":  "line 1: ${ without a closing }",
+		"data-dir = \"/pa${}ss\"\n": "line 1: ${} names no variable",
+	} {
+		os.WriteFile(path, []byte(text), 0o600)
+		if _, err := loadConfig(path, true); err == nil || !strings.Contains(err.Error(), want) {
+			t.Fatalf("%q: %v, want %q", text, err, want)
+		}
+	}
+	os.WriteFile(path, []byte("data-dir = \"/costs $ 5\"\n"), 0o600)
+	if cfg, err := loadConfig(path, true); err != nil || cfg.DataDir != "/costs $ 5" {
+		t.Fatalf("a $ without a name: %v, %q", err, cfg.DataDir)
+	}
+
 	// A $VAR left unquoted: the parser's message would quote the secret.
 	os.WriteFile(path, []byte("[[replicas]]\nurl = \"sftp://u@h/p\"\npassword = ${LFUSE_TEST_SECRET}\n"), 0o600)
 	t.Setenv("LFUSE_TEST_SECRET", "correcthorse")
@@ -366,6 +401,9 @@ func FuzzLoadConfig(f *testing.F) {
 		}
 		if err != nil && strings.Contains(err.Error(), "\n") {
 			t.Fatalf("a refusal over several lines: %q", err)
+		}
+		if _, err := expandEnv(data); err != nil && strings.Contains(err.Error(), "\n") {
+			t.Fatalf("an expansion's refusal over several lines: %q", err)
 		}
 	})
 }
