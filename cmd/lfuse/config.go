@@ -8,6 +8,7 @@ import (
 	"flag"
 	"fmt"
 	"log/slog"
+	"net"
 	"os"
 	"path"
 	"path/filepath"
@@ -310,7 +311,20 @@ func place(r ReplicaConfig) string {
 		return r.URL // validate says what is wrong with it
 	}
 	endpoint := cmp.Or(r.Endpoint, u.query.Get("endpoint"))
-	return u.scheme + "://" + endpoint + "|" + u.user + "@" + u.host + path.Clean("/"+filepath.ToSlash(u.path))
+	// Spellings of one place (a review found each accepted twice, every
+	// upload then made twice into one place): file://localhost/x is
+	// file:///x, a directory reached through a symlink is the one it
+	// names, and an SFTP server's port is 22 unless given.
+	host, p := u.host, u.path
+	switch u.scheme {
+	case "file":
+		host, p = "", realPath(p)
+	case "sftp":
+		if _, _, err := net.SplitHostPort(host); err != nil {
+			host = net.JoinHostPort(host, "22")
+		}
+	}
+	return u.scheme + "://" + endpoint + "|" + u.user + "@" + host + path.Clean("/"+filepath.ToSlash(p))
 }
 
 // within says whether place a is b or lies under it.

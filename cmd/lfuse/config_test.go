@@ -441,6 +441,7 @@ func TestReplicaPlacesOverlap(t *testing.T) {
 		err    string
 	}{
 		{[]string{"/r", "file:///r/"}, nil, "write into the same place"},
+		{[]string{"/r", "file://localhost/r"}, nil, "write into the same place"},
 		{[]string{"s3://b/p?endpoint=x", "s3://b/p/sub?endpoint=x&region=y"}, nil, "write into the same place"},
 		{[]string{"/r"}, []DatabaseConfig{db("a.db", "/r/b.db")}, "lies inside the replica /r"},
 		{[]string{"/r"}, []DatabaseConfig{db("a.db", "/own"), db("b.db", "file:///own/x")}, "write into the same place"},
@@ -458,6 +459,24 @@ func TestReplicaPlacesOverlap(t *testing.T) {
 		err := cfg.validate()
 		if c.err == "" && err != nil || c.err != "" && (err == nil || !strings.Contains(err.Error(), c.err)) {
 			t.Errorf("%v %v: %v, want %q", c.global, c.dbs, err, c.err)
+		}
+	}
+
+	// A directory and a symlink to it are one place.
+	base := t.TempDir()
+	os.MkdirAll(filepath.Join(base, "r"), 0o755)
+	os.Symlink(filepath.Join(base, "r"), filepath.Join(base, "link"))
+	cfg := defaultConfig()
+	cfg.Replicas = []ReplicaConfig{{URL: filepath.Join(base, "r")}, {URL: filepath.Join(base, "link")}}
+	if err := cfg.validate(); err == nil || !strings.Contains(err.Error(), "write into the same place") {
+		t.Errorf("a directory and a symlink to it: %v", err)
+	}
+
+	// An SFTP server's port is 22 unless given.
+	for port, want := range map[string]string{":22": "write into the same place", ":2222": ""} {
+		cfg.Replicas = []ReplicaConfig{{URL: "sftp://u@h/r", Password: "pw"}, {URL: "sftp://u@h" + port + "/r", Password: "pw"}}
+		if err := cfg.validate(); want == "" && err != nil || want != "" && (err == nil || !strings.Contains(err.Error(), want)) {
+			t.Errorf("sftp://u@h/r and port %s: %v, want %q", port, err, want)
 		}
 	}
 }

@@ -3,8 +3,9 @@ package main
 import (
 	"net/http"
 	"net/http/pprof"
+	"strconv"
+	"unicode/utf8"
 
-	"github.com/lfuse/lfuse/fs"
 	"github.com/lfuse/lfuse/replicate"
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
@@ -13,7 +14,7 @@ import (
 
 // collector exposes lfuse's counters, read when Prometheus scrapes.
 type collector struct {
-	m   *fs.Mount
+	m   requestCounter
 	mgr *replicate.Manager
 
 	requests, txid, captured, capturedBytes, snapshots, needSnapshot, size, walSize, captureErrs, holds, held, copies *prometheus.Desc
@@ -23,7 +24,10 @@ type collector struct {
 
 var replicaLabels = []string{"db", "replica", "replica_type"}
 
-func newCollector(m *fs.Mount, mgr *replicate.Manager) *collector {
+// requestCounter counts the FUSE requests served (fs.Mount).
+type requestCounter interface{ Requests() map[string]uint64 }
+
+func newCollector(m requestCounter, mgr *replicate.Manager) *collector {
 	return &collector{
 		m: m, mgr: mgr,
 		requests:      prometheus.NewDesc("lfuse_fuse_requests_total", "FUSE requests served by lfuse, by operation.", []string{"op"}, nil),
@@ -59,8 +63,10 @@ func (c *collector) Collect(ch chan<- prometheus.Metric) {
 	ops, opBytes := map[[2]string]int64{}, map[[2]string]int64{}
 	dbs := c.mgr.DBs()
 	stats := dbStats(dbs)
+	seen := map[[2]string]bool{}
 	for i, d := range dbs {
 		st := stats[i]
+		st.Path = labelValue(st.Path)
 		ch <- prometheus.MustNewConstMetric(c.txid, prometheus.GaugeValue, float64(st.TXID), st.Path)
 		ch <- prometheus.MustNewConstMetric(c.captured, prometheus.CounterValue, float64(st.Captured), st.Path)
 		ch <- prometheus.MustNewConstMetric(c.capturedBytes, prometheus.CounterValue, float64(st.Bytes), st.Path)
@@ -78,7 +84,14 @@ func (c *collector) Collect(ch chan<- prometheus.Metric) {
 		ch <- prometheus.MustNewConstMetric(c.copies, prometheus.CounterValue, float64(st.Copies), st.Path)
 		for _, r := range d.Replicas() {
 			rs := r.Stats()
-			l := []string{st.Path, rs.Name, rs.Type}
+			l := []string{st.Path, labelValue(rs.Name), rs.Type}
+			if seen[[2]string{l[0], l[1]}] {
+				// Two replicas that print alike (config refuses those it
+				// can tell are one place): a second series with the same
+				// labels failed the whole scrape.
+				continue
+			}
+			seen[[2]string{l[0], l[1]}] = true
 			ch <- prometheus.MustNewConstMetric(c.replicaTXID, prometheus.GaugeValue, float64(rs.TXID), l...)
 			behind, lag := replicaLag(st.TXID, rs)
 			ch <- prometheus.MustNewConstMetric(c.replicaBehind, prometheus.GaugeValue, float64(behind), l...)
@@ -104,11 +117,13 @@ func (c *collector) Collect(ch chan<- prometheus.Metric) {
 	}
 }
 
-func metricsHandler(m *fs.Mount, mgr *replicate.Manager) http.Handler {
+func metricsHandler(m requestCounter, mgr *replicate.Manager) http.Handler {
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(newCollector(m, mgr), collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	mux := http.NewServeMux()
-	mux.Handle("/metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{}))
+	// What can be gathered is served: one bad series failed the whole
+	// scrape with a 500, and monitoring went dark.
+	mux.Handle("/metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{ErrorHandling: promhttp.ContinueOnError}))
 	mux.Handle("/status", statusHandler(mgr))
 	mux.HandleFunc("/debug/pprof/", pprof.Index)
 	mux.HandleFunc("/debug/pprof/cmdline", pprof.Cmdline)
@@ -116,4 +131,15 @@ func metricsHandler(m *fs.Mount, mgr *replicate.Manager) http.Handler {
 	mux.HandleFunc("/debug/pprof/symbol", pprof.Symbol)
 	mux.HandleFunc("/debug/pprof/trace", pprof.Trace)
 	return mux
+}
+
+// labelValue makes s a valid label value: Prometheus takes only UTF-8, and
+// a database named with other bytes (a file name may hold any) made every
+// scrape fail. Such a name is shown escaped, as Go quotes it.
+func labelValue(s string) string {
+	if utf8.ValidString(s) {
+		return s
+	}
+	q := strconv.Quote(s)
+	return q[1 : len(q)-1]
 }
