@@ -367,7 +367,22 @@ func restoreAll(ctx context.Context, logger *slog.Logger, stderr io.Writer, cfg 
 			}
 			txid, err := restoreOne(gctx, logger.With("db", rel), stderr, clients, out, target, f)
 			ok := txid != 0
-			if ok && stateErr == nil {
+			fromLog := false
+			if ok && err == nil && target == (replicate.Target{}) && stateErr == nil {
+				if newest, ahead := replicate.LocalLogAhead(gctx, stateDir, rel, txid, clients); ahead {
+					// The state directory outlived the data, holding
+					// commits the replicas lack: the newest state is there.
+					if local, err := replicate.RestoreLocalLog(stateDir, rel, out, logger); err != nil {
+						logger.Warn("the local log holds commits the replicas lack, but the database cannot be rebuilt from it; keeping the replicas' state, and those commits stay in the replicas below a new snapshot", "db", rel,
+							"replica_txid", txid.String(), "local_txid", newest.String(), "err", err)
+					} else {
+						logger.Info("restored from the local log, which holds commits the replicas lack; the mount ships them", "db", rel,
+							"replica_txid", txid.String(), "txid", local.String())
+						txid, fromLog = local, true
+					}
+				}
+			}
+			if ok && stateErr == nil && !fromLog {
 				// The mount's first snapshot of it then takes this
 				// TXID, and a replica holding the same needs no upload.
 				if err := replicate.NoteRestored(stateDir, rel, txid); err != nil {
