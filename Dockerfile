@@ -12,5 +12,8 @@ RUN CGO_ENABLED=0 go build -trimpath -ldflags '-s -w' -o /out/lfuse ./cmd/lfuse
 FROM alpine:3.20
 RUN apk add --no-cache fuse3 ca-certificates sqlite
 COPY --from=build /out/lfuse /usr/local/bin/lfuse
+# The mount point of examples/lfuse.toml: lfuse refuses one that does not
+# exist, and nothing else in the image or the StatefulSet makes it.
+RUN mkdir -p /data
 # The application's image adds itself here and sets exec in the config.
 ENTRYPOINT ["lfuse", "mount", "-config", "/etc/lfuse.toml"]
