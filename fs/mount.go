@@ -94,6 +94,7 @@ type Mount struct {
 	counts      *counters
 	logger      *slog.Logger
 	unmountOnce sync.Once
+	busyWith    []int // the processes that held the mount when Unmount detached it
 	// rootFd is the backing directory, which every operation starts from
 	// (at.go); asRoot: lfuse runs as root, and gives what it creates to
 	// the caller.
@@ -302,10 +303,17 @@ func (m *Mount) Unmount() error {
 			return
 		}
 		m.logger.Warn("mount is busy: detaching it; lfuse exits when the last open file is closed", "err", err)
+		// Found now: once detached, their files no longer show the
+		// mount point's path.
+		m.busyWith = holders(m.opts.MountDir)
 		err = syscall.Unmount(m.opts.MountDir, syscall.MNT_DETACH)
 	})
 	return err
 }
+
+// BusyWith returns the processes that still had files open in the mount
+// when Unmount had to detach it.
+func (m *Mount) BusyWith() []int { return m.busyWith }
 
 // Requests returns how many requests of each kind lfuse has served.
 func (m *Mount) Requests() map[string]uint64 { return m.counts.snapshot() }

@@ -7,6 +7,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"syscall"
 	"testing"
@@ -241,5 +242,38 @@ exit 9
 	if code != 6 {
 		b, _ := os.ReadFile(pids)
 		t.Fatalf("exit %d, want the application's 6 (9: orphans %q left as zombies; 8: SIGTERM not passed on)\n%s", code, strings.Fields(string(b)), log)
+	}
+}
+
+// A process the application leaves behind with a file open in the mount
+// gets SIGTERM once the application has exited, as a container's init
+// would pass it on; lfuse then ships and exits with the application's
+// status. Before, it was never told, and lfuse waited for it until the
+// container runtime killed everything (found by a review).
+func TestExecSignalsWhatTheAppLeftBehind(t *testing.T) {
+	e := newEnv(t)
+	ready, out := filepath.Join(e.root, "ready"), filepath.Join(e.root, "leftover.out")
+	script := filepath.Join(e.root, "app.sh")
+	os.WriteFile(script, []byte(`#!/bin/sh
+held="$1"; ready="$2"; out="$3"
+sh -c 'exec 3>>"$0"; trap "echo got-term >> \"$2\"; exit 0" TERM; echo $$ > "$1"; while :; do sleep 0.05; done' "$held" "$ready" "$out" >/dev/null 2>&1 &
+while [ ! -s "$ready" ]; do sleep 0.05; done
+exit 5
+`), 0o755)
+	t.Cleanup(func() { // if it was never told
+		if b, err := os.ReadFile(ready); err == nil {
+			if pid, err := strconv.Atoi(strings.TrimSpace(string(b))); err == nil {
+				syscall.Kill(pid, syscall.SIGKILL)
+			}
+		}
+	})
+	p := startLfuse(t, "mount", "-data", e.data, "-exec", script+" "+e.path("held")+" "+ready+" "+out, e.mnt)
+	defer p.cleanup()
+	if code := exitStatus(t, p); code != 5 {
+		t.Fatalf("lfuse exited %d, want the application's 5:\n%s", code, p.log)
+	}
+	got, _ := os.ReadFile(out)
+	if !strings.Contains(p.log.String(), "passing the signal to the processes the application left behind") || string(got) != "got-term\n" {
+		t.Fatalf("the leftover process wrote %q:\n%s", got, p.log)
 	}
 }

@@ -174,6 +174,9 @@ func mount(cfg Config, logger *slog.Logger, debugFUSE bool) error {
 		var said strings.Builder
 		n, err := restoreAll(ctx, logger, &said, cfg, replicate.Target{}, restoreFlags{ifReplicaExists: true, ifDBNotExists: true, parallelism: 8,
 			skipUnreachable: cfg.RestoreSkipUnreachable})
+		if err != nil && ctx.Err() != nil {
+			return fmt.Errorf("%w (during the restore; nothing was replaced)", errStoppedEarly)
+		}
 		if err != nil {
 			return fmt.Errorf("restore before mount: %w", err)
 		}
@@ -271,14 +274,14 @@ func mount(cfg Config, logger *slog.Logger, debugFUSE bool) error {
 		select {
 		case <-unmounted:
 		default:
-			unmountAndWait(logger, m, unmounted)
+			unmountAndWait(logger, m, unmounted, true)
 		}
 	} else {
 		select {
 		case <-unmounted:
 			logger.Info("unmounted from outside; stopping")
 		case <-ctx.Done():
-			unmountAndWait(logger, m, unmounted)
+			unmountAndWait(logger, m, unmounted, false)
 		}
 	}
 	if srv != nil {
@@ -331,7 +334,14 @@ func checkHidden(mountDir, dataDir string) (int, error) {
 // to close. A signal meanwhile once ended lfuse there: the mount was left
 // dead (the processes still in it got I/O errors) and nothing was shipped.
 // Now it says what lfuse waits for.
-func unmountAndWait(logger *slog.Logger, m *fs.Mount, unmounted <-chan struct{}) {
+//
+// With leftovers, the application lfuse ran (exec) has exited, and the
+// processes still in the mount are what it left behind: as a container's
+// init would, lfuse passes them SIGTERM, and every stop signal after it.
+// Before, they were never told, and lfuse waited for them until the
+// container runtime killed everything (a review: a daemonised worker held
+// the stop 23 s).
+func unmountAndWait(logger *slog.Logger, m *fs.Mount, unmounted <-chan struct{}, leftovers bool) {
 	sigs := make(chan os.Signal, 1)
 	signal.Notify(sigs, stopSignals...) // before the unmount says it waits
 	defer signal.Stop(sigs)
@@ -339,12 +349,29 @@ func unmountAndWait(logger *slog.Logger, m *fs.Mount, unmounted <-chan struct{})
 	if err := m.Unmount(); err != nil {
 		logger.Error("unmount failed", "err", err)
 	}
+	pass := func(s syscall.Signal) {
+		if pids := m.BusyWith(); leftovers && len(pids) > 0 {
+			logger.Warn("passing the signal to the processes the application left behind in the mount", "signal", s.String(), "pids", pids)
+			for _, pid := range pids {
+				syscall.Kill(pid, s)
+			}
+		}
+	}
+	select {
+	case <-unmounted:
+		return
+	default:
+		pass(syscall.SIGTERM)
+	}
 	for {
 		select {
 		case <-unmounted:
 			return
-		case <-sigs:
+		case s := <-sigs:
 			logger.Warn("still waiting for the processes that hold files open through the mount to close them; lfuse ships and exits then (SIGKILL ends it now, leaving them a dead mount)")
+			if sig, ok := s.(syscall.Signal); ok {
+				pass(sig)
+			}
 		}
 	}
 }
