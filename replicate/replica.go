@@ -381,12 +381,16 @@ func (r *Replica) waitMaintenance() { <-r.maintDone }
 // Flush ships everything captured so far, retrying until ctx ends.
 func (r *Replica) Flush(ctx context.Context) error {
 	resnapshots := 0
+	var cause error // the last failure that was not the stop cutting a try short
 	for tries := 0; ; tries++ {
 		r.mu.Lock()
 		err := r.syncLocked(ctx)
 		r.mu.Unlock()
 		if err == nil {
 			return nil
+		}
+		if cause == nil || !errors.Is(err, context.Canceled) && !errors.Is(err, context.DeadlineExceeded) {
+			cause = err
 		}
 		var taken *TakenOverError
 		if errors.As(err, &taken) {
@@ -406,7 +410,14 @@ func (r *Replica) Flush(ctx context.Context) error {
 		}
 		select {
 		case <-ctx.Done():
-			return fmt.Errorf("replica %s: %w (last error: %v)", r.client, ctx.Err(), err)
+			// Said as what happened and what follows: "context deadline
+			// exceeded (last error: ...: context deadline exceeded)"
+			// told an operator neither.
+			why := "not every commit shipped within the shutdown timeout"
+			if errors.Is(ctx.Err(), context.Canceled) {
+				why = "stopped waiting at a second signal"
+			}
+			return fmt.Errorf("replica %s: %s (%w; last error: %v); what it lacks stays in the local log, and lfuse ships it when it next starts on this state directory", r.client, why, ctx.Err(), cause)
 		case <-time.After(time.Second):
 		}
 	}
