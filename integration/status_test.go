@@ -73,6 +73,24 @@ func TestStatus(t *testing.T) {
 	if code == 0 || !strings.Contains(out, "no lfuse answers") {
 		t.Fatalf("status of a directory without lfuse exited %d:\n%s", code, out)
 	}
+
+	// From a review: the address as a URL is taken; a server that is not
+	// lfuse's, a stray argument, and a default config that needs the
+	// service's environment each get what they deserve.
+	if code, out := runLfuse(t, "status", "-addr", "http://"+addr); code != 0 || !strings.Contains(out, "app.db") {
+		t.Fatalf("status -addr http://%s exited %d:\n%s", addr, code, out)
+	}
+	if code, out := runLfuse(t, "status", "-addr", addr+"/metrics"); code == 0 || !strings.Contains(out, "answered 404") {
+		t.Fatalf("status -addr at a path that is not lfuse's exited %d:\n%s", code, out)
+	}
+	if code, out := runLfuse(t, "status", "-data", e.data, "extra", "-json"); code == 0 || !strings.Contains(out, `unexpected argument "extra"`) {
+		t.Fatalf("status with a stray argument exited %d:\n%s", code, out)
+	}
+	svc := filepath.Join(e.root, "service.toml")
+	os.WriteFile(svc, []byte("[[replicas]]\nurl = \"s3://b/p\"\nsecret-access-key = \"${LFUSE_TEST_ONLY_IN_THE_SERVICE}\"\n"), 0o600)
+	if code, out := runLfuseEnv(t, []string{"LFUSE_CONFIG=" + svc}, "status", "-data", e.data); code != 0 || !strings.Contains(out, "app.db") {
+		t.Fatalf("status -data with a default config that needs the service's environment exited %d:\n%s", code, out)
+	}
 }
 
 // A state directory too deep for a unix socket's path (108 bytes) still

@@ -494,7 +494,16 @@ func (r ReplicaConfig) validate(db string) error {
 // stateFromFlags finds the state directory of an lfuse from -data/-state
 // flags over the config: state-dir, else DATA/.lfuse.
 func stateFromFlags(fl *flag.FlagSet, cf configFlags, dataDir, stateDir string) (string, error) {
+	if stateDir != "" && !cf.given() {
+		return stateDir, nil
+	}
 	cfg, err := cf.load()
+	if err != nil && !cf.given() && dataDir != "" {
+		// The config read by default (/etc/lfuse.toml, $LFUSE_CONFIG) may
+		// need the service's environment for its secrets: an operator's
+		// shell asking with -data got "$SECRET is not set" instead.
+		cfg, err = defaultConfig(), nil
+	}
 	if err != nil {
 		return "", err
 	}

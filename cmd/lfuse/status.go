@@ -10,6 +10,7 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	neturl "net/url"
 	"os"
 	"path/filepath"
 	"sync"
@@ -147,8 +148,17 @@ func runStatus(args []string, stdout, stderr io.Writer) error {
 	if err := fl.Parse(args); err != nil {
 		return err
 	}
+	if fl.NArg() > 0 {
+		// Flags after it were taken as arguments too, and -json ignored.
+		fl.Usage()
+		return fmt.Errorf("%w: unexpected argument %q (flags go before any argument; status takes none)", errUsage, fl.Arg(0))
+	}
 	client := http.DefaultClient
-	url := "http://" + *addr + "/status"
+	host := *addr
+	if u, err := neturl.Parse(host); err == nil && u.Scheme != "" && u.Host != "" {
+		host = u.Host // given as a URL, as Prometheus scrapes it
+	}
+	url := "http://" + host + "/status"
 	if *addr == "" {
 		dir, err := stateFromFlags(fl, cf, *dataDir, *stateDir)
 		if err != nil {
@@ -167,12 +177,19 @@ func runStatus(args []string, stdout, stderr io.Writer) error {
 	resp, err := client.Get(url)
 	if err != nil {
 		var op *net.OpError
-		if errors.As(err, &op) {
+		var dns *net.DNSError
+		switch {
+		case *addr != "" && (errors.As(err, &op) || errors.As(err, &dns)):
+			return fmt.Errorf("no lfuse answers at %s (%v): is lfuse running with metrics.addr (or -metrics-addr) set to it?", host, oneLine(err.Error()))
+		case errors.As(err, &op):
 			return fmt.Errorf("no lfuse answers there (%v): is it running with that data or state directory?", op.Err)
 		}
 		return err
 	}
 	defer resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		return fmt.Errorf("%s answered %s: is it lfuse's metrics address?", host, resp.Status)
+	}
 	var rep statusReport
 	if err := json.NewDecoder(resp.Body).Decode(&rep); err != nil {
 		return fmt.Errorf("the answer is not lfuse's status: %w", err)
