@@ -295,10 +295,13 @@ func Unreachable(err error) error {
 		// The time ran out in the middle of an attempt, after retries
 		// that may have been refused: the endpoint gave no answer.
 		return errors.New("no response before the deadline")
-	case errors.As(err, &ue) && (errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF)):
+	case errors.As(err, &ue) && (errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) ||
+		strings.Contains(ue.Err.Error(), "server closed idle connection")):
 		// The HTTP client's own error: the connection closed before any
-		// answer, as a proxy or load balancer whose store is down does.
-		// A body cut off later is not a url.Error.
+		// answer, as a proxy or load balancer whose store is down does
+		// (net/http says "server closed idle connection" when it sees the
+		// close before it has sent the request; that error is not
+		// exported). A body cut off later is not a url.Error.
 		return errors.New("the connection was closed before an answer")
 	}
 	return nil
