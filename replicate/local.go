@@ -53,41 +53,14 @@ func RestoreLocalLog(stateDir, rel, output string, logger *slog.Logger) (ltx.TXI
 	if err != nil {
 		return 0, fmt.Errorf("local log: %w", err)
 	}
-	dir := filepath.Dir(output)
-	tmpDir, lock, err := makeRestoreDir(dir)
+	out, err := createRestoreFile(filepath.Dir(output))
 	if err != nil {
 		return 0, err
 	}
-	keepTmp := false
-	defer func() {
-		if !keepTmp {
-			os.RemoveAll(tmpDir)
-		}
-		if lock != nil {
-			lock.Close()
-		}
-	}()
-	out, err := os.Create(filepath.Join(tmpDir, "db"))
-	if err != nil {
-		return 0, err
-	}
-	defer out.Close()
-	last, err := l.Restore(out)
+	defer out.discard()
+	last, err := l.Restore(out.File)
 	if err != nil {
 		return 0, fmt.Errorf("rebuild from the local log: %w", err)
 	}
-	if err := takeOwner(out, output); err != nil {
-		return 0, err
-	}
-	if err := out.Sync(); err != nil {
-		return 0, err
-	}
-	if err := out.Close(); err != nil {
-		return 0, err
-	}
-	if keep, err := replaceDB(out.Name(), output, tmpDir, false, logger); err != nil {
-		keepTmp = keep
-		return 0, err
-	}
-	return last.TXID(), syncDir(dir)
+	return last.TXID(), out.install(output, false, logger)
 }

@@ -517,6 +517,20 @@ func closeLast(t *testing.T, m *Manager, db *sql.DB, path string) {
 	}
 }
 
+// closedDB makes app.db of 200 rows, tracked and captured, then closes its
+// last connection: the file is as the log ends, with no WAL.
+func closedDB(t *testing.T) (data, state, path string, m *Manager, logs *logBuffer, d *DB) {
+	t.Helper()
+	data, state = t.TempDir(), filepath.Join(t.TempDir(), "state")
+	m, logs = newTestManager(t, data, state)
+	path = filepath.Join(data, "app.db")
+	db, d := trackedDB(t, m, data, "app.db", "_journal_mode=WAL",
+		"CREATE TABLE t(v); WITH RECURSIVE s(i) AS (SELECT 1 UNION ALL SELECT i+1 FROM s WHERE i < 200) INSERT INTO t SELECT randomblob(500) FROM s")
+	m.SyncAll()
+	closeLast(t, m, db, path)
+	return data, state, path, m, logs, d
+}
+
 // A database file overwritten while it has no WAL (a backup copied over
 // it) is not the file the log describes: it is taken as a new snapshot,
 // once it has been left alone and at the latest when lfuse stops, also
@@ -525,13 +539,7 @@ func closeLast(t *testing.T, m *Manager, db *sql.DB, path string) {
 // content: a restore gave a malformed database.
 func TestOverwrittenWithoutWAL(t *testing.T) {
 	for _, when := range []string{"running", "at the stop", "after a restart"} {
-		data, state := t.TempDir(), filepath.Join(t.TempDir(), "state")
-		m, logs := newTestManager(t, data, state)
-		path := filepath.Join(data, "app.db")
-		db, d := trackedDB(t, m, data, "app.db", "_journal_mode=WAL",
-			"CREATE TABLE t(v); WITH RECURSIVE s(i) AS (SELECT 1 UNION ALL SELECT i+1 FROM s WHERE i < 200) INSERT INTO t SELECT randomblob(500) FROM s")
-		m.SyncAll()
-		closeLast(t, m, db, path)
+		data, state, path, m, logs, d := closedDB(t)
 		if when == "after a restart" {
 			if err := m.Close(); err != nil {
 				t.Fatal(err)
@@ -579,13 +587,7 @@ func TestOverwrittenWithoutWAL(t *testing.T) {
 // pages: no snapshot, running or at the stop. Before, each one uploaded the
 // whole database again. A real overwrite after them is still caught.
 func TestAttributesChangedWithoutWAL(t *testing.T) {
-	data, state := t.TempDir(), filepath.Join(t.TempDir(), "state")
-	m, logs := newTestManager(t, data, state)
-	path := filepath.Join(data, "app.db")
-	db, d := trackedDB(t, m, data, "app.db", "_journal_mode=WAL",
-		"CREATE TABLE t(v); WITH RECURSIVE s(i) AS (SELECT 1 UNION ALL SELECT i+1 FROM s WHERE i < 200) INSERT INTO t SELECT randomblob(500) FROM s")
-	m.SyncAll()
-	closeLast(t, m, db, path)
+	data, state, path, m, logs, d := closedDB(t)
 	snapshot := func() ltx.TXID {
 		t.Helper()
 		l, err := ReadLog(LogDir(state, "app.db"))

@@ -398,24 +398,12 @@ func Restore(ctx context.Context, client ReplicaClient, plan Plan, output string
 		logger = slog.Default()
 	}
 	SweepLeftovers(dir, logger)
-	tmpDir, lock, err := makeRestoreDir(dir) // the lock tells a later restore's sweep that this one runs
+	out, err := createRestoreFile(dir)
 	if err != nil {
 		return st, err
 	}
-	keepTmp := false // it holds an old database's file that could not be put back
-	defer func() {
-		if !keepTmp {
-			os.RemoveAll(tmpDir)
-		}
-		if lock != nil {
-			lock.Close()
-		}
-	}()
-	out, err := os.Create(filepath.Join(tmpDir, "db"))
-	if err != nil {
-		return st, err
-	}
-	defer out.Close()
+	defer out.discard()
+	tmpDir := out.tmpDir
 
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
@@ -478,7 +466,7 @@ func Restore(ctx context.Context, client ReplicaClient, plan Plan, output string
 		}
 	}()
 
-	asm := &assembler{out: out}
+	asm := &assembler{out: out.File}
 	// An interrupted restore (Ctrl-C) ends here, whichever file it was in:
 	// not the replica's fault.
 	stopped := func() error { return fmt.Errorf("restore stopped: %w", context.Cause(ctx)) }
@@ -564,24 +552,66 @@ func Restore(ctx context.Context, client ReplicaClient, plan Plan, output string
 	if fi, err := out.Stat(); err == nil {
 		st.DBBytes = fi.Size()
 	}
-	if err := takeOwner(out, output); err != nil {
-		return st, err
-	}
-	if err := out.Sync(); err != nil {
-		return st, err
-	}
-	if err := out.Close(); err != nil {
-		return st, err
-	}
-	if keep, err := replaceDB(out.Name(), output, tmpDir, opts.NoReplace, logger); err != nil {
-		keepTmp = keep
-		return st, err
-	}
-	if err := syncDir(dir); err != nil {
+	if err := out.install(output, opts.NoReplace, logger); err != nil {
 		return st, err
 	}
 	st.Sync = time.Since(syncStart)
 	return st, nil
+}
+
+// restoreFile is a database being built beside its output, in a locked
+// directory: the lock tells a later restore's sweep that this one runs.
+type restoreFile struct {
+	*os.File
+	tmpDir string
+	lock   *os.File
+	keep   bool // tmpDir holds an old database's file that could not be put back
+}
+
+func createRestoreFile(dir string) (*restoreFile, error) {
+	tmpDir, lock, err := makeRestoreDir(dir)
+	if err != nil {
+		return nil, err
+	}
+	r := &restoreFile{tmpDir: tmpDir, lock: lock}
+	if r.File, err = os.Create(filepath.Join(tmpDir, "db")); err != nil {
+		r.discard()
+		return nil, err
+	}
+	return r, nil
+}
+
+// install makes the finished database output's: its owner and mode, synced,
+// moved into place, the directory synced.
+func (r *restoreFile) install(output string, noReplace bool, logger *slog.Logger) error {
+	if err := takeOwner(r.File, output); err != nil {
+		return err
+	}
+	if err := r.Sync(); err != nil {
+		return err
+	}
+	if err := r.Close(); err != nil {
+		return err
+	}
+	keep, err := replaceDB(r.Name(), output, r.tmpDir, noReplace, logger)
+	if err != nil {
+		r.keep = keep
+		return err
+	}
+	return syncDir(filepath.Dir(output))
+}
+
+// discard removes what install did not take, unless it must be kept.
+func (r *restoreFile) discard() {
+	if r.File != nil {
+		r.File.Close()
+	}
+	if !r.keep {
+		os.RemoveAll(r.tmpDir)
+	}
+	if r.lock != nil {
+		r.lock.Close()
+	}
 }
 
 // sideFiles are what SQLite keeps beside a database and applies to it when
