@@ -94,7 +94,7 @@ type Mount struct {
 	counts      *counters
 	logger      *slog.Logger
 	unmountOnce sync.Once
-	busyWith    []int // the processes that held the mount when Unmount detached it
+	mountID     string // this mount's ID in mountinfo, once Unmount had to detach it
 	// rootFd is the backing directory, which every operation starts from
 	// (at.go); asRoot: lfuse runs as root, and gives what it creates to
 	// the caller.
@@ -303,17 +303,76 @@ func (m *Mount) Unmount() error {
 			return
 		}
 		m.logger.Warn("mount is busy: detaching it; lfuse exits when the last open file is closed", "err", err)
-		// Found now: once detached, their files no longer show the
-		// mount point's path.
-		m.busyWith = holders(m.opts.MountDir)
+		// Found now: once detached, the mount is in no mountinfo.
+		if real, rerr := filepath.EvalSymlinks(m.opts.MountDir); rerr == nil {
+			m.mountID = lfuseMountID(real)
+		}
 		err = syscall.Unmount(m.opts.MountDir, syscall.MNT_DETACH)
 	})
 	return err
 }
 
-// BusyWith returns the processes that still had files open in the mount
-// when Unmount had to detach it.
-func (m *Mount) BusyWith() []int { return m.busyWith }
+// BusyWith returns the processes that still have files open in the mount
+// after Unmount had to detach it. They are found by the mount's ID, which
+// their open files carry (fdinfo's mnt_id), not by path: a path under the
+// mount point names a file of this mount only in lfuse's own mount
+// namespace, and a container's process with its own /data was taken for a
+// holder (a review). Found afresh each call, so a PID that has since gone
+// and been reused is not named.
+func (m *Mount) BusyWith() []int {
+	if m.mountID == "" {
+		return nil
+	}
+	procs, _ := os.ReadDir("/proc")
+	var pids []int
+	for _, p := range procs {
+		pid, err := strconv.Atoi(p.Name())
+		if err != nil || pid == os.Getpid() {
+			continue
+		}
+		dir := filepath.Join("/proc", p.Name(), "fdinfo")
+		fds, _ := os.ReadDir(dir)
+		for _, fd := range fds {
+			b, err := os.ReadFile(filepath.Join(dir, fd.Name()))
+			if err == nil && fdinfoMountID(b) == m.mountID {
+				pids = append(pids, pid)
+				break
+			}
+		}
+	}
+	return pids
+}
+
+// fdinfoMountID reads the mnt_id line of a /proc/PID/fdinfo/FD file.
+func fdinfoMountID(b []byte) string {
+	for _, line := range strings.Split(string(b), "\n") {
+		if v, ok := strings.CutPrefix(line, "mnt_id:"); ok {
+			return strings.TrimSpace(v)
+		}
+	}
+	return ""
+}
+
+// lfuseMountID returns the ID of the lfuse mount on top at dir, or "".
+func lfuseMountID(dir string) string {
+	b, err := os.ReadFile("/proc/self/mountinfo")
+	if err != nil {
+		return ""
+	}
+	id := ""
+	for _, line := range strings.Split(string(b), "\n") {
+		fields := strings.Fields(line)
+		if len(fields) < 10 || unescapeMount(fields[4]) != dir {
+			continue
+		}
+		for i, f := range fields {
+			if f == "-" && i+1 < len(fields) && fields[i+1] == "fuse.lfuse" {
+				id = fields[0] // the last one listed is on top
+			}
+		}
+	}
+	return id
+}
 
 // Requests returns how many requests of each kind lfuse has served.
 func (m *Mount) Requests() map[string]uint64 { return m.counts.snapshot() }

@@ -267,6 +267,25 @@ exit 5
 			}
 		}
 	})
+	// A process of another mount namespace (a container's) with a file
+	// open at the same path on a filesystem of its own is not the
+	// application's: it was signalled too when holders were found by path.
+	other, otherReady := filepath.Join(e.root, "other.out"), filepath.Join(e.root, "other.ready")
+	stranger := exec.Command("unshare", "-m", "sh", "-c", `mount -t tmpfs none "$0" && exec 3>"$0/mine" && trap "echo got-term >> \"$1\"; exit 0" TERM && echo $$ > "$2" && while :; do sleep 0.05; done`, e.mnt, other, otherReady)
+	if err := stranger.Start(); err != nil {
+		t.Fatal(err)
+	}
+	defer func() { stranger.Process.Kill(); stranger.Wait() }()
+	for i := 0; ; i++ {
+		if b, _ := os.ReadFile(otherReady); len(b) > 0 {
+			break
+		}
+		if i == 500 {
+			t.Skip("cannot hold a file in another mount namespace here")
+		}
+		time.Sleep(10 * time.Millisecond) // polling a file it creates: no event to wait for
+	}
+
 	p := startLfuse(t, "mount", "-data", e.data, "-exec", script+" "+e.path("held")+" "+ready+" "+out, e.mnt)
 	defer p.cleanup()
 	if code := exitStatus(t, p); code != 5 {
@@ -275,5 +294,8 @@ exit 5
 	got, _ := os.ReadFile(out)
 	if !strings.Contains(p.log.String(), "passing the signal to the processes the application left behind") || string(got) != "got-term\n" {
 		t.Fatalf("the leftover process wrote %q:\n%s", got, p.log)
+	}
+	if b, _ := os.ReadFile(other); len(b) > 0 {
+		t.Fatalf("a process of another mount namespace was signalled:\n%s", p.log)
 	}
 }
