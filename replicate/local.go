@@ -48,7 +48,7 @@ func LocalLogAhead(ctx context.Context, stateDir, rel string, txid ltx.TXID, rep
 // RestoreLocalLog rebuilds the database at rel from the local log in
 // stateDir and puts it at output, as Restore does from a replica: built
 // beside it, checked against the log's last checksum, synced, then moved.
-func RestoreLocalLog(stateDir, rel, output string, logger *slog.Logger) (ltx.TXID, error) {
+func RestoreLocalLog(stateDir, rel, output string, noReplace bool, logger *slog.Logger) (ltx.TXID, error) {
 	l, err := ReadLog(LogDir(stateDir, rel))
 	if err != nil {
 		return 0, fmt.Errorf("local log: %w", err)
@@ -62,5 +62,5 @@ func RestoreLocalLog(stateDir, rel, output string, logger *slog.Logger) (ltx.TXI
 	if err != nil {
 		return 0, fmt.Errorf("rebuild from the local log: %w", err)
 	}
-	return last.TXID(), out.install(output, false, logger)
+	return last.TXID(), out.install(output, noReplace, logger)
 }

@@ -87,9 +87,15 @@ func TestRestorePrefersALocalLogAhead(t *testing.T) {
 	os.RemoveAll(data)
 	os.WriteFile(marker, mine, 0o644)
 
+	logs.Reset()
 	n, err := restoreAll(context.Background(), logger, io.Discard, cfg, replicate.Target{}, restoreFlags{ifDBNotExists: true, parallelism: 8})
 	if err != nil || n != 1 || !strings.Contains(logs.String(), "restored from the local log") {
 		t.Fatalf("restored %d, %v\n%s", n, err, logs.String())
+	}
+	// Decided before anything was written: the replica's older state, put
+	// in place first, was all a restore killed in between left.
+	if strings.Contains(logs.String(), "restore plan") {
+		t.Fatalf("the replica's state was restored before the log's:\n%s", logs.String())
 	}
 	db, err := sql.Open("sqlite3", filepath.Join(data, "app.db"))
 	if err != nil {

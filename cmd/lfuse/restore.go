@@ -43,6 +43,9 @@ type restoreFlags struct {
 	// A replica that cannot be reached is left out as if not configured,
 	// rather than failing the restore.
 	skipUnreachable bool
+	// localLog, if set, may restore output from a local log that goes
+	// beyond best, the newest state the replicas hold (restoreAll).
+	localLog func(ctx context.Context, best ltx.TXID, clients []replicate.ReplicaClient, output string, noReplace bool) (ltx.TXID, bool)
 }
 
 func runRestore(args []string, stdout, stderr io.Writer) error {
@@ -365,23 +368,29 @@ func restoreAll(ctx context.Context, logger *slog.Logger, stderr io.Writer, cfg 
 			if err != nil {
 				return fmt.Errorf("%s: %w", rel, err)
 			}
-			txid, err := restoreOne(gctx, logger.With("db", rel), stderr, clients, out, target, f)
-			ok := txid != 0
 			fromLog := false
-			if ok && err == nil && target == (replicate.Target{}) && stateErr == nil {
-				if newest, ahead := replicate.LocalLogAhead(gctx, stateDir, rel, txid, clients); ahead {
+			if stateErr == nil {
+				f.localLog = func(ctx context.Context, best ltx.TXID, clients []replicate.ReplicaClient, output string, noReplace bool) (ltx.TXID, bool) {
+					newest, ahead := replicate.LocalLogAhead(ctx, stateDir, rel, best, clients)
+					if !ahead {
+						return 0, false
+					}
 					// The state directory outlived the data, holding
 					// commits the replicas lack: the newest state is there.
-					if local, err := replicate.RestoreLocalLog(stateDir, rel, out, logger); err != nil {
-						logger.Warn("the local log holds commits the replicas lack, but the database cannot be rebuilt from it; keeping the replicas' state, and those commits stay in the replicas below a new snapshot", "db", rel,
-							"replica_txid", txid.String(), "local_txid", newest.String(), "err", err)
-					} else {
-						logger.Info("restored from the local log, which holds commits the replicas lack; the mount ships them", "db", rel,
-							"replica_txid", txid.String(), "txid", local.String())
-						txid, fromLog = local, true
+					local, err := replicate.RestoreLocalLog(stateDir, rel, output, noReplace, logger)
+					if err != nil {
+						logger.Warn("the local log holds commits the replicas lack, but the database cannot be rebuilt from it; restoring the replicas' state, and those commits stay in the replicas below a new snapshot", "db", rel,
+							"replica_txid", best.String(), "local_txid", newest.String(), "err", err)
+						return 0, false
 					}
+					logger.Info("restored from the local log, which holds commits the replicas lack; the mount ships them", "db", rel,
+						"replica_txid", best.String(), "txid", local.String())
+					fromLog = true
+					return local, true
 				}
 			}
+			txid, err := restoreOne(gctx, logger.With("db", rel), stderr, clients, out, target, f)
+			ok := txid != 0
 			if ok && stateErr == nil && !fromLog {
 				// The mount's first snapshot of it then takes this
 				// TXID, and a replica holding the same needs no upload.
@@ -770,6 +779,14 @@ func restoreOne(ctx context.Context, logger *slog.Logger, stderr io.Writer, clie
 					"deleted_at", del.At.Format(time.RFC3339), "last_txid", del.TXID.String())
 				return 0, nil
 			}
+		}
+	}
+	// Decided before anything is written: restoring the replica's state
+	// first and the log's over it lost the log's commits to a restore
+	// killed in between (a review).
+	if f.localLog != nil && target == (replicate.Target{}) {
+		if txid, ok := f.localLog(ctx, best, clients, output, noReplace); ok {
+			return txid, nil
 		}
 	}
 	// A replica that fails (a corrupt or unreadable file) is not the end
