@@ -91,6 +91,10 @@ func TestStatus(t *testing.T) {
 	if code, out := runLfuseEnv(t, []string{"LFUSE_CONFIG=" + svc}, "status", "-data", e.data); code != 0 || !strings.Contains(out, "app.db") {
 		t.Fatalf("status -data with a default config that needs the service's environment exited %d:\n%s", code, out)
 	}
+	os.WriteFile(svc, []byte("state-dir = /somewhere\n"), 0o600)
+	if code, out := runLfuseEnv(t, []string{"LFUSE_CONFIG=" + svc}, "status", "-data", e.data); code == 0 || !strings.Contains(out, "line 1") {
+		t.Fatalf("status -data with a broken default config exited %d:\n%s", code, out)
+	}
 }
 
 // A state directory too deep for a unix socket's path (108 bytes) still

@@ -157,7 +157,10 @@ func (c configFlags) given() bool { return *c.path != "" }
 
 // load reads -config, else $LFUSE_CONFIG, else /etc/lfuse.toml if it
 // exists; with none of them, the defaults.
-func (c configFlags) load() (Config, error) {
+func (c configFlags) load() (Config, error) { return loadConfig(c.file(), !*c.noExpand) }
+
+// file is the config file load reads ("" for none).
+func (c configFlags) file() string {
 	path := *c.path
 	if path == "" {
 		path = os.Getenv("LFUSE_CONFIG")
@@ -167,7 +170,7 @@ func (c configFlags) load() (Config, error) {
 			path = defaultConfigPath
 		}
 	}
-	return loadConfig(path, !*c.noExpand)
+	return path
 }
 
 // loadConfig reads a configuration file strictly: an unknown key is an error
@@ -321,7 +324,7 @@ func place(r ReplicaConfig) string {
 		host, p = "", realPath(p)
 	case "sftp":
 		if _, _, err := net.SplitHostPort(host); err != nil {
-			host = net.JoinHostPort(host, "22")
+			host = net.JoinHostPort(strings.Trim(host, "[]"), "22") // [::1] too
 		}
 	}
 	return u.scheme + "://" + endpoint + "|" + u.user + "@" + host + path.Clean("/"+filepath.ToSlash(p))
@@ -498,11 +501,15 @@ func stateFromFlags(fl *flag.FlagSet, cf configFlags, dataDir, stateDir string) 
 		return stateDir, nil
 	}
 	cfg, err := cf.load()
-	if err != nil && !cf.given() && dataDir != "" {
+	if errors.Is(err, errUnsetVar) && !cf.given() && dataDir != "" {
 		// The config read by default (/etc/lfuse.toml, $LFUSE_CONFIG) may
 		// need the service's environment for its secrets: an operator's
-		// shell asking with -data got "$SECRET is not set" instead.
-		cfg, err = defaultConfig(), nil
+		// shell asking with -data got "$SECRET is not set" instead. Its
+		// directories are all that is needed here, if they need no
+		// variable; any other fault of the file still stops it.
+		if raw, rerr := loadConfig(cf.file(), false); rerr == nil && !strings.Contains(raw.StateDir, "$") {
+			cfg, err = raw, nil
+		}
 	}
 	if err != nil {
 		return "", err
@@ -527,87 +534,124 @@ func stateFromFlags(fl *flag.FlagSet, cf configFlags, dataDir, stateDir string) 
 // that is not set is an error (${VAR:-default} gives a default, ${VAR:-}
 // an empty value), and $$ is a literal $: a password like pa$$w0rd became
 // paw0rd, and a state-dir of "${UNSET}/lfuse" made /lfuse, both silently.
+//
+// A value from the environment lands in a "basic string" escaped, so that
+// it arrives as the environment holds it: pasted as it was, a password's \t
+// became a tab, and its " broke the file. A 'literal string' cannot escape,
+// so a value it cannot hold is an error. Outside quotes (a number, a
+// boolean) a value goes in as it is, and so does a default anywhere: it is
+// written in the file's own syntax. Multi-line strings are followed across
+// lines.
 func expandEnv(data []byte) ([]byte, error) {
-	lines := strings.SplitAfter(string(data), "\n")
-	for i, line := range lines {
-		if !strings.Contains(line, "$") {
+	const (
+		code = iota
+		basic
+		literal
+		multiBasic
+		multiLiteral
+	)
+	s, state, line := string(data), code, 1
+	var b strings.Builder
+	// closeMulti copies a multi-line string's closing delimiter at s[i:],
+	// with the up to two quotes before it that belong to the string.
+	closeMulti := func(i int, q byte) int {
+		j := 3
+		for j < 5 && i+j < len(s) && s[i+j] == q {
+			j++
+		}
+		b.WriteString(s[i : i+j])
+		state = code
+		return i + j - 1
+	}
+	for i := 0; i < len(s); i++ {
+		c := s[i]
+		switch {
+		case c == '\n':
+			line++
+			if state == basic || state == literal {
+				state = code // unterminated: the parser says so
+			}
+		case state == code && c == '#':
+			end := strings.IndexByte(s[i:], '\n')
+			if end < 0 {
+				end = len(s) - i
+			}
+			b.WriteString(s[i : i+end])
+			i += end - 1
+			continue
+		case state == code && strings.HasPrefix(s[i:], `"""`), state == code && strings.HasPrefix(s[i:], "'''"):
+			state = multiBasic
+			if c == '\'' {
+				state = multiLiteral
+			}
+			b.WriteString(s[i : i+3])
+			i += 2
+			continue
+		case state == code && c == '"':
+			state = basic
+		case state == code && c == '\'':
+			state = literal
+		case (state == basic || state == multiBasic) && c == '\\' && i+1 < len(s):
+			b.WriteString(s[i : i+2]) // an escape: the next byte is not a closing quote
+			i++
+			continue
+		case state == basic && c == '"', state == literal && c == '\'':
+			state = code
+		case state == multiBasic && strings.HasPrefix(s[i:], `"""`):
+			i = closeMulti(i, '"')
+			continue
+		case state == multiLiteral && strings.HasPrefix(s[i:], "'''"):
+			i = closeMulti(i, '\'')
 			continue
 		}
-		expanded, err := expandLine(line)
-		if err != nil {
-			return nil, fmt.Errorf("line %d: %w", i+1, err)
+		if c != '$' {
+			b.WriteByte(c)
+			continue
 		}
-		lines[i] = expanded
+		name, n, err := varName(s[i+1:])
+		if err != nil {
+			return nil, fmt.Errorf("line %d: %w", line, err)
+		}
+		if n == 0 {
+			b.WriteByte(c) // a $ not followed by a name stays
+			continue
+		}
+		i += n
+		if name == "$" {
+			b.WriteByte('$')
+			continue
+		}
+		if k, def, hasDef := strings.Cut(name, ":-"); hasDef {
+			if v := os.Getenv(k); v != "" {
+				name = k
+			} else {
+				b.WriteString(def)
+				continue
+			}
+		}
+		v, ok := os.LookupEnv(name)
+		if !ok {
+			return nil, fmt.Errorf("line %d: $%s is %w: set it, write ${%s:-} for an empty value, $$ for a literal $, or use -no-expand-env", line, name, errUnsetVar, name)
+		}
+		switch state {
+		case basic, multiBasic:
+			v = escapeBasic(v)
+		case literal, multiLiteral:
+			bad := func(r rune) bool { return r == '\'' || r < 0x20 && r != '\t' || r == 0x7f }
+			if state == multiLiteral {
+				bad = func(r rune) bool { return r < 0x20 && r != '\t' && r != '\n' && r != '\r' || r == 0x7f }
+			}
+			if strings.ContainsFunc(v, bad) || state == multiLiteral && strings.Contains(v, "'''") {
+				return nil, fmt.Errorf("line %d: the value of $%s cannot go in a 'literal string' (it holds a quote or a control character): put it in double quotes, like \"${%s}\"", line, name, name)
+			}
+		}
+		b.WriteString(v)
 	}
-	return []byte(strings.Join(lines, "")), nil
+	return []byte(b.String()), nil
 }
 
-// expandLine expands one line of TOML, up to its comment. A value lands in
-// a "basic string" escaped, so that it arrives as the environment holds it:
-// pasted as it was, a password's \t became a tab, and its " broke the file.
-// A 'literal string' cannot escape, so a value it cannot hold is an error.
-// Outside quotes (a number, a boolean) a value goes in as it is.
-func expandLine(line string) (string, error) {
-	var b strings.Builder
-	var quote byte
-	for i := 0; i < len(line); i++ {
-		c := line[i]
-		switch {
-		case quote == 0 && c == '#':
-			b.WriteString(line[i:])
-			return b.String(), nil
-		case c == '$':
-			name, n, err := varName(line[i+1:])
-			if err != nil {
-				return "", err
-			}
-			if n == 0 {
-				b.WriteByte(c) // a $ not followed by a name stays
-				continue
-			}
-			i += n
-			if name == "$" {
-				b.WriteByte('$')
-				continue
-			}
-			v, ok := "", false
-			if k, def, hasDef := strings.Cut(name, ":-"); hasDef {
-				if v = os.Getenv(k); v == "" {
-					v = def
-				}
-				ok = true
-			} else {
-				v, ok = os.LookupEnv(name)
-			}
-			if !ok {
-				return "", fmt.Errorf("$%s is not set in the environment: set it, write ${%s:-} for an empty value, $$ for a literal $, or use -no-expand-env", name, name)
-			}
-			switch quote {
-			case '"':
-				b.WriteString(escapeBasic(v))
-			case '\'':
-				if strings.ContainsFunc(v, func(r rune) bool { return r == '\'' || r < 0x20 && r != '\t' || r == 0x7f }) {
-					return "", fmt.Errorf("the value of $%s cannot go in a 'literal string' (it holds a ' or a control character): put it in double quotes, like \"${%s}\"", name, name)
-				}
-				b.WriteString(v)
-			default:
-				b.WriteString(v)
-			}
-		case quote == 0 && (c == '"' || c == '\''):
-			quote = c
-			b.WriteByte(c)
-		case quote == '"' && c == '\\' && i+1 < len(line):
-			b.WriteString(line[i : i+2]) // an escape: the next byte is not the closing quote
-			i++
-		case c == quote:
-			quote = 0
-			b.WriteByte(c)
-		default:
-			b.WriteByte(c)
-		}
-	}
-	return b.String(), nil
-}
+// errUnsetVar: the config names a variable the environment does not hold.
+var errUnsetVar = errors.New("not set in the environment")
 
 // varName reads what follows a $: "$" for $$, NAME for $NAME, and what is
 // between the braces of ${...}; n is how many bytes that took (0: no name).
@@ -621,7 +665,7 @@ func varName(s string) (name string, n int, err error) {
 		return "$", 1, nil
 	case s[0] == '{':
 		end := strings.IndexByte(s, '}')
-		if end < 0 {
+		if nl := strings.IndexByte(s, '\n'); end < 0 || nl >= 0 && nl < end {
 			return "", 0, errors.New("${ without a closing }: write ${VAR}, or $$ for a literal $")
 		}
 		if end == 1 {

@@ -368,6 +368,23 @@ secret-access-key = "${LFUSE_TEST_SECRET}"
 			t.Fatalf("%q: %v, want %q", text, err, want)
 		}
 	}
+	// A default is written in the file's own syntax, and multi-line
+	// strings are followed across lines (a second review: a default's \\
+	// was escaped twice, and a value in a ''' string taken as in "...").
+	t.Setenv("LFUSE_TEST_SECRET", `a"b\c`)
+	os.WriteFile(path, []byte(`data-dir = "/d/${LFUSE_TEST_UNSET:-C:\\data}"
+exec = '''
+sh -c "run $LFUSE_TEST_SECRET"
+'''
+`), 0o600)
+	if cfg, err := loadConfig(path, true); err != nil || cfg.DataDir != `/d/C:\data` || cfg.Exec != `sh -c "run a"b\c"`+"\n" {
+		t.Fatalf("a default and a multi-line literal string: %v, %q, %q", err, cfg.DataDir, cfg.Exec)
+	}
+	t.Setenv("LFUSE_TEST_SECRET", "it's")
+	os.WriteFile(path, []byte("exec = \"\"\"\nsh -c 'run $LFUSE_TEST_SECRET'\n\"\"\"\n"), 0o600)
+	if cfg, err := loadConfig(path, true); err != nil || cfg.Exec != "sh -c 'run it's'\n" {
+		t.Fatalf("a multi-line basic string: %v, %q", err, cfg.Exec)
+	}
 	os.WriteFile(path, []byte("data-dir = \"/costs $ 5\"\n"), 0o600)
 	if cfg, err := loadConfig(path, true); err != nil || cfg.DataDir != "/costs $ 5" {
 		t.Fatalf("a $ without a name: %v, %q", err, cfg.DataDir)
@@ -473,10 +490,12 @@ func TestReplicaPlacesOverlap(t *testing.T) {
 	}
 
 	// An SFTP server's port is 22 unless given.
-	for port, want := range map[string]string{":22": "write into the same place", ":2222": ""} {
-		cfg.Replicas = []ReplicaConfig{{URL: "sftp://u@h/r", Password: "pw"}, {URL: "sftp://u@h" + port + "/r", Password: "pw"}}
-		if err := cfg.validate(); want == "" && err != nil || want != "" && (err == nil || !strings.Contains(err.Error(), want)) {
-			t.Errorf("sftp://u@h/r and port %s: %v, want %q", port, err, want)
+	for _, host := range []string{"h", "[::1]"} {
+		for port, want := range map[string]string{":22": "write into the same place", ":2222": ""} {
+			cfg.Replicas = []ReplicaConfig{{URL: "sftp://u@" + host + "/r", Password: "pw"}, {URL: "sftp://u@" + host + port + "/r", Password: "pw"}}
+			if err := cfg.validate(); want == "" && err != nil || want != "" && (err == nil || !strings.Contains(err.Error(), want)) {
+				t.Errorf("sftp://u@%s/r and port %s: %v, want %q", host, port, err, want)
+			}
 		}
 	}
 }
