@@ -323,24 +323,10 @@ func (m *Mount) BusyWith() []int {
 	if m.mountID == "" {
 		return nil
 	}
-	procs, _ := os.ReadDir("/proc")
-	var pids []int
-	for _, p := range procs {
-		pid, err := strconv.Atoi(p.Name())
-		if err != nil || pid == os.Getpid() {
-			continue
-		}
-		dir := filepath.Join("/proc", p.Name(), "fdinfo")
-		fds, _ := os.ReadDir(dir)
-		for _, fd := range fds {
-			b, err := os.ReadFile(filepath.Join(dir, fd.Name()))
-			if err == nil && fdinfoMountID(b) == m.mountID {
-				pids = append(pids, pid)
-				break
-			}
-		}
-	}
-	return pids
+	return processesWith("fdinfo", func(path string) bool {
+		b, err := os.ReadFile(path)
+		return err == nil && fdinfoMountID(b) == m.mountID
+	})
 }
 
 // fdinfoMountID reads the mnt_id line of a /proc/PID/fdinfo/FD file.
@@ -511,6 +497,15 @@ func ClearDeadMount(dir string) (bool, error) {
 
 // holders returns the processes with a file open under dir.
 func holders(dir string) []int {
+	return processesWith("fd", func(path string) bool {
+		target, err := os.Readlink(path)
+		return err == nil && within(strings.TrimSuffix(target, " (deleted)"), dir)
+	})
+}
+
+// processesWith returns the other processes with an open file whose entry
+// in /proc/PID/<sub> (fd or fdinfo) satisfies has.
+func processesWith(sub string, has func(path string) bool) []int {
 	procs, _ := os.ReadDir("/proc")
 	var pids []int
 	for _, p := range procs {
@@ -518,10 +513,10 @@ func holders(dir string) []int {
 		if err != nil || pid == os.Getpid() {
 			continue
 		}
-		fds, _ := os.ReadDir(filepath.Join("/proc", p.Name(), "fd"))
+		dir := filepath.Join("/proc", p.Name(), sub)
+		fds, _ := os.ReadDir(dir)
 		for _, fd := range fds {
-			target, err := os.Readlink(filepath.Join("/proc", p.Name(), "fd", fd.Name()))
-			if err == nil && within(strings.TrimSuffix(target, " (deleted)"), dir) {
+			if has(filepath.Join(dir, fd.Name())) {
 				pids = append(pids, pid)
 				break
 			}
