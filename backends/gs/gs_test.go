@@ -262,7 +262,7 @@ func TestCheckTriesOnce(t *testing.T) {
 // A store that stays down is given five tries, not the SDK's unlimited
 // ones nor the eight (20–90 s) lfuse first allowed: a restore waits for them.
 func TestRetriesBounded(t *testing.T) {
-	backendtest.Unavailable(t, maxAttempts, func(ctx context.Context, endpoint string) error {
+	backendtest.Unavailable(t, 5, func(ctx context.Context, endpoint string) error {
 		_, err := newClient(t, endpoint, testBucket, "x").LTXFiles(ctx, 0)
 		return err
 	})
