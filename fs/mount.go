@@ -341,20 +341,10 @@ func fdinfoMountID(b []byte) string {
 
 // lfuseMountID returns the ID of the lfuse mount on top at dir, or "".
 func lfuseMountID(dir string) string {
-	b, err := os.ReadFile("/proc/self/mountinfo")
-	if err != nil {
-		return ""
-	}
 	id := ""
-	for _, line := range strings.Split(string(b), "\n") {
-		fields := strings.Fields(line)
-		if len(fields) < 10 || unescapeMount(fields[4]) != dir {
-			continue
-		}
-		for i, f := range fields {
-			if f == "-" && i+1 < len(fields) && fields[i+1] == "fuse.lfuse" {
-				id = fields[0] // the last one listed is on top
-			}
+	for _, e := range mountsAt(dir) {
+		if e.fstype == "fuse.lfuse" {
+			id = e.id // the last one listed is on top
 		}
 	}
 	return id
@@ -533,26 +523,37 @@ func within(p, dir string) bool {
 
 // mountedAt reports whether dir is a mount point, and its filesystem type.
 func mountedAt(dir string) (string, bool) {
-	b, err := os.ReadFile("/proc/self/mountinfo")
-	if err != nil {
-		return "", false
-	}
-	for _, line := range strings.Split(string(b), "\n") {
-		fields := strings.Fields(line)
-		if len(fields) < 10 {
-			continue
-		}
-		if unescapeMount(fields[4]) != dir {
-			continue
-		}
-		for i, f := range fields {
-			if f == "-" && i+1 < len(fields) {
-				return fields[i+1], true
-			}
-		}
-		return "unknown", true
+	if ms := mountsAt(dir); len(ms) > 0 {
+		return ms[0].fstype, true
 	}
 	return "", false
+}
+
+// mountEntry is one line of mountinfo: the mount's ID and filesystem type.
+type mountEntry struct{ id, fstype string }
+
+// mountsAt lists the mounts at dir in mountinfo's order (the last on top).
+func mountsAt(dir string) []mountEntry {
+	b, err := os.ReadFile("/proc/self/mountinfo")
+	if err != nil {
+		return nil
+	}
+	var out []mountEntry
+	for _, line := range strings.Split(string(b), "\n") {
+		fields := strings.Fields(line)
+		if len(fields) < 10 || unescapeMount(fields[4]) != dir {
+			continue
+		}
+		e := mountEntry{id: fields[0], fstype: "unknown"}
+		for i, f := range fields {
+			if f == "-" && i+1 < len(fields) {
+				e.fstype = fields[i+1]
+				break
+			}
+		}
+		out = append(out, e)
+	}
+	return out
 }
 
 func unescapeMount(s string) string {

@@ -480,8 +480,7 @@ func (c *Client) wrap(err error, format string, args ...any) error {
 		return backends.UnavailableError(backends.Errorf(err, "%s: %s: %s", c, what, rootCause(err)))
 	}
 	if cause := backends.Unreachable(err); cause != nil {
-		// The root cause alone said only "EOF" of a store closing the
-		// connection.
+		// Worded as gs and abs word it, with what could not be reached.
 		return backends.Errorf(err, "%s: %s: cannot reach the store: %s", c, what, cause)
 	}
 	return backends.Errorf(err, "%s: %s: %s", c, what, rootCause(err))
